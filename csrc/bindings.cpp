@@ -1,0 +1,94 @@
+// far_kernels._C: validation and dispatch only; the math lives in bilstm_cpu.cpp, cuda/*.cu
+// and the shared header lstm_cell.h.
+#include <torch/extension.h>
+
+#include "bilstm_cpu.h"
+#ifdef FAR_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "cuda/bilstm_cuda.h"
+#endif
+
+namespace {
+
+// gx [H, B, T, 2, 4n], w_hh [H, 2, 4n, n], hidden [2, H] int64 (CPU) -> n
+int64_t check_scan(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden) {
+  TORCH_CHECK(gx.dim() == 5 && gx.size(3) == 2 && gx.size(4) % 4 == 0,
+              "bilstm_scan: gx must be [H, B, T, 2, 4n], got ", gx.sizes());
+  const int64_t H = gx.size(0), n = gx.size(4) / 4;
+  TORCH_CHECK(w_hh.dim() == 4 && w_hh.size(0) == H && w_hh.size(1) == 2 && w_hh.size(2) == 4 * n &&
+                  w_hh.size(3) == n,
+              "bilstm_scan: w_hh must be [H, 2, 4n, n] = [", H, ", 2, ", 4 * n, ", ", n, "], got ", w_hh.sizes());
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == 2 && hidden.size(1) == H,
+              "bilstm_scan: hidden_sizes must be [2, H] = [2, ", H, "], got ", hidden.sizes());
+  TORCH_CHECK(hidden.scalar_type() == at::kLong && hidden.device().is_cpu(),
+              "bilstm_scan: hidden_sizes must be an int64 CPU tensor");
+  TORCH_CHECK(gx.is_contiguous() && w_hh.is_contiguous() && hidden.is_contiguous(),
+              "bilstm_scan: gx, w_hh and hidden_sizes must be contiguous");
+  const auto hs = hidden.accessor<int64_t, 2>();
+  for (int64_t d = 0; d < 2; ++d)
+    for (int64_t h = 0; h < H; ++h)
+      TORCH_CHECK(hs[d][h] >= 0 && hs[d][h] <= n, "bilstm_scan: hidden_sizes[", d, ", ", h, "] = ", hs[d][h],
+                  " is outside [0, ", n, "]");
+  return n;
+}
+
+at::Tensor scan_cpu(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden) {
+  const int64_t n = check_scan(gx, w_hh, hidden);
+  TORCH_CHECK(gx.device().is_cpu() && w_hh.device().is_cpu(), "bilstm_scan_cpu: tensors must be on the CPU");
+  TORCH_CHECK(gx.scalar_type() == at::kFloat && w_hh.scalar_type() == at::kFloat,
+              "bilstm_scan_cpu: gx and w_hh must be float32, got ", gx.scalar_type(), " and ", w_hh.scalar_type());
+  auto out = at::empty({gx.size(0), gx.size(1), gx.size(2), 2, n}, gx.options());
+  const int threads = at::get_num_threads();
+  {
+    pybind11::gil_scoped_release nogil;
+    far::bilstm_scan_cpu(gx.data_ptr<float>(), w_hh.data_ptr<float>(), hidden.data_ptr<int64_t>(),
+                         out.data_ptr<float>(), gx.size(0), gx.size(1), gx.size(2), n, threads);
+  }
+  return out;
+}
+
+#ifdef FAR_WITH_CUDA
+at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden) {
+  const int64_t n = check_scan(gx, w_hh, hidden);
+  TORCH_CHECK(gx.is_cuda() && w_hh.is_cuda() && gx.device() == w_hh.device(),
+              "bilstm_scan_cuda: gx and w_hh must be on the same CUDA device");
+  TORCH_CHECK(w_hh.scalar_type() == at::kFloat, "bilstm_scan_cuda: w_hh must be float32");
+  int code;
+  switch (gx.scalar_type()) {
+    case at::kFloat: code = far::kF32; break;
+    case at::kHalf: code = far::kF16; break;
+    case at::kBFloat16: code = far::kBF16; break;
+    default: TORCH_CHECK(false, "bilstm_scan_cuda: gx must be float32, float16 or bfloat16, got ", gx.scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(gx.device());
+  auto hid = hidden.to(gx.device());
+  auto out = at::empty({gx.size(0), gx.size(1), gx.size(2), 2, n}, gx.options());
+  const char* err = far::bilstm_scan_cuda(code, gx.data_ptr(), w_hh.data_ptr<float>(), hid.data_ptr<int64_t>(),
+                                          out.data_ptr(), gx.size(0), gx.size(1), gx.size(2), n,
+                                          c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "bilstm_scan_cuda: ", err ? err : "");
+  return out;
+}
+#endif
+
+bool has_cuda() {
+#ifdef FAR_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "FAR engine C++/CUDA kernels";
+  m.def("has_cuda", &has_cuda, "True when the CUDA kernels were compiled in");
+  m.def("bilstm_scan_cpu", &scan_cpu, "multi-head BiLSTM scan (CPU, fp32)", pybind11::arg("gx"),
+        pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"));
+#ifdef FAR_WITH_CUDA
+  m.def("bilstm_scan_cuda", &scan_cuda, "multi-head BiLSTM scan (CUDA)", pybind11::arg("gx"),
+        pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"));
+#endif
+}

@@ -1,0 +1,13 @@
+"""far_kernels: the FAR engine's kernel library (public ops, one dispatcher, one folder per op)."""
+from far_kernels.dispatch import BACKENDS, BackendUnavailable, backend_reason, backend_report, requested_backend
+from far_kernels.ops.bilstm_scan import bilstm_scan, bilstm_scan_ref
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "backend_reason",
+    "backend_report",
+    "requested_backend",
+    "bilstm_scan",
+    "bilstm_scan_ref",
+]

@@ -1,0 +1,103 @@
+"""One dispatcher for every far_kernels op.
+
+Backend selection: explicit argument > env ``FAR_BACKEND`` > ``auto`` (the best available backend
+for the tensor's device). A backend that is asked for and cannot run raises
+:class:`BackendUnavailable` saying why and how to get it; it is never silently replaced.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from far_kernels._ext import EXT_ERROR, INSTALL_HINT, _C, ext_has_cuda
+
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+# auto's order of preference per device type (fastest first); "torch" always works.
+AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested explicitly but cannot run here."""
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (`pip install triton`)"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set it before importing triton)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device.type} tensors"
+    return None
+
+
+def backend_reason(backend: str, device: torch.device | str = "cpu") -> Optional[str]:
+    """None if `backend` can run on `device` in this environment, else the reason it cannot."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        return f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)} or 'auto'"
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        if _C is None:
+            return EXT_ERROR
+        return None if device.type == "cpu" else f"the cpp backend runs on CPU tensors, got a {device.type} tensor"
+    if backend == "cuda":
+        if _C is None:
+            return EXT_ERROR
+        if not ext_has_cuda():
+            return ("far_kernels._C was built without CUDA kernels (no nvcc or a CPU-only torch at build time, "
+                    f"or FAR_SKIP_CUDA_BUILD=1); {INSTALL_HINT} on a machine with nvcc and a CUDA build of torch")
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
+        return None
+    return _triton_reason(device)
+
+
+def requested_backend(backend: Optional[str] = None) -> str:
+    """The backend name in force: the argument, else env FAR_BACKEND, else 'auto'."""
+    name = backend if backend is not None else os.environ.get("FAR_BACKEND", "auto")
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        src = "argument" if backend is not None else "env FAR_BACKEND"
+        raise ValueError(f"unknown backend '{name}' ({src}); choose one of {', '.join(BACKENDS)} or 'auto'")
+    return name
+
+
+class Op:
+    """A kernel op with one implementation per backend (None = not implemented for that backend)."""
+
+    def __init__(self, name: str, impls: dict[str, Optional[Callable]], missing: dict[str, str] | None = None):
+        self.name = name
+        self.impls = impls
+        self.missing = missing or {}
+
+    def reason(self, backend: str, device: torch.device | str) -> Optional[str]:
+        if backend in BACKENDS and self.impls.get(backend) is None:
+            return self.missing.get(backend, f"{self.name} has no {backend} implementation")
+        return backend_reason(backend, device)
+
+    def resolve(self, backend: Optional[str], device: torch.device | str) -> str:
+        name = requested_backend(backend)
+        device = torch.device(device)
+        if name == "auto":
+            for cand in AUTO_ORDER.get(device.type, ("torch",)):
+                if self.reason(cand, device) is None:
+                    return cand
+            return "torch"
+        why = self.reason(name, device)
+        if why is not None:
+            raise BackendUnavailable(f"{self.name}: backend '{name}' is unavailable: {why}")
+        return name
+
+    def __call__(self, *args, backend: Optional[str] = None, device=None, **kwargs):
+        dev = device if device is not None else args[0].device
+        return self.impls[self.resolve(backend, dev)](*args, **kwargs)
+
+
+def backend_report(device: torch.device | str = "cpu") -> dict[str, Optional[str]]:
+    """{backend: None if usable on `device` else why not} (generic, op-independent)."""
+    return {b: backend_reason(b, device) for b in BACKENDS}

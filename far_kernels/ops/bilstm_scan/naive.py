@@ -1,0 +1,46 @@
+"""Reference of the multi-head bidirectional LSTM scan: plain PyTorch, a loop over time, fp32 math.
+
+Importable without Triton or the extension; the oracle every backend is tested against, and the
+`torch` backend (differentiable, so training uses it).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Tensor) -> torch.Tensor:
+    """Run H independent bidirectional LSTMs (zero initial state) over precomputed input gates.
+
+    Args:
+        gx: [H, B, T, 2, 4n] input-gate pre-activations W_ih x_t + b_ih + b_hh for every head,
+            batch row, time step and direction (0 = forward, 1 = backward); gate order (i, f, g, o),
+            gate q of unit u at column q*n + u (torch.nn.LSTM layout padded to n units).
+        w_hh: [H, 2, 4n, n] recurrent weights in the same padded layout.
+        hidden_sizes: [2, H] int, kept units per (direction, head); units >= the size are ignored.
+    Returns:
+        [H, B, T, 2, n] hidden states in gx.dtype (units >= hidden size are 0). Math in fp32
+        (fp64 when gx is fp64).
+    """
+    H, B, T, _, G = gx.shape
+    n = G // 4
+    acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
+    g = gx.to(acc)
+    w = w_hh.to(acc)
+    units = torch.arange(n, device=gx.device)
+    mask = (units < hidden_sizes.to(gx.device)[..., None]).to(acc)  # [2, H, n]
+    mask = mask.permute(1, 0, 2).unsqueeze(1)  # [H, 1, 2, n]
+    h = gx.new_zeros((H, B, 2, n), dtype=acc)
+    c = torch.zeros_like(h)
+    steps = []
+    for s in range(T):
+        x_t = torch.stack((g[:, :, s, 0], g[:, :, T - 1 - s, 1]), dim=2)  # [H, B, 2, 4n]
+        gates = x_t + torch.einsum("hbdk,hdjk->hbdj", h, w)
+        i, f, z, o = gates.chunk(4, dim=-1)
+        c = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z)) * mask
+        h = torch.sigmoid(o) * torch.tanh(c) * mask
+        steps.append(h)
+    if T == 0:
+        return gx.new_zeros((H, B, 0, 2, n))
+    fwd = torch.stack([st[:, :, 0] for st in steps], dim=2)  # step s is time s
+    bwd = torch.stack([st[:, :, 1] for st in reversed(steps)], dim=2)  # step s is time T-1-s
+    return torch.stack((fwd, bwd), dim=3).to(gx.dtype)
