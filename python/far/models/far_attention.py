@@ -186,6 +186,61 @@ class FARAttention(nn.Module):
         self.head_proj_weight[head, :, n:n + kb] = w[:, kf:]
         self.head_proj_bias[head] = b
 
+    # ---- compact (kept units only) form, for checkpoints ----
+    COMPACT_KEYS = ("lstm.w_ih", "lstm.w_hh", "lstm.b_ih", "lstm.b_hh", "head_proj.weight", "head_proj.bias")
+
+    def compact_shapes(self) -> dict:
+        """Shapes of compact_state()'s tensors for the current hidden_sizes."""
+        k = self.hidden_sizes
+        rows = int(4 * k.sum())
+        return {"lstm.w_ih": (rows, self.head_dim), "lstm.w_hh": (int((4 * k * k).sum()),),
+                "lstm.b_ih": (rows,), "lstm.b_hh": (rows,),
+                "head_proj.weight": (self.head_dim, int(k.sum())), "head_proj.bias": (self.num_heads, self.head_dim)}
+
+    def compact_state(self) -> dict:
+        """Kept-unit parameters of the LSTMs and head_proj, concatenated over (head, direction),
+        head-major: w_ih [Σ4k, d], w_hh flat [Σ4k²] (each [4k, k] row-major), b_ih/b_hh [Σ4k],
+        head_proj.weight [d, Σ_h (k_fwd + k_bwd)], head_proj.bias [H, d]."""
+        parts = {key: [] for key in self.COMPACT_KEYS[:5]}
+        for head in range(self.num_heads):
+            for direction in (0, 1):
+                w_ih, w_hh, b_ih, b_hh = self.lstm_params(direction, head)
+                parts["lstm.w_ih"].append(w_ih)
+                parts["lstm.w_hh"].append(w_hh.reshape(-1))
+                parts["lstm.b_ih"].append(b_ih)
+                parts["lstm.b_hh"].append(b_hh)
+            parts["head_proj.weight"].append(self.head_proj_params(head)[0])
+        out = {key: torch.cat(v, dim=1 if key == "head_proj.weight" else 0).detach().contiguous()
+               for key, v in parts.items()}
+        out["head_proj.bias"] = self.head_proj_bias.detach().contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_compact_state(self, state: dict, prefix: str = "") -> None:
+        """Inverse of compact_state (shapes checked first; nothing is written on a mismatch)."""
+        shapes = self.compact_shapes()
+        for key, shape in shapes.items():
+            if key not in state:
+                raise KeyError(f"missing tensor '{prefix}{key}'")
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"tensor '{prefix}{key}' has shape {list(state[key].shape)}, expected "
+                                 f"{list(shape)} for hidden_sizes {self.hidden_sizes.tolist()}")
+        self.zero_padding_()
+        d = self.head_dim
+        r = f = hp = 0
+        for head in range(self.num_heads):
+            for direction in (0, 1):
+                k = int(self.hidden_sizes[direction, head])
+                self.set_lstm_params(direction, head, state["lstm.w_ih"][r:r + 4 * k],
+                                     state["lstm.w_hh"][f:f + 4 * k * k].view(4 * k, k),
+                                     state["lstm.b_ih"][r:r + 4 * k], state["lstm.b_hh"][r:r + 4 * k])
+                r += 4 * k
+                f += 4 * k * k
+            kk = int(self.hidden_sizes[:, head].sum())
+            self.set_head_proj_params(head, state["head_proj.weight"][:, hp:hp + kk], state["head_proj.bias"][head])
+            hp += kk
+        assert d == self.head_dim
+
     # ---- forward ----
     def _check_input(self, x: torch.Tensor, attn_mask, is_causal) -> None:
         if attn_mask is not None:
