@@ -33,12 +33,24 @@ int64_t check_scan(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tenso
   return n;
 }
 
-at::Tensor scan_cpu(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden) {
+// out (optional) must be [H, B, T, 2, n], gx's dtype and device, contiguous; else it is allocated.
+at::Tensor make_out(const at::Tensor& gx, int64_t n, const c10::optional<at::Tensor>& out) {
+  const std::vector<int64_t> shape{gx.size(0), gx.size(1), gx.size(2), 2, n};
+  if (!out.has_value()) return at::empty(shape, gx.options());
+  const at::Tensor& o = *out;
+  TORCH_CHECK(o.sizes() == at::IntArrayRef(shape), "bilstm_scan: out must be ", at::IntArrayRef(shape), ", got ", o.sizes());
+  TORCH_CHECK(o.scalar_type() == gx.scalar_type() && o.device() == gx.device() && o.is_contiguous(),
+              "bilstm_scan: out must be contiguous with gx's dtype and device");
+  return o;
+}
+
+at::Tensor scan_cpu(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden,
+                    const c10::optional<at::Tensor>& out_opt) {
   const int64_t n = check_scan(gx, w_hh, hidden);
   TORCH_CHECK(gx.device().is_cpu() && w_hh.device().is_cpu(), "bilstm_scan_cpu: tensors must be on the CPU");
   TORCH_CHECK(gx.scalar_type() == at::kFloat && w_hh.scalar_type() == at::kFloat,
               "bilstm_scan_cpu: gx and w_hh must be float32, got ", gx.scalar_type(), " and ", w_hh.scalar_type());
-  auto out = at::empty({gx.size(0), gx.size(1), gx.size(2), 2, n}, gx.options());
+  auto out = make_out(gx, n, out_opt);
   const int threads = at::get_num_threads();
   {
     pybind11::gil_scoped_release nogil;
@@ -49,7 +61,8 @@ at::Tensor scan_cpu(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
 }
 
 #ifdef FAR_WITH_CUDA
-at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden) {
+at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden,
+                     const c10::optional<at::Tensor>& out_opt) {
   const int64_t n = check_scan(gx, w_hh, hidden);
   TORCH_CHECK(gx.is_cuda() && w_hh.is_cuda() && gx.device() == w_hh.device(),
               "bilstm_scan_cuda: gx and w_hh must be on the same CUDA device");
@@ -63,7 +76,7 @@ at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   }
   const c10::cuda::CUDAGuard guard(gx.device());
   auto hid = hidden.to(gx.device());
-  auto out = at::empty({gx.size(0), gx.size(1), gx.size(2), 2, n}, gx.options());
+  auto out = make_out(gx, n, out_opt);
   const char* err = far::bilstm_scan_cuda(code, gx.data_ptr(), w_hh.data_ptr<float>(), hid.data_ptr<int64_t>(),
                                           out.data_ptr(), gx.size(0), gx.size(1), gx.size(2), n,
                                           c10::cuda::getCurrentCUDAStream().stream());
@@ -86,9 +99,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "FAR engine C++/CUDA kernels";
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels were compiled in");
   m.def("bilstm_scan_cpu", &scan_cpu, "multi-head BiLSTM scan (CPU, fp32)", pybind11::arg("gx"),
-        pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"));
+        pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none());
 #ifdef FAR_WITH_CUDA
   m.def("bilstm_scan_cuda", &scan_cuda, "multi-head BiLSTM scan (CUDA)", pybind11::arg("gx"),
-        pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"));
+        pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none());
 #endif
 }

@@ -55,6 +55,7 @@ def bilstm_scan(
     hidden_sizes: Union[torch.Tensor, Sequence[Sequence[int]]],
     *,
     backend: Optional[str] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """H independent bidirectional LSTMs over precomputed input gates, every head and direction in one call.
 
@@ -65,6 +66,7 @@ def bilstm_scan(
         w_hh: [H, 2, 4n, n] recurrent weights, torch.nn.LSTM layout padded to n units.
         hidden_sizes: [2, H] ints in [0, n]: kept units per (direction, head); padded units ignored.
         backend: "torch" | "cpp" | "cuda" | "triton" | "auto"; default env FAR_BACKEND, else auto.
+        out: optional [H, B, T, 2, n] contiguous tensor of gx's dtype and device to write into.
     Returns:
         h: [H, B, T, 2, n] in gx.dtype; units >= hidden size are 0.
     Only the torch backend is differentiable: auto picks it when a gradient is required; the
@@ -75,8 +77,18 @@ def bilstm_scan(
         >>> h = bilstm_scan(gx, w, [[64, 37, 0], [64, 64, 12]])  # [3, 2, 50, 2, 64]
     """
     hs = check_scan_inputs(gx, w_hh, hidden_sizes)
+    if out is not None:
+        H, B, T, _, G = gx.shape
+        shape = (H, B, T, 2, G // 4)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != gx.dtype \
+                or out.device != gx.device or not out.is_contiguous():
+            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"bilstm_scan: out must be a contiguous {list(shape)} {gx.dtype} tensor on "
+                             f"{gx.device}, got {got}")
     needs_grad = torch.is_grad_enabled() and (gx.requires_grad or w_hh.requires_grad)
     if needs_grad and requested_backend(backend) == "auto":
+        if out is not None:
+            raise ValueError("bilstm_scan: out= cannot be used when a gradient is required")
         return bilstm_scan_ref(gx, w_hh, hs)  # auto: the only differentiable backend
     name = OP.resolve(backend, gx.device)
     if name != "torch":
@@ -86,7 +98,10 @@ def bilstm_scan(
                 "torch.inference_mode(), or use backend='torch' for training")
         if gx.dtype == torch.float64:
             raise TypeError(f"bilstm_scan: the {name} backend computes in fp32; use backend='torch' for float64")
-    return OP.impls[name](gx, w_hh, hs)
+    if name == "torch":
+        h = bilstm_scan_ref(gx, w_hh, hs)
+        return h if out is None else out.copy_(h)
+    return OP.impls[name](gx, w_hh, hs, out)
 
 
 __all__ = ["bilstm_scan", "bilstm_scan_ref", "check_scan_inputs", "OP"]
