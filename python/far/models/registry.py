@@ -21,7 +21,6 @@ def _fmnist_cfg(**kw):
 def _register_fmnist():
     """timm-style entry points for DeiT-style ViTs on 28x28x1 images, patch 4 (49 tokens + CLS)."""
     from timm.models import register_model
-    from timm.models._registry import _model_entrypoints  # noqa: F401  (exists on timm >= 0.9)
     from timm.models.vision_transformer import VisionTransformer
 
     def make(name, embed_dim, depth, num_heads):
@@ -29,6 +28,8 @@ def _register_fmnist():
             if pretrained:
                 raise RuntimeError(f"{name}: no pretrained weights are bundled in this build; "
                                    "use far.load(PATH) on a checkpoint you trained")
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm.create_model's
+                kwargs.pop(key, None)
             args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=embed_dim,
                         depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True)
             args.update(kwargs)

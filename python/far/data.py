@@ -1,0 +1,379 @@
+"""Datasets: Fashion-MNIST from IDX files (in memory, batched fast path) and ImageNet-style folders.
+
+    >>> ds = fashion_mnist("test", limit=1000)           # Debian's dataset-fashion-mnist
+    >>> x, y = ds[0]                                      # [1, 28, 28] float32 (normalized), int
+    >>> for xb, yb in ds.batches(256): ...                # [B, 1, 28, 28], [B] int64: no per-item Python
+    >>> ds = make_dataset("fashion-mnist", "test", model) # checks the model fits the data
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from far.models.registry import FMNIST_MEAN, FMNIST_STD
+
+FASHION_MNIST_ENV = "FAR_FASHION_MNIST"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_INPUT_SIZE = (1, 28, 28)
+
+
+class DatasetError(ValueError):
+    """A dataset is corrupt, empty, or does not fit the model it is used with."""
+
+
+# ---- IDX ----
+# IDX header: 0x00 0x00 <dtype code> <ndim>, then ndim big-endian uint32 sizes, then the data (big-endian).
+_IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
+               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path) -> np.ndarray:
+    """Read an IDX file (plain or .gz) into a native-endian numpy array of its declared shape.
+
+    Raises FileNotFoundError if `path` does not exist and DatasetError (a ValueError) if the file
+    is not valid IDX: bad gzip stream, wrong magic, unknown dtype code, or a size that does not
+    match the header (truncated or trailing bytes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    gz = path.suffix == ".gz"
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            buf = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DatasetError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    if len(buf) < 4:
+        raise DatasetError(f"{path}: not an IDX file ({len(buf)} bytes, the header alone is 4)")
+    zero0, zero1, code, ndim = buf[:4]
+    if zero0 != 0 or zero1 != 0:
+        raise DatasetError(f"{path}: not an IDX file (magic {buf[:4].hex()}, expected 0000xxxx)")
+    if code not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: unknown IDX dtype code 0x{code:02x} "
+                           f"(known: {', '.join(f'0x{c:02x}' for c in _IDX_DTYPES)})")
+    if ndim == 0:
+        raise DatasetError(f"{path}: IDX header declares 0 dimensions")
+    head = 4 + 4 * ndim
+    if len(buf) < head:
+        raise DatasetError(f"{path}: truncated IDX header ({len(buf)} bytes, {head} needed for {ndim} dims)")
+    dims = tuple(int(v) for v in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[code]
+    want = head + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(buf) != want:
+        what = "truncated" if len(buf) < want else "has trailing bytes"
+        raise DatasetError(f"{path}: IDX file {what}: header says shape {list(dims)} of {dtype.name} "
+                           f"({want} bytes), file has {len(buf)} bytes")
+    arr = np.frombuffer(buf, dtype=dtype, offset=head).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
+
+
+# ---- Fashion-MNIST ----
+def fashion_mnist_root(root=None) -> Path:
+    """The Fashion-MNIST folder: `root`, else env FAR_FASHION_MNIST, else /usr/share/datasets/fashion-mnist."""
+    return Path(root if root is not None else os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """One Fashion-MNIST split held in memory as uint8 (60k train / 10k test images of 28x28).
+
+    Items are (image [1, 28, 28] float32 normalized with mean/std, label int). `batches()` is the
+    fast path: whole batches normalized at once (on `device` if given), no per-item Python.
+
+    Args:
+        split: "train" or "test".
+        root: folder with the four IDX .gz files (default: see `fashion_mnist_root`).
+        limit: keep only the first `limit` images (quick runs).
+        transform: callable applied to each normalized image [1, 28, 28] in __getitem__, and to each
+            batch [B, 1, 28, 28] in `batches()` unless `batches(transform=...)` overrides it; use a
+            batch-aware transform such as `RandomShiftFlip` for augmentation.
+        mean, std: normalization (default FMNIST_MEAN / FMNIST_STD = 0.2860 / 0.3530).
+    Attributes: images uint8 [N, 28, 28], targets int64 [N], classes (10 names).
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, split: str = "train", root=None, limit: Optional[int] = None,
+                 transform: Optional[Callable] = None, mean: Sequence[float] = FMNIST_MEAN,
+                 std: Sequence[float] = FMNIST_STD) -> None:
+        if split not in FASHION_MNIST_FILES:
+            raise ValueError(f"fashion_mnist: split must be 'train' or 'test', got {split!r}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"fashion_mnist: limit must be >= 1, got {limit}")
+        folder = fashion_mnist_root(root)
+        img_name, lbl_name = FASHION_MNIST_FILES[split]
+        img_path, lbl_path = folder / img_name, folder / lbl_name
+        missing = [p.name for p in (img_path, lbl_path) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"Fashion-MNIST {split} files not found in {folder} (missing {', '.join(missing)}); "
+                f"install Debian's package (`apt-get install -y dataset-fashion-mnist`, files under "
+                f"{FASHION_MNIST_DIR}) or point env {FASHION_MNIST_ENV} to a folder with {img_name} and {lbl_name}")
+        images, labels = read_idx(img_path), read_idx(lbl_path)
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DatasetError(f"{img_path}: expected uint8 images [N, 28, 28], got {images.dtype} {list(images.shape)}")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise DatasetError(f"{lbl_path}: expected {images.shape[0]} labels, got shape {list(labels.shape)}")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise DatasetError(f"{lbl_path}: labels must be in [0, 10), got [{labels.min()}, {labels.max()}]")
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        self.split = split
+        self.root = folder
+        self.images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 [N, 28, 28]
+        self.targets = torch.from_numpy(labels.astype(np.int64))      # int64 [N]
+        self.transform = transform
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if len(self.mean) != 1 or len(self.std) != 1:
+            raise ValueError(f"fashion_mnist: images have 1 channel; mean/std must have 1 value, got {mean} / {std}")
+        # x = (u8 / 255 - mean) / std = u8 * a + b
+        self._a = 1.0 / (255.0 * self.std[0])
+        self._b = -self.mean[0] / self.std[0]
+        self._device_images: dict = {}
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def normalize(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 28, 28] -> float32 [..., 1, 28, 28] normalized."""
+        return (u8.to(torch.float32) * self._a + self._b).unsqueeze(-3)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        x = self.normalize(self.images[i])
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.targets[i])
+
+    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(images [N, 1, 28, 28] float32 normalized, targets [N] int64): for a TensorDataset."""
+        return self.normalize(self.images), self.targets
+
+    def _on(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        if device.type == "cpu":
+            return self.images, self.targets
+        key = str(device)
+        if key not in self._device_images:  # the uint8 split is small (47 MB for train): move it once
+            self._device_images[key] = (self.images.to(device), self.targets.to(device))
+        return self._device_images[key]
+
+    def batches(self, batch_size: int = 256, shuffle: bool = False, drop_last: bool = False,
+                generator: Optional[torch.Generator] = None, device=None,
+                transform: Optional[Callable] = ...) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x [B, 1, 28, 28] float32 normalized, y [B] int64) on `device` (default CPU).
+
+        shuffle draws a permutation from `generator`; transform (default: self.transform; None for
+        none) is applied to each whole batch.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        tf = self.transform if transform is ... else transform
+        images, targets = self._on(device)
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        stop = n - n % batch_size if drop_last else n
+        for s in range(0, stop, batch_size):
+            if order is None:
+                u8, y = images[s:s + batch_size], targets[s:s + batch_size]
+            else:
+                idx = order[s:s + batch_size].to(device)
+                u8, y = images[idx], targets[idx]
+            x = self.normalize(u8)
+            if tf is not None:
+                x = tf(x)
+            yield x, y
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    def __repr__(self) -> str:
+        return f"FashionMNIST(split={self.split!r}, n={len(self)}, root='{self.root}')"
+
+
+def fashion_mnist(split: str = "train", root=None, limit: Optional[int] = None,
+                  transform: Optional[Callable] = None, mean: Sequence[float] = FMNIST_MEAN,
+                  std: Sequence[float] = FMNIST_STD) -> FashionMNIST:
+    """Fashion-MNIST `split` ("train" 60k / "test" 10k) as an in-memory dataset; see `FashionMNIST`."""
+    return FashionMNIST(split, root=root, limit=limit, transform=transform, mean=mean, std=std)
+
+
+class RandomShiftFlip(torch.nn.Module):
+    """Batched augmentation: random translation by up to `pad` pixels and horizontal flip with
+    probability `flip`, drawn independently per image. Uncovered pixels get `fill` (default None:
+    each image's minimum, i.e. the background of normalized Fashion-MNIST).
+    Accepts [C, H, W] or [B, C, H, W]."""
+
+    def __init__(self, pad: int = 2, flip: float = 0.5, fill: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self.pad, self.flip, self.fill, self.generator = int(pad), float(flip), fill, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        single = x.dim() == 3
+        xb = x.unsqueeze(0) if single else x
+        B, C, H, W = xb.shape
+        g, dev = self.generator, xb.device
+        if self.flip > 0:
+            f = (torch.rand(B, generator=g) < self.flip).to(dev)
+            xb = torch.where(f[:, None, None, None], xb.flip(-1), xb)
+        if self.pad > 0:
+            p = self.pad
+            fill = (xb.amin(dim=(1, 2, 3), keepdim=True) if self.fill is None
+                    else torch.tensor(float(self.fill), dtype=xb.dtype, device=dev))
+            padded = torch.nn.functional.pad(xb - fill, (p, p, p, p)) + fill
+            dy = torch.randint(0, 2 * p + 1, (B,), generator=g).to(dev)
+            dx = torch.randint(0, 2 * p + 1, (B,), generator=g).to(dev)
+            rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None].expand(B, C, H, W + 2 * p)
+            xb = padded.gather(2, rows)
+            cols = (dx[:, None] + torch.arange(W, device=dev))[:, None, None, :].expand(B, C, H, W)
+            xb = xb.gather(3, cols)
+        return xb[0] if single else xb
+
+
+# ---- image folders ----
+def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None):
+    """An ImageNet-style folder (one subfolder per class, sorted names = labels 0..K-1) as a
+    torchvision ImageFolder with timm's transforms for `input_size` = (C, H, W).
+
+    Eval (train=False): resize to size / crop_pct (default 0.875), center crop, normalize; train:
+    random resized crop + flip. C == 1 loads images as grayscale, C == 3 as RGB.
+    """
+    from PIL import Image
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such image folder")
+    if not path.is_dir():
+        raise DatasetError(f"{path}: not a folder (expected one subfolder of images per class)")
+    if not any(p.is_dir() for p in path.iterdir()):
+        raise DatasetError(f"{path}: has no class subfolders (expected {path}/<class>/<image>.png ...)")
+    input_size = tuple(int(v) for v in input_size)
+    if len(input_size) != 3 or input_size[0] not in (1, 3):
+        raise DatasetError(f"image_folder: input_size must be (C, H, W) with C in (1, 3), got {input_size}")
+    mode = "L" if input_size[0] == 1 else "RGB"
+
+    def loader(p: str):
+        with open(p, "rb") as f:
+            return Image.open(f).convert(mode)
+
+    tf = create_transform(input_size=input_size, is_training=train, mean=tuple(mean), std=tuple(std),
+                          interpolation=interpolation, crop_pct=crop_pct,
+                          **({"color_jitter": 0.0} if train and mode == "L" else {}))
+    try:
+        return ImageFolder(str(path), transform=tf, loader=loader)
+    except FileNotFoundError as e:  # torchvision: a class folder without images, or no class folders
+        raise DatasetError(f"{path}: {e}") from None
+
+
+# ---- model-aware construction ----
+def _model_data_cfg(model_cfg) -> dict:
+    """{'input_size', 'num_classes', 'mean', 'std', 'interpolation', 'crop_pct'} from a model (its
+    pretrained_cfg + num_classes) or from a pretrained_cfg-like dict."""
+    if isinstance(model_cfg, torch.nn.Module):
+        cfg = dict(getattr(model_cfg, "pretrained_cfg", None) or {})
+        if getattr(model_cfg, "num_classes", None) is not None:  # --num-classes overrides the cfg's
+            cfg["num_classes"] = int(model_cfg.num_classes)
+    else:
+        cfg = dict(model_cfg or {})
+    if "input_size" not in cfg or "num_classes" not in cfg:
+        raise DatasetError(f"the model's config lacks input_size/num_classes (got keys {sorted(cfg)}); "
+                           "cannot check it against the data")
+    cfg["input_size"] = tuple(int(v) for v in cfg["input_size"])
+    cfg["num_classes"] = int(cfg["num_classes"])
+    return cfg
+
+
+def _fmt_size(s) -> str:
+    return "x".join(str(v) for v in s[1:]) + f"x{s[0]}"
+
+
+def make_dataset(spec, split: str, model_cfg, limit: Optional[int] = None, train: Optional[bool] = None):
+    """The dataset named by `spec` for a model, after checking they fit each other.
+
+    Args:
+        spec: "fashion-mnist" (alias "fmnist") or the path of an ImageNet-style folder.
+        split: "train" or "test" (Fashion-MNIST split; for a folder it only selects train/eval transforms).
+        model_cfg: the model (its pretrained_cfg and num_classes are used) or a pretrained_cfg dict
+            with input_size (C, H, W), num_classes and optionally mean, std, interpolation, crop_pct.
+        limit: keep the first `limit` images (a torch Subset for folders).
+        train: use training transforms for a folder (default: split == "train").
+    Raises DatasetError if the model expects other images or another number of classes
+    (e.g. a 3x224x224, 1000-class model on Fashion-MNIST).
+    """
+    cfg = _model_data_cfg(model_cfg)
+    C, H, W = cfg["input_size"]
+    K = cfg["num_classes"]
+    arch = cfg.get("architecture") or "the model"
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if str(spec).lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        if (C, H, W) != FASHION_MNIST_INPUT_SIZE or K != len(FASHION_MNIST_CLASSES):
+            raise DatasetError(
+                f"{arch} expects {_fmt_size((C, H, W))} images and {K} classes, but Fashion-MNIST has "
+                f"{_fmt_size(FASHION_MNIST_INPUT_SIZE)} images and 10 classes; use a Fashion-MNIST model "
+                "(e.g. fmnist_deit_tiny) or --data PATH to an image folder")
+        mean = tuple(cfg.get("mean") or FMNIST_MEAN)
+        std = tuple(cfg.get("std") or FMNIST_STD)
+        return fashion_mnist(split, limit=limit, mean=mean, std=std)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: no such image folder (and not a dataset name; known: fashion-mnist)")
+    mean = tuple(cfg.get("mean") or ((0.485, 0.456, 0.406) if C == 3 else (0.5,)))
+    std = tuple(cfg.get("std") or ((0.229, 0.224, 0.225) if C == 3 else (0.5,)))
+    if len(mean) != C or len(std) != C:
+        raise DatasetError(f"{arch}: mean/std have {len(mean)}/{len(std)} values for {C} input channels")
+    ds = image_folder(path, (C, H, W), mean, std, train=split == "train" if train is None else train,
+                      interpolation=cfg.get("interpolation") or "bilinear", crop_pct=cfg.get("crop_pct"))
+    if len(ds.classes) != K:
+        raise DatasetError(f"{path} has {len(ds.classes)} class folders but {arch} has {K} classes; "
+                           "labels are the sorted folder names, so the folder must hold every class of the model")
+    if limit is not None:
+        ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+    return ds
+
+
+def iterate_batches(dataset, batch_size: int, device=None, num_workers: int = 0
+                    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluation batches (x, y) in order: `dataset.batches()` when the dataset has a fast path,
+    else a DataLoader (pinned memory when `device` is CUDA); tensors land on `device`."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if hasattr(dataset, "batches"):
+        yield from dataset.batches(batch_size, device=device)
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def num_batches(dataset, batch_size: int) -> int:
+    return -(-len(dataset) // batch_size)
+
+
+__all__ = [
+    "DatasetError",
+    "FashionMNIST",
+    "RandomShiftFlip",
+    "fashion_mnist",
+    "fashion_mnist_root",
+    "image_folder",
+    "iterate_batches",
+    "make_dataset",
+    "num_batches",
+    "read_idx",
+]

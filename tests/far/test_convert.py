@@ -1,0 +1,64 @@
+"""far.convert on timm ViTs: every attention replaced, W_O reused, parameter report, end to end on every backend."""
+import pytest
+import timm
+import torch
+
+import far
+from conftest import cpu_backends, far_block_oracle, max_err, require_backend
+
+
+def test_convert_deit_tiny_structure_and_report():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    projs = [b.attn.proj for b in model.blocks]
+    qkv_v = [b.attn.qkv.weight[2 * 192:].clone() for b in model.blocks]
+    attn_params = sum(p.numel() for b in model.blocks for p in b.attn.parameters())
+    far.convert(model)
+    mods = far.far_modules(model)
+    assert len(mods) == 12 and all(isinstance(b.attn, far.FARAttention) for b in model.blocks)
+    for b, proj, v in zip(model.blocks, projs, qkv_v):
+        assert b.attn.proj is proj  # W_O is the attention's own
+        assert torch.equal(b.attn.pre_proj.weight, v)  # init="value"
+    rep = model.far_conversion
+    assert len(rep.rows) == 12 and rep.attention_total == attn_params
+    per_block = 192 * 192 + 192 + 2 * 3 * (4 * 64 * 64 * 2 + 8 * 64) + 3 * (64 * 128 + 64) + 192 * 192 + 192
+    assert rep.far_total == 12 * per_block
+    assert "total" in rep.table()
+    with pytest.raises(ValueError, match="no timm Attention"):
+        far.convert(model)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_converted_deit_runs_end_to_end(backend):
+    require_backend(backend)
+    torch.manual_seed(1)
+    model = far.create_model("deit_tiny_patch16_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        far.set_backend(model, "torch")
+        ref = model(x)
+        far.set_backend(model, backend)
+        out = model(x)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    assert max_err(out, ref) <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_pruned_conversion_and_small_model():
+    hs = [[[32, 17, 0], [5, 32, 32]]] * 4
+    model = far.create_model("fmnist_deit_tiny", hidden_sizes=hs).eval()
+    blk = model.blocks[1].attn
+    assert blk.hidden_sizes.tolist() == hs[1]
+    x = torch.randn(2, 50, 96)
+    with torch.inference_mode():
+        assert max_err(blk(x), far_block_oracle(blk, x)) < 1e-5
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="hidden_sizes has 2 entries"):
+        far.create_model("fmnist_deit_tiny", hidden_sizes=hs[:2])
+
+
+def test_set_backend_validates_and_unknown_model():
+    model = far.create_model("fmnist_deit_tiny")
+    with pytest.raises(ValueError, match="unknown backend"):
+        far.set_backend(model, "fastest")
+    with pytest.raises(ValueError, match="unknown model"):
+        far.create_model("not_a_model")
