@@ -4,9 +4,10 @@ File layout (safetensors; header metadata is a str -> str map):
     __metadata__["far_config"]  JSON: {"format": "far-checkpoint", "format_version": 1, "far_version",
                                 "architecture": {"timm_name", "kwargs"},
                                 "far": {"blocks": [{"name", "num_heads", "head_dim", "hidden_sizes" [2][H]}]},
-                                "pretrained_cfg": {...}, "metadata": {...user: teacher, training, pruning}}
-    __metadata__["far_sha256"]  hex sha256 over the far_config string and every tensor (name, dtype,
-                                shape, bytes; sorted by name): catches flipped bytes anywhere.
+                                "pretrained_cfg": {...}, "metadata": {...user: teacher, training, pruning},
+                                "sha256": hex digest of the rest of the config (JSON, sorted keys, no
+                                spaces) and of every tensor (name, dtype, shape, bytes; by name)}
+                                (the only metadata key, so files are byte-for-byte reproducible)
     tensors                     the model's state_dict, except that every FARAttention (prefix P) stores
                                 FARAttention.compact_state() (kept units only) under P + "lstm.w_ih", ...
                                 in place of its padded w_ih, w_hh, b_ih, b_hh, head_proj_weight/_bias.
@@ -31,7 +32,7 @@ import torch.nn as nn
 FORMAT = "far-checkpoint"
 FORMAT_VERSION = 1  # the newest version this build reads and the one it writes
 CONFIG_KEY = "far_config"
-DIGEST_KEY = "far_sha256"
+DIGEST_KEY = "sha256"  # inside far_config; optional on load (hand-made files)
 PADDED_KEYS = {  # FARAttention parameter -> its compact_state() key
     "w_ih": "lstm.w_ih", "w_hh": "lstm.w_hh", "b_ih": "lstm.b_ih", "b_hh": "lstm.b_hh",
     "head_proj_weight": "head_proj.weight", "head_proj_bias": "head_proj.bias",
@@ -133,8 +134,9 @@ def _checkpoint_tensors(model: nn.Module) -> dict:
     return out
 
 
-def _digest(config_json: str, tensors: dict) -> str:
-    h = hashlib.sha256(config_json.encode("utf-8"))
+def _digest(config: dict, tensors: dict) -> str:
+    rest = {k: v for k, v in config.items() if k != DIGEST_KEY}
+    h = hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode("utf-8"))
@@ -200,11 +202,11 @@ def save(model: nn.Module, path, metadata: Optional[dict] = None) -> None:
     model = _unwrap(model)
     path = os.fspath(path)
     config = _config(model, metadata)  # validates before anything touches the disk
-    config_json = json.dumps(config, separators=(",", ":"), allow_nan=False)
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot save to '{path}': it is a directory")
     tensors = _checkpoint_tensors(model)
-    header = {CONFIG_KEY: config_json, DIGEST_KEY: _digest(config_json, tensors)}
+    config[DIGEST_KEY] = _digest(config, tensors)
+    header = {CONFIG_KEY: json.dumps(config, separators=(",", ":"), allow_nan=False)}
 
     import safetensors.torch
 
@@ -311,6 +313,7 @@ def _check_config(path: str, raw: Optional[str]) -> dict:
              f"got {hs!r}")
     need(isinstance(config.get("pretrained_cfg", {}), dict), "pretrained_cfg must be a dict")
     need(isinstance(config.get("metadata", {}), dict), "metadata must be a dict")
+    need(isinstance(config.get(DIGEST_KEY, ""), str), f"{DIGEST_KEY} must be a hex string")
     return config
 
 
@@ -411,7 +414,7 @@ def load(path, device="cpu", backend: Optional[str] = None) -> nn.Module:
         from far_kernels.dispatch import requested_backend
 
         requested_backend(backend)  # a typo fails before the file is read
-    config = read_config(path)  # header checks with clear messages, then the config itself
+    read_config(path)  # header checks with clear messages, then the config itself
 
     from safetensors import safe_open
 
@@ -421,19 +424,17 @@ def load(path, device="cpu", backend: Optional[str] = None) -> nn.Module:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:
         raise _fail(path, f"corrupt safetensors file: {type(e).__name__}: {e}") from e
-    raw = meta.get(CONFIG_KEY)
-    config = _check_config(path, raw)
-    digest = meta.get(DIGEST_KEY)
-    if digest is not None and digest != _digest(raw, tensors):
-        raise _fail(path, f"corrupt file: the {DIGEST_KEY} checksum of the config and tensors does not match "
-                          "(damaged data or a header edited by hand)")
-
+    config = _check_config(path, meta.get(CONFIG_KEY))
     model = _build(path, config)
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(floating) == 1:  # e.g. a bfloat16 model: non-persistent buffers follow too
         model.to(floating.pop())
     expected, far = _expected(model)
     _check_tensors(path, tensors, expected, config["architecture"]["timm_name"])
+    digest = config.get(DIGEST_KEY)
+    if digest is not None and digest != _digest(config, tensors):  # last: structural errors say more
+        raise _fail(path, f"corrupt file: the {DIGEST_KEY} checksum of the config and tensors does not match "
+                          "(damaged tensor data, or a header edited by hand: drop its 'sha256' to skip the check)")
     with torch.no_grad():
         for prefix, m in far.items():
             part = {key: tensors.pop(prefix + key) for key in PADDED_KEYS.values()}
