@@ -1,0 +1,201 @@
+"""Per-layer latency of the FAR BiLSTM on a GPU against cuDNN LSTMs and attention (JSON + PNG).
+
+For DeiT-tiny/small/base shapes (C = 192/384/768, H = C/64, d = n = 64), T = 197 by default:
+  dense_masked_lstm  the public FAR code's form: one nn.LSTM(C, C, bidirectional) (cuDNN), block-diagonal weights
+  per_head_lstm      nn.LSTM(d, n, bidirectional) per head (cuDNN), H calls
+  scan_<backend>     far_kernels.bilstm_scan alone (gates precomputed), every available GPU backend and torch
+  block_<backend>    the whole FARAttention block (pre_proj -> input GEMM -> scan -> head_proj -> proj)
+  attention_sdpa     timm Attention (qkv -> SDPA -> proj) at the same C, H, T, B
+Timing: CUDA events around each call, median of many calls after warm-up. Correctness of every
+scan backend is checked on fresh random data against the float64 reference (recorded, no asserts).
+Floors per case: dependent-chain steps T (the recurrence cannot be parallel in time), FLOPs and
+bytes of the scan. Runs on the CPU too (--device cpu --quick) to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_result_path, environment, write_json  # noqa: E402
+
+import far  # noqa: E402
+import far_kernels  # noqa: E402
+
+SHAPES = {"tiny": 192, "small": 384, "base": 768}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def time_ms(fn, device, reps=50, warmup=5):
+    """Median ms of fn(): CUDA events on GPU, perf_counter on CPU."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    ts = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def build_lstms(m, C, H, d, device, dtype):
+    """(dense masked nn.LSTM(C, C, bidir), [per-head nn.LSTM(d, d, bidir)]) holding m's weights."""
+    dense = nn.LSTM(C, C, bidirectional=True, batch_first=True)
+    heads = []
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            for sfx in ("_l0", "_l0_reverse"):
+                getattr(dense, name + sfx).zero_()
+        for h in range(H):
+            lstm = nn.LSTM(d, d, bidirectional=True, batch_first=True)
+            for dr, sfx in ((0, "_l0"), (1, "_l0_reverse")):
+                w_ih, w_hh, b_ih, b_hh = m.lstm_params(dr, h)
+                for name, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+                    getattr(lstm, name + sfx).copy_(t)
+                # dense: gate q of unit u of head h at row q*C + h*d + u; inputs/hidden of head h at cols h*d..
+                for q in range(4):
+                    rows = slice(q * C + h * d, q * C + (h + 1) * d)
+                    getattr(dense, "weight_ih" + sfx)[rows, h * d:(h + 1) * d] = w_ih[q * d:(q + 1) * d]
+                    getattr(dense, "weight_hh" + sfx)[rows, h * d:(h + 1) * d] = w_hh[q * d:(q + 1) * d]
+                    getattr(dense, "bias_ih" + sfx)[rows] = b_ih[q * d:(q + 1) * d]
+                    getattr(dense, "bias_hh" + sfx)[rows] = b_hh[q * d:(q + 1) * d]
+            heads.append(lstm.to(device=device, dtype=dtype))
+    return dense.to(device=device, dtype=dtype), heads
+
+
+def scan_floor(H, B, T, n, dtype_bytes):
+    flops = 2 * 2 * H * B * T * 4 * n * n  # recurrent products (the input product is a GEMM before the scan)
+    bytes_ = H * B * T * 2 * (4 * n + n) * dtype_bytes + H * 2 * 4 * n * n * 4
+    return {"dependent_steps": T, "scan_flops": flops, "scan_bytes": bytes_}
+
+
+def run(args):
+    device = torch.device(args.device)
+    from timm.layers import Attention
+
+    backends = [b for b in ("cuda", "triton") if far_kernels.ops.bilstm_scan.OP.reason(b, device) is None]
+    if device.type == "cpu":
+        backends = [b for b in ("cpp",) if far_kernels.ops.bilstm_scan.OP.reason(b, device) is None]
+    records = []
+    for shape in args.shapes:
+        C = SHAPES[shape]
+        H, d = C // 64, 64
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            torch.manual_seed(0)
+            m = far.FARAttention(C, H).to(device=device, dtype=dtype).eval()
+            dense, heads = build_lstms(m.float().cpu(), C, H, d, device, dtype)
+            m = m.to(device=device, dtype=dtype)
+            attn = Attention(C, H, qkv_bias=True).to(device=device, dtype=dtype).eval()
+            for B in args.B:
+                T = args.T
+                rec = {"shape": shape, "C": C, "H": H, "n": d, "T": T, "B": B, "dtype": dname, "ms": {},
+                       **scan_floor(H, B, T, d, torch.finfo(dtype).bits // 8)}
+                x = torch.randn(B, T, C, device=device, dtype=dtype)
+                gx = torch.randn(H, B, T, 2, 4 * d, device=device, dtype=dtype)
+                with torch.inference_mode():
+                    xs = [x[..., h * d:(h + 1) * d].contiguous() for h in range(H)]
+                    variants = {
+                        "dense_masked_lstm": lambda: dense(x),
+                        "per_head_lstm": lambda: [lstm(xh) for lstm, xh in zip(heads, xs)],
+                        "attention_sdpa": lambda: attn(x),
+                    }
+                    for be in backends + (["torch"] if B * T <= args.max_torch_tokens else []):
+                        variants[f"scan_{be}"] = lambda be=be: far_kernels.bilstm_scan(gx, m.w_hh, m.hidden_sizes, backend=be)
+                        variants[f"block_{be}"] = lambda be=be: m(x, backend=be)
+                    for name, fn in variants.items():
+                        try:
+                            rec["ms"][name] = time_ms(fn, device, reps=args.reps)
+                        except Exception as e:  # record, keep going (e.g. cuDNN without bf16 RNNs)
+                            rec["ms"][name] = None
+                            rec.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:300]
+                    # correctness on fresh random data, small slice to keep the fp64 reference cheap
+                    g = torch.randn(H, min(B, 2), min(T, 50), 2, 4 * d, device=device, dtype=dtype)
+                    ref = far_kernels.bilstm_scan_ref(g.double(), m.w_hh.double(), m.hidden_sizes)
+                    rec["max_abs_err_vs_fp64"] = {be: (far_kernels.bilstm_scan(g, m.w_hh, m.hidden_sizes, backend=be)
+                                                       .double() - ref).abs().max().item() for be in backends}
+                ms = rec["ms"]
+                for be in backends:
+                    if ms.get(f"scan_{be}"):
+                        rec.setdefault("us_per_step", {})[be] = 1e3 * ms[f"scan_{be}"] / T
+                        for base in ("dense_masked_lstm", "per_head_lstm"):
+                            if ms.get(base):
+                                rec.setdefault("speedup", {})[f"{be}_vs_{base}"] = ms[base] / ms[f"scan_{be}"]
+                    if ms.get(f"block_{be}") and ms.get("attention_sdpa"):
+                        rec.setdefault("block_vs_attention", {})[be] = ms[f"block_{be}"] / ms["attention_sdpa"]
+                records.append(rec)
+                print(f"{shape:5s} {dname} B={B:<4d} " + "  ".join(
+                    f"{k}={v:.3f}" for k, v in ms.items() if v is not None), flush=True)
+    env = environment()
+    if device.type == "cuda":
+        env["cudnn"] = torch.backends.cudnn.version()
+    return {"benchmark": "bench_bilstm", "device": str(device), "environment": env,
+            "note": "ms = median per call; LSTM baselines include their input projection, scan_* does not",
+            "records": records}
+
+
+def plot(result, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = result["records"]
+    names = sorted({k for r in recs for k, v in r["ms"].items() if v})
+    fig, ax = plt.subplots(figsize=(max(6, len(recs) * 0.6), 4))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(recs))], [r["ms"].get(name) or 0 for r in recs], width, label=name)
+    ax.set_xticks([j + 0.4 for j in range(len(recs))])
+    ax.set_xticklabels([f"{r['shape']}\n{r['dtype']} B{r['B']}" for r in recs], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per layer (median)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"FAR BiLSTM vs cuDNN LSTM vs attention, T={recs[0]['T'] if recs else '?'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", type=lambda s: s.split(","), default=["tiny", "small", "base"])
+    p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp16", "bf16", "fp32"])
+    p.add_argument("--B", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 64, 256])
+    p.add_argument("--T", type=int, default=197)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--max-torch-tokens", type=int, default=8 * 197, help="time the torch reference only up to B*T tokens")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: tiny shape, fp32, B=1,2, T=20")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/bilstm-<host>-<date>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shapes, args.dtypes, args.B, args.T, args.reps = ["tiny"], ["fp32"], [1, 2], 20, 3
+    result = run(args)
+    out = Path(args.out) if args.out else default_result_path("bilstm")
+    result["plot"] = plot(result, out.with_suffix(".png"))
+    print("wrote", write_json(out, result))
+
+
+if __name__ == "__main__":
+    main()

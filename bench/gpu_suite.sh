@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU suite: one command on a device machine (no network). Builds far_kernels._C in place, runs
+# every `cuda`-marked test, runs the GPU benchmarks, and writes ONE JSON under bench/results/
+# (device, versions, commit, build status, test results, every benchmark figure). Copies it to $OUT
+# when the device tool provides one. Keeps going after a failed step and records it.
+#   bash bench/gpu_suite.sh            # full run (< 8 min on an H100)
+#   QUICK=1 bash bench/gpu_suite.sh    # fewer benchmark cases
+set -uo pipefail
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+export MAX_JOBS=${MAX_JOBS:-16}
+
+echo "== build" >&2
+t0=$(date +%s)
+pip install --no-build-isolation --no-deps -e . >"$work/build.log" 2>&1
+build_rc=$?
+build_s=$(( $(date +%s) - t0 ))
+tail -n 30 "$work/build.log" >&2
+
+echo "== cuda tests" >&2
+python -m pytest -m cuda -q -p no:cacheprovider --junitxml="$work/cuda_tests.xml" tests >"$work/tests.log" 2>&1
+tests_rc=$?
+tail -n 15 "$work/tests.log" >&2
+
+echo "== benchmarks" >&2
+bench_args=()
+[ "${QUICK:-0}" = 1 ] && bench_args=(--shapes small --dtypes fp16 --B 1,64)
+python bench/bench_bilstm.py "${bench_args[@]}" --out "$work/bilstm.json" >"$work/bench.log" 2>&1
+bench_rc=$?
+tail -n 40 "$work/bench.log" >&2
+
+python - "$work" "$stamp" "$build_rc" "$build_s" "$tests_rc" "$bench_rc" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+sys.path.insert(0, "bench")
+from common import environment, write_json, hostname_tag
+work, stamp, build_rc, build_s, tests_rc, bench_rc = sys.argv[1:]
+work = Path(work)
+tests = {"rc": int(tests_rc), "cases": []}
+try:
+    root = ET.parse(work / "cuda_tests.xml").getroot()
+    for case in root.iter("testcase"):
+        status = "passed"
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                tests.setdefault("messages", {})[case.get("name")] = (el.get("message") or "")[:300]
+        tests["cases"].append({"name": f"{case.get('classname')}::{case.get('name')}", "status": status,
+                               "time_s": float(case.get("time") or 0)})
+    tests["summary"] = {s: sum(c["status"] == s for c in tests["cases"]) for s in ("passed", "failed", "error", "skipped")}
+except Exception as e:
+    tests["error"] = f"no junit xml: {e}"
+bench = None
+try:
+    bench = json.loads((work / "bilstm.json").read_text())
+except Exception as e:
+    bench = {"error": f"no benchmark JSON: {e}", "log_tail": (work / "bench.log").read_text()[-3000:]}
+env = environment()
+import torch
+env["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
+dev = (env.get("cuda") or {}).get("device", "nodevice").replace(" ", "_")
+result = {"suite": "gpu_suite", "stamp": stamp, "environment": env,
+          "build": {"rc": int(build_rc), "seconds": int(build_s), "log_tail": (work / "build.log").read_text()[-2000:]},
+          "cuda_tests": tests, "bench_bilstm": bench}
+path = write_json(Path("bench/results") / f"gpu_suite-{dev}-{stamp}.json", result)
+print(path)
+PY
+res=$(ls -t bench/results/gpu_suite-*.json 2>/dev/null | head -1)
+if [ -n "${OUT:-}" ] && [ -n "$res" ]; then cp "$res" "$OUT/"; cp "$work"/*.log "$OUT/" 2>/dev/null; cp "$work"/*.png "$OUT/" 2>/dev/null; fi
+echo "gpu_suite: build rc=$build_rc tests rc=$tests_rc bench rc=$bench_rc -> $res" >&2
