@@ -81,8 +81,14 @@ def _backend_lines(device: str) -> list:
         auto = OP.resolve("auto", device)
     except Exception as e:  # noqa: BLE001
         auto = f"? ({e})"
-    lines.append(f"  auto -> {auto}" + (f"   (env FAR_BACKEND={os.environ['FAR_BACKEND']})"
-                                         if os.environ.get("FAR_BACKEND") else ""))
+    lines.append(f"  auto -> {auto}")
+    env = os.environ.get("FAR_BACKEND")
+    if env:
+        try:
+            default = OP.resolve(None, device)
+        except Exception as e:  # noqa: BLE001 - report, do not fail `far info`
+            default = f"error: {e}"
+        lines.append(f"  default (env FAR_BACKEND={env}) -> {default}")
     return lines
 
 
@@ -103,8 +109,11 @@ def _checkpoint_summary(path: str) -> list:
              f"written by far {cfg.get('far_version', '?')})",
              f"architecture {arch['timm_name']}" + (f" {json.dumps(kwargs, sort_keys=True)}" if kwargs else "")]
     if pcfg.get("input_size"):
+        def nums(v):
+            return ", ".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else str(v)
+
         lines.append(f"input        {'x'.join(str(v) for v in pcfg['input_size'])}, "
-                     f"mean {pcfg.get('mean')}, std {pcfg.get('std')}")
+                     f"mean ({nums(pcfg.get('mean'))}), std ({nums(pcfg.get('std'))})")
     num_classes = kwargs.get("num_classes", pcfg.get("num_classes"))
     if num_classes is not None:
         lines.append(f"classes      {num_classes}")
@@ -185,16 +194,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CLIError(f"--num-classes must be >= 1, got {args.num_classes}")
         kwargs["num_classes"] = args.num_classes
     if args.pretrained:
+        if not args.quiet:
+            print(f"fetching pretrained weights of {args.model} through timm (needs a network) ...", flush=True)
         try:
             model = far.create_model(args.model, pretrained=True, far=False, **kwargs)
         except Exception as e:  # noqa: BLE001 - network / hub / missing-weights errors of every kind
             raise CLIError(f"could not get pretrained weights for {args.model}: {_fmt_error(e)} "
                            "(no network, or no pretrained weights exist for this model; drop --pretrained "
                            "for a randomly initialised model)") from e
-        far.convert(model, hidden_sizes=args.hidden_size, init=args.init)
     else:
         model = far.create_model(args.model, pretrained=False, far=False, **kwargs)
-        far.convert(model, hidden_sizes=args.hidden_size, init=args.init)
+    far.convert(model, hidden_sizes=args.hidden_size, init=args.init)
     if not args.quiet:
         print(f"{args.model}: {len(far.far_modules(model))} attention blocks -> FAR "
               f"({'pretrained' if args.pretrained else 'random init'}, init={args.init}, "
@@ -202,7 +212,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(model.far_conversion.table())
     from far.io import save
 
-    metadata = {"converted_by": "far convert", "pretrained": bool(args.pretrained), "init": args.init}
+    metadata = {"teacher": args.model, "pretrained": bool(args.pretrained), "init": args.init,
+                "converted_by": "far convert"}
     save(model, str(out), metadata=metadata)
     if not args.quiet:
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
@@ -216,6 +227,8 @@ def _evaluate(model, dataset, batch_size: int, device, workers: int, progress: b
     from far.data import iterate_batches, num_batches
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32  # e.g. bf16 models
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     timed_images, timed_s = 0, 0.0  # model time, first (warm-up) batch excluded
@@ -228,6 +241,7 @@ def _evaluate(model, dataset, batch_size: int, device, workers: int, progress: b
     t_all = time.perf_counter()
     with torch.inference_mode():
         for i, (x, y) in enumerate(iterate_batches(dataset, batch_size, device=device, num_workers=workers)):
+            x = x.to(dtype)
             sync()
             t0 = time.perf_counter()
             logits = model(x)
@@ -264,6 +278,16 @@ def _evaluate(model, dataset, batch_size: int, device, workers: int, progress: b
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    threads = torch.get_num_threads()
+    try:
+        return _eval(args)
+    finally:  # main() may run in-process (tests, notebooks): leave torch's thread count as it was
+        torch.set_num_threads(threads)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
     import far
     from far.data import make_dataset
 
@@ -286,11 +310,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            + ("(CPU build of torch)" if torch.version.cuda is None else "(no GPU visible)"))
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {dev_name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif device.type != "cpu":
         raise CLIError(f"--device must be cpu or cuda[:N], got {dev_name}")
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise CLIError(f"{ckpt}: no such checkpoint")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise CLIError(f"{Path(args.json).parent}: no such folder for --json")
     backend = args.backend  # None = env FAR_BACKEND / auto
     used = _resolve_backend(backend, device)  # raises BackendUnavailable with the reason, before loading
 
@@ -298,6 +326,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = load(str(ckpt), device=str(device), backend=backend)
     model.eval()
+    if not far.far_modules(model):
+        used = "none (the checkpoint has no FAR blocks)"
     dataset = make_dataset(args.data, args.split, model, limit=args.limit, train=False)
     progress = not args.quiet and sys.stderr.isatty()
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
@@ -317,14 +347,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "far_version": far.__version__,
         "torch_version": torch.__version__,
     }
-    print(f"accuracy {100 * res['accuracy']:.2f}% ({res['correct']}/{res['num_images']})  "
-          f"{res['images_per_s']:.1f} images/s (model{'' if res['warmup_excluded'] else ', one batch: warm-up included'}; "
-          f"end-to-end {res['end_to_end_images_per_s']:.1f})  backend {used}  device {device}  "
-          f"threads {res['threads']}  batch {args.batch_size}")
+    where = f"{args.data} {res['split']}" if res["split"] else str(args.data)
+    print(f"accuracy {100 * res['accuracy']:.2f}% ({res['correct']}/{res['num_images']}) on {where}")
+    warm = "first batch excluded as warm-up" if res["warmup_excluded"] else "one batch: warm-up included"
+    print(f"throughput {res['images_per_s']:.1f} images/s (model, {warm}; end-to-end "
+          f"{res['end_to_end_images_per_s']:.1f})  backend {used}  device {device}  threads {res['threads']}  "
+          f"batch {args.batch_size}")
     if args.json:
         out = Path(args.json)
-        if not out.parent.exists():
-            raise CLIError(f"{out.parent}: no such folder for --json")
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(res, indent=2) + "\n")
         os.replace(tmp, out)
@@ -401,7 +431,7 @@ def _add_eval_parser(sub) -> None:
         epilog="examples:\n"
                "  far eval fmnist_tiny.safetensors --data fashion-mnist\n"
                "  far eval fmnist_tiny.safetensors --data fashion-mnist --limit 1000 --backend torch --threads 2\n"
-               "  far eval deit_tiny.safetensors --data ~/imagenet/val --device cuda --batch-size 512 --json res.json\n\n"
+               "  far eval deit.safetensors --data ~/imagenet/val --device cuda --batch-size 512 --json res.json\n\n"
                "Fashion-MNIST comes from Debian's dataset-fashion-mnist (apt-get install -y "
                "dataset-fashion-mnist) or env FAR_FASHION_MNIST; a PATH is an ImageNet-style folder "
                "(one subfolder per class).")
@@ -430,7 +460,7 @@ def _add_demo_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, formatter_class=_Formatter,
         description="FAR engine: ViTs with every self-attention replaced by multi-head BiLSTMs, fused "
                     "kernels, and IMC crossbar emulation.",
         epilog="examples:\n"
@@ -465,6 +495,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `far info | head`: stop quietly, as other command-line tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except Exception as e:  # noqa: BLE001 - user errors become one line; bugs keep their traceback
         if args.debug or not isinstance(e, _user_errors()):
             raise

@@ -122,7 +122,8 @@ class FashionMNIST(torch.utils.data.Dataset):
                 f"{FASHION_MNIST_DIR}) or point env {FASHION_MNIST_ENV} to a folder with {img_name} and {lbl_name}")
         images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise DatasetError(f"{img_path}: expected uint8 images [N, 28, 28], got {images.dtype} {list(images.shape)}")
+            raise DatasetError(f"{img_path}: expected uint8 images [N, 28, 28], "
+                               f"got {images.dtype} {list(images.shape)}")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
             raise DatasetError(f"{lbl_path}: expected {images.shape[0]} labels, got shape {list(labels.shape)}")
         if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
@@ -232,7 +233,8 @@ class RandomShiftFlip(torch.nn.Module):
             p = self.pad
             fill = (xb.amin(dim=(1, 2, 3), keepdim=True) if self.fill is None
                     else torch.tensor(float(self.fill), dtype=xb.dtype, device=dev))
-            padded = torch.nn.functional.pad(xb - fill, (p, p, p, p)) + fill
+            padded = fill.expand(B, C, H + 2 * p, W + 2 * p).clone()
+            padded[:, :, p:p + H, p:p + W] = xb
             dy = torch.randint(0, 2 * p + 1, (B,), generator=g).to(dev)
             dx = torch.randint(0, 2 * p + 1, (B,), generator=g).to(dev)
             rows = (dy[:, None] + torch.arange(H, device=dev))[:, None, :, None].expand(B, C, H, W + 2 * p)
