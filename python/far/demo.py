@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 import far_kernels
+from far_kernels.ops.bilstm_scan import OP as SCAN_OP
 
 
 def _time_model(model, x, batch_size: int, reps: int = 3) -> float:
@@ -38,9 +39,7 @@ def run_demo(num_images: int = 1000, batch_size: int = 100, seed: int = 0, out_d
     from far.data import fashion_mnist
 
     torch.manual_seed(seed)
-    ds = fashion_mnist("test", root=data_root, limit=num_images)
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    x, y = fashion_mnist("test", root=data_root, limit=num_images).tensors()
 
     teacher = far.create_model("fmnist_deit_tiny", far=False).eval()
     student = far.create_model("fmnist_deit_tiny", far=False).eval()
@@ -55,7 +54,7 @@ def run_demo(num_images: int = 1000, batch_size: int = 100, seed: int = 0, out_d
         far.set_backend(student, "torch")
         ref = student(x)
         for backend in far_kernels.BACKENDS:
-            why = far_kernels.ops.bilstm_scan.OP.reason(backend, "cpu")
+            why = SCAN_OP.reason(backend, "cpu")
             if why is not None:
                 rows.append({"model": "FAR", "backend": backend, "unavailable": why})
                 continue

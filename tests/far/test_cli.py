@@ -217,3 +217,17 @@ def test_console_script():
     cmd = [exe] if exe else [sys.executable, "-m", "far.cli"]
     r = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("far "), r.stderr
+
+
+def test_demo_runs_on_real_images(tmp_path, capsys):
+    from far.cli import main
+
+    rc = main(["demo", "--num-images", "64", "--batch-size", "32", "--threads", "1", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "FAR" in out and "torch" in out
+    import json
+
+    res = json.loads((tmp_path / "demo.json").read_text())
+    ok = [r for r in res["rows"] if r.get("backend") not in (None, "-") and "images_per_s" in r]
+    assert ok and all(r["max_abs_diff_vs_torch"] < 1e-4 for r in ok)
+    assert (tmp_path / "demo.png").exists()

@@ -34,7 +34,9 @@ def _register_fmnist():
                         depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True)
             args.update(kwargs)
             model = VisionTransformer(**args)
-            model.pretrained_cfg = _fmnist_cfg(architecture=name)
+            model.pretrained_cfg = _fmnist_cfg(  # follows the kwargs (classes, channels, size)
+                architecture=name, num_classes=args["num_classes"],
+                input_size=(args["in_chans"], args["img_size"], args["img_size"]))
             return model
 
         fn.__name__ = name
