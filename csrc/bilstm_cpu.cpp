@@ -1,7 +1,8 @@
 // Multi-head bidirectional LSTM scan on the CPU (fp32). Torch-free: raw pointers in.
-// One work item = (head, direction, batch tile); items run in parallel (OpenMP), each walks
-// its T steps with the recurrent weights of its (head, direction) transposed, compacted to the
-// kept units and kept hot in L1/L2 for the whole time loop.
+// One work item = (head, direction, batch tile of <= 8 rows); items run in parallel (OpenMP). Each walks its T
+// steps: acc = gx[t] + h @ W_hh^T (register-blocked product, W packed in column panels kept hot in L1/L2),
+// then the LSTM cells of all its rows. On AVX2 the product runs at the FMA peak; the cells (five exponentials
+// per unit) are the other large cost, so they are written to need few vector ops and to interleave chains.
 #include "bilstm_cpu.h"
 
 #include <algorithm>
@@ -15,19 +16,194 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FAR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FAR_HAS_CLONES 1
 #else
 #define FAR_CLONES
 #endif
+#define FAR_INLINE inline __attribute__((always_inline))
 
 namespace far {
 namespace {
 
-constexpr int64_t kBatchTile = 8;  // rows of the batch handled by one work item
-constexpr int64_t kColBlock = 64;  // gate columns kept in registers per pass (8 x 8 floats)
+constexpr int64_t kBatchTile = 8;  // max batch rows per work item
+constexpr int kCellChains = 4;     // groups of 8 units whose cells are computed side by side
 
 typedef VecF8 v8;
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned access
 
+// ---- cell math ----------------------------------------------------------------------------------------------
+// M independent 8-lane vectors processed op by op: M dependency chains of the cell sit side by side in the
+// instruction stream, which the out-of-order window alone does not achieve for 256-bit code on Zen.
+template <int M>
+struct Lanes {
+  v8 v[M];
+};
+#define FAR_LANES_OP(op)                                                    \
+  template <int M> FAR_INLINE Lanes<M> operator op(Lanes<M> a, Lanes<M> b) { \
+    for (int m = 0; m < M; ++m) a.v[m] = a.v[m] op b.v[m];                  \
+    return a;                                                               \
+  }                                                                         \
+  template <int M> FAR_INLINE Lanes<M> operator op(Lanes<M> a, float b) {  \
+    for (int m = 0; m < M; ++m) a.v[m] = a.v[m] op b;                       \
+    return a;                                                               \
+  }                                                                         \
+  template <int M> FAR_INLINE Lanes<M> operator op(float a, Lanes<M> b) {  \
+    for (int m = 0; m < M; ++m) b.v[m] = a op b.v[m];                       \
+    return b;                                                               \
+  }
+FAR_LANES_OP(+)
+FAR_LANES_OP(-)
+FAR_LANES_OP(*)
+FAR_LANES_OP(/)
+#undef FAR_LANES_OP
+
+// A constant the optimizer cannot see through: GCC turns `x < lo ? lo : x` into one vmaxps (NaN kept) only when
+// lo is not a literal constant; with a constant it emits compare + blend.
+FAR_INLINE float opaque(float x) {
+  asm("" : "+x"(x));
+  return x;
+}
+FAR_INLINE v8 vclamp(v8 x, float lo, float hi) {
+  const v8 l = splat(opaque(lo)), h = splat(opaque(hi));
+  x = x < l ? l : x;  // NaN lanes compare false and stay NaN
+  return x > h ? h : x;
+}
+// p * 2^k for t holding k in its low mantissa bits (see exp2s): k added to the exponent field of p.
+FAR_INLINE v8 add_exponent(v8 p, v8 t) { return (v8)((VecI8)p + ((VecI8)t << 23)); }
+template <int M> FAR_INLINE Lanes<M> vclamp(Lanes<M> x, float lo, float hi) {
+  for (int m = 0; m < M; ++m) x.v[m] = vclamp(x.v[m], lo, hi);
+  return x;
+}
+template <int M> FAR_INLINE Lanes<M> add_exponent(Lanes<M> p, Lanes<M> t) {
+  for (int m = 0; m < M; ++m) p.v[m] = add_exponent(p.v[m], t.v[m]);
+  return p;
+}
+
+// 2^(s x) with x clamped to [lo, hi] (chosen by the caller so that s x lies in [-126, 40]). s x = k + r with
+// k = round(s x), |r| <= 1/2: adding 1.5 * 2^23 rounds s x to an integer and leaves k in the low mantissa bits
+// of t; 2^r by a degree-5 near-minimax polynomial (relative error 7.7e-8); s x is only formed inside the FMAs
+// (exact product). 12 vector ops, no division, no int<->float conversion.
+template <class V>
+FAR_INLINE V exp2s(V x, float s, float lo, float hi) {
+  x = vclamp(x, lo, hi);
+  const V t = x * s + 12582912.0f;
+  const V r = x * s - (t - 12582912.0f);
+  V p = r * 1.32669704e-03f + 9.67545975e-03f;
+  p = p * r + 5.55074262e-02f;
+  p = p * r + 2.40221218e-01f;
+  p = p * r + 6.93146949e-01f;
+  p = p * r + 1.00000007f;
+  return add_exponent(p, t);
+}
+constexpr float kLog2e = 1.44269504088896341f;
+// e^-x and e^-2x, saturated at 2^40 (so that products of three (1 + e) factors stay finite; sigmoid(-27.7) =
+// 9e-13, tanh(-13.9) = -1 + 2e-12: invisible at fp32 accuracy) and at 2^-126 (sigmoid(87) = 1 - 2^-126).
+template <class V> FAR_INLINE V exp_neg(V x) { return exp2s(x, -kLog2e, -40.0f / kLog2e, 126.0f / kLog2e); }
+template <class V> FAR_INLINE V exp_neg2(V x) { return exp2s(x, -2.0f * kLog2e, -20.0f / kLog2e, 63.0f / kLog2e); }
+
+// LSTM cell with two divisions instead of five: with a = e^-i, f = e^-f, g = e^-2g, o = e^-o, e = e^-2c',
+//   c' = c/(1+f) + (1-g)/((1+a)(1+g)) = (c (1+a)(1+g) + (1-g)(1+f)) / ((1+f)(1+a)(1+g))
+//   h  = (1-e) / ((1+o)(1+e))
+// c is updated in place; returns h. About 72 vector ops per 8 units (the products below are written to
+// contract into FMAs); |h| <= 1 and NaN propagates.
+template <class V>
+FAR_INLINE V cell(V gi, V gf, V gg, V go, V& c) {
+  const V a1 = exp_neg(gi) + 1.0f, f1 = exp_neg(gf) + 1.0f, g = exp_neg2(gg), o1 = exp_neg(go) + 1.0f;
+  const V ag = a1 * g + a1;  // (1+a)(1+g)
+  c = (c * ag + (f1 - g * f1)) / (f1 * ag);
+  const V e = exp_neg2(c);
+  return (1.0f - e) / (o1 * e + o1);
+}
+
+// Cells of M groups j..j+M-1 of one row. Working layout (below): gates at a + 32 j + 8 q, state at c/h + 8 j.
+template <int M>
+FAR_INLINE void cells(const float* a, float* c, float* h, int64_t j) {
+  Lanes<M> gate[4], cu;
+  for (int m = 0; m < M; ++m) {
+    for (int q = 0; q < 4; ++q) gate[q].v[m] = *(const v8u*)(a + 32 * (j + m) + 8 * q);
+    cu.v[m] = *(const v8u*)(c + 8 * (j + m));
+  }
+  const Lanes<M> hu = cell(gate[0], gate[1], gate[2], gate[3], cu);
+  for (int m = 0; m < M; ++m) {
+    *(v8u*)(c + 8 * (j + m)) = cu.v[m];
+    *(v8u*)(h + 8 * (j + m)) = hu.v[m];
+  }
+}
+
+// ---- recurrent product --------------------------------------------------------------------------------------
+// Software prefetch of the gx and out rows of a later step (they stream from DRAM for large B), issued a few
+// cache lines at a time between the W panels of the product so that the misses overlap with compute.
+struct Prefetch {
+  const float* g[kBatchTile];  // gx rows of the target step
+  float* o[kBatchTile];        // out rows of the target step
+  int64_t rows = 0, glines = 0, olines = 0;
+  int64_t r = 0, l = 0;  // next line to fetch: row r, line l of [gx lines, out lines]
+  FAR_INLINE void issue(int64_t count) {
+    for (; count > 0 && r < rows; --count) {
+      if (l < glines) __builtin_prefetch(g[r] + 16 * l, 0, 2);
+      else __builtin_prefetch(o[r] + 16 * (l - glines), 1, 2);
+      if (++l == glines + olines) l = 0, ++r;
+    }
+  }
+};
+
+// acc[r, :] += h[r, :k] @ W for R rows and one panel of 8 NV columns (rows of the panel contiguous in wp):
+// R x NV accumulators in registers, each W vector loaded once for R rows, h[r, kk] broadcast once for NV.
+template <int R, int NV>
+FAR_INLINE void panel_product(const float* wp, int64_t k, const float* h, int64_t hs, float* acc, int64_t ld) {
+  v8 s[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) s[r][v] = *(const v8u*)(acc + r * ld + 8 * v);
+#pragma GCC unroll 2
+  for (int64_t kk = 0; kk < k; ++kk) {
+    v8 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = *(const v8u*)(wp + kk * 8 * NV + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const float b = h[r * hs + kk];  // scalar * vector: one vbroadcastss (a v8{b, ...} literal is not)
+      for (int v = 0; v < NV; ++v) s[r][v] += b * w[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) *(v8u*)(acc + r * ld + 8 * v) = s[r][v];
+}
+
+// acc[:rows, :] += h @ W over all panels, R rows at a time (fewer for the last rows). The panel order alternates
+// with the step so that the panels read last in one step are still in L1 at the start of the next one.
+template <int R, int NV>
+FAR_INLINE void product(int64_t rows, const float* wp, int64_t k, int64_t panels, const float* h, int64_t hs,
+                        float* acc, int64_t ld, bool reverse, Prefetch& pf) {
+  const int64_t pf_per_panel = (pf.rows * (pf.glines + pf.olines) + panels - 1) / panels;
+  for (int64_t pi = 0; pi < panels; ++pi) {
+    pf.issue(pf_per_panel);
+    const int64_t p = reverse ? panels - 1 - pi : pi;
+    const float* w = wp + p * k * 8 * NV;
+    float* a = acc + p * 8 * NV;
+    int64_t r = 0;
+    for (; r + R <= rows; r += R) panel_product<R, NV>(w, k, h + r * hs, hs, a + r * ld, ld);
+    const int64_t left = rows - r;
+    if constexpr (R > 3) {
+      if (left == 3) panel_product<3, NV>(w, k, h + r * hs, hs, a + r * ld, ld);
+    }
+    if constexpr (R > 2) {
+      if (left == 2) panel_product<2, NV>(w, k, h + r * hs, hs, a + r * ld, ld);
+    }
+    if (left == 1) panel_product<1, NV>(w, k, h + r * hs, hs, a + r * ld, ld);
+  }
+}
+
+// True where this code runs with 256-bit registers: the x86-64-v3 clone, or any build for AVX. Without them
+// (the default clone) 8-lane vectors are emulated in register pairs and multi-row product blocks spill.
+FAR_INLINE bool wide_registers() {
+#if defined(__AVX__) || !defined(__x86_64__)
+  return true;
+#elif defined(FAR_HAS_CLONES)
+  return __builtin_cpu_supports("x86-64-v3");  // the feature bit the clone resolver tests
+#else
+  return false;
+#endif
+}
+
+// ---- one work item ------------------------------------------------------------------------------------------
 struct ScanArgs {
   const float* gx;     // [H, B, T, 2, 4n]
   const float* w_hh;   // [H, 2, 4n, n]
@@ -36,76 +212,88 @@ struct ScanArgs {
   int64_t H, B, T, n;
 };
 
-// acc[r, :] += h[r, :k] @ wt[:k, :] for r < rows; h rows have stride hs; wt is [k, ld], ld % kColBlock == 0.
-static inline __attribute__((always_inline)) void recurrent_product(
-    float* acc, const float* h, const float* wt, int64_t rows, int64_t k, int64_t hs, int64_t ld) {
-  for (int64_t jb = 0; jb < ld; jb += kColBlock) {
-    for (int64_t r = 0; r < rows; ++r) {
-      float* a = acc + r * ld + jb;
-      const float* hr = h + r * hs;
-      v8 s0 = *(const v8u*)(a + 0), s1 = *(const v8u*)(a + 8), s2 = *(const v8u*)(a + 16),
-         s3 = *(const v8u*)(a + 24), s4 = *(const v8u*)(a + 32), s5 = *(const v8u*)(a + 40),
-         s6 = *(const v8u*)(a + 48), s7 = *(const v8u*)(a + 56);
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const float hv = hr[kk];
-        const v8 hb = {hv, hv, hv, hv, hv, hv, hv, hv};
-        const float* w = wt + kk * ld + jb;
-        s0 += hb * *(const v8u*)(w + 0);
-        s1 += hb * *(const v8u*)(w + 8);
-        s2 += hb * *(const v8u*)(w + 16);
-        s3 += hb * *(const v8u*)(w + 24);
-        s4 += hb * *(const v8u*)(w + 32);
-        s5 += hb * *(const v8u*)(w + 40);
-        s6 += hb * *(const v8u*)(w + 48);
-        s7 += hb * *(const v8u*)(w + 56);
-      }
-      *(v8u*)(a + 0) = s0; *(v8u*)(a + 8) = s1; *(v8u*)(a + 16) = s2; *(v8u*)(a + 24) = s3;
-      *(v8u*)(a + 32) = s4; *(v8u*)(a + 40) = s5; *(v8u*)(a + 48) = s6; *(v8u*)(a + 56) = s7;
-    }
+// Per-thread scratch, reused across work items.
+struct Scratch {
+  std::vector<float> buf;
+  float* get(size_t count) {
+    if (buf.size() < count) buf.resize(count);
+    std::fill_n(buf.data(), count, 0.0f);
+    return buf.data();
   }
-}
+};
 
-FAR_CLONES void scan_item(const ScanArgs& p, int64_t head, int64_t dir, int64_t b0, int64_t rows) {
+FAR_CLONES void scan_item(const ScanArgs& p, Scratch& scratch, int64_t head, int64_t dir, int64_t b0,
+                          int64_t rows) {
   const int64_t n = p.n, T = p.T, k = p.hid[dir * p.H + head];
   const int64_t g_row = 8 * n;  // stride of one time step in gx ([2, 4n])
   const int64_t o_row = 2 * n;  // stride of one time step in out ([2, n])
+  const auto gx_at = [&](int64_t r, int64_t t) { return p.gx + ((head * p.B + b0 + r) * T + t) * g_row + dir * 4 * n; };
+  const auto out_at = [&](int64_t r, int64_t t) { return p.out + ((head * p.B + b0 + r) * T + t) * o_row + dir * n; };
   if (k == 0) {  // fully pruned direction: h = 0 everywhere
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t t = 0; t < T; ++t)
-        std::fill_n(p.out + ((head * p.B + b0 + r) * T + t) * o_row + dir * n, n, 0.0f);
+      for (int64_t t = 0; t < T; ++t) std::fill_n(out_at(r, t), n, 0.0f);
     return;
   }
-  // Working layout: gate q of unit u at column q*kp + u, kp = k rounded up to 8 lanes; padded
-  // lanes have zero weights and gates, so their h and c stay exactly 0.
-  const int64_t kp = (k + 7) / 8 * 8;
-  const int64_t ld = (4 * kp + kColBlock - 1) / kColBlock * kColBlock;
-  std::vector<float> wt(k * ld, 0.0f), acc(rows * ld, 0.0f), h(rows * kp, 0.0f), c(rows * kp, 0.0f);
-  // wt[kk, q*kp + u] = w_hh[head, dir, q*n + u, kk]  (kept units only)
+  // Working layout: units in groups of 8; group j of a row holds the gates [i f g o] of units 8j..8j+7 at columns
+  // 32j..32j+31, so one group's cells read four whole vectors. Units k <= u < 8G have zero weights and gates:
+  // their c and h stay exactly 0 (up to NaN inputs, which is why out is written only for u < k).
+  const int64_t G = (k + 7) / 8;
+  // Product blocking R x NV (rows x vectors of 8 columns): 8 accumulators, W in panels of 8 NV columns.
+  const int64_t NV = rows == 1 || !wide_registers() ? 8 : rows <= 3 ? 4 : 2;
+  const int64_t panels = (32 * G + 8 * NV - 1) / (8 * NV);
+  const int64_t hs = 8 * G, ld = panels * 8 * NV;  // row strides of h and c, of acc
+  const int64_t wsize = panels * k * 8 * NV;
+  float* wp = scratch.get(wsize + rows * (2 * hs + ld));
+  float* h = wp + wsize;
+  float* c = h + rows * hs;
+  float* acc = c + rows * hs;
+  // wp[(pp k + kk) 8 NV + col % 8 NV] = w_hh[head, dir, q n + u, kk] with col = 32 (u / 8) + 8 q + u % 8 and
+  // pp = col / 8 NV: each panel is a contiguous [k, 8 NV] block, its rows read in order by the product.
   const float* w = p.w_hh + (head * 2 + dir) * 4 * n * n;
-  for (int64_t q = 0; q < 4; ++q)
-    for (int64_t u = 0; u < k; ++u)
-      for (int64_t kk = 0; kk < k; ++kk) wt[kk * ld + q * kp + u] = w[(q * n + u) * n + kk];
-
+  for (int64_t u = 0; u < k; ++u)
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t col = 32 * (u / 8) + 8 * q + u % 8, pp = col / (8 * NV), cc = col % (8 * NV);
+      for (int64_t kk = 0; kk < k; ++kk) wp[(pp * k + kk) * 8 * NV + cc] = w[(q * n + u) * n + kk];
+    }
+  constexpr int64_t kPrefetchSteps = 2;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = dir == 0 ? s : T - 1 - s;
+    // acc = gx[t] in the working layout
     for (int64_t r = 0; r < rows; ++r) {
-      const float* g = p.gx + ((head * p.B + b0 + r) * T + t) * g_row + dir * 4 * n;
-      float* a = acc.data() + r * ld;
-      for (int64_t q = 0; q < 4; ++q) std::copy_n(g + q * n, k, a + q * kp);
+      const float* g = gx_at(r, t);
+      float* a = acc + r * ld;
+      int64_t u = 0;
+      for (; u + 8 <= k; u += 8)
+        for (int64_t q = 0; q < 4; ++q) *(v8u*)(a + 4 * u + 8 * q) = *(const v8u*)(g + q * n + u);
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t l = u; l < k; ++l) a[4 * u + 8 * q + l - u] = g[q * n + l];
     }
-    if (s > 0) recurrent_product(acc.data(), h.data(), wt.data(), rows, k, kp, ld);
+    Prefetch pf;
+    if (s + kPrefetchSteps < T) {
+      const int64_t tp = dir == 0 ? s + kPrefetchSteps : T - 1 - s - kPrefetchSteps;
+      pf.rows = rows;
+      pf.glines = (4 * n + 15) / 16;
+      pf.olines = (n + 15) / 16;
+      for (int64_t r = 0; r < rows; ++r) pf.g[r] = gx_at(r, tp), pf.o[r] = out_at(r, tp);
+    }
+    // acc += h @ W (h = 0 at the first step)
+    if (s == 0) {
+      pf.issue(pf.rows * (pf.glines + pf.olines));
+    } else {
+      const bool rev = s & 1;
+      if (NV == 8) product<1, 8>(rows, wp, k, panels, h, hs, acc, ld, rev, pf);
+      else if (NV == 4) product<3, 4>(rows, wp, k, panels, h, hs, acc, ld, rev, pf);
+      else product<4, 2>(rows, wp, k, panels, h, hs, acc, ld, rev, pf);
+    }
+    // cells: h, c, out[t]
     for (int64_t r = 0; r < rows; ++r) {
-      const float* a = acc.data() + r * ld;
-      float* hr = h.data() + r * kp;
-      float* cr = c.data() + r * kp;
-      for (int64_t u = 0; u < kp; u += 8) {
-        v8 cu = *(const v8u*)(cr + u);
-        const v8 hu = lstm_cell<v8>(*(const v8u*)(a + u), *(const v8u*)(a + kp + u),
-                                    *(const v8u*)(a + 2 * kp + u), *(const v8u*)(a + 3 * kp + u), cu);
-        *(v8u*)(cr + u) = cu;
-        *(v8u*)(hr + u) = hu;
-      }
-      float* o = p.out + ((head * p.B + b0 + r) * T + t) * o_row + dir * n;
+      const float* a = acc + r * ld;
+      float* hr = h + r * hs;
+      float* cr = c + r * hs;
+      int64_t j = 0;
+      for (; j + kCellChains <= G; j += kCellChains) cells<kCellChains>(a, cr, hr, j);
+      for (; j < G; ++j) cells<1>(a, cr, hr, j);
+      float* o = out_at(r, t);
       std::copy_n(hr, k, o);
       std::fill(o + k, o + n, 0.0f);
     }
@@ -120,11 +308,15 @@ void bilstm_scan_cpu(const float* gx, const float* w_hh, const int64_t* hidden, 
   const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
   const int64_t items = H * 2 * tiles;
   if (items == 0 || T == 0 || n == 0) return;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, num_threads))
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t tile = it % tiles, hd = it / tiles;  // hd = head * 2 + dir
-    const int64_t b0 = tile * kBatchTile;
-    scan_item(p, hd / 2, hd % 2, b0, std::min(kBatchTile, B - b0));
+#pragma omp parallel num_threads(std::max(1, num_threads))
+  {
+    Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t tile = it % tiles, hd = it / tiles;  // hd = head * 2 + dir
+      const int64_t b0 = tile * kBatchTile;
+      scan_item(p, scratch, hd / 2, hd % 2, b0, std::min(kBatchTile, B - b0));
+    }
   }
 }
 
