@@ -411,9 +411,10 @@ def load(path, device="cpu", backend: Optional[str] = None) -> nn.Module:
     """
     path = os.fspath(path)
     if backend is not None:
-        from far_kernels.dispatch import requested_backend
+        from far_kernels.ops.bilstm_scan import OP as SCAN_OP
 
-        requested_backend(backend)  # a typo fails before the file is read
+        # a typo, or an explicitly requested backend that cannot run on `device`, fails before the file is read
+        SCAN_OP.resolve(backend, device)
     read_config(path)  # header checks with clear messages, then the config itself
 
     from safetensors import safe_open
