@@ -1,7 +1,8 @@
 // Multi-head bidirectional LSTM scan on the CPU (fp32). Torch-free: raw pointers in.
 // One work item = (head, direction, batch tile of <= 8 rows); items run in parallel (OpenMP). Each walks its T
 // steps: acc = gx[t] + h @ W_hh^T (register-blocked product, W packed in column panels kept hot in L1/L2),
-// then the LSTM cells of all its rows. On AVX2 the product runs at the FMA peak; the cells (five exponentials
+// then the LSTM cells of all its rows. The fused variant computes the input gates in the same pass instead of
+// reading them from memory: acc = bias + x[t] @ W_ih^T + h @ W_hh^T, W_ih packed in the same panels. On AVX2 the product runs at the FMA peak; the cells (five exponentials
 // per unit) are the other large cost, so they are written to need few vector ops and to interleave chains.
 #include "bilstm_cpu.h"
 
@@ -147,47 +148,65 @@ struct Prefetch {
   }
 };
 
-// acc[r, :] += h[r, :k] @ W for R rows and one panel of 8 NV columns (rows of the panel contiguous in wp):
-// R x NV accumulators in registers, each W vector loaded once for R rows, h[r, kk] broadcast once for NV.
+// s[r, :] += a[r, :k] @ W for R rows and one panel of 8 NV columns (rows of the panel contiguous in wp):
+// R x NV accumulators in registers, each W vector loaded once for R rows, a[r, kk] broadcast once for NV.
 template <int R, int NV>
-FAR_INLINE void panel_product(const float* wp, int64_t k, const float* h, int64_t hs, float* acc, int64_t ld) {
-  v8 s[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) s[r][v] = *(const v8u*)(acc + r * ld + 8 * v);
+FAR_INLINE void accumulate(v8 (&s)[R][NV], const float* wp, int64_t k, const float* a, int64_t as) {
 #pragma GCC unroll 2
   for (int64_t kk = 0; kk < k; ++kk) {
     v8 w[NV];
     for (int v = 0; v < NV; ++v) w[v] = *(const v8u*)(wp + kk * 8 * NV + 8 * v);
     for (int r = 0; r < R; ++r) {
-      const float b = h[r * hs + kk];  // scalar * vector: one vbroadcastss (a v8{b, ...} literal is not)
+      const float b = a[r * as + kk];  // scalar * vector: one vbroadcastss (a v8{b, ...} literal is not)
       for (int v = 0; v < NV; ++v) s[r][v] += b * w[v];
     }
   }
+}
+
+// One operand of the product: packed panels of W (k rows each) and the rows a (row stride as) they multiply.
+struct Operand {
+  const float* wp;
+  int64_t k;
+  const float* a;
+  int64_t as;
+};
+
+// acc[r, :] = init[r, :] + x[r, :k1] @ W1 + h[r, :k2] @ W2 for R rows and one panel (W1, W2 at this panel),
+// init rows at stride init_ld (0: one row broadcast, e.g. the bias). k1 or k2 may be 0.
+template <int R, int NV>
+FAR_INLINE void panel_product(const float* init, int64_t init_ld, const Operand& o1, const Operand& o2,
+                              int64_t p, int64_t r0, float* acc, int64_t ld) {
+  v8 s[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) s[r][v] = *(const v8u*)(init + r * init_ld + 8 * v);
+  if (o1.k) accumulate<R, NV>(s, o1.wp + p * o1.k * 8 * NV, o1.k, o1.a + r0 * o1.as, o1.as);
+  if (o2.k) accumulate<R, NV>(s, o2.wp + p * o2.k * 8 * NV, o2.k, o2.a + r0 * o2.as, o2.as);
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) *(v8u*)(acc + r * ld + 8 * v) = s[r][v];
 }
 
-// acc[:rows, :] += h @ W over all panels, R rows at a time (fewer for the last rows). The panel order alternates
-// with the step so that the panels read last in one step are still in L1 at the start of the next one.
+// acc[:rows, :] = init + a1 @ W1 + a2 @ W2 over all panels, R rows at a time (fewer for the last rows). init is
+// acc itself (init_ld = ld: precomputed gates) or a bias row (init_ld = 0). The panel order alternates with the
+// step so that the panels read last in one step are still in L1 at the start of the next one.
 template <int R, int NV>
-FAR_INLINE void product(int64_t rows, const float* wp, int64_t k, int64_t panels, const float* h, int64_t hs,
-                        float* acc, int64_t ld, bool reverse, Prefetch& pf) {
+FAR_INLINE void product(int64_t rows, const float* init, int64_t init_ld, const Operand& o1, const Operand& o2,
+                        int64_t panels, float* acc, int64_t ld, bool reverse, Prefetch& pf) {
   const int64_t pf_per_panel = (pf.rows * (pf.glines + pf.olines) + panels - 1) / panels;
   for (int64_t pi = 0; pi < panels; ++pi) {
     pf.issue(pf_per_panel);
     const int64_t p = reverse ? panels - 1 - pi : pi;
-    const float* w = wp + p * k * 8 * NV;
+    const float* in = init + p * 8 * NV;
     float* a = acc + p * 8 * NV;
     int64_t r = 0;
-    for (; r + R <= rows; r += R) panel_product<R, NV>(w, k, h + r * hs, hs, a + r * ld, ld);
+    for (; r + R <= rows; r += R) panel_product<R, NV>(in + r * init_ld, init_ld, o1, o2, p, r, a + r * ld, ld);
     const int64_t left = rows - r;
     if constexpr (R > 3) {
-      if (left == 3) panel_product<3, NV>(w, k, h + r * hs, hs, a + r * ld, ld);
+      if (left == 3) panel_product<3, NV>(in + r * init_ld, init_ld, o1, o2, p, r, a + r * ld, ld);
     }
     if constexpr (R > 2) {
-      if (left == 2) panel_product<2, NV>(w, k, h + r * hs, hs, a + r * ld, ld);
+      if (left == 2) panel_product<2, NV>(in + r * init_ld, init_ld, o1, o2, p, r, a + r * ld, ld);
     }
-    if (left == 1) panel_product<1, NV>(w, k, h + r * hs, hs, a + r * ld, ld);
+    if (left == 1) panel_product<1, NV>(in + r * init_ld, init_ld, o1, o2, p, r, a + r * ld, ld);
   }
 }
 
@@ -205,11 +224,16 @@ FAR_INLINE bool wide_registers() {
 
 // ---- one work item ------------------------------------------------------------------------------------------
 struct ScanArgs {
-  const float* gx;     // [H, B, T, 2, 4n]
+  const float* gx;     // [H, B, T, 2, 4n] precomputed gates, or nullptr (fused: the input product below)
   const float* w_hh;   // [H, 2, 4n, n]
   const int64_t* hid;  // [2, H]
   float* out;          // [H, B, T, 2, n]
   int64_t H, B, T, n;
+  // fused input product (gx == nullptr): gates = bias + x_t W_ih^T + h W_hh^T
+  const float* x = nullptr;     // [B, T, *] rows of stride xs; head h reads columns h d .. h d + d - 1
+  const float* w_ih = nullptr;  // [H, 2, 4n, d]
+  const float* bias = nullptr;  // [H, 2, 4n]
+  int64_t d = 0, xs = 0;
 };
 
 // Per-thread scratch, reused across work items.
@@ -222,12 +246,27 @@ struct Scratch {
   }
 };
 
+// Packs W [4n, kin] (rows q n + u, torch.nn.LSTM layout, of one (head, direction)) for the kept units u < k:
+// wp[(pp kin + kk) 8 NV + col % 8 NV] = W[q n + u, kk] with col = 32 (u / 8) + 8 q + u % 8 and pp = col / 8 NV:
+// each panel is a contiguous [kin, 8 NV] block, its rows read in order by the product (wp zeroed before).
+void pack_panels(const float* w, int64_t n, int64_t kin, int64_t w_ld, int64_t k, int64_t NV, float* wp) {
+  for (int64_t u = 0; u < k; ++u)
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t col = 32 * (u / 8) + 8 * q + u % 8, pp = col / (8 * NV), cc = col % (8 * NV);
+      for (int64_t kk = 0; kk < kin; ++kk) wp[(pp * kin + kk) * 8 * NV + cc] = w[(q * n + u) * w_ld + kk];
+    }
+}
+
 FAR_CLONES void scan_item(const ScanArgs& p, Scratch& scratch, int64_t head, int64_t dir, int64_t b0,
                           int64_t rows) {
   const int64_t n = p.n, T = p.T, k = p.hid[dir * p.H + head];
+  const bool fused = p.gx == nullptr;
+  const int64_t din = fused ? p.d : 0;  // input width of the fused input product
   const int64_t g_row = 8 * n;  // stride of one time step in gx ([2, 4n])
   const int64_t o_row = 2 * n;  // stride of one time step in out ([2, n])
+  const int64_t x_b = T * p.xs;  // stride of one batch row in x
   const auto gx_at = [&](int64_t r, int64_t t) { return p.gx + ((head * p.B + b0 + r) * T + t) * g_row + dir * 4 * n; };
+  const auto x_at = [&](int64_t r, int64_t t) { return p.x + (b0 + r) * x_b + t * p.xs + head * p.d; };
   const auto out_at = [&](int64_t r, int64_t t) { return p.out + ((head * p.B + b0 + r) * T + t) * o_row + dir * n; };
   if (k == 0) {  // fully pruned direction: h = 0 everywhere
     for (int64_t r = 0; r < rows; ++r)
@@ -242,48 +281,54 @@ FAR_CLONES void scan_item(const ScanArgs& p, Scratch& scratch, int64_t head, int
   const int64_t NV = rows == 1 || !wide_registers() ? 8 : rows <= 3 ? 4 : 2;
   const int64_t panels = (32 * G + 8 * NV - 1) / (8 * NV);
   const int64_t hs = 8 * G, ld = panels * 8 * NV;  // row strides of h and c, of acc
-  const int64_t wsize = panels * k * 8 * NV;
-  float* wp = scratch.get(wsize + rows * (2 * hs + ld));
-  float* h = wp + wsize;
+  const int64_t wsize = panels * k * 8 * NV, wisize = panels * din * 8 * NV, bsize = fused ? ld : 0;
+  float* wp = scratch.get(wsize + wisize + bsize + rows * (2 * hs + ld));
+  float* wip = wp + wsize;     // packed W_ih (fused)
+  float* bp = wip + wisize;    // bias in the working layout (fused)
+  float* h = bp + bsize;
   float* c = h + rows * hs;
   float* acc = c + rows * hs;
-  // wp[(pp k + kk) 8 NV + col % 8 NV] = w_hh[head, dir, q n + u, kk] with col = 32 (u / 8) + 8 q + u % 8 and
-  // pp = col / 8 NV: each panel is a contiguous [k, 8 NV] block, its rows read in order by the product.
-  const float* w = p.w_hh + (head * 2 + dir) * 4 * n * n;
-  for (int64_t u = 0; u < k; ++u)
-    for (int64_t q = 0; q < 4; ++q) {
-      const int64_t col = 32 * (u / 8) + 8 * q + u % 8, pp = col / (8 * NV), cc = col % (8 * NV);
-      for (int64_t kk = 0; kk < k; ++kk) wp[(pp * k + kk) * 8 * NV + cc] = w[(q * n + u) * n + kk];
-    }
+  pack_panels(p.w_hh + (head * 2 + dir) * 4 * n * n, n, k, n, k, NV, wp);
+  if (fused) {
+    pack_panels(p.w_ih + (head * 2 + dir) * 4 * n * din, n, din, din, k, NV, wip);
+    const float* bias = p.bias + (head * 2 + dir) * 4 * n;
+    for (int64_t u = 0; u < k; ++u)
+      for (int64_t q = 0; q < 4; ++q) bp[32 * (u / 8) + 8 * q + u % 8] = bias[q * n + u];
+  }
   constexpr int64_t kPrefetchSteps = 2;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = dir == 0 ? s : T - 1 - s;
-    // acc = gx[t] in the working layout
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* g = gx_at(r, t);
-      float* a = acc + r * ld;
-      int64_t u = 0;
-      for (; u + 8 <= k; u += 8)
-        for (int64_t q = 0; q < 4; ++q) *(v8u*)(a + 4 * u + 8 * q) = *(const v8u*)(g + q * n + u);
-      for (int64_t q = 0; q < 4; ++q)
-        for (int64_t l = u; l < k; ++l) a[4 * u + 8 * q + l - u] = g[q * n + l];
+    if (!fused) {  // acc = gx[t] in the working layout
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* g = gx_at(r, t);
+        float* a = acc + r * ld;
+        int64_t u = 0;
+        for (; u + 8 <= k; u += 8)
+          for (int64_t q = 0; q < 4; ++q) *(v8u*)(a + 4 * u + 8 * q) = *(const v8u*)(g + q * n + u);
+        for (int64_t q = 0; q < 4; ++q)
+          for (int64_t l = u; l < k; ++l) a[4 * u + 8 * q + l - u] = g[q * n + l];
+      }
     }
     Prefetch pf;
     if (s + kPrefetchSteps < T) {
       const int64_t tp = dir == 0 ? s + kPrefetchSteps : T - 1 - s - kPrefetchSteps;
       pf.rows = rows;
-      pf.glines = (4 * n + 15) / 16;
+      pf.glines = ((fused ? din : 4 * n) + 15) / 16;
       pf.olines = (n + 15) / 16;
-      for (int64_t r = 0; r < rows; ++r) pf.g[r] = gx_at(r, tp), pf.o[r] = out_at(r, tp);
+      for (int64_t r = 0; r < rows; ++r) pf.g[r] = fused ? x_at(r, tp) : gx_at(r, tp), pf.o[r] = out_at(r, tp);
     }
-    // acc += h @ W (h = 0 at the first step)
-    if (s == 0) {
+    // acc = (bias + x[t] @ W_ih | gx[t]) + h @ W_hh (h = 0 at the first step)
+    const Operand oh{wp, s == 0 ? 0 : k, h, hs};
+    if (!fused && s == 0) {
       pf.issue(pf.rows * (pf.glines + pf.olines));
     } else {
       const bool rev = s & 1;
-      if (NV == 8) product<1, 8>(rows, wp, k, panels, h, hs, acc, ld, rev, pf);
-      else if (NV == 4) product<3, 4>(rows, wp, k, panels, h, hs, acc, ld, rev, pf);
-      else product<4, 2>(rows, wp, k, panels, h, hs, acc, ld, rev, pf);
+      const Operand ox{wip, din, fused ? x_at(0, t) : nullptr, x_b};
+      const float* init = fused ? bp : acc;
+      const int64_t init_ld = fused ? 0 : ld;
+      if (NV == 8) product<1, 8>(rows, init, init_ld, ox, oh, panels, acc, ld, rev, pf);
+      else if (NV == 4) product<3, 4>(rows, init, init_ld, ox, oh, panels, acc, ld, rev, pf);
+      else product<4, 2>(rows, init, init_ld, ox, oh, panels, acc, ld, rev, pf);
     }
     // cells: h, c, out[t]
     for (int64_t r = 0; r < rows; ++r) {
@@ -300,14 +345,10 @@ FAR_CLONES void scan_item(const ScanArgs& p, Scratch& scratch, int64_t head, int
   }
 }
 
-}  // namespace
-
-void bilstm_scan_cpu(const float* gx, const float* w_hh, const int64_t* hidden, float* out,
-                     int64_t H, int64_t B, int64_t T, int64_t n, int num_threads) {
-  const ScanArgs p{gx, w_hh, hidden, out, H, B, T, n};
-  const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
-  const int64_t items = H * 2 * tiles;
-  if (items == 0 || T == 0 || n == 0) return;
+void run_items(const ScanArgs& p, int num_threads) {
+  const int64_t tiles = (p.B + kBatchTile - 1) / kBatchTile;
+  const int64_t items = p.H * 2 * tiles;
+  if (items == 0 || p.T == 0 || p.n == 0) return;
 #pragma omp parallel num_threads(std::max(1, num_threads))
   {
     Scratch scratch;
@@ -315,9 +356,29 @@ void bilstm_scan_cpu(const float* gx, const float* w_hh, const int64_t* hidden, 
     for (int64_t it = 0; it < items; ++it) {
       const int64_t tile = it % tiles, hd = it / tiles;  // hd = head * 2 + dir
       const int64_t b0 = tile * kBatchTile;
-      scan_item(p, scratch, hd / 2, hd % 2, b0, std::min(kBatchTile, B - b0));
+      scan_item(p, scratch, hd / 2, hd % 2, b0, std::min(kBatchTile, p.B - b0));
     }
   }
+}
+
+}  // namespace
+
+void bilstm_scan_cpu(const float* gx, const float* w_hh, const int64_t* hidden, float* out,
+                     int64_t H, int64_t B, int64_t T, int64_t n, int num_threads) {
+  ScanArgs p{gx, w_hh, hidden, out, H, B, T, n};
+  run_items(p, num_threads);
+}
+
+void bilstm_fused_scan_cpu(const float* x, const float* w_ih, const float* bias, const float* w_hh,
+                           const int64_t* hidden, float* out, int64_t H, int64_t B, int64_t T, int64_t d, int64_t n,
+                           int64_t x_row_stride, int num_threads) {
+  ScanArgs p{nullptr, w_hh, hidden, out, H, B, T, n};
+  p.x = x;
+  p.w_ih = w_ih;
+  p.bias = bias;
+  p.d = d;
+  p.xs = x_row_stride;
+  run_items(p, num_threads);
 }
 
 }  // namespace far

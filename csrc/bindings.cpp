@@ -60,6 +60,58 @@ at::Tensor scan_cpu(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tens
   return out;
 }
 
+// x [B, T, H*d], w_ih [H, 2, 4n, d], bias [H, 2, 4n], w_hh [H, 2, 4n, n], hidden [2, H]; all fp32 CPU contiguous.
+at::Tensor fused_scan_cpu(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& bias, const at::Tensor& w_hh,
+                          const at::Tensor& hidden, const c10::optional<at::Tensor>& out_opt) {
+  TORCH_CHECK(w_ih.dim() == 4 && w_ih.size(1) == 2 && w_ih.size(2) % 4 == 0,
+              "bilstm_fused_scan: w_ih must be [H, 2, 4n, d], got ", w_ih.sizes());
+  const int64_t H = w_ih.size(0), n = w_ih.size(2) / 4, d = w_ih.size(3);
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == H * d, "bilstm_fused_scan: x must be [B, T, H*d] = [B, T, ", H * d,
+              "], got ", x.sizes());
+  TORCH_CHECK(bias.dim() == 3 && bias.size(0) == H && bias.size(1) == 2 && bias.size(2) == 4 * n,
+              "bilstm_fused_scan: bias must be [H, 2, 4n] = [", H, ", 2, ", 4 * n, "], got ", bias.sizes());
+  TORCH_CHECK(w_hh.dim() == 4 && w_hh.size(0) == H && w_hh.size(1) == 2 && w_hh.size(2) == 4 * n &&
+                  w_hh.size(3) == n,
+              "bilstm_fused_scan: w_hh must be [H, 2, 4n, n] = [", H, ", 2, ", 4 * n, ", ", n, "], got ", w_hh.sizes());
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == 2 && hidden.size(1) == H,
+              "bilstm_fused_scan: hidden_sizes must be [2, H] = [2, ", H, "], got ", hidden.sizes());
+  TORCH_CHECK(hidden.scalar_type() == at::kLong && hidden.device().is_cpu(),
+              "bilstm_fused_scan: hidden_sizes must be an int64 CPU tensor");
+  for (const auto* t : {&x, &w_ih, &bias, &w_hh}) {
+    TORCH_CHECK(t->device().is_cpu(), "bilstm_fused_scan_cpu: tensors must be on the CPU, got ", t->device());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "bilstm_fused_scan_cpu: x, w_ih, bias and w_hh must be float32, got ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(x.is_contiguous() && w_ih.is_contiguous() && bias.is_contiguous() && w_hh.is_contiguous() &&
+                  hidden.is_contiguous(),
+              "bilstm_fused_scan: x, w_ih, bias, w_hh and hidden_sizes must be contiguous");
+  const auto hs = hidden.accessor<int64_t, 2>();
+  for (int64_t dr = 0; dr < 2; ++dr)
+    for (int64_t h = 0; h < H; ++h)
+      TORCH_CHECK(hs[dr][h] >= 0 && hs[dr][h] <= n, "bilstm_fused_scan: hidden_sizes[", dr, ", ", h, "] = ",
+                  hs[dr][h], " is outside [0, ", n, "]");
+  const int64_t B = x.size(0), T = x.size(1);
+  const std::vector<int64_t> shape{H, B, T, 2, n};
+  at::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.sizes() == at::IntArrayRef(shape), "bilstm_fused_scan: out must be ", at::IntArrayRef(shape),
+                ", got ", out.sizes());
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.device().is_cpu() && out.is_contiguous(),
+                "bilstm_fused_scan: out must be a contiguous float32 CPU tensor");
+  } else {
+    out = at::empty(shape, x.options());
+  }
+  const int threads = at::get_num_threads();
+  {
+    pybind11::gil_scoped_release nogil;
+    far::bilstm_fused_scan_cpu(x.data_ptr<float>(), w_ih.data_ptr<float>(), bias.data_ptr<float>(),
+                               w_hh.data_ptr<float>(), hidden.data_ptr<int64_t>(), out.data_ptr<float>(), H, B, T, d,
+                               n, H * d, threads);
+  }
+  return out;
+}
+
 #ifdef FAR_WITH_CUDA
 at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden,
                      const c10::optional<at::Tensor>& out_opt) {
@@ -100,6 +152,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels were compiled in");
   m.def("bilstm_scan_cpu", &scan_cpu, "multi-head BiLSTM scan (CPU, fp32)", pybind11::arg("gx"),
         pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none());
+  m.def("bilstm_fused_scan_cpu", &fused_scan_cpu, "multi-head BiLSTM scan with the input product fused (CPU, fp32)",
+        pybind11::arg("x"), pybind11::arg("w_ih"), pybind11::arg("bias"), pybind11::arg("w_hh"),
+        pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none());
 #ifdef FAR_WITH_CUDA
   m.def("bilstm_scan_cuda", &scan_cuda, "multi-head BiLSTM scan (CUDA)", pybind11::arg("gx"),
         pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none());

@@ -1,6 +1,7 @@
 """far_kernels: the FAR engine's kernel library (public ops, one dispatcher, one folder per op)."""
 from far_kernels.dispatch import BACKENDS, BackendUnavailable, backend_reason, backend_report, requested_backend
 from far_kernels.ops.bilstm_scan import bilstm_scan, bilstm_scan_ref
+from far_kernels.ops.bilstm_fused_scan import bilstm_fused_scan, bilstm_fused_scan_ref
 
 __all__ = [
     "BACKENDS",
@@ -10,4 +11,6 @@ __all__ = [
     "requested_backend",
     "bilstm_scan",
     "bilstm_scan_ref",
+    "bilstm_fused_scan",
+    "bilstm_fused_scan_ref",
 ]

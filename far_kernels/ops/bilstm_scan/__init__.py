@@ -20,25 +20,37 @@ OP = Op(
 )
 
 
-def _as_hidden(hidden_sizes, H: int, n: int) -> torch.Tensor:
+def _as_hidden(hidden_sizes, H: int, n: int, op: str = "bilstm_scan") -> torch.Tensor:
     hs = torch.as_tensor(hidden_sizes)
     if hs.dtype.is_floating_point or hs.dtype == torch.bool or hs.is_complex():
-        raise TypeError(f"bilstm_scan: hidden_sizes must be integers, got {hs.dtype}")
+        raise TypeError(f"{op}: hidden_sizes must be integers, got {hs.dtype}")
     if tuple(hs.shape) != (2, H):
-        raise ValueError(f"bilstm_scan: hidden_sizes must have shape [2, H] = [2, {H}], got {list(hs.shape)}")
+        raise ValueError(f"{op}: hidden_sizes must have shape [2, H] = [2, {H}], got {list(hs.shape)}")
     hs = hs.to(device="cpu", dtype=torch.int64).contiguous()
     if H and (hs.min() < 0 or hs.max() > n):
-        raise ValueError(f"bilstm_scan: hidden_sizes must lie in [0, n] = [0, {n}], got {hs.tolist()}")
+        raise ValueError(f"{op}: hidden_sizes must lie in [0, n] = [0, {n}], got {hs.tolist()}")
     return hs
+
+
+def _check_float_tensors(op: str, named) -> None:
+    """Every (name, t) in `named` is a torch.Tensor of a supported float dtype (clear errors otherwise)."""
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{op}: {name} must be float32/float16/bfloat16/float64, got {t.dtype}")
+
+
+def _check_out(op: str, out, shape, dtype, device) -> None:
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype \
+            or out.device != device or not out.is_contiguous():
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{op}: out must be a contiguous {list(shape)} {dtype} tensor on {device}, got {got}")
 
 
 def check_scan_inputs(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes) -> torch.Tensor:
     """Validate the scan's inputs (clear errors) and return hidden_sizes as an int64 CPU tensor."""
-    for name, t in (("gx", gx), ("w_hh", w_hh)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"bilstm_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"bilstm_scan: {name} must be float32/float16/bfloat16/float64, got {t.dtype}")
+    _check_float_tensors("bilstm_scan", (("gx", gx), ("w_hh", w_hh)))
     if gx.dim() != 5 or gx.shape[3] != 2 or gx.shape[4] % 4 != 0:
         raise ValueError(f"bilstm_scan: gx must be [H, B, T, 2, 4n], got {list(gx.shape)}")
     H, n = gx.shape[0], gx.shape[4] // 4
@@ -79,12 +91,7 @@ def bilstm_scan(
     hs = check_scan_inputs(gx, w_hh, hidden_sizes)
     if out is not None:
         H, B, T, _, G = gx.shape
-        shape = (H, B, T, 2, G // 4)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != gx.dtype \
-                or out.device != gx.device or not out.is_contiguous():
-            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"bilstm_scan: out must be a contiguous {list(shape)} {gx.dtype} tensor on "
-                             f"{gx.device}, got {got}")
+        _check_out("bilstm_scan", out, (H, B, T, 2, G // 4), gx.dtype, gx.device)
     needs_grad = torch.is_grad_enabled() and (gx.requires_grad or w_hh.requires_grad)
     if needs_grad and requested_backend(backend) == "auto":
         if out is not None:

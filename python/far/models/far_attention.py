@@ -269,6 +269,20 @@ class FARAttention(nn.Module):
         gx = torch.baddbmm(bias, a, self.w_ih.view(H, 8 * n, d).transpose(1, 2))  # [H, M, 8n]
         return gx.view(H, B, N, 2, 4 * n)
 
+    def _fused_backend(self, backend: Optional[str], x: torch.Tensor, xh: torch.Tensor) -> Optional[str]:
+        """The backend that runs the fused input product + scan here, or None to keep input_gates +
+        bilstm_scan. Selection is bilstm_scan's (explicit > module attribute > env FAR_BACKEND > auto;
+        an unavailable explicit backend raises there); fused only where that backend has a fused kernel,
+        it is not the torch reference, and no gradient is needed."""
+        if torch.is_grad_enabled() and (xh.requires_grad or any(
+                p.requires_grad for p in (self.w_ih, self.b_ih, self.b_hh, self.w_hh))):
+            return None
+        name = far_kernels.ops.bilstm_scan.OP.resolve(backend, x.device)
+        op = far_kernels.ops.bilstm_fused_scan.OP
+        if name == "torch" or op.impls.get(name) is None or op.reason(name, x.device) is not None:
+            return None
+        return name
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 backend: Optional[str] = None) -> torch.Tensor:
         self._check_input(x, attn_mask, is_causal)
@@ -278,9 +292,14 @@ class FARAttention(nn.Module):
         if n == 0:  # every unit pruned: each head outputs its head_proj bias
             o = self.head_proj_bias.reshape(1, 1, H * d).expand(B, N, H * d).to(x.dtype)
             return self.proj_drop(self.proj(o))
-        gx = self.input_gates(xh)
-        h = far_kernels.bilstm_scan(gx, self.w_hh, self.hidden_sizes,
-                                    backend=backend if backend is not None else self.backend)  # [H, B, N, 2, n]
+        backend = backend if backend is not None else self.backend
+        fused = self._fused_backend(backend, x, xh)
+        if fused is not None:  # input product inside the scan: no gate tensor in memory
+            h = far_kernels.bilstm_fused_scan(xh, self.w_ih, self.b_ih + self.b_hh, self.w_hh, self.hidden_sizes,
+                                              backend=fused)  # [H, B, N, 2, n]
+        else:
+            gx = self.input_gates(xh)
+            h = far_kernels.bilstm_scan(gx, self.w_hh, self.hidden_sizes, backend=backend)  # [H, B, N, 2, n]
         o = torch.baddbmm(self.head_proj_bias.unsqueeze(1), h.view(H, B * N, 2 * n),
                           self.head_proj_weight.transpose(1, 2))  # [H, B*N, d]
         o = o.view(H, B, N, d).permute(1, 2, 0, 3).reshape(B, N, H * d)

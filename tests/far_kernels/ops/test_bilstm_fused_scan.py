@@ -1,0 +1,215 @@
+"""bilstm_fused_scan: every backend against the reference (input gates as FARAttention computes them,
+then bilstm_scan_ref), itself checked against per-head torch.nn.LSTM."""
+import pytest
+import torch
+
+import far_kernels
+from far_kernels import BackendUnavailable, bilstm_fused_scan, bilstm_fused_scan_ref
+from conftest import assert_close_derived, cpu_backends, per_head_lstm, require_backend
+
+# (H, B, T, d, n, hidden sizes [2, H]) with awkward sizes: T = 1, 50, 197; B = 1, 3, 17; pruned 37 and 0
+GRID = [
+    pytest.param(3, 1, 1, 64, 64, [[64, 37, 0], [64, 64, 12]], id="H3-B1-T1-d64-n64-pruned"),
+    pytest.param(3, 3, 50, 64, 64, [[64, 37, 0], [5, 64, 64]], id="H3-B3-T50-d64-n64-pruned"),
+    pytest.param(3, 17, 50, 64, 64, [[64, 64, 64], [64, 64, 64]], id="H3-B17-T50-d64-n64"),
+    pytest.param(6, 2, 197, 64, 64, [[64, 37, 0, 64, 1, 33], [0, 0, 64, 8, 64, 64]], id="H6-B2-T197-d64-n64-pruned"),
+    pytest.param(2, 9, 197, 40, 37, [[37, 37], [37, 20]], id="H2-B9-T197-d40-n37"),
+    pytest.param(1, 3, 50, 16, 16, [[16], [16]], id="H1-B3-T50-d16-n16"),
+    pytest.param(2, 8, 20, 5, 24, [[24, 17], [3, 24]], id="H2-B8-T20-d5-n24"),
+]
+
+
+def make_inputs(H, B, T, d, n, seed, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H * d, generator=g) * scale
+    w_ih = torch.randn(H, 2, 4 * n, d, generator=g) / d ** 0.5
+    bias = torch.randn(H, 2, 4 * n, generator=g) * 0.5
+    w_hh = torch.randn(H, 2, 4 * n, n, generator=g) / n ** 0.5
+    return tuple(t.to(dtype) for t in (x, w_ih, bias, w_hh))
+
+
+def as64(args):
+    return tuple(t.double() for t in args)
+
+
+@pytest.mark.parametrize("H,B,T,d,n,hs", GRID[:4] + GRID[5:6])
+def test_reference_matches_torch_nn_lstm(H, B, T, d, n, hs):
+    """The oracle of the oracle: bilstm_fused_scan_ref == per-head torch.nn.LSTM(bidirectional) in float64."""
+    x, w_ih, bias, w_hh = make_inputs(H, B, T, d, n, seed=1, dtype=torch.float64)
+    out = bilstm_fused_scan_ref(x, w_ih, bias, w_hh, torch.tensor(hs))
+    for h in range(H):
+        params = []
+        for dr in (0, 1):
+            k = hs[dr][h]
+            rows = torch.cat([torch.arange(q * n, q * n + k) for q in range(4)])
+            params.append((w_ih[h, dr][rows], w_hh[h, dr][rows][:, :k], bias[h, dr][rows],
+                           torch.zeros(4 * k, dtype=torch.float64)))
+        y = per_head_lstm(x[..., h * d:(h + 1) * d], params)  # [B, T, k_f + k_b]
+        kf, kb = hs[0][h], hs[1][h]
+        torch.testing.assert_close(out[h, :, :, 0, :kf], y[..., :kf], rtol=0, atol=1e-12)
+        torch.testing.assert_close(out[h, :, :, 1, :kb], y[..., kf:], rtol=0, atol=1e-12)
+        assert (out[h, :, :, 0, kf:] == 0).all() and (out[h, :, :, 1, kb:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("H,B,T,d,n,hs", GRID)
+def test_backend_matches_reference(backend, dtype, H, B, T, d, n, hs):
+    require_backend(backend)
+    args = make_inputs(H, B, T, d, n, seed=hash((H, B, T, d, n)) % 2**31, dtype=dtype)
+    hs_t = torch.tensor(hs)
+    ref64 = bilstm_fused_scan_ref(*as64(args), hs_t)
+    out_pt = bilstm_fused_scan_ref(*args, hs_t)  # the same math by plain PyTorch in dtype
+    out = torch.full((H, B, T, 2, n), float("nan"), dtype=dtype)  # poisoned
+    res = bilstm_fused_scan(*args, hs_t, backend=backend, out=out)
+    assert res.data_ptr() == out.data_ptr() and res.dtype == dtype
+    assert_close_derived(out, ref64, out_pt, f"{backend}/{dtype}")
+    for dr in (0, 1):
+        for h in range(H):
+            assert (out[h, :, :, dr, hs[dr][h]:] == 0).all(), "pruned units must be written as 0"
+    res2 = bilstm_fused_scan(*args, hs_t, backend=backend)  # allocating form agrees bit for bit
+    assert torch.equal(res2, out)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_matches_unfused_scan(backend):
+    """Same answer as input gates + bilstm_scan on the same backend (up to fp32 rounding of the gates)."""
+    require_backend(backend)
+    args = make_inputs(3, 5, 33, 64, 64, seed=11)
+    hs = torch.tensor([[64, 40, 0], [64, 9, 64]])
+    gx = far_kernels.ops.bilstm_fused_scan.naive.input_gates_ref(*args[:3])
+    unfused = far_kernels.bilstm_scan(gx, args[3], hs, backend=backend)
+    torch.testing.assert_close(bilstm_fused_scan(*args, hs, backend=backend), unfused, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_large_inputs_saturate_without_nan(backend):
+    require_backend(backend)
+    x, w_ih, bias, w_hh = make_inputs(2, 3, 20, 8, 16, seed=7)
+    x[0, 3, :5] = 3e30
+    x[1, 4, 9:12] = -3e30
+    hs = torch.full((2, 2), 16)
+    args = (x, w_ih, bias, w_hh * 100)
+    out = bilstm_fused_scan(*args, hs, backend=backend)
+    assert torch.isfinite(out).all() and out.abs().max() <= 1
+    # the gates are summed in another order than the reference's: compare both to float64
+    assert_close_derived(out, bilstm_fused_scan_ref(*as64(args), hs), bilstm_fused_scan_ref(*args, hs), backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nan_input_propagates(backend):
+    require_backend(backend)
+    x, w_ih, bias, w_hh = make_inputs(1, 2, 5, 8, 8, seed=3)
+    x[0, 2, 0] = float("nan")
+    out = bilstm_fused_scan(x, w_ih, bias, w_hh, torch.full((2, 1), 8), backend=backend)
+    assert torch.isnan(out[0, 0, 2:, 0]).any() and torch.isfinite(out[0, 1]).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_non_contiguous_inputs_give_right_answer(backend):
+    require_backend(backend)
+    x, w_ih, bias, w_hh = make_inputs(2, 3, 7, 8, 8, seed=5)
+    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    w_nc = w_ih.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x_nc.is_contiguous() and not w_nc.is_contiguous()
+    hs = torch.tensor([[8, 3], [0, 8]])
+    torch.testing.assert_close(bilstm_fused_scan(x_nc, w_nc, bias, w_hh, hs, backend=backend),
+                               bilstm_fused_scan_ref(x, w_ih, bias, w_hh, hs), rtol=0, atol=2e-6)
+
+
+def test_zero_sizes():
+    for backend in cpu_backends():
+        require_backend(backend)
+        x, w_ih, bias, w_hh = make_inputs(2, 0, 5, 4, 8, seed=1)
+        assert bilstm_fused_scan(x, w_ih, bias, w_hh, torch.full((2, 2), 8), backend=backend).shape == (2, 0, 5, 2, 8)
+        x, w_ih, bias, w_hh = make_inputs(2, 3, 0, 4, 8, seed=1)
+        assert bilstm_fused_scan(x, w_ih, bias, w_hh, torch.full((2, 2), 8), backend=backend).shape == (2, 3, 0, 2, 8)
+
+
+def test_torch_backend_is_differentiable_and_auto_picks_it():
+    args = [t.requires_grad_(True) for t in make_inputs(2, 2, 4, 3, 3, seed=2, dtype=torch.float64)]
+    hs = torch.tensor([[3, 2], [1, 3]])
+    assert torch.autograd.gradcheck(lambda *a: bilstm_fused_scan(*a, hs), tuple(args))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        require_backend("cpp")
+        bilstm_fused_scan(*(t.float() for t in args), hs, backend="cpp")
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda x, wi, b, wh, hs: (x[0], wi, b, wh, hs), ValueError, r"x must be \[B, T, H\*d\]"),
+        (lambda x, wi, b, wh, hs: (x[..., :-1], wi, b, wh, hs), ValueError, r"x must be \[B, T, H\*d\]"),
+        (lambda x, wi, b, wh, hs: (x, wi[0], b, wh, hs), ValueError, r"w_ih must be \[H, 2, 4n, d\]"),
+        (lambda x, wi, b, wh, hs: (x, wi[:, :, :-1], b, wh, hs), ValueError, r"w_ih must be"),
+        (lambda x, wi, b, wh, hs: (x, wi, b[..., :-1], wh, hs), ValueError, r"bias must be \[H, 2, 4n\]"),
+        (lambda x, wi, b, wh, hs: (x, wi, b, wh[..., :-1], hs), ValueError, r"w_hh must be \[H, 2, 4n, n\]"),
+        (lambda x, wi, b, wh, hs: (x, wi, b, wh, [[8, 8]]), ValueError, r"hidden_sizes must have shape \[2, H\]"),
+        (lambda x, wi, b, wh, hs: (x, wi, b, wh, [[8, 9], [0, 1]]), ValueError, r"must lie in \[0, n\]"),
+        (lambda x, wi, b, wh, hs: (x, wi, b, wh, [[8, -1], [0, 1]]), ValueError, r"must lie in \[0, n\]"),
+        (lambda x, wi, b, wh, hs: (x, wi, b, wh, torch.ones(2, 2)), TypeError, r"hidden_sizes must be integers"),
+        (lambda x, wi, b, wh, hs: (x.int(), wi, b, wh, hs), TypeError, r"x must be float"),
+        (lambda x, wi, b, wh, hs: (x, wi, b.numpy(), wh, hs), TypeError, r"bias must be a torch.Tensor"),
+        (lambda x, wi, b, wh, hs: (x, wi, b, wh.to("meta"), hs), ValueError, r"x is on cpu but w_hh is on meta"),
+    ],
+    ids=["rank", "x-width", "w_ih-rank", "gate-width", "bias-shape", "w_hh-shape", "hs-shape", "hs-too-big",
+         "hs-negative", "hs-float", "int-dtype", "numpy", "device"],
+)
+def test_bad_inputs_raise_clear_errors(mutate, exc, match):
+    args = mutate(*make_inputs(2, 3, 4, 4, 8, seed=0), torch.full((2, 2), 8))
+    for backend in cpu_backends():
+        with pytest.raises(exc, match=match):
+            bilstm_fused_scan(*args, backend=backend)
+
+
+def test_bad_out_raises():
+    args = make_inputs(2, 3, 4, 4, 8, seed=0)
+    hs = torch.full((2, 2), 8)
+    for out in (torch.empty(2, 3, 4, 2, 7), torch.empty(2, 3, 4, 2, 8, dtype=torch.float64),
+                torch.empty(2, 3, 4, 8, 2).transpose(-1, -2)):
+        for backend in cpu_backends():
+            with pytest.raises(ValueError, match="out must be"):
+                bilstm_fused_scan(*args, hs, backend=backend, out=out)
+
+
+def test_extension_validates_directly():
+    """The C++ binding's own checks (callers that bypass the Python wrapper get clear errors too)."""
+    require_backend("cpp")
+    from far_kernels._ext import _C
+    x, w_ih, bias, w_hh = make_inputs(2, 3, 4, 4, 8, seed=0)
+    hs = torch.full((2, 2), 8)
+    with pytest.raises(RuntimeError, match="must be float32"):
+        _C.bilstm_fused_scan_cpu(x.double(), w_ih, bias, w_hh, hs)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        _C.bilstm_fused_scan_cpu(x.transpose(0, 1).contiguous().transpose(0, 1), w_ih, bias, w_hh, hs)
+    with pytest.raises(RuntimeError, match=r"x must be \[B, T, H\*d\]"):
+        _C.bilstm_fused_scan_cpu(x[..., :-1], w_ih, bias, w_hh, hs)
+    with pytest.raises(RuntimeError, match="outside"):
+        _C.bilstm_fused_scan_cpu(x, w_ih, bias, w_hh, torch.full((2, 2), 9))
+
+
+def test_dispatch_rules(monkeypatch):
+    args = make_inputs(1, 1, 2, 4, 4, seed=0)
+    hs = torch.full((2, 1), 4)
+    op = far_kernels.ops.bilstm_fused_scan.OP
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        bilstm_fused_scan(*args, hs, backend="fast")
+    monkeypatch.setenv("FAR_BACKEND", "nope")
+    with pytest.raises(ValueError, match="env FAR_BACKEND"):
+        bilstm_fused_scan(*args, hs)
+    monkeypatch.setenv("FAR_BACKEND", "cuda")  # never substituted
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        bilstm_fused_scan(*args, hs)
+    monkeypatch.setenv("FAR_BACKEND", "torch")
+    assert op.resolve(None, "cpu") == "torch"
+    monkeypatch.delenv("FAR_BACKEND")
+    assert op.resolve(None, "cpu") == ("cpp" if far_kernels.backend_reason("cpp") is None else "torch")
+    assert op.resolve("torch", "cpu") == "torch"  # argument beats env
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_unimplemented_backends_are_explained(backend):
+    op = far_kernels.ops.bilstm_fused_scan.OP
+    assert "not implemented" in op.reason(backend, "cuda")
+    with pytest.raises(BackendUnavailable, match="not implemented"):
+        bilstm_fused_scan(*make_inputs(1, 1, 2, 4, 4, seed=0), torch.full((2, 1), 4), backend=backend)
