@@ -93,9 +93,26 @@ class Op:
             raise BackendUnavailable(f"{self.name}: backend '{name}' is unavailable: {why}")
         return name
 
-    def __call__(self, *args, backend: Optional[str] = None, device=None, **kwargs):
-        dev = device if device is not None else args[0].device
-        return self.impls[self.resolve(backend, dev)](*args, **kwargs)
+    def run(self, args: tuple, *, backend: Optional[str], device: torch.device, dtype: torch.dtype,
+            needs_grad: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the op with the shared rules: only `torch` (the reference, impls["torch"]) is
+        differentiable, so auto picks it when a gradient is needed and an explicit other backend
+        raises; the fast backends compute in fp32 (float64 only on torch); `out` is written when given.
+        Non-torch impls are called as impl(*args, out)."""
+        if needs_grad and requested_backend(backend) == "auto":
+            if out is not None:
+                raise ValueError(f"{self.name}: out= cannot be used when a gradient is required")
+            return self.impls["torch"](*args)
+        name = self.resolve(backend, device)
+        if name == "torch":
+            res = self.impls["torch"](*args).to(dtype)
+            return res if out is None else out.copy_(res)
+        if needs_grad:
+            raise RuntimeError(f"{self.name}: the {name} backend is inference-only; run under torch.no_grad() / "
+                               "torch.inference_mode(), or use backend='torch' for training")
+        if dtype == torch.float64:
+            raise TypeError(f"{self.name}: the {name} backend computes in fp32; use backend='torch' for float64")
+        return self.impls[name](*args, out)
 
 
 def backend_report(device: torch.device | str = "cpu") -> dict[str, Optional[str]]:

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from far_kernels.dispatch import Op, requested_backend
+from far_kernels.dispatch import Op
 from far_kernels.ops.bilstm_fused_scan.cpp import bilstm_fused_scan_cpp
 from far_kernels.ops.bilstm_fused_scan.naive import bilstm_fused_scan_ref
 from far_kernels.ops.bilstm_scan import _as_hidden, _check_float_tensors, _check_out
@@ -78,22 +78,8 @@ def bilstm_fused_scan(
     if out is not None:
         _check_out(_NAME, out, (H, B, T, 2, G // 4), x.dtype, x.device)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_ih, bias, w_hh))
-    if needs_grad and requested_backend(backend) == "auto":
-        if out is not None:
-            raise ValueError(f"{_NAME}: out= cannot be used when a gradient is required")
-        return bilstm_fused_scan_ref(x, w_ih, bias, w_hh, hs)  # auto: the only differentiable backend
-    name = OP.resolve(backend, x.device)
-    if name != "torch":
-        if needs_grad:
-            raise RuntimeError(
-                f"{_NAME}: the {name} backend is inference-only; run under torch.no_grad() / "
-                "torch.inference_mode(), or use backend='torch' for training")
-        if x.dtype == torch.float64:
-            raise TypeError(f"{_NAME}: the {name} backend computes in fp32; use backend='torch' for float64")
-    if name == "torch":
-        h = bilstm_fused_scan_ref(x, w_ih, bias, w_hh, hs).to(x.dtype)
-        return h if out is None else out.copy_(h)
-    return OP.impls[name](x, w_ih, bias, w_hh, hs, out)
+    return OP.run((x, w_ih, bias, w_hh, hs), backend=backend, device=x.device, dtype=x.dtype,
+                  needs_grad=needs_grad, out=out)
 
 
 __all__ = ["bilstm_fused_scan", "bilstm_fused_scan_ref", "check_fused_scan_inputs", "OP"]

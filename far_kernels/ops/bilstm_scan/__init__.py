@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from far_kernels.dispatch import Op, requested_backend
+from far_kernels.dispatch import Op
 from far_kernels.ops.bilstm_scan.naive import bilstm_scan_ref
 
 from far_kernels.ops.bilstm_scan.cpp import bilstm_scan_cpp
@@ -93,22 +93,7 @@ def bilstm_scan(
         H, B, T, _, G = gx.shape
         _check_out("bilstm_scan", out, (H, B, T, 2, G // 4), gx.dtype, gx.device)
     needs_grad = torch.is_grad_enabled() and (gx.requires_grad or w_hh.requires_grad)
-    if needs_grad and requested_backend(backend) == "auto":
-        if out is not None:
-            raise ValueError("bilstm_scan: out= cannot be used when a gradient is required")
-        return bilstm_scan_ref(gx, w_hh, hs)  # auto: the only differentiable backend
-    name = OP.resolve(backend, gx.device)
-    if name != "torch":
-        if needs_grad:
-            raise RuntimeError(
-                f"bilstm_scan: the {name} backend is inference-only; run under torch.no_grad() / "
-                "torch.inference_mode(), or use backend='torch' for training")
-        if gx.dtype == torch.float64:
-            raise TypeError(f"bilstm_scan: the {name} backend computes in fp32; use backend='torch' for float64")
-    if name == "torch":
-        h = bilstm_scan_ref(gx, w_hh, hs)
-        return h if out is None else out.copy_(h)
-    return OP.impls[name](gx, w_hh, hs, out)
+    return OP.run((gx, w_hh, hs), backend=backend, device=gx.device, dtype=gx.dtype, needs_grad=needs_grad, out=out)
 
 
 __all__ = ["bilstm_scan", "bilstm_scan_ref", "check_scan_inputs", "OP"]
