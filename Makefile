@@ -7,7 +7,7 @@ STAMP := build/.far-installed
 .PHONY: demo test install deps clean
 
 demo: $(STAMP)
-	far demo
+	$(PY) -m far.cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
