@@ -1,10 +1,5 @@
 """Shared test helpers: independent oracles built from torch.nn.LSTM, and derived tolerances."""
 import os
-import sys
-from pathlib import Path
-
-# tests/far/ would otherwise shadow the `far` package (a namespace dir found before the editable finder)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import pytest
 import torch
