@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import far_kernels
+from far_kernels.ops.bilstm_fused_scan.naive import input_gates_ref
 
 
 def _as_hidden_sizes(hidden_sizes, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -262,12 +263,7 @@ class FARAttention(nn.Module):
     def input_gates(self, xh: torch.Tensor) -> torch.Tensor:
         """xh [B, N, H*d] -> gx [H, B, N, 2, 4n]: all heads' and both directions' W_ih x + b_ih + b_hh
         as one batched (block-diagonal) GEMM."""
-        B, N, _ = xh.shape
-        H, d, n = self.num_heads, self.head_dim, self.width
-        a = xh.reshape(B * N, H, d).transpose(0, 1)  # [H, M, d] (strided view)
-        bias = (self.b_ih + self.b_hh).view(H, 1, 8 * n)
-        gx = torch.baddbmm(bias, a, self.w_ih.view(H, 8 * n, d).transpose(1, 2))  # [H, M, 8n]
-        return gx.view(H, B, N, 2, 4 * n)
+        return input_gates_ref(xh, self.w_ih, self.b_ih + self.b_hh)
 
     def _fused_backend(self, backend: Optional[str], x: torch.Tensor, xh: torch.Tensor) -> Optional[str]:
         """The backend that runs the fused input product + scan here, or None to keep input_gates +
