@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import far
+import far_kernels
 from conftest import assert_close_derived, cpu_backends, far_block_oracle, max_err, require_backend
 
 SHAPES = {"tiny": (192, 3), "small": (384, 6)}  # DeiT-tiny / DeiT-small block: C, H (d = 64)
@@ -164,3 +165,26 @@ def test_training_gradients_and_padding_stay_zero():
     assert (m.w_hh.view(3, 2, 4, 32, 32)[~mask.unsqueeze(2).expand(3, 2, 4, 32)] == 0).all()
     with torch.inference_mode():
         assert max_err(m.eval()(x), far_block_oracle(m, x)) < 1e-5
+
+
+def test_training_path_equals_reference_scan_in_value_and_gradient():
+    """The differentiable native-LSTM path (used when a gradient is needed) gives the same output and
+    the same parameter gradients as pre_proj -> input_gates -> bilstm_scan_ref -> head_proj, in float64."""
+    m = make_block(96, 3, [[32, 17, 0], [5, 32, 32]], seed=11).double().train()
+    x = torch.randn(3, 9, 96, dtype=torch.float64)
+    w = torch.randn(3, 9, 96, dtype=torch.float64)
+    y = m(x)  # grad enabled, auto backend -> _lstm_autograd
+    (y * w).sum().backward()
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    xh = m.pre_proj(x)
+    h = far_kernels.bilstm_scan_ref(m.input_gates(xh), m.w_hh, m.hidden_sizes)  # [H, B, N, 2, n]
+    H, B, N, _, n = h.shape
+    o = torch.baddbmm(m.head_proj_bias.unsqueeze(1), h.reshape(H, B * N, 2 * n), m.head_proj_weight.transpose(1, 2))
+    y_ref = m.proj(o.view(H, B, N, -1).permute(1, 2, 0, 3).reshape(B, N, -1))
+    (y_ref * w).sum().backward()
+    assert max_err(y, y_ref) < 1e-12
+    for k, p in m.named_parameters():
+        assert max_err(grads[k], p.grad) < 1e-10, k
+    mask = m.unit_mask()
+    assert (grads["w_ih"].view(3, 2, 4, 32, 32)[~mask.unsqueeze(2).expand(3, 2, 4, 32)] == 0).all()

@@ -265,6 +265,33 @@ class FARAttention(nn.Module):
         as one batched (block-diagonal) GEMM."""
         return input_gates_ref(xh, self.w_ih, self.b_ih + self.b_hh)
 
+    def _needs_grad(self, xh: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (xh.requires_grad or any(
+            p.requires_grad for p in (self.w_ih, self.b_ih, self.b_hh, self.w_hh,
+                                      self.head_proj_weight, self.head_proj_bias)))
+
+    def _lstm_autograd(self, xh: torch.Tensor) -> torch.Tensor:
+        """Differentiable multi-head BiLSTM + head_proj for training: xh [B, N, H*d] -> [B, N, H*d].
+
+        One torch.lstm(bidirectional=True) call per head on the padded [4n, d] / [4n, n] weights
+        (cuDNN on GPUs, ATen's C++ loop on CPUs: no Python loop over time). Padded units have zero
+        weights and biases, so their h is exactly 0 and every gradient that touches them is exactly 0.
+        Same math as bilstm_scan_ref; used whenever a gradient is needed on the auto/torch backend.
+        """
+        B, N, _ = xh.shape
+        H, d, n = self.num_heads, self.head_dim, self.width
+        h0 = xh.new_zeros(2, B, n)
+        outs = []
+        for head in range(H):
+            params = []
+            for direction in (0, 1):
+                params += [self.w_ih[head, direction], self.w_hh[head, direction],
+                           self.b_ih[head, direction], self.b_hh[head, direction]]
+            x_h = xh[..., head * d:(head + 1) * d]
+            h, _, _ = torch.lstm(x_h, (h0, h0), params, True, 1, 0.0, self.training, True, True)  # [B, N, 2n]
+            outs.append(F.linear(h, self.head_proj_weight[head], self.head_proj_bias[head]))  # [B, N, d]
+        return torch.cat(outs, dim=-1)
+
     def _fused_backend(self, backend: Optional[str], x: torch.Tensor, xh: torch.Tensor) -> Optional[str]:
         """The backend that runs the fused input product + scan here, or None to keep input_gates +
         bilstm_scan. Selection is bilstm_scan's (explicit > module attribute > env FAR_BACKEND > auto;
@@ -289,6 +316,9 @@ class FARAttention(nn.Module):
             o = self.head_proj_bias.reshape(1, 1, H * d).expand(B, N, H * d).to(x.dtype)
             return self.proj_drop(self.proj(o))
         backend = backend if backend is not None else self.backend
+        if self._needs_grad(xh) and far_kernels.requested_backend(backend) in ("auto", "torch"):
+            o = self._lstm_autograd(xh)  # training: native (cuDNN / ATen) LSTM per head
+            return self.proj_drop(self.proj(o))
         fused = self._fused_backend(backend, x, xh)
         if fused is not None:  # input product inside the scan: no gate tensor in memory
             h = far_kernels.bilstm_fused_scan(xh, self.w_ih, self.b_ih + self.b_hh, self.w_hh, self.hidden_sizes,
