@@ -285,21 +285,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _device(name: Optional[str]):
+    """The torch.device for --device NAME (None: cuda if available, else cpu); CLIError if unusable."""
     import torch
 
-    import far
-    from far.data import make_dataset
-
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise CLIError(f"--limit must be >= 1, got {args.limit}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev_name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(dev_name)
     except RuntimeError as e:
@@ -314,6 +304,24 @@ def _eval(args: argparse.Namespace) -> int:
             raise CLIError(f"--device {dev_name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif device.type != "cpu":
         raise CLIError(f"--device must be cpu or cuda[:N], got {dev_name}")
+    return device
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    import far
+    from far.data import make_dataset
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {args.limit}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise CLIError(f"{ckpt}: no such checkpoint")
