@@ -515,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_eval_parser(sub)
     _add_demo_parser(sub)
+    from far.train.cli import add_parsers as _add_train_parsers
+
+    _add_train_parsers(sub, _Formatter)
     return parser
 
 

@@ -93,7 +93,11 @@ class FARAttention(nn.Module):
     # ---- sizes and padding ----
     @property
     def width(self) -> int:
-        """n: the padded number of units per (direction, head) = max of hidden_sizes."""
+        """n: the padded number of units per (direction, head): max of hidden_sizes when built or
+        compacted; larger while a pruning mask shrinks hidden_sizes in place (far.train.prune)."""
+        w_hh = self._parameters.get("w_hh") if "_parameters" in self.__dict__ else None
+        if w_hh is not None:
+            return int(w_hh.shape[-1])
         return int(self.hidden_sizes.max()) if self.hidden_sizes.numel() else 0
 
     def unit_mask(self) -> torch.Tensor:

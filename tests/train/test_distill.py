@@ -1,0 +1,128 @@
+"""Distillation: the hooks capture the right tensors, the cosine loss, one step lowers the loss,
+stage 1 trains only the new modules, and the whole command end to end on a tiny model."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import far
+from far.train.distill import DistillTask, ProjInputs, cosine_token_loss, make_student
+from far.train.engine import TrainConfig
+
+TINY = dict(embed_dim=48, depth=2, num_heads=2)
+
+
+def tiny_teacher(seed=0):
+    torch.manual_seed(seed)
+    return far.create_model("fmnist_deit_tiny", far=False, **TINY).eval()
+
+
+def attention_output_before_proj(attn, x):
+    """timm Attention's output before W_O, recomputed from its own q/k/v weights (no hooks)."""
+    B, N, C = x.shape
+    H = attn.num_heads
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+    return (a @ v).transpose(1, 2).reshape(B, N, C)
+
+
+def test_hooks_capture_teacher_attention_before_wo_and_student_after_head_proj():
+    teacher = tiny_teacher()
+    student = make_student(teacher).eval()
+    x = torch.randn(3, 1, 28, 28)
+    th, sh = ProjInputs(teacher), ProjInputs(student)
+    with torch.no_grad():
+        teacher(x)
+        student(x)
+    t_vals, s_vals = th.take(), sh.take()
+    # recompute each block's input to the token mixer by running the blocks by hand
+    with torch.no_grad():
+        for model, vals, kind in ((teacher, t_vals, "teacher"), (student, s_vals, "student")):
+            h = model._pos_embed(model.patch_embed(x))
+            h = model.norm_pre(h)
+            for blk, v in zip(model.blocks, vals):
+                y = blk.norm1(h)
+                if kind == "teacher":
+                    want = attention_output_before_proj(blk.attn, y)
+                else:  # FAR: everything but the final proj, i.e. the concatenated head_proj outputs
+                    proj = blk.attn.proj
+                    blk.attn.proj = torch.nn.Identity()
+                    want = blk.attn(y)
+                    blk.attn.proj = proj
+                assert v.shape == want.shape
+                torch.testing.assert_close(v, want, atol=1e-5, rtol=1e-5)
+                h = blk(h)
+    th.remove()
+    sh.remove()
+
+
+def test_cosine_token_loss_is_along_tokens_per_channel():
+    s = torch.randn(2, 7, 5, dtype=torch.float64)
+    t = torch.randn(2, 7, 5, dtype=torch.float64)
+    want = 0.0
+    for b in range(2):
+        for c in range(5):
+            want += 1 - float(s[b, :, c] @ t[b, :, c] / (s[b, :, c].norm() * t[b, :, c].norm()))
+    assert abs(float(cosine_token_loss(s, t)) - want / 10) < 1e-6
+    # invariant to a per-(batch, channel) positive scale of the student, not to token shuffles
+    assert abs(float(cosine_token_loss(3.0 * s, s))) < 1e-6
+    assert float(cosine_token_loss(s.flip(1), s)) > 1e-3
+
+
+def test_stage1_trains_only_new_modules_and_one_step_lowers_the_loss():
+    teacher = tiny_teacher()
+    student = make_student(teacher)
+    cfg = TrainConfig(label_smoothing=0.0)
+    task = DistillTask(student, teacher, cfg, stage=1)
+    names = {n for n, _ in task.trainable()}
+    assert names and all(".attn." in n and ".proj." not in n for n in names)
+    assert any(n.endswith("attn.w_hh") for n in names) and any("pre_proj" in n for n in names)
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if n not in names}
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    student.train()
+    opt = torch.optim.SGD([p for _, p in task.trainable()], lr=0.05)
+    before = task.loss(student, x, y)
+    assert set(before) >= {"loss", "ce", "cos", "cos_b0", "cos_b1"}
+    assert abs(float(before["cos"]) - float(before["cos_b0"] + before["cos_b1"])) < 1e-5
+    opt.zero_grad()
+    before["loss"].backward()
+    opt.step()
+    after = task.loss(student, x, y)
+    assert float(after["loss"].detach()) < float(before["loss"].detach())
+    for n, p in student.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
+
+
+def test_stage2_trains_everything():
+    teacher = tiny_teacher()
+    task = DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, cos_weight=0.0)
+    assert len(task.trainable()) == len(list(task.model.parameters()))
+
+
+def test_bad_weights():
+    teacher = tiny_teacher()
+    with pytest.raises(ValueError, match="loss weights"):
+        DistillTask(make_student(teacher), teacher, TrainConfig(), stage=1, ce_weight=0.0, cos_weight=0.0)
+
+
+def test_distill_end_to_end(tmp_path):
+    from far.train.distill import distill
+
+    teacher = tiny_teacher()
+    tpath = tmp_path / "teacher.safetensors"
+    far.save(teacher, tpath)
+    cfg = TrainConfig(epochs=1, batch_size=32, limit=64, eval_limit=64, progress=False,
+                      out_dir=str(tmp_path / "run"), log_every=1)
+    out = tmp_path / "student.safetensors"
+    summary = distill(str(tpath), "fashion-mnist", cfg, stage2_epochs=0.5, output=str(out))
+    assert summary["output"] == str(out) and 0 <= summary["test_accuracy"] <= 1
+    m = far.load(out)
+    assert len(list(far.far_modules(m))) == 2
+    assert m.far_checkpoint["metadata"]["training"]["command"] == "distill"
+    rows = (tmp_path / "run" / "stage1" / "metrics.jsonl").read_text().splitlines()
+    assert any('"cos_b1"' in r for r in rows)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
