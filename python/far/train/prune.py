@@ -122,7 +122,7 @@ def apply_keep_mask(m: FARAttention, keep: torch.Tensor) -> None:
 def compact_(m: FARAttention) -> FARAttention:
     """Shrink the padded width to max(hidden_sizes) in place (parameters are replaced)."""
     state = m.compact_state()
-    n = m.width
+    n = int(m.hidden_sizes.max()) if m.hidden_sizes.numel() else 0
     H, d = m.num_heads, m.head_dim
     dd = {"device": m.w_ih.device, "dtype": m.w_ih.dtype}
     m.w_ih = nn.Parameter(torch.zeros(H, 2, 4 * n, d, **dd))
