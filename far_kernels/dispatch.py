@@ -99,11 +99,12 @@ class Op:
         differentiable, so auto picks it when a gradient is needed and an explicit other backend
         raises; the fast backends compute in fp32 (float64 only on torch); `out` is written when given.
         Non-torch impls are called as impl(*args, out)."""
-        if needs_grad and requested_backend(backend) == "auto":
+        auto = requested_backend(backend) == "auto"
+        if auto and needs_grad:  # auto never picks a backend that would refuse: only torch is differentiable
             if out is not None:
                 raise ValueError(f"{self.name}: out= cannot be used when a gradient is required")
             return self.impls["torch"](*args)
-        name = self.resolve(backend, device)
+        name = "torch" if auto and dtype == torch.float64 else self.resolve(backend, device)  # only torch does fp64
         if name == "torch":
             res = self.impls["torch"](*args).to(dtype)
             return res if out is None else out.copy_(res)

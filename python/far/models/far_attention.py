@@ -304,6 +304,8 @@ class FARAttention(nn.Module):
         if torch.is_grad_enabled() and (xh.requires_grad or any(
                 p.requires_grad for p in (self.w_ih, self.b_ih, self.b_hh, self.w_hh))):
             return None
+        if x.dtype == torch.float64 and far_kernels.requested_backend(backend) == "auto":
+            return None
         name = far_kernels.ops.bilstm_scan.OP.resolve(backend, x.device)
         op = far_kernels.ops.bilstm_fused_scan.OP
         if name == "torch" or op.impls.get(name) is None or op.reason(name, x.device) is not None:
