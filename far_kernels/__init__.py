@@ -2,6 +2,8 @@
 from far_kernels.dispatch import BACKENDS, BackendUnavailable, backend_reason, backend_report, requested_backend
 from far_kernels.ops.bilstm_scan import bilstm_scan, bilstm_scan_ref
 from far_kernels.ops.bilstm_fused_scan import bilstm_fused_scan, bilstm_fused_scan_ref
+from far_kernels.ops.crossbar_matmul import (CrossbarConfig, ProgrammedCrossbar, crossbar_matmul, crossbar_matmul_loop,
+                                            crossbar_matmul_ref, crossbar_partial_sum_absmax, program_crossbar)
 
 __all__ = [
     "BACKENDS",
@@ -13,4 +15,11 @@ __all__ = [
     "bilstm_scan_ref",
     "bilstm_fused_scan",
     "bilstm_fused_scan_ref",
+    "CrossbarConfig",
+    "ProgrammedCrossbar",
+    "program_crossbar",
+    "crossbar_matmul",
+    "crossbar_matmul_ref",
+    "crossbar_matmul_loop",
+    "crossbar_partial_sum_absmax",
 ]

@@ -1,0 +1,100 @@
+"""Bit-sliced ReRAM crossbar emulation GEMM: y ≈ x @ w.T + bias as an IMC accelerator computes it.
+
+Public API:
+    CrossbarConfig                      the emulated hardware (frozen dataclass, validated)
+    program_crossbar(w, cfg)            quantize/slice/program weights once -> ProgrammedCrossbar
+    crossbar_matmul(x, w|prog, cfg, bias, backend=, adc_range=)   the product, any backend
+    crossbar_matmul_ref(...)            the reference (plain PyTorch, the `torch` backend)
+    crossbar_matmul_loop(x, w|prog)     per-element pure-Python version (tiny sizes, tests)
+    crossbar_partial_sum_absmax(x, prog)   calibration statistic: [S] max |partial sum| per weight slice
+    quantize_inputs / quantize_weights  the quantizers (x_q, s_x) / (w_q, s_w)
+
+Calibration (adc_range="calibrated"): run representative inputs through
+`r = crossbar_partial_sum_absmax(x, prog)` and set `prog.adc_range = r` (one range per weight slice)
+or `r.max()` (one per layer); or pass `adc_range=` to crossbar_matmul. A calibrated config without a
+range raises.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from far_kernels.dispatch import Op
+from far_kernels.ops.crossbar_matmul.config import CrossbarConfig
+from far_kernels.ops.crossbar_matmul.naive import (crossbar_matmul_loop, crossbar_matmul_ref,
+                                                   crossbar_partial_sum_absmax, run_ref)
+from far_kernels.ops.crossbar_matmul.program import (ProgrammedCrossbar, prepare_call, program_crossbar,
+                                                     quantize_inputs, quantize_weights)
+
+OP = Op(
+    "crossbar_matmul",
+    {"torch": run_ref, "cpp": None, "cuda": None, "triton": None},
+    missing={
+        "cpp": "crossbar_matmul has no cpp backend: on CPU the vectorized torch reference is the fast path",
+        "cuda": "crossbar_matmul has no cuda backend; use triton (GPU) or torch",
+        "triton": "the Triton crossbar kernel is not available in this build; use torch",
+    },
+)
+
+
+def crossbar_matmul(
+    x: torch.Tensor,
+    w: Union[torch.Tensor, ProgrammedCrossbar],
+    cfg: Optional[CrossbarConfig] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+    adc_range=None,
+) -> torch.Tensor:
+    """Emulate y ≈ x @ w.T + bias on bit-sliced ReRAM crossbars (DESIGN.md, "Crossbar emulation semantics").
+
+    Weights: symmetric quantization to weight_bits (per row or tensor), sliced into S weight slices of
+    cell_bits (differential column pairs or offset encoding). Inputs: symmetric quantization to
+    input_bits (per row or tensor), sign-magnitude, J input slices of dac_bits. For every tile of
+    tile_rows rows, weight slice i and input slice j the analog partial sum p (|p| <= p_max) goes
+    through the ADC (round half to even, clip to ±L; step p_max/L for "max", 1 for "granular", r/L for
+    "calibrated"); the codes are shifted and added digitally and scaled by s_x·s_w; bias is added in
+    fp32. Without noise every backend is bit-identical.
+
+    Args:
+        x: [..., K] float32/float16/bfloat16/float64 (quantization math in fp32).
+        w: [N, K] weight (programmed on the fly, noise drawn from cfg.seed) or a ProgrammedCrossbar
+            (program once with program_crossbar and reuse it; cfg may then change read-side fields
+            such as adc_bits, but not the programming fields).
+        cfg: CrossbarConfig; default the programmed one (or CrossbarConfig() for a raw weight).
+        bias: optional [N].
+        backend: "torch" | "triton" | "auto"; default env FAR_BACKEND, else auto (triton on CUDA,
+            torch on CPU).
+        adc_range: ADC range r (scalar or [S]) for adc_range="calibrated"; default prog.adc_range.
+    Returns:
+        y: [..., N] in x.dtype. Not differentiable (quantization). Rows of x holding NaN/inf give NaN.
+        Read noise is fresh for every call and reproducible: call number c of a programmed crossbar
+        uses a key derived from (cfg.seed, c).
+
+    Example:
+        >>> cfg = CrossbarConfig(adc_bits=6)
+        >>> prog = program_crossbar(torch.randn(384, 768), cfg)
+        >>> y = crossbar_matmul(torch.randn(8, 197, 768), prog)  # [8, 197, 384]
+    """
+    call = prepare_call(x, w, cfg, bias, adc_range, consume_read=False)
+    name = OP.resolve(backend, x.device)
+    if call.cfg.read_noise > 0:
+        call.prog.reads += 1
+    with torch.no_grad():
+        y = OP.impls[name](call)
+    return y.to(x.dtype).reshape(*call.lead, call.prog.N)
+
+
+__all__ = [
+    "CrossbarConfig",
+    "ProgrammedCrossbar",
+    "program_crossbar",
+    "crossbar_matmul",
+    "crossbar_matmul_ref",
+    "crossbar_matmul_loop",
+    "crossbar_partial_sum_absmax",
+    "quantize_inputs",
+    "quantize_weights",
+    "OP",
+]
