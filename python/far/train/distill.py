@@ -164,6 +164,7 @@ def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig
     d = setup_distributed(device)
     try:
         t_model = load_teacher(teacher, d.device)
+        torch.manual_seed(cfg.seed)  # the LSTMs' initialization is part of the run
         student = make_student(t_model.cpu(), hidden_sizes=hidden_sizes)
         t_model.to(d.device)
         train_set, eval_set = datasets(data, student, cfg, val)

@@ -188,11 +188,13 @@ class TrainData:
         if self.fast:
             images, targets = self.dataset._on(dev)
             order = torch.tensor(idx, dtype=torch.int64, device=dev)
-            for s in range(0, len(idx), self.batch_size):
+            for i, s in enumerate(range(0, len(idx), self.batch_size)):
                 b = order[s:s + self.batch_size]
                 x = self.dataset.normalize(images[b])
-                if self.augment is not None:
-                    x = self.augment(x)  # draws from torch's RNG, reseeded per step by the loop
+                if self.augment is not None:  # its own generator, seeded by the global step
+                    step = epoch * self.steps_per_epoch + start_step + i
+                    self.augment.generator = torch.Generator().manual_seed(_step_seed(self.seed, step, self.d.rank) + 1)
+                    x = self.augment(x)
                 yield x, targets[b]
             return
         subset = torch.utils.data.Subset(self.dataset, idx)

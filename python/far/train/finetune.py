@@ -1,6 +1,8 @@
 """`far finetune`: downstream fine-tuning of a checkpoint (the paper's transfer experiments)."""
 from __future__ import annotations
 
+import torch
+
 import os
 from pathlib import Path
 from typing import Optional
@@ -53,6 +55,7 @@ def finetune(checkpoint: str, data: str, cfg: Optional[TrainConfig] = None, outp
         model = far.load(checkpoint)
         is_fmnist = str(data).lower() in ("fashion-mnist", "fashion_mnist", "fmnist")
         k = num_classes if num_classes is not None else (10 if is_fmnist else _folder_classes(data))
+        torch.manual_seed(cfg.seed)  # a new classifier's initialization is part of the run
         new_head = retarget_classes(model, k)
         for p in model.parameters():
             p.requires_grad_(True)

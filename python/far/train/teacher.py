@@ -1,6 +1,8 @@
 """`far train-teacher`: train a DeiT-style timm ViT (the attention teacher) from scratch."""
 from __future__ import annotations
 
+import torch
+
 from typing import Optional
 
 from far.train.common import datasets, finish, run_metadata
@@ -22,6 +24,7 @@ def train_teacher(model_name: str = "fmnist_deit_tiny", data: str = "fashion-mni
     d = setup_distributed(device)
     try:
         kw = {} if num_classes is None else {"num_classes": num_classes}
+        torch.manual_seed(cfg.seed)  # the initialization is part of the run
         try:
             model = far.create_model(model_name, far=False, drop_path_rate=drop_path, **kw)
         except (ValueError, RuntimeError) as e:
