@@ -113,12 +113,15 @@ at::Tensor fused_scan_cpu(const at::Tensor& x, const at::Tensor& w_ih, const at:
 }
 
 #ifdef FAR_WITH_CUDA
+// path: 0 auto, 1 fma, 2 mma (far::ScanPath); fast_tanh: tanh.approx activations.
 at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden,
-                     const c10::optional<at::Tensor>& out_opt) {
+                     const c10::optional<at::Tensor>& out_opt, int64_t path, bool fast_tanh) {
   const int64_t n = check_scan(gx, w_hh, hidden);
   TORCH_CHECK(gx.is_cuda() && w_hh.is_cuda() && gx.device() == w_hh.device(),
               "bilstm_scan_cuda: gx and w_hh must be on the same CUDA device");
   TORCH_CHECK(w_hh.scalar_type() == at::kFloat, "bilstm_scan_cuda: w_hh must be float32");
+  TORCH_CHECK(path >= 0 && path <= 2, "bilstm_scan_cuda: path must be 0 (auto), 1 (fma) or 2 (mma), got ", path);
+  TORCH_CHECK(gx.size(0) <= far::kMaxHeads, "bilstm_scan_cuda: at most ", far::kMaxHeads, " heads, got ", gx.size(0));
   int code;
   switch (gx.scalar_type()) {
     case at::kFloat: code = far::kF32; break;
@@ -127,11 +130,11 @@ at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
     default: TORCH_CHECK(false, "bilstm_scan_cuda: gx must be float32, float16 or bfloat16, got ", gx.scalar_type());
   }
   const c10::cuda::CUDAGuard guard(gx.device());
-  auto hid = hidden.to(gx.device());
   auto out = make_out(gx, n, out_opt);
-  const char* err = far::bilstm_scan_cuda(code, gx.data_ptr(), w_hh.data_ptr<float>(), hid.data_ptr<int64_t>(),
+  // hidden stays on the host: the launcher passes it to the kernel by value (no copy, no sync)
+  const char* err = far::bilstm_scan_cuda(code, gx.data_ptr(), w_hh.data_ptr<float>(), hidden.data_ptr<int64_t>(),
                                           out.data_ptr(), gx.size(0), gx.size(1), gx.size(2), n,
-                                          c10::cuda::getCurrentCUDAStream().stream());
+                                          static_cast<int>(path), fast_tanh, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "bilstm_scan_cuda: ", err ? err : "");
   return out;
 }
@@ -157,6 +160,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none());
 #ifdef FAR_WITH_CUDA
   m.def("bilstm_scan_cuda", &scan_cuda, "multi-head BiLSTM scan (CUDA)", pybind11::arg("gx"),
-        pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none());
+        pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none(),
+        pybind11::arg("path") = 0, pybind11::arg("fast_tanh") = false);
 #endif
 }

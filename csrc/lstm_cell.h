@@ -72,4 +72,16 @@ FAR_HD V lstm_cell(V gi, V gf, V gg, V go, V& c) {
   return sigmoid_f32(go) * tanh_f32(c);
 }
 
+// The same update with every activation from one tanh: sigmoid(x) = 0.5 tanh(x/2) + 0.5, so a kernel
+// with a cheap hardware tanh (CUDA's tanh.approx) spends one transcendental per gate. `th` must
+// saturate to +-1 for huge |x| (no inf/inf), which keeps c and h finite.
+template <class V, class Tanh>
+FAR_HD V lstm_cell_via_tanh(V gi, V gf, V gg, V go, V& c, Tanh th) {
+  const V i = th(gi * 0.5f) * 0.5f + 0.5f;
+  const V f = th(gf * 0.5f) * 0.5f + 0.5f;
+  const V o = th(go * 0.5f) * 0.5f + 0.5f;
+  c = f * c + i * th(gg);
+  return o * th(c);
+}
+
 }  // namespace far

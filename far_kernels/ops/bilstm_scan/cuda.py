@@ -1,11 +1,40 @@
-"""cuda backend of bilstm_scan: far_kernels._C.bilstm_scan_cuda (fp32 state, fp32/fp16/bf16 gates)."""
+"""cuda backend of bilstm_scan: far_kernels._C.bilstm_scan_cuda, one persistent launch for every
+(direction, head, batch tile); fp32 state; fp32/fp16/bf16 gates (csrc/cuda/bilstm_cuda.cu).
+
+Two switches (environment, read per call) pick the kernel variant; the defaults are the tested ones:
+  FAR_CUDA_SCAN_PATH = auto | fma | mma
+      auto: tensor cores (mma.sync, h and W_hh rounded to the input dtype, fp32 accumulate) for
+      fp16/bf16 when B >= 16, else fp32 FMA (exact fp32 math); fp32 inputs always use fma.
+  FAR_CUDA_FAST_TANH = 0 | 1
+      1: tanh.approx.f32 activations (one MUFU op each, relative error ~2^-11) instead of the
+      ex2/rcp form (~1e-7). Faster at large batch, less accurate: off by default.
+"""
+import os
 from typing import Optional
 
 import torch
 
 from far_kernels._ext import _C
 
+PATHS = {"auto": 0, "fma": 1, "mma": 2}
+
+
+def scan_path() -> int:
+    name = os.environ.get("FAR_CUDA_SCAN_PATH", "auto").strip().lower()
+    if name not in PATHS:
+        raise ValueError(f"env FAR_CUDA_SCAN_PATH='{name}': choose one of {', '.join(PATHS)}")
+    return PATHS[name]
+
+
+def fast_tanh() -> bool:
+    v = os.environ.get("FAR_CUDA_FAST_TANH", "0").strip().lower()
+    if v not in ("0", "1", "false", "true", ""):
+        raise ValueError(f"env FAR_CUDA_FAST_TANH='{v}': use 0 or 1")
+    return v in ("1", "true")
+
 
 def bilstm_scan_cuda(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Tensor,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _C.bilstm_scan_cuda(gx.contiguous(), w_hh.float().contiguous(), hidden_sizes, out)
+    # gx [H, B, T, 2, 4n], w_hh [H, 2, 4n, n] (fp32 in the kernel), hidden_sizes [2, H] int64 CPU
+    return _C.bilstm_scan_cuda(gx.contiguous(), w_hh.float().contiguous(), hidden_sizes, out,
+                               scan_path(), fast_tanh())
