@@ -32,6 +32,15 @@ python bench/bench_bilstm.py "${bench_args[@]}" --out "$work/bilstm.json" >"$wor
 bench_rc=$?
 tail -n 40 "$work/bench.log" >&2
 
+echo "== cuda scan variants (fma/mma, tanh modes)" >&2
+cuda_args=()
+[ "${QUICK:-0}" = 1 ] && cuda_args=(--quick)
+if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  timeout 240 python bench/bench_cuda_scan.py "${cuda_args[@]}" --out "$work/cuda_scan.json" >"$work/cuda_scan.log" 2>&1
+  cuda_bench_rc=$?
+else echo "no CUDA device: bench_cuda_scan skipped" >"$work/cuda_scan.log"; cuda_bench_rc=0; fi
+tail -n 30 "$work/cuda_scan.log" >&2
+
 python - "$work" "$stamp" "$build_rc" "$build_s" "$tests_rc" "$bench_rc" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -66,9 +75,13 @@ dev = (env.get("cuda") or {}).get("device", "nodevice").replace(" ", "_")
 result = {"suite": "gpu_suite", "stamp": stamp, "environment": env,
           "build": {"rc": int(build_rc), "seconds": int(build_s), "log_tail": (work / "build.log").read_text()[-2000:]},
           "cuda_tests": tests, "bench_bilstm": bench}
+try:
+    result["bench_cuda_scan"] = json.loads((work / "cuda_scan.json").read_text())
+except Exception as e:
+    result["bench_cuda_scan"] = {"error": f"no JSON: {e}", "log_tail": (work / "cuda_scan.log").read_text()[-3000:]}
 path = write_json(Path("bench/results") / f"gpu_suite-{dev}-{stamp}.json", result)
 print(path)
 PY
 res=$(ls -t bench/results/gpu_suite-*.json 2>/dev/null | head -1)
 if [ -n "${OUT:-}" ] && [ -n "$res" ]; then cp "$res" "$OUT/"; cp "$work"/*.log "$OUT/" 2>/dev/null; cp "$work"/*.png "$OUT/" 2>/dev/null; fi
-echo "gpu_suite: build rc=$build_rc tests rc=$tests_rc bench rc=$bench_rc -> $res" >&2
+echo "gpu_suite: build rc=$build_rc tests rc=$tests_rc bench rc=$bench_rc cuda_scan rc=$cuda_bench_rc -> $res" >&2
