@@ -20,20 +20,28 @@ from typing import Optional, Union
 
 import torch
 
-from far_kernels.dispatch import Op
+from far_kernels.dispatch import Op, requested_backend
 from far_kernels.ops.crossbar_matmul.config import CrossbarConfig
 from far_kernels.ops.crossbar_matmul.naive import (crossbar_matmul_loop, crossbar_matmul_ref,
                                                    crossbar_partial_sum_absmax, run_ref)
 from far_kernels.ops.crossbar_matmul.program import (ProgrammedCrossbar, prepare_call, program_crossbar,
-                                                     quantize_inputs, quantize_weights)
+                                                     quantize_inputs, quantize_weights, triton_unsupported)
+
+
+def crossbar_matmul_triton(call, out=None):
+    """triton backend; Triton is imported on first use (far_kernels imports without it, and the kernel
+    is built for the mode TRITON_INTERPRET selects at that moment)."""
+    from far_kernels.ops.crossbar_matmul.triton import crossbar_matmul_triton as impl
+
+    return impl(call, out)
+
 
 OP = Op(
     "crossbar_matmul",
-    {"torch": run_ref, "cpp": None, "cuda": None, "triton": None},
+    {"torch": run_ref, "cpp": None, "cuda": None, "triton": crossbar_matmul_triton},
     missing={
         "cpp": "crossbar_matmul has no cpp backend: on CPU the vectorized torch reference is the fast path",
         "cuda": "crossbar_matmul has no cuda backend; use triton (GPU) or torch",
-        "triton": "the Triton crossbar kernel is not available in this build; use torch",
     },
 )
 
@@ -79,6 +87,10 @@ def crossbar_matmul(
     """
     call = prepare_call(x, w, cfg, bias, adc_range, consume_read=False)
     name = OP.resolve(backend, x.device)
+    if name == "triton" and triton_unsupported(call) is not None:
+        if requested_backend(backend) != "auto":
+            raise ValueError(f"crossbar_matmul: the triton backend cannot run this call: {triton_unsupported(call)}")
+        name = "torch"  # auto: the reference handles every config
     if call.cfg.read_noise > 0:
         call.prog.reads += 1
     with torch.no_grad():

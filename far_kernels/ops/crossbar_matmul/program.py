@@ -14,6 +14,7 @@ from far_kernels.ops.crossbar_matmul.config import PROGRAM_FIELDS, CrossbarConfi
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK64 = (1 << 64) - 1
+INT32 = 2 ** 31
 
 
 # ---- quantization (fp32 math; round = half to even) ----
@@ -280,3 +281,26 @@ def prepare_call(x, w, cfg=None, bias=None, adc_range=None, op: str = "crossbar_
 
 def as_programmed(w: Union[torch.Tensor, ProgrammedCrossbar], cfg: Optional[CrossbarConfig]) -> ProgrammedCrossbar:
     return w if isinstance(w, ProgrammedCrossbar) else program_crossbar(w, cfg)
+
+
+# ---- limits of the Triton kernel (pure Python, so the dispatcher can ask without importing triton) ----
+def acc_bound(call: CrossbarCall) -> int:
+    """An upper bound of |int32 accumulator| for this call (Python ints)."""
+    cfg = call.cfg
+    K = call.prog.K
+    T = -(-K // cfg.tile_rows)
+    c_max = {"none": cfg.p_max, "granular": min(cfg.adc_levels or 0, cfg.p_max)}.get(call.adc.mode, cfg.adc_levels or 0)
+    gi = sum(1 << (i * cfg.cell_bits) for i in range(cfg.n_weight_slices))
+    gj = sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices))
+    off = cfg.offset * K * cfg.x_qmax
+    return T * c_max * gi * gj + off
+
+
+def triton_unsupported(call: CrossbarCall) -> Optional[str]:
+    """None if the Triton kernel can run this call, else why not (the torch backend always can)."""
+    if not (call.adc.mode == "none" and call.float_path) and acc_bound(call) >= INT32:
+        return ("its int32 accumulators could overflow for this config and K (bound "
+                f"{acc_bound(call)} >= 2^31); use backend='torch'")
+    if call.cfg.read_noise > 0 and call.x2d.shape[0] * call.prog.N >= INT32:
+        return "read noise needs M * N < 2^31 (counter-based RNG offsets); use backend='torch' or split x"
+    return None

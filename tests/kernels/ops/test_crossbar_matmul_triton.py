@@ -1,0 +1,215 @@
+"""crossbar_matmul, triton backend: bit-identical to the reference without noise, on CPU under the
+Triton interpreter (small shapes: the interpreter is slow) and, cuda-marked, compiled on a GPU at
+realistic sizes; noise statistics and seeds.
+
+Without a CUDA device this module sets TRITON_INTERPRET=1 before triton is imported (far_kernels
+imports triton only when the triton backend is first used).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from far_kernels import CrossbarConfig, crossbar_matmul, crossbar_partial_sum_absmax, program_crossbar  # noqa: E402
+from far_kernels.ops.crossbar_matmul import OP, quantize_inputs, quantize_weights  # noqa: E402
+from far_kernels.ops.crossbar_matmul.program import prepare_call  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET or OP.reason("triton", "cpu") is not None,
+                                       reason="interpreted tests need TRITON_INTERPRET=1 (set when no CUDA device)")
+
+
+def make_xw(M, K, N, seed, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.exp(torch.randn(M, 1, generator=g))
+    x[torch.rand(M, K, generator=g) < 0.02] *= 8
+    w = torch.randn(N, K, generator=g) / K ** 0.5 * torch.exp(0.5 * torch.randn(N, 1, generator=g))
+    return x.to(device, dtype), w.to(device)
+
+
+def program_for(cfg, x, w, per_slice=True):
+    prog = program_crossbar(w, cfg)
+    if cfg.adc_range == "calibrated":
+        r = torch.clamp(crossbar_partial_sum_absmax(x, prog) * 0.5, min=1.0)
+        prog.adc_range = r if per_slice else r.max()
+    return prog
+
+
+def triton_poisoned(x, prog, bias=None):
+    """The triton backend writing into a NaN-poisoned output (every element must be written)."""
+    call = prepare_call(x, prog, None, bias, None)
+    out = torch.full((call.x2d.shape[0], prog.N), float("nan"), device=x.device)
+    from far_kernels.ops.crossbar_matmul.triton import crossbar_matmul_triton
+    with torch.no_grad():
+        return crossbar_matmul_triton(call, out).to(x.dtype).reshape(*call.lead, prog.N)
+
+
+# Interpreted grid: every axis of the brief with few slices and tiles (cost ~ tiles x S x J per program).
+GRID = [
+    pytest.param(dict(), 5, 37, 6, id="isaac-defaults"),
+    pytest.param(dict(weight_bits=5, input_bits=4, tile_rows=16), 5, 37, 6, id="w5-i4-c2-d1-a8-max-t16"),
+    pytest.param(dict(weight_bits=4, input_bits=3, cell_bits=1, adc_bits=4, tile_rows=16), 3, 37, 5, id="c1-a4-max"),
+    pytest.param(dict(weight_bits=7, input_bits=5, cell_bits=3, dac_bits=2, adc_bits=6, adc_range="granular",
+                      tile_rows=24), 4, 37, 7, id="c3-d2-a6-granular"),
+    pytest.param(dict(input_bits=5, cell_bits=4, dac_bits=2, adc_bits=10, encoding="offset", weight_scale="tensor",
+                      input_scale="tensor", tile_rows=20), 5, 37, 6, id="c4-d2-a10-offset-tensor"),
+    pytest.param(dict(weight_bits=5, input_bits=4, adc_bits=None, input_scale="tensor", tile_rows=20), 5, 37, 6,
+                 id="noadc-row-tensor"),
+    pytest.param(dict(weight_bits=5, input_bits=5, dac_bits=2, adc_bits=5, adc_range="calibrated", tile_rows=16),
+                 5, 37, 6, id="a5-calibrated-per-slice"),
+    pytest.param(dict(weight_bits=4, input_bits=3, cell_bits=1, adc_bits=7, adc_range="calibrated",
+                      encoding="offset", tile_rows=32), 5, 37, 6, id="a7-calibrated-layer-offset"),
+    pytest.param(dict(weight_bits=5, input_bits=3, adc_bits=9, tile_rows=130), 3, 150, 5, id="t130-two-chunks"),
+    pytest.param(dict(weight_bits=3, input_bits=3, adc_bits=6, adc_range="granular", encoding="offset", tile_rows=64),
+                 70, 37, 70, id="M70-N70-four-programs"),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kw,M,K,N", GRID)
+def test_triton_bit_identical_to_reference(kw, M, K, N):
+    cfg = CrossbarConfig(**kw)
+    x, w = make_xw(M, K, N, seed=M * K + N)
+    b = torch.randn(N)
+    prog = program_for(cfg, x, w, per_slice="layer" not in str(kw))
+    ref = crossbar_matmul(x, prog, bias=b, backend="torch")
+    out = triton_poisoned(x, prog, b)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, ref), f"max diff {(out - ref).abs().max().item():.3g}"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_triton_input_dtypes_and_leading_shape(dtype):
+    cfg = CrossbarConfig(weight_bits=5, input_bits=4, tile_rows=32, adc_bits=6)
+    x, w = make_xw(6, 40, 5, seed=1, dtype=dtype)
+    prog = program_crossbar(w, cfg)
+    x3 = x.reshape(2, 3, 40)
+    y = crossbar_matmul(x3, prog, backend="triton")
+    assert y.dtype == dtype and y.shape == (2, 3, 5)
+    assert torch.equal(y, crossbar_matmul(x3, prog, backend="torch"))
+
+
+@needs_interpreter
+def test_triton_nan_and_zero_rows():
+    cfg = CrossbarConfig(weight_bits=5, input_bits=4, encoding="offset", adc_bits=5, tile_rows=32)
+    x, w = make_xw(4, 40, 5, seed=2)
+    x[1] = 0
+    x[2, 3] = float("nan")
+    x[3, 4] = float("inf")
+    w[0] = 0
+    prog = program_crossbar(w, cfg)
+    y, ref = crossbar_matmul(x, prog, backend="triton"), crossbar_matmul(x, prog, backend="torch")
+    assert torch.equal(y[[0, 1]], ref[[0, 1]]) and torch.equal(y[1], torch.zeros(5))
+    assert torch.isnan(y[2]).all() and torch.isnan(ref[2]).all() and torch.isnan(ref[3]).all() and torch.isnan(y[3]).all()
+
+
+@needs_interpreter
+def test_triton_programming_noise_matches_reference():
+    """Float (noisy) levels: the dot's summation order differs, so only float rounding may differ."""
+    x, w = make_xw(6, 40, 5, seed=3)
+    cfg = CrossbarConfig(weight_bits=5, input_bits=4, adc_bits=None, prog_noise=0.05, stuck_at=(0.02, 0.02), tile_rows=20)
+    prog = program_crossbar(w, cfg)
+    y, ref = crossbar_matmul(x, prog, backend="triton"), crossbar_matmul(x, prog, backend="torch")
+    scale = ref.abs().max().item()
+    assert (y - ref).abs().max().item() <= 1e-5 * scale
+    # through an ADC, a code may flip only where p sits on a rounding boundary: nearly all equal
+    prog_adc = program_crossbar(w, cfg.replace(adc_bits=6))
+    y, ref = crossbar_matmul(x, prog_adc, backend="triton"), crossbar_matmul(x, prog_adc, backend="torch")
+    assert (y == ref).float().mean().item() >= 0.9
+
+
+def _read_noise_check(device):
+    cfg = CrossbarConfig(weight_bits=3, input_bits=3, adc_bits=None, read_noise=0.01, tile_rows=16, seed=4)
+    M, K, N = (64, 37, 48) if device == "cpu" else (512, 300, 256)
+    x, w = make_xw(M, K, N, seed=5, device=device)
+    prog = program_crossbar(w, cfg.replace(read_noise=0.0))
+    clean = crossbar_matmul(x, prog, cfg.replace(read_noise=0.0), backend="triton")
+    noisy = crossbar_matmul(x, program_crossbar(w, cfg), backend="triton")
+    _, s_x = quantize_inputs(x, cfg)
+    _, s_w = quantize_weights(w, cfg)
+    T = -(-K // cfg.tile_rows)
+    gain = sum(4 ** (i * cfg.cell_bits) for i in range(cfg.n_weight_slices)) * \
+        sum(4 ** (j * cfg.dac_bits) for j in range(cfg.n_input_slices))
+    sigma = cfg.read_noise * cfg.p_max * math.sqrt(T * gain)
+    e = ((noisy - clean) / (s_x[:, None] * s_w[None, :])).double().flatten()
+    n = e.numel()
+    assert abs(e.std().item() - sigma) <= 6 * sigma / math.sqrt(2 * n), (e.std().item(), sigma)
+    assert abs(e.mean().item()) <= 6 * sigma / math.sqrt(n)
+    # neighbouring outputs get independent noise (a broken counter would correlate them)
+    corr = torch.corrcoef(torch.stack((e[:-1], e[1:])))[0, 1].item()
+    assert abs(corr) <= 6 / math.sqrt(n)
+
+
+@needs_interpreter
+def test_triton_read_noise_statistics():
+    _read_noise_check("cpu")
+
+
+@needs_interpreter
+def test_triton_seeds():
+    cfg = CrossbarConfig(weight_bits=3, input_bits=2, adc_bits=6, read_noise=0.02, tile_rows=64, seed=7)
+    x, w = make_xw(8, 40, 8, seed=6)
+    a, b, c = program_crossbar(w, cfg), program_crossbar(w, cfg), program_crossbar(w, cfg.replace(seed=8))
+    ya1, ya2 = crossbar_matmul(x, a, backend="triton"), crossbar_matmul(x, a, backend="triton")
+    yb1 = crossbar_matmul(x, b, backend="triton")
+    yc1 = crossbar_matmul(x, c, backend="triton")
+    assert torch.equal(ya1, yb1)
+    assert not torch.equal(ya1, ya2) and not torch.equal(ya1, yc1)
+
+
+def test_triton_refuses_configs_that_overflow_int32():
+    cfg = CrossbarConfig(weight_bits=16, input_bits=16, cell_bits=1, dac_bits=1, adc_bits=None)
+    x, w = make_xw(2, 40, 3, seed=8)
+    with pytest.raises(ValueError, match="overflow"):
+        crossbar_matmul(x, w, cfg, backend="triton")
+    assert crossbar_matmul(x, w, cfg).shape == (2, 3)  # auto picks a backend that can
+
+
+# ---- compiled on a GPU (cuda-marked; the GPU suite runs them) ----
+CUDA_GRID = [
+    pytest.param(dict(), 4096, 768, 768, id="isaac-M4096-K768-N768"),
+    pytest.param(dict(adc_bits=6, encoding="offset", weight_scale="tensor", input_scale="tensor"), 1576, 384, 1152,
+                 id="deit-qkv-a6-offset-tensor"),
+    pytest.param(dict(cell_bits=1, dac_bits=2, adc_bits=10, adc_range="granular"), 1576, 1536, 384, id="deit-fc2-granular"),
+    pytest.param(dict(cell_bits=4, adc_bits=5, adc_range="calibrated", tile_rows=256), 1000, 1000, 300,
+                 id="t256-calibrated"),
+    pytest.param(dict(adc_bits=None, input_bits=6, cell_bits=3, tile_rows=100), 333, 777, 129, id="noadc-t100"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("kw,M,K,N", CUDA_GRID)
+def test_triton_cuda_bit_identical(kw, M, K, N):
+    cfg = CrossbarConfig(**kw)
+    x, w = make_xw(M, K, N, seed=M + N, device="cuda")
+    b = torch.randn(N, device="cuda")
+    prog = program_for(cfg, x, w)
+    ref = crossbar_matmul(x, prog, bias=b, backend="torch")
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        out = triton_poisoned(xd, prog, b)
+        r = ref if dtype == torch.float32 else crossbar_matmul(xd, prog, bias=b, backend="torch")
+        assert torch.equal(out, r), f"{dtype}: max diff {(out.float() - r.float()).abs().max().item():.3g}"
+    # cpu reference on the same programmed cells agrees too (the cells are drawn on the CPU)
+    if M * N <= 1 << 20:
+        cpu = crossbar_matmul(x.cpu(), prog.to("cpu"), bias=b.cpu(), backend="torch")
+        assert torch.equal(cpu, ref.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+def test_triton_cuda_noise():
+    _read_noise_check("cuda")
+    x, w = make_xw(512, 768, 384, seed=9, device="cuda")
+    cfg = CrossbarConfig(adc_bits=None, prog_noise=0.03)
+    prog = program_crossbar(w, cfg)
+    y, ref = crossbar_matmul(x, prog, backend="triton"), crossbar_matmul(x, prog, backend="torch")
+    assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
