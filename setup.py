@@ -78,6 +78,7 @@ setup(
     package_dir={"far": "python/far", "far_kernels": "far_kernels"},
     packages=["far_kernels"] + ["far_kernels." + p for p in find_packages("far_kernels")]
     + ["far"] + ["far." + p for p in find_packages("python/far")],
+    package_data={"far": ["zoo/*.safetensors"]},  # the bundled model zoo (loaded offline)
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "safetensors", "timm>=1.0", "tqdm"],

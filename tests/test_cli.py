@@ -219,15 +219,22 @@ def test_console_script():
     assert r.returncode == 0 and r.stdout.startswith("far "), r.stderr
 
 
-def test_demo_runs_on_real_images(tmp_path, capsys):
-    from far.cli import main
-
-    rc = main(["demo", "--num-images", "64", "--batch-size", "32", "--threads", "1", "--out-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert rc == 0 and "FAR" in out and "torch" in out
+def test_demo_runs_on_the_zoo(tmp_path, capsys):
     import json
 
+    from far.cli import main
+
+    rc = main(["demo", "--num-images", "300", "--bench-images", "64", "--batch-size", "32", "--threads", "1",
+               "--out-dir", str(tmp_path), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for name in ("teacher (attention)", "FAR pruned", "torch", "cpp"):
+        assert name in out
     res = json.loads((tmp_path / "demo.json").read_text())
+    assert {r["name"] for r in res["rows"]} == {"fmnist_deit_tiny", "fmnist_far_tiny", "fmnist_far_tiny_pruned"}
     ok = [r for r in res["rows"] if r.get("backend") not in (None, "-") and "images_per_s" in r]
     assert ok and all(r["max_abs_diff_vs_torch"] < 1e-4 for r in ok)
-    assert (tmp_path / "demo.png").exists()
+    assert all(0 <= r["top1"] <= 1 and r["num_images"] == 300 for r in res["rows"])
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert main(["demo", "--num-images", "0"]) == 2
+    assert "--num-images must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""The bundled zoo: every checkpoint loads offline (far.load and far.create_model(pretrained=True)),
+carries a timm-style pretrained_cfg, and the pruned model is physically smaller."""
+import pytest
+import timm
+import torch
+
+import far
+from far.models.zoo import ZOO, available, zoo_path
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_checkpoint_loads_offline(name):
+    path = zoo_path(name)
+    m = far.load(path)
+    cfg = m.pretrained_cfg
+    assert tuple(cfg["input_size"]) == (1, 28, 28) and cfg["num_classes"] == 10
+    assert len(cfg["mean"]) == 1 and len(cfg["std"]) == 1
+    assert (ZOO[name]["kind"] == "far") == any(True for _ in far.far_modules(m))
+    meta = m.far_checkpoint["metadata"]["training"]
+    assert meta["command"] in ("train-teacher", "distill", "prune") and meta["test_accuracy"] > 0.8
+    m2 = far.create_model(name, pretrained=True)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(m(x), m2(x))
+
+
+def test_zoo_teacher_through_timm_and_far_conversion():
+    t = timm.create_model("fmnist_deit_tiny", pretrained=True)
+    ref = far.load(zoo_path("fmnist_deit_tiny"))
+    for (k, a), (_, b) in zip(t.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), k
+    t5 = timm.create_model("fmnist_deit_tiny", pretrained=True, num_classes=5)  # new head, same backbone
+    assert t5.head.weight.shape[0] == 5 and torch.equal(t5.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+    converted = far.create_model("fmnist_deit_tiny", pretrained=True, far=True)
+    assert len(list(far.far_modules(converted))) == 4
+    assert not any(True for _ in far.far_modules(far.create_model("fmnist_deit_tiny", pretrained=True)))
+
+
+def test_pruned_zoo_model_is_smaller_and_architectures_build_untrained():
+    full = far.create_model("fmnist_far_tiny", pretrained=True)
+    pruned = far.create_model("fmnist_far_tiny_pruned", pretrained=True)
+    lstm = lambda m: sum(x.num_lstm_params() for _, x in far.far_modules(m))  # noqa: E731
+    assert lstm(pruned) <= 0.7 * lstm(full)
+    assert zoo_path("fmnist_far_tiny_pruned").stat().st_size < zoo_path("fmnist_far_tiny").stat().st_size
+    arch = far.create_model("fmnist_far_tiny_pruned")  # architecture only (random init)
+    assert [m.hidden_sizes.tolist() for _, m in far.far_modules(arch)] == \
+        [m.hidden_sizes.tolist() for _, m in far.far_modules(pruned)]
+    with pytest.raises(ValueError, match="takes no model arguments"):
+        far.create_model("fmnist_far_tiny", pretrained=True, num_classes=3)
+    with pytest.raises(ValueError, match="not in the model zoo"):
+        zoo_path("nope")
+    assert set(available()) == set(ZOO)
