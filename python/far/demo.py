@@ -164,9 +164,7 @@ def _plot(rows, path: Path) -> Optional[str]:
     b.set_xlabel("images / s (CPU, higher is better)")
     b.invert_yaxis()
     fig.suptitle("FAR model zoo: attention teacher vs FAR student vs pruned FAR")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from far.train.engine import save_figure
+
+    save_figure(fig, path, dpi=120)
     return str(path)

@@ -44,6 +44,14 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir
     r.add_argument("--force", action="store_true", help="overwrite an existing -o file")
 
 
+def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", required=required, default=None if required else "fashion-mnist",
+                   help="fashion-mnist, or an ImageNet-style folder (one subfolder of images per class)")
+    p.add_argument("--val", default=None, metavar="PATH",
+                   help="validation folder evaluated after each epoch (with a folder --data; "
+                        "fashion-mnist uses its test split)")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from far.train.engine import TrainError
 
@@ -89,8 +97,7 @@ def add_parsers(sub, formatter) -> None:
         epilog="example:\n  far train-teacher fmnist_deit_tiny --data fashion-mnist --epochs 10 "
                "-o teacher.safetensors\n" + _LAUNCH.format(cmd="train-teacher"))
     p.add_argument("model", nargs="?", default="fmnist_deit_tiny", help="timm model name")
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an ImageNet-style folder")
-    p.add_argument("--val", default=None, metavar="PATH", help="validation folder (with a folder --data)")
+    add_data_args(p)
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
     p.add_argument("-o", "--output", default=None, help="where to save the trained teacher (.safetensors)")
@@ -145,8 +152,7 @@ def add_more_parsers(sub, formatter) -> None:
         epilog="example:\n  far distill teacher.safetensors --data fashion-mnist --epochs 2 --stage2-epochs 1 "
                "-o far.safetensors\n" + _LAUNCH.format(cmd="distill"))
     p.add_argument("teacher", help="teacher checkpoint (far train-teacher), zoo name, or timm name (pretrained)")
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an ImageNet-style folder")
-    p.add_argument("--val", default=None, metavar="PATH", help="validation folder (with a folder --data)")
+    add_data_args(p)
     p.add_argument("--stage2-epochs", type=float, default=1.0, help="CE fine-tune epochs after stage 1 (0 = none)")
     p.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2 peak learning rate")
     p.add_argument("--ce-weight", type=float, default=1.0, help="weight of CE in stage 1")
@@ -168,8 +174,7 @@ def add_more_parsers(sub, formatter) -> None:
         epilog="example:\n  far prune far.safetensors --data fashion-mnist --hoyer 1e-3 --prune-ratio 0.3 "
                "-o far_pruned.safetensors\n" + _LAUNCH.format(cmd="prune"))
     p.add_argument("student", help="FAR checkpoint to prune")
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an ImageNet-style folder")
-    p.add_argument("--val", default=None, metavar="PATH", help="validation folder (with a folder --data)")
+    add_data_args(p)
     p.add_argument("--hoyer", type=float, default=1e-3, help="weight of the Hoyer-square regularizer")
     p.add_argument("--prune-ratio", type=float, default=0.3, help="fraction of all groups to remove")
     p.add_argument("--threshold", type=float, default=None, help="explicit global group-norm threshold "
@@ -189,8 +194,7 @@ def add_more_parsers(sub, formatter) -> None:
         epilog="example:\n  far finetune far.safetensors --data ./flowers/train --val ./flowers/val --epochs 5 "
                "-o far_flowers.safetensors\n" + _LAUNCH.format(cmd="finetune"))
     p.add_argument("checkpoint", help="checkpoint to start from (far.load)")
-    p.add_argument("--data", required=True, help="ImageNet-style folder (class subfolders) or fashion-mnist")
-    p.add_argument("--val", default=None, metavar="PATH", help="validation folder")
+    add_data_args(p, required=True)
     p.add_argument("--num-classes", type=int, default=None, help="classes (default: the number of class folders)")
     p.add_argument("-o", "--output", default=None, help="where to save the fine-tuned model (.safetensors)")
     add_train_args(p, epochs=5, lr=3e-4, out_dir="far-runs/finetune", warmup=0.5)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from far.models.far_attention import FARAttention
-from far.train.engine import Task, TrainConfig, TrainError
+from far.train.engine import Task, TrainConfig, TrainError, save_figure
 
 
 # ---------------------------------------------------------------- groups
@@ -199,11 +199,7 @@ def plot_kept(model: nn.Module, path: Path, before: Optional[Dict[str, torch.Ten
     ax.set_yticks(range(len(mods)), [n for n, _ in mods])
     fig.colorbar(im, ax=ax, label="kept fraction")
     ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return None
 
 
