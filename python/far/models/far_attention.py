@@ -284,6 +284,9 @@ class FARAttention(nn.Module):
         """
         B, N, _ = xh.shape
         H, d, n = self.num_heads, self.head_dim, self.width
+        if torch.is_autocast_enabled(xh.device.type):  # mixed-precision training: the recurrence stays in fp32
+            with torch.autocast(xh.device.type, enabled=False):
+                return self._lstm_autograd(xh.float())
         h0 = xh.new_zeros(2, B, n)
         outs = []
         for head in range(H):
