@@ -1,0 +1,30 @@
+"""far.imc: accuracy of (FAR) ViTs on emulated ReRAM in-memory-computing crossbars.
+
+    import far, far_kernels
+    from far.imc import emulate, calibrate
+
+    cfg = far_kernels.CrossbarConfig(adc_bits=6, adc_range="calibrated")
+    emu = emulate(model, cfg, exclude="head")   # a copy; every other weight product on crossbars
+    calibrate(emu, calib_batches, max_batches=4)
+    logits = emu(images)
+
+Weight products (nn.Linear, FAR's W_ih / recurrent W_hh / head_proj) run through
+far_kernels.crossbar_matmul with weights programmed once; attention's activation x activation
+products stay digital, quantized to cfg.input_bits. See `emulate` for the full list.
+"""
+from far.imc.emulate import EmulationReport, calibrate, crossbar_layers, emulate, emulation_targets, select_targets
+from far.imc.far_block import UnrolledFARAttention
+from far.imc.layers import CrossbarLinear, QuantizedAttention, fake_quantize
+
+__all__ = [
+    "CrossbarLinear",
+    "EmulationReport",
+    "QuantizedAttention",
+    "UnrolledFARAttention",
+    "calibrate",
+    "crossbar_layers",
+    "emulate",
+    "emulation_targets",
+    "fake_quantize",
+    "select_targets",
+]

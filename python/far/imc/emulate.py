@@ -1,0 +1,249 @@
+"""far.imc.emulate / calibrate: run a model's weight products on emulated ReRAM crossbars."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+import far_kernels
+from far.imc.far_block import UnrolledFARAttention
+from far.imc.layers import CrossbarLinear, QuantizedAttention
+from far.models.far_attention import FARAttention
+
+Patterns = Union[None, str, Sequence[str]]
+
+KIND_LINEAR = "crossbar"  # a weight product on a crossbar
+KIND_ATTENTION = "digital-quantized"  # activation x activation products, digital at input_bits
+
+
+def _attention_classes() -> tuple:
+    from far.models.convert import _attention_classes as timm_attention
+
+    return timm_attention()
+
+
+def _patterns(p: Patterns, what: str) -> Optional[list]:
+    if p is None:
+        return None
+    pats = [p] if isinstance(p, str) else list(p) if isinstance(p, (list, tuple)) else None
+    if pats is None or not all(isinstance(x, str) and x for x in pats):
+        raise TypeError(f"{what} must be a glob pattern or a list of them, got {p!r}")
+    return pats
+
+
+def _far_product_names(name: str, m: FARAttention) -> list:
+    """Names UnrolledFARAttention will give the products of FAR block `name` (non-empty ones only)."""
+    out = []
+    for head in range(m.num_heads):
+        for direction in (0, 1):
+            if int(m.hidden_sizes[direction, head]) > 0:
+                out += [f"{name}.w_ih.{head}.{direction}", f"{name}.w_hh.{head}.{direction}"]
+        if int(m.hidden_sizes[:, head].sum()) > 0:
+            out.append(f"{name}.head_proj.{head}")
+    return out
+
+
+def emulation_targets(model: nn.Module) -> list:
+    """[(name, kind)] of everything far.imc.emulate can convert in `model`, in model order:
+    every nn.Linear by module name (kind "crossbar"); inside a FARAttention `X` also its LSTM and
+    head_proj products `X.w_ih.<head>.<dir>`, `X.w_hh.<head>.<dir>`, `X.head_proj.<head>` ("crossbar");
+    every timm Attention `X` itself ("digital-quantized": its q@k^T and attn@v). These are the
+    names that emulate's include/exclude patterns match."""
+    attn_classes = _attention_classes()
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, FARAttention):
+            out += [(n, KIND_LINEAR) for n in _far_product_names(name, m)]
+        elif isinstance(m, attn_classes):
+            out.append((name, KIND_ATTENTION))
+        elif type(m) is nn.Linear and m.in_features > 0 and m.out_features > 0:
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            if not isinstance(parent, nn.MultiheadAttention):  # MHA reads out_proj.weight directly
+                out.append((name, KIND_LINEAR))
+    return out
+
+
+def select_targets(model: nn.Module, include: Patterns = None, exclude: Patterns = None) -> tuple:
+    """(chosen [(name, kind)], skipped [name]) of emulation_targets(model) under include/exclude glob
+    patterns (see emulate). Raises ValueError for a pattern that matches no target, or an empty choice."""
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    targets = emulation_targets(model)
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has nothing to emulate (no nn.Linear, FAR block or attention)")
+    names = [n for n, _ in targets]
+    for what, pats in (("include", inc), ("exclude", exc)):
+        for p in pats or ():
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                examples = ", ".join(names[:4] + (["..."] if len(names) > 4 else []))
+                raise ValueError(f"{what} pattern {p!r} matches no emulatable layer (names look like {examples}; "
+                                 "list them with far.imc.emulation_targets(model))")
+
+    def selected(n: str) -> bool:
+        return ((inc is None or any(fnmatch.fnmatchcase(n, p) for p in inc))
+                and not any(fnmatch.fnmatchcase(n, p) for p in exc or ()))
+
+    chosen = [(n, k) for n, k in targets if selected(n)]
+    if not chosen:
+        raise ValueError(f"include {inc} / exclude {exc} leave no layer to emulate")
+    return chosen, [n for n in names if not selected(n)]
+
+
+@dataclass
+class EmulationReport:
+    """What far.imc.emulate converted: rows (name, kind, detail) and the config."""
+
+    cfg: object
+    rows: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # names matched by no include / by an exclude
+
+    def table(self) -> str:
+        w = max([len(r[0]) for r in self.rows] + [5])
+        lines = [f"{'layer':<{w}}  {'kind':<17}  detail"]
+        lines += [f"{n:<{w}}  {k:<17}  {d}" for n, k, d in self.rows]
+        lines.append(f"{len(self.rows)} emulated ({sum(r[1] == KIND_LINEAR for r in self.rows)} crossbar products), "
+                     f"{len(self.skipped)} left digital in full precision")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+        parent[int(child)] = module
+    else:
+        setattr(parent, child, module)
+
+
+def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns = None, *,
+            inplace: bool = False, backend: Optional[str] = None) -> nn.Module:
+    """A copy of `model` (the input is left untouched unless inplace=True) whose weight products run
+    on emulated ReRAM crossbars with the far_kernels.CrossbarConfig `cfg`.
+
+    What becomes a crossbar (far.imc.CrossbarLinear, weights programmed once here, bias digital):
+      - every nn.Linear (qkv, proj, mlp.fc1/fc2, head, and FAR's pre_proj);
+      - in FAR blocks: the LSTMs' input products W_ih x (per head and direction), the recurrent
+        product h_{t-1} W_hh^T (evaluated per time step through the crossbar, the previous step's h
+        as input), and head_proj (per head). Such a block becomes an UnrolledFARAttention.
+    What stays digital:
+      - timm attention's activation x activation products q@k^T and attn@v, quantized symmetrically
+        to cfg.input_bits (QuantizedAttention; cfg.input_scale chooses per-row or per-tensor scales);
+        the 1/sqrt(d) scale and softmax in full precision;
+      - LSTM gate nonlinearities and the cell update, biases, LayerNorm, GELU, residuals, the
+        patch-embedding convolution, in full precision.
+
+    include / exclude: glob patterns (fnmatch, `*` also crosses dots) on the names listed by
+    far.imc.emulation_targets(model), e.g. exclude="head" keeps the classifier digital,
+    include="*.w_hh.*" emulates only FAR's recurrent products. A pattern that matches nothing is an
+    error (a typo would otherwise emulate everything). Unselected layers stay as they were.
+    backend: crossbar_matmul backend for every CrossbarLinear (None = env FAR_BACKEND / auto).
+
+    The result's `imc_emulation` attribute is an EmulationReport. With cfg.adc_range == "calibrated",
+    run far.imc.calibrate(result, data) before using it. Emulated models are for evaluation; they are
+    not saved by far.save (save the float model and emulate after loading).
+    """
+    if not isinstance(cfg, far_kernels.CrossbarConfig):
+        raise TypeError(f"cfg must be a far_kernels.CrossbarConfig, got {type(cfg).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    already = [n for n, m in model.named_modules() if isinstance(m, (CrossbarLinear, QuantizedAttention,
+                                                                      UnrolledFARAttention))]
+    if already:
+        raise ValueError(f"the model is already emulated ({already[0]} is {type(model.get_submodule(already[0])).__name__}); "
+                         "emulate the float model")
+    chosen, skipped = select_targets(model, include, exclude)
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = EmulationReport(cfg=cfg, skipped=skipped)
+    chosen_names = {n for n, _ in chosen}
+    # 1. FAR blocks with a selected inner product -> one module per product (nn.Linear, digital for now)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FARAttention) and chosen_names.intersection(_far_product_names(name, m)):
+            _set(model, name, UnrolledFARAttention(m))
+    # 2. selected Linears -> crossbars; selected attentions -> digital quantized products
+    for name, kind in chosen:
+        m = model.get_submodule(name)
+        if kind == KIND_LINEAR:
+            xb = CrossbarLinear.from_linear(m, cfg, backend=backend)
+            xb.layer_name = name
+            xb.train(m.training)
+            _set(model, name, xb)
+            report.rows.append((name, kind, f"{xb.in_features} -> {xb.out_features}, {xb.num_weight_slices} weight "
+                                            f"slices, {-(-xb.in_features // cfg.tile_rows)} tile(s)"))
+        else:
+            _set(model, name, QuantizedAttention(m, bits=cfg.input_bits, scale=cfg.input_scale))
+            report.rows.append((name, kind, f"q, k, v, softmax at {cfg.input_bits} bits ({cfg.input_scale} scales)"))
+    model.imc_emulation = report
+    return model
+
+
+def crossbar_layers(model: nn.Module) -> list:
+    """[(name, CrossbarLinear)] of an emulated model, in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CrossbarLinear)]
+
+
+def _batches(data, max_batches: Optional[int]) -> Iterable:
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    for i, b in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            return
+        if isinstance(b, (tuple, list)):
+            b = b[0]
+        if isinstance(b, dict):
+            raise TypeError("calibrate: batches must be tensors or (inputs, labels) tuples, got a dict")
+        yield b
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_slice: bool = False,
+              progress: bool = False) -> dict:
+    """Set the ADC ranges of an emulated model's crossbars from calibration data (for
+    adc_range="calibrated"; other configs accept ranges too but do not use them).
+
+    Runs `data` (a tensor batch, or an iterable of tensors or (inputs, labels) batches, e.g. a
+    DataLoader; at most `max_batches`) through the model in eval mode. Every CrossbarLinear records
+    the largest |partial sum| its reads produced per weight slice (far_kernels.crossbar_partial_sum_absmax)
+    while running as an uncalibrated ADC would (range = p_max, i.e. adc_range "max"), so later layers
+    see emulated activations. Then each layer gets r = that max (per_slice=True: one r per weight
+    slice; else the max over slices). A layer that saw only zero partial sums gets r = p_max.
+    Returns {layer name: r tensor}. The model's train/eval mode is restored afterwards.
+    """
+    layers = crossbar_layers(model)
+    if not layers:
+        raise ValueError("calibrate: the model has no CrossbarLinear; emulate it first (far.imc.emulate)")
+    was_training = model.training
+    model.eval()
+    dev = layers[0][1]._anchor.device
+    for _, m in layers:
+        m._calib = torch.zeros(m.num_weight_slices, dtype=torch.float32, device=m._anchor.device)
+    seen = 0
+    try:
+        it = _batches(data, max_batches)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=max_batches, desc="calibrate", unit="batch", leave=False)
+        for x in it:
+            model(x.to(dev))
+            seen += 1
+        if seen == 0:
+            raise ValueError("calibrate: no calibration batches (empty data or max_batches=0)")
+        out = {}
+        for name, m in layers:
+            r = m._calib.clone()
+            r[r <= 0] = float(m.cfg.p_max)
+            r = r if per_slice else r.max()
+            m.set_adc_range(r)
+            out[name] = m.adc_range.clone()
+        return out
+    finally:
+        for _, m in layers:
+            m._calib = None
+        model.train(was_training)

@@ -1,0 +1,197 @@
+"""Modules of an emulated model: CrossbarLinear (a weight product on a ReRAM crossbar) and
+QuantizedAttention (timm attention whose activation x activation products stay digital, quantized).
+
+Semantics of the crossbar product are far_kernels.crossbar_matmul's (DESIGN.md, "Crossbar emulation
+semantics"); these modules only hold programmed weights and route calls.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import far_kernels
+
+
+class CrossbarLinear(nn.Module):
+    """nn.Linear whose product runs on an emulated crossbar: y = crossbar_matmul(x, W) + bias.
+
+    The weight is programmed once (far_kernels.program_crossbar: quantized, bit-sliced, programming
+    noise and stuck-at cells fixed by cfg.seed) and reused for every call; the bias is added digitally
+    in full precision. The float weight is not kept.
+
+    Args:
+        programmed: a far_kernels ProgrammedCrossbar of a [out_features, in_features] weight.
+        cfg: the far_kernels.CrossbarConfig it was programmed with.
+        bias: [out_features] or None.
+        backend: crossbar_matmul backend (None = env FAR_BACKEND / auto).
+    Shapes: x [..., in_features] -> [..., out_features].
+
+    With cfg.adc_range == "calibrated" the ADC range is `adc_range` (a scalar, or one value per weight
+    slice; kept on the programmed crossbar, so it follows .to()), set by far.imc.calibrate or
+    set_adc_range. Build from a layer with `from_linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, programmed, cfg, bias: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.cfg = cfg
+        self.backend = backend
+        self.programmed = programmed
+        if bias is not None:
+            if tuple(bias.shape) != (out_features,):
+                raise ValueError(f"CrossbarLinear: bias must have shape [{out_features}], got {list(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("_anchor", torch.empty(0, device=bias.device if bias is not None else "cpu"),
+                             persistent=False)  # follows .to(device); the programmed state follows it
+        self.layer_name = ""  # set by far.imc.emulate, for messages
+        self._calib: Optional[torch.Tensor] = None  # running max |partial sum| while calibrating
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg, backend: Optional[str] = None) -> "CrossbarLinear":
+        """Program `linear`'s weight on a crossbar (`linear` itself is not changed)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"CrossbarLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls.from_weight(linear.weight, linear.bias, cfg, backend=backend)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], cfg,
+                    backend: Optional[str] = None) -> "CrossbarLinear":
+        """Program weight [N, K] (bias [N] or None)."""
+        if not isinstance(cfg, far_kernels.CrossbarConfig):
+            raise TypeError(f"cfg must be a far_kernels.CrossbarConfig, got {type(cfg).__name__}")
+        if weight.dim() != 2 or 0 in weight.shape:
+            raise ValueError(f"CrossbarLinear: weight must be a non-empty [N, K] matrix, got {list(weight.shape)}")
+        with torch.no_grad():
+            programmed = far_kernels.program_crossbar(weight.detach(), cfg)
+        n, k = weight.shape
+        return cls(k, n, programmed, cfg, bias=None if bias is None else bias.detach(), backend=backend)
+
+    # ---- device moves: the programmed cells follow the module ----
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.programmed = self.programmed.to(self._anchor.device)
+        return self
+
+    @property
+    def num_weight_slices(self) -> int:
+        return self.cfg.n_weight_slices
+
+    @property
+    def adc_range(self) -> Optional[torch.Tensor]:
+        """The calibrated ADC range (None until calibrated)."""
+        return self.programmed.adc_range
+
+    def set_adc_range(self, r) -> None:
+        """ADC range for adc_range="calibrated": a positive scalar or one value per weight slice."""
+        r = torch.as_tensor(r, dtype=torch.float32, device=self._anchor.device).detach().clone()
+        if r.dim() > 1 or (r.dim() == 1 and r.numel() not in (1, self.num_weight_slices)):
+            raise ValueError(f"{self.layer_name or 'CrossbarLinear'}: adc_range must be a scalar or have "
+                             f"{self.num_weight_slices} values (one per weight slice), got shape {list(r.shape)}")
+        if not torch.isfinite(r).all() or (r <= 0).any():
+            raise ValueError(f"{self.layer_name or 'CrossbarLinear'}: adc_range must be finite and > 0, got {r.tolist()}")
+        self.programmed.adc_range = r.reshape(()) if r.numel() == 1 else r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.layer_name or 'CrossbarLinear'}: expected x [..., {self.in_features}], "
+                             f"got {list(x.shape)}")
+        r = None  # None: the programmed crossbar's adc_range
+        if self._calib is not None:  # calibrating: record ranges, run as an uncalibrated ("max") ADC would
+            p = far_kernels.crossbar_partial_sum_absmax(x, self.programmed).to(self._calib.device, torch.float32)
+            torch.maximum(self._calib, p, out=self._calib)
+            if self.cfg.adc_range == "calibrated":
+                r = torch.full((), float(self.cfg.p_max), device=x.device)
+        elif self.cfg.adc_range == "calibrated" and self.adc_range is None:
+            raise RuntimeError(f"{self.layer_name or 'CrossbarLinear'}: adc_range='calibrated' needs ranges; run "
+                               "far.imc.calibrate(model, data) first (or use adc_range 'max'/'granular')")
+        return far_kernels.crossbar_matmul(x, self.programmed, self.cfg, bias=self.bias, backend=self.backend,
+                                           adc_range=r)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        adc = "no ADC" if c.adc_bits is None else f"adc {c.adc_bits}b {c.adc_range}"
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+             f"w{c.weight_bits}b/{c.cell_bits}b-cells x{self.num_weight_slices}, in {c.input_bits}b/dac {c.dac_bits}b, "
+             f"{adc}, tile_rows={c.tile_rows}")
+        if c.adc_range == "calibrated":
+            s += ", calibrated" if self.adc_range is not None else ", NOT calibrated"
+        return s
+
+
+def fake_quantize(x: torch.Tensor, bits: int, dim=None) -> torch.Tensor:
+    """Symmetric quantization to `bits` (sign + bits-1 magnitude bits), returned dequantized:
+    s = max|x| / (2^(bits-1) - 1) over `dim` (None = the whole tensor; int or tuple = those axes,
+    one scale per remaining index), x_q = round_half_even(x / s) (already within range), x_q * s.
+    All-zero slices stay zero."""
+    L = 2 ** (bits - 1) - 1
+    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+    s = amax / L
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(x / safe).clamp_(-L, L) * s
+
+
+class QuantizedAttention(nn.Module):
+    """timm `Attention` with its activation x activation products kept digital but quantized.
+
+    The weight products (qkv, proj, and the optional gate) are the original submodules (CrossbarLinear
+    after far.imc.emulate). q, k, v and the softmax probabilities are quantized symmetrically to
+    `bits` with scales outside each product's reduction axis, so each product is an integer matmul
+    times scales: "row" = q and k per token (per head), v per channel over the tokens, probabilities
+    per query row; "tensor" = one scale per tensor (the whole batch). The 1/sqrt(d) scale, mask and
+    softmax are digital in full precision. Probabilities are in [0, 1], so the sign bit is unused.
+    """
+
+    def __init__(self, attn: nn.Module, bits: int = 8, scale: str = "row") -> None:
+        super().__init__()
+        if scale not in ("row", "tensor"):
+            raise ValueError(f"scale must be 'row' or 'tensor', got {scale!r}")
+        if bits < 2:
+            raise ValueError(f"bits must be >= 2, got {bits}")
+        self.bits = bits
+        self.scale_mode = scale
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.scale = attn.scale
+        self.qkv = attn.qkv
+        self.q_norm = attn.q_norm
+        self.k_norm = attn.k_norm
+        self.attn_drop = attn.attn_drop
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.gate = getattr(attn, "gate", None)
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        self.train(attn.training)
+
+    def _q(self, t: torch.Tensor, dim) -> torch.Tensor:
+        return fake_quantize(t, self.bits, None if self.scale_mode == "tensor" else dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, N, d]
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._q(q, -1), self._q(k, -1), self._q(v, -2)
+        attn = (q @ k.transpose(-2, -1)) * self.scale  # [B, H, N, N]
+        if is_causal:
+            causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            attn = attn.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+        attn = self.attn_drop(self._q(attn.softmax(dim=-1), -1))
+        o = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        o = self.norm(o)
+        if gate is not None:
+            o = o * gate
+        return self.proj_drop(self.proj(o))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, act_bits={self.bits}, scale={self.scale_mode}"

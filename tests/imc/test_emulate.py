@@ -1,0 +1,452 @@
+"""far.imc: CrossbarLinear, emulate (which layers, FAR blocks per step), QuantizedAttention, calibrate.
+
+Oracles: far_kernels.crossbar_matmul_ref for single products, and in the exactness-law configuration
+(no noise, no ADC / granular ADC) the spec's s_x * s_w * (x_q @ w_q.T) + bias from imc_oracles,
+chained through whole FAR blocks in float64.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import far
+import far_kernels
+from far.imc import (CrossbarLinear, QuantizedAttention, UnrolledFARAttention, calibrate, crossbar_layers, emulate,
+                     emulation_targets, fake_quantize)
+from far_kernels import CrossbarConfig
+from imc_oracles import exact_product, tiny_vit
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def exact_cfg(**kw):
+    """No noise, no ADC: the exactness law holds (cfg.is_exact)."""
+    kw.setdefault("adc_bits", None)
+    cfg = CrossbarConfig(**kw)
+    assert cfg.is_exact
+    return cfg
+
+
+# ---------------------------------------------------------------- CrossbarLinear
+CONFIGS = [
+    pytest.param(dict(), id="isaac-default"),
+    pytest.param(dict(adc_bits=6, tile_rows=16), id="adc6-max-t16"),
+    pytest.param(dict(adc_bits=5, adc_range="granular", cell_bits=3, dac_bits=2, tile_rows=8), id="granular-c3-d2"),
+    pytest.param(dict(encoding="offset", weight_scale="tensor", input_scale="tensor", tile_rows=16), id="offset-tensor"),
+    pytest.param(dict(adc_bits=6, adc_range="calibrated", tile_rows=16), id="calibrated"),
+    pytest.param(dict(prog_noise=0.05, read_noise=0.01, stuck_at=(0.02, 0.01), tile_rows=16, seed=3), id="noisy"),
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_crossbar_linear_matches_reference(kw):
+    """Fresh data, K = 37 (not a multiple of tile_rows), leading shape [2, 3]: bit-identical to the reference
+    (same programming, same read-noise sequence)."""
+    torch.manual_seed(0)
+    cfg = CrossbarConfig(**kw)
+    lin = nn.Linear(37, 5)
+    xb = CrossbarLinear.from_linear(lin, cfg, backend="torch")
+    x = torch.randn(2, 3, 37)
+    r = None
+    if cfg.adc_range == "calibrated":
+        r = far_kernels.crossbar_partial_sum_absmax(x, xb.programmed) * 0.5  # clips the largest partial sums
+        xb.set_adc_range(r)
+    prog_ref = far_kernels.program_crossbar(lin.weight.detach(), cfg)
+    for _ in range(2):  # the second call gets fresh read noise in both
+        y = xb(x)
+        ref = far_kernels.crossbar_matmul_ref(x, prog_ref, cfg, bias=lin.bias.detach(), adc_range=r)
+        assert y.shape == (2, 3, 5) and torch.isfinite(y).all()
+        assert torch.equal(y, ref.to(y.dtype))
+    assert not torch.equal(lin.weight, torch.zeros_like(lin.weight))  # from_linear left the layer alone
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(encoding="offset", weight_scale="tensor", input_scale="tensor"),
+                                dict(adc_bits=12, adc_range="granular", tile_rows=16)],
+                         ids=["no-adc", "offset-tensor", "granular-12b-t16"])
+def test_crossbar_linear_exactness_law(kw):
+    """No noise and no clipping ADC: y = s_x * s_w * (x_q @ w_q.T) + bias; only the final fp32 scaling rounds."""
+    torch.manual_seed(1)
+    cfg = exact_cfg(**kw) if "adc_bits" not in kw else CrossbarConfig(**kw)
+    assert cfg.is_exact
+    lin = nn.Linear(37, 6)
+    x = torch.randn(4, 37) * 3
+    y = CrossbarLinear.from_linear(lin, cfg)(x)
+    ref = exact_product(x, lin.weight, cfg, lin.bias)
+    unbiased = exact_product(x, lin.weight, cfg)
+    tol = 4 * EPS32 * (unbiased.abs() + ref.abs()) + 1e-30
+    assert ((y.double() - ref).abs() <= tol).all(), (y.double() - ref).abs().max()
+    # and the products really are quantized: the float product differs by much more than the tolerance
+    assert (y.double() - (x.double() @ lin.weight.double().T + lin.bias.double())).abs().max() > 10 * tol.max()
+
+
+def test_crossbar_linear_module_behaviour():
+    torch.manual_seed(2)
+    cfg = CrossbarConfig(tile_rows=16)
+    lin = nn.Linear(20, 4, bias=False)
+    xb = CrossbarLinear.from_linear(lin, cfg)
+    assert xb.bias is None and xb.in_features == 20 and xb.out_features == 4
+    assert "in_features=20, out_features=4" in repr(xb) and "adc 8b max" in repr(xb)
+    assert list(dict(xb.named_parameters())) == []  # nothing trainable or float-weight-like is kept
+    x = torch.randn(3, 20)
+    y0 = xb(x)
+    xb2 = xb.to("cpu").to(torch.float32)  # .to() keeps the programmed cells usable
+    assert xb2 is xb and xb.programmed.device == torch.device("cpu")
+    assert torch.equal(xb(x), y0)
+    with pytest.raises(ValueError, match=r"expected x \[\.\.\., 20\]"):
+        xb(torch.randn(3, 21))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        CrossbarLinear.from_linear(nn.Conv2d(1, 1, 1), cfg)
+    with pytest.raises(TypeError, match="CrossbarConfig"):
+        CrossbarLinear.from_linear(lin, {"adc_bits": 8})
+    cal = CrossbarLinear.from_linear(lin, CrossbarConfig(adc_range="calibrated", tile_rows=16))
+    assert "NOT calibrated" in repr(cal)
+    with pytest.raises(RuntimeError, match="far.imc.calibrate"):
+        cal(x)
+    for bad in (0.0, -1.0, float("nan"), [1.0, 2.0]):
+        with pytest.raises(ValueError, match="adc_range"):
+            cal.set_adc_range(bad)
+    cal.set_adc_range([10.0] * cfg.n_weight_slices)
+    assert torch.isfinite(cal(x)).all() and ", calibrated" in repr(cal)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_crossbar_linear_to_cuda():
+    torch.manual_seed(3)
+    lin = nn.Linear(40, 8)
+    xb = CrossbarLinear.from_linear(lin, CrossbarConfig(tile_rows=16), backend="torch")
+    x = torch.randn(5, 40)
+    y = xb(x)
+    xb.cuda()
+    assert xb.programmed.device.type == "cuda" and xb.bias.device.type == "cuda"
+    assert torch.equal(xb(x.cuda()).cpu(), y)
+
+
+# ---------------------------------------------------------------- digital quantized attention
+def test_fake_quantize():
+    torch.manual_seed(4)
+    x = torch.randn(6, 9) * 5
+    x[2] = 0
+    for bits in (2, 4, 8):
+        L = 2 ** (bits - 1) - 1
+        q = fake_quantize(x, bits, dim=-1)
+        s = x.abs().amax(dim=-1, keepdim=True) / L
+        assert torch.equal(q[2], torch.zeros(9))  # an all-zero row stays zero
+        ok = s.squeeze(1) > 0
+        k = q[ok] / s[ok]
+        assert torch.allclose(k, k.round(), atol=1e-4) and k.abs().max() <= L + 1e-4  # on the grid, in range
+        assert ((q - x).abs() <= s / 2 * (1 + 1e-5)).all()  # round to nearest
+        qt = fake_quantize(x, bits)  # one scale for the tensor
+        st = x.abs().max() / L
+        assert ((qt - x).abs() <= st / 2 * (1 + 1e-5)).all()
+
+
+def test_quantized_attention_converges_to_attention():
+    """q, k, v and the probabilities at b bits: the error vs timm's attention shrinks ~2^-b."""
+    model = tiny_vit()
+    attn = model.blocks[0].attn
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref = attn(x)
+        errs = {b: (QuantizedAttention(attn, bits=b)(x) - ref).abs().max().item() for b in (4, 8, 12)}
+        qt = QuantizedAttention(attn, bits=8, scale="tensor")(x)
+    assert errs[4] > errs[8] > errs[12] and errs[12] < errs[4] * 2.0 ** -6, errs
+    assert (qt - ref).abs().max() < 4 * errs[4]
+    with pytest.raises(ValueError, match="scale"):
+        QuantizedAttention(attn, scale="col")
+
+
+# ---------------------------------------------------------------- emulate: which layers
+def test_emulate_all_layers_of_a_vit():
+    model = tiny_vit()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        y_float = model(x)
+    cfg = CrossbarConfig(tile_rows=16)
+    emu = emulate(model, cfg)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    attns = [n for n, m in model.named_modules() if type(m).__name__ == "Attention"]
+    assert len(linears) == 2 * 4 + 1 and len(attns) == 2
+    for n in linears:
+        assert isinstance(emu.get_submodule(n), CrossbarLinear), n
+        assert emu.get_submodule(n).layer_name == n
+    for n in attns:
+        assert isinstance(emu.get_submodule(n), QuantizedAttention) and emu.get_submodule(n).bits == cfg.input_bits
+    assert not any(type(m) is nn.Linear for m in emu.modules())
+    assert isinstance(emu.patch_embed.proj, nn.Conv2d)  # stays digital
+    # a copy: the input model is untouched and still gives the float result
+    assert not crossbar_layers(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), y_float)
+        y = emu(x)
+    assert y.shape == y_float.shape and torch.isfinite(y).all() and not torch.equal(y, y_float)
+    assert len(emu.imc_emulation.rows) == len(linears) + len(attns) and not emu.imc_emulation.skipped
+    assert "crossbar products" in emu.imc_emulation.table()
+
+
+def test_emulate_include_exclude():
+    model = tiny_vit()
+    cfg = CrossbarConfig(tile_rows=16)
+    names = [n for n, _ in emulation_targets(model)]
+    emu = emulate(model, cfg, include="blocks.1.*", exclude=["*.fc2"])
+    got = {n for n, m in emu.named_modules() if isinstance(m, (CrossbarLinear, QuantizedAttention))}
+    assert got == {"blocks.1.attn", "blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.fc1"}
+    assert set(emu.imc_emulation.skipped) == set(names) - got
+    assert type(emu.blocks[0].attn.qkv) is nn.Linear and type(emu.head) is nn.Linear
+    # exclude the attention products only: its Linears still become crossbars
+    emu = emulate(model, cfg, exclude="blocks.*.attn")
+    assert isinstance(emu.blocks[0].attn.qkv, CrossbarLinear) and type(emu.blocks[0].attn).__name__ == "Attention"
+    # in place
+    m2 = copy.deepcopy(model)
+    out = emulate(m2, cfg, include="head", inplace=True)
+    assert out is m2 and isinstance(m2.head, CrossbarLinear)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(include="blocks.9.*"), "include pattern 'blocks.9.\\*' matches no emulatable layer"),
+    (dict(exclude=["head", "hed"]), "exclude pattern 'hed'"),
+    (dict(include="head", exclude="head"), "leave no layer"),
+    (dict(include=3), "glob pattern"),
+])
+def test_emulate_bad_patterns(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        emulate(tiny_vit(), CrossbarConfig(), **kwargs)
+
+
+def test_emulate_bad_inputs():
+    model = tiny_vit()
+    with pytest.raises(TypeError, match="CrossbarConfig"):
+        emulate(model, dict(adc_bits=8))
+    emu = emulate(model, CrossbarConfig(tile_rows=16))
+    with pytest.raises(ValueError, match="already emulated"):
+        emulate(emu, CrossbarConfig())
+    with pytest.raises(ValueError, match="nothing to emulate"):
+        emulate(nn.Sequential(nn.ReLU()), CrossbarConfig())
+
+
+# ---------------------------------------------------------------- FAR blocks
+def far_block(hidden_sizes, seed=0, dim=8, heads=2):
+    torch.manual_seed(seed)
+    m = far.FARAttention(dim, num_heads=heads, hidden_sizes=hidden_sizes).eval()
+    with torch.no_grad():  # LSTM-init weights are small; widen them so the gates are not all ~linear
+        for p in (m.w_ih, m.w_hh):
+            p.mul_(2.0)
+        m.zero_padding_()
+    return m
+
+
+HIDDEN = [pytest.param(None, id="full"), pytest.param([[4, 3], [0, 2]], id="pruned-with-empty-direction")]
+
+
+@pytest.mark.parametrize("hs", HIDDEN)
+def test_unrolled_far_block_equals_far_block(hs):
+    """The per-product module form (before any crossbar) is the same function as FARAttention."""
+    m = far_block(hs)
+    x = torch.randn(2, 5, 8)
+    u = UnrolledFARAttention(m)
+    with torch.no_grad():
+        ref64 = UnrolledFARAttention(copy.deepcopy(m).double())(x.double())
+        out = u(x)
+        out_far = m(x)
+    assert torch.allclose(ref64, m.double().forward_reference(x.double()), atol=1e-12, rtol=0)
+    err, err_far = (out.double() - ref64).abs().max().item(), (out_far.double() - ref64).abs().max().item()
+    assert err <= 2 * err_far + 1e-6, (err, err_far)
+    names = {n for n, mod in u.named_modules() if type(mod) is nn.Linear}
+    kept = far.FARAttention(8, 2, hidden_sizes=hs).hidden_sizes
+    for h in range(2):
+        for d in range(2):
+            k = int(kept[d, h])
+            assert u.w_ih[h][d].weight.shape == (4 * k, 4) and u.w_hh[h][d].weight.shape == (4 * k, k)
+    assert {"pre_proj", "proj", "w_ih.0.0", "w_hh.1.1", "head_proj.0"} <= names
+
+
+def test_emulate_far_model_targets():
+    model = far.convert(tiny_vit(), hidden_sizes=[[[4, 3], [0, 2]], 8])
+    names = dict(emulation_targets(model))
+    # hidden_sizes[direction][head]: head 0 / backward keeps no unit, so it has no crossbar
+    assert {"blocks.0.attn.w_hh.0.0", "blocks.0.attn.w_hh.1.0", "blocks.0.attn.w_hh.1.1"} <= set(names)
+    assert "blocks.0.attn.w_ih.0.1" not in names and "blocks.0.attn.w_hh.0.1" not in names
+    assert "blocks.0.attn.pre_proj" in names and "blocks.1.attn.head_proj.1" in names
+    assert not any(k == "digital-quantized" for k in names.values())  # no attention left in a FAR model
+    emu = emulate(model, CrossbarConfig(tile_rows=16), include="*.w_hh.*")
+    assert isinstance(emu.blocks[0].attn, UnrolledFARAttention)
+    got = {n for n, _ in crossbar_layers(emu)}
+    assert got == {n for n in names if ".w_hh." in n}
+    assert type(emu.blocks[0].attn.pre_proj) is nn.Linear and type(emu.blocks[0].attn.w_ih[1][0]) is nn.Linear
+    # only the MLPs: FAR blocks stay fused FARAttention modules
+    emu = emulate(model, CrossbarConfig(tile_rows=16), include="*.mlp.*")
+    assert isinstance(emu.blocks[0].attn, far.FARAttention)
+
+
+def record_calls(model):
+    """{name: [(input, output), ...]} of every CrossbarLinear call (forward hooks)."""
+    calls, handles = {}, []
+    for name, m in crossbar_layers(model):
+        calls[name] = []
+        handles.append(m.register_forward_hook(
+            lambda mod, inp, out, name=name: calls[name].append((inp[0].detach().clone(), out.detach().clone()))))
+    return calls, handles
+
+
+def lstm_step(g, c):
+    i, f, gg, o = g.double().chunk(4, dim=-1)
+    c = torch.sigmoid(i) * torch.tanh(gg) + (0 if c is None else torch.sigmoid(f) * c)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+H_TOL = 1e-5  # fp32 LSTM math vs float64 for one step, |h| <= 1: ~100 ulps; wrong wiring is off by O(0.1)
+
+
+@pytest.mark.parametrize("hs", HIDDEN)
+@pytest.mark.parametrize("kw", [dict(weight_bits=8, input_bits=8, cell_bits=4, dac_bits=4),
+                                dict(weight_bits=6, input_bits=5, cell_bits=3, dac_bits=2, encoding="offset",
+                                     weight_scale="tensor", input_scale="tensor", tile_rows=3)],
+                         ids=["w8-x8", "w6-x5-offset-tensor-t3"])
+def test_emulated_far_block_products_and_recurrence(hs, kw):
+    """Exactness-law config. Every crossbar call of an emulated FAR block (pre_proj, W_ih per head and
+    direction, W_hh once per time step, head_proj, proj) equals s_x s_w (x_q @ w_q.T) + bias on its actual
+    input; and, teacher-forced one step at a time from the recorded calls, each recurrent input is the
+    previous step's h (in the direction's time order), head_proj reads the h sequence, proj reads head_proj."""
+    m = far_block(hs, seed=5)
+    cfg = exact_cfg(**kw)
+    B, N, d = 2, 5, m.head_dim
+    x = torch.randn(B, N, 8)
+    emu = emulate(nn.ModuleDict({"attn": m}), cfg, backend="torch")
+    blk = emu["attn"]
+    assert isinstance(blk, UnrolledFARAttention)
+    calls, handles = record_calls(emu)
+    with torch.no_grad():
+        y = blk(x)
+    for hd in handles:
+        hd.remove()
+    hsz = m.hidden_sizes
+    w_of = {"attn.pre_proj": (m.pre_proj.weight, m.pre_proj.bias), "attn.proj": (m.proj.weight, m.proj.bias)}
+    for h in range(2):
+        w_of[f"attn.head_proj.{h}"] = m.head_proj_params(h)
+        for dr in range(2):
+            w_ih, w_hh, b_ih, b_hh = m.lstm_params(dr, h)
+            w_of[f"attn.w_ih.{h}.{dr}"] = (w_ih, b_ih + b_hh)
+            w_of[f"attn.w_hh.{h}.{dr}"] = (w_hh, None)
+    live = {n for n in w_of if not (".w_" in n and hsz[int(n[-1]), int(n[-3])] == 0)}
+    assert set(calls) == live
+    # 1. every product, on its actual input
+    for name, seq in calls.items():
+        w, b = w_of[name]
+        assert len(seq) == (N - 1 if ".w_hh." in name else 1), name
+        for inp, out in seq:
+            ref = exact_product(inp, w, cfg, b)
+            tol = 4 * EPS32 * (exact_product(inp, w, cfg).abs() + ref.abs()) + 1e-30
+            assert ((out.double() - ref).abs() <= tol).all(), name
+    # 2. the recurrence, one step at a time
+    xh = calls["attn.pre_proj"][0][1]
+    heads = []
+    for h in range(2):
+        hcat = []
+        for dr in range(2):
+            if hsz[dr, h] == 0:
+                continue
+            inp, gx = calls[f"attn.w_ih.{h}.{dr}"][0]
+            assert torch.equal(inp, xh[..., h * d:(h + 1) * d])
+            rec = calls[f"attn.w_hh.{h}.{dr}"]
+            order = list(range(N)) if dr == 0 else list(range(N - 1, -1, -1))
+            c, hseq = None, [None] * N
+            for s, t in enumerate(order):
+                g = gx[:, t].double() + (rec[s - 1][1].double() if s else 0)
+                hh, c = lstm_step(g, c)
+                hseq[t] = hh
+                if s < N - 1:
+                    assert (rec[s][0].double() - hh).abs().max() <= H_TOL, (h, dr, s)
+            hcat.append(torch.stack(hseq, dim=1))
+        inp, out = calls[f"attn.head_proj.{h}"][0]
+        assert (inp.double() - torch.cat(hcat, dim=-1)).abs().max() <= H_TOL
+        heads.append(out)
+    inp, out = calls["attn.proj"][0]
+    assert torch.equal(inp, torch.cat(heads, dim=-1)) and torch.equal(out, y)
+
+
+def test_emulated_far_block_approaches_float():
+    """Exact ADC, more bits: the emulated block converges to the float block (error ~ 2^-bits)."""
+    m = far_block([[4, 3], [0, 2]], seed=6)
+    wrapper = nn.ModuleDict({"attn": m})
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        ref = copy.deepcopy(m).double().forward_reference(x.double())
+        errs = {}
+        for b in (6, 10, 14):
+            cfg = exact_cfg(weight_bits=b, input_bits=b, cell_bits=5, dac_bits=5)
+            errs[b] = (emulate(wrapper, cfg)["attn"](x).double() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert errs[6] > errs[10] > errs[14], errs
+    assert errs[10] < errs[6] * 2.0 ** -2 and errs[14] < errs[10] * 2.0 ** -2, errs
+    assert errs[14] < 1e-2 * scale, errs
+
+
+FAST = dict(cell_bits=4, dac_bits=4)  # 2 weight x 2 input slices per product: fast on a CPU
+
+
+def test_emulated_far_model_runs():
+    model = far.convert(tiny_vit(depth=1), hidden_sizes=[[[4, 3], [0, 2]]])
+    x = torch.randn(2, 1, 8, 8)
+    emu = emulate(model, CrossbarConfig(tile_rows=16, adc_bits=6, **FAST))
+    with torch.no_grad():
+        y = emu(x)
+        y_float = model(x)
+    assert y.shape == y_float.shape and torch.isfinite(y).all()
+    assert (y - y_float).abs().max() < 10 * y_float.abs().max()  # same ballpark, not garbage
+
+
+# ---------------------------------------------------------------- calibrate
+def test_calibrate_records_partial_sum_maxima():
+    torch.manual_seed(7)
+    cfg = CrossbarConfig(adc_bits=6, adc_range="calibrated", tile_rows=16, **FAST)
+    model = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))
+    emu = emulate(model, cfg)
+    batches = [torch.randn(4, 20) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="far.imc.calibrate"):
+        emu(batches[0])
+    ranges = calibrate(emu, [(b, None) for b in batches], per_slice=True)
+    assert set(ranges) == {"0", "2"}
+    l0, l2 = emu[0], emu[2]
+    # layer 0 sees the data itself
+    want0 = torch.stack([far_kernels.crossbar_partial_sum_absmax(b, l0.programmed) for b in batches]).amax(0)
+    want0 = torch.where(want0 > 0, want0, torch.full_like(want0, float(cfg.p_max)))
+    assert torch.equal(ranges["0"], want0.float()) and ranges["0"].shape == (cfg.n_weight_slices,)
+    # layer 2 sees layer 0 run with an uncalibrated (full-range) ADC
+    full = cfg.p_max
+    h = [torch.relu(far_kernels.crossbar_matmul(b, l0.programmed, cfg, bias=l0.bias, adc_range=full)) for b in batches]
+    want2 = torch.stack([far_kernels.crossbar_partial_sum_absmax(t, l2.programmed) for t in h]).amax(0)
+    want2 = torch.where(want2 > 0, want2, torch.full_like(want2, float(cfg.p_max)))
+    assert torch.equal(ranges["2"], want2.float())
+    assert ((ranges["0"] > 0) & (ranges["0"] <= cfg.p_max)).all()
+    # calibrated beats the full range at the same ADC bits (finer steps where the data is)
+    x = torch.randn(64, 20)
+    with torch.no_grad():
+        exact = emulate(model, exact_cfg(tile_rows=16))(x)
+        y_cal = emu(x)
+        y_max = emulate(model, cfg.replace(adc_range="max"))(x)
+    assert (y_cal - exact).abs().mean() < 0.5 * (y_max - exact).abs().mean()
+    # per layer (default): one scalar per layer, the max over slices
+    emu2 = emulate(model, cfg)
+    r2 = calibrate(emu2, torch.cat(batches))
+    assert r2["0"].dim() == 0 and r2["0"] == ranges["0"].max()
+
+
+def test_calibrate_bad_inputs():
+    with pytest.raises(ValueError, match="emulate it first"):
+        calibrate(nn.Sequential(nn.Linear(3, 3)), torch.randn(2, 3))
+    emu = emulate(nn.Sequential(nn.Linear(3, 3)), CrossbarConfig(adc_range="calibrated"))
+    with pytest.raises(ValueError, match="no calibration batches"):
+        calibrate(emu, [])
+    assert all(m._calib is None for _, m in crossbar_layers(emu))  # nothing left half-set
+    assert emu[0].adc_range is None
+
+
+def test_calibrate_a_far_model_runs():
+    model = far.convert(tiny_vit(depth=1), hidden_sizes=4)
+    emu = emulate(model, CrossbarConfig(tile_rows=16, adc_bits=5, adc_range="calibrated", **FAST))
+    ranges = calibrate(emu, [torch.randn(2, 1, 8, 8)])
+    assert set(ranges) == {n for n, _ in crossbar_layers(emu)}
+    assert any(".w_hh." in n for n in ranges)
+    with torch.no_grad():
+        assert torch.isfinite(emu(torch.randn(2, 1, 8, 8))).all()
