@@ -93,6 +93,8 @@ def test_crossbar_linear_module_behaviour():
     xb2 = xb.to("cpu").to(torch.float32)  # .to() keeps the programmed cells usable
     assert xb2 is xb and xb.programmed.device == torch.device("cpu")
     assert torch.equal(xb(x), y0)
+    xb.half()  # a dtype cast leaves the cells alone; the output follows the input's dtype
+    assert xb.programmed.levels.dtype == torch.int8 and torch.equal(xb(x), y0)
     with pytest.raises(ValueError, match=r"expected x \[\.\.\., 20\]"):
         xb(torch.randn(3, 21))
     with pytest.raises(TypeError, match="nn.Linear"):
@@ -223,6 +225,8 @@ def test_emulate_bad_inputs():
         emulate(emu, CrossbarConfig())
     with pytest.raises(ValueError, match="nothing to emulate"):
         emulate(nn.Sequential(nn.ReLU()), CrossbarConfig())
+    with pytest.raises(ValueError, match="CrossbarLinear.from_linear"):
+        emulate(nn.Linear(3, 3), CrossbarConfig())
 
 
 # ---------------------------------------------------------------- FAR blocks

@@ -157,6 +157,9 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
     if already:
         raise ValueError(f"the model is already emulated ({already[0]} is {type(model.get_submodule(already[0])).__name__}); "
                          "emulate the float model")
+    if type(model) is nn.Linear:
+        raise ValueError("emulate converts the layers inside a model; for a single nn.Linear use "
+                         "far.imc.CrossbarLinear.from_linear(linear, cfg)")
     chosen, skipped = select_targets(model, include, exclude)
     if not inplace:
         model = copy.deepcopy(model)

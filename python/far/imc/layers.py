@@ -48,7 +48,7 @@ class CrossbarLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("_anchor", torch.empty(0, device=bias.device if bias is not None else "cpu"),
+        self.register_buffer("_anchor", torch.empty(0, device=programmed.device),
                              persistent=False)  # follows .to(device); the programmed state follows it
         self.layer_name = ""  # set by far.imc.emulate, for messages
         self._calib: Optional[torch.Tensor] = None  # running max |partial sum| while calibrating
