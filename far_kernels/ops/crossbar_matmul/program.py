@@ -5,6 +5,7 @@ Plain PyTorch, importable without Triton or the extension.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -132,8 +133,8 @@ def program_crossbar(w: torch.Tensor, cfg: Optional[CrossbarConfig] = None) -> P
         raise TypeError(f"program_crossbar: w must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in _FLOATS:
         raise TypeError(f"program_crossbar: w must be float32/float16/bfloat16/float64, got {w.dtype}")
-    if w.dim() != 2:
-        raise ValueError(f"program_crossbar: w must be [N, K], got {list(w.shape)}")
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"program_crossbar: w must be [N, K] with N, K >= 1, got {list(w.shape)}")
     if not bool(torch.isfinite(w).all()):
         raise ValueError("program_crossbar: w holds NaN or inf values")
     N, K = w.shape
@@ -275,7 +276,7 @@ def prepare_call(x, w, cfg=None, bias=None, adc_range=None, op: str = "crossbar_
         if consume_read:
             prog.reads += 1
     lead = tuple(x.shape[:-1])
-    x2d = x.detach().reshape(-1, prog.K).contiguous()
+    x2d = x.detach().reshape(math.prod(lead), prog.K).contiguous()
     return CrossbarCall(x2d, lead, prog, cfg, bias, plan, key, prog.noisy or cfg.read_noise > 0)
 
 

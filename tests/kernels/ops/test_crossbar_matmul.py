@@ -390,6 +390,8 @@ def test_bad_inputs_raise_clearly():
         crossbar_matmul(x, prog, cfg.replace(adc_range="calibrated"), adc_range=0.0)
     with pytest.raises(ValueError, match="one entry per weight slice"):
         crossbar_matmul(x, prog, cfg.replace(adc_range="calibrated"), adc_range=torch.ones(3))
+    with pytest.raises(ValueError, match="N, K >= 1"):
+        program_crossbar(torch.zeros(3, 0), cfg)
     with pytest.raises(ValueError, match="NaN or inf"):
         program_crossbar(torch.full((2, 3), float("inf")), cfg)
     with pytest.raises(TypeError, match="CrossbarConfig"):
