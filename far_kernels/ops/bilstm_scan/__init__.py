@@ -13,10 +13,19 @@ from far_kernels.ops.bilstm_scan.cuda import bilstm_scan_cuda
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+
+def bilstm_scan_triton(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Tensor,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """triton backend; Triton is imported on first use (far_kernels imports without it, and the
+    kernel is built for the mode TRITON_INTERPRET selects at that moment)."""
+    from far_kernels.ops.bilstm_scan.triton import bilstm_scan_triton as impl
+
+    return impl(gx, w_hh, hidden_sizes, out)
+
+
 OP = Op(
     "bilstm_scan",
-    {"torch": bilstm_scan_ref, "cpp": bilstm_scan_cpp, "cuda": bilstm_scan_cuda, "triton": None},
-    missing={"triton": "the Triton scan kernel is not implemented yet (Triton kernel issue); use cpp, cuda or torch"},
+    {"torch": bilstm_scan_ref, "cpp": bilstm_scan_cpp, "cuda": bilstm_scan_cuda, "triton": bilstm_scan_triton},
 )
 
 
