@@ -5,21 +5,30 @@ import pytest
 import torch
 import torch.nn as nn
 
-import far_kernels
-from far_kernels.dispatch import backend_reason
+# Triton runs kernels on CPU tensors only in its interpreter, and the mode is fixed when triton is
+# first imported (torch._dynamo, which timm and far import, does that): choose it here, first, on
+# machines without a CUDA device. The shared CPU grids add "triton" only when the user set
+# TRITON_INTERPRET=1 (slow); tests/kernels/ops/test_bilstm_scan_triton.py always covers it.
+USER_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import far_kernels  # noqa: E402
+from far_kernels.dispatch import backend_reason  # noqa: E402
 
 
-def cpu_backends():
-    """Scan backends to test on CPU: torch always, cpp when the extension is built (CI builds it),
-    triton only under TRITON_INTERPRET=1 and once a Triton scan exists."""
+def cpu_backends(op=None):
+    """Backends of `op` (default: the scan's OP) to test on CPU: torch always, cpp when the extension is
+    built (CI builds it), triton only when the user set TRITON_INTERPRET=1 and the op has a Triton kernel."""
+    op = op or far_kernels.ops.bilstm_scan.OP
     out = ["torch", "cpp"]
-    if os.environ.get("TRITON_INTERPRET") == "1" and far_kernels.ops.bilstm_scan.OP.impls.get("triton"):
+    if USER_INTERPRET and op.impls.get("triton"):
         out.append("triton")
     return out
 
 
-def require_backend(backend, device="cpu"):
-    why = far_kernels.ops.bilstm_scan.OP.reason(backend, device)
+def require_backend(backend, device="cpu", op=None):
+    why = (op or far_kernels.ops.bilstm_scan.OP).reason(backend, device)
     if why is not None:
         if os.environ.get("CI") == "true" and backend == "cpp":
             pytest.fail(f"CI must build the cpp backend: {why}")

@@ -5,7 +5,17 @@ import torch
 
 import far_kernels
 from far_kernels import BackendUnavailable, bilstm_fused_scan, bilstm_fused_scan_ref
-from conftest import assert_close_derived, cpu_backends, per_head_lstm, require_backend
+import conftest
+from conftest import assert_close_derived, per_head_lstm
+
+
+def cpu_backends():  # this op's own backends (the scan has a Triton kernel, the fused op has none)
+    return conftest.cpu_backends(far_kernels.ops.bilstm_fused_scan.OP)
+
+
+def require_backend(backend, device="cpu"):
+    conftest.require_backend(backend, device, far_kernels.ops.bilstm_fused_scan.OP)
+
 
 # (H, B, T, d, n, hidden sizes [2, H]) with awkward sizes: T = 1, 50, 197; B = 1, 3, 17; pruned 37 and 0
 GRID = [
