@@ -41,6 +41,11 @@ if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)
 else echo "no CUDA device: bench_cuda_scan skipped" >"$work/cuda_scan.log"; cuda_bench_rc=0; fi
 tail -n 30 "$work/cuda_scan.log" >&2
 
+echo "== crossbar emulation GEMM (triton vs reference vs bf16 GEMM)" >&2
+xbar_args=(); [ "${QUICK:-0}" = 1 ] && xbar_args=(--B 8 --no-noise); [[ "${BENCH_ARGS:-}" == *--quick* ]] && xbar_args=(--quick)
+timeout 420 python bench/bench_crossbar.py "${xbar_args[@]}" --out "$work/crossbar.json" >"$work/crossbar.log" 2>&1
+tail -n 20 "$work/crossbar.log" >&2
+
 python - "$work" "$stamp" "$build_rc" "$build_s" "$tests_rc" "$bench_rc" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
@@ -79,6 +84,10 @@ try:
     result["bench_cuda_scan"] = json.loads((work / "cuda_scan.json").read_text())
 except Exception as e:
     result["bench_cuda_scan"] = {"error": f"no JSON: {e}", "log_tail": (work / "cuda_scan.log").read_text()[-3000:]}
+try:
+    result["bench_crossbar"] = json.loads((work / "crossbar.json").read_text())
+except Exception as e:
+    result["bench_crossbar"] = {"error": f"no JSON: {e}", "log_tail": (work / "crossbar.log").read_text()[-3000:]}
 path = write_json(Path("bench/results") / f"gpu_suite-{dev}-{stamp}.json", result)
 print(path)
 PY
