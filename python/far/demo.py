@@ -36,6 +36,13 @@ def _timed_predict(model, x, batch_size: int):
     return torch.cat(outs), n_timed / max(timed, 1e-9)
 
 
+def _stored_params(model) -> int:
+    """Parameters as stored by far.save: kept LSTM units only (no padding of pruned heads)."""
+    from far.io import _checkpoint_tensors
+
+    return sum(t.numel() for t in _checkpoint_tensors(model).values())
+
+
 def _mixer_params(model) -> int:
     """Parameters of the token mixers: attention (qkv, proj) or FAR (pre_proj, LSTMs, head_proj, proj),
     kept units only."""
@@ -69,7 +76,7 @@ def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int =
     for label, name, model in models:
         is_far = any(True for _ in far.far_modules(model))
         meta = model.far_checkpoint.get("metadata", {})
-        base = {"model": label, "name": name, "params": sum(p.numel() for p in model.parameters()),
+        base = {"model": label, "name": name, "params": _stored_params(model),
                 "mixer_params": _mixer_params(model),
                 "hidden_sizes": [m.hidden_sizes.tolist() for _, m in far.far_modules(model)] if is_far else None,
                 "trained": meta.get("training", {}).get("command"), "num_images": len(x)}
