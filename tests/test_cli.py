@@ -199,7 +199,7 @@ def test_missing_fashion_mnist(capsys, ckpt, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["convert", "not_a_model", "-o", "{tmp}/x.safetensors"], "unknown model 'not_a_model'"),
-    (["convert", "fmnist_deit_tiny", "--pretrained", "-o", "{tmp}/x.safetensors"], "could not get pretrained weights"),
+    (["convert", "fmnist_deit_small", "--pretrained", "-o", "{tmp}/x.safetensors"], "could not get pretrained weights"),
     (["convert", "fmnist_deit_tiny", "-o", "{tmp}/no/such/dir/x.safetensors"], "no such folder"),
     (["convert", "fmnist_deit_tiny", "--hidden-size", "0", "-o", "{tmp}/x.safetensors"], "--hidden-size"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--batch-size", "0"], "--batch-size"),
