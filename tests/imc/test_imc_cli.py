@@ -99,10 +99,18 @@ def test_far_model_calibrated_and_include(capsys, far_ckpt, tmp_path):
 
 @needs_fmnist
 def test_model_name_random_init(capsys, tmp_path):
-    code, out, err = run(capsys, "imc-eval", "fmnist_deit_tiny", "--no-far", "--data", "fashion-mnist",
+    code, out, err = run(capsys, "imc-eval", "fmnist_deit_small", "--no-far", "--data", "fashion-mnist",
                          "--limit", 4, "--batch-size", 4, *FAST, "--include", "head", "-q")
     assert code == 0, err
-    assert "fmnist_deit_tiny (random init)" in out and "crossbar " in out
+    assert "fmnist_deit_small (random init)" in out and "crossbar " in out
+
+
+@needs_fmnist
+def test_zoo_name_loads_the_trained_checkpoint(capsys, tmp_path):
+    code, out, err = run(capsys, "imc-eval", "fmnist_deit_tiny", "--data", "fashion-mnist",
+                         "--limit", 4, "--batch-size", 4, *FAST, "--include", "head", "-q")
+    assert code == 0, err
+    assert "fmnist_deit_tiny (zoo checkpoint)" in out
 
 
 @pytest.mark.parametrize("argv,fragments", [

@@ -94,7 +94,8 @@ def _config_line(cfg) -> str:
 
 # ---------------------------------------------------------------- model
 def _load_model(spec: str, device, no_far: bool):
-    """A checkpoint path (far.load) or a registry / timm name (far.create_model, random init)."""
+    """A checkpoint path (far.load), a zoo name (the bundled trained checkpoint), or a registry / timm
+    name (far.create_model, random init)."""
     import timm
 
     import far
@@ -106,6 +107,12 @@ def _load_model(spec: str, device, no_far: bool):
         if no_far:
             raise CLIError("--no-far applies to model names; a checkpoint is evaluated as saved")
         return far.load(str(path), device=str(device)), str(path), "checkpoint"
+    from far.models.zoo import ZOO, zoo_path
+
+    if spec in ZOO:  # the bundled, trained checkpoint (offline), evaluated as saved
+        if no_far:
+            raise CLIError("--no-far applies to untrained model names; a zoo model is evaluated as saved")
+        return far.load(str(zoo_path(spec)), device=str(device)), spec, "zoo checkpoint"
     if timm.is_model(spec):
         model = far.create_model(spec, pretrained=False, far=not no_far)
         return model.to(device).eval(), spec, "random init"
