@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_result_path, environment, write_json  # noqa: E402
+from common import default_result_path, environment, event_times_ms, write_json  # noqa: E402
 
 import far  # noqa: E402
 import far_kernels  # noqa: E402
@@ -38,26 +38,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def time_ms(fn, device, reps=50, warmup=5):
     """Median ms of fn(): CUDA events on GPU, perf_counter on CPU."""
-    import time
-
-    for _ in range(warmup):
-        fn()
-    ts = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
+    ts = event_times_ms(fn, device, reps, warmup)
     return ts[len(ts) // 2]
 
 

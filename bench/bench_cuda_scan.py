@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_result_path, environment, write_json  # noqa: E402
+from common import default_result_path, environment, event_times_ms, write_json  # noqa: E402
 
 import far_kernels  # noqa: E402
 from far_kernels._ext import _C  # noqa: E402
@@ -28,18 +28,7 @@ PATHS = {"fma": 1, "mma": 2}
 
 
 def time_ms(fn, reps, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
+    ts = event_times_ms(fn, "cuda", reps, warmup)
     return ts[len(ts) // 2], ts[0], ts[-1]
 
 

@@ -176,3 +176,26 @@ def write_json(path, obj) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def event_times_ms(fn: Callable[[], object], device, reps: int = 50, warmup: int = 5) -> list:
+    """Sorted per-call ms of fn(): CUDA events around each call on a GPU, perf_counter on a CPU
+    (warm-up calls excluded)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(ts)
