@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_result_path, environment, event_times_ms, write_json  # noqa: E402
+from common import default_result_path, environment, event_times_ms, grouped_bars_png, write_json  # noqa: E402
 
 import far  # noqa: E402
 import far_kernels  # noqa: E402
@@ -196,29 +196,12 @@ def run(args):
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     recs = result["records"]
     names = sorted({k for r in recs for k, v in r["ms"].items() if v})
-    fig, ax = plt.subplots(figsize=(max(6, len(recs) * 0.6), 4))
-    width = 0.8 / max(len(names), 1)
-    for i, name in enumerate(names):
-        ax.bar([j + i * width for j in range(len(recs))], [r["ms"].get(name) or 0 for r in recs], width, label=name)
-    ax.set_xticks([j + 0.4 for j in range(len(recs))])
-    ax.set_xticklabels([f"{r['shape']}\n{r['dtype']} B{r['B']}" for r in recs], fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per layer (median)")
-    ax.legend(fontsize=7)
-    ax.set_title(f"FAR BiLSTM vs cuDNN LSTM vs attention, T={recs[0]['T'] if recs else '?'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return grouped_bars_png(path, [f"{r['shape']}\n{r['dtype']} B{r['B']}" for r in recs],
+                            {name: [r["ms"].get(name) for r in recs] for name in names}, "ms per layer (median)",
+                            f"FAR BiLSTM vs cuDNN LSTM vs attention, T={recs[0]['T'] if recs else '?'}",
+                            width_per_group=0.6, height=4)
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_result_path, environment, time_fn, write_json  # noqa: E402
+from common import default_result_path, environment, grouped_bars_png, time_fn, write_json  # noqa: E402
 
 import far_kernels  # noqa: E402
 from far_kernels import CrossbarConfig, crossbar_matmul, program_crossbar  # noqa: E402
@@ -183,30 +183,12 @@ def run(args):
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     recs = result["records"]
     names = ["triton", "torch", "gemm_bf16", "gemm_fp32", "floor"]
-    fig, ax = plt.subplots(figsize=(max(6, len(recs) * 0.9), 4.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        vals = [(r["floor"].get("ms") if name == "floor" else r["ms"].get(name)) or 0 for r in recs]
-        ax.bar([j + i * width for j in range(len(recs))], vals, width, label=name)
-    ax.set_xticks([j + 0.4 for j in range(len(recs))])
-    ax.set_xticklabels([f"{r['case']}\n{r['variant']}\n{r['M']}x{r['K']}x{r['N']}" for r in recs], fontsize=6)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per call (median)")
-    ax.legend(fontsize=7)
-    ax.set_title(f"crossbar emulation GEMM on {result['device']} (ISAAC-like config)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    series = {name: [r["floor"].get("ms") if name == "floor" else r["ms"].get(name) for r in recs] for name in names}
+    return grouped_bars_png(path, [f"{r['case']}\n{r['variant']}\n{r['M']}x{r['K']}x{r['N']}" for r in recs], series,
+                            "ms per call (median)", f"crossbar emulation GEMM on {result['device']} (ISAAC-like config)",
+                            width_per_group=0.9, xlabel_size=6)
 
 
 def main(argv=None):

@@ -199,3 +199,32 @@ def event_times_ms(fn: Callable[[], object], device, reps: int = 50, warmup: int
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
     return sorted(ts)
+
+
+def grouped_bars_png(path, xlabels, series: dict, ylabel: str, title: str, width_per_group: float = 0.6,
+                     height: float = 4.5, xlabel_size: int = 7):
+    """One log-scale grouped bar chart (a bar per series in every group) written to `path`.
+    Returns the path, or None when matplotlib is missing. Missing values (None/0) draw no bar."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n = len(xlabels)
+    fig, ax = plt.subplots(figsize=(max(6, n * width_per_group), height))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(n)], [v or 0 for v in vals], width, label=name)
+    ax.set_xticks([j + 0.4 for j in range(n)])
+    ax.set_xticklabels(xlabels, fontsize=xlabel_size)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
