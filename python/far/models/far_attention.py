@@ -269,10 +269,12 @@ class FARAttention(nn.Module):
         as one batched (block-diagonal) GEMM."""
         return input_gates_ref(xh, self.w_ih, self.b_ih + self.b_hh)
 
-    def _needs_grad(self, xh: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (xh.requires_grad or any(
-            p.requires_grad for p in (self.w_ih, self.b_ih, self.b_hh, self.w_hh,
-                                      self.head_proj_weight, self.head_proj_bias)))
+    def _needs_grad(self, xh: torch.Tensor, lstm_only: bool = False) -> bool:
+        """Whether autograd needs the LSTM (and, unless lstm_only, head_proj) computation."""
+        params = (self.w_ih, self.b_ih, self.b_hh, self.w_hh)
+        if not lstm_only:
+            params += (self.head_proj_weight, self.head_proj_bias)
+        return torch.is_grad_enabled() and (xh.requires_grad or any(p.requires_grad for p in params))
 
     def _lstm_autograd(self, xh: torch.Tensor) -> torch.Tensor:
         """Differentiable multi-head BiLSTM + head_proj for training: xh [B, N, H*d] -> [B, N, H*d].
@@ -304,8 +306,7 @@ class FARAttention(nn.Module):
         bilstm_scan. Selection is bilstm_scan's (explicit > module attribute > env FAR_BACKEND > auto;
         an unavailable explicit backend raises there); fused only where that backend has a fused kernel,
         it is not the torch reference, and no gradient is needed."""
-        if torch.is_grad_enabled() and (xh.requires_grad or any(
-                p.requires_grad for p in (self.w_ih, self.b_ih, self.b_hh, self.w_hh))):
+        if self._needs_grad(xh, lstm_only=True):
             return None
         if x.dtype == torch.float64 and far_kernels.requested_backend(backend) == "auto":
             return None

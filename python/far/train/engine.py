@@ -496,14 +496,13 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     if bar is not None:
         bar.close()
     completed = step >= total
-    final = model
     if ema is not None and completed:
         model.load_state_dict(ema.shadow, strict=False)
     if completed and eval_set is not None and (acc is None or ema is not None):
         acc = evaluate(model, eval_set, cfg.eval_batch_size, d)
     if acc is None and completed:
         acc = next((r["accuracy"] for r in reversed(history) if r.get("kind") == "epoch"), None)
-    return TrainResult(model=final, history=history, final_accuracy=acc,
+    return TrainResult(model=model, history=history, final_accuracy=acc,
                        seconds=run_seconds + (time.perf_counter() - t_epoch if not completed else 0.0),
                        steps=step, out_dir=out, completed=completed)
 
