@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import far
-from far.train.distill import DistillTask, ProjInputs, cosine_token_loss, make_student
+from far.train.distill import DistillTask, ProjInputs, cosine_token_loss, kd_loss, make_student
 from far.train.engine import TrainConfig
 
 TINY = dict(embed_dim=48, depth=2, num_heads=2)
@@ -107,6 +107,43 @@ def test_bad_weights():
     teacher = tiny_teacher()
     with pytest.raises(ValueError, match="loss weights"):
         DistillTask(make_student(teacher), teacher, TrainConfig(), stage=1, ce_weight=0.0, cos_weight=0.0)
+    with pytest.raises(ValueError, match="loss weights"):
+        DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, kd_weight=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, kd_weight=1.0, kd_temperature=0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_loss_is_temperature_scaled_kl_from_teacher_to_student(temperature):
+    torch.manual_seed(3)
+    s, t = torch.randn(7, 10, dtype=torch.float64), torch.randn(7, 10, dtype=torch.float64)
+    p_t, p_s = (t / temperature).softmax(-1), (s / temperature).softmax(-1)
+    want = (p_t * (p_t.log() - p_s.log())).sum(-1).mean() * temperature ** 2
+    got = kd_loss(s, t, temperature)
+    assert abs(float(got) - float(want)) < 1e-6 * max(1.0, float(want))
+    assert float(kd_loss(t + 3.0, t, temperature)) < 1e-6  # same distribution (logits up to a constant): 0
+    assert float(kd_loss(t, s, temperature)) != pytest.approx(float(got))  # KL is not symmetric: order matters
+
+
+def test_stage2_with_kd_pulls_the_student_toward_the_teacher():
+    teacher = tiny_teacher()
+    student = make_student(teacher)
+    task = DistillTask(student, teacher, TrainConfig(label_smoothing=0.0), stage=2, ce_weight=1.0, cos_weight=0.0,
+                       kd_weight=1.0, kd_temperature=2.0)
+    torch.manual_seed(2)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    student.train()
+    before = task.loss(student, x, y)
+    assert set(before) == {"loss", "ce", "kd"}
+    with torch.no_grad():
+        want_kd = kd_loss(student(x), teacher(x), 2.0)
+    assert abs(float(before["kd"]) - float(want_kd)) < 1e-5
+    assert abs(float(before["loss"]) - float(before["ce"] + before["kd"])) < 1e-5
+    opt = torch.optim.SGD([p for _, p in task.trainable()], lr=0.05)
+    opt.zero_grad()
+    before["loss"].backward()
+    opt.step()
+    assert float(task.loss(student, x, y)["loss"].detach()) < float(before["loss"].detach())
 
 
 def test_distill_end_to_end(tmp_path):
@@ -118,11 +155,13 @@ def test_distill_end_to_end(tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=32, limit=64, eval_limit=64, progress=False,
                       out_dir=str(tmp_path / "run"), log_every=1)
     out = tmp_path / "student.safetensors"
-    summary = distill(str(tpath), "fashion-mnist", cfg, stage2_epochs=0.5, output=str(out))
+    summary = distill(str(tpath), "fashion-mnist", cfg, stage2_epochs=0.5, output=str(out), kd_weight=0.5)
     assert summary["output"] == str(out) and 0 <= summary["test_accuracy"] <= 1
     m = far.load(out)
     assert len(list(far.far_modules(m))) == 2
     assert m.far_checkpoint["metadata"]["training"]["command"] == "distill"
     rows = (tmp_path / "run" / "stage1" / "metrics.jsonl").read_text().splitlines()
-    assert any('"cos_b1"' in r for r in rows)
+    assert any('"cos_b1"' in r for r in rows) and any('"kd"' in r for r in rows)
+    assert any('"kd"' in r for r in (tmp_path / "run" / "stage2" / "metrics.jsonl").read_text().splitlines())
+    assert m.far_checkpoint["metadata"]["distill"]["kd_weight"] == 0.5
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0

@@ -114,7 +114,7 @@ def cmd_distill(args) -> int:
     hs = args.hidden_size
     distill(args.teacher, args.data, cfg, stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr,
             output=args.output, device=args.device, ce_weight=args.ce_weight, cos_weight=args.cos_weight,
-            hidden_sizes=hs, val=args.val)
+            hidden_sizes=hs, val=args.val, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
     return 0
 
 
@@ -148,7 +148,9 @@ def add_more_parsers(sub, formatter) -> None:
                     "(--epochs, --lr) trains only the new modules (pre_proj, LSTMs, head_proj; W_O frozen) with "
                     "CE + sum over blocks of (1 - cosine along tokens, per channel) between each FAR module's output "
                     "after head_proj and the teacher attention's output before W_O. Stage 2 (--stage2-epochs, "
-                    "--stage2-lr) fine-tunes the whole student with CE. Losses are logged per block.",
+                    "--stage2-lr) fine-tunes the whole student with CE. --kd-weight adds, in both stages, logit distillation "
+                    "(T^2 KL between the teacher's and the student's softmax at temperature --kd-temperature). "
+                    "Losses are logged per block.",
         epilog="example:\n  far distill teacher.safetensors --data fashion-mnist --epochs 2 --stage2-epochs 1 "
                "-o far.safetensors\n" + _LAUNCH.format(cmd="distill"))
     p.add_argument("teacher", help="teacher checkpoint (far train-teacher), zoo name, or timm name (pretrained)")
@@ -157,6 +159,9 @@ def add_more_parsers(sub, formatter) -> None:
     p.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2 peak learning rate")
     p.add_argument("--ce-weight", type=float, default=1.0, help="weight of CE in stage 1")
     p.add_argument("--cos-weight", type=float, default=1.0, help="weight of the summed cosine losses in stage 1")
+    p.add_argument("--kd-weight", type=float, default=0.0,
+                   help="weight of logit distillation (teacher soft labels) in both stages (0 = off)")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T of --kd-weight")
     p.add_argument("--hidden-size", type=int, default=None, help="LSTM units per head and direction (default head_dim)")
     p.add_argument("-o", "--output", default=None, help="where to save the FAR student (.safetensors)")
     add_train_args(p, epochs=2, lr=1e-3, out_dir="far-runs/distill", warmup=0.2)

@@ -6,7 +6,9 @@ the LSTMs, head_proj; W_O and everything else frozen) with
     loss = ce_weight * CE + cos_weight * sum_blocks mean_{b,c} (1 - cos_N(s[b, :, c], t[b, :, c]))
 where s is a FAR module's output after head_proj (the input of its proj) and t the teacher attention's
 output before W_O (the input of the teacher's proj), the cosine taken along the token axis N per
-channel. Stage 2 fine-tunes the whole student with CE.
+channel. Stage 2 fine-tunes the whole student with CE. Optionally (kd_weight > 0, both stages) a
+logit-distillation term kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) pulls the
+student's predictions toward the teacher's: the point of FAR is to preserve the teacher's function.
 """
 from __future__ import annotations
 
@@ -69,20 +71,34 @@ def cosine_token_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(s.float(), t.float(), dim=1, eps=1e-6)).mean()
 
 
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(softmax(t / T) || softmax(s / T)), averaged over the batch (Hinton et al. 2015): 0 iff the
+    two predictive distributions agree; the T^2 keeps its gradient scale independent of T."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
 class DistillTask(Task):
     """Stage 1 (`stage=1`): only the FAR modules' own parameters train, loss = CE + cosine terms.
-    Stage 2: every parameter trains with CE (cos_weight applies too if > 0)."""
+    Stage 2: every parameter trains with CE (cos_weight applies too if > 0). kd_weight > 0 adds
+    the logit-distillation term (kd_loss at kd_temperature) in either stage."""
 
     name = "distill"
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, stage: int,
-                 ce_weight: float = 1.0, cos_weight: float = 1.0):
+                 ce_weight: float = 1.0, cos_weight: float = 1.0, kd_weight: float = 0.0,
+                 kd_temperature: float = 1.0):
         super().__init__(student, cfg)
-        if ce_weight < 0 or cos_weight < 0 or ce_weight + cos_weight == 0:
-            raise TrainError(f"loss weights must be >= 0 and not both 0, got ce {ce_weight}, cos {cos_weight}")
+        if min(ce_weight, cos_weight, kd_weight) < 0 or ce_weight + cos_weight + kd_weight == 0:
+            raise TrainError(f"loss weights must be >= 0 and not all 0, got ce {ce_weight}, cos {cos_weight}, "
+                             f"kd {kd_weight}")
+        if not kd_temperature > 0:
+            raise TrainError(f"kd temperature must be > 0, got {kd_temperature}")
         self.name = f"distill-stage{stage}"
         self.stage = stage
         self.ce_weight, self.cos_weight = ce_weight, cos_weight
+        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -103,9 +119,9 @@ class DistillTask(Task):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
         need_cos = self.cos_weight > 0
-        if need_cos:
+        if need_cos or self.kd_weight > 0:
             with torch.no_grad():
-                self.teacher(x)
+                t_logits = self.teacher(x)
             t_feats = self.t_hooks.take()
         logits = model(x)
         s_feats = self.s_hooks.take()
@@ -119,6 +135,10 @@ class DistillTask(Task):
             out["cos"] = total.detach()
             for i, c in enumerate(cos):
                 out[f"cos_b{i}"] = c.detach()
+        if self.kd_weight > 0:
+            kd = kd_loss(logits, t_logits, self.kd_temperature)
+            loss = loss + self.kd_weight * kd
+            out["kd"] = kd.detach()
         out["loss"] = loss
         return out
 
@@ -152,9 +172,10 @@ def load_teacher(spec: str, device: torch.device) -> nn.Module:
 def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig] = None,
             stage2_epochs: float = 1.0, stage2_lr: float = 2e-4, output: Optional[str] = None,
             device: Optional[str] = None, ce_weight: float = 1.0, cos_weight: float = 1.0,
-            hidden_sizes=None, val: Optional[str] = None) -> dict:
+            hidden_sizes=None, val: Optional[str] = None, kd_weight: float = 0.0,
+            kd_temperature: float = 1.0) -> dict:
     """Two-stage distillation; `cfg` drives stage 1 (its epochs, lr), stage 2 reuses it with
-    `stage2_epochs` and `stage2_lr` (0 epochs = skip). Run folders: <out_dir>/stage1, <out_dir>/stage2;
+    `stage2_epochs` and `stage2_lr` (0 epochs = skip); kd_weight > 0 adds logit distillation to both. Run folders: <out_dir>/stage1, <out_dir>/stage2;
     --resume skips a finished stage 1 and continues the unfinished stage."""
     import far
 
@@ -172,13 +193,16 @@ def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig
         stage1_model = root / "stage1" / "model.safetensors"
         ident = {"teacher": os.path.abspath(teacher) if os.path.exists(teacher) else teacher, "data": str(data),
                  "ce_weight": ce_weight, "cos_weight": cos_weight}
+        if kd_weight > 0:  # only then, so runs without KD keep the identity they always had (resume)
+            ident.update(kd_weight=kd_weight, kd_temperature=kd_temperature)
         seconds = 0.0
         if cfg.resume and stage1_model.is_file():
             student = far.load(stage1_model)
             r1 = None
         else:
             c1 = _stage_cfg(cfg, root / "stage1", cfg.epochs, cfg.lr, resume=cfg.resume)
-            task = DistillTask(student, t_model, c1, stage=1, ce_weight=ce_weight, cos_weight=cos_weight)
+            task = DistillTask(student, t_model, c1, stage=1, ce_weight=ce_weight, cos_weight=cos_weight,
+                               kd_weight=kd_weight, kd_temperature=kd_temperature)
             r1 = train(task, train_set, eval_set, c1, d, identity=ident, desc="distill stage 1")
             task.s_hooks.remove()
             task.t_hooks.remove()
@@ -194,7 +218,8 @@ def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig
             c2 = _stage_cfg(cfg, root / "stage2", stage2_epochs, stage2_lr,
                             resume=cfg.resume and (root / "stage2" / "last.pt").is_file())
             c2.warmup_epochs = min(cfg.warmup_epochs, stage2_epochs / 4)
-            task = DistillTask(student, t_model, c2, stage=2, ce_weight=1.0, cos_weight=0.0)
+            task = DistillTask(student, t_model, c2, stage=2, ce_weight=1.0, cos_weight=0.0, kd_weight=kd_weight,
+                               kd_temperature=kd_temperature)
             result = train(task, train_set, eval_set, c2, d, identity={**ident, "stage": 2}, desc="distill stage 2")
             task.s_hooks.remove()
             task.t_hooks.remove()
@@ -215,7 +240,8 @@ def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig
         meta = run_metadata("distill", cfg, d, result, teacher=ident["teacher"], data=str(data),
                             teacher_test_accuracy=t_acc,
                             distill={"stage1_epochs": cfg.epochs, "stage1_lr": cfg.lr, "stage2_epochs": stage2_epochs,
-                                     "stage2_lr": stage2_lr, "ce_weight": ce_weight, "cos_weight": cos_weight})
+                                     "stage2_lr": stage2_lr, "ce_weight": ce_weight, "cos_weight": cos_weight,
+                                     "kd_weight": kd_weight, "kd_temperature": kd_temperature})
         lstm = sum(m.num_lstm_params() for _, m in far.far_modules(result.model))
         rows = [("teacher top-1", f"{100 * t_acc:.2f}%" if t_acc is not None else "n/a"),
                 ("FAR parameters", f"{sum(p.numel() for p in result.model.parameters()):,}"),
