@@ -1,4 +1,5 @@
 """`far imc-eval`: table, JSON and plot for a sweep on tiny random models; one-line user errors."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -74,6 +75,7 @@ def test_sweep_table_json_plot(capsys, teacher_ckpt, tmp_path):
     assert [r[0] for r in rows] == ["digital", "adc_bits=3", "adc_bits=8"]
     res = json.loads(js.read_text())
     assert res["num_images"] == 12 and res["sweep"] == {"key": "adc_bits", "values": [3, 8]}
+    assert res["checkpoint_sha256"] == hashlib.sha256(Path(teacher_ckpt).read_bytes()).hexdigest()
     assert [r["setting"] for r in res["results"]] == ["digital", "adc_bits=3", "adc_bits=8"]
     for r, printed in zip(res["results"], rows):
         assert 0 <= r["accuracy"] <= 1 and r["num_images"] == 12

@@ -95,7 +95,7 @@ def _config_line(cfg) -> str:
 # ---------------------------------------------------------------- model
 def _load_model(spec: str, device, no_far: bool):
     """A checkpoint path (far.load), a zoo name (the bundled trained checkpoint), or a registry / timm
-    name (far.create_model, random init)."""
+    name (far.create_model, random init). Returns (model, label, origin, checkpoint file or None)."""
     import timm
 
     import far
@@ -106,17 +106,27 @@ def _load_model(spec: str, device, no_far: bool):
             raise CLIError(f"{spec}: is a folder; give a checkpoint file or a model name")
         if no_far:
             raise CLIError("--no-far applies to model names; a checkpoint is evaluated as saved")
-        return far.load(str(path), device=str(device)), str(path), "checkpoint"
+        return far.load(str(path), device=str(device)), str(path), "checkpoint", path
     from far.models.zoo import ZOO, zoo_path
 
     if spec in ZOO:  # the bundled, trained checkpoint (offline), evaluated as saved
         if no_far:
             raise CLIError("--no-far applies to untrained model names; a zoo model is evaluated as saved")
-        return far.load(str(zoo_path(spec)), device=str(device)), spec, "zoo checkpoint"
+        return far.load(str(zoo_path(spec)), device=str(device)), spec, "zoo checkpoint", zoo_path(spec)
     if timm.is_model(spec):
         model = far.create_model(spec, pretrained=False, far=not no_far)
-        return model.to(device).eval(), spec, "random init"
+        return model.to(device).eval(), spec, "random init", None
     raise CLIError(f"{spec}: no such checkpoint, and not a model name (e.g. fmnist_deit_tiny, deit_tiny_patch16_224)")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- command
@@ -189,7 +199,7 @@ def _imc_eval(args: argparse.Namespace) -> int:
 
         far_kernels.ops.crossbar_matmul.OP.resolve(args.backend, device)  # unavailable: error before any work
 
-    model, model_label, origin = _load_model(args.model, device, args.no_far)
+    model, model_label, origin, ckpt_file = _load_model(args.model, device, args.no_far)
     model.eval()
     inc, exc = args.include or None, args.exclude or None
     select_targets(model, inc, exc)  # a pattern that matches nothing: error before any evaluation
@@ -237,7 +247,9 @@ def _imc_eval(args: argparse.Namespace) -> int:
         delta = "-" if r["value"] is None and r["setting"] == "digital" else f"{100 * (r['accuracy'] - digital):+.2f}"
         print(f"{r['setting']:<{w}}  {100 * r['accuracy']:>7.2f}%  {delta:>10}  {r['images_per_s']:>9.1f}")
     result = {
-        "model": model_label, "origin": origin, "data": str(args.data), "split": args.split,
+        "model": model_label, "origin": origin,
+        "checkpoint_sha256": _sha256(ckpt_file) if ckpt_file is not None else None,  # which weights, exactly
+        "data": str(args.data), "split": args.split,
         "num_images": rows[0]["num_images"], "device": str(device), "threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "base_config": dataclasses.asdict(base),
         "sweep": {"key": sweep_key, "values": [s[1] for s in settings]} if sweep_key else None,
