@@ -112,7 +112,8 @@ def _load_model(spec: str, device, no_far: bool):
     if spec in ZOO:  # the bundled, trained checkpoint (offline), evaluated as saved
         if no_far:
             raise CLIError("--no-far applies to untrained model names; a zoo model is evaluated as saved")
-        return far.load(str(zoo_path(spec)), device=str(device)), spec, "zoo checkpoint", zoo_path(spec)
+        file = zoo_path(spec)
+        return far.load(str(file), device=str(device)), spec, "zoo checkpoint", file
     if timm.is_model(spec):
         model = far.create_model(spec, pretrained=False, far=not no_far)
         return model.to(device).eval(), spec, "random init", None

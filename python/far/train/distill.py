@@ -175,8 +175,9 @@ def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig
             hidden_sizes=None, val: Optional[str] = None, kd_weight: float = 0.0,
             kd_temperature: float = 1.0) -> dict:
     """Two-stage distillation; `cfg` drives stage 1 (its epochs, lr), stage 2 reuses it with
-    `stage2_epochs` and `stage2_lr` (0 epochs = skip); kd_weight > 0 adds logit distillation to both. Run folders: <out_dir>/stage1, <out_dir>/stage2;
-    --resume skips a finished stage 1 and continues the unfinished stage."""
+    `stage2_epochs` and `stage2_lr` (0 epochs = skip); kd_weight > 0 adds logit distillation to both.
+    Run folders: <out_dir>/stage1, <out_dir>/stage2; --resume skips a finished stage 1 and continues
+    the unfinished stage."""
     import far
 
     cfg = (cfg or TrainConfig()).validate()
