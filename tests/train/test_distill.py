@@ -165,3 +165,54 @@ def test_distill_end_to_end(tmp_path):
     assert any('"kd"' in r for r in (tmp_path / "run" / "stage2" / "metrics.jsonl").read_text().splitlines())
     assert m.far_checkpoint["metadata"]["distill"]["kd_weight"] == 0.5
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+
+
+def test_distill_continues_an_existing_student_and_skips_stage1(tmp_path):
+    """--student + --epochs 0: stage 2 starts from that student's weights (not a fresh conversion), stage 1
+    never runs, and the checkpoint records where it started."""
+    from far.train.distill import distill
+
+    teacher = tiny_teacher()
+    tpath, spath = tmp_path / "teacher.safetensors", tmp_path / "student.safetensors"
+    far.save(teacher, tpath)
+    torch.manual_seed(123)
+    student = make_student(teacher)
+    for _, p in student.named_parameters():  # far from any fresh conversion of the teacher
+        p.data.add_(0.1 * torch.randn_like(p))
+    for _, m in far.far_modules(student):
+        m.zero_padding_()
+    far.save(student, spath)
+    cfg = TrainConfig(epochs=0, batch_size=32, limit=64, eval_limit=64, progress=False, weight_decay=0.0,
+                      out_dir=str(tmp_path / "run"), log_every=1, seed=0)
+    out = tmp_path / "continued.safetensors"
+    distill(str(tpath), "fashion-mnist", cfg, stage2_epochs=1, stage2_lr=1e-9, output=str(out), student=str(spath))
+    got = far.load(out).state_dict()
+    for k, v in student.state_dict().items():  # lr 1e-9: Adam moves each weight by at most ~steps * lr
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    fresh = make_student(teacher).state_dict()
+    assert any((got[k] - fresh[k]).abs().max() > 1e-2 for k in fresh)
+    assert not (tmp_path / "run" / "stage1").exists()
+    meta = far.load(out).far_checkpoint["metadata"]
+    assert meta["distill"]["student"] == str(spath.resolve()) and meta["distill"]["stage1_epochs"] == 0
+
+
+def test_distill_refuses_bad_student_and_empty_runs(tmp_path):
+    from far.train.distill import distill
+    from far.train.engine import TrainError
+
+    teacher = tiny_teacher()
+    tpath = tmp_path / "teacher.safetensors"
+    far.save(teacher, tpath)
+    deeper = far.create_model("fmnist_deit_tiny", far=False, embed_dim=48, depth=3, num_heads=2)
+    far.save(make_student(deeper), tmp_path / "deeper.safetensors")
+    cfg = TrainConfig(epochs=0, batch_size=32, limit=32, eval_limit=32, progress=False, out_dir=str(tmp_path / "r"))
+    cases = [(dict(student=str(tpath)), "no FAR modules"),  # an attention model is not a student
+             (dict(student=str(tmp_path / "deeper.safetensors")), "3 blocks"),
+             (dict(student=str(tmp_path / "missing.safetensors")), "missing"),
+             (dict(stage2_epochs=0), "nothing to train"),
+             (dict(student=str(tmp_path / "deeper.safetensors"), hidden_sizes=8), "--hidden-size")]
+    for kwargs, msg in cases:
+        with pytest.raises(TrainError, match=msg):
+            distill(str(tpath), "fashion-mnist", cfg, **{"stage2_epochs": 1, **kwargs})
+    assert not (tmp_path / "r" / "stage2").exists()

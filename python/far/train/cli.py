@@ -52,7 +52,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                         "fashion-mnist uses its test split)")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, validate: bool = True) -> TrainConfig:
+    """The TrainConfig of the parsed flags; validate=False leaves the checks to the command (distill
+    accepts --epochs 0)."""
     from far.train.engine import TrainError
 
     if args.threads is not None:
@@ -62,7 +64,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
         torch.set_num_threads(args.threads)
     names = {f for f in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}).validate()
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return cfg.validate() if validate else cfg
 
 
 def _check_output(args) -> None:
@@ -110,11 +113,12 @@ def cmd_distill(args) -> int:
     from far.train.distill import distill
 
     _check_output(args)
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, validate=False)  # distill validates: --epochs 0 skips stage 1
     hs = args.hidden_size
     distill(args.teacher, args.data, cfg, stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr,
             output=args.output, device=args.device, ce_weight=args.ce_weight, cos_weight=args.cos_weight,
-            hidden_sizes=hs, val=args.val, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
+            hidden_sizes=hs, val=args.val, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
+            student=args.student)
     return 0
 
 
@@ -150,9 +154,12 @@ def add_more_parsers(sub, formatter) -> None:
                     "after head_proj and the teacher attention's output before W_O. Stage 2 (--stage2-epochs, "
                     "--stage2-lr) fine-tunes the whole student with CE. --kd-weight adds, in both stages, logit distillation "
                     "(T^2 KL between the teacher's and the student's softmax at temperature --kd-temperature). "
-                    "Losses are logged per block.",
-        epilog="example:\n  far distill teacher.safetensors --data fashion-mnist --epochs 2 --stage2-epochs 1 "
-               "-o far.safetensors\n" + _LAUNCH.format(cmd="distill"))
+                    "Losses are logged per block. --student continues from an existing FAR student instead of "
+                    "converting the teacher; --epochs 0 skips stage 1.",
+        epilog="examples:\n  far distill teacher.safetensors --data fashion-mnist --epochs 2 --stage2-epochs 1 "
+               "-o far.safetensors\n  far distill teacher.safetensors --student far.safetensors --epochs 0 "
+               "--stage2-epochs 4 --kd-weight 1 -o far2.safetensors   # more stage-2 epochs\n"
+               + _LAUNCH.format(cmd="distill"))
     p.add_argument("teacher", help="teacher checkpoint (far train-teacher), zoo name, or timm name (pretrained)")
     add_data_args(p)
     p.add_argument("--stage2-epochs", type=float, default=1.0, help="CE fine-tune epochs after stage 1 (0 = none)")
@@ -163,6 +170,8 @@ def add_more_parsers(sub, formatter) -> None:
                    help="weight of logit distillation (teacher soft labels) in both stages (0 = off)")
     p.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T of --kd-weight")
     p.add_argument("--hidden-size", type=int, default=None, help="LSTM units per head and direction (default head_dim)")
+    p.add_argument("--student", default=None,
+                   help="start from this FAR checkpoint (or zoo name) instead of converting the teacher")
     p.add_argument("-o", "--output", default=None, help="where to save the FAR student (.safetensors)")
     add_train_args(p, epochs=2, lr=1e-3, out_dir="far-runs/distill", warmup=0.2)
     p.set_defaults(func=cmd_distill)

@@ -169,26 +169,58 @@ def load_teacher(spec: str, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
+def load_student(spec: str, teacher: nn.Module) -> nn.Module:
+    """An existing FAR student (checkpoint path or zoo name) to continue distilling from `teacher`."""
+    import far
+
+    try:
+        model = far.load(spec) if os.path.exists(spec) else far.create_model(spec, pretrained=True)
+    except Exception as e:  # noqa: BLE001 - corrupt file, unknown name, ...
+        raise TrainError(f"student '{spec}': {type(e).__name__}: {e}") from e
+    if not any(True for _ in far.far_modules(model)):
+        raise TrainError(f"student '{spec}' has no FAR modules; pass a FAR checkpoint (far distill -o ...)")
+    if len(_attention_blocks(model)) != len(_attention_blocks(teacher)):
+        raise TrainError(f"student '{spec}' has {len(_attention_blocks(model))} blocks, the teacher "
+                         f"{len(_attention_blocks(teacher))}")
+    s_cls, t_cls = getattr(model, "num_classes", None), getattr(teacher, "num_classes", None)
+    if s_cls != t_cls:
+        raise TrainError(f"student '{spec}' predicts {s_cls} classes, the teacher {t_cls}")
+    return model
+
+
 def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig] = None,
             stage2_epochs: float = 1.0, stage2_lr: float = 2e-4, output: Optional[str] = None,
             device: Optional[str] = None, ce_weight: float = 1.0, cos_weight: float = 1.0,
             hidden_sizes=None, val: Optional[str] = None, kd_weight: float = 0.0,
-            kd_temperature: float = 1.0) -> dict:
-    """Two-stage distillation; `cfg` drives stage 1 (its epochs, lr), stage 2 reuses it with
-    `stage2_epochs` and `stage2_lr` (0 epochs = skip); kd_weight > 0 adds logit distillation to both.
-    Run folders: <out_dir>/stage1, <out_dir>/stage2; --resume skips a finished stage 1 and continues
-    the unfinished stage."""
+            kd_temperature: float = 1.0, student: Optional[str] = None) -> dict:
+    """Two-stage distillation; `cfg` drives stage 1 (its epochs, lr; 0 epochs = skip), stage 2 reuses it
+    with `stage2_epochs` and `stage2_lr` (0 epochs = skip); kd_weight > 0 adds logit distillation to both.
+    `student` (a FAR checkpoint or zoo name) starts from that student instead of converting the teacher,
+    e.g. to continue distilling with more epochs. Run folders: <out_dir>/stage1, <out_dir>/stage2;
+    --resume skips a finished stage 1 and continues the unfinished stage."""
+    import dataclasses
+
     import far
 
-    cfg = (cfg or TrainConfig()).validate()
+    cfg = cfg or TrainConfig()
+    skip1 = cfg.epochs == 0
+    dataclasses.replace(cfg, epochs=1.0 if skip1 else cfg.epochs).validate()
     if stage2_epochs < 0:
         raise TrainError(f"stage 2 epochs must be >= 0, got {stage2_epochs}")
+    if skip1 and stage2_epochs == 0:
+        raise TrainError("both stages have 0 epochs: nothing to train")
+    if student is not None and hidden_sizes is not None:
+        raise TrainError("--hidden-size sizes a new student; an existing --student keeps its own sizes")
     d = setup_distributed(device)
     try:
         t_model = load_teacher(teacher, d.device)
         torch.manual_seed(cfg.seed)  # the LSTMs' initialization is part of the run
-        student = make_student(t_model.cpu(), hidden_sizes=hidden_sizes)
+        if student is not None:
+            s_model = load_student(student, t_model)
+        else:
+            s_model = make_student(t_model.cpu(), hidden_sizes=hidden_sizes)
         t_model.to(d.device)
+        student_spec, student = student, s_model
         train_set, eval_set = datasets(data, student, cfg, val)
         root = Path(cfg.out_dir)
         stage1_model = root / "stage1" / "model.safetensors"
@@ -196,8 +228,12 @@ def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig
                  "ce_weight": ce_weight, "cos_weight": cos_weight}
         if kd_weight > 0:  # only then, so runs without KD keep the identity they always had (resume)
             ident.update(kd_weight=kd_weight, kd_temperature=kd_temperature)
+        if student_spec is not None:
+            ident["student"] = os.path.abspath(student_spec) if os.path.exists(student_spec) else student_spec
         seconds = 0.0
-        if cfg.resume and stage1_model.is_file():
+        if skip1:
+            r1 = None
+        elif cfg.resume and stage1_model.is_file():
             student = far.load(stage1_model)
             r1 = None
         else:
@@ -242,7 +278,8 @@ def distill(teacher: str, data: str = "fashion-mnist", cfg: Optional[TrainConfig
                             teacher_test_accuracy=t_acc,
                             distill={"stage1_epochs": cfg.epochs, "stage1_lr": cfg.lr, "stage2_epochs": stage2_epochs,
                                      "stage2_lr": stage2_lr, "ce_weight": ce_weight, "cos_weight": cos_weight,
-                                     "kd_weight": kd_weight, "kd_temperature": kd_temperature})
+                                     "kd_weight": kd_weight, "kd_temperature": kd_temperature,
+                                     "student": ident.get("student")})
         lstm = sum(m.num_lstm_params() for _, m in far.far_modules(result.model))
         rows = [("teacher top-1", f"{100 * t_acc:.2f}%" if t_acc is not None else "n/a"),
                 ("FAR parameters", f"{sum(p.numel() for p in result.model.parameters()):,}"),

@@ -461,7 +461,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
             count += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", refresh=False)
             if step % cfg.log_every == 0 or step == stop_at:
                 row = {"kind": "step", "step": step, "epoch": step / spe, "lr": lr,
                        **{k: v / count for k, v in sums.items()}}
