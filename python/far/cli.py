@@ -312,6 +312,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     import far
     from far.data import make_dataset
+    from far.hardware import device_name
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -349,7 +350,7 @@ def _eval(args: argparse.Namespace) -> int:
         **res,
         "backend": used,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "far_version": far.__version__,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -11,6 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from far.hardware import device_name
 from far.train.engine import Dist, TrainConfig, TrainError, TrainResult, config_dict, plot_history, summary_table
 
 
@@ -32,20 +32,9 @@ def datasets(spec: str, model: nn.Module, cfg: TrainConfig, val: Optional[str] =
     return train_set, eval_set
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"cpu ({line.split(':', 1)[1].strip()}, {os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def run_metadata(command: str, cfg: TrainConfig, d: Dist, result: TrainResult, **extra) -> dict:
     """JSON metadata stored in the checkpoint: how it was trained, on what, and how long it took."""
-    dev = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else _cpu_name()
+    dev = device_name(d.device)
     return {"training": {"command": command, "config": {k: v for k, v in config_dict(cfg).items()
                                                          if k not in ("progress", "resume", "out_dir")},
                          "processes": d.world, "device": dev, "threads": torch.get_num_threads(),

@@ -1,0 +1,24 @@
+"""far.hardware: the machine names written into results and checkpoint metadata."""
+import builtins
+import os
+
+import far.hardware as hw
+
+
+def test_cpu_name_reads_cpuinfo_and_counts_cores(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t: fpu\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+    assert hw.cpu_model() == "Test CPU 9000"
+    assert hw.device_name("cpu") == f"cpu (Test CPU 9000, {os.cpu_count()} cores)"
+
+
+def test_cpu_name_without_cpuinfo_falls_back_to_platform(monkeypatch):
+    def no_file(f, *a, **k):
+        raise FileNotFoundError(f)
+
+    monkeypatch.setattr(builtins, "open", no_file)
+    monkeypatch.setattr(hw.platform, "processor", lambda: "")
+    monkeypatch.setattr(hw.platform, "machine", lambda: "x86_64")
+    assert hw.cpu_model() == "x86_64"
