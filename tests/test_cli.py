@@ -142,6 +142,31 @@ def test_eval_image_folder(capsys, ckpt, tmp_path):
     assert res["num_images"] == 10 and res["split"] is None and "accuracy" in out
 
 
+def test_eval_and_info_take_a_zoo_name(capsys, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from far.models.zoo import checkpoint_file, zoo_path
+
+    name = "fmnist_far_tiny_pruned"
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_file(name) == zoo_path(name) and checkpoint_file("not_a_model") is None
+    (tmp_path / name).write_bytes(b"x")  # a file of that name in the working folder comes first
+    assert checkpoint_file(name) == Path(name)
+    (tmp_path / name).unlink()
+    rng = np.random.default_rng(1)
+    for c in range(10):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(tmp_path / "data" / f"class{c}" / "0.png")
+    code, out, err = run(capsys, "eval", name, "--data", str(tmp_path / "data"), "--workers", "0",
+                         "--json", str(tmp_path / "res.json"), "-q")
+    assert code == 0, err
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["checkpoint"] == str(zoo_path(name)) and res["num_images"] == 10
+    code, out, err = run(capsys, "info", name)
+    assert code == 0, err
+    assert str(zoo_path(name)) in out and "architecture fmnist_deit_tiny" in out and "pruning" in out
+
+
 # ---- user errors: one line, exit 2 ----
 def test_eval_missing_checkpoint(capsys, tmp_path):
     code, _, err = run(capsys, "eval", str(tmp_path / "nope.safetensors"), "--data", "fashion-mnist")

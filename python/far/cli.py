@@ -95,9 +95,12 @@ def _backend_lines(device: str) -> list:
 def _checkpoint_summary(path: str) -> list:
     """Lines describing a checkpoint's config (far.read_config: header only, validated)."""
     from far.io import read_config
+    from far.models.zoo import checkpoint_file
 
-    if not Path(path).exists():
-        raise CLIError(f"{path}: no such checkpoint")
+    file = checkpoint_file(path)
+    if file is None:
+        raise CLIError(f"{path}: no such checkpoint (a file, or a zoo name such as fmnist_far_tiny)")
+    path = str(file)
     cfg = read_config(path)
     arch = cfg["architecture"]
     pcfg = cfg.get("pretrained_cfg") or {}
@@ -323,9 +326,11 @@ def _eval(args: argparse.Namespace) -> int:
             raise CLIError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = _device(args.device)
-    ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        raise CLIError(f"{ckpt}: no such checkpoint")
+    from far.models.zoo import checkpoint_file
+
+    ckpt = checkpoint_file(args.checkpoint)
+    if ckpt is None:
+        raise CLIError(f"{args.checkpoint}: no such checkpoint (a file, or a zoo name such as fmnist_far_tiny)")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise CLIError(f"{Path(args.json).parent}: no such folder for --json")
     backend = args.backend  # None = env FAR_BACKEND / auto
@@ -400,7 +405,7 @@ def _add_info_parser(sub) -> None:
                     "is not, plus what 'auto' picks. With a checkpoint, print its config instead: "
                     "architecture, source teacher, and per-block hidden sizes per head and direction.",
         epilog="examples:\n  far info\n  far info model.safetensors\n  FAR_BACKEND=torch far info")
-    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="a FAR checkpoint to summarise")
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help="a FAR checkpoint (file or zoo name) to summarise")
     p.set_defaults(func=cmd_info)
 
 
@@ -444,7 +449,8 @@ def _add_eval_parser(sub) -> None:
                "Fashion-MNIST comes from Debian's dataset-fashion-mnist (apt-get install -y "
                "dataset-fashion-mnist) or env FAR_FASHION_MNIST; a PATH is an ImageNet-style folder "
                "(one subfolder per class).")
-    p.add_argument("checkpoint", metavar="CKPT", help="FAR checkpoint (far convert / training output)")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="FAR checkpoint (far convert / training output) or zoo name (e.g. fmnist_far_tiny)")
     p.add_argument("--data", required=True, metavar="fashion-mnist|PATH",
                    help="'fashion-mnist' or an image folder with one subfolder per class")
     p.add_argument("--split", choices=("train", "test"), default="test", help="Fashion-MNIST split")

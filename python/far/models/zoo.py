@@ -6,7 +6,7 @@ Fashion-MNIST (the recipe is in the README), shipped inside the package and load
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 
@@ -33,6 +33,15 @@ def zoo_path(name: str) -> Path:
         raise FileNotFoundError(f"the zoo checkpoint for '{name}' is missing from this installation ({path}); "
                                 "reinstall far-engine from a complete checkout, or train it with the README's recipe")
     return path
+
+
+def checkpoint_file(spec: str) -> Optional[Path]:
+    """`spec` as a checkpoint file: the path itself if it exists, else the bundled file of a zoo name,
+    else None (a folder is returned as is: far.load says what is wrong with it)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    return zoo_path(spec) if spec in ZOO else None
 
 
 def available() -> Dict[str, Path]:
