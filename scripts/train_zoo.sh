@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Trains the bundled model zoo (python/far/zoo/) with the far training commands, exactly as recorded in
-# the README's recipe. On a 2-core CPU it takes about four hours; on a GPU, minutes (drop NPROC/--threads).
+# the README's recipe. On a 2-core CPU it takes hours (the README gives each step's time); on a GPU, minutes
+# (drop NPROC/--threads, or see scripts/gpu_zoo_session.sh).
 #   bash scripts/train_zoo.sh [RUN_DIR]        # default far-runs/zoo; copies the results into python/far/zoo
 # Every step is resumable: rerun a killed step with --resume appended (same RUN_DIR).
 set -euo pipefail
@@ -13,20 +14,34 @@ ddp=(python -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m f
 # 1. attention teacher: DeiT-style ViT, 28x28x1, patch 4 (49 tokens + CLS), embed 96, depth 4, 3 heads
 python -m far.cli train-teacher fmnist_deit_tiny --data fashion-mnist --epochs 10 --batch-size 128 --lr 1e-3 \
     --seed 0 --threads 2 --out-dir "$run/teacher" -o "$run/fmnist_deit_tiny_e10.safetensors" --force
-# ... continued for 12 more epochs (a second warm-up + cosine cycle) = the zoo's fmnist_deit_tiny
+# ... continued for 12 more epochs (a second warm-up + cosine cycle)
 "${ddp[@]}" finetune "$run/fmnist_deit_tiny_e10.safetensors" --data fashion-mnist --epochs 12 --lr 5e-4 \
     --warmup-epochs 0.5 --batch-size $((128 / NPROC)) --threads 1 --seed 0 \
-    --out-dir "$run/teacher2" -o "$run/fmnist_deit_tiny.safetensors" --force
+    --out-dir "$run/teacher2" -o "$run/fmnist_deit_tiny_e22.safetensors" --force
+# ... and for 36 more (a third cycle, EMA of the weights, another data order) = the zoo's fmnist_deit_tiny
+"${ddp[@]}" finetune "$run/fmnist_deit_tiny_e22.safetensors" --data fashion-mnist --epochs 36 --lr 5e-4 \
+    --warmup-epochs 0.5 --ema 0.999 --batch-size $((128 / NPROC)) --threads 1 --seed 1 \
+    --out-dir "$run/teacher3" -o "$run/fmnist_deit_tiny.safetensors" --force
 
-# 2. FAR student (the zoo's fmnist_far_tiny): stage 1 (new modules only, CE + per-block cosine) then stage 2
-#    (all, CE); both with logit distillation from the teacher (--kd-weight)
-"${ddp[@]}" distill "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist --epochs 1 --lr 1e-3 \
+# 2. FAR student: stage 1 (new modules only, CE + per-block cosine) then stage 2 (all, CE), both with logit
+#    distillation (--kd-weight), from the 22-epoch teacher (the zoo's teacher grew in CPU sessions)
+"${ddp[@]}" distill "$run/fmnist_deit_tiny_e22.safetensors" --data fashion-mnist --epochs 1 --lr 1e-3 \
     --warmup-epochs 0.2 --stage2-epochs 6 --stage2-lr 3e-4 --kd-weight 1.0 --kd-temperature 2 \
-    --batch-size $((128 / NPROC)) --threads 1 --seed 0 --out-dir "$run/distill" -o "$run/fmnist_far_tiny.safetensors" --force
+    --batch-size $((128 / NPROC)) --threads 1 --seed 0 --out-dir "$run/distill" -o "$run/fmnist_far_tiny_s7.safetensors" --force
+# ... continued (--student, stage 2 only) for 8 epochs from the same teacher
+"${ddp[@]}" distill "$run/fmnist_deit_tiny_e22.safetensors" --student "$run/fmnist_far_tiny_s7.safetensors" \
+    --data fashion-mnist --epochs 0 --stage2-epochs 8 --stage2-lr 2e-4 --warmup-epochs 0.5 --kd-weight 1.0 \
+    --kd-temperature 2 --batch-size $((128 / NPROC)) --threads 1 --seed 0 --out-dir "$run/distill2" \
+    -o "$run/fmnist_far_tiny_s15.safetensors" --force
+# ... and for 16 more from the final teacher = the zoo's fmnist_far_tiny
+"${ddp[@]}" distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fmnist_far_tiny_s15.safetensors" \
+    --data fashion-mnist --epochs 0 --stage2-epochs 16 --stage2-lr 3e-4 --warmup-epochs 0.5 --kd-weight 1.0 \
+    --kd-temperature 2 --batch-size $((128 / NPROC)) --threads 1 --seed 0 --out-dir "$run/distill3" \
+    -o "$run/fmnist_far_tiny.safetensors" --force
 
 # 3. pruned FAR student: Hoyer-square, one global threshold (30% of the unit groups), masked fine-tune, compaction
 "${ddp[@]}" prune "$run/fmnist_far_tiny.safetensors" --data fashion-mnist --hoyer 5e-4 --epochs 1 --lr 3e-4 \
-    --warmup-epochs 0.1 --prune-ratio 0.3 --finetune-epochs 1 --finetune-lr 3e-4 --batch-size $((128 / NPROC)) \
+    --warmup-epochs 0.1 --prune-ratio 0.3 --finetune-epochs 3 --finetune-lr 3e-4 --batch-size $((128 / NPROC)) \
     --threads 1 --seed 0 --out-dir "$run/prune" -o "$run/fmnist_far_tiny_pruned.safetensors" --force
 
 cp "$run"/fmnist_deit_tiny.safetensors "$run"/fmnist_far_tiny.safetensors "$run"/fmnist_far_tiny_pruned.safetensors \
