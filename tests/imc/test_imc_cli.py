@@ -76,6 +76,9 @@ def test_sweep_table_json_plot(capsys, teacher_ckpt, tmp_path):
     res = json.loads(js.read_text())
     assert res["num_images"] == 12 and res["sweep"] == {"key": "adc_bits", "values": [3, 8]}
     assert res["checkpoint_sha256"] == hashlib.sha256(Path(teacher_ckpt).read_bytes()).hexdigest()
+    from far.hardware import device_name
+
+    assert res["device"] == "cpu" and res["device_name"] == device_name("cpu")  # e.g. "cpu (Intel Xeon, 2 cores)"
     assert [r["setting"] for r in res["results"]] == ["digital", "adc_bits=3", "adc_bits=8"]
     for r, printed in zip(res["results"], rows):
         assert 0 <= r["accuracy"] <= 1 and r["num_images"] == 12

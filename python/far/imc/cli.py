@@ -156,6 +156,7 @@ def _imc_eval(args: argparse.Namespace) -> int:
 
     import far
     from far.data import iterate_batches, make_dataset
+    from far.hardware import device_name
     from far.imc import calibrate, emulate
     from far.imc.emulate import select_targets
 
@@ -251,7 +252,8 @@ def _imc_eval(args: argparse.Namespace) -> int:
         "model": model_label, "origin": origin,
         "checkpoint_sha256": _sha256(ckpt_file) if ckpt_file is not None else None,  # which weights, exactly
         "data": str(args.data), "split": args.split,
-        "num_images": rows[0]["num_images"], "device": str(device), "threads": torch.get_num_threads(),
+        "num_images": rows[0]["num_images"], "device": str(device),
+        "device_name": device_name(device), "threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "base_config": dataclasses.asdict(base),
         "sweep": {"key": sweep_key, "values": [s[1] for s in settings]} if sweep_key else None,
         "include": inc, "exclude": exc, "calibration_data": (args.calib_data or str(args.data)) if needs_calib else None,
