@@ -92,15 +92,21 @@ def _backend_lines(device: str) -> list:
     return lines
 
 
+def _checkpoint_file(spec: str) -> Path:
+    """A CKPT argument (file or zoo name) as a file, or a one-line user error."""
+    from far.models.zoo import checkpoint_file
+
+    file = checkpoint_file(spec)
+    if file is None:
+        raise CLIError(f"{spec}: no such checkpoint (a file, or a zoo name such as fmnist_far_tiny)")
+    return file
+
+
 def _checkpoint_summary(path: str) -> list:
     """Lines describing a checkpoint's config (far.read_config: header only, validated)."""
     from far.io import read_config
-    from far.models.zoo import checkpoint_file
 
-    file = checkpoint_file(path)
-    if file is None:
-        raise CLIError(f"{path}: no such checkpoint (a file, or a zoo name such as fmnist_far_tiny)")
-    path = str(file)
+    path = str(_checkpoint_file(path))
     cfg = read_config(path)
     arch = cfg["architecture"]
     pcfg = cfg.get("pretrained_cfg") or {}
@@ -326,11 +332,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise CLIError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = _device(args.device)
-    from far.models.zoo import checkpoint_file
-
-    ckpt = checkpoint_file(args.checkpoint)
-    if ckpt is None:
-        raise CLIError(f"{args.checkpoint}: no such checkpoint (a file, or a zoo name such as fmnist_far_tiny)")
+    ckpt = _checkpoint_file(args.checkpoint)
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise CLIError(f"{Path(args.json).parent}: no such folder for --json")
     backend = args.backend  # None = env FAR_BACKEND / auto
