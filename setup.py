@@ -83,6 +83,6 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "safetensors", "timm>=1.0", "tqdm"],
     extras_require={"triton": ["triton"], "plot": ["matplotlib"], "test": ["pytest", "matplotlib"]},
-    entry_points={"console_scripts": ["far=far.cli:main"]},
+    entry_points={"console_scripts": ["far=far.cli.main:main"]},
     zip_safe=False,
 )

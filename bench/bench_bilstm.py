@@ -20,17 +20,19 @@ Runs on the CPU too (--device cpu --quick) to check the script itself.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_result_path, environment, event_times_ms, grouped_bars_png, write_json  # noqa: E402
+import far
+import far_kernels
+from far.utils.env import environment, result_filename
+from far.utils.fs import write_json
+from far.utils.plot import grouped_bars
+from far_kernels.benchmark import time_fn
 
-import far  # noqa: E402
-import far_kernels  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES = {"tiny": 192, "small": 384, "base": 768}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -38,8 +40,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def time_ms(fn, device, reps=50, warmup=5):
     """Median ms of fn(): CUDA events on GPU, perf_counter on CPU."""
-    ts = event_times_ms(fn, device, reps, warmup)
-    return ts[len(ts) // 2]
+    return time_fn(fn, device=device, reps=reps, warmup=warmup, warmup_s=0.0)["ms"]
 
 
 def build_lstms(m, C, H, d, device, dtype):
@@ -198,7 +199,7 @@ def run(args):
 def plot(result, path):
     recs = result["records"]
     names = sorted({k for r in recs for k, v in r["ms"].items() if v})
-    return grouped_bars_png(path, [f"{r['shape']}\n{r['dtype']} B{r['B']}" for r in recs],
+    return grouped_bars(path, [f"{r['shape']}\n{r['dtype']} B{r['B']}" for r in recs],
                             {name: [r["ms"].get(name) for r in recs] for name in names}, "ms per layer (median)",
                             f"FAR BiLSTM vs cuDNN LSTM vs attention, T={recs[0]['T'] if recs else '?'}",
                             width_per_group=0.6, height=4)
@@ -219,7 +220,7 @@ def main(argv=None):
     if args.quick:
         args.shapes, args.dtypes, args.B, args.T, args.reps = ["tiny"], ["fp32"], [1, 2], 20, 3
     result = run(args)
-    out = Path(args.out) if args.out else default_result_path("bilstm")
+    out = Path(args.out) if args.out else RESULTS / result_filename("bilstm")
     result["plot"] = plot(result, out.with_suffix(".png"))
     print("wrote", write_json(out, result))
 

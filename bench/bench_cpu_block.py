@@ -37,11 +37,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import far
+import far_kernels
+from far.utils.env import environment, loadavg, result_filename
+from far.utils.fs import write_json
+from far_kernels.benchmark import peak_mm_gflops, time_fn
 
-import far  # noqa: E402
-import far_kernels  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES = {"tiny": (192, 3), "small": (384, 6)}  # name -> (C, H); d = n = C / H = 64
 VARIANTS = ("per_head_lstm", "dense_masked_lstm", "far_torch", "far_cpp")
@@ -168,8 +170,8 @@ def parse_args(argv=None):
         if getattr(a, k) is None:
             setattr(a, k, v)
     if a.out is None:
-        a.out = (Path(tempfile.gettempdir()) / "far_bench" / common.default_result_path("cpu_block-quick").name
-                 if a.quick else common.default_result_path("cpu_block"))
+        a.out = (Path(tempfile.gettempdir()) / "far_bench" / result_filename("cpu_block-quick")
+                 if a.quick else RESULTS / result_filename("cpu_block"))
     if a.plot is None:
         a.plot = a.out.with_suffix(".png")
     return a
@@ -210,7 +212,8 @@ def run_case(name: str, T: int, B: int, args, peak_gflops: float) -> dict:
         if v == "far_torch" and args.skip_slow and B * T >= SLOW:
             rec["variants"][v] = {"skipped": "--skip-slow"}
             continue
-        t = common.time_fn(fns[v], **timing)
+        t = time_fn(fns[v], **timing)
+        t.pop("times_ms")
         t["gflops"] = flops / (t["ms"] * 1e-3) / 1e9
         t["x_floor"] = t["ms"] / rec["floor_ms"]
         rec["variants"][v] = t
@@ -279,14 +282,14 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    env = common.environment(threads=torch.get_num_threads())
+    env = environment(threads=torch.get_num_threads())
     env["far_kernels_backends"] = far_kernels.backend_report("cpu")  # backend -> None or why unavailable
     if env["far_kernels_backends"]["cpp"] is not None:
         sys.exit(f"bench_cpu_block: the cpp backend is unavailable: {env['far_kernels_backends']['cpp']}")
     print(f"# {env['cpu_model']}, {env['threads']} threads, torch {env['versions']['torch']}, "
           f"commit {str(env['git_commit'])[:10]}{' (dirty)' if env['git_dirty'] else ''}, load {env['loadavg_start']}")
     with torch.inference_mode():
-        peak = common.peak_mm_gflops(args.peak_size, min_reps=args.min_reps, min_time_s=args.min_time,
+        peak = peak_mm_gflops(args.peak_size, min_reps=args.min_reps, min_time_s=args.min_time,
                                      warmup_s=args.warmup_s)
         print(f"# peak: fp32 torch.mm {args.peak_size}^3 = {peak['gflops']:.1f} GFLOP/s (median; best "
               f"{peak['gflops_best']:.1f})")
@@ -300,12 +303,12 @@ def main(argv=None) -> int:
                     rec = run_case(name, T, B, args, peak["gflops"])
                     cases.append(rec)
                     print_row(rec, args.variants)
-    env["loadavg_end"] = common.loadavg()
+    env["loadavg_end"] = loadavg()
     result = {"benchmark": "cpu_block", "description": __doc__.split("\n\n")[0].strip(),
               "flops_formula": "per token 2C^2 + 2*2H*4n*d + 2*2H*4n*n + 2*H*d*2n + 2C^2",
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "environment": env, "peak": peak, "cases": cases}
-    out = common.write_json(args.out, result)
+    out = write_json(args.out, result)
     print(f"# load average at the end: {env['loadavg_end']}; wrote {out}")
     if not args.no_plot:
         plot(result, args.plot)

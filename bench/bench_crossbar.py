@@ -18,28 +18,26 @@ medians on CPU. On CPU the triton backend is skipped (it runs only in the slow i
 from __future__ import annotations
 
 import argparse
-import sys
 import zlib
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_result_path, environment, grouped_bars_png, time_fn, write_json  # noqa: E402
+import far_kernels
+from far.utils.env import environment, result_filename
+from far.utils.fs import write_json
+from far.utils.plot import grouped_bars
+from far_kernels import CrossbarConfig, crossbar_matmul, program_crossbar
+from far_kernels.benchmark import time_fn
 
-import far_kernels  # noqa: E402
-from far_kernels import CrossbarConfig, crossbar_matmul, program_crossbar  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 DEIT_SMALL = [("qkv", 384, 1152), ("proj", 384, 384), ("fc1", 384, 1536), ("fc2", 1536, 384)]
 
 
 def bench_ms(fn, device, reps):
-    """Median ms of fn() after warm-up."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=max(50, reps * 5), return_mode="median"))
-    return time_fn(fn, min_reps=reps, min_time_s=0.5, warmup=1, warmup_s=0.0)["ms"]
+    """Median ms of fn() after warm-up (CUDA events on a GPU)."""
+    return time_fn(fn, device=device, min_reps=reps, min_time_s=0.5, warmup=1, warmup_s=0.0)["ms"]
 
 
 def rotating(tensors):
@@ -186,7 +184,7 @@ def plot(result, path):
     recs = result["records"]
     names = ["triton", "torch", "gemm_bf16", "gemm_fp32", "floor"]
     series = {name: [r["floor"].get("ms") if name == "floor" else r["ms"].get(name) for r in recs] for name in names}
-    return grouped_bars_png(path, [f"{r['case']}\n{r['variant']}\n{r['M']}x{r['K']}x{r['N']}" for r in recs], series,
+    return grouped_bars(path, [f"{r['case']}\n{r['variant']}\n{r['M']}x{r['K']}x{r['N']}" for r in recs], series,
                             "ms per call (median)", f"crossbar emulation GEMM on {result['device']} (ISAAC-like config)",
                             width_per_group=0.9, xlabel_size=6)
 
@@ -213,7 +211,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)
-    out = Path(args.out) if args.out else default_result_path("crossbar")
+    out = Path(args.out) if args.out else RESULTS / result_filename("crossbar")
     out.parent.mkdir(parents=True, exist_ok=True)
     result["plot"] = plot(result, out.with_suffix(".png"))
     print("wrote", write_json(out, result))

@@ -12,23 +12,24 @@ matter; for large B gx is far larger than L2. Needs a GPU: `python bench/bench_c
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_result_path, environment, event_times_ms, write_json  # noqa: E402
+import far_kernels
+from far.utils.env import environment, result_filename
+from far.utils.fs import write_json
+from far_kernels._ext import _C
+from far_kernels.benchmark import time_fn
 
-import far_kernels  # noqa: E402
-from far_kernels._ext import _C  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PATHS = {"fma": 1, "mma": 2}
 
 
 def time_ms(fn, reps, warmup=5):
-    ts = event_times_ms(fn, "cuda", reps, warmup)
+    ts = time_fn(fn, device="cuda", reps=reps, warmup=warmup, warmup_s=0.0)["times_ms"]
     return ts[len(ts) // 2], ts[0], ts[-1]
 
 
@@ -110,7 +111,7 @@ def main(argv=None):
     if args.quick:
         args.H, args.dtypes, args.B, args.reps = [6], ["fp16"], [1, 64], 10
     result = run(args)
-    out = Path(args.out) if args.out else default_result_path("cuda_scan")
+    out = Path(args.out) if args.out else RESULTS / result_filename("cuda_scan")
     print("wrote", write_json(out, result))
 
 

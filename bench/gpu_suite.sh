@@ -61,8 +61,8 @@ tail -n 20 "$work/crossbar.log" >&2
 python - "$work" "$stamp" "$build_rc" "$build_s" "$tests_rc" "$bench_rc" "$bench_alone" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
-sys.path.insert(0, "bench")
-from common import environment, write_json, hostname_tag
+from far.utils.env import environment
+from far.utils.fs import write_json
 work, stamp, build_rc, build_s, tests_rc, bench_rc, bench_alone = sys.argv[1:]
 work = Path(work)
 tests = {"rc": int(tests_rc), "cases": []}

@@ -1,8 +1,13 @@
-"""One dispatcher for every far_kernels op.
+"""The one place a backend is chosen for every far_kernels op.
 
-Backend selection: explicit argument > env ``FAR_BACKEND`` > ``auto`` (the best available backend
-for the tensor's device). A backend that is asked for and cannot run raises
-:class:`BackendUnavailable` saying why and how to get it; it is never silently replaced.
+Selection: explicit argument > env ``FAR_BACKEND`` > ``auto``. ``auto`` picks the fastest backend
+that can run the call (device, extension, per-call limits), and the ``torch`` reference when a
+gradient is needed or the data is float64. A backend that is asked for and cannot run raises
+:class:`BackendUnavailable` saying why (and how to get it); it is never silently replaced.
+
+    op = Op("my_op", {"torch": ref, "cpp": cpp_impl, "cuda": None, "triton": None})
+    name = select(op, backend, device, dtype, needs_grad)     # a backend name, or BackendUnavailable
+    y = run(op, args, backend=..., device=..., dtype=..., needs_grad=..., out=None)
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
 class BackendUnavailable(RuntimeError):
-    """A backend was requested explicitly but cannot run here."""
+    """A backend was requested explicitly but cannot run this call here (missing extension or
+    Triton, wrong device, inference-only backend asked for a gradient, float64 on an fp32 kernel,
+    a config beyond the kernel's limits)."""
 
 
 def _triton_reason(device: torch.device) -> Optional[str]:
@@ -35,7 +42,7 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 
 
 def backend_reason(backend: str, device: torch.device | str = "cpu") -> Optional[str]:
-    """None if `backend` can run on `device` in this environment, else the reason it cannot."""
+    """None if `backend` can run on `device` in this environment (op-independent), else why not."""
     device = torch.device(device)
     if backend not in BACKENDS:
         return f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)} or 'auto'"
@@ -58,7 +65,8 @@ def backend_reason(backend: str, device: torch.device | str = "cpu") -> Optional
 
 
 def requested_backend(backend: Optional[str] = None) -> str:
-    """The backend name in force: the argument, else env FAR_BACKEND, else 'auto'."""
+    """The backend name in force: the argument, else env FAR_BACKEND, else 'auto'. ValueError for a
+    name that is not a backend."""
     name = backend if backend is not None else os.environ.get("FAR_BACKEND", "auto")
     name = name.strip().lower()
     if name != "auto" and name not in BACKENDS:
@@ -68,52 +76,79 @@ def requested_backend(backend: Optional[str] = None) -> str:
 
 
 class Op:
-    """A kernel op with one implementation per backend (None = not implemented for that backend)."""
+    """A kernel op: one implementation per backend (None = not implemented there).
 
-    def __init__(self, name: str, impls: dict[str, Optional[Callable]], missing: dict[str, str] | None = None):
+    impls["torch"] is the reference (plain PyTorch). grad_impl (default: the reference) is the
+    differentiable implementation used whenever a gradient is required. limits: {backend:
+    fn(*args) -> None or why this call is beyond that backend} for per-call limits. fp32_only: the
+    non-torch backends compute in fp32 (float64 data then goes to torch under auto, and is an error
+    for an explicit fast backend). Non-torch impls are called as impl(*args, out)."""
+
+    def __init__(self, name: str, impls: dict[str, Optional[Callable]], missing: Optional[dict[str, str]] = None,
+                 grad_impl: Optional[Callable] = None, limits: Optional[dict[str, Callable]] = None,
+                 fp32_only: bool = True):
         self.name = name
         self.impls = impls
         self.missing = missing or {}
+        self.grad_impl = grad_impl or impls["torch"]
+        self.limits = limits or {}
+        self.fp32_only = fp32_only
 
-    def reason(self, backend: str, device: torch.device | str) -> Optional[str]:
+    def reason(self, backend: str, device: torch.device | str, args: Optional[tuple] = None) -> Optional[str]:
+        """None if this op can run on `backend` and `device` (and, given `args`, this very call), else why not."""
         if backend in BACKENDS and self.impls.get(backend) is None:
             return self.missing.get(backend, f"{self.name} has no {backend} implementation")
-        return backend_reason(backend, device)
+        why = backend_reason(backend, device)
+        if why is None and args is not None and backend in self.limits:
+            why = self.limits[backend](*args)
+        return why
 
-    def resolve(self, backend: Optional[str], device: torch.device | str) -> str:
-        name = requested_backend(backend)
-        device = torch.device(device)
-        if name == "auto":
-            for cand in AUTO_ORDER.get(device.type, ("torch",)):
-                if self.reason(cand, device) is None:
-                    return cand
+    def __repr__(self) -> str:
+        return f"Op({self.name!r}, backends={[b for b in BACKENDS if self.impls.get(b) is not None]})"
+
+
+def select(op: Op, backend: Optional[str], device: torch.device | str, dtype: torch.dtype = torch.float32,
+           needs_grad: bool = False, args: Optional[tuple] = None) -> str:
+    """The backend that runs `op` for this call: explicit `backend` > env FAR_BACKEND > auto.
+
+    auto: the torch reference when a gradient is needed or (fp32_only ops) the data is float64, else
+    the first backend of AUTO_ORDER[device type] that can run the call. An explicit backend that
+    cannot run it raises BackendUnavailable with the reason."""
+    device = torch.device(device)
+    name = requested_backend(backend)
+    fp64 = op.fp32_only and dtype == torch.float64
+    if name == "auto":
+        if needs_grad or fp64:
             return "torch"
-        why = self.reason(name, device)
-        if why is not None:
-            raise BackendUnavailable(f"{self.name}: backend '{name}' is unavailable: {why}")
-        return name
-
-    def run(self, args: tuple, *, backend: Optional[str], device: torch.device, dtype: torch.dtype,
-            needs_grad: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run the op with the shared rules: only `torch` (the reference, impls["torch"]) is
-        differentiable, so auto picks it when a gradient is needed and an explicit other backend
-        raises; the fast backends compute in fp32 (float64 only on torch); `out` is written when given.
-        Non-torch impls are called as impl(*args, out)."""
-        auto = requested_backend(backend) == "auto"
-        if auto and needs_grad:  # auto never picks a backend that would refuse: only torch is differentiable
-            if out is not None:
-                raise ValueError(f"{self.name}: out= cannot be used when a gradient is required")
-            return self.impls["torch"](*args)
-        name = "torch" if auto and dtype == torch.float64 else self.resolve(backend, device)  # only torch does fp64
-        if name == "torch":
-            res = self.impls["torch"](*args).to(dtype)
-            return res if out is None else out.copy_(res)
+        for cand in AUTO_ORDER.get(device.type, ("torch",)):
+            if op.reason(cand, device, args) is None:
+                return cand
+        return "torch"
+    why = op.reason(name, device, args)
+    if why is None and name != "torch":
         if needs_grad:
-            raise RuntimeError(f"{self.name}: the {name} backend is inference-only; run under torch.no_grad() / "
-                               "torch.inference_mode(), or use backend='torch' for training")
-        if dtype == torch.float64:
-            raise TypeError(f"{self.name}: the {name} backend computes in fp32; use backend='torch' for float64")
-        return self.impls[name](*args, out)
+            why = ("it is inference-only; run under torch.no_grad() / torch.inference_mode(), or use "
+                   "backend='torch' for training")
+        elif fp64:
+            why = "it computes in fp32; use backend='torch' for float64"
+    if why is not None:
+        raise BackendUnavailable(f"{op.name}: backend '{name}' is unavailable: {why}")
+    return name
+
+
+def run(op: Op, args: tuple, *, backend: Optional[str], device: torch.device, dtype: torch.dtype,
+        needs_grad: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """select() a backend and call it: grad_impl when a gradient is needed, the reference (cast to
+    `dtype`, copied into `out` when given) on torch, impl(*args, out) elsewhere."""
+    name = select(op, backend, device, dtype, needs_grad, args)
+    if name == "torch":
+        if needs_grad:
+            if out is not None:
+                raise ValueError(f"{op.name}: out= cannot be used when a gradient is required")
+            return op.grad_impl(*args)
+        res = op.impls["torch"](*args).to(dtype)
+        return res if out is None else out.copy_(res)
+    return op.impls[name](*args, out)
 
 
 def backend_report(device: torch.device | str = "cpu") -> dict[str, Optional[str]]:

@@ -17,7 +17,7 @@ export FAR_FASHION_MNIST=${FAR_FASHION_MNIST:-$PWD/.data/fashion-mnist} PYTHONUN
 TRAIN_DEADLINE=${TRAIN_DEADLINE:-400}
 L="${LIMIT:+--limit $LIMIT --eval-limit $LIMIT} ${AMP:+--amp $AMP}"
 EA=${EA:-60}; EC=${EC:-24}; S1=${S1:-2}; S2=${S2:-18}; PH=${PH:-1}; PF=${PF:-2}
-far() { FAR_BACKEND=torch PYTHONPATH=$PWD/python:$PWD python3 -m far.cli "$@" --data fashion-mnist --seed 0 --threads 2 --no-progress --ckpt-every 2000 $L; }
+far() { FAR_BACKEND=torch PYTHONPATH=$PWD/python:$PWD python3 -m far.cli "$@" --data fashion-mnist --seed 0 --threads 2 -q --ckpt-every 2000 $L; }
 stage() { local name=$1; shift; echo "[$(el)s] start $name" >>"$R/stages.log"; "$@" >"$R/$name.log" 2>&1; local rc=$?
           echo "[$(el)s] end $name rc=$rc" >>"$R/stages.log"; [ $rc = 0 ] && cp "$R/$name.safetensors" "$OUTD/" 2>/dev/null; return $rc; }
 lineage() {

@@ -1,4 +1,5 @@
-"""Shared test helpers: independent oracles built from torch.nn.LSTM, and derived tolerances."""
+"""Shared test helpers: the backends to test, an independent FAR-block oracle built from torch.nn.LSTM
+(far_kernels.testing has the derived-tolerance asserts and the per-head oracle; re-exported here)."""
 import os
 
 import pytest
@@ -14,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import far_kernels  # noqa: E402
-from far_kernels.dispatch import backend_reason  # noqa: E402
+from far_kernels.testing import assert_close_derived, max_err, per_head_lstm, poisoned  # noqa: E402,F401
 
 
 def cpu_backends(op=None):
@@ -35,29 +36,6 @@ def require_backend(backend, device="cpu", op=None):
         pytest.skip(f"backend {backend} unavailable: {why}")
 
 
-def per_head_lstm(x_heads, params, device="cpu"):
-    """torch.nn.LSTM(bidirectional=True) on one head's input x_heads [B, T, d] in float64, with
-    params = ((w_ih, w_hh, b_ih, b_hh) forward, (...) backward) of kept sizes k_f, k_b.
-    Returns [B, T, k_f + k_b]; a direction with 0 units contributes nothing (nn.LSTM needs >= 1)."""
-    outs = []
-    for direction, (w_ih, w_hh, b_ih, b_hh) in enumerate(params):
-        k = w_hh.shape[1]
-        if k == 0:
-            continue
-        lstm = nn.LSTM(x_heads.shape[-1], k, batch_first=True).double().to(device)
-        with torch.no_grad():
-            lstm.weight_ih_l0.copy_(w_ih)
-            lstm.weight_hh_l0.copy_(w_hh)
-            lstm.bias_ih_l0.copy_(b_ih)
-            lstm.bias_hh_l0.copy_(b_hh)
-            xi = x_heads.double() if direction == 0 else x_heads.double().flip(1)
-            y, _ = lstm(xi)
-        outs.append(y if direction == 0 else y.flip(1))
-    if not outs:
-        return x_heads.new_zeros(*x_heads.shape[:2], 0, dtype=torch.float64)
-    return torch.cat(outs, dim=-1)
-
-
 def far_block_oracle(m, x):
     """FAR block composed from per-head torch.nn.LSTM in float64: proj(cat_h head_proj_h(BiLSTM_h(pre_proj x)))."""
     f64 = torch.float64
@@ -73,16 +51,3 @@ def far_block_oracle(m, x):
         o = torch.cat(heads, dim=-1)
         bias = None if m.proj.bias is None else m.proj.bias.double()
         return nn.functional.linear(o, m.proj.weight.double(), bias)
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_close_derived(out, ref64, out_pt, name="", tiny=1e-6):
-    """flash-attention's rule: the kernel's error vs the float64 oracle is at most twice the error of
-    the same math done by plain PyTorch in the same dtype (plus a tiny absolute slack). NaN never passes."""
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err, err_pt = max_err(out, ref64), max_err(out_pt, ref64)
-    assert err <= 2 * err_pt + tiny, f"{name}: error {err:.3g} > 2 * torch error {err_pt:.3g} + {tiny:g}"
-    return err, err_pt

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from far.data import (DatasetError, FashionMNIST, RandomShiftFlip, fashion_mnist, image_folder, iterate_batches,
-                      make_dataset, read_idx)
-from far.models.registry import FMNIST_MEAN, FMNIST_STD
+from far.data import (FMNIST_MEAN, FMNIST_STD, FashionMNIST, RandomShiftFlip, fashion_mnist, image_folder,
+                      iterate_batches, make_dataset, read_idx)
+from far.errors import DataError as DatasetError
+from far.models import data_config
 
 FMNIST_DIR = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
 FMNIST_CFG = {"input_size": (1, 28, 28), "num_classes": 10, "mean": FMNIST_MEAN, "std": FMNIST_STD,
@@ -251,7 +252,7 @@ def test_make_dataset_fashion_mnist(fmnist_dir, monkeypatch):
         pretrained_cfg = dict(FMNIST_CFG)
         num_classes = 10
 
-    assert len(make_dataset("fmnist", "train", Tiny(), limit=7)) == 7
+    assert len(make_dataset("fmnist", "train", data_config(Tiny()), limit=7)) == 7
 
 
 @pytest.mark.parametrize("cfg,msg", [
@@ -266,13 +267,13 @@ def test_make_dataset_fashion_mnist_mismatch(cfg, msg):
         make_dataset("fashion-mnist", "test", cfg)
 
 
-def test_make_dataset_model_num_classes_overrides_cfg():
+def test_data_config_takes_num_classes_from_the_model():
     class Head5(torch.nn.Module):  # e.g. created with --num-classes 5: pretrained_cfg still says 10
         pretrained_cfg = dict(FMNIST_CFG)
         num_classes = 5
 
     with pytest.raises(DatasetError, match="5 classes"):
-        make_dataset("fashion-mnist", "test", Head5())
+        make_dataset("fashion-mnist", "test", data_config(Head5()))
 
 
 def test_make_dataset_folder(tmp_path):

@@ -1,19 +1,43 @@
-"""FAR: Function-preserving Attention Replacement — ViT attention replaced by multi-head BiLSTMs."""
+"""FAR: Function-preserving Attention Replacement — ViT attention replaced by multi-head BiLSTMs.
+
+    model = far.create_model("fmnist_far_tiny", pretrained=True)         # the bundled zoo, offline
+    student = far.distill(teacher, train_set, config=far.TrainConfig(epochs=1))
+    pruned = far.prune(student, train_set, prune_ratio=0.3)
+    far.evaluate(pruned, test_set)["accuracy"]
+    far.save(pruned, "pruned.safetensors"); far.load("pruned.safetensors")
+"""
+from far.errors import BackendUnavailable, CheckpointError, ConfigError, DataError, FarError
+from far.evaluate import evaluate
+from far.methods import distill, finetune, prune, train_classifier
+from far.models import (ConversionReport, convert, count_params, create_model, far_modules, load, load_model,
+                        save, set_backend)
+from far.checkpoint import read_config
+from far.nn import FARAttention
+from far.train import TrainConfig
 from far.version import __version__
-from far.models import FARAttention, ConversionReport, convert, count_params, create_model, far_modules, set_backend
-from far.io import CheckpointError, load, read_config, save
 
 __all__ = [
     "__version__",
+    "BackendUnavailable",
     "CheckpointError",
-    "FARAttention",
+    "ConfigError",
     "ConversionReport",
+    "DataError",
+    "FARAttention",
+    "FarError",
+    "TrainConfig",
     "convert",
     "count_params",
     "create_model",
+    "distill",
+    "evaluate",
     "far_modules",
+    "finetune",
     "load",
+    "load_model",
+    "prune",
     "read_config",
     "save",
     "set_backend",
+    "train_classifier",
 ]

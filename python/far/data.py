@@ -3,7 +3,7 @@
     >>> ds = fashion_mnist("test", limit=1000)           # Debian's dataset-fashion-mnist
     >>> x, y = ds[0]                                      # [1, 28, 28] float32 (normalized), int
     >>> for xb, yb in ds.batches(256): ...                # [B, 1, 28, 28], [B] int64: no per-item Python
-    >>> ds = make_dataset("fashion-mnist", "test", model) # checks the model fits the data
+    >>> ds = make_dataset("fashion-mnist", "test", far.models.data_config(model))  # checks the model fits
 """
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from far.models.registry import FMNIST_MEAN, FMNIST_STD
+from far.errors import DataError
 
+FMNIST_MEAN = (0.2860,)
+FMNIST_STD = (0.3530,)
 FASHION_MNIST_ENV = "FAR_FASHION_MNIST"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -29,10 +31,6 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 FASHION_MNIST_INPUT_SIZE = (1, 28, 28)
 
 
-class DatasetError(ValueError):
-    """A dataset is corrupt, empty, or does not fit the model it is used with."""
-
-
 # ---- IDX ----
 # IDX header: 0x00 0x00 <dtype code> <ndim>, then ndim big-endian uint32 sizes, then the data (big-endian).
 _IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
@@ -42,7 +40,7 @@ _IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2")
 def read_idx(path) -> np.ndarray:
     """Read an IDX file (plain or .gz) into a native-endian numpy array of its declared shape.
 
-    Raises FileNotFoundError if `path` does not exist and DatasetError (a ValueError) if the file
+    Raises FileNotFoundError if `path` does not exist and DataError (a ValueError) if the file
     is not valid IDX: bad gzip stream, wrong magic, unknown dtype code, or a size that does not
     match the header (truncated or trailing bytes).
     """
@@ -54,26 +52,26 @@ def read_idx(path) -> np.ndarray:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             buf = f.read()
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DatasetError(f"{path}: corrupt or truncated gzip file ({e})") from None
+        raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
     if len(buf) < 4:
-        raise DatasetError(f"{path}: not an IDX file ({len(buf)} bytes, the header alone is 4)")
+        raise DataError(f"{path}: not an IDX file ({len(buf)} bytes, the header alone is 4)")
     zero0, zero1, code, ndim = buf[:4]
     if zero0 != 0 or zero1 != 0:
-        raise DatasetError(f"{path}: not an IDX file (magic {buf[:4].hex()}, expected 0000xxxx)")
+        raise DataError(f"{path}: not an IDX file (magic {buf[:4].hex()}, expected 0000xxxx)")
     if code not in _IDX_DTYPES:
-        raise DatasetError(f"{path}: unknown IDX dtype code 0x{code:02x} "
+        raise DataError(f"{path}: unknown IDX dtype code 0x{code:02x} "
                            f"(known: {', '.join(f'0x{c:02x}' for c in _IDX_DTYPES)})")
     if ndim == 0:
-        raise DatasetError(f"{path}: IDX header declares 0 dimensions")
+        raise DataError(f"{path}: IDX header declares 0 dimensions")
     head = 4 + 4 * ndim
     if len(buf) < head:
-        raise DatasetError(f"{path}: truncated IDX header ({len(buf)} bytes, {head} needed for {ndim} dims)")
+        raise DataError(f"{path}: truncated IDX header ({len(buf)} bytes, {head} needed for {ndim} dims)")
     dims = tuple(int(v) for v in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[code]
     want = head + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(buf) != want:
         what = "truncated" if len(buf) < want else "has trailing bytes"
-        raise DatasetError(f"{path}: IDX file {what}: header says shape {list(dims)} of {dtype.name} "
+        raise DataError(f"{path}: IDX file {what}: header says shape {list(dims)} of {dtype.name} "
                            f"({want} bytes), file has {len(buf)} bytes")
     arr = np.frombuffer(buf, dtype=dtype, offset=head).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
@@ -122,12 +120,12 @@ class FashionMNIST(torch.utils.data.Dataset):
                 f"{FASHION_MNIST_DIR}) or point env {FASHION_MNIST_ENV} to a folder with {img_name} and {lbl_name}")
         images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise DatasetError(f"{img_path}: expected uint8 images [N, 28, 28], "
+            raise DataError(f"{img_path}: expected uint8 images [N, 28, 28], "
                                f"got {images.dtype} {list(images.shape)}")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise DatasetError(f"{lbl_path}: expected {images.shape[0]} labels, got shape {list(labels.shape)}")
+            raise DataError(f"{lbl_path}: expected {images.shape[0]} labels, got shape {list(labels.shape)}")
         if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
-            raise DatasetError(f"{lbl_path}: labels must be in [0, 10), got [{labels.min()}, {labels.max()}]")
+            raise DataError(f"{lbl_path}: labels must be in [0, 10), got [{labels.min()}, {labels.max()}]")
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         self.split = split
@@ -161,7 +159,9 @@ class FashionMNIST(torch.utils.data.Dataset):
         """(images [N, 1, 28, 28] float32 normalized, targets [N] int64): for a TensorDataset."""
         return self.normalize(self.images), self.targets
 
-    def _on(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def on_device(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(images uint8 [N, 28, 28], targets int64 [N]) on `device`, moved once and cached."""
+        device = torch.device(device)
         if device.type == "cpu":
             return self.images, self.targets
         key = str(device)
@@ -181,7 +181,7 @@ class FashionMNIST(torch.utils.data.Dataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         tf = self.transform if transform is ... else transform
-        images, targets = self._on(device)
+        images, targets = self.on_device(device)
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else None
         stop = n - n % batch_size if drop_last else n
@@ -195,6 +195,16 @@ class FashionMNIST(torch.utils.data.Dataset):
             if tf is not None:
                 x = tf(x)
             yield x, y
+
+    def shard(self, rank: int, world: int) -> "FashionMNIST":
+        """Images rank, rank + world, rank + 2 world, ... (one process's share of an evaluation)."""
+        import copy
+
+        part = copy.copy(self)
+        part.images = self.images[rank::world]
+        part.targets = self.targets[rank::world]
+        part._device_images = {}
+        return part
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
@@ -261,12 +271,12 @@ def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Se
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such image folder")
     if not path.is_dir():
-        raise DatasetError(f"{path}: not a folder (expected one subfolder of images per class)")
+        raise DataError(f"{path}: not a folder (expected one subfolder of images per class)")
     if not any(p.is_dir() for p in path.iterdir()):
-        raise DatasetError(f"{path}: has no class subfolders (expected {path}/<class>/<image>.png ...)")
+        raise DataError(f"{path}: has no class subfolders (expected {path}/<class>/<image>.png ...)")
     input_size = tuple(int(v) for v in input_size)
     if len(input_size) != 3 or input_size[0] not in (1, 3):
-        raise DatasetError(f"image_folder: input_size must be (C, H, W) with C in (1, 3), got {input_size}")
+        raise DataError(f"image_folder: input_size must be (C, H, W) with C in (1, 3), got {input_size}")
     mode = "L" if input_size[0] == 1 else "RGB"
 
     def loader(p: str):
@@ -279,22 +289,23 @@ def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Se
     try:
         return ImageFolder(str(path), transform=tf, loader=loader)
     except FileNotFoundError as e:  # torchvision: a class folder without images, or no class folders
-        raise DatasetError(f"{path}: {e}") from None
+        raise DataError(f"{path}: {e}") from None
 
 
-# ---- model-aware construction ----
-def _model_data_cfg(model_cfg) -> dict:
-    """{'input_size', 'num_classes', 'mean', 'std', 'interpolation', 'crop_pct'} from a model (its
-    pretrained_cfg + num_classes) or from a pretrained_cfg-like dict."""
-    if isinstance(model_cfg, torch.nn.Module):
-        cfg = dict(getattr(model_cfg, "pretrained_cfg", None) or {})
-        if getattr(model_cfg, "num_classes", None) is not None:  # --num-classes overrides the cfg's
-            cfg["num_classes"] = int(model_cfg.num_classes)
-    else:
-        cfg = dict(model_cfg or {})
+# ---- construction for a model ----
+FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
+
+
+def is_fashion_mnist(spec) -> bool:
+    """True when a data spec names Fashion-MNIST (not a folder)."""
+    return str(spec).lower() in FASHION_MNIST_NAMES
+
+
+def _check_data_cfg(data_cfg) -> dict:
+    cfg = dict(data_cfg or {})
     if "input_size" not in cfg or "num_classes" not in cfg:
-        raise DatasetError(f"the model's config lacks input_size/num_classes (got keys {sorted(cfg)}); "
-                           "cannot check it against the data")
+        raise DataError(f"the model's config lacks input_size/num_classes (got keys {sorted(cfg)}); "
+                        "cannot check it against the data")
     cfg["input_size"] = tuple(int(v) for v in cfg["input_size"])
     cfg["num_classes"] = int(cfg["num_classes"])
     return cfg
@@ -304,28 +315,29 @@ def _fmt_size(s) -> str:
     return "x".join(str(v) for v in s[1:]) + f"x{s[0]}"
 
 
-def make_dataset(spec, split: str, model_cfg, limit: Optional[int] = None, train: Optional[bool] = None):
+def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train: Optional[bool] = None):
     """The dataset named by `spec` for a model, after checking they fit each other.
 
     Args:
         spec: "fashion-mnist" (alias "fmnist") or the path of an ImageNet-style folder.
         split: "train" or "test" (Fashion-MNIST split; for a folder it only selects train/eval transforms).
-        model_cfg: the model (its pretrained_cfg and num_classes are used) or a pretrained_cfg dict
-            with input_size (C, H, W), num_classes and optionally mean, std, interpolation, crop_pct.
+        data_cfg: what the model expects, a pretrained_cfg-like dict with input_size (C, H, W),
+            num_classes and optionally mean, std, interpolation, crop_pct, architecture
+            (far.models.data_config(model) gives it).
         limit: keep the first `limit` images (a torch Subset for folders).
         train: use training transforms for a folder (default: split == "train").
-    Raises DatasetError if the model expects other images or another number of classes
+    Raises DataError if the model expects other images or another number of classes
     (e.g. a 3x224x224, 1000-class model on Fashion-MNIST).
     """
-    cfg = _model_data_cfg(model_cfg)
+    cfg = _check_data_cfg(data_cfg)
     C, H, W = cfg["input_size"]
     K = cfg["num_classes"]
     arch = cfg.get("architecture") or "the model"
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if str(spec).lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
+    if is_fashion_mnist(spec):
         if (C, H, W) != FASHION_MNIST_INPUT_SIZE or K != len(FASHION_MNIST_CLASSES):
-            raise DatasetError(
+            raise DataError(
                 f"{arch} expects {_fmt_size((C, H, W))} images and {K} classes, but Fashion-MNIST has "
                 f"{_fmt_size(FASHION_MNIST_INPUT_SIZE)} images and 10 classes; use a Fashion-MNIST model "
                 "(e.g. fmnist_deit_tiny) or --data PATH to an image folder")
@@ -338,11 +350,11 @@ def make_dataset(spec, split: str, model_cfg, limit: Optional[int] = None, train
     mean = tuple(cfg.get("mean") or ((0.485, 0.456, 0.406) if C == 3 else (0.5,)))
     std = tuple(cfg.get("std") or ((0.229, 0.224, 0.225) if C == 3 else (0.5,)))
     if len(mean) != C or len(std) != C:
-        raise DatasetError(f"{arch}: mean/std have {len(mean)}/{len(std)} values for {C} input channels")
+        raise DataError(f"{arch}: mean/std have {len(mean)}/{len(std)} values for {C} input channels")
     ds = image_folder(path, (C, H, W), mean, std, train=split == "train" if train is None else train,
                       interpolation=cfg.get("interpolation") or "bilinear", crop_pct=cfg.get("crop_pct"))
     if len(ds.classes) != K:
-        raise DatasetError(f"{path} has {len(ds.classes)} class folders but {arch} has {K} classes; "
+        raise DataError(f"{path} has {len(ds.classes)} class folders but {arch} has {K} classes; "
                            "labels are the sorted folder names, so the folder must hold every class of the model")
     if limit is not None:
         ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
@@ -367,15 +379,28 @@ def num_batches(dataset, batch_size: int) -> int:
     return -(-len(dataset) // batch_size)
 
 
+def shard(dataset, rank: int, world: int):
+    """Every world-th item from `rank` (the dataset itself when world == 1): one process's share."""
+    if world == 1:
+        return dataset
+    if hasattr(dataset, "shard"):
+        return dataset.shard(rank, world)
+    return torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+
+
 __all__ = [
-    "DatasetError",
+    "DataError",
+    "FMNIST_MEAN",
+    "FMNIST_STD",
     "FashionMNIST",
     "RandomShiftFlip",
     "fashion_mnist",
     "fashion_mnist_root",
     "image_folder",
+    "is_fashion_mnist",
     "iterate_batches",
     "make_dataset",
     "num_batches",
     "read_idx",
+    "shard",
 ]

@@ -33,3 +33,30 @@ def test_extension_without_cuda_says_so(monkeypatch):
         pytest.skip("extension not built")
     monkeypatch.setattr(dispatch, "ext_has_cuda", lambda: False)
     assert "built without CUDA kernels" in dispatch.backend_reason("cuda", "cpu")
+
+
+def test_select_is_the_one_rule():
+    """Explicit > env > auto; auto takes the reference for gradients and float64 and skips backends whose
+    per-call limits refuse the call; an explicit backend that cannot run says why (one exception type)."""
+    calls = []
+    op = dispatch.Op("toy", {"torch": lambda x: x + 1, "cpp": lambda x, out: calls.append("cpp") or x + 2,
+                             "cuda": None, "triton": None},
+                     limits={"cpp": lambda x: "too big" if x.numel() > 3 else None})
+    small, big = torch.zeros(2), torch.zeros(5)
+    cpp = "cpp" if far_kernels.backend_reason("cpp") is None else "torch"
+    assert dispatch.select(op, None, "cpu", torch.float32, False, (small,)) == cpp
+    assert dispatch.select(op, None, "cpu", torch.float32, False, (big,)) == "torch"  # auto: a limit, no error
+    assert dispatch.select(op, None, "cpu", torch.float32, True, (small,)) == "torch"  # gradient
+    assert dispatch.select(op, None, "cpu", torch.float64, False, (small,)) == "torch"  # fp64
+    assert dispatch.select(op, "torch", "cpu", torch.float64, True) == "torch"
+    if cpp == "cpp":
+        for kw, why in (({"args": (big,)}, "too big"), ({"needs_grad": True}, "inference-only"),
+                        ({"dtype": torch.float64}, "computes in fp32")):
+            with pytest.raises(BackendUnavailable, match=why):
+                dispatch.select(op, "cpp", "cpu", **kw)
+        assert torch.equal(dispatch.run(op, (small,), backend=None, device="cpu", dtype=torch.float32,
+                                        needs_grad=False), small + 2) and calls == ["cpp"]
+    with pytest.raises(BackendUnavailable, match="toy has no cuda implementation"):
+        dispatch.select(op, "cuda", "cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        dispatch.select(op, "fast", "cpu")

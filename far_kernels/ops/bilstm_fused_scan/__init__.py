@@ -1,29 +1,42 @@
-"""Multi-head bidirectional LSTM scan with the per-head input product fused in (no gate tensor in memory)."""
+"""Multi-head bidirectional LSTM over inputs: the per-head input product and the scan in one op.
+
+The cpp backend fuses the input product into the scan (no gate tensor in memory); on cuda and triton
+the op is the batched input GEMM followed by that backend's bilstm_scan. Training (a gradient
+required) runs one torch.lstm per head."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from far_kernels.dispatch import Op
+from far_kernels import dispatch
+from far_kernels.ops import bilstm_scan as _scan
+from far_kernels.ops._checks import as_hidden_sizes, check_float_tensors, check_out, check_same_device
 from far_kernels.ops.bilstm_fused_scan.cpp import bilstm_fused_scan_cpp
-from far_kernels.ops.bilstm_fused_scan.naive import bilstm_fused_scan_ref
-from far_kernels.ops.bilstm_scan import _as_hidden, _check_float_tensors, _check_out
+from far_kernels.ops.bilstm_fused_scan.reference import (bilstm_fused_scan_autograd, bilstm_fused_scan_ref,
+                                                         input_gates_ref)
 
 _NAME = "bilstm_fused_scan"
-OP = Op(
+
+
+def _gates_then(backend: str) -> Callable:
+    """This op on `backend` as the batched input GEMM followed by bilstm_scan's `backend` implementation."""
+    def impl(x, w_ih, bias, w_hh, hidden_sizes, out=None):
+        return _scan.OP.impls[backend](input_gates_ref(x, w_ih, bias), w_hh, hidden_sizes, out)
+    return impl
+
+
+OP = dispatch.Op(
     _NAME,
-    {"torch": bilstm_fused_scan_ref, "cpp": bilstm_fused_scan_cpp, "cuda": None, "triton": None},
-    missing={
-        "cuda": "the fused CUDA kernel is not implemented; use bilstm_scan (cuda) over precomputed input gates",
-        "triton": "the fused Triton kernel is not implemented; use bilstm_scan over precomputed input gates",
-    },
+    {"torch": bilstm_fused_scan_ref, "cpp": bilstm_fused_scan_cpp,
+     "cuda": _gates_then("cuda"), "triton": _gates_then("triton")},
+    grad_impl=bilstm_fused_scan_autograd,
 )
 
 
 def check_fused_scan_inputs(x, w_ih, bias, w_hh, hidden_sizes) -> torch.Tensor:
     """Validate the fused scan's inputs (clear errors) and return hidden_sizes as an int64 CPU tensor."""
-    _check_float_tensors(_NAME, (("x", x), ("w_ih", w_ih), ("bias", bias), ("w_hh", w_hh)))
+    check_float_tensors(_NAME, (("x", x), ("w_ih", w_ih), ("bias", bias), ("w_hh", w_hh)))
     if w_ih.dim() != 4 or w_ih.shape[1] != 2 or w_ih.shape[2] % 4 != 0:
         raise ValueError(f"{_NAME}: w_ih must be [H, 2, 4n, d], got {list(w_ih.shape)}")
     H, _, G, d = w_ih.shape
@@ -34,10 +47,8 @@ def check_fused_scan_inputs(x, w_ih, bias, w_hh, hidden_sizes) -> torch.Tensor:
         raise ValueError(f"{_NAME}: bias must be [H, 2, 4n] = [{H}, 2, {G}], got {list(bias.shape)}")
     if tuple(w_hh.shape) != (H, 2, G, n):
         raise ValueError(f"{_NAME}: w_hh must be [H, 2, 4n, n] = [{H}, 2, {G}, {n}], got {list(w_hh.shape)}")
-    for name, t in (("w_ih", w_ih), ("bias", bias), ("w_hh", w_hh)):
-        if t.device != x.device:
-            raise ValueError(f"{_NAME}: x is on {x.device} but {name} is on {t.device}")
-    return _as_hidden(hidden_sizes, H, n, _NAME)
+    check_same_device(_NAME, "x", x, (("w_ih", w_ih), ("bias", bias), ("w_hh", w_hh)))
+    return as_hidden_sizes(hidden_sizes, H, n, _NAME)
 
 
 def bilstm_fused_scan(
@@ -50,7 +61,7 @@ def bilstm_fused_scan(
     backend: Optional[str] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """bilstm_scan(x_h W_ih^T + bias, w_hh, hidden_sizes) for every head h without materializing the gates.
+    """bilstm_scan(x_h W_ih^T + bias, w_hh, hidden_sizes) for every head h (no gate tensor in memory on cpp).
 
     Args:
         x: [B, T, H*d] inputs (e.g. FAR's pre_proj output); head h reads columns h*d .. h*d+d-1.
@@ -59,13 +70,14 @@ def bilstm_fused_scan(
             at rows q*n + u, direction 0 = forward, 1 = backward.
         bias: [H, 2, 4n] = b_ih + b_hh.
         w_hh: [H, 2, 4n, n] recurrent weights.
-        hidden_sizes: [2, H] ints in [0, n]: kept units per (direction, head); padded units ignored.
-        backend: "torch" | "cpp" | "auto" (cuda/triton: not implemented); default env FAR_BACKEND, else auto.
+        hidden_sizes: [2, H] ints in [0, n]: kept units per (direction, head); padded units ignored
+            (their weights and biases must be 0 when a gradient is required).
+        backend: "torch" | "cpp" | "cuda" | "triton" | "auto"; default env FAR_BACKEND, else auto.
         out: optional [H, B, T, 2, n] contiguous tensor of x's dtype and device to write into.
     Returns:
         h: [H, B, T, 2, n] in x.dtype; units >= hidden size are 0.
-    Only the torch backend is differentiable: auto picks it when a gradient is required; the
-    others raise in that case.
+    Differentiable on the torch backend (auto picks it when a gradient is required: one torch.lstm
+    per head); the other backends raise BackendUnavailable in that case.
 
     Example:
         >>> x = torch.randn(2, 50, 3 * 64); w_ih = torch.randn(3, 2, 256, 64) * 0.1
@@ -76,10 +88,11 @@ def bilstm_fused_scan(
     B, T, _ = x.shape
     H, _, G, _ = w_ih.shape
     if out is not None:
-        _check_out(_NAME, out, (H, B, T, 2, G // 4), x.dtype, x.device)
+        check_out(_NAME, out, (H, B, T, 2, G // 4), x.dtype, x.device)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_ih, bias, w_hh))
-    return OP.run((x, w_ih, bias, w_hh, hs), backend=backend, device=x.device, dtype=x.dtype,
-                  needs_grad=needs_grad, out=out)
+    return dispatch.run(OP, (x, w_ih, bias, w_hh, hs), backend=backend, device=x.device, dtype=x.dtype,
+                        needs_grad=needs_grad, out=out)
 
 
-__all__ = ["bilstm_fused_scan", "bilstm_fused_scan_ref", "check_fused_scan_inputs", "OP"]
+__all__ = ["bilstm_fused_scan", "bilstm_fused_scan_ref", "bilstm_fused_scan_autograd", "check_fused_scan_inputs",
+           "input_gates_ref", "OP"]

@@ -5,13 +5,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from far_kernels.dispatch import Op
-from far_kernels.ops.bilstm_scan.naive import bilstm_scan_ref
-
+from far_kernels import dispatch
+from far_kernels.ops._checks import as_hidden_sizes, check_float_tensors, check_out, check_same_device
 from far_kernels.ops.bilstm_scan.cpp import bilstm_scan_cpp
 from far_kernels.ops.bilstm_scan.cuda import bilstm_scan_cuda
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from far_kernels.ops.bilstm_scan.reference import bilstm_scan_ref
 
 
 def bilstm_scan_triton(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Tensor,
@@ -23,51 +21,22 @@ def bilstm_scan_triton(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch
     return impl(gx, w_hh, hidden_sizes, out)
 
 
-OP = Op(
+OP = dispatch.Op(
     "bilstm_scan",
     {"torch": bilstm_scan_ref, "cpp": bilstm_scan_cpp, "cuda": bilstm_scan_cuda, "triton": bilstm_scan_triton},
 )
 
 
-def _as_hidden(hidden_sizes, H: int, n: int, op: str = "bilstm_scan") -> torch.Tensor:
-    hs = torch.as_tensor(hidden_sizes)
-    if hs.dtype.is_floating_point or hs.dtype == torch.bool or hs.is_complex():
-        raise TypeError(f"{op}: hidden_sizes must be integers, got {hs.dtype}")
-    if tuple(hs.shape) != (2, H):
-        raise ValueError(f"{op}: hidden_sizes must have shape [2, H] = [2, {H}], got {list(hs.shape)}")
-    hs = hs.to(device="cpu", dtype=torch.int64).contiguous()
-    if H and (hs.min() < 0 or hs.max() > n):
-        raise ValueError(f"{op}: hidden_sizes must lie in [0, n] = [0, {n}], got {hs.tolist()}")
-    return hs
-
-
-def _check_float_tensors(op: str, named) -> None:
-    """Every (name, t) in `named` is a torch.Tensor of a supported float dtype (clear errors otherwise)."""
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{op}: {name} must be float32/float16/bfloat16/float64, got {t.dtype}")
-
-
-def _check_out(op: str, out, shape, dtype, device) -> None:
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype \
-            or out.device != device or not out.is_contiguous():
-        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{op}: out must be a contiguous {list(shape)} {dtype} tensor on {device}, got {got}")
-
-
 def check_scan_inputs(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes) -> torch.Tensor:
     """Validate the scan's inputs (clear errors) and return hidden_sizes as an int64 CPU tensor."""
-    _check_float_tensors("bilstm_scan", (("gx", gx), ("w_hh", w_hh)))
+    check_float_tensors("bilstm_scan", (("gx", gx), ("w_hh", w_hh)))
     if gx.dim() != 5 or gx.shape[3] != 2 or gx.shape[4] % 4 != 0:
         raise ValueError(f"bilstm_scan: gx must be [H, B, T, 2, 4n], got {list(gx.shape)}")
     H, n = gx.shape[0], gx.shape[4] // 4
     if tuple(w_hh.shape) != (H, 2, 4 * n, n):
         raise ValueError(f"bilstm_scan: w_hh must be [H, 2, 4n, n] = [{H}, 2, {4 * n}, {n}], got {list(w_hh.shape)}")
-    if gx.device != w_hh.device:
-        raise ValueError(f"bilstm_scan: gx is on {gx.device} but w_hh is on {w_hh.device}")
-    return _as_hidden(hidden_sizes, H, n)
+    check_same_device("bilstm_scan", "gx", gx, (("w_hh", w_hh),))
+    return as_hidden_sizes(hidden_sizes, H, n, "bilstm_scan")
 
 
 def bilstm_scan(
@@ -100,9 +69,10 @@ def bilstm_scan(
     hs = check_scan_inputs(gx, w_hh, hidden_sizes)
     if out is not None:
         H, B, T, _, G = gx.shape
-        _check_out("bilstm_scan", out, (H, B, T, 2, G // 4), gx.dtype, gx.device)
+        check_out("bilstm_scan", out, (H, B, T, 2, G // 4), gx.dtype, gx.device)
     needs_grad = torch.is_grad_enabled() and (gx.requires_grad or w_hh.requires_grad)
-    return OP.run((gx, w_hh, hs), backend=backend, device=gx.device, dtype=gx.dtype, needs_grad=needs_grad, out=out)
+    return dispatch.run(OP, (gx, w_hh, hs), backend=backend, device=gx.device, dtype=gx.dtype, needs_grad=needs_grad,
+                        out=out)
 
 
 __all__ = ["bilstm_scan", "bilstm_scan_ref", "check_scan_inputs", "OP"]

@@ -20,10 +20,10 @@ from typing import Optional, Union
 
 import torch
 
-from far_kernels.dispatch import Op, requested_backend
+from far_kernels import dispatch
+from far_kernels.ops.crossbar_matmul.calibration import crossbar_partial_sum_absmax
 from far_kernels.ops.crossbar_matmul.config import CrossbarConfig
-from far_kernels.ops.crossbar_matmul.naive import (crossbar_matmul_loop, crossbar_matmul_ref,
-                                                   crossbar_partial_sum_absmax, run_ref)
+from far_kernels.ops.crossbar_matmul.reference import crossbar_matmul_loop, crossbar_matmul_ref, run_ref
 from far_kernels.ops.crossbar_matmul.program import (ProgrammedCrossbar, prepare_call, program_crossbar,
                                                      quantize_inputs, quantize_weights, triton_unsupported)
 
@@ -36,13 +36,15 @@ def crossbar_matmul_triton(call, out=None):
     return impl(call, out)
 
 
-OP = Op(
+OP = dispatch.Op(
     "crossbar_matmul",
     {"torch": run_ref, "cpp": None, "cuda": None, "triton": crossbar_matmul_triton},
     missing={
         "cpp": "crossbar_matmul has no cpp backend: on CPU the vectorized torch reference is the fast path",
         "cuda": "crossbar_matmul has no cuda backend; use triton (GPU) or torch",
     },
+    limits={"triton": triton_unsupported},  # e.g. int32 accumulators that could overflow: auto uses torch
+    fp32_only=False,  # the emulation quantizes: every backend computes the same fp32 math from any float dtype
 )
 
 
@@ -55,7 +57,7 @@ def crossbar_matmul(
     backend: Optional[str] = None,
     adc_range=None,
 ) -> torch.Tensor:
-    """Emulate y ≈ x @ w.T + bias on bit-sliced ReRAM crossbars (DESIGN.md, "Crossbar emulation semantics").
+    """Emulate y ≈ x @ w.T + bias on bit-sliced ReRAM crossbars (docs/design.md, "Crossbar emulation").
 
     Weights: symmetric quantization to weight_bits (per row or tensor), sliced into S weight slices of
     cell_bits (differential column pairs or offset encoding). Inputs: symmetric quantization to
@@ -86,11 +88,7 @@ def crossbar_matmul(
         >>> y = crossbar_matmul(torch.randn(8, 197, 768), prog)  # [8, 197, 384]
     """
     call = prepare_call(x, w, cfg, bias, adc_range, consume_read=False)
-    name = OP.resolve(backend, x.device)
-    if name == "triton" and triton_unsupported(call) is not None:
-        if requested_backend(backend) != "auto":
-            raise ValueError(f"crossbar_matmul: the triton backend cannot run this call: {triton_unsupported(call)}")
-        name = "torch"  # auto: the reference handles every config
+    name = dispatch.select(OP, backend, x.device, x.dtype, needs_grad=False, args=(call,))
     if call.cfg.read_noise > 0:
         call.prog.reads += 1
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """CrossbarConfig: the emulated ReRAM crossbar (ISAAC-like defaults), validated once at construction.
 
-The semantics each field controls are in DESIGN.md ("Crossbar emulation semantics") and in the
+The semantics each field controls are in docs/design.md ("Crossbar emulation") and in the
 docstring of far_kernels.crossbar_matmul.
 """
 from __future__ import annotations

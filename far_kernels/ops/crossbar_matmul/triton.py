@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from far_kernels.dispatch import BackendUnavailable
 from far_kernels.ops.crossbar_matmul.program import INT32, CrossbarCall, input_scales, triton_unsupported
 
 _MODES = {"none": 0, "granular": 1, "max": 2, "calibrated": 3}
@@ -190,7 +191,7 @@ def crossbar_matmul_triton(call: CrossbarCall, out: Optional[torch.Tensor] = Non
     [M, N] fp32 tensor, when given)."""
     why = triton_unsupported(call)
     if why is not None:
-        raise ValueError(f"crossbar_matmul: the triton backend cannot run this call: {why}")
+        raise BackendUnavailable(f"crossbar_matmul: the triton backend cannot run this call: {why}")
     cfg, prog, plan = call.cfg, call.prog, call.adc
     x2d = call.x2d
     M, K = x2d.shape

@@ -12,7 +12,8 @@ Weight products (nn.Linear, FAR's W_ih / recurrent W_hh / head_proj) run through
 far_kernels.crossbar_matmul with weights programmed once; attention's activation x activation
 products stay digital, quantized to cfg.input_bits. See `emulate` for the full list.
 """
-from far.imc.emulate import EmulationReport, calibrate, crossbar_layers, emulate, emulation_targets, select_targets
+from far.imc.calibrate import calibrate
+from far.imc.emulate import EmulationReport, crossbar_layers, emulate, emulation_targets, select_targets
 from far.imc.far_block import UnrolledFARAttention
 from far.imc.layers import CrossbarLinear, QuantizedAttention, fake_quantize
 

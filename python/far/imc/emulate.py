@@ -1,10 +1,10 @@
-"""far.imc.emulate / calibrate: run a model's weight products on emulated ReRAM crossbars."""
+"""far.imc.emulate: run a model's weight products on emulated ReRAM crossbars."""
 from __future__ import annotations
 
 import copy
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -12,18 +12,13 @@ import torch.nn as nn
 import far_kernels
 from far.imc.far_block import UnrolledFARAttention
 from far.imc.layers import CrossbarLinear, QuantizedAttention
-from far.models.far_attention import FARAttention
+from far.models import attention_classes
+from far.nn import FARAttention
 
 Patterns = Union[None, str, Sequence[str]]
 
 KIND_LINEAR = "crossbar"  # a weight product on a crossbar
 KIND_ATTENTION = "digital-quantized"  # activation x activation products, digital at input_bits
-
-
-def _attention_classes() -> tuple:
-    from far.models.convert import _attention_classes as timm_attention
-
-    return timm_attention()
 
 
 def _patterns(p: Patterns, what: str) -> Optional[list]:
@@ -53,7 +48,7 @@ def emulation_targets(model: nn.Module) -> list:
     head_proj products `X.w_ih.<head>.<dir>`, `X.w_hh.<head>.<dir>`, `X.head_proj.<head>` ("crossbar");
     every timm Attention `X` itself ("digital-quantized": its q@k^T and attn@v). These are the
     names that emulate's include/exclude patterns match."""
-    attn_classes = _attention_classes()
+    attn_classes = attention_classes()
     out = []
     for name, m in model.named_modules():
         if isinstance(m, FARAttention):
@@ -189,64 +184,3 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
 def crossbar_layers(model: nn.Module) -> list:
     """[(name, CrossbarLinear)] of an emulated model, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CrossbarLinear)]
-
-
-def _batches(data, max_batches: Optional[int]) -> Iterable:
-    if isinstance(data, torch.Tensor):
-        data = [data]
-    for i, b in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            return
-        if isinstance(b, (tuple, list)):
-            b = b[0]
-        if isinstance(b, dict):
-            raise TypeError("calibrate: batches must be tensors or (inputs, labels) tuples, got a dict")
-        yield b
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_slice: bool = False,
-              progress: bool = False) -> dict:
-    """Set the ADC ranges of an emulated model's crossbars from calibration data (for
-    adc_range="calibrated"; other configs accept ranges too but do not use them).
-
-    Runs `data` (a tensor batch, or an iterable of tensors or (inputs, labels) batches, e.g. a
-    DataLoader; at most `max_batches`) through the model in eval mode. Every CrossbarLinear records
-    the largest |partial sum| its reads produced per weight slice (far_kernels.crossbar_partial_sum_absmax)
-    while running as an uncalibrated ADC would (range = p_max, i.e. adc_range "max"), so later layers
-    see emulated activations. Then each layer gets r = that max (per_slice=True: one r per weight
-    slice; else the max over slices). A layer that saw only zero partial sums gets r = p_max.
-    Returns {layer name: r tensor}. The model's train/eval mode is restored afterwards.
-    """
-    layers = crossbar_layers(model)
-    if not layers:
-        raise ValueError("calibrate: the model has no CrossbarLinear; emulate it first (far.imc.emulate)")
-    was_training = model.training
-    model.eval()
-    dev = layers[0][1]._anchor.device
-    for _, m in layers:
-        m._calib = torch.zeros(m.num_weight_slices, dtype=torch.float32, device=m._anchor.device)
-    seen = 0
-    try:
-        it = _batches(data, max_batches)
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=max_batches, desc="calibrate", unit="batch", leave=False)
-        for x in it:
-            model(x.to(dev))
-            seen += 1
-        if seen == 0:
-            raise ValueError("calibrate: no calibration batches (empty data or max_batches=0)")
-        out = {}
-        for name, m in layers:
-            r = m._calib.clone()
-            r[r <= 0] = float(m.cfg.p_max)
-            r = r if per_slice else r.max()
-            m.set_adc_range(r)
-            out[name] = m.adc_range.clone()
-        return out
-    finally:
-        for _, m in layers:
-            m._calib = None
-        model.train(was_training)

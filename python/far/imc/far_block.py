@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import skip_init
 
-from far.models.far_attention import FARAttention
+from far.nn import FARAttention
 
 
 def _linear(w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Linear:

@@ -1,8 +1,8 @@
 """Modules of an emulated model: CrossbarLinear (a weight product on a ReRAM crossbar) and
 QuantizedAttention (timm attention whose activation x activation products stay digital, quantized).
 
-Semantics of the crossbar product are far_kernels.crossbar_matmul's (DESIGN.md, "Crossbar emulation
-semantics"); these modules only hold programmed weights and route calls.
+Semantics of the crossbar product are far_kernels.crossbar_matmul's (docs/design.md, "Crossbar
+emulation"); these modules only hold programmed weights and route calls.
 """
 from __future__ import annotations
 
@@ -82,6 +82,26 @@ class CrossbarLinear(nn.Module):
     @property
     def num_weight_slices(self) -> int:
         return self.cfg.n_weight_slices
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def begin_calibration(self) -> None:
+        """Start recording the largest |partial sum| per weight slice of every read (far.imc.calibrate);
+        meanwhile the layer runs as an uncalibrated ADC would (range p_max)."""
+        self._calib = torch.zeros(self.num_weight_slices, dtype=torch.float32, device=self.device)
+
+    def end_calibration(self, per_slice: Optional[bool]) -> Optional[torch.Tensor]:
+        """Stop recording. per_slice True/False: set the ADC range to what was recorded (one value per
+        weight slice, or their max; p_max where only zeros were seen) and return it; None: discard."""
+        rec, self._calib = self._calib, None
+        if rec is None or per_slice is None:
+            return None
+        r = rec.clone()
+        r[r <= 0] = float(self.cfg.p_max)
+        self.set_adc_range(r if per_slice else r.max())
+        return self.adc_range.clone()
 
     @property
     def adc_range(self) -> Optional[torch.Tensor]:

@@ -1,5 +1,16 @@
-from far.models.convert import ConversionReport, convert, count_params, far_modules, set_backend
-from far.models.far_attention import FARAttention
-from far.models.registry import create_model
+"""Models: timm ViTs converted to FAR, the Fashion-MNIST architectures, the zoo, checkpoints.
 
-__all__ = ["FARAttention", "ConversionReport", "convert", "count_params", "create_model", "far_modules", "set_backend"]
+    convert.py     far.convert: every timm Attention -> FARAttention (and the parameter report)
+    registry.py    timm entry points fmnist_deit_tiny / fmnist_deit_small
+    pretrained.py  the bundled zoo's index
+    factory.py     create_model, save/load, and the one MODEL resolver (file | zoo name | timm name)
+"""
+from far.models.convert import (ConversionReport, attention_classes, convert, count_params, far_modules,
+                                far_param_count, set_backend)
+from far.models.factory import (ModelSpec, build, create_model, data_config, is_far, load, load_model, resolve,
+                                save, stored_tensors, unwrap)
+from far.models.pretrained import ZOO, zoo_path
+
+__all__ = ["ConversionReport", "ModelSpec", "ZOO", "attention_classes", "build", "convert", "count_params",
+           "create_model", "data_config", "far_modules", "far_param_count", "is_far", "load", "load_model",
+           "resolve", "save", "set_backend", "stored_tensors", "unwrap", "zoo_path"]

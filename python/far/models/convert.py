@@ -7,10 +7,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from far.models.far_attention import FARAttention
+import far_kernels
+from far.errors import ConfigError
+from far.nn import FARAttention
 
 
-def _attention_classes():
+def attention_classes() -> tuple:
+    """The timm self-attention classes far.convert replaces (timm.layers.Attention and the
+    vision_transformer module's, where they differ)."""
     from timm.layers import Attention as LayersAttention
 
     classes = {LayersAttention}
@@ -81,15 +85,15 @@ def convert(
     The report (attention vs FAR parameters per block and total) is at `model.far_conversion`.
     """
     if init not in ("value", "random"):
-        raise ValueError(f"init must be 'value' or 'random', got {init!r}")
-    classes = _attention_classes()
+        raise ConfigError(f"init must be 'value' or 'random', got {init!r}")
+    classes = attention_classes()
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, classes)]
     if not targets:
-        raise ValueError(f"{type(model).__name__} has no timm Attention module to convert "
+        raise ConfigError(f"{type(model).__name__} has no timm Attention module to convert "
                          "(already converted, or not a timm ViT)")
     if hidden_sizes is not None and not isinstance(hidden_sizes, int):
         if len(hidden_sizes) != len(targets):
-            raise ValueError(f"hidden_sizes has {len(hidden_sizes)} entries but the model has {len(targets)} "
+            raise ConfigError(f"hidden_sizes has {len(hidden_sizes)} entries but the model has {len(targets)} "
                              "attention blocks")
     report = ConversionReport()
     for idx, (name, attn) in enumerate(targets):
@@ -139,9 +143,7 @@ def far_modules(model: nn.Module):
 def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Set the scan backend of every FARAttention in `model` (None = env FAR_BACKEND / auto)."""
     if backend is not None:
-        from far_kernels.dispatch import requested_backend
-
-        requested_backend(backend)  # validates the name
+        far_kernels.requested_backend(backend)  # validates the name
     for _, m in far_modules(model):
         m.backend = backend
     return model

@@ -9,7 +9,7 @@ import conftest
 from conftest import assert_close_derived, per_head_lstm
 
 
-def cpu_backends():  # this op's own backends (the scan has a Triton kernel, the fused op has none)
+def cpu_backends():  # this op's own backends
     return conftest.cpu_backends(far_kernels.ops.bilstm_fused_scan.OP)
 
 
@@ -87,7 +87,7 @@ def test_matches_unfused_scan(backend):
     require_backend(backend)
     args = make_inputs(3, 5, 33, 64, 64, seed=11)
     hs = torch.tensor([[64, 40, 0], [64, 9, 64]])
-    gx = far_kernels.ops.bilstm_fused_scan.naive.input_gates_ref(*args[:3])
+    gx = far_kernels.ops.bilstm_fused_scan.input_gates_ref(*args[:3])
     unfused = far_kernels.bilstm_scan(gx, args[3], hs, backend=backend)
     torch.testing.assert_close(bilstm_fused_scan(*args, hs, backend=backend), unfused, rtol=0, atol=2e-5)
 
@@ -140,7 +140,7 @@ def test_torch_backend_is_differentiable_and_auto_picks_it():
     args = [t.requires_grad_(True) for t in make_inputs(2, 2, 4, 3, 3, seed=2, dtype=torch.float64)]
     hs = torch.tensor([[3, 2], [1, 3]])
     assert torch.autograd.gradcheck(lambda *a: bilstm_fused_scan(*a, hs), tuple(args))
-    with pytest.raises(RuntimeError, match="inference-only"):
+    with pytest.raises(BackendUnavailable, match="inference-only"):
         require_backend("cpp")
         bilstm_fused_scan(*(t.float() for t in args), hs, backend="cpp")
 
@@ -211,15 +211,24 @@ def test_dispatch_rules(monkeypatch):
     with pytest.raises(BackendUnavailable, match="cuda"):
         bilstm_fused_scan(*args, hs)
     monkeypatch.setenv("FAR_BACKEND", "torch")
-    assert op.resolve(None, "cpu") == "torch"
+    assert far_kernels.dispatch.select(op, None, "cpu") == "torch"
     monkeypatch.delenv("FAR_BACKEND")
-    assert op.resolve(None, "cpu") == ("cpp" if far_kernels.backend_reason("cpp") is None else "torch")
-    assert op.resolve("torch", "cpu") == "torch"  # argument beats env
+    assert far_kernels.dispatch.select(op, None, "cpu") == ("cpp" if far_kernels.backend_reason("cpp") is None else "torch")
+    assert far_kernels.dispatch.select(op, "torch", "cpu") == "torch"  # argument beats env
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_unimplemented_backends_are_explained(backend):
+def test_gpu_backends_compose_the_input_gemm_and_their_scan():
+    """cuda and triton have no fused kernel: the op is the batched input GEMM then that backend's scan
+    (checked here through the Triton interpreter; a CUDA backend on CPU tensors is refused)."""
+    x, w_ih, bias, w_hh = make_inputs(2, 3, 5, 4, 8, seed=3)
+    hs = torch.tensor([[8, 5], [0, 8]])
     op = far_kernels.ops.bilstm_fused_scan.OP
-    assert "not implemented" in op.reason(backend, "cuda")
-    with pytest.raises(BackendUnavailable, match="not implemented"):
-        bilstm_fused_scan(*make_inputs(1, 1, 2, 4, 4, seed=0), torch.full((2, 1), 4), backend=backend)
+    why = op.reason("cuda", "cpu")
+    assert why is not None and "CUDA tensors" in why
+    with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+        bilstm_fused_scan(x, w_ih, bias, w_hh, hs, backend="cuda")
+    require_backend("triton")
+    out = conftest.poisoned((2, 3, 5, 2, 8))
+    bilstm_fused_scan(x, w_ih, bias, w_hh, hs, backend="triton", out=out)
+    ref64 = bilstm_fused_scan_ref(x.double(), w_ih.double(), bias.double(), w_hh.double(), hs)
+    assert_close_derived(out, ref64, bilstm_fused_scan_ref(x, w_ih, bias, w_hh, hs), "triton")

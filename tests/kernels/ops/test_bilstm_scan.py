@@ -115,7 +115,7 @@ def test_torch_backend_is_differentiable_and_auto_picks_it():
     w.requires_grad_(True)
     hs = torch.tensor([[3, 2], [1, 3]])
     assert torch.autograd.gradcheck(lambda a, b: bilstm_scan(a, b, hs), (gx, w))
-    with pytest.raises(RuntimeError, match="inference-only"):
+    with pytest.raises(BackendUnavailable, match="inference-only"):
         require_backend("cpp")
         bilstm_scan(gx.float(), w.float(), hs, backend="cpp")
 
@@ -167,11 +167,11 @@ def test_dispatch_rules(monkeypatch):
     with pytest.raises(BackendUnavailable, match="cuda"):
         bilstm_scan(gx, w, hs)
     monkeypatch.setenv("FAR_BACKEND", "torch")
-    assert far_kernels.ops.bilstm_scan.OP.resolve(None, "cpu") == "torch"
+    assert far_kernels.dispatch.select(far_kernels.ops.bilstm_scan.OP, None, "cpu") == "torch"
     monkeypatch.delenv("FAR_BACKEND")
-    auto = far_kernels.ops.bilstm_scan.OP.resolve(None, "cpu")
+    auto = far_kernels.dispatch.select(far_kernels.ops.bilstm_scan.OP, None, "cpu")
     assert auto == ("cpp" if far_kernels.backend_reason("cpp") is None else "torch")
-    assert far_kernels.ops.bilstm_scan.OP.resolve("torch", "cpu") == "torch"  # argument beats env
+    assert far_kernels.dispatch.select(far_kernels.ops.bilstm_scan.OP, "torch", "cpu") == "torch"  # argument beats env
 
 
 def test_triton_request_is_explained():

@@ -10,7 +10,7 @@ import far_kernels
 from far_kernels import (BackendUnavailable, CrossbarConfig, ProgrammedCrossbar, crossbar_matmul,
                          crossbar_matmul_loop, crossbar_matmul_ref, crossbar_partial_sum_absmax, program_crossbar)
 from far_kernels.ops.crossbar_matmul import quantize_inputs, quantize_weights
-from far_kernels.ops.crossbar_matmul.naive import rhe_div
+from far_kernels.ops.crossbar_matmul.reference import rhe_div
 
 
 def make_xw(M, K, N, seed, dtype=torch.float32):

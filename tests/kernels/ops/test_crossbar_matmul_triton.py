@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from far_kernels import CrossbarConfig, crossbar_matmul, crossbar_partial_sum_absmax, program_crossbar  # noqa: E402
+from far_kernels import (BackendUnavailable, CrossbarConfig, crossbar_matmul, crossbar_partial_sum_absmax,  # noqa: E402
+                         program_crossbar)
 from far_kernels.ops.crossbar_matmul import OP, quantize_inputs, quantize_weights  # noqa: E402
 from far_kernels.ops.crossbar_matmul.program import prepare_call  # noqa: E402
 
@@ -167,7 +168,7 @@ def test_triton_seeds():
 def test_triton_refuses_configs_that_overflow_int32():
     cfg = CrossbarConfig(weight_bits=16, input_bits=16, cell_bits=1, dac_bits=1, adc_bits=None)
     x, w = make_xw(2, 40, 3, seed=8)
-    with pytest.raises(ValueError, match="overflow"):
+    with pytest.raises(BackendUnavailable, match="overflow"):
         crossbar_matmul(x, w, cfg, backend="triton")
     assert crossbar_matmul(x, w, cfg).shape == (2, 3)  # auto picks a backend that can
 

@@ -1,0 +1,147 @@
+"""`far demo`: the README's main job on the bundled model zoo.
+
+Evaluates the attention teacher (fmnist_deit_tiny), its FAR student (fmnist_far_tiny) and the pruned
+FAR student (fmnist_far_tiny_pruned) on the Fashion-MNIST test set: top-1 accuracy, parameters (all,
+and those of the token mixers: attention vs LSTM + head_proj), CPU throughput per backend, and the
+agreement of every backend with the torch reference. Prints a table, writes demo.json and demo.png.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import far_kernels
+from far.data import fashion_mnist
+from far.evaluate import evaluate
+from far.models import far_modules, is_far, load, set_backend, stored_tensors, zoo_path
+from far.utils.fs import write_json
+from far.utils.plot import pyplot, save_figure
+
+MODELS = (("teacher (attention)", "fmnist_deit_tiny"), ("FAR", "fmnist_far_tiny"),
+          ("FAR pruned", "fmnist_far_tiny_pruned"))
+FAR_OP = far_kernels.ops.bilstm_fused_scan.OP  # what a FAR block runs
+
+
+def _mixer_params(model) -> int:
+    """Parameters of the token mixers: attention (qkv, proj) or FAR (pre_proj, LSTMs, head_proj, proj),
+    kept units only."""
+    mods = far_modules(model)
+    if mods:
+        return sum(m.num_lstm_params() + sum(p.numel() for p in (*m.pre_proj.parameters(), *m.proj.parameters()))
+                   for _, m in mods)
+    return sum(p.numel() for b in model.blocks for p in b.attn.parameters())
+
+
+def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int = 250, out_dir: str = "far-demo",
+             data_root: Optional[str] = None, plot: bool = True, progress: bool = True) -> dict:
+    test = fashion_mnist("test", root=data_root, limit=num_images)
+    bench = fashion_mnist("test", root=data_root, limit=bench_images)
+    y = test.targets
+    models = [(label, name, load(zoo_path(name))) for label, name in MODELS]
+    steps = sum(2 if is_far(m) else 1 for _, _, m in models)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="demo", unit="run", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def run(model, data):
+        r = evaluate(model, data, batch_size=batch_size, device="cpu", keep_logits=True)
+        return r["logits"], r["images_per_s"]
+
+    rows = []
+    for label, name, model in models:
+        meta = model.far_checkpoint.get("metadata", {})
+        base = {"model": label, "name": name, "params": sum(t.numel() for t in stored_tensors(model).values()),
+                "mixer_params": _mixer_params(model),
+                "hidden_sizes": [m.hidden_sizes.tolist() for _, m in far_modules(model)] if is_far(model) else None,
+                "trained": meta.get("training", {}).get("command"), "num_images": len(test)}
+        set_backend(model, None)
+        auto = far_kernels.dispatch.select(FAR_OP, None, "cpu") if is_far(model) else "-"
+        logits, ips = run(model, test)  # accuracy on every image, auto backend (fastest)
+        base["top1"] = (logits.argmax(1) == y).float().mean().item()
+        if bar is not None:
+            bar.update(1)
+        if not is_far(model):
+            rows.append({**base, "backend": "-", "images_per_s": ips})
+            continue
+        set_backend(model, "torch")
+        ref, ref_ips = run(model, bench)  # the reference, on the speed subset
+        for backend in far_kernels.BACKENDS:
+            why = FAR_OP.reason(backend, "cpu")
+            if why is not None:
+                rows.append({**base, "backend": backend, "unavailable": why})
+                continue
+            if backend == "torch":
+                out, speed = ref, ref_ips
+            elif backend == auto:
+                out, speed = logits[:len(bench)], ips
+            else:
+                set_backend(model, backend)
+                out, speed = run(model, bench)
+            rows.append({**base, "backend": backend, "images_per_s": speed,
+                         "max_abs_diff_vs_torch": (out - ref).abs().max().item(),
+                         "top1_agreement_vs_torch": (out.argmax(1) == ref.argmax(1)).float().mean().item()})
+        set_backend(model, None)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    result = {"num_images": len(test), "bench_images": len(bench), "batch_size": batch_size,
+              "threads": torch.get_num_threads(), "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(Path(out_dir, "demo.json"), result)
+    if plot:
+        result["plot"] = _plot(rows, Path(out_dir, "demo.png"))
+    return result
+
+
+def format_table(result: dict) -> str:
+    head = (f"{'model':<20} {'top-1':>7} {'params':>9} {'mixer params':>13} {'backend':<8} {'images/s':>9} "
+            f"{'max|diff| vs torch':>19}")
+    lines = [head, "-" * len(head)]
+    last = None
+    for r in result["rows"]:
+        first = r["name"] != last
+        last = r["name"]
+        lead = (f"{r['model']:<20} {100 * r['top1']:>6.2f}% {r['params']:>9,} {r['mixer_params']:>13,}" if first
+                else " " * 53)
+        if "unavailable" in r:
+            lines.append(f"{lead} {r['backend']:<8} unavailable: {r['unavailable'][:70]}")
+            continue
+        diff = r.get("max_abs_diff_vs_torch")
+        diff = "-" if diff is None else f"{diff:.2e}"
+        lines.append(f"{lead} {r['backend']:<8} {r['images_per_s']:>9.0f} {diff:>19}")
+    return "\n".join(lines)
+
+
+def _plot(rows, path: Path) -> Optional[str]:
+    plt = pyplot()
+    if plt is None:
+        return None
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(r["name"], r)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.4]})
+    names = list(firsts)
+    accs = [100 * firsts[n]["top1"] for n in names]
+    labels = [firsts[n]["model"] for n in names]
+    colors = ["#888", "#3a7", "#27a"][:len(names)]
+    a.barh(labels, accs, color=colors)
+    for i, (acc, n) in enumerate(zip(accs, names)):
+        a.text(acc, i, f" {acc:.2f}%  ({firsts[n]['mixer_params'] / 1e3:.0f}k mixer params)", va="center", fontsize=8)
+    a.set_xlim(min(accs) - 5, 100)
+    a.set_xlabel(f"Fashion-MNIST test top-1 (%), {rows[0]['num_images']} images")
+    a.invert_yaxis()
+    ok = [r for r in rows if "images_per_s" in r]
+    blabels = [r["model"] if r["backend"] == "-" else f"{r['model']} / {r['backend']}" for r in ok]
+    b.barh(blabels, [r["images_per_s"] for r in ok], color=[colors[names.index(r["name"])] for r in ok])
+    b.set_xlabel("images / s (CPU, higher is better)")
+    b.invert_yaxis()
+    fig.suptitle("FAR model zoo: attention teacher vs FAR student vs pruned FAR")
+    save_figure(fig, path, dpi=120)
+    return str(path)

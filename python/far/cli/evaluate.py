@@ -1,0 +1,137 @@
+"""far eval, far demo."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from far.cli.options import (BACKEND_CHOICES, FMNIST_NOTE, Formatter, add_common, add_data, add_device, add_model,
+                             at_least, note, output_checks, set_threads, warn)
+
+
+def eval_dataset(args: argparse.Namespace, model):
+    """The --data set for `model` (checked against it), with warnings for options that do not apply."""
+    from far.data import is_fashion_mnist, make_dataset
+    from far.models import data_config
+
+    if is_fashion_mnist(args.data):
+        if args.workers is not None:
+            warn("--workers has no effect on fashion-mnist (it is read in memory, no DataLoader)")
+    elif args.split != "test":
+        warn("--split has no effect on an image folder (it is evaluated as it is)")
+    return make_dataset(args.data, args.split, data_config(model), limit=args.limit, train=False)
+
+
+def eval_workers(args: argparse.Namespace) -> int:
+    return args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    import far_kernels
+    from far.data import is_fashion_mnist
+    from far.evaluate import evaluate
+    from far.models import is_far, load_model, resolve
+    from far.utils.env import device_name, resolve_device
+    from far.utils.fs import write_json
+    from far.version import __version__
+
+    at_least(args, 1, "batch_size", "limit")
+    at_least(args, 0, "workers")
+    set_threads(args)
+    device = resolve_device(args.device, "--device")
+    ref = resolve(args.model)
+    output_checks(args, [ref.path], "json")
+    op = far_kernels.ops.bilstm_fused_scan.OP
+    used = far_kernels.dispatch.select(op, args.backend, device)  # unavailable: the reason, before loading
+    model, _ = load_model(ref, device=str(device), backend=args.backend, far=False if args.no_far else None)
+    if not is_far(model):
+        if args.backend is not None:
+            warn(f"--backend {args.backend} has no effect: {args.model} has no FAR blocks")
+        used = "none (the model has no FAR blocks)"
+    dataset = eval_dataset(args, model)
+    progress = not args.quiet and sys.stderr.isatty()
+    res = evaluate(model, dataset, batch_size=args.batch_size, device=device, workers=eval_workers(args),
+                   progress=progress)
+    res = {
+        "model": args.model, "origin": ref.origin, "checkpoint": str(ref.path) if ref.path else None,
+        "architecture": getattr(model, "far_arch", {}).get("timm_name")
+        or (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+        "data": str(args.data), "split": args.split if is_fashion_mnist(args.data) else None,
+        **res, "backend": used, "device": str(device), "device_name": device_name(device),
+        "threads": torch.get_num_threads(), "batch_size": args.batch_size, "far_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    where = f"{args.data} {res['split']}" if res["split"] else str(args.data)
+    print(f"accuracy {100 * res['accuracy']:.2f}% ({res['correct']}/{res['num_images']}) on {where}")
+    warm = "first batch excluded as warm-up" if res["warmup_excluded"] else "one batch: warm-up included"
+    print(f"throughput {res['images_per_s']:.1f} images/s (model, {warm}; end-to-end "
+          f"{res['end_to_end_images_per_s']:.1f})  backend {used}  device {device}  threads {res['threads']}  "
+          f"batch {args.batch_size}")
+    if args.json:
+        write_json(args.json, res, force=args.force, inputs=[ref.path])
+        note(args, f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from far.cli.demo import format_table, run_demo
+
+    at_least(args, 1, "num_images", "bench_images", "batch_size")
+    set_threads(args)
+    t0 = time.perf_counter()
+    result = run_demo(num_images=args.num_images, bench_images=args.bench_images, batch_size=args.batch_size,
+                      out_dir=args.out_dir, plot=not args.no_plot, progress=not args.quiet)
+    print(f"FAR demo on the bundled zoo: {result['num_images']} Fashion-MNIST test images (accuracy), "
+          f"{result['bench_images']} for speed, batch {result['batch_size']}, {result['threads']} CPU threads")
+    print(format_table(result))
+    print(f"wrote {args.out_dir}/demo.json" + (f" and {result['plot']}" if result.get("plot") else "")
+          + f" in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "eval", formatter_class=Formatter, help="top-1 accuracy and throughput of a model on a dataset",
+        description="Load MODEL and measure its top-1 accuracy on a dataset under torch.inference_mode, with "
+                    "the images/s of the model (first batch excluded as warm-up; CUDA synchronized) and end to "
+                    "end, and the kernel backend actually used. The dataset must fit the model (image size, "
+                    "channels, number of classes). A timm name builds a randomly initialised FAR model "
+                    "(--no-far: the attention model).",
+        epilog="examples:\n"
+               "  far eval fmnist_far_tiny --data fashion-mnist\n"
+               "  far eval fmnist_tiny.safetensors --data fashion-mnist --limit 1000 --backend torch --threads 2\n"
+               "  far eval deit.safetensors --data ~/imagenet/val --device cuda --batch-size 512 --json res.json\n\n"
+               + FMNIST_NOTE)
+    add_model(p)
+    add_data(p)
+    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per batch")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                   help="BiLSTM backend of the FAR blocks (default: env FAR_BACKEND, else auto); an unavailable "
+                        "one is an error")
+    p.add_argument("--no-far", action="store_true", help="timm names: keep attention (no FAR conversion)")
+    add_device(p)
+    p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
+    add_common(p, quiet="no progress bar or notes")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo", formatter_class=Formatter,
+        help="the main job: zoo teacher vs FAR vs pruned FAR on Fashion-MNIST, every backend",
+        description="Evaluate the bundled zoo on the Fashion-MNIST test set: the attention teacher "
+                    "(fmnist_deit_tiny), its distilled FAR student (fmnist_far_tiny) and the pruned FAR student "
+                    "(fmnist_far_tiny_pruned). Prints top-1 accuracy, parameters (all, and the token mixers'), CPU "
+                    "images/s for every available backend and each backend's agreement with the torch reference; "
+                    "writes demo.json and demo.png into --out-dir (replacing the previous demo's).",
+        epilog="examples:\n  far demo\n  far demo --num-images 2000 --threads 1 --out-dir /tmp/demo")
+    p.add_argument("--num-images", type=int, default=10000, metavar="N", help="test images for accuracy")
+    p.add_argument("--bench-images", type=int, default=500, metavar="N",
+                   help="test images for the reference (torch) backend's speed and agreement runs")
+    p.add_argument("--batch-size", type=int, default=250, metavar="B", help="images per batch")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.add_argument("--out-dir", default="far-demo", metavar="DIR", help="where demo.json / demo.png go")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_common(p, force=False, quiet="no progress bar")
+    p.set_defaults(func=cmd_demo)

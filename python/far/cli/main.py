@@ -1,0 +1,83 @@
+"""`far`: the entry point. User errors (far.errors.USER_ERRORS, bad paths, bad values) print one line
+`far: error: ...` to stderr and exit with code 2; `far --debug ...` shows tracebacks; anything else
+is a bug and keeps its traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from far.cli import evaluate, imc, models, train
+from far.cli.options import Formatter
+from far.errors import USER_ERRORS
+from far.version import __version__
+
+PROG = "far"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=Formatter,
+        description="FAR engine: ViTs with every self-attention replaced by multi-head BiLSTMs, fused "
+                    "kernels, and IMC crossbar emulation. MODEL is always a checkpoint file, a zoo name "
+                    "(fmnist_deit_tiny, fmnist_far_tiny, fmnist_far_tiny_pruned) or a timm model name.",
+        epilog="examples:\n"
+               "  far info\n"
+               "  far demo\n"
+               "  far eval fmnist_far_tiny --data fashion-mnist --limit 1000\n"
+               "  far convert fmnist_deit_tiny -o fmnist_tiny.safetensors\n"
+               "`far COMMAND --help` describes each command.")
+    parser.add_argument("--version", action="version", version=f"far {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    models.add_parsers(sub)
+    evaluate.add_parsers(sub)
+    train.add_parsers(sub)
+    imc.add_parsers(sub)
+    return parser
+
+
+def _fmt_error(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename and str(e.filename) not in e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    msg = str(e).strip() or type(e).__name__
+    return " ".join(msg.split("\n"))  # one line
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `far` console script; returns the exit code (0 ok, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) or a usage error (2): argparse has printed it
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `far info | head`: stop quietly, as other command-line tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except Exception as e:  # noqa: BLE001 - user errors become one line; bugs keep their traceback
+        if args.debug or not isinstance(e, (*USER_ERRORS, OSError, ValueError)):
+            raise
+        print(f"{PROG}: error: {_fmt_error(e)}", file=sys.stderr)
+        return 2
+    finally:  # main() may run in-process (tests, notebooks): leave torch's threads and process group as found
+        torch.set_num_threads(threads)
+        from far.train import cleanup_distributed
+
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

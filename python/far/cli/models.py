@@ -1,0 +1,211 @@
+"""far info, far convert."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+from far.cli.options import Formatter, add_common, add_model, add_output, at_least, output_checks, warn
+from far.errors import ConfigError
+
+
+# ---------------------------------------------------------------- info
+def _version(module: str) -> str:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure means "not usable"
+        return f"not installed ({type(e).__name__})" if isinstance(e, ImportError) else f"broken ({e})"
+    return getattr(mod, "__version__", "unknown")
+
+
+def _backend_lines(device: str) -> list:
+    """Every backend of the FAR block's op (far_kernels.bilstm_fused_scan) on `device`: available or why not."""
+    import far_kernels
+    from far_kernels.ops.bilstm_fused_scan import OP
+
+    lines = []
+    for name, why in far_kernels.backend_report(device).items():
+        if why is None:
+            op_why = OP.reason(name, device)
+            status = "available" if op_why is None else f"available, but the FAR block: {op_why}"
+        else:
+            status = f"unavailable: {why}"
+        lines.append(f"  {name:<7} {status}")
+    lines.append(f"  auto -> {far_kernels.dispatch.select(OP, 'auto', device)}")
+    env = os.environ.get("FAR_BACKEND")
+    if env:
+        try:
+            default = far_kernels.dispatch.select(OP, None, device)
+        except Exception as e:  # noqa: BLE001 - report, do not fail `far info`
+            default = f"error: {e}"
+        lines.append(f"  default (env FAR_BACKEND={env}) -> {default}")
+    return lines
+
+
+def checkpoint_summary(path) -> list:
+    """Lines describing a checkpoint's config (header only, validated)."""
+    from far.checkpoint import read_config
+
+    cfg = read_config(path)
+    arch = cfg["architecture"]
+    pcfg = cfg.get("pretrained_cfg") or {}
+    kwargs = arch.get("kwargs") or {}
+    blocks = cfg["far"]["blocks"]
+    meta = cfg.get("metadata") or {}
+    size = Path(path).stat().st_size
+    lines = [f"checkpoint   {path} ({size / 2**20:.2f} MiB, format {cfg['format']} v{cfg['format_version']}, "
+             f"written by far {cfg.get('far_version', '?')})",
+             f"architecture {arch['timm_name']}" + (f" {json.dumps(kwargs, sort_keys=True)}" if kwargs else "")]
+    if pcfg.get("input_size"):
+        def nums(v):
+            return ", ".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+        lines.append(f"input        {'x'.join(str(v) for v in pcfg['input_size'])}, "
+                     f"mean ({nums(pcfg.get('mean'))}), std ({nums(pcfg.get('std'))})")
+    num_classes = kwargs.get("num_classes", pcfg.get("num_classes"))
+    if num_classes is not None:
+        lines.append(f"classes      {num_classes}")
+    if meta.get("teacher"):
+        lines.append(f"teacher      {meta['teacher']}")
+    if not blocks:
+        lines.append("FAR blocks   none (a plain timm model, e.g. a teacher)")
+    else:
+        full = sum(2 * b["num_heads"] * b["head_dim"] for b in blocks)
+        kept = sum(sum(map(sum, b["hidden_sizes"])) for b in blocks)
+        lines.append(f"FAR blocks   {len(blocks)}, LSTM units kept {kept}/{full} ({100 * kept / max(full, 1):.1f}% "
+                     "of head_dim per head and direction); hidden sizes per head:")
+        w = max(len(b["name"]) for b in blocks)
+        for b in blocks:
+            fwd, bwd = b["hidden_sizes"]
+            lines.append(f"  {b['name']:<{w}}  heads {b['num_heads']} x d {b['head_dim']}  fwd {fwd}  bwd {bwd}")
+    for key, val in meta.items():
+        if key != "teacher":
+            lines.append(f"{key:<12} {json.dumps(val, sort_keys=True, default=str)}")
+    return lines
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from far.models import resolve
+    from far.version import __version__
+    from far_kernels._ext import EXT_ERROR, _C, ext_has_cuda
+
+    if args.model:
+        ref = resolve(args.model)
+        if ref.kind == "timm":
+            raise ConfigError(f"{args.model}: a timm model name, not a checkpoint; `far convert {args.model} -o FILE` "
+                              "makes one")
+        print("\n".join(checkpoint_summary(ref.path)))
+        return 0
+    import far
+
+    cuda = torch.version.cuda
+    print(f"far {__version__}  ({Path(far.__file__).parent})")
+    print(f"python {platform.python_version()}, torch {torch.__version__}"
+          + (f" (CUDA {cuda})" if cuda else " (CPU build)")
+          + f", triton {_version('triton')}, timm {_version('timm')}, torchvision {_version('torchvision')}")
+    print("devices:")
+    print(f"  cpu     {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads")
+    has_cuda = torch.cuda.is_available()
+    if has_cuda:
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"  cuda:{i}  {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB)")
+    else:
+        print("  cuda    none" + (" (CPU build of torch)" if not cuda else " (no GPU visible)"))
+    if _C is None:
+        print(f"extension: not loaded: {EXT_ERROR}")
+    else:
+        print(f"extension: far_kernels._C {'with CUDA kernels' if ext_has_cuda() else 'CPU kernels only'}")
+    for dev in ["cpu"] + (["cuda"] if has_cuda else []):
+        print(f"backends on {dev}:")
+        print("\n".join(_backend_lines(dev)))
+    return 0
+
+
+# ---------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    import far
+    from far.models import load_model, resolve, save
+
+    ref = resolve(args.model)
+    output_checks(args, [ref.path], "output")
+    at_least(args, 1, "hidden_size", "num_classes")
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    if ref.kind == "timm":
+        if args.pretrained:
+            if not args.quiet:
+                print(f"fetching pretrained weights of {args.model} through timm (needs a network) ...", flush=True)
+            try:
+                model = far.create_model(args.model, pretrained=True, far=False, **kwargs)
+            except Exception as e:  # noqa: BLE001 - network / hub / missing-weights errors of every kind
+                raise ConfigError(f"could not get pretrained weights for {args.model}: {' '.join(str(e).split())} "
+                                  "(no network, or no pretrained weights exist for this model; drop --pretrained "
+                                  "for a randomly initialised model)") from e
+        else:
+            model = far.create_model(args.model, pretrained=False, far=False, **kwargs)
+        source = "pretrained" if args.pretrained else "random init"
+    else:
+        if args.pretrained:
+            warn(f"--pretrained has no effect: {args.model} is a checkpoint, converted with its own weights")
+        if args.num_classes is not None:
+            raise ConfigError("--num-classes applies to timm model names; a checkpoint keeps its classifier "
+                              "(far finetune retargets it)")
+        model, _ = load_model(ref)
+        if far.models.is_far(model):
+            raise ConfigError(f"{args.model} is already a FAR model; convert an attention model")
+        source = f"{ref.origin} {args.model}"
+    far.convert(model, hidden_sizes=args.hidden_size, init=args.init)
+    if not args.quiet:
+        print(f"{args.model}: {len(far.far_modules(model))} attention blocks -> FAR "
+              f"({source}, init={args.init}, hidden size {args.hidden_size or 'head_dim'})")
+        print(model.far_conversion.table())
+    metadata = {"teacher": args.model, "pretrained": bool(args.pretrained) or ref.kind != "timm",
+                "init": args.init, "converted_by": "far convert"}
+    save(model, args.output, metadata=metadata, force=args.force)
+    if not args.quiet:
+        print(f"wrote {args.output} ({Path(args.output).stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "info", formatter_class=Formatter, help="versions, devices and kernel backends (or a checkpoint's config)",
+        description="Print the far/torch/triton/timm versions, the CPU threads and CUDA devices, and every "
+                    "kernel backend (torch, cpp, triton, cuda) per device with 'available' or the reason it "
+                    "is not, plus what 'auto' picks. With MODEL (a checkpoint file or zoo name), print its "
+                    "config instead: architecture, source teacher, per-block hidden sizes per head and "
+                    "direction, and its training metadata.",
+        epilog="examples:\n  far info\n  far info fmnist_far_tiny_pruned\n  far info model.safetensors\n"
+               "  FAR_BACKEND=torch far info")
+    add_model(p, optional=True, help="a checkpoint file or zoo name to summarise")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "convert", formatter_class=Formatter, help="replace every attention of a ViT by FAR and save it",
+        description="Build or load MODEL (a timm ViT name such as deit_tiny_patch16_224, our Fashion-MNIST ViTs "
+                    "fmnist_deit_small, or an attention checkpoint file or zoo name such as fmnist_deit_tiny, "
+                    "converted with its trained weights), replace every self-attention by a multi-head BiLSTM "
+                    "(FARAttention), print the parameter table (attention vs FAR per block) and write a FAR "
+                    "checkpoint (safetensors + JSON config). The converted model still needs distillation "
+                    "(far distill) to recover the teacher's accuracy.",
+        epilog="examples:\n"
+               "  far convert fmnist_deit_tiny -o fmnist_tiny.safetensors            # the zoo teacher's weights\n"
+               "  far convert deit_tiny_patch16_224 --pretrained -o deit_tiny.safetensors   # needs a network\n"
+               "  far convert deit_small_patch16_224 --hidden-size 32 --num-classes 100 -o small.safetensors")
+    add_model(p, help="a timm model name, or an attention checkpoint file / zoo name")
+    add_output(p, required=True)
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm names: load timm's pretrained weights (downloads; needs a network)")
+    p.add_argument("--hidden-size", type=int, metavar="N",
+                   help="LSTM units per head and direction (default: head_dim)")
+    p.add_argument("--num-classes", type=int, metavar="K", help="timm names: classifier classes (default: the model's)")
+    p.add_argument("--init", choices=("value", "random"), default="value",
+                   help="pre_proj init: from the attention's value projection, or random")
+    add_common(p, quiet="print nothing on success")
+    p.set_defaults(func=cmd_convert)

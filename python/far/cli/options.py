@@ -1,0 +1,111 @@
+"""The grammar every `far` command shares: the same option names for the same things.
+
+    MODEL                   positional: a checkpoint file, a zoo name or a timm model name (far.models.resolve)
+    -o/--output FILE        the file a command writes (refused if it exists, unless -f/--force)
+    -f/--force              overwrite existing output files
+    -q/--quiet              no progress bars or notes (results are still printed)
+    --data, --device, --threads, --backend, --batch-size, --limit, --workers, --json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import Iterable, Optional
+
+from far.errors import ConfigError
+
+BACKEND_CHOICES = ("auto", "torch", "cpp", "cuda", "triton")
+MODEL_HELP = "a checkpoint file, a zoo name (e.g. fmnist_far_tiny) or a timm model name"
+FMNIST_NOTE = ("Fashion-MNIST comes from Debian's dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist) "
+               "or env FAR_FASHION_MNIST; a PATH is an ImageNet-style folder (one subfolder per class).")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions are wrapped paragraphs, epilogs (examples) are kept as written; an option's default
+    is shown when it has a meaningful one and its help does not already say it (never for flags)."""
+
+    def _fill_text(self, text, width, indent):
+        paras = text.split("\n\n")
+        return "\n\n".join(p if p.startswith(" ") or "\n  " in p else
+                           textwrap.fill(" ".join(p.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent) for p in paras)
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        flag = action.nargs == 0  # store_true / store_false: the help says what the flag does
+        if ("default" not in h and not flag and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings):
+            h += " (default: %(default)s)"
+        return h
+
+
+def warn(msg: str) -> None:
+    """A note that an option has no effect (or something else the user should know): one stderr line."""
+    print(f"far: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def note(args: argparse.Namespace, msg: str) -> None:
+    """Progress text on stderr, unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def at_least(args: argparse.Namespace, lo: int, *names: str) -> None:
+    """ConfigError unless every given option (None = unset) is >= lo."""
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v < lo:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+
+
+def add_model(p: argparse.ArgumentParser, help: str = MODEL_HELP, optional: bool = False,
+              default: Optional[str] = None) -> None:
+    p.add_argument("model", metavar="MODEL", help=help, nargs="?" if optional else None, default=default)
+
+
+def add_output(p: argparse.ArgumentParser, required: bool = False, help: str = "the checkpoint file to write") -> None:
+    p.add_argument("-o", "--output", required=required, metavar="FILE", help=help)
+
+
+def add_common(p: argparse.ArgumentParser, *, force: bool = True, quiet: str = "no progress bars or notes") -> None:
+    if force:
+        p.add_argument("-f", "--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet)
+
+
+def add_device(p, threads: bool = True) -> None:
+    p.add_argument("--device", metavar="cpu|cuda[:N]", default=None,
+                   help="where to run (default: cuda if available, else cpu; under torchrun the process's GPU)")
+    if threads:
+        p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
+
+
+def add_data(p, required: bool = True, eval_only: bool = True) -> None:
+    p.add_argument("--data", required=required, default=None if required else "fashion-mnist",
+                   metavar="fashion-mnist|PATH", help="'fashion-mnist' or an image folder with one subfolder per class")
+    if eval_only:
+        p.add_argument("--split", choices=("train", "test"), default="test", help="Fashion-MNIST split to evaluate")
+        p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="DataLoader workers for image folders (default: min(8, CPU cores) to evaluate, 0 to train)")
+
+
+def output_checks(args: argparse.Namespace, inputs: Iterable = (), *names: str) -> None:
+    """Check every output option in `names` (e.g. "output", "json") before any work: a file name in an
+    existing folder, not one of `inputs`, not existing unless --force."""
+    from far.utils.fs import check_output
+
+    for name in names:
+        path = getattr(args, name, None)
+        if path:
+            check_output(path, force=getattr(args, "force", False), inputs=inputs,
+                         what=f"--{name.replace('_', '-')}" if name != "output" else "-o/--output")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None) is not None:
+        at_least(args, 1, "threads")
+        import torch
+
+        torch.set_num_threads(args.threads)

@@ -1,0 +1,329 @@
+"""far train-teacher, far distill, far prune, far finetune: thin shells over far.methods. Each runs
+under `torchrun --nproc-per-node N -m far.cli COMMAND ...` as well (DDP; --batch-size per process)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from far.cli.options import (Formatter, add_common, add_device, add_model, add_output, at_least, note, output_checks,
+                             set_threads, warn)
+from far.errors import ConfigError
+from far.train import TrainConfig
+
+_LAUNCH = ("multi-process (DDP): torchrun --nproc-per-node 2 -m far.cli {cmd} ...  "
+           "(gloo on CPUs, NCCL on GPUs; --batch-size is per process)")
+
+
+# ---------------------------------------------------------------- options
+def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir: str, warmup: float = 1.0,
+                   epochs_help: str = "epochs (fractions allowed)") -> None:
+    """The TrainConfig options, with per-command defaults."""
+    g = p.add_argument_group("training")
+    g.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|PATH",
+                   help="fashion-mnist, or an ImageNet-style folder (one subfolder of images per class)")
+    g.add_argument("--val", default=None, metavar="PATH",
+                   help="validation folder tested after each epoch (with a folder --data; fashion-mnist uses its "
+                        "test split)")
+    g.add_argument("--epochs", type=float, default=epochs, help=epochs_help)
+    g.add_argument("--batch-size", type=int, default=128, help="images per step per process")
+    g.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    g.add_argument("--warmup-epochs", type=float, default=warmup, help="linear warm-up length")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="EMA of the weights (0 = off, e.g. 0.999)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation and dropout")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="turn off the random shift/flip augmentation of Fashion-MNIST (on by default)")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="train on the first N images only")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="test on the first N test images")
+    g.add_argument("--eval-batch-size", type=int, default=500, help="images per test batch")
+    g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision (auto = bf16 on GPUs, off on CPUs)")
+    add_device(g)
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers for image folders")
+    r = p.add_argument_group("checkpoints and logs")
+    r.add_argument("--out-dir", default=out_dir, metavar="DIR",
+                   help="run folder: last.pt (resumable state), metrics.jsonl, curves.png, summary.json")
+    r.add_argument("--ckpt-every", type=int, default=200, metavar="STEPS", help="save the resumable state this often")
+    r.add_argument("--log-every", type=int, default=20, metavar="STEPS", help="metrics.jsonl row every STEPS")
+    r.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir")
+    r.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps (state saved; --resume continues)")
+    add_output(r, help="where to save the trained model (.safetensors)")
+    add_common(r, quiet="no progress bars")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the parsed options (validated by the method)."""
+    set_threads(args)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["progress"] = not args.quiet
+    return TrainConfig(**values)
+
+
+def datasets(args: argparse.Namespace, model, cfg: TrainConfig, num_classes: Optional[int] = None):
+    """(train set, test set or None) for --data / --val, checked against the model (with num_classes
+    classes, when it is going to get a new classifier)."""
+    from far.data import is_fashion_mnist, make_dataset
+    from far.models import data_config
+
+    dcfg = data_config(model)
+    if num_classes is not None:
+        dcfg["num_classes"] = num_classes
+    train_set = make_dataset(args.data, "train", dcfg, limit=cfg.limit)
+    if is_fashion_mnist(args.data):
+        if args.val is not None:
+            warn("--val has no effect with --data fashion-mnist: its test split is used")
+        return train_set, make_dataset(args.data, "test", dcfg, limit=cfg.eval_limit)
+    if args.val is not None:
+        return train_set, make_dataset(args.val, "test", dcfg, limit=cfg.eval_limit, train=False)
+    return train_set, None
+
+
+def _abs(ref) -> str:
+    """A resolved MODEL as recorded in a run: the absolute path of a file, else the name."""
+    return os.path.abspath(ref.path) if ref.kind == "file" else ref.name
+
+
+def _summary_table(rows) -> str:
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+
+def finish(args: argparse.Namespace, model, title: str) -> int:
+    """After a method: on rank 0, save -o, write summary.json and curves.png into --out-dir, print
+    the summary table. A run stopped by --max-steps says how to resume and saves nothing."""
+    import torch.distributed as dist
+
+    from far.models import save
+    from far.train import plot_history
+    from far.utils.fs import write_json
+
+    run = model.far_run
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    if not run.completed:
+        print(f"stopped after step {run.steps} (--max-steps); resume with --resume --out-dir {args.out_dir}",
+              flush=True)
+        return 0
+    if args.output:
+        save(model, args.output, force=args.force)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    why = plot_history(run.history, out / "curves.png", title)
+    summary = {"command": run.command, "completed": run.completed, "steps": run.steps,
+               "seconds": round(run.seconds, 1), "test_accuracy": run.accuracy, "output": args.output,
+               **dict(run.rows)}
+    kept = getattr(model, "far_pruned_from", None)
+    if kept is not None:
+        from far.methods.prune import kept_table
+
+        summary["kept_units"] = kept_table(model)
+    write_json(out / "summary.json", summary)
+    table = [("test top-1", f"{100 * run.accuracy:.2f}%" if run.accuracy is not None else "n/a"),
+             ("steps", str(run.steps)), ("time", f"{run.seconds:.0f} s"), *run.rows,
+             ("checkpoint", args.output or "(not saved: no -o)"),
+             ("metrics", os.fspath(out / "**" / "metrics.jsonl")),
+             ("curves", os.fspath(out / "curves.png") if why is None else f"not written: {why}")]
+    print(f"\n{title}\n" + _summary_table(table), flush=True)
+    if kept is not None:
+        from far.cli.pruning import format_kept, plot_kept
+
+        print("\nkept units per block (kept/before):\n" + format_kept(model, kept))
+        why = plot_kept(model, out / "kept_units.png", kept,
+                        title=f"kept LSTM units (threshold {model.far_metadata['pruning']['threshold']:.3g})")
+        print(f"  plot: {out / 'kept_units.png'}" if why is None else f"  plot not written: {why}")
+    return 0
+
+
+# ---------------------------------------------------------------- commands
+def cmd_train_teacher(args) -> int:
+    import far
+
+    output_checks(args, (), "output")
+    cfg = train_config(args)
+    if not 0 <= args.drop_path < 1:
+        raise ConfigError(f"--drop-path must be in [0, 1), got {args.drop_path}")
+    at_least(args, 1, "num_classes")
+    kw = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    torch.manual_seed(cfg.seed)  # the initialization is part of the run
+    model = far.create_model(args.model, far=False, drop_path_rate=args.drop_path, **kw)
+    model.far_arch = {"timm_name": args.model, "kwargs": kw}  # drop_path is training-only
+    train_set, eval_set = datasets(args, model, cfg)
+    model = far.train_classifier(model, train_set, eval_data=eval_set, config=cfg, device=args.device,
+                                 identity={"model": args.model, "data": str(args.data), "drop_path": args.drop_path},
+                                 command="train-teacher")
+    return finish(args, model, f"teacher {args.model} on {args.data}")
+
+
+def cmd_distill(args) -> int:
+    import far
+    from far.models import load_model, resolve
+
+    teacher_ref = resolve(args.model)
+    student_ref = resolve(args.student) if args.student else None
+    output_checks(args, [r.path for r in (teacher_ref, student_ref) if r is not None], "output")
+    cfg = train_config(args)
+    if student_ref is not None and args.hidden_size is not None:
+        raise ConfigError("--hidden-size sizes a new student; an existing --student keeps its own sizes")
+    at_least(args, 1, "hidden_size")
+    try:
+        teacher, _ = load_model(teacher_ref, far=False, pretrained=True)
+    except Exception as e:
+        if teacher_ref.kind != "timm":
+            raise
+        raise ConfigError(f"teacher '{args.model}': loading its pretrained weights failed: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+    student = None
+    identity = {"teacher": _abs(teacher_ref), "data": str(args.data)}
+    if student_ref is not None:
+        if student_ref.kind == "timm":
+            raise ConfigError(f"--student {args.student}: a timm name; pass a FAR checkpoint (file or zoo name)")
+        student, _ = load_model(student_ref)
+        identity["student"] = _abs(student_ref)
+    train_set, eval_set = datasets(args, teacher, cfg)
+    model = far.distill(teacher, train_set, student=student, eval_data=eval_set, config=cfg,
+                        stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, ce_weight=args.ce_weight,
+                        cos_weight=args.cos_weight, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
+                        hidden_sizes=args.hidden_size, device=args.device, identity=identity)
+    return finish(args, model, f"FAR student of {args.model}")
+
+
+def cmd_prune(args) -> int:
+    import far
+    from far.models import load_model, resolve
+
+    ref = resolve(args.model)
+    if ref.kind == "timm":
+        raise ConfigError(f"{args.model}: a timm name; prune a trained FAR checkpoint (file or zoo name)")
+    output_checks(args, [ref.path], "output")
+    cfg = train_config(args)
+    if args.threshold is not None and args.prune_ratio is not None:
+        raise ConfigError("give one of --prune-ratio and --threshold, not both")
+    ratio = None if args.threshold is not None else (0.3 if args.prune_ratio is None else args.prune_ratio)
+    model, _ = load_model(ref)
+    train_set, eval_set = datasets(args, model, cfg)
+    model = far.prune(model, train_set, eval_data=eval_set, config=cfg, hoyer=args.hoyer, prune_ratio=ratio,
+                      threshold=args.threshold, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                      device=args.device, identity={"student": _abs(ref), "data": str(args.data)})
+    return finish(args, model, f"pruned FAR student of {args.model}")
+
+
+def _folder_classes(path: str) -> int:
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"{path}: no such image folder")
+    n = sum(1 for c in p.iterdir() if c.is_dir())
+    if n < 2:
+        raise ConfigError(f"{path}: needs at least 2 class subfolders, found {n}")
+    return n
+
+
+def cmd_finetune(args) -> int:
+    import far
+    from far.data import is_fashion_mnist
+    from far.models import load_model, resolve
+
+    ref = resolve(args.model)
+    output_checks(args, [ref.path], "output")
+    cfg = train_config(args)
+    at_least(args, 2, "num_classes")
+    model, _ = load_model(ref, far=False, pretrained=args.pretrained)
+    if ref.kind != "timm" and args.pretrained:
+        warn(f"--pretrained has no effect: {args.model} is a checkpoint")
+    k = args.num_classes if args.num_classes is not None else (10 if is_fashion_mnist(args.data)
+                                                               else _folder_classes(args.data))
+    train_set, eval_set = datasets(args, model, cfg, num_classes=k)
+    model = far.finetune(model, train_set, num_classes=k, eval_data=eval_set, config=cfg, device=args.device,
+                         identity={"checkpoint": _abs(ref), "data": str(args.data)})
+    return finish(args, model, f"{args.model} fine-tuned on {args.data}")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "train-teacher", formatter_class=Formatter,
+        help="train a DeiT-style ViT teacher (attention) from scratch",
+        description="Train the timm ViT MODEL (attention; the teacher FAR distils from) with cross-entropy, "
+                    "AdamW, warm-up + cosine schedule and label smoothing. Checkpoints every --ckpt-every steps; "
+                    "--resume continues a killed run to the same result.",
+        epilog="example:\n  far train-teacher fmnist_deit_tiny --data fashion-mnist --epochs 10 "
+               "-o teacher.safetensors\n" + _LAUNCH.format(cmd="train-teacher"))
+    add_model(p, optional=True, default="fmnist_deit_tiny", help="timm model name (default: fmnist_deit_tiny)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    add_train_args(p, epochs=10, lr=1e-3, out_dir="far-runs/teacher")
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser(
+        "distill", formatter_class=Formatter,
+        help="distil an attention teacher into a FAR student (block-wise, two stages)",
+        description="Replace every attention of the teacher MODEL by a multi-head BiLSTM (FAR) and train it. "
+                    "Stage 1 (--epochs, --lr) trains only the new modules (pre_proj, LSTMs, head_proj; W_O frozen) "
+                    "with CE + sum over blocks of (1 - cosine along tokens, per channel) between each FAR module's "
+                    "output after head_proj and the teacher attention's output before W_O. Stage 2 "
+                    "(--stage2-epochs, --stage2-lr) fine-tunes the whole student with CE. --kd-weight adds, in both "
+                    "stages, logit distillation (T^2 KL between the teacher's and the student's softmax at "
+                    "temperature --kd-temperature). Losses are logged per block. --student continues from an "
+                    "existing FAR student instead of converting the teacher; --epochs 0 skips stage 1.",
+        epilog="examples:\n  far distill fmnist_deit_tiny --data fashion-mnist --epochs 2 --stage2-epochs 1 "
+               "-o far.safetensors\n  far distill teacher.safetensors --student far.safetensors --epochs 0 "
+               "--stage2-epochs 4 --kd-weight 1 -o far2.safetensors   # more stage-2 epochs\n"
+               + _LAUNCH.format(cmd="distill"))
+    add_model(p, help="the attention teacher: a checkpoint file, zoo name, or timm name (its pretrained weights)")
+    p.add_argument("--stage2-epochs", type=float, default=1.0, help="CE fine-tune epochs after stage 1 (0 = none)")
+    p.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2 peak learning rate")
+    p.add_argument("--ce-weight", type=float, default=1.0, help="weight of CE in stage 1")
+    p.add_argument("--cos-weight", type=float, default=1.0, help="weight of the summed cosine losses in stage 1")
+    p.add_argument("--kd-weight", type=float, default=0.0,
+                   help="weight of logit distillation (teacher soft labels) in both stages (0 = off)")
+    p.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T of --kd-weight")
+    p.add_argument("--hidden-size", type=int, default=None, help="LSTM units per head and direction (default head_dim)")
+    p.add_argument("--student", default=None, metavar="MODEL",
+                   help="start from this FAR checkpoint (file or zoo name) instead of converting the teacher")
+    add_train_args(p, epochs=2, lr=1e-3, out_dir="far-runs/distill", warmup=0.2,
+                   epochs_help="stage 1 epochs (fractions allowed; 0 = skip stage 1)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser(
+        "prune", formatter_class=Formatter,
+        help="structured pruning of a FAR student (Hoyer-square, global threshold, compaction)",
+        description="Group = one hidden unit of one (block, head, direction): its W_ih/W_hh rows, W_hh column, "
+                    "biases and head_proj column. Trains MODEL with CE + --hoyer x Hoyer-square of the group norms "
+                    "(--epochs), removes every group whose L2 norm is below one global threshold (--threshold, or "
+                    "the one that removes --prune-ratio of all groups, 0.3 by default), fine-tunes the masked model "
+                    "(--finetune-epochs), then compacts it: the checkpoint stores kept units only. Prints and plots "
+                    "(kept_units.png in --out-dir) the kept units per block, direction and head.",
+        epilog="example:\n  far prune far.safetensors --data fashion-mnist --hoyer 1e-3 --prune-ratio 0.3 "
+               "-o far_pruned.safetensors\n" + _LAUNCH.format(cmd="prune"))
+    add_model(p, help="the FAR model to prune: a checkpoint file or zoo name")
+    p.add_argument("--hoyer", type=float, default=1e-3, help="weight of the Hoyer-square regularizer")
+    p.add_argument("--prune-ratio", type=float, default=None, help="fraction of all groups to remove (default 0.3)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="explicit global group-norm threshold (instead of --prune-ratio)")
+    p.add_argument("--finetune-epochs", type=float, default=1.0, help="masked fine-tune epochs (0 = none)")
+    p.add_argument("--finetune-lr", type=float, default=2e-4, help="masked fine-tune peak learning rate")
+    add_train_args(p, epochs=1, lr=2e-4, out_dir="far-runs/prune", warmup=0.1,
+                   epochs_help="Hoyer-regularized epochs (fractions allowed; 0 = threshold the model as it is)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "finetune", formatter_class=Formatter,
+        help="fine-tune a model on another dataset (transfer learning)",
+        description="Fine-tune every parameter of MODEL (FAR or attention) with CE on an ImageNet-style folder "
+                    "(or fashion-mnist). A new classifier is created when the data has another number of "
+                    "classes; the images must have the model's input size (resized by the transforms).",
+        epilog="example:\n  far finetune far.safetensors --data ./flowers/train --val ./flowers/val --epochs 5 "
+               "-o far_flowers.safetensors\n" + _LAUNCH.format(cmd="finetune"))
+    add_model(p)
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the number of class folders)")
+    p.add_argument("--pretrained", action="store_true", help="timm names: start from timm's pretrained weights")
+    add_train_args(p, epochs=5, lr=3e-4, out_dir="far-runs/finetune", warmup=0.5)
+    p.set_defaults(func=cmd_finetune)

@@ -1,0 +1,111 @@
+"""far.evaluate: top-1 accuracy and throughput of a model on a dataset — the one evaluation loop
+(the eval and imc-eval commands, the demo and the training loop's per-epoch test all use it)."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from far_kernels.benchmark import Stopwatch
+from far.data import iterate_batches, num_batches, shard
+from far.errors import DataError
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32  # e.g. bf16 models
+
+
+def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, workers: int = 0,
+             progress: bool = False, desc: str = "eval", keep_logits: bool = False) -> dict:
+    """Top-1 accuracy of `model` on `data` under torch.inference_mode, in eval mode (the model's mode
+    is restored afterwards), with its speed.
+
+    Args:
+        model: any classifier x [B, C, H, W] -> logits [B, K]; inputs are cast to its parameter dtype.
+        data: a dataset of (image, label) (far.data's Fashion-MNIST takes a batched fast path).
+        device: where the batches go (default: the model's device).
+        workers: DataLoader workers for generic datasets.
+        progress: a tqdm bar on stderr with the running accuracy.
+        keep_logits: also return every logit ("logits", [N, K] on the CPU, in data order).
+    Under torch.distributed (initialized, world > 1) every process takes a strided share and the
+    counts are summed; speeds are per process.
+    Returns {"num_images", "correct", "accuracy", "images_per_s" (model time, first batch excluded as
+    warm-up unless it is the only one; CUDA synchronized), "end_to_end_images_per_s", "batches",
+    "seconds", "warmup_excluded"[, "logits"]}."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        data = shard(data, dist.get_rank(), world)
+    dtype = _param_dtype(model)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, timed_images, e2e_images = 0, 0, 0
+    model_time = Stopwatch(device)
+    logits_all = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(data), unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+    was_training = model.training
+    model.eval()
+    t_all = time.perf_counter()
+    e2e_start = None
+    try:
+        with torch.inference_mode():
+            for i, (x, y) in enumerate(iterate_batches(data, batch_size, device=device, num_workers=workers)):
+                x = x.to(dtype)
+                warm = model_time.seconds
+                with model_time:
+                    logits = model(x)
+                    correct += (logits.argmax(dim=-1) == y).sum()
+                if i == 0:  # warm-up: not timed
+                    model_time.seconds = warm
+                    e2e_start = time.perf_counter()
+                else:
+                    timed_images += x.shape[0]
+                    e2e_images += x.shape[0]
+                seen += x.shape[0]
+                if keep_logits:
+                    logits_all.append(logits.float().cpu())
+                if bar is not None:
+                    bar.update(x.shape[0])
+                    bar.set_postfix(acc=f"{100.0 * int(correct) / seen:.2f}%", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    t_end = time.perf_counter()
+    total = torch.tensor([int(correct), seen], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    n_correct, n_seen = int(total[0]), int(total[1])
+    if n_seen == 0:
+        raise DataError("the dataset is empty")
+    if timed_images == 0:  # one batch only: nothing left after warm-up, report it (warm-up included)
+        ips = e2e_ips = seen / max(t_end - t_all, 1e-9)
+    else:
+        ips = timed_images / max(model_time.seconds, 1e-9)
+        e2e_ips = e2e_images / max(t_end - e2e_start, 1e-9)
+    res = {"num_images": n_seen, "correct": n_correct, "accuracy": n_correct / n_seen, "images_per_s": ips,
+           "end_to_end_images_per_s": e2e_ips, "batches": num_batches(data, batch_size), "seconds": t_end - t_all,
+           "warmup_excluded": timed_images > 0}
+    if keep_logits:
+        res["logits"] = torch.cat(logits_all) if logits_all else torch.zeros(0)
+    return res
+
+
+def accuracy(model: nn.Module, data, *, batch_size: int = 500, device=None) -> Optional[float]:
+    """Top-1 accuracy only (None for no data): the training loop's per-epoch test."""
+    if data is None:
+        return None
+    return evaluate(model, data, batch_size=batch_size, device=device)["accuracy"]

@@ -1,0 +1,63 @@
+"""far.imc.calibrate: ADC ranges of an emulated model's crossbars from calibration data."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from far.imc.emulate import crossbar_layers
+
+
+def _batches(data, max_batches: Optional[int]) -> Iterable:
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    for i, b in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            return
+        if isinstance(b, (tuple, list)):
+            b = b[0]
+        if isinstance(b, dict):
+            raise TypeError("calibrate: batches must be tensors or (inputs, labels) tuples, got a dict")
+        yield b
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_slice: bool = False,
+              progress: bool = False) -> dict:
+    """Set the ADC ranges of an emulated model's crossbars from calibration data (for
+    adc_range="calibrated"; other configs accept ranges too but do not use them).
+
+    Runs `data` (a tensor batch, or an iterable of tensors or (inputs, labels) batches, e.g. a
+    DataLoader; at most `max_batches`) through the model in eval mode. Every CrossbarLinear records
+    the largest |partial sum| its reads produced per weight slice (far_kernels.crossbar_partial_sum_absmax)
+    while running as an uncalibrated ADC would (range = p_max, i.e. adc_range "max"), so later layers
+    see emulated activations. Then each layer gets r = that max (per_slice=True: one r per weight
+    slice; else the max over slices). A layer that saw only zero partial sums gets r = p_max.
+    Returns {layer name: r tensor}. The model's train/eval mode is restored afterwards.
+    """
+    layers = crossbar_layers(model)
+    if not layers:
+        raise ValueError("calibrate: the model has no CrossbarLinear; emulate it first (far.imc.emulate)")
+    was_training = model.training
+    model.eval()
+    dev = layers[0][1].device
+    for _, m in layers:
+        m.begin_calibration()
+    seen = 0
+    try:
+        it = _batches(data, max_batches)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=max_batches, desc="calibrate", unit="batch", leave=False)
+        for x in it:
+            model(x.to(dev))
+            seen += 1
+        if seen == 0:
+            raise ValueError("calibrate: no calibration batches (empty data or max_batches=0)")
+        return {name: m.end_calibration(per_slice) for name, m in layers}
+    finally:
+        for _, m in layers:
+            m.end_calibration(None)  # no-op for the layers already done
+        model.train(was_training)

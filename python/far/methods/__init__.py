@@ -1,0 +1,12 @@
+"""Methods: modules in, modules out. Each trains through far.train and returns the model with its
+run record (`far_metadata`, stored by far.save; `far_run`, a far.train.RunReport).
+
+    distill.py      far.distill: attention teacher -> FAR student (block-wise, two stages)
+    prune.py        far.prune: Hoyer-square group pruning, global threshold, compaction
+    supervised.py   far.train_classifier (a teacher from scratch), far.finetune (downstream)
+"""
+from far.methods.distill import distill, make_student
+from far.methods.prune import prune
+from far.methods.supervised import finetune, retarget_classes, train_classifier
+
+__all__ = ["distill", "finetune", "make_student", "prune", "retarget_classes", "train_classifier"]

@@ -1,0 +1,311 @@
+"""Models from names and files: the one resolver, create_model, and save/load of checkpoints.
+
+A model spec (what every `far` command calls MODEL) is resolved in this order:
+    1. an existing file      -> a checkpoint, far.load
+    2. a zoo name            -> the bundled trained checkpoint (python/far/zoo/), far.load
+    3. a timm model name     -> far.create_model (random init unless pretrained=True; timm's download path)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+import far_kernels
+from far import checkpoint
+from far.errors import ConfigError
+from far.models import registry  # noqa: F401 - registers the fmnist_* architectures with timm
+from far.models.convert import convert, far_modules, set_backend
+from far.models.pretrained import ZOO, zoo_path
+from far.nn import FARAttention
+from far.version import __version__
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DataParallel / DistributedDataParallel wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def data_config(model: nn.Module) -> dict:
+    """What `model` expects of its data (for far.data.make_dataset): its pretrained_cfg (input_size,
+    mean, std, interpolation, crop_pct, architecture) with num_classes taken from the model itself."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if getattr(model, "num_classes", None) is not None:
+        cfg["num_classes"] = int(model.num_classes)
+    return cfg
+
+
+def is_far(model: nn.Module) -> bool:
+    """True when `model` has at least one FAR block."""
+    return bool(far_modules(model))
+
+
+# ---- create ----
+def create_model(name: str, pretrained: bool = False, far: Optional[bool] = None, hidden_sizes=None,
+                 backend: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build `name` and, with far=True, convert every attention to FARAttention.
+
+    name: any timm ViT name (e.g. deit_tiny_patch16_224; pretrained=True takes timm's download path),
+        fmnist_deit_tiny / fmnist_deit_small, or a zoo FAR name (fmnist_far_tiny, fmnist_far_tiny_pruned).
+    pretrained: for zoo names, the bundled checkpoint (offline), returned as trained: the zoo teacher
+        stays an attention model unless far=True is given (then its LSTMs are new and untrained).
+    far: convert to FAR (default: True, except for a pretrained zoo model, which is returned as stored).
+    kwargs go to timm.create_model."""
+    import timm
+
+    if name in ZOO and not timm.is_model(name):  # FAR zoo models: the architecture lives in the checkpoint
+        if kwargs or hidden_sizes is not None or far is False:
+            raise ConfigError(f"'{name}' is a bundled FAR checkpoint: it takes no model arguments, hidden_sizes "
+                              "or far=False (use fmnist_deit_tiny for the attention architecture)")
+        path = zoo_path(name)
+        if pretrained:
+            return load(path, backend=backend)
+        return set_backend(build(checkpoint.read_config(path), path), backend)
+    if not timm.is_model(name):
+        raise ConfigError(f"unknown model '{name}'; timm ViT names (e.g. deit_tiny_patch16_224), "
+                          f"fmnist_deit_tiny / fmnist_deit_small, or the zoo: {', '.join(ZOO)}")
+    if far is None:
+        far = not (pretrained and name in ZOO)
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    model.far_arch = {"timm_name": name, "kwargs": dict(kwargs)}
+    if far:
+        convert(model, hidden_sizes=hidden_sizes, backend=backend)
+    return model
+
+
+def build(config: dict, path="<config>") -> nn.Module:
+    """The architecture a (validated) checkpoint config describes, with fresh weights."""
+    import timm
+
+    arch, blocks = config["architecture"], config["far"]["blocks"]
+    name = arch["timm_name"]
+    if not timm.is_model(name):
+        raise checkpoint.fail(path, f"unknown architecture '{name}' (not a timm model in this environment; "
+                                    f"timm {timm.__version__})")
+    try:
+        model = create_model(name, pretrained=False, far=bool(blocks),
+                             hidden_sizes=[b["hidden_sizes"] for b in blocks] if blocks else None, **arch["kwargs"])
+    except Exception as e:
+        raise checkpoint.fail(path, f"cannot rebuild architecture '{name}' with kwargs {arch['kwargs']} and "
+                                    f"{len(blocks)} FAR block(s): {type(e).__name__}: {e}") from e
+    got = [(n, m.num_heads, m.head_dim) for n, m in far_modules(model)]
+    want = [(b["name"], b["num_heads"], b["head_dim"]) for b in blocks]
+    if got != want:
+        diff = next((f"block {i}: config {w}, model {g}" for i, (w, g) in enumerate(zip(want, got)) if w != g),
+                    f"config has {len(want)} FAR blocks, the model {len(got)}")
+        raise checkpoint.fail(path, f"FAR blocks (name, num_heads, head_dim) in the config do not match the "
+                                    f"rebuilt '{name}': {diff}")
+    return model
+
+
+# ---- save ----
+def stored_tensors(model: nn.Module) -> dict:
+    """{name: tensor} as a checkpoint stores them: the state_dict with each FAR block's padded tensors
+    replaced by its compact_state() (kept units only)."""
+    state = model.state_dict()
+    for prefix, module in ((name + ".", m) for name, m in far_modules(model)):
+        for param in FARAttention.COMPACT_KEYS:
+            state.pop(prefix + param, None)
+        for key, t in module.compact_state().items():
+            if prefix + key in state:
+                raise ValueError(f"cannot save: '{prefix}{key}' is both a state_dict entry and a compact FAR tensor")
+            state[prefix + key] = t
+    return state
+
+
+def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
+    arch = getattr(model, "far_arch", None)
+    if not (isinstance(arch, dict) and isinstance(arch.get("timm_name"), str)
+            and isinstance(arch.get("kwargs", {}), dict)):
+        raise ValueError(f"cannot save {type(model).__name__}: it has no valid .far_arch. Models must be built "
+                         "with far.create_model(...) or have .far_arch = {'timm_name': <timm model name>, "
+                         "'kwargs': {<timm.create_model kwargs>}} set, so that far.load can rebuild them")
+    kwargs = dict(arch.get("kwargs", {}))
+    problem = checkpoint.json_problem(kwargs, "model.far_arch['kwargs']")
+    if problem:
+        raise ValueError(f"cannot save: {problem}; far.load rebuilds the model from these kwargs")
+    if metadata is None:
+        metadata = getattr(model, "far_metadata", None) or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict (or None), got {type(metadata).__name__}")
+    problem = checkpoint.json_problem(metadata, "metadata")
+    if problem:
+        raise ValueError(f"metadata must be JSON-serializable: {problem}")
+    blocks = [{"name": name, "num_heads": m.num_heads, "head_dim": m.head_dim,
+               "hidden_sizes": m.hidden_sizes.tolist()} for name, m in far_modules(model)]
+    pcfg = getattr(model, "pretrained_cfg", None)
+    return {
+        "format": checkpoint.FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
+        "far_version": __version__,
+        "architecture": {"timm_name": arch["timm_name"], "kwargs": json.loads(json.dumps(kwargs))},
+        "far": {"blocks": blocks},
+        "pretrained_cfg": checkpoint.json_safe(pcfg) if isinstance(pcfg, dict) else {},
+        "metadata": json.loads(json.dumps(metadata)),
+    }
+
+
+def save(model: nn.Module, path, metadata: Optional[dict] = None, *, force: bool = True) -> None:
+    """Write `model` (built by far.create_model, FAR-converted or a plain timm teacher) to one
+    safetensors file at `path`, atomically (far.utils.fs.atomic_write): on any error an existing file
+    at `path` is left as it was.
+
+    Args:
+        model: a model with .far_arch (set by far.create_model); torch.compile / DDP wrappers are unwrapped.
+        path: destination file (conventionally *.safetensors).
+        metadata: JSON-serializable dict stored with the config (teacher, training, pruning info);
+            default: the model's `far_metadata` (what far.distill, far.prune, ... record), else {}.
+        force: False refuses to overwrite an existing file.
+    Only kept LSTM units are stored, so pruned models give physically smaller files.
+    """
+    model = unwrap(model)
+    path = os.fspath(path)
+    config = _config(model, metadata)  # validates before anything touches the disk
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save to '{path}': it is a directory")
+    checkpoint.write(path, stored_tensors(model), config, force=force)
+
+
+# ---- load ----
+def _expected(model: nn.Module) -> tuple[dict, dict]:
+    """({stored name: (shape, dtype of the model's tensor)}, {FAR prefix: module})."""
+    state = model.state_dict()
+    blocks = {name + ".": m for name, m in far_modules(model)}
+    for prefix, m in blocks.items():
+        for param, key in FARAttention.COMPACT_KEYS.items():
+            dtype = state.pop(prefix + param).dtype
+            state[prefix + key] = (m.compact_shapes()[key], dtype)
+    return {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for k, v in state.items()}, blocks
+
+
+def _check_tensors(path: str, tensors: dict, expected: dict, arch: str) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes, dtypes = [], []
+    for name in sorted(set(expected) & set(tensors)):
+        (shape, dtype), t = expected[name], tensors[name]
+        if tuple(t.shape) != shape:
+            shapes.append(f"{name} expected {list(shape)}, got {list(t.shape)}")
+        elif dtype.is_floating_point != t.dtype.is_floating_point or (not dtype.is_floating_point and dtype != t.dtype):
+            dtypes.append(f"{name} expected {'a floating dtype' if dtype.is_floating_point else dtype}, got {t.dtype}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {checkpoint.name_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {checkpoint.name_list(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} mis-shaped tensor(s): {checkpoint.name_list(shapes)}")
+    if dtypes:
+        problems.append(f"{len(dtypes)} tensor(s) with the wrong dtype: {checkpoint.name_list(dtypes)}")
+    if problems:
+        raise checkpoint.fail(path, f"tensors do not match '{arch}' with the config's hidden sizes: "
+                                    + "; ".join(problems))
+
+
+def _set_dtype(t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        t.data = t.data.to(dtype)
+
+
+def load(path, device="cpu", backend: Optional[str] = None) -> nn.Module:
+    """Rebuild and return the model saved by far.save, in eval() mode, on `device`.
+
+    Args:
+        path: a file written by far.save.
+        device: where the model goes (tensors are read on the CPU first).
+        backend: scan backend for every FAR block (far.set_backend); None = env FAR_BACKEND / auto.
+    The config is attached as `model.far_checkpoint`; `model.pretrained_cfg` comes from the file.
+    Parameter dtypes (e.g. bfloat16) are those stored. Raises CheckpointError (a ValueError) naming
+    the problem for missing, truncated, corrupt, wrong-version or mismatching files.
+    """
+    path = os.fspath(path)
+    if backend is not None:  # a typo, or a backend that cannot run on `device`, fails before the file is read
+        far_kernels.dispatch.select(far_kernels.ops.bilstm_fused_scan.OP, backend, device)
+    config, tensors = checkpoint.read(path)
+    model = build(config, path)
+    floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(floating) == 1:  # e.g. a bfloat16 model: non-persistent buffers follow too
+        model.to(floating.pop())
+    expected, blocks = _expected(model)
+    _check_tensors(path, tensors, expected, config["architecture"]["timm_name"])
+    checkpoint.check_digest(path, config, tensors)  # last: structural errors say more
+    with torch.no_grad():
+        for prefix, m in blocks.items():
+            part = {key: tensors.pop(prefix + key) for key in FARAttention.COMPACT_KEYS.values()}
+            for param, key in FARAttention.COMPACT_KEYS.items():
+                _set_dtype(getattr(m, param), part[key].dtype)
+            m.load_compact_state(part, prefix=prefix)
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name, t in tensors.items():
+            if name in own:
+                _set_dtype(own[name], t.dtype)
+        result = model.load_state_dict(tensors, strict=False)
+    padded = {prefix + param for prefix in blocks for param in FARAttention.COMPACT_KEYS}
+    if result.unexpected_keys or set(result.missing_keys) != padded:
+        stray = sorted(set(result.missing_keys) - padded) + list(result.unexpected_keys)
+        raise checkpoint.fail(path, f"state_dict mismatch after loading: {checkpoint.name_list(stray)}")
+    pcfg = config.get("pretrained_cfg") or {}
+    if pcfg:
+        model.pretrained_cfg = checkpoint.tuples(pcfg)
+        if hasattr(model, "default_cfg"):
+            model.default_cfg = model.pretrained_cfg
+    model.far_checkpoint = config
+    if backend is not None:
+        set_backend(model, backend)
+    return model.to(device).eval()
+
+
+# ---- the one resolver ----
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved MODEL argument: kind "file" | "zoo" | "timm"; path (the checkpoint file, for file and
+    zoo); name (the text given)."""
+    kind: str
+    name: str
+    path: Optional[Path] = None
+
+    @property
+    def origin(self) -> str:
+        return {"file": "checkpoint", "zoo": "zoo checkpoint", "timm": "timm architecture"}[self.kind]
+
+
+def resolve(spec) -> ModelSpec:
+    """What a MODEL argument names: an existing file, else a zoo name, else a timm model name
+    (ConfigError for anything else, and for a folder)."""
+    import timm
+
+    text = os.fspath(spec)
+    path = Path(text)
+    if path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{text}: is a folder; give a checkpoint file or a model name")
+        return ModelSpec("file", text, path)
+    if text in ZOO:
+        return ModelSpec("zoo", text, zoo_path(text))
+    if timm.is_model(text):
+        return ModelSpec("timm", text)
+    raise ConfigError(f"{text}: no such checkpoint file, zoo name ({', '.join(ZOO)}) or timm model name "
+                      "(e.g. deit_tiny_patch16_224)")
+
+
+def load_model(spec, *, device="cpu", backend: Optional[str] = None, far: Optional[bool] = None,
+               pretrained: bool = False) -> tuple[nn.Module, ModelSpec]:
+    """(model, resolved spec) for a MODEL argument (see resolve). Checkpoints (file, zoo) load as
+    saved, in eval mode; `far` and `pretrained` apply to timm names only (far.create_model; far=None
+    converts)."""
+    ref = spec if isinstance(spec, ModelSpec) else resolve(spec)
+    if ref.kind == "timm":
+        model = create_model(ref.name, pretrained=pretrained, far=True if far is None else far, backend=backend)
+        return model.to(device).eval(), ref
+    return load(ref.path, device=device, backend=backend), ref

@@ -1,0 +1,545 @@
+"""The training loop every far method runs on: one process, or many under torchrun.
+
+What it gives a method (distill, prune, supervised training):
+- DistributedDataParallel when launched by `torchrun` (NCCL on GPUs, gloo on CPUs) with a
+  DistributedSampler; one process otherwise. batch_size is per process.
+- AdamW, linear warm-up then cosine decay (per step), label smoothing, gradient clipping, optional
+  EMA of the weights, bf16 autocast on GPUs.
+- Determinism that survives a kill: the data order is DistributedSampler(seed, epoch), and every
+  step reseeds torch's RNG (dropout, drop-path, augmentation) from (seed, step, rank), so a run
+  resumed from a checkpoint takes exactly the steps the uninterrupted run would have taken.
+- With an out_dir: atomic checkpoints every `ckpt_every` steps and at each epoch end
+  (`<out>/last.pt`: tensors, ints and strings only, loaded with weights_only=True; `resume=True`
+  continues from it) and JSON-lines metrics (`<out>/metrics.jsonl`). Without one (out_dir=None)
+  nothing is written. A progress bar when cfg.progress; no other output.
+
+A method supplies a `Task`: the model to train, which parameters train, and `loss(model, x, y)`
+returning a dict of scalar tensors with a "loss" key (timm's distillation task style).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from far.errors import CheckpointError, ConfigError
+from far.evaluate import accuracy
+from far.utils.env import device_name
+from far.utils.fs import append_jsonl, atomic_write
+from far.utils.plot import pyplot, save_figure
+
+CKPT_NAME = "last.pt"
+METRICS_NAME = "metrics.jsonl"
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (the CLI flags of the same names).
+
+    epochs may be fractional (e.g. 0.5 = half an epoch); warmup_epochs likewise. max_steps stops
+    the run early after that many optimizer steps (its state is saved: useful to split a run).
+    out_dir None writes nothing (no resumable state, no metrics file)."""
+    epochs: float = 10.0
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    ema: float = 0.0
+    seed: int = 0
+    augment: bool = True
+    ckpt_every: int = 200
+    log_every: int = 20
+    eval_batch_size: int = 500
+    eval_limit: Optional[int] = None
+    limit: Optional[int] = None
+    max_steps: Optional[int] = None
+    amp: str = "auto"
+    workers: int = 0
+    progress: bool = True
+    out_dir: Optional[str] = None
+    resume: bool = False
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.min_lr <= self.lr, f"min-lr must be in [0, lr={self.lr}], got {self.min_lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.grad_clip >= 0, f"grad clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (0 <= self.ema < 1, f"ema decay must be in [0, 1) (0 = off), got {self.ema}"),
+            (self.ckpt_every >= 1, f"ckpt-every must be >= 1 step, got {self.ckpt_every}"),
+            (self.log_every >= 1, f"log-every must be >= 1 step, got {self.log_every}"),
+            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+            (self.eval_limit is None or self.eval_limit >= 1, f"eval limit must be >= 1, got {self.eval_limit}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max steps must be >= 1, got {self.max_steps}"),
+            (self.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto/bf16/fp16/off, got {self.amp!r}"),
+            (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (not self.resume or self.out_dir is not None, "resume needs an out_dir (the run folder to resume)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+# ---------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+
+def setup_distributed(device: Optional[str] = None) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPUs; once: later
+    calls reuse it) and pick the device: `device` if given, else cuda:<LOCAL_RANK> when a GPU is
+    present, else cpu."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None or device == "auto":
+        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {dev} requested but no CUDA GPU is available")
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+
+
+def cleanup_distributed() -> None:
+    """Leave the torchrun process group (the CLI does this when a command ends)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- data
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """A per-(run seed, step, rank) seed: reseeding every step makes resumed runs take identical steps."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 12_345) % (2 ** 63 - 1)
+
+
+class TrainData:
+    """Training batches for one process: indices from DistributedSampler(seed, epoch), shard `rank`
+    of `world`; in-memory fast path (uint8 gather + batched augmentation) for Fashion-MNIST,
+    a DataLoader over the shard for image folders. drop_last: every step has a full batch."""
+
+    def __init__(self, dataset, batch_size: int, d: Dist, seed: int, augment: bool, workers: int = 0):
+        from far.data import RandomShiftFlip  # the Fashion-MNIST fast path's augmentation
+
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.d = d
+        self.seed = seed
+        self.workers = workers
+        self.fast = hasattr(dataset, "images") and hasattr(dataset, "normalize")
+        self.augment = RandomShiftFlip(pad=2, flip=0.5) if (augment and self.fast) else None
+        n = len(dataset)
+        per_rank = math.ceil(n / d.world)
+        self.steps_per_epoch = per_rank // batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"the training set has {n} images: fewer than one batch of {batch_size} per process "
+                             f"({d.world} process(es)); lower --batch-size or use more data")
+
+    def _indices(self, epoch: int) -> List[int]:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(range(len(self.dataset)), num_replicas=self.d.world, rank=self.d.rank,
+                                     shuffle=True, seed=self.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+        return list(iter(sampler))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Batches [start_step, steps_per_epoch) of `epoch` on the process's device."""
+        idx = self._indices(epoch)[start_step * self.batch_size:self.steps_per_epoch * self.batch_size]
+        dev = self.d.device
+        if self.fast:
+            images, targets = self.dataset.on_device(dev)
+            order = torch.tensor(idx, dtype=torch.int64, device=dev)
+            for i, s in enumerate(range(0, len(idx), self.batch_size)):
+                b = order[s:s + self.batch_size]
+                x = self.dataset.normalize(images[b])
+                if self.augment is not None:  # its own generator, seeded by the global step
+                    step = epoch * self.steps_per_epoch + start_step + i
+                    self.augment.generator = torch.Generator().manual_seed(_step_seed(self.seed, step, self.d.rank) + 1)
+                    x = self.augment(x)
+                yield x, targets[b]
+            return
+        subset = torch.utils.data.Subset(self.dataset, idx)
+        loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, shuffle=False, drop_last=True,
+                                             num_workers=self.workers, pin_memory=dev.type == "cuda")
+        for x, y in loader:
+            yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+
+# ---------------------------------------------------------------- schedule, EMA
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from lr/warmup to lr over `warmup` steps, then cosine decay to min_lr at `total`."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state (parameters and buffers)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Temporarily load the EMA weights into `model`."""
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(saved, strict=False)
+
+
+# ---------------------------------------------------------------- task
+class Task:
+    """What a training command trains. Subclasses set `model` and override `loss` (and may override
+    `trainable` and `regularizer`). `loss(model, x, y)` returns a dict of scalar tensors with "loss"."""
+
+    name = "train"
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        self.model = model
+        self.cfg = cfg
+
+    def trainable(self) -> List[Tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.label_smoothing)
+        return {"loss": loss, "ce": loss.detach()}
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (e.g. to re-apply a pruning mask)."""
+
+    def state(self) -> dict:
+        """Extra tensors/ints the task needs to resume (e.g. masks)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- checkpoints
+def _identity(task: Task, cfg: TrainConfig, extra: dict) -> dict:
+    """What must match for a resume to be the same run (anything else may change, e.g. --progress)."""
+    keep = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
+            "grad_clip", "ema", "seed", "augment", "limit")
+    return {"task": task.name, **{k: getattr(cfg, k) for k in keep}, **extra}
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: List[dict]
+    final_accuracy: Optional[float]
+    seconds: float
+    steps: int
+    out_dir: Optional[Path]
+    completed: bool  # False when stopped by max_steps
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: Optional[dict] = None,
+          desc: str = "train") -> TrainResult:
+    """Run `task` for cfg.epochs over `train_set`, evaluating on `eval_set` (may be None) after each
+    epoch. With cfg.out_dir: writes <out_dir>/last.pt (resumable state) and metrics.jsonl. Returns the
+    trained (EMA, if enabled) model, unwrapped."""
+    cfg.validate()
+    out = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    write = out is not None and d.main  # this process writes the run's files
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+    model = task.model.to(d.device)
+    data = TrainData(train_set, cfg.batch_size, d, cfg.seed, cfg.augment, cfg.workers)
+    spe = data.steps_per_epoch
+    total = max(1, int(round(cfg.epochs * spe)))
+    warmup = int(round(cfg.warmup_epochs * spe))
+    named = task.trainable()
+    if not named:
+        raise ConfigError(f"{desc}: nothing to train (no parameter requires a gradient)")
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token"))]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token")))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    ident = _identity(task, cfg, identity or {})
+    ident["world"] = d.world
+    step, history = 0, []
+    ckpt = out / CKPT_NAME if out is not None else None
+    metrics = out / METRICS_NAME if out is not None else None
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt} (run without --resume to start)")
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
+            raise CheckpointError(f"--resume: cannot read {ckpt}: {type(e).__name__}: {e}") from e
+        if state.get("version") != STATE_VERSION or not isinstance(state.get("identity"), dict):
+            raise CheckpointError(f"--resume: {ckpt} is not a far training checkpoint of this version")
+        got = json.loads(state["identity"]["json"])
+        diff = {k: (got.get(k), v) for k, v in ident.items() if got.get(k) != v}
+        if diff:
+            raise ConfigError(f"--resume: {ckpt} belongs to a different run; differing settings (checkpoint, now): "
+                             + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.shadow = {k: v.to(d.device) for k, v in state["ema"].items()}
+        task.load_state(state.get("task", {}))
+        step = int(state["step"])
+        history = json.loads(state["history"])
+    elif write and metrics.exists():
+        metrics.unlink()  # a fresh run starts a fresh log
+    ddp = model
+    if d.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=False)
+    amp = _amp_dtype(cfg, d.device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    def save_state():
+        if not write:
+            return
+        state = {"version": STATE_VERSION, "identity": {"json": json.dumps(ident)}, "step": step,
+                 "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "ema": ema.shadow if ema is not None else {}, "task": task.state(),
+                 "history": json.dumps(history)}
+        atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
+
+    bar = None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, unit="step", desc=desc, file=sys.stderr, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    run_seconds = sum(r.get("seconds", 0.0) for r in history if r.get("kind") == "epoch")
+    t_epoch = time.perf_counter()
+    stop_at = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    acc = None
+    sums: Dict[str, float] = {}
+    count = 0
+    model.train()
+    while step < stop_at:
+        epoch, start = divmod(step, spe)
+        for x, y in data.epoch(epoch, start):
+            torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
+            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+                losses = task.loss(ddp, x, y)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise ConfigError(f"{desc}: the loss became {float(loss)} at step {step} (lr {lr:.3g}); "
+                                 "lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            task.after_step(model)
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            count += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", refresh=False)
+            if step % cfg.log_every == 0 or step == stop_at:
+                row = {"kind": "step", "step": step, "epoch": step / spe, "lr": lr,
+                       **{k: v / count for k, v in sums.items()}}
+                history.append(row)
+                if write:
+                    append_jsonl(metrics, row)
+                sums, count = {}, 0
+            end_of_epoch = step % spe == 0 or step == total
+            if end_of_epoch:
+                seconds = time.perf_counter() - t_epoch
+                run_seconds += seconds
+                acc = None
+                if eval_set is not None:
+                    ctx = ema.applied(model) if ema is not None else contextlib.nullcontext(model)
+                    with ctx as m:
+                        acc = accuracy(m, eval_set, batch_size=cfg.eval_batch_size, device=d.device)
+                row = {"kind": "epoch", "step": step, "epoch": step / spe, "seconds": seconds,
+                       "accuracy": acc}
+                history.append(row)
+                if write:
+                    append_jsonl(metrics, row)
+                if bar is not None:
+                    bar.write(f"{desc}: epoch {step / spe:.2f}  "
+                              + (f"test acc {100 * acc:.2f}%  " if acc is not None else "")
+                              + f"({seconds:.0f} s)")
+                t_epoch = time.perf_counter()
+            if step % cfg.ckpt_every == 0 or end_of_epoch or step == stop_at:
+                save_state()
+                d.barrier()
+            if step >= stop_at:
+                break
+    if bar is not None:
+        bar.close()
+    completed = step >= total
+    if ema is not None and completed:
+        model.load_state_dict(ema.shadow, strict=False)
+    if completed and eval_set is not None and (acc is None or ema is not None):
+        acc = accuracy(model, eval_set, batch_size=cfg.eval_batch_size, device=d.device)
+    if acc is None and completed:
+        acc = next((r["accuracy"] for r in reversed(history) if r.get("kind") == "epoch"), None)
+    return TrainResult(model=model, history=history, final_accuracy=acc,
+                       seconds=run_seconds + (time.perf_counter() - t_epoch if not completed else 0.0),
+                       steps=step, out_dir=out, completed=completed)
+
+
+# ---------------------------------------------------------------- run records
+def plot_history(history: List[dict], path: Path, title: str) -> Optional[str]:
+    """Loss curves (per logged step) and test accuracy (per epoch) as one PNG; None on success, else why not."""
+    plt = pyplot()
+    if plt is None:
+        return "matplotlib is not installed"
+    steps = [r for r in history if r.get("kind") == "step"]
+    epochs = [r for r in history if r.get("kind") == "epoch" and r.get("accuracy") is not None]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    keys = list(dict.fromkeys(k for r in steps for k in r if k not in ("kind", "step", "epoch", "lr", "stage")))
+    for k in keys:
+        rows = [r for r in steps if k in r and r[k] is not None and r[k] > 0]
+        a.plot([r["epoch"] for r in rows], [r[k] for r in rows], label=k, lw=0.8 if k.startswith("cos_b") else 1.5)
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.set_yscale("log")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    b.plot([r["epoch"] for r in epochs], [100 * r["accuracy"] for r in epochs], "o-")
+    for r in history:
+        if r.get("kind") == "stage":
+            for ax in (a, b):
+                ax.axvline(r["epoch"], color="gray", ls="--", lw=0.8)
+    b.set_xlabel("epoch")
+    b.set_ylabel("test top-1 (%)")
+    b.grid(alpha=0.3)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    return None
+
+
+def join_histories(*parts: List[dict]) -> List[dict]:
+    """One history from consecutive stages: epochs offset so the curves continue, a "stage" marker between."""
+    out: List[dict] = []
+    offset = 0.0
+    for i, h in enumerate(parts):
+        if i and out:
+            out.append({"kind": "stage", "epoch": offset, "stage": i + 1})
+        out += [{**r, "epoch": r.get("epoch", 0.0) + offset, "stage": i + 1} for r in h]
+        offset = max((r["epoch"] for r in out if "epoch" in r), default=offset)
+    return out
+
+
+@dataclass
+class RunReport:
+    """What a method's run did, attached to the model it returns as `model.far_run`: the metrics
+    history, final test accuracy (None without test data), seconds, optimizer steps, whether it
+    finished (False: stopped by max_steps; resume it), the run folder (None: nothing written), and
+    rows for a summary table ((label, text) pairs)."""
+    command: str
+    history: List[dict]
+    accuracy: Optional[float]
+    seconds: float
+    steps: int
+    completed: bool
+    out_dir: Optional[str]
+    rows: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def run_metadata(command: str, cfg: TrainConfig, d: Dist, result: TrainResult, **extra) -> dict:
+    """JSON metadata for the checkpoint of a trained model: how it was trained, on what, how long."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "resume", "out_dir")}
+    return {"training": {"command": command, "config": config, "processes": d.world,
+                         "device": device_name(d.device), "threads": torch.get_num_threads(),
+                         "seconds": round(result.seconds, 1), "steps": result.steps,
+                         "test_accuracy": result.final_accuracy,
+                         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            **extra}
+
+
+def stage_config(cfg: TrainConfig, name: str, **changes) -> TrainConfig:
+    """The config of one stage of a multi-stage method: its own run folder <out_dir>/<name> (None
+    stays None), resumed only if that folder holds state."""
+    out = None if cfg.out_dir is None else os.path.join(cfg.out_dir, name)
+    resume = cfg.resume and out is not None and (Path(out) / CKPT_NAME).is_file()
+    return dataclasses.replace(cfg, out_dir=out, resume=resume, **changes)
+
+
+__all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "cleanup_distributed",
+           "join_histories", "lr_at", "plot_history", "run_metadata", "setup_distributed", "stage_config", "train"]

@@ -1,0 +1,1 @@
+"""Infrastructure shared by every layer of `far`: files (fs), the machine (env), figures (plot)."""

@@ -1,0 +1,271 @@
+"""The `far` command line: help, info, convert -> eval round trip, and one-line user errors (exit 2)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import far_kernels
+from far.cli import main
+
+FMNIST_DIR = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true",
+    reason=f"Fashion-MNIST not installed in {FMNIST_DIR} (apt-get install -y dataset-fashion-mnist)")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *fragments):
+    assert code == 2
+    assert err.startswith("far: error: ") and err.count("\n") == 1, err  # exactly one line
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """The zoo teacher fmnist_deit_tiny converted by `far convert` (new, untrained LSTMs)."""
+    path = tmp_path_factory.mktemp("ckpt") / "fmnist_tiny.safetensors"
+    assert main(["convert", "fmnist_deit_tiny", "-o", str(path), "-q"]) == 0
+    return path
+
+
+# ---- help and info ----
+@pytest.mark.parametrize("cmd,options", [
+    ([], ["info", "convert", "eval", "--version", "--debug"]),
+    (["info"], ["MODEL", "examples"]),
+    (["convert"], ["MODEL", "--output", "--pretrained", "--hidden-size", "--num-classes", "--init", "--force",
+                   "examples"]),
+    (["eval"], ["MODEL", "--data", "--batch-size", "--limit", "--backend", "--device", "--threads", "--json",
+                "--quiet", "--split", "--workers", "examples", "dataset-fashion-mnist"]),
+], ids=["far", "info", "convert", "eval"])
+def test_help(capsys, cmd, options):
+    code, out, _ = run(capsys, *cmd, "--help")
+    assert code == 0
+    for opt in options:
+        assert opt in out, f"`far {' '.join(cmd)} --help` does not mention {opt}"
+
+
+def test_version_and_no_command(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("far ")
+    code, _, err = run(capsys)
+    assert code == 2 and "usage: far" in err
+
+
+def test_info(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert f"torch {torch.__version__}" in out and "timm " in out and "triton " in out
+    assert "backends on cpu:" in out and "auto -> " in out
+    report = far_kernels.backend_report("cpu")
+    section = out.split("backends on cpu:")[1].split("backends on cuda:")[0].splitlines()
+    for name, why in report.items():
+        line = next(l for l in section if l.split()[:1] == [name])
+        assert ("available" in line) and (why is None or why in line), line
+    if torch.cuda.is_available():
+        assert "backends on cuda:" in out and "cuda:0" in out
+    else:
+        assert "backends on cuda:" not in out
+
+
+# ---- convert, info CKPT, eval ----
+def test_convert_output(capsys, tmp_path):
+    path = tmp_path / "m.safetensors"
+    code, out, _ = run(capsys, "convert", "fmnist_deit_tiny", "-o", str(path), "--hidden-size", "16")
+    assert code == 0 and path.is_file()
+    assert re.search(r"blocks\.0\.attn\s+[\d,]+\s+[\d,]+", out) and "total" in out and f"wrote {path}" in out
+    code, out, _ = run(capsys, "info", str(path))
+    assert code == 0
+    assert "architecture fmnist_deit_tiny" in out and "fwd [16, 16, 16]  bwd [16, 16, 16]" in out
+    assert out.count("blocks.") == 4
+    # an existing output needs --force
+    code, _, err = run(capsys, "convert", "fmnist_deit_tiny", "-o", str(path))
+    assert_user_error(code, err, "exists", "--force")
+    assert run(capsys, "convert", "fmnist_deit_tiny", "-o", str(path), "--force", "-q")[0] == 0
+
+
+@needs_fmnist
+def test_eval_fashion_mnist(capsys, ckpt, tmp_path):
+    out_json = tmp_path / "res.json"
+    code, out, err = run(capsys, "eval", str(ckpt), "--data", "fashion-mnist", "--limit", "256",
+                         "--batch-size", "128", "--json", str(out_json))
+    assert code == 0, err
+    m = re.search(r"accuracy (\d+\.\d+)% \((\d+)/256\)", out)
+    assert m, out
+    assert 0 <= float(m.group(1)) <= 100 and "images/s" in out
+    res = json.loads(out_json.read_text())
+    assert res["num_images"] == 256 and res["correct"] == int(m.group(2))
+    assert res["accuracy"] == pytest.approx(res["correct"] / 256)
+    assert res["images_per_s"] > 0 and res["warmup_excluded"] is True and res["batches"] == 2
+    assert res["architecture"] == "fmnist_deit_tiny" and res["split"] == "test" and res["origin"] == "checkpoint"
+    auto = far_kernels.dispatch.select(far_kernels.ops.bilstm_scan.OP, "auto", "cpu")
+    assert res["backend"] == auto and f"backend {auto}" in out
+
+
+@needs_fmnist
+def test_eval_explicit_backend_and_threads(capsys, ckpt, tmp_path):
+    out_json = tmp_path / "res.json"
+    code, out, err = run(capsys, "eval", str(ckpt), "--data", "fashion-mnist", "--limit", "32", "--backend", "torch",
+                         "--threads", "1", "--device", "cpu", "--json", str(out_json), "-q")
+    assert code == 0, err
+    res = json.loads(out_json.read_text())
+    assert res["backend"] == "torch" and res["threads"] == 1 and res["num_images"] == 32
+    assert res["warmup_excluded"] is False  # a single batch: nothing is left after the warm-up
+
+
+def test_eval_image_folder(capsys, ckpt, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        img = Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8), "L")
+        img.save(tmp_path / "data" / f"class{c}" / "0.png")
+    out_json = tmp_path / "res.json"
+    code, out, err = run(capsys, "eval", str(ckpt), "--data", str(tmp_path / "data"), "--batch-size", "4",
+                         "--workers", "0", "--json", str(out_json))
+    assert code == 0, err
+    res = json.loads(out_json.read_text())
+    assert res["num_images"] == 10 and res["split"] is None and "accuracy" in out
+
+
+def test_eval_and_info_take_a_zoo_name(capsys, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from far.errors import ConfigError
+    from far.models import resolve, zoo_path
+
+    name = "fmnist_far_tiny_pruned"
+    monkeypatch.chdir(tmp_path)
+    assert resolve(name).kind == "zoo" and resolve(name).path == zoo_path(name)
+    assert resolve("deit_tiny_patch16_224").kind == "timm"
+    with pytest.raises(ConfigError, match="no such checkpoint file, zoo name"):
+        resolve("not_a_model")
+    (tmp_path / name).write_bytes(b"x")  # a file of that name in the working folder comes first
+    assert resolve(name).kind == "file" and resolve(name).path == Path(name)
+    (tmp_path / name).unlink()
+    rng = np.random.default_rng(1)
+    for c in range(10):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(tmp_path / "data" / f"class{c}" / "0.png")
+    code, out, err = run(capsys, "eval", name, "--data", str(tmp_path / "data"), "--workers", "0",
+                         "--json", str(tmp_path / "res.json"), "-q")
+    assert code == 0, err
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["checkpoint"] == str(zoo_path(name)) and res["num_images"] == 10
+    code, out, err = run(capsys, "info", name)
+    assert code == 0, err
+    assert str(zoo_path(name)) in out and "architecture fmnist_deit_tiny" in out and "pruning" in out
+
+
+# ---- user errors: one line, exit 2 ----
+def test_eval_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", str(tmp_path / "nope.safetensors"), "--data", "fashion-mnist")
+    assert_user_error(code, err, "nope.safetensors", "no such checkpoint")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage that is not a checkpoint at all", b"\x08" + b"\x00" * 7 + b"{}"])
+def test_corrupt_checkpoint(capsys, tmp_path, content):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    code, _, err = run(capsys, "eval", str(bad), "--data", "fashion-mnist")
+    assert_user_error(code, err, str(bad))
+    code, _, err = run(capsys, "info", str(bad))
+    assert_user_error(code, err, str(bad))
+
+
+def test_unknown_backend(capsys, ckpt, monkeypatch):
+    code, _, err = run(capsys, "eval", str(ckpt), "--data", "fashion-mnist", "--backend", "nope")
+    assert code == 2 and "invalid choice: 'nope'" in err
+    monkeypatch.setenv("FAR_BACKEND", "bogus")
+    code, _, err = run(capsys, "eval", str(ckpt), "--data", "fashion-mnist")
+    assert_user_error(code, err, "unknown backend 'bogus'", "FAR_BACKEND")
+
+
+def test_unavailable_backend(capsys, ckpt):
+    # the cuda backend never runs on CPU tensors: BackendUnavailable with the reason, before any work
+    code, _, err = run(capsys, "eval", str(ckpt), "--data", "fashion-mnist", "--backend", "cuda", "--device", "cpu")
+    assert_user_error(code, err, "backend 'cuda' is unavailable", far_kernels.ops.bilstm_scan.OP.reason("cuda", "cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_no_cuda_device(capsys, ckpt):
+    code, _, err = run(capsys, "eval", str(ckpt), "--data", "fashion-mnist", "--device", "cuda")
+    assert_user_error(code, err, "no CUDA device")
+
+
+@needs_fmnist
+def test_mismatched_data(capsys, tmp_path):
+    path = tmp_path / "five.safetensors"
+    assert main(["convert", "fmnist_deit_small", "--num-classes", "5", "-o", str(path), "-q"]) == 0
+    code, _, err = run(capsys, "eval", str(path), "--data", "fashion-mnist", "--limit", "8")
+    assert_user_error(code, err, "5 classes", "Fashion-MNIST has 28x28x1 images and 10 classes")
+
+
+def test_missing_data_folder(capsys, ckpt, tmp_path):
+    code, _, err = run(capsys, "eval", str(ckpt), "--data", str(tmp_path / "nodata"))
+    assert_user_error(code, err, "no such image folder")
+
+
+def test_missing_fashion_mnist(capsys, ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAR_FASHION_MNIST", str(tmp_path))
+    code, _, err = run(capsys, "eval", str(ckpt), "--data", "fashion-mnist")
+    assert_user_error(code, err, "apt-get install -y dataset-fashion-mnist")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["convert", "not_a_model", "-o", "{tmp}/x.safetensors"], "not_a_model: no such checkpoint file, zoo name"),
+    (["convert", "fmnist_deit_tiny", "--num-classes", "5", "-o", "{tmp}/x.safetensors"], "--num-classes applies"),
+    (["convert", "fmnist_far_tiny", "-o", "{tmp}/x.safetensors"], "already a FAR model"),
+    (["convert", "fmnist_deit_small", "--pretrained", "-o", "{tmp}/x.safetensors"], "could not get pretrained weights"),
+    (["convert", "fmnist_deit_tiny", "-o", "{tmp}/no/such/dir/x.safetensors"], "no such folder"),
+    (["convert", "fmnist_deit_tiny", "--hidden-size", "0", "-o", "{tmp}/x.safetensors"], "--hidden-size"),
+    (["eval", "{ckpt}", "--data", "fashion-mnist", "--batch-size", "0"], "--batch-size"),
+    (["eval", "{ckpt}", "--data", "fashion-mnist", "--device", "tpu"], "--device"),
+])
+def test_argument_errors(capsys, ckpt, tmp_path, argv, fragment):
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, fragment)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_console_script():
+    exe = shutil.which("far")
+    cmd = [exe] if exe else [sys.executable, "-m", "far.cli"]
+    r = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("far "), r.stderr
+
+
+def test_demo_runs_on_the_zoo(tmp_path, capsys):
+    import json
+
+    from far.cli import main
+
+    rc = main(["demo", "--num-images", "300", "--bench-images", "64", "--batch-size", "32", "--threads", "1",
+               "--out-dir", str(tmp_path), "-q"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for name in ("teacher (attention)", "FAR pruned", "torch", "cpp"):
+        assert name in out
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert {r["name"] for r in res["rows"]} == {"fmnist_deit_tiny", "fmnist_far_tiny", "fmnist_far_tiny_pruned"}
+    ok = [r for r in res["rows"] if r.get("backend") not in (None, "-") and "images_per_s" in r]
+    assert ok and all(r["max_abs_diff_vs_torch"] < 1e-4 for r in ok)
+    assert all(0 <= r["top1"] <= 1 and r["num_images"] == 300 for r in res["rows"])
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert main(["demo", "--num-images", "0"]) == 2
+    assert "--num-images must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""The Python API of the methods: modules in, modules out, and nothing written to disk.
+
+A tiny attention ViT built in memory, random in-memory data (no dataset files), far.distill then
+far.prune then far.evaluate, with the working directory watched: no file may appear anywhere."""
+import os
+
+import pytest
+import torch
+
+import far
+from far.train import TrainConfig
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """(image [1, 28, 28], label) pairs held in memory; the label is a simple function of the image so
+    that a model can learn something in a few steps."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 28, 28, generator=g)
+        self.y = (self.x[:, 0, :14].mean((1, 2)) > self.x[:, 0, 14:].mean((1, 2))).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def _files(root):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_distill_then_prune_in_memory_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    teacher = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=2, num_heads=2, num_classes=2)
+    train_set, test_set = ImageSet(96, seed=1), ImageSet(32, seed=2)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-3, warmup_epochs=0.2, progress=False, augment=False)
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    student = far.distill(teacher, train_set, eval_data=test_set, config=cfg, stage2_epochs=0.5, kd_weight=1.0)
+
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_before.items()), "the teacher is unchanged"
+    assert len(far.far_modules(student)) == 2 and not far.far_modules(teacher)
+    run = student.far_run
+    assert run.completed and run.out_dir is None and run.steps == 6 + 3  # 96 / 16 per epoch: 1 + 0.5 epochs
+    assert 0 <= run.accuracy <= 1 and any("cos_b1" in r for r in run.history)
+    assert student.far_metadata["training"]["command"] == "distill"
+
+    units = sum(int(m.hidden_sizes.sum()) for _, m in far.far_modules(student))
+    pruned = far.prune(student, train_set, eval_data=test_set, config=TrainConfig(
+        epochs=0.5, batch_size=16, progress=False, augment=False), prune_ratio=0.5, finetune_epochs=0.5)
+    kept = sum(int(m.hidden_sizes.sum()) for _, m in far.far_modules(pruned))
+    assert kept == units - round(0.5 * units)  # exactly half the unit groups removed
+    assert all(m.width == int(m.hidden_sizes.max()) for _, m in far.far_modules(pruned))  # compacted
+    assert pruned.far_metadata["pruning"]["lstm_params_after"] < pruned.far_metadata["pruning"]["lstm_params_before"]
+
+    res = far.evaluate(pruned, test_set, batch_size=8)
+    assert res["num_images"] == 32 and 0 <= res["accuracy"] <= 1
+    assert _files(tmp_path) == [], "the Python API wrote files"
+
+
+def test_methods_refuse_bad_input_before_training():
+    teacher = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+    data = ImageSet(16, seed=0)
+    with pytest.raises(far.ConfigError, match="no FAR blocks"):
+        far.prune(teacher, data)
+    with pytest.raises(far.ConfigError, match="resume needs an out_dir"):
+        far.distill(teacher, data, config=TrainConfig(resume=True))
+    with pytest.raises(far.ConfigError, match="fewer than one batch"):
+        far.distill(teacher, data, config=TrainConfig(batch_size=64, progress=False))

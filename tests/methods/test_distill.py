@@ -1,0 +1,225 @@
+"""Distillation: the hooks capture the right tensors, the cosine loss, one step lowers the loss,
+stage 1 trains only the new modules, and the whole command end to end on a tiny model."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import far
+from far.cli import main
+from far.errors import ConfigError
+from far.methods.distill import DistillTask, ProjInputs, cosine_token_loss, kd_loss, make_student
+from far.train import TrainConfig
+
+TINY = dict(embed_dim=48, depth=2, num_heads=2)
+
+
+def tiny_teacher(seed=0):
+    torch.manual_seed(seed)
+    return far.create_model("fmnist_deit_tiny", far=False, **TINY).eval()
+
+
+def attention_output_before_proj(attn, x):
+    """timm Attention's output before W_O, recomputed from its own q/k/v weights (no hooks)."""
+    B, N, C = x.shape
+    H = attn.num_heads
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+    return (a @ v).transpose(1, 2).reshape(B, N, C)
+
+
+def test_hooks_capture_teacher_attention_before_wo_and_student_after_head_proj():
+    teacher = tiny_teacher()
+    student = make_student(teacher).eval()
+    x = torch.randn(3, 1, 28, 28)
+    th, sh = ProjInputs(teacher), ProjInputs(student)
+    with torch.no_grad():
+        teacher(x)
+        student(x)
+    t_vals, s_vals = th.take(), sh.take()
+    # recompute each block's input to the token mixer by running the blocks by hand
+    with torch.no_grad():
+        for model, vals, kind in ((teacher, t_vals, "teacher"), (student, s_vals, "student")):
+            h = model._pos_embed(model.patch_embed(x))
+            h = model.norm_pre(h)
+            for blk, v in zip(model.blocks, vals):
+                y = blk.norm1(h)
+                if kind == "teacher":
+                    want = attention_output_before_proj(blk.attn, y)
+                else:  # FAR: everything but the final proj, i.e. the concatenated head_proj outputs
+                    proj = blk.attn.proj
+                    blk.attn.proj = torch.nn.Identity()
+                    want = blk.attn(y)
+                    blk.attn.proj = proj
+                assert v.shape == want.shape
+                torch.testing.assert_close(v, want, atol=1e-5, rtol=1e-5)
+                h = blk(h)
+    th.remove()
+    sh.remove()
+
+
+def test_cosine_token_loss_is_along_tokens_per_channel():
+    s = torch.randn(2, 7, 5, dtype=torch.float64)
+    t = torch.randn(2, 7, 5, dtype=torch.float64)
+    want = 0.0
+    for b in range(2):
+        for c in range(5):
+            want += 1 - float(s[b, :, c] @ t[b, :, c] / (s[b, :, c].norm() * t[b, :, c].norm()))
+    assert abs(float(cosine_token_loss(s, t)) - want / 10) < 1e-6
+    # invariant to a per-(batch, channel) positive scale of the student, not to token shuffles
+    assert abs(float(cosine_token_loss(3.0 * s, s))) < 1e-6
+    assert float(cosine_token_loss(s.flip(1), s)) > 1e-3
+
+
+def test_stage1_trains_only_new_modules_and_one_step_lowers_the_loss():
+    teacher = tiny_teacher()
+    student = make_student(teacher)
+    cfg = TrainConfig(label_smoothing=0.0)
+    task = DistillTask(student, teacher, cfg, stage=1)
+    names = {n for n, _ in task.trainable()}
+    assert names and all(".attn." in n and ".proj." not in n for n in names)
+    assert any(n.endswith("attn.w_hh") for n in names) and any("pre_proj" in n for n in names)
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if n not in names}
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    student.train()
+    opt = torch.optim.SGD([p for _, p in task.trainable()], lr=0.05)
+    before = task.loss(student, x, y)
+    assert set(before) >= {"loss", "ce", "cos", "cos_b0", "cos_b1"}
+    assert abs(float(before["cos"]) - float(before["cos_b0"] + before["cos_b1"])) < 1e-5
+    opt.zero_grad()
+    before["loss"].backward()
+    opt.step()
+    after = task.loss(student, x, y)
+    assert float(after["loss"].detach()) < float(before["loss"].detach())
+    for n, p in student.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
+
+
+def test_stage2_trains_everything():
+    teacher = tiny_teacher()
+    task = DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, cos_weight=0.0)
+    assert len(task.trainable()) == len(list(task.model.parameters()))
+
+
+def test_bad_weights():
+    teacher = tiny_teacher()
+    with pytest.raises(ValueError, match="loss weights"):
+        DistillTask(make_student(teacher), teacher, TrainConfig(), stage=1, ce_weight=0.0, cos_weight=0.0)
+    with pytest.raises(ValueError, match="loss weights"):
+        DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, kd_weight=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, kd_weight=1.0, kd_temperature=0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_loss_is_temperature_scaled_kl_from_teacher_to_student(temperature):
+    torch.manual_seed(3)
+    s, t = torch.randn(7, 10, dtype=torch.float64), torch.randn(7, 10, dtype=torch.float64)
+    p_t, p_s = (t / temperature).softmax(-1), (s / temperature).softmax(-1)
+    want = (p_t * (p_t.log() - p_s.log())).sum(-1).mean() * temperature ** 2
+    got = kd_loss(s, t, temperature)
+    assert abs(float(got) - float(want)) < 1e-6 * max(1.0, float(want))
+    assert float(kd_loss(t + 3.0, t, temperature)) < 1e-6  # same distribution (logits up to a constant): 0
+    assert float(kd_loss(t, s, temperature)) != pytest.approx(float(got))  # KL is not symmetric: order matters
+
+
+def test_stage2_with_kd_pulls_the_student_toward_the_teacher():
+    teacher = tiny_teacher()
+    student = make_student(teacher)
+    task = DistillTask(student, teacher, TrainConfig(label_smoothing=0.0), stage=2, ce_weight=1.0, cos_weight=0.0,
+                       kd_weight=1.0, kd_temperature=2.0)
+    torch.manual_seed(2)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    student.train()
+    before = task.loss(student, x, y)
+    assert set(before) == {"loss", "ce", "kd"}
+    with torch.no_grad():
+        want_kd = kd_loss(student(x), teacher(x), 2.0)
+    assert abs(float(before["kd"]) - float(want_kd)) < 1e-5
+    assert abs(float(before["loss"]) - float(before["ce"] + before["kd"])) < 1e-5
+    opt = torch.optim.SGD([p for _, p in task.trainable()], lr=0.05)
+    opt.zero_grad()
+    before["loss"].backward()
+    opt.step()
+    assert float(task.loss(student, x, y)["loss"].detach()) < float(before["loss"].detach())
+
+
+def test_distill_end_to_end(tmp_path):
+    """`far distill` (a thin shell over far.distill): checkpoint, metadata, per-block metrics, curves."""
+    teacher = tiny_teacher()
+    tpath = tmp_path / "teacher.safetensors"
+    far.save(teacher, tpath)
+    out = tmp_path / "student.safetensors"
+    run = tmp_path / "run"
+    assert main(["distill", str(tpath), "--data", "fashion-mnist", "--epochs", "1", "--batch-size", "32",
+                 "--limit", "64", "--eval-limit", "64", "-q", "--out-dir", str(run), "--log-every", "1",
+                 "--stage2-epochs", "0.5", "--kd-weight", "0.5", "-o", str(out)]) == 0
+    summary = __import__("json").loads((run / "summary.json").read_text())
+    assert summary["output"] == str(out) and 0 <= summary["test_accuracy"] <= 1
+    m = far.load(out)
+    assert len(list(far.far_modules(m))) == 2
+    assert m.far_checkpoint["metadata"]["training"]["command"] == "distill"
+    rows = (run / "stage1" / "metrics.jsonl").read_text().splitlines()
+    assert any('"cos_b1"' in r for r in rows) and any('"kd"' in r for r in rows)
+    assert any('"kd"' in r for r in (run / "stage2" / "metrics.jsonl").read_text().splitlines())
+    assert m.far_checkpoint["metadata"]["distill"]["kd_weight"] == 0.5
+    assert (run / "curves.png").stat().st_size > 0
+
+
+def _data(n=64):
+    return far.data.fashion_mnist("train", limit=n), far.data.fashion_mnist("test", limit=n)
+
+
+def test_distill_continues_an_existing_student_and_skips_stage1(tmp_path):
+    """student= and epochs 0: stage 2 starts from that student's weights (not a fresh conversion) and
+    stage 1 never runs; the CLI records where it started."""
+    teacher = tiny_teacher()
+    torch.manual_seed(123)
+    student = make_student(teacher)
+    for _, p in student.named_parameters():  # far from any fresh conversion of the teacher
+        p.data.add_(0.1 * torch.randn_like(p))
+    for _, m in far.far_modules(student):
+        m.zero_padding_()
+    start = copy.deepcopy(student.state_dict())
+    cfg = TrainConfig(epochs=0, batch_size=32, progress=False, weight_decay=0.0, out_dir=str(tmp_path / "run"),
+                      log_every=1, seed=0)
+    train_set, test_set = _data()
+    got = far.distill(teacher, train_set, student=student, eval_data=test_set, config=cfg, stage2_epochs=1,
+                      stage2_lr=1e-9).state_dict()
+    for k, v in start.items():  # lr 1e-9: Adam moves each weight by at most ~steps * lr
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    fresh = make_student(teacher).state_dict()
+    assert any((got[k] - fresh[k]).abs().max() > 1e-2 for k in fresh)
+    assert not (tmp_path / "run" / "stage1").exists()
+    # the same through the command line: the checkpoint names the student it continued
+    tpath, spath, out = tmp_path / "t.safetensors", tmp_path / "s.safetensors", tmp_path / "o.safetensors"
+    far.save(teacher, tpath)
+    far.save(make_student(teacher), spath)
+    assert main(["distill", str(tpath), "--student", str(spath), "--epochs", "0", "--stage2-epochs", "0.5",
+                 "--batch-size", "32", "--limit", "64", "--eval-limit", "32", "-q", "--out-dir",
+                 str(tmp_path / "run2"), "-o", str(out)]) == 0
+    meta = far.load(out).far_checkpoint["metadata"]
+    assert meta["student"] == str(spath.resolve()) and meta["distill"]["stage1_epochs"] == 0
+    assert meta["distill"]["continued"] is True
+
+
+def test_distill_refuses_bad_student_and_empty_runs(tmp_path):
+    teacher = tiny_teacher()
+    deeper = far.create_model("fmnist_deit_tiny", far=False, embed_dim=48, depth=3, num_heads=2)
+    cfg = TrainConfig(epochs=0, batch_size=32, progress=False, out_dir=str(tmp_path / "r"))
+    train_set, _ = _data(32)
+    cases = [(dict(student=teacher), "no FAR modules"),  # an attention model is not a student
+             (dict(student=make_student(deeper)), "3 blocks"),
+             (dict(stage2_epochs=0), "nothing to train"),
+             (dict(student=make_student(deeper), hidden_sizes=8), "hidden_sizes")]
+    for kwargs, msg in cases:
+        with pytest.raises(ConfigError, match=msg):
+            far.distill(teacher, train_set, config=cfg, **{"stage2_epochs": 1, **kwargs})
+    with pytest.raises(ConfigError, match="already a FAR model"):
+        far.distill(make_student(teacher), train_set, config=cfg, stage2_epochs=1)
+    assert not (tmp_path / "r" / "stage2").exists()

@@ -1,0 +1,175 @@
+"""Pruning: group norms against an explicit per-unit loop, Hoyer-square, the global threshold removes
+exactly the groups under it, masking = dropping those units, compaction keeps the outputs."""
+import pytest
+import torch
+
+import far
+from far.cli.pruning import plot_kept
+from far.methods.prune import (apply_keep_mask, compact_, global_threshold, group_norms, hoyer_square, keep_masks,
+                               kept_table, lstm_param_count)
+
+from conftest import far_block_oracle, max_err
+
+
+def block(seed, hidden_sizes=None, C=48, H=2):
+    torch.manual_seed(seed)
+    m = far.FARAttention(C, H, hidden_sizes=hidden_sizes).double()
+    with torch.no_grad():
+        for p in (m.b_ih, m.b_hh, m.head_proj_bias):
+            p.add_(0.1 * torch.randn_like(p))
+        # spread the group norms so that thresholds are unambiguous
+        scale = torch.rand(H, 2, m.width, dtype=torch.float64) * 2
+        n = m.width
+        m.w_ih.mul_(scale.unsqueeze(2).expand(H, 2, 4, n).reshape(H, 2, 4 * n, 1))
+        m.zero_padding_()
+    return m
+
+
+def explicit_group_norm(m, head, direction, unit):
+    """The group of one unit, gathered entry by entry (W_hh's diagonal entries counted once)."""
+    n, d = m.width, m.head_dim
+    entries = []
+    for q in range(4):
+        r = q * n + unit
+        entries += [m.w_ih[head, direction, r, j] for j in range(d)]
+        entries += [m.w_hh[head, direction, r, j] for j in range(n)]
+        entries += [m.b_ih[head, direction, r], m.b_hh[head, direction, r]]
+    for r in range(4 * n):
+        if r % n != unit:  # rows of unit u already hold column u's entry
+            entries.append(m.w_hh[head, direction, r, unit])
+    entries += [m.head_proj_weight[head, j, direction * n + unit] for j in range(d)]
+    return float(torch.stack(entries).detach().square().sum().sqrt())
+
+
+def test_group_norms_match_explicit_groups():
+    m = block(0, hidden_sizes=[[24, 5], [24, 17]])
+    g = group_norms(m)
+    mask = m.unit_mask()
+    for h in range(2):
+        for r in range(2):
+            for u in range(m.width):
+                want = explicit_group_norm(m, h, r, u) if mask[h, r, u] else 0.0
+                assert abs(float(g[h, r, u]) - want) < 1e-10, (h, r, u)
+
+
+def test_hoyer_square_range_and_gradient():
+    m = block(1)
+    hs = hoyer_square(m)
+    G = int(m.hidden_sizes.sum())
+    assert 1.0 <= float(hs) <= G
+    hs.backward()
+    assert m.w_hh.grad is not None and torch.isfinite(m.w_hh.grad).all()
+    # scale invariance: multiplying every group by 3 leaves it unchanged
+    with torch.no_grad():
+        for p in (m.w_ih, m.w_hh, m.b_ih, m.b_hh, m.head_proj_weight):
+            p.mul_(3)
+    assert abs(float(hoyer_square(m)) - float(hs)) < 1e-9
+
+
+def test_global_threshold_removes_exactly_the_groups_below_it():
+    mods = [block(2), block(3, hidden_sizes=[[24, 10], [3, 24]])]
+    norms = torch.cat([group_norms(m)[m.unit_mask()] for m in mods])
+    thr = global_threshold(mods, prune_ratio=0.4)
+    assert int((norms < thr).sum()) == round(0.4 * norms.numel())
+    before = [(group_norms(m).detach(), m.unit_mask(), m.w_ih.detach().clone(), m.head_proj_weight.detach().clone())
+              for m in mods]
+    masks = keep_masks(mods, thr)
+    for m, keep, (g, um, w_ih, hp) in zip(mods, masks, before):
+        assert torch.equal(keep, (g >= thr) & um)
+        apply_keep_mask(m, keep)
+        n, d = m.width, m.head_dim
+        # the kept units are exactly those at or above the threshold, moved to the front in their order:
+        # their own W_ih rows and head_proj columns (entries no other group shares) are the old ones
+        for h in range(m.num_heads):
+            for r in range(2):
+                k = int(m.hidden_sizes[r, h])
+                assert k == int(keep[h, r].sum())
+                assert torch.equal(m.w_ih[h, r].view(4, n, d)[:, :k], w_ih[h, r].view(4, n, d)[:, keep[h, r]])
+                assert torch.equal(m.head_proj_weight[h, :, r * n:r * n + k], hp[h, :, r * n:(r + 1) * n][:, keep[h, r]])
+                assert (group_norms(m)[h, r, k:] == 0).all() and (group_norms(m)[h, r, :k] > 0).all()
+    assert global_threshold(mods, threshold=0.5) == 0.5
+    with pytest.raises(ValueError, match="exactly one"):
+        global_threshold(mods, prune_ratio=0.1, threshold=0.1)
+    with pytest.raises(ValueError, match="prune-ratio"):
+        global_threshold(mods, prune_ratio=1.5)
+
+
+def test_masking_equals_dropping_units_and_compaction_keeps_outputs():
+    m = block(4)
+    x = torch.randn(2, 9, 48, dtype=torch.float64)
+    keep = group_norms(m) >= global_threshold([m], prune_ratio=0.5)
+    # oracle: zero the pruned units' groups in place (no reordering), per-head nn.LSTM in float64
+    ref = block(4)
+    with torch.no_grad():
+        n = ref.width
+        drop = ~keep
+        rows = drop.unsqueeze(2).expand(2, 2, 4, n).reshape(2, 2, 4 * n)
+        ref.w_ih[rows] = 0
+        ref.b_ih[rows] = 0
+        ref.b_hh[rows] = 0
+        ref.w_hh[rows] = 0
+        ref.w_hh.masked_fill_(drop.unsqueeze(2), 0)  # columns of pruned units
+        ref.head_proj_weight.masked_fill_(drop.reshape(2, 1, 2 * n), 0)
+    want = far_block_oracle(ref, x)
+    apply_keep_mask(m, keep)
+    assert m.width == 24 and int(m.hidden_sizes.sum()) == int(keep.sum())
+    masked = far_block_oracle(m, x)
+    assert max_err(masked, want) < 1e-10
+    with torch.no_grad():
+        y_masked = m.eval()(x)
+    compact_(m)
+    assert m.width == int(m.hidden_sizes.max()) < 24
+    with torch.no_grad():
+        y_compact = m(x)
+    assert max_err(y_compact, y_masked) < 1e-12
+    assert max_err(y_compact, want) < 1e-10
+
+
+def test_pruned_model_round_trips_and_runs_on_every_cpu_backend(tmp_path):
+    from conftest import cpu_backends
+    from far_kernels.dispatch import backend_reason
+
+    torch.manual_seed(0)
+    model = far.create_model("fmnist_deit_tiny", embed_dim=48, depth=2, num_heads=2).eval()
+    mods = [m for _, m in far.far_modules(model)]
+    thr = global_threshold(mods, prune_ratio=0.35)
+    for m, keep in zip(mods, keep_masks(mods, thr)):
+        apply_keep_mask(m, keep)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        y_masked = model(x)
+    before = lstm_param_count(model)
+    for m in mods:
+        compact_(m)
+    assert lstm_param_count(model) == before
+    far.save(model, tmp_path / "p.safetensors")
+    loaded = far.load(tmp_path / "p.safetensors")
+    for backend in cpu_backends():
+        if backend_reason(backend, "cpu") is not None:
+            continue
+        far.set_backend(loaded, backend)
+        with torch.no_grad():
+            assert max_err(loaded(x), y_masked) < 1e-4, backend
+    rows = kept_table(loaded)
+    assert len(rows) == 2 * 2 * 2 and sum(r["kept"] for r in rows) == sum(int(m.hidden_sizes.sum()) for m in mods)
+    assert plot_kept(loaded, tmp_path / "kept.png") is None and (tmp_path / "kept.png").stat().st_size > 0
+
+
+def test_prune_command_end_to_end(tmp_path, capsys):
+    from far.cli import main
+
+    torch.manual_seed(0)
+    model = far.create_model("fmnist_deit_tiny", embed_dim=48, depth=2, num_heads=2)
+    far.save(model, tmp_path / "s.safetensors")
+    out = tmp_path / "pruned.safetensors"
+    code = main(["prune", str(tmp_path / "s.safetensors"), "--limit", "64", "--eval-limit", "64", "--batch-size", "32",
+                 "--epochs", "0.5", "--finetune-epochs", "0.5", "--prune-ratio", "0.4", "--hoyer", "1e-2",
+                 "--out-dir", str(tmp_path / "run"), "-o", str(out), "-q"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "fewer" in text and "kept units per block" in text
+    pruned = far.load(out)
+    meta = pruned.far_checkpoint["metadata"]["pruning"]
+    assert meta["lstm_params_after"] < 0.75 * meta["lstm_params_before"]
+    assert (tmp_path / "run" / "kept_units.png").is_file()
+    assert out.stat().st_size < (tmp_path / "s.safetensors").stat().st_size

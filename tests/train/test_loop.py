@@ -1,0 +1,196 @@
+"""The training loop: schedule, kill-and-resume == uninterrupted, 2-process gloo DDP == one process
+with the same global batch, checkpoints, errors, and the train-teacher / finetune commands."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import far
+from far.data import fashion_mnist
+from far.errors import ConfigError as TrainError
+from far.train import TrainConfig
+from far.train.loop import lr_at
+
+SMALL = ["--limit", "64", "--eval-limit", "100", "-q", "--threads", "1"]
+
+
+def far_cli(*args, env=None, **kw):
+    e = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "far.cli", *map(str, args)], capture_output=True, text=True,
+                          env=e, timeout=600, **kw)
+
+
+def tensors(path):
+    return load_file(str(path))
+
+
+def assert_same_tensors(a, b, atol=0.0):
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if atol == 0.0:
+            assert torch.equal(ta[k], tb[k]), k
+        else:
+            torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=k)
+
+
+def test_lr_schedule():
+    total, warm = 100, 10
+    lrs = [lr_at(s, total, warm, 1e-3, 1e-5) for s in range(total)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warm-up
+    assert lrs[-1] == pytest.approx(1e-5, rel=0.05) and lr_at(total, total, warm, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert lr_at(0, 10, 0, 1e-3, 0) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("field,value,msg", [("epochs", 0, "epochs"), ("batch_size", 0, "batch size"),
+                                             ("lr", -1, "lr"), ("ema", 1.0, "ema"), ("amp", "fp8", "amp")])
+def test_config_validation(field, value, msg):
+    with pytest.raises(TrainError, match=msg):
+        TrainConfig(**{field: value}).validate()
+
+
+def train_teacher(cfg: TrainConfig, output=None):
+    """far.train_classifier on a fresh fmnist_deit_tiny (initialized from cfg.seed), saved when complete."""
+    torch.manual_seed(cfg.seed)
+    model = far.create_model("fmnist_deit_tiny", far=False)
+    model = far.train_classifier(model, fashion_mnist("train", limit=cfg.limit),
+                                 eval_data=fashion_mnist("test", limit=cfg.eval_limit), config=cfg)
+    if model.far_run.completed and output is not None:
+        far.save(model, output)
+    return model.far_run
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    torch.set_num_threads(1)
+    base = dict(epochs=2, batch_size=16, limit=64, eval_limit=50, progress=False, ckpt_every=3, log_every=1, ema=0.9)
+    full = train_teacher(TrainConfig(out_dir=str(tmp_path / "a"), **base), tmp_path / "a.safetensors")
+    assert full.completed and full.steps == 8
+    part = train_teacher(TrainConfig(out_dir=str(tmp_path / "b"), max_steps=5, **base), tmp_path / "b.safetensors")
+    assert not part.completed and part.steps == 5 and not (tmp_path / "b.safetensors").exists()
+    rest = train_teacher(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base), tmp_path / "b.safetensors")
+    assert rest.completed and rest.steps == 8
+    assert_same_tensors(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    rows_a = [json.loads(r) for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows_a if r["kind"] == "step"] == [r["loss"] for r in rows_b if r["kind"] == "step"]
+    # a different run's checkpoint is refused with the reason
+    with pytest.raises(TrainError, match="different run.*lr"):
+        train_teacher(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **{**base, "ema": 0.9}, lr=5e-4))
+    with pytest.raises(TrainError, match="no checkpoint"):
+        train_teacher(TrainConfig(out_dir=str(tmp_path / "none"), resume=True, **base))
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    """SIGKILL a real `far train-teacher` process mid-epoch, resume it, compare with an uninterrupted run."""
+    args = ["train-teacher", "--epochs", "2", "--batch-size", "8", "--ckpt-every", "2", "--log-every", "1", *SMALL]
+    ok = far_cli(*args, "--out-dir", tmp_path / "a", "-o", tmp_path / "a.safetensors")
+    assert ok.returncode == 0, ok.stderr
+    run_b = tmp_path / "b"
+    p = subprocess.Popen([sys.executable, "-m", "far.cli", *args, "--out-dir", str(run_b), "-o",
+                          str(tmp_path / "b.safetensors")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_b / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:  # wait for step 11 of 16 (epoch 2, mid-epoch)
+        if metrics.exists() and sum(1 for r in metrics.read_text().splitlines() if '"step"' in r) >= 11:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "b.safetensors").exists()
+    state = torch.load(run_b / "last.pt", weights_only=True)
+    assert 8 <= state["step"] < 16
+    res = far_cli(*args, "--out-dir", run_b, "-o", tmp_path / "b.safetensors", "--resume")
+    assert res.returncode == 0, res.stderr
+    assert_same_tensors(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
+def test_two_process_gloo_ddp_matches_one_process(tmp_path):
+    """torchrun, 2 CPU processes x 8 images == 1 process x 16 images (same global batches: the
+    DistributedSampler interleaves one permutation), up to float summation order."""
+    common = ["train-teacher", "--epochs", "1", "--no-augment", "--label-smoothing", "0", *SMALL]
+    env = {"OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "far.cli", *common, "--batch-size", "8", "--out-dir", str(tmp_path / "ddp"),
+                          "-o", str(tmp_path / "ddp.safetensors")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    assert "processes   2" in ddp.stdout
+    one = far_cli(*common, "--batch-size", "16", "--out-dir", tmp_path / "one", "-o", tmp_path / "one.safetensors",
+                  env=env)
+    assert one.returncode == 0, one.stderr
+    assert_same_tensors(tmp_path / "ddp.safetensors", tmp_path / "one.safetensors", atol=2e-5)
+    s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert s_ddp["steps"] == s_one["steps"] == 4
+    assert abs(s_ddp["test_accuracy"] - s_one["test_accuracy"]) <= 0.02  # same model, sharded evaluation
+
+
+def test_train_teacher_cli_output_and_errors(tmp_path, capsys):
+    from far.cli import main
+
+    out = tmp_path / "t.safetensors"
+    code = main(["train-teacher", "--epochs", "0.5", "--batch-size", "16", *SMALL, "--out-dir", str(tmp_path / "r"),
+                 "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "test top-1" in text
+    m = far.load(out)
+    assert m.pretrained_cfg["input_size"] == (1, 28, 28) and m.pretrained_cfg["num_classes"] == 10
+    assert m.far_checkpoint["metadata"]["training"]["command"] == "train-teacher"
+    for curves in ("curves.png", "summary.json", "metrics.jsonl", "last.pt"):
+        assert (tmp_path / "r" / curves).is_file()
+    assert main(["train-teacher", "--epochs", "0.5", *SMALL, "-o", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["train-teacher", "--lr", "-1", *SMALL]) == 2
+    assert "lr must be > 0" in capsys.readouterr().err
+    assert main(["train-teacher", "--batch-size", "100", "--limit", "50", "-q"]) == 2
+    assert "fewer than one batch" in capsys.readouterr().err
+    assert main(["train-teacher", "--data", str(tmp_path / "nope"), "-q"]) == 2
+    assert "no such image folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["train-teacher", "distill", "prune", "finetune"])
+def test_help(cmd, capsys):
+    from far.cli import main
+
+    assert main([cmd, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--resume" in text and "torchrun" in text and "--epochs" in text
+
+
+def test_finetune_on_an_image_folder_with_new_classes(tmp_path, capsys):
+    from PIL import Image
+
+    from far.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(3):
+            d = tmp_path / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(12):
+                img = (torch.rand(28, 28, generator=g) * 80 + 80 * c).to(torch.uint8).numpy()
+                Image.fromarray(img, mode="L").save(d / f"{i}.png")
+    torch.manual_seed(0)
+    src = far.create_model("fmnist_deit_tiny", embed_dim=48, depth=1, num_heads=2)
+    far.save(src, tmp_path / "src.safetensors")
+    out = tmp_path / "ft.safetensors"
+    code = main(["finetune", str(tmp_path / "src.safetensors"), "--data", str(tmp_path / "train"), "--val",
+                 str(tmp_path / "val"), "--epochs", "2", "--batch-size", "12", "--lr", "1e-3", "-q",
+                 "--out-dir", str(tmp_path / "run"), "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "new classifier" in text
+    m = far.load(out)
+    assert m.num_classes == 3 and m.pretrained_cfg["num_classes"] == 3
+    assert len(list(far.far_modules(m))) == 1
+    assert main(["finetune", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path / "train")]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
