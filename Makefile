@@ -10,13 +10,14 @@ demo: $(STAMP)
 	$(PY) -m far.cli demo
 
 test: $(STAMP)
+	lint-imports --no-cache
 	$(PY) -m pytest -q
 
 install: $(STAMP)
 
 deps:
 	$(PIP) "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) timm safetensors tqdm numpy matplotlib pytest pybind11 ninja triton
+	$(PIP) timm safetensors tqdm numpy matplotlib pytest pybind11 ninja triton import-linter
 	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; \

@@ -19,7 +19,7 @@ import torch
 import far_kernels
 from far.utils.env import environment, result_filename
 from far.utils.fs import write_json
-from far_kernels._ext import _C
+from far_kernels._ext import lib as _C
 from far_kernels.benchmark import time_fn
 
 RESULTS = Path(__file__).resolve().parent / "results"

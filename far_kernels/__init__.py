@@ -1,7 +1,8 @@
 """far_kernels: the FAR engine's kernel library (public ops, one dispatcher, one folder per op).
 
 Imports torch only (Triton lazily, on first use of a triton backend); never the `far` package."""
-from far_kernels.dispatch import BACKENDS, BackendUnavailable, backend_reason, backend_report, requested_backend
+from far_kernels.dispatch import (BACKENDS, BackendUnavailable, backend_reason, backend_report, extension_status,
+                                  requested_backend)
 from far_kernels.ops.bilstm_fused_scan import bilstm_fused_scan, bilstm_fused_scan_ref
 from far_kernels.ops.bilstm_scan import bilstm_scan, bilstm_scan_ref
 from far_kernels.ops.crossbar_matmul import (CrossbarConfig, ProgrammedCrossbar, crossbar_matmul, crossbar_matmul_loop,
@@ -12,6 +13,7 @@ __all__ = [
     "BackendUnavailable",
     "backend_reason",
     "backend_report",
+    "extension_status",
     "requested_backend",
     "bilstm_scan",
     "bilstm_scan_ref",

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from far_kernels._ext import EXT_ERROR, INSTALL_HINT, _C, ext_has_cuda
+from far_kernels._ext import EXT_ERROR, INSTALL_HINT, ext_has_cuda, lib
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 # auto's order of preference per device type (fastest first); "torch" always works.
@@ -49,11 +49,11 @@ def backend_reason(backend: str, device: torch.device | str = "cpu") -> Optional
     if backend == "torch":
         return None
     if backend == "cpp":
-        if _C is None:
+        if lib is None:
             return EXT_ERROR
         return None if device.type == "cpu" else f"the cpp backend runs on CPU tensors, got a {device.type} tensor"
     if backend == "cuda":
-        if _C is None:
+        if lib is None:
             return EXT_ERROR
         if not ext_has_cuda():
             return ("far_kernels._C was built without CUDA kernels (no nvcc or a CPU-only torch at build time, "
@@ -149,6 +149,12 @@ def run(op: Op, args: tuple, *, backend: Optional[str], device: torch.device, dt
         res = op.impls["torch"](*args).to(dtype)
         return res if out is None else out.copy_(res)
     return op.impls[name](*args, out)
+
+
+def extension_status() -> dict:
+    """The compiled extension far_kernels._C: {"loaded": bool, "cuda": whether it has the CUDA kernels,
+    "error": why it could not be imported (None when loaded)}."""
+    return {"loaded": lib is not None, "cuda": ext_has_cuda(), "error": EXT_ERROR}
 
 
 def backend_report(device: torch.device | str = "cpu") -> dict[str, Optional[str]]:

@@ -11,7 +11,7 @@ from far_kernels import dispatch
 @pytest.fixture
 def no_extension(monkeypatch):
     msg = "far_kernels._C could not be imported (No module named 'far_kernels._C'); " + dispatch.INSTALL_HINT
-    monkeypatch.setattr(dispatch, "_C", None)
+    monkeypatch.setattr(dispatch, "lib", None)
     monkeypatch.setattr(dispatch, "EXT_ERROR", msg)
     monkeypatch.setattr(dispatch, "ext_has_cuda", lambda: False)
     return msg
@@ -29,7 +29,7 @@ def test_missing_extension_is_one_clear_message(no_extension):
 
 
 def test_extension_without_cuda_says_so(monkeypatch):
-    if dispatch._C is None:
+    if dispatch.lib is None:
         pytest.skip("extension not built")
     monkeypatch.setattr(dispatch, "ext_has_cuda", lambda: False)
     assert "built without CUDA kernels" in dispatch.backend_reason("cuda", "cpu")

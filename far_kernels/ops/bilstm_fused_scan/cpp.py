@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from far_kernels._ext import _C
+from far_kernels._ext import lib as _C
 
 
 def bilstm_fused_scan_cpp(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor,

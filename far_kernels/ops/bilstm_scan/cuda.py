@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from far_kernels._ext import _C
+from far_kernels._ext import lib as _C
 
 PATHS = {"auto": 0, "fma": 1, "mma": 2}
 

@@ -93,7 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from far.models import resolve
     from far.version import __version__
-    from far_kernels._ext import EXT_ERROR, _C, ext_has_cuda
+    from far_kernels import extension_status
 
     if args.model:
         ref = resolve(args.model)
@@ -118,10 +118,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  cuda:{i}  {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB)")
     else:
         print("  cuda    none" + (" (CPU build of torch)" if not cuda else " (no GPU visible)"))
-    if _C is None:
-        print(f"extension: not loaded: {EXT_ERROR}")
+    ext = extension_status()
+    if not ext["loaded"]:
+        print(f"extension: not loaded: {ext['error']}")
     else:
-        print(f"extension: far_kernels._C {'with CUDA kernels' if ext_has_cuda() else 'CPU kernels only'}")
+        print(f"extension: far_kernels._C {'with CUDA kernels' if ext['cuda'] else 'CPU kernels only'}")
     for dev in ["cpu"] + (["cuda"] if has_cuda else []):
         print(f"backends on {dev}:")
         print("\n".join(_backend_lines(dev)))

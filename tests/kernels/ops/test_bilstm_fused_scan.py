@@ -185,7 +185,7 @@ def test_bad_out_raises():
 def test_extension_validates_directly():
     """The C++ binding's own checks (callers that bypass the Python wrapper get clear errors too)."""
     require_backend("cpp")
-    from far_kernels._ext import _C
+    from far_kernels._ext import lib as _C
     x, w_ih, bias, w_hh = make_inputs(2, 3, 4, 4, 8, seed=0)
     hs = torch.full((2, 2), 8)
     with pytest.raises(RuntimeError, match="must be float32"):
