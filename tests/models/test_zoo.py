@@ -50,3 +50,13 @@ def test_pruned_zoo_model_is_smaller_and_architectures_build_untrained():
     with pytest.raises(ValueError, match="not in the model zoo"):
         zoo_path("nope")
     assert all(zoo_path(name).is_file() for name in ZOO)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_checkpoint_round_trips_byte_for_byte(name, tmp_path):
+    """far.load then far.save (with the file's own metadata) writes the very same bytes: the checkpoint
+    format and the compact layout are what the zoo files were written with."""
+    m = far.load(zoo_path(name))
+    out = tmp_path / f"{name}.safetensors"
+    far.save(m, out, metadata=m.far_checkpoint["metadata"])
+    assert out.read_bytes() == zoo_path(name).read_bytes()

@@ -147,8 +147,8 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
         if pyplot() is None:
             raise ConfigError("--plot needs matplotlib (pip install matplotlib)")
     needs_calib = any(c.adc_range == "calibrated" for _, _, c in settings)
-    if not needs_calib and (args.calib_data or args.calib_per_slice):
-        warn("--calib-data / --calib-per-slice have no effect without adc_range=calibrated")
+    if not needs_calib and (args.calib_data or args.calib_per_slice or args.calib_images is not None):
+        warn("--calib-images / --calib-data / --calib-per-slice have no effect without adc_range=calibrated")
     if ref.kind != "timm" and args.no_far:
         raise ConfigError("--no-far applies to timm model names; a checkpoint is evaluated as saved")
     set_threads(args)
@@ -164,8 +164,8 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     dataset = eval_dataset(args, model)
     calib_set = None
     if needs_calib:
-        calib_set = make_dataset(args.calib_data or args.data, "train", data_config(model), limit=args.calib_images,
-                                 train=False)
+        calib_set = make_dataset(args.calib_data or args.data, "train", data_config(model),
+                                 limit=args.calib_images or 256, train=False)
     progress = not args.quiet and sys.stderr.isatty()
     workers = eval_workers(args)
 
@@ -280,8 +280,8 @@ def add_parsers(sub) -> None:
                    help="emulate only layers whose name matches (repeatable; e.g. '*.w_hh.*', 'blocks.0.*')")
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="keep layers whose name matches digital (repeatable; e.g. head)")
-    p.add_argument("--calib-images", type=int, default=256, metavar="N",
-                   help="images for adc_range=calibrated (from the training split)")
+    p.add_argument("--calib-images", type=int, default=None, metavar="N",
+                   help="images for adc_range=calibrated, from the training split (default: 256)")
     p.add_argument("--calib-data", metavar="fashion-mnist|PATH",
                    help="calibration data (default: --data; for an image folder give a separate one)")
     p.add_argument("--calib-per-slice", action="store_true", help="one calibrated ADC range per weight slice")

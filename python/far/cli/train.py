@@ -29,32 +29,32 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir
     g.add_argument("--val", default=None, metavar="PATH",
                    help="validation folder tested after each epoch (with a folder --data; fashion-mnist uses its "
                         "test split)")
-    g.add_argument("--epochs", type=float, default=epochs, help=epochs_help)
-    g.add_argument("--batch-size", type=int, default=128, help="images per step per process")
-    g.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine decay")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
-    g.add_argument("--warmup-epochs", type=float, default=warmup, help="linear warm-up length")
-    g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--epochs", type=float, default=epochs, metavar="E", help=epochs_help)
+    g.add_argument("--batch-size", type=int, default=128, metavar="B", help="images per step per process")
+    g.add_argument("--lr", type=float, default=lr, metavar="LR", help="peak AdamW learning rate")
+    g.add_argument("--min-lr", type=float, default=1e-5, metavar="LR", help="learning rate at the end of the cosine decay")
+    g.add_argument("--weight-decay", type=float, default=0.05, metavar="W", help="AdamW weight decay (matrices only)")
+    g.add_argument("--warmup-epochs", type=float, default=warmup, metavar="E", help="linear warm-up length")
+    g.add_argument("--label-smoothing", type=float, default=0.1, metavar="S", help="cross-entropy label smoothing")
+    g.add_argument("--grad-clip", type=float, default=1.0, metavar="NORM", help="clip the gradient norm (0 = off)")
     g.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="EMA of the weights (0 = off, e.g. 0.999)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the data order, augmentation and dropout")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the data order, augmentation and dropout")
     g.add_argument("--no-augment", dest="augment", action="store_false",
                    help="turn off the random shift/flip augmentation of Fashion-MNIST (on by default)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="train on the first N images only")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="test on the first N test images")
-    g.add_argument("--eval-batch-size", type=int, default=500, help="images per test batch")
+    g.add_argument("--eval-batch-size", type=int, default=500, metavar="B", help="images per test batch")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision (auto = bf16 on GPUs, off on CPUs)")
     add_device(g)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers for image folders")
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers for image folders")
     r = p.add_argument_group("checkpoints and logs")
     r.add_argument("--out-dir", default=out_dir, metavar="DIR",
                    help="run folder: last.pt (resumable state), metrics.jsonl, curves.png, summary.json")
     r.add_argument("--ckpt-every", type=int, default=200, metavar="STEPS", help="save the resumable state this often")
     r.add_argument("--log-every", type=int, default=20, metavar="STEPS", help="metrics.jsonl row every STEPS")
     r.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir")
-    r.add_argument("--max-steps", type=int, default=None,
+    r.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop after this many steps (state saved; --resume continues)")
     add_output(r, help="where to save the trained model (.safetensors)")
     add_common(r, quiet="no progress bars")
@@ -82,6 +82,8 @@ def datasets(args: argparse.Namespace, model, cfg: TrainConfig, num_classes: Opt
     if is_fashion_mnist(args.data):
         if args.val is not None:
             warn("--val has no effect with --data fashion-mnist: its test split is used")
+        if args.workers:
+            warn("--workers has no effect on fashion-mnist (it is read in memory, no DataLoader)")
         return train_set, make_dataset(args.data, "test", dcfg, limit=cfg.eval_limit)
     if args.val is not None:
         return train_set, make_dataset(args.val, "test", dcfg, limit=cfg.eval_limit, train=False)
@@ -257,8 +259,8 @@ def add_parsers(sub) -> None:
         epilog="example:\n  far train-teacher fmnist_deit_tiny --data fashion-mnist --epochs 10 "
                "-o teacher.safetensors\n" + _LAUNCH.format(cmd="train-teacher"))
     add_model(p, optional=True, default="fmnist_deit_tiny", help="timm model name (default: fmnist_deit_tiny)")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
-    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
+    p.add_argument("--num-classes", type=int, default=None, metavar="K", help="classifier size (default: the model's)")
+    p.add_argument("--drop-path", type=float, default=0.0, metavar="P", help="stochastic depth rate")
     add_train_args(p, epochs=10, lr=1e-3, out_dir="far-runs/teacher")
     p.set_defaults(func=cmd_train_teacher)
 
@@ -278,14 +280,14 @@ def add_parsers(sub) -> None:
                "--stage2-epochs 4 --kd-weight 1 -o far2.safetensors   # more stage-2 epochs\n"
                + _LAUNCH.format(cmd="distill"))
     add_model(p, help="the attention teacher: a checkpoint file, zoo name, or timm name (its pretrained weights)")
-    p.add_argument("--stage2-epochs", type=float, default=1.0, help="CE fine-tune epochs after stage 1 (0 = none)")
-    p.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2 peak learning rate")
-    p.add_argument("--ce-weight", type=float, default=1.0, help="weight of CE in stage 1")
-    p.add_argument("--cos-weight", type=float, default=1.0, help="weight of the summed cosine losses in stage 1")
-    p.add_argument("--kd-weight", type=float, default=0.0,
+    p.add_argument("--stage2-epochs", type=float, default=1.0, metavar="E", help="CE fine-tune epochs after stage 1 (0 = none)")
+    p.add_argument("--stage2-lr", type=float, default=2e-4, metavar="LR", help="stage 2 peak learning rate")
+    p.add_argument("--ce-weight", type=float, default=1.0, metavar="W", help="weight of CE in stage 1")
+    p.add_argument("--cos-weight", type=float, default=1.0, metavar="W", help="weight of the summed cosine losses in stage 1")
+    p.add_argument("--kd-weight", type=float, default=0.0, metavar="W",
                    help="weight of logit distillation (teacher soft labels) in both stages (0 = off)")
-    p.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T of --kd-weight")
-    p.add_argument("--hidden-size", type=int, default=None, help="LSTM units per head and direction (default head_dim)")
+    p.add_argument("--kd-temperature", type=float, default=1.0, metavar="T", help="softmax temperature T of --kd-weight")
+    p.add_argument("--hidden-size", type=int, default=None, metavar="N", help="LSTM units per head and direction (default head_dim)")
     p.add_argument("--student", default=None, metavar="MODEL",
                    help="start from this FAR checkpoint (file or zoo name) instead of converting the teacher")
     add_train_args(p, epochs=2, lr=1e-3, out_dir="far-runs/distill", warmup=0.2,
@@ -304,12 +306,12 @@ def add_parsers(sub) -> None:
         epilog="example:\n  far prune far.safetensors --data fashion-mnist --hoyer 1e-3 --prune-ratio 0.3 "
                "-o far_pruned.safetensors\n" + _LAUNCH.format(cmd="prune"))
     add_model(p, help="the FAR model to prune: a checkpoint file or zoo name")
-    p.add_argument("--hoyer", type=float, default=1e-3, help="weight of the Hoyer-square regularizer")
-    p.add_argument("--prune-ratio", type=float, default=None, help="fraction of all groups to remove (default 0.3)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--hoyer", type=float, default=1e-3, metavar="W", help="weight of the Hoyer-square regularizer")
+    p.add_argument("--prune-ratio", type=float, default=None, metavar="R", help="fraction of all groups to remove (default 0.3)")
+    p.add_argument("--threshold", type=float, default=None, metavar="X",
                    help="explicit global group-norm threshold (instead of --prune-ratio)")
-    p.add_argument("--finetune-epochs", type=float, default=1.0, help="masked fine-tune epochs (0 = none)")
-    p.add_argument("--finetune-lr", type=float, default=2e-4, help="masked fine-tune peak learning rate")
+    p.add_argument("--finetune-epochs", type=float, default=1.0, metavar="E", help="masked fine-tune epochs (0 = none)")
+    p.add_argument("--finetune-lr", type=float, default=2e-4, metavar="LR", help="masked fine-tune peak learning rate")
     add_train_args(p, epochs=1, lr=2e-4, out_dir="far-runs/prune", warmup=0.1,
                    epochs_help="Hoyer-regularized epochs (fractions allowed; 0 = threshold the model as it is)")
     p.set_defaults(func=cmd_prune)
@@ -323,7 +325,7 @@ def add_parsers(sub) -> None:
         epilog="example:\n  far finetune far.safetensors --data ./flowers/train --val ./flowers/val --epochs 5 "
                "-o far_flowers.safetensors\n" + _LAUNCH.format(cmd="finetune"))
     add_model(p)
-    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the number of class folders)")
+    p.add_argument("--num-classes", type=int, default=None, metavar="K", help="classes (default: the number of class folders)")
     p.add_argument("--pretrained", action="store_true", help="timm names: start from timm's pretrained weights")
     add_train_args(p, epochs=5, lr=3e-4, out_dir="far-runs/finetune", warmup=0.5)
     p.set_defaults(func=cmd_finetune)
