@@ -49,10 +49,12 @@ def test_distill_then_prune_in_memory_writes_nothing(tmp_path, monkeypatch):
     assert student.far_metadata["training"]["command"] == "distill"
 
     units = sum(int(m.hidden_sizes.sum()) for _, m in far.far_modules(student))
+    s_before = {k: v.clone() for k, v in student.state_dict().items()}
     pruned = far.prune(student, train_set, eval_data=test_set, config=TrainConfig(
         epochs=0.5, batch_size=16, progress=False, augment=False), prune_ratio=0.5, finetune_epochs=0.5)
     kept = sum(int(m.hidden_sizes.sum()) for _, m in far.far_modules(pruned))
     assert kept == units - round(0.5 * units)  # exactly half the unit groups removed
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in s_before.items()), "the student is unchanged"
     assert all(m.width == int(m.hidden_sizes.max()) for _, m in far.far_modules(pruned))  # compacted
     assert pruned.far_metadata["pruning"]["lstm_params_after"] < pruned.far_metadata["pruning"]["lstm_params_before"]
 

@@ -162,7 +162,7 @@ def cmd_train_teacher(args) -> int:
     train_set, eval_set = datasets(args, model, cfg)
     model = far.train_classifier(model, train_set, eval_data=eval_set, config=cfg, device=args.device,
                                  identity={"model": args.model, "data": str(args.data), "drop_path": args.drop_path},
-                                 command="train-teacher")
+                                 command="train-teacher", inplace=True)
     return finish(args, model, f"teacher {args.model} on {args.data}")
 
 
@@ -215,7 +215,7 @@ def cmd_prune(args) -> int:
     train_set, eval_set = datasets(args, model, cfg)
     model = far.prune(model, train_set, eval_data=eval_set, config=cfg, hoyer=args.hoyer, prune_ratio=ratio,
                       threshold=args.threshold, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                      device=args.device, identity={"student": _abs(ref), "data": str(args.data)})
+                      device=args.device, identity={"student": _abs(ref), "data": str(args.data)}, inplace=True)
     return finish(args, model, f"pruned FAR student of {args.model}")
 
 
@@ -245,7 +245,7 @@ def cmd_finetune(args) -> int:
                                                                else _folder_classes(args.data))
     train_set, eval_set = datasets(args, model, cfg, num_classes=k)
     model = far.finetune(model, train_set, num_classes=k, eval_data=eval_set, config=cfg, device=args.device,
-                         identity={"checkpoint": _abs(ref), "data": str(args.data)})
+                         identity={"checkpoint": _abs(ref), "data": str(args.data)}, inplace=True)
     return finish(args, model, f"{args.model} fine-tuned on {args.data}")
 
 

@@ -1,5 +1,6 @@
-"""Methods: modules in, modules out. Each trains through far.train and returns the model with its
-run record (`far_metadata`, stored by far.save; `far_run`, a far.train.RunReport).
+"""Methods: modules in, modules out. Each trains through far.train and returns a new model (the
+modules passed in are left as they were, unless inplace=True where offered) with its run record
+(`far_metadata`, stored by far.save; `far_run`, a far.train.RunReport).
 
     distill.py      far.distill: attention teacher -> FAR student (block-wise, two stages)
     prune.py        far.prune: Hoyer-square group pruning, global threshold, compaction

@@ -173,7 +173,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             config: Optional[TrainConfig] = None, stage2_epochs: float = 1.0, stage2_lr: float = 2e-4,
             ce_weight: float = 1.0, cos_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 1.0,
             hidden_sizes=None, device: Optional[str] = None, identity: Optional[dict] = None) -> nn.Module:
-    """Distil `teacher` (an attention ViT) into a FAR student and return the student.
+    """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
+    teacher nor a given student is changed: the student trained is a copy.
 
     Args:
         teacher: the attention model (left unchanged).
@@ -216,6 +217,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         continued = False
     else:
         check_student(student, teacher)
+        student = copy.deepcopy(student)
         continued = True
     ident = {**(identity or {}), "ce_weight": ce_weight, "cos_weight": cos_weight}
     if kd_weight > 0:  # only then, so runs without KD keep the identity they always had (resume)

@@ -17,6 +17,7 @@ too, unlike the public FAR code) and its head_proj column. Steps:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import List, Optional, Tuple
@@ -211,8 +212,8 @@ def lstm_param_count(model: nn.Module) -> Tuple[int, int]:
 def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[TrainConfig] = None,
           hoyer: float = 1e-3, prune_ratio: Optional[float] = 0.3, threshold: Optional[float] = None,
           finetune_epochs: float = 1.0, finetune_lr: float = 2e-4, device: Optional[str] = None,
-          identity: Optional[dict] = None) -> nn.Module:
-    """Prune the FAR model `model` (changed in place and returned, compacted).
+          identity: Optional[dict] = None, inplace: bool = False) -> nn.Module:
+    """A pruned, compacted copy of the FAR model `model` (inplace=True prunes `model` itself).
 
     Steps: Hoyer-regularized training (config.epochs at config.lr; 0 epochs skips it) -> one global
     threshold (`threshold`, or the one that removes `prune_ratio` of all unit groups) -> masked
@@ -229,7 +230,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     if not mods:
         raise ConfigError("the model has no FAR blocks: prune a FAR student (far.distill makes one)")
     d = setup_distributed(device)
-    model = model.to(d.device)
+    model = (model if inplace else copy.deepcopy(model)).to(d.device)
     before = {name: m.hidden_sizes.clone() for name, m in far_modules(model)}
     params_before = lstm_param_count(model)
     ident = {**(identity or {}), "hoyer": hoyer}

@@ -3,6 +3,7 @@
 of classes differs). Modules in, module out."""
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -15,11 +16,14 @@ from far.train import RunReport, Task, TrainConfig, run_metadata, setup_distribu
 
 def train_classifier(model: nn.Module, train_data, *, eval_data=None, config: Optional[TrainConfig] = None,
                      device: Optional[str] = None, identity: Optional[dict] = None,
-                     command: str = "train") -> nn.Module:
-    """Train every parameter of `model` (in place) with cross-entropy (AdamW, warm-up + cosine, label
-    smoothing, EMA: far.train.TrainConfig) and return it in eval mode, with `far_metadata` and
-    `far_run` (see far.distill). identity: extra settings a resumed run must match, also recorded."""
+                     command: str = "train", inplace: bool = False) -> nn.Module:
+    """A copy of `model` (inplace=True: the model itself) with every parameter trained with
+    cross-entropy (AdamW, warm-up + cosine, label smoothing, EMA: far.train.TrainConfig), in eval
+    mode, with `far_metadata` and `far_run` (see far.distill). identity: extra settings a resumed
+    run must match, also recorded."""
     cfg = (config or TrainConfig()).validate()
+    if not inplace:
+        model = copy.deepcopy(model)
     d = setup_distributed(device)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -56,10 +60,12 @@ def retarget_classes(model: nn.Module, num_classes: int) -> bool:
 
 def finetune(model: nn.Module, train_data, *, num_classes: Optional[int] = None, eval_data=None,
              config: Optional[TrainConfig] = None, device: Optional[str] = None,
-             identity: Optional[dict] = None) -> nn.Module:
-    """Fine-tune every parameter of `model` on `train_data` with CE, first giving it a new classifier
-    (initialized from config.seed) when `num_classes` differs from its own. Returns the model."""
+             identity: Optional[dict] = None, inplace: bool = False) -> nn.Module:
+    """A copy of `model` (inplace=True: the model itself) fine-tuned on `train_data` with CE, first
+    given a new classifier (initialized from config.seed) when `num_classes` differs from its own."""
     cfg = (config or TrainConfig()).validate()
+    if not inplace:
+        model = copy.deepcopy(model)
     if num_classes is not None:
         torch.manual_seed(cfg.seed)  # a new classifier's initialization is part of the run
         new_head = retarget_classes(model, num_classes)
@@ -67,7 +73,7 @@ def finetune(model: nn.Module, train_data, *, num_classes: Optional[int] = None,
         new_head = False
     model = train_classifier(model, train_data, eval_data=eval_data, config=cfg, device=device,
                              identity={**(identity or {}), "classes": getattr(model, "num_classes", None)},
-                             command="finetune")
+                             command="finetune", inplace=True)
     model.far_metadata["new_classifier"] = new_head
     model.far_run.rows.insert(0, ("classes", f"{model.num_classes} "
                                              f"({'new classifier' if new_head else 'classifier kept'})"))
