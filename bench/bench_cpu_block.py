@@ -41,6 +41,7 @@ import far
 import far_kernels
 from far.utils.env import environment, loadavg, result_filename
 from far.utils.fs import write_json
+from far.utils.plot import pyplot, save_figure
 from far_kernels.benchmark import peak_mm_gflops, time_fn
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -248,11 +249,9 @@ def print_row(rec, variants) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     recs = result["cases"]
     variants = [v for v in VARIANTS if any("ms" in r["variants"].get(v, {}) for r in recs)]
     width = 0.8 / max(len(variants), 1)
@@ -273,10 +272,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"FAR block, CPU fp32, threads={env['threads']} - {env['cpu_model']}", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

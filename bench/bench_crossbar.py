@@ -11,8 +11,8 @@ Per case and backend: median ms per call (weights programmed once beforehand, as
                           vs the bytes (x, levels, y once) at the measured copy bandwidth; the larger
   ratios                  torch/triton speedup, triton/gemm_bf16 ("emulation overhead"), triton/floor
 Correctness (recorded, never asserted): triton == torch bit for bit on fresh random data (noiseless).
-Timing: CUDA events via triton.testing.do_bench (median) on GPU, rotating 4 input sets; perf_counter
-medians on CPU. On CPU the triton backend is skipped (it runs only in the slow interpreter there) and
+Timing: far_kernels.benchmark.time_fn (CUDA events on GPU, perf_counter on CPU; medians), rotating 4
+input sets. On CPU the triton backend is skipped (it runs only in the slow interpreter there) and
 `--quick` shrinks everything to check the script.
 """
 from __future__ import annotations

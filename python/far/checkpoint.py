@@ -125,13 +125,11 @@ def write(path, tensors: dict, config: dict, *, force: bool = True) -> None:
     config = {k: v for k, v in config.items() if k != DIGEST_KEY}
     problem = json_problem(config, "config")
     if problem:
-        raise ValueError(f"cannot save: {problem}")
+        raise CheckpointError(f"cannot save: {problem}")
     check_config(path, json.dumps(config))  # what we write, we can read
     tensors = owned_cpu_tensors(tensors)
     config[DIGEST_KEY] = digest(config, tensors)
     header = {CONFIG_KEY: json.dumps(config, separators=(",", ":"), allow_nan=False)}
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot save to '{path}': it is a directory")
 
     import safetensors.torch
 

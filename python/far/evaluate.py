@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from far_kernels.benchmark import Stopwatch
 from far.data import iterate_batches, num_batches, shard
-from far.errors import DataError
+from far.errors import ConfigError, DataError
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -38,7 +38,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
     warm-up unless it is the only one; CUDA synchronized), "end_to_end_images_per_s", "batches",
     "seconds", "warmup_excluded"[, "logits"]}."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")

@@ -42,6 +42,7 @@ def test_distill_then_prune_in_memory_writes_nothing(tmp_path, monkeypatch):
     student = far.distill(teacher, train_set, eval_data=test_set, config=cfg, stage2_epochs=0.5, kd_weight=1.0)
 
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_before.items()), "the teacher is unchanged"
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters()), "mode and flags restored"
     assert len(far.far_modules(student)) == 2 and not far.far_modules(teacher)
     run = student.far_run
     assert run.completed and run.out_dir is None and run.steps == 6 + 3  # 96 / 16 per epoch: 1 + 0.5 epochs

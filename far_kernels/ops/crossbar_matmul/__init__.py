@@ -80,7 +80,9 @@ def crossbar_matmul(
     Returns:
         y: [..., N] in x.dtype. Not differentiable (quantization). Rows of x holding NaN/inf give NaN.
         Read noise is fresh for every call and reproducible: call number c of a programmed crossbar
-        uses a key derived from (cfg.seed, c).
+        uses a key derived from (cfg.seed, c). A raw weight is programmed anew by every call, so each
+        such call is call 0 of its own crossbar (the same read noise for the same cfg.seed): program
+        once with program_crossbar for a sequence of noisy reads.
 
     Example:
         >>> cfg = CrossbarConfig(adc_bits=6)

@@ -14,6 +14,7 @@ student's predictions toward the teacher's: the point of FAR is to preserve the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Dict, List, Optional
 
@@ -174,7 +175,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             ce_weight: float = 1.0, cos_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 1.0,
             hidden_sizes=None, device: Optional[str] = None, identity: Optional[dict] = None) -> nn.Module:
     """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
-    teacher nor a given student is changed: the student trained is a copy.
+    teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
+    train/eval mode and requires_grad flags are restored afterwards.
 
     Args:
         teacher: the attention model (left unchanged).
@@ -197,8 +199,6 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
     """
     cfg = config or TrainConfig()
     skip1 = cfg.epochs == 0
-    import dataclasses
-
     dataclasses.replace(cfg, epochs=1.0 if skip1 else cfg.epochs).validate()
     if stage2_epochs < 0:
         raise ConfigError(f"stage 2 epochs must be >= 0, got {stage2_epochs}")
@@ -208,6 +208,31 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         raise ConfigError("hidden_sizes sizes a new student; an existing student keeps its own sizes")
     if far_modules(teacher):
         raise ConfigError("the teacher is already a FAR model; distil from an attention model")
+    saved = _teacher_state(teacher)
+    try:
+        return _distill(teacher, train_data, student, eval_data, cfg, skip1, stage2_epochs, stage2_lr, ce_weight,
+                        cos_weight, kd_weight, kd_temperature, hidden_sizes, device, identity)
+    finally:
+        _restore_teacher(teacher, saved)
+
+
+def _teacher_state(teacher: nn.Module) -> tuple:
+    """(device, training, requires_grad per parameter): what distillation changes on the teacher."""
+    p = next(teacher.parameters(), None)
+    return (p.device if p is not None else None, teacher.training, [q.requires_grad for q in teacher.parameters()])
+
+
+def _restore_teacher(teacher: nn.Module, saved: tuple) -> None:
+    device, training, grads = saved
+    if device is not None:
+        teacher.to(device)
+    teacher.train(training)
+    for q, g in zip(teacher.parameters(), grads):
+        q.requires_grad_(g)
+
+
+def _distill(teacher, train_data, student, eval_data, cfg, skip1, stage2_epochs, stage2_lr, ce_weight, cos_weight,
+             kd_weight, kd_temperature, hidden_sizes, device, identity) -> nn.Module:
     d = setup_distributed(device)
     teacher = teacher.to(d.device).eval()
     torch.manual_seed(cfg.seed)  # the LSTMs' initialization is part of the run

@@ -128,20 +128,20 @@ def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
     arch = getattr(model, "far_arch", None)
     if not (isinstance(arch, dict) and isinstance(arch.get("timm_name"), str)
             and isinstance(arch.get("kwargs", {}), dict)):
-        raise ValueError(f"cannot save {type(model).__name__}: it has no valid .far_arch. Models must be built "
+        raise ConfigError(f"cannot save {type(model).__name__}: it has no valid .far_arch. Models must be built "
                          "with far.create_model(...) or have .far_arch = {'timm_name': <timm model name>, "
                          "'kwargs': {<timm.create_model kwargs>}} set, so that far.load can rebuild them")
     kwargs = dict(arch.get("kwargs", {}))
     problem = checkpoint.json_problem(kwargs, "model.far_arch['kwargs']")
     if problem:
-        raise ValueError(f"cannot save: {problem}; far.load rebuilds the model from these kwargs")
+        raise ConfigError(f"cannot save: {problem}; far.load rebuilds the model from these kwargs")
     if metadata is None:
         metadata = getattr(model, "far_metadata", None) or {}
     if not isinstance(metadata, dict):
-        raise ValueError(f"metadata must be a dict (or None), got {type(metadata).__name__}")
+        raise ConfigError(f"metadata must be a dict (or None), got {type(metadata).__name__}")
     problem = checkpoint.json_problem(metadata, "metadata")
     if problem:
-        raise ValueError(f"metadata must be JSON-serializable: {problem}")
+        raise ConfigError(f"metadata must be JSON-serializable: {problem}")
     blocks = [{"name": name, "num_heads": m.num_heads, "head_dim": m.head_dim,
                "hidden_sizes": m.hidden_sizes.tolist()} for name, m in far_modules(model)]
     pcfg = getattr(model, "pretrained_cfg", None)
@@ -172,8 +172,6 @@ def save(model: nn.Module, path, metadata: Optional[dict] = None, *, force: bool
     model = unwrap(model)
     path = os.fspath(path)
     config = _config(model, metadata)  # validates before anything touches the disk
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot save to '{path}': it is a directory")
     checkpoint.write(path, stored_tensors(model), config, force=force)
 
 
