@@ -255,25 +255,20 @@ class RandomShiftFlip(torch.nn.Module):
 
 
 # ---- image folders ----
-def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None):
-    """An ImageNet-style folder (one subfolder per class, sorted names = labels 0..K-1) as a
-    torchvision ImageFolder with timm's transforms for `input_size` = (C, H, W).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-    Eval (train=False): resize to size / crop_pct (default 0.875), center crop, normalize; train:
-    random resized crop + flip. C == 1 loads images as grayscale, C == 3 as RGB.
-    """
+
+def _image_pipeline(path, input_size: Sequence[int], mean, std, train: bool, interpolation: str,
+                    crop_pct: Optional[float]):
+    """(folder Path, PIL loader, timm transform) for images of `input_size` = (C, H, W)."""
     from PIL import Image
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such image folder")
     if not path.is_dir():
-        raise DataError(f"{path}: not a folder (expected one subfolder of images per class)")
-    if not any(p.is_dir() for p in path.iterdir()):
-        raise DataError(f"{path}: has no class subfolders (expected {path}/<class>/<image>.png ...)")
+        raise DataError(f"{path}: not a folder of images")
     input_size = tuple(int(v) for v in input_size)
     if len(input_size) != 3 or input_size[0] not in (1, 3):
         raise DataError(f"image_folder: input_size must be (C, H, W) with C in (1, 3), got {input_size}")
@@ -286,10 +281,49 @@ def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Se
     tf = create_transform(input_size=input_size, is_training=train, mean=tuple(mean), std=tuple(std),
                           interpolation=interpolation, crop_pct=crop_pct,
                           **({"color_jitter": 0.0} if train and mode == "L" else {}))
+    return path, loader, tf
+
+
+def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None):
+    """An ImageNet-style folder (one subfolder per class, sorted names = labels 0..K-1) as a
+    torchvision ImageFolder with timm's transforms for `input_size` = (C, H, W).
+
+    Eval (train=False): resize to size / crop_pct (default 0.875), center crop, normalize; train:
+    random resized crop + flip. C == 1 loads images as grayscale, C == 3 as RGB.
+    """
+    from torchvision.datasets import ImageFolder
+
+    path, loader, tf = _image_pipeline(path, input_size, mean, std, train, interpolation, crop_pct)
+    if not any(p.is_dir() for p in path.iterdir()):
+        raise DataError(f"{path}: has no class subfolders (expected {path}/<class>/<image>.png ...)")
     try:
         return ImageFolder(str(path), transform=tf, loader=loader)
     except FileNotFoundError as e:  # torchvision: a class folder without images, or no class folders
         raise DataError(f"{path}: {e}") from None
+
+
+class UnlabeledImages(torch.utils.data.Dataset):
+    """Every image under a folder (any depth, sorted paths) with timm's transforms; items are
+    (image, -1): for methods that need no labels (label-free distillation)."""
+
+    def __init__(self, path, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None):
+        root, self.loader, self.transform = _image_pipeline(path, input_size, mean, std, train, interpolation,
+                                                            crop_pct)
+        self.root = root
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        return self.transform(self.loader(str(self.files[i]))), -1
+
+    def __repr__(self) -> str:
+        return f"UnlabeledImages({self.root}, n={len(self)})"
 
 
 # ---- construction for a model ----
@@ -315,7 +349,8 @@ def _fmt_size(s) -> str:
     return "x".join(str(v) for v in s[1:]) + f"x{s[0]}"
 
 
-def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train: Optional[bool] = None):
+def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train: Optional[bool] = None,
+                 labels: bool = True):
     """The dataset named by `spec` for a model, after checking they fit each other.
 
     Args:
@@ -326,6 +361,8 @@ def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train:
             (far.models.data_config(model) gives it).
         limit: keep the first `limit` images (a torch Subset for folders).
         train: use training transforms for a folder (default: split == "train").
+        labels: False takes every image under a folder (any layout; items (image, -1)) and does not
+            check the number of classes (Fashion-MNIST keeps its labels, which the caller may ignore).
     Raises DataError if the model expects other images or another number of classes
     (e.g. a 3x224x224, 1000-class model on Fashion-MNIST).
     """
@@ -351,8 +388,12 @@ def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train:
     std = tuple(cfg.get("std") or ((0.229, 0.224, 0.225) if C == 3 else (0.5,)))
     if len(mean) != C or len(std) != C:
         raise DataError(f"{arch}: mean/std have {len(mean)}/{len(std)} values for {C} input channels")
-    ds = image_folder(path, (C, H, W), mean, std, train=split == "train" if train is None else train,
-                      interpolation=cfg.get("interpolation") or "bilinear", crop_pct=cfg.get("crop_pct"))
+    kw = dict(train=split == "train" if train is None else train,
+              interpolation=cfg.get("interpolation") or "bilinear", crop_pct=cfg.get("crop_pct"))
+    if not labels:
+        ds = UnlabeledImages(path, (C, H, W), mean, std, **kw)
+        return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
+    ds = image_folder(path, (C, H, W), mean, std, **kw)
     if len(ds.classes) != K:
         raise DataError(f"{path} has {len(ds.classes)} class folders but {arch} has {K} classes; "
                            "labels are the sorted folder names, so the folder must hold every class of the model")
@@ -394,6 +435,7 @@ __all__ = [
     "FMNIST_STD",
     "FashionMNIST",
     "RandomShiftFlip",
+    "UnlabeledImages",
     "fashion_mnist",
     "fashion_mnist_root",
     "image_folder",

@@ -1,5 +1,6 @@
-"""Distillation: the hooks capture the right tensors, the cosine loss, one step lowers the loss,
-stage 1 trains only the new modules, and the whole command end to end on a tiny model."""
+"""Distillation: the taps capture the right tensors, the losses by hand, one step lowers the loss, stage 1
+trains only the new modules, isolated stage 1 == each block trained alone on cached teacher activations,
+label-free distillation, and the whole command end to end on a tiny model."""
 import copy
 
 import pytest
@@ -9,8 +10,10 @@ import torch.nn.functional as F
 import far
 from far.cli import main
 from far.errors import ConfigError
-from far.methods.distill import DistillTask, ProjInputs, cosine_token_loss, kd_loss, make_student
-from far.train import TrainConfig
+from far.methods.distill import (DistillTask, block_loss, cosine_token_loss, kd_loss, make_student,
+                                 relative_mse)
+from far.nn import MixerTaps
+from far.train import Task, TrainConfig, setup_distributed, train
 
 TINY = dict(embed_dim=48, depth=2, num_heads=2)
 
@@ -34,11 +37,11 @@ def test_hooks_capture_teacher_attention_before_wo_and_student_after_head_proj()
     teacher = tiny_teacher()
     student = make_student(teacher).eval()
     x = torch.randn(3, 1, 28, 28)
-    th, sh = ProjInputs(teacher), ProjInputs(student)
+    th, sh = MixerTaps(teacher, inputs=False), MixerTaps(student, inputs=False)
     with torch.no_grad():
         teacher(x)
         student(x)
-    t_vals, s_vals = th.take(), sh.take()
+    t_vals, s_vals = th.take()[1], sh.take()[1]
     # recompute each block's input to the token mixer by running the blocks by hand
     with torch.no_grad():
         for model, vals, kind in ((teacher, t_vals, "teacher"), (student, s_vals, "student")):
@@ -101,14 +104,14 @@ def test_stage1_trains_only_new_modules_and_one_step_lowers_the_loss():
 
 def test_stage2_trains_everything():
     teacher = tiny_teacher()
-    task = DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, cos_weight=0.0)
+    task = DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, block_weight=0.0)
     assert len(task.trainable()) == len(list(task.model.parameters()))
 
 
 def test_bad_weights():
     teacher = tiny_teacher()
     with pytest.raises(ValueError, match="loss weights"):
-        DistillTask(make_student(teacher), teacher, TrainConfig(), stage=1, ce_weight=0.0, cos_weight=0.0)
+        DistillTask(make_student(teacher), teacher, TrainConfig(), stage=1, ce_weight=0.0, block_weight=0.0)
     with pytest.raises(ValueError, match="loss weights"):
         DistillTask(make_student(teacher), teacher, TrainConfig(), stage=2, kd_weight=-1.0)
     with pytest.raises(ValueError, match="temperature"):
@@ -130,7 +133,7 @@ def test_kd_loss_is_temperature_scaled_kl_from_teacher_to_student(temperature):
 def test_stage2_with_kd_pulls_the_student_toward_the_teacher():
     teacher = tiny_teacher()
     student = make_student(teacher)
-    task = DistillTask(student, teacher, TrainConfig(label_smoothing=0.0), stage=2, ce_weight=1.0, cos_weight=0.0,
+    task = DistillTask(student, teacher, TrainConfig(label_smoothing=0.0), stage=2, ce_weight=1.0, block_weight=0.0,
                        kd_weight=1.0, kd_temperature=2.0)
     torch.manual_seed(2)
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
@@ -148,8 +151,9 @@ def test_stage2_with_kd_pulls_the_student_toward_the_teacher():
     assert float(task.loss(student, x, y)["loss"].detach()) < float(before["loss"].detach())
 
 
-def test_distill_end_to_end(tmp_path):
-    """`far distill` (a thin shell over far.distill): checkpoint, metadata, per-block metrics, curves."""
+def test_distill_end_to_end(tmp_path, capsys):
+    """`far distill` (a thin shell over far.distill): isolated stage 1 (cos + mse per block), stage 2 with
+    KD and the block regularizer, the fidelity report in the checkpoint and in `far info`."""
     teacher = tiny_teacher()
     tpath = tmp_path / "teacher.safetensors"
     far.save(teacher, tpath)
@@ -157,17 +161,117 @@ def test_distill_end_to_end(tmp_path):
     run = tmp_path / "run"
     assert main(["distill", str(tpath), "--data", "fashion-mnist", "--epochs", "1", "--batch-size", "32",
                  "--limit", "64", "--eval-limit", "64", "-q", "--out-dir", str(run), "--log-every", "1",
-                 "--stage2-epochs", "0.5", "--kd-weight", "0.5", "-o", str(out)]) == 0
+                 "--stage2-epochs", "0.5", "--kd-weight", "0.5", "--stage2-block-weight", "0.1", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "block cosine isolated / in model" in text and "top-1 agreement" in text
     summary = __import__("json").loads((run / "summary.json").read_text())
     assert summary["output"] == str(out) and 0 <= summary["test_accuracy"] <= 1
     m = far.load(out)
     assert len(list(far.far_modules(m))) == 2
-    assert m.far_checkpoint["metadata"]["training"]["command"] == "distill"
+    meta = m.far_checkpoint["metadata"]
+    assert meta["training"]["command"] == "distill" and meta["distill"]["stage1"] == "isolated"
     rows = (run / "stage1" / "metrics.jsonl").read_text().splitlines()
-    assert any('"cos_b1"' in r for r in rows) and any('"kd"' in r for r in rows)
-    assert any('"kd"' in r for r in (run / "stage2" / "metrics.jsonl").read_text().splitlines())
-    assert m.far_checkpoint["metadata"]["distill"]["kd_weight"] == 0.5
+    assert any('"cos_b1"' in r and '"mse_b1"' in r for r in rows) and not any('"ce"' in r for r in rows)
+    rows2 = (run / "stage2" / "metrics.jsonl").read_text().splitlines()
+    assert any('"kd"' in r and '"cos_b0"' in r for r in rows2)
+    assert meta["distill"]["kd_weight"] == 0.5 and len(meta["fidelity"]["blocks"]) == 2
+    assert 0 <= meta["fidelity"]["agreement"] <= 1 and -1 <= meta["fidelity"]["blocks"][0]["isolated"]["cos"] <= 1
     assert (run / "curves.png").stat().st_size > 0
+    assert main(["info", str(out)]) == 0
+    assert "fidelity" in capsys.readouterr().out
+
+
+def test_block_losses_by_hand():
+    s = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # [B=1, N=2, C=2]
+    t = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])
+    # channel 0: s = (1, 0), t = (1, 1): cos = 1/sqrt(2); channel 1: s = (0, 2): cos = 1/sqrt(2)
+    assert float(cosine_token_loss(s, t)) == pytest.approx(1 - 2 ** -0.5, abs=1e-6)
+    # sum (s - t)^2 = 0 + 1 + 1 + 1 = 3; sum t^2 = 4
+    assert float(relative_mse(s, t)) == pytest.approx(0.75, abs=1e-7)
+    assert float(relative_mse(2 * t, t)) == pytest.approx(1.0) and float(relative_mse(t, t)) == 0.0
+    both = block_loss(s, t, "cos+mse")
+    assert set(both) == {"cos", "mse"} and set(block_loss(s, t, "mse")) == {"mse"}
+    assert float(cosine_token_loss(3 * t, t)) == pytest.approx(0.0, abs=1e-6)  # cos: blind to scale
+    assert float(relative_mse(3 * t, t)) == pytest.approx(4.0)                 # mse: sees it
+    with pytest.raises(ConfigError, match="block loss"):
+        block_loss(s, t, "l1")
+
+
+class ImageSet(torch.utils.data.Dataset):
+    def __init__(self, n, seed, labels=True):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 28, 28, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g) if labels else torch.full((n,), -1)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+class CachedBlockTask(Task):
+    """One FAR block alone, on cached (teacher input, teacher output before W_O) pairs."""
+
+    def __init__(self, block, cfg, kind):
+        super().__init__(block, cfg)
+        self.kind = kind
+        for name, p in block.named_parameters():
+            p.requires_grad_(not name.startswith("proj."))
+
+    def loss(self, model, a, t):
+        out = {f"{k}_b": v.detach() for k, v in block_loss(model.token_mix(a), t, self.kind).items()}
+        out["loss"] = sum(block_loss(model.token_mix(a), t, self.kind).values())
+        return out
+
+
+def test_isolated_stage1_equals_each_block_trained_alone_on_cached_activations():
+    """Isolated stage 1 trains all blocks in one run from the frozen teacher; each block must end exactly
+    where training it alone on cached teacher activations (same batches, same schedule) ends."""
+    teacher = tiny_teacher()
+    data = ImageSet(32, seed=5)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_epochs=0.5, progress=False, augment=False,
+                      grad_clip=0.5, seed=3)
+    together = far.distill(teacher, data, config=cfg, stage2_epochs=0, block_loss="cos+mse")
+    with torch.no_grad(), MixerTaps(teacher) as taps:
+        teacher(data.x)
+        inputs, targets = taps.take()
+    torch.manual_seed(cfg.seed)  # the same initial student as far.distill's
+    start = make_student(teacher)
+    d = setup_distributed("cpu")
+    for b, (a, t) in enumerate(zip(inputs, targets)):
+        block = copy.deepcopy(start.blocks[b].attn)
+        alone = train(CachedBlockTask(block, cfg, "cos+mse"), torch.utils.data.TensorDataset(a, t), None, cfg, d)
+        want = dict(together.blocks[b].attn.named_parameters())
+        for name, p in alone.model.named_parameters():
+            torch.testing.assert_close(p, want[name], atol=2e-6, rtol=1e-5, msg=f"block {b} {name}")
+        assert not torch.equal(want["w_hh"], start.blocks[b].attn.w_hh), "the block did train"
+
+
+def test_label_free_distillation(tmp_path):
+    """labels=False: no cross-entropy anywhere (labels are -1: CE would fail), stage 2 from the teacher's
+    logits; and a plain folder of images (no class subfolders) loads as unlabeled data."""
+    from PIL import Image
+
+    from far.data import make_dataset
+    from far.models import data_config
+
+    teacher = tiny_teacher()
+    cfg = TrainConfig(epochs=1, batch_size=8, progress=False, augment=False)
+    student = far.distill(teacher, ImageSet(32, seed=1, labels=False), config=cfg, stage2_epochs=1, kd_weight=1.0,
+                          labels=False, joint_epochs=0.5)
+    keys = {k for r in student.far_run.history for k in r}
+    assert "kd" in keys and "mse_b0" in keys and "ce" not in keys
+    assert student.far_metadata["distill"]["labels"] is False
+    with pytest.raises(ConfigError, match="stage 2 has no loss"):
+        far.distill(teacher, ImageSet(8, seed=1, labels=False), config=cfg, labels=False)
+    rng = torch.Generator().manual_seed(0)
+    for i in range(5):
+        sub = tmp_path / "photos" / ("a" if i % 2 else "") / f"{i}.png"
+        sub.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(28, 28, generator=rng) * 255).to(torch.uint8).numpy(), mode="L").save(sub)
+    ds = make_dataset(tmp_path / "photos", "train", data_config(teacher), labels=False)
+    assert len(ds) == 5 and ds[0][1] == -1 and ds[0][0].shape == (1, 28, 28)
 
 
 def _data(n=64):
@@ -189,7 +293,7 @@ def test_distill_continues_an_existing_student_and_skips_stage1(tmp_path):
                       log_every=1, seed=0)
     train_set, test_set = _data()
     got = far.distill(teacher, train_set, student=student, eval_data=test_set, config=cfg, stage2_epochs=1,
-                      stage2_lr=1e-9).state_dict()
+                      stage2_lr=1e-9, stage1="joint").state_dict()
     for k, v in start.items():  # lr 1e-9: Adam moves each weight by at most ~steps * lr
         torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
     torch.manual_seed(0)
@@ -216,6 +320,7 @@ def test_distill_refuses_bad_student_and_empty_runs(tmp_path):
     cases = [(dict(student=teacher), "no FAR modules"),  # an attention model is not a student
              (dict(student=make_student(deeper)), "3 blocks"),
              (dict(stage2_epochs=0), "nothing to train"),
+             (dict(stage1="both"), "stage1 must be one of"),
              (dict(student=make_student(deeper), hidden_sizes=8), "hidden_sizes")]
     for kwargs, msg in cases:
         with pytest.raises(ConfigError, match=msg):

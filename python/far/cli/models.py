@@ -82,6 +82,15 @@ def checkpoint_summary(path) -> list:
         for b in blocks:
             fwd, bwd = b["hidden_sizes"]
             lines.append(f"  {b['name']:<{w}}  heads {b['num_heads']} x d {b['head_dim']}  fwd {fwd}  bwd {bwd}")
+    fid = meta.get("fidelity")
+    if isinstance(fid, dict) and isinstance(fid.get("blocks"), list):
+        try:
+            cells = [f"{b['isolated']['cos']:.3f}/{b['in_model']['cos']:.3f}" if b.get("isolated") else
+                     f"-/{b['in_model']['cos']:.3f}" for b in fid["blocks"]]
+            lines.append(f"fidelity     block cosine to the teacher, isolated/in model: {' '.join(cells)}; "
+                         f"top-1 agreement {100 * fid['agreement']:.2f}% ({fid.get('num_images')} test images)")
+        except (KeyError, TypeError):
+            pass  # a hand-edited record: shown raw below
     for key, val in meta.items():
         if key != "teacher":
             lines.append(f"{key:<12} {json.dumps(val, sort_keys=True, default=str)}")

@@ -69,16 +69,17 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def datasets(args: argparse.Namespace, model, cfg: TrainConfig, num_classes: Optional[int] = None):
+def datasets(args: argparse.Namespace, model, cfg: TrainConfig, num_classes: Optional[int] = None,
+             labels: bool = True):
     """(train set, test set or None) for --data / --val, checked against the model (with num_classes
-    classes, when it is going to get a new classifier)."""
+    classes, when it is going to get a new classifier); labels=False: any folder of images for training."""
     from far.data import is_fashion_mnist, make_dataset
     from far.models import data_config
 
     dcfg = data_config(model)
     if num_classes is not None:
         dcfg["num_classes"] = num_classes
-    train_set = make_dataset(args.data, "train", dcfg, limit=cfg.limit)
+    train_set = make_dataset(args.data, "train", dcfg, limit=cfg.limit, labels=labels)
     if is_fashion_mnist(args.data):
         if args.val is not None:
             warn("--val has no effect with --data fashion-mnist: its test split is used")
@@ -191,10 +192,12 @@ def cmd_distill(args) -> int:
             raise ConfigError(f"--student {args.student}: a timm name; pass a FAR checkpoint (file or zoo name)")
         student, _ = load_model(student_ref)
         identity["student"] = _abs(student_ref)
-    train_set, eval_set = datasets(args, teacher, cfg)
-    model = far.distill(teacher, train_set, student=student, eval_data=eval_set, config=cfg,
-                        stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, ce_weight=args.ce_weight,
-                        cos_weight=args.cos_weight, kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
+    train_set, eval_set = datasets(args, teacher, cfg, labels=not args.no_labels)
+    model = far.distill(teacher, train_set, student=student, eval_data=eval_set, config=cfg, stage1=args.stage1,
+                        block_loss=args.block_loss, joint_epochs=args.joint_epochs, stage2_epochs=args.stage2_epochs,
+                        stage2_lr=args.stage2_lr, ce_weight=args.ce_weight, block_weight=args.block_weight,
+                        kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
+                        stage2_block_weight=args.stage2_block_weight, labels=not args.no_labels,
                         hidden_sizes=args.hidden_size, device=args.device, identity=identity)
     return finish(args, model, f"FAR student of {args.model}")
 
@@ -266,27 +269,45 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "distill", formatter_class=Formatter,
-        help="distil an attention teacher into a FAR student (block-wise, two stages)",
-        description="Replace every attention of the teacher MODEL by a multi-head BiLSTM (FAR) and train it. "
-                    "Stage 1 (--epochs, --lr) trains only the new modules (pre_proj, LSTMs, head_proj; W_O frozen) "
-                    "with CE + sum over blocks of (1 - cosine along tokens, per channel) between each FAR module's "
-                    "output after head_proj and the teacher attention's output before W_O. Stage 2 "
-                    "(--stage2-epochs, --stage2-lr) fine-tunes the whole student with CE. --kd-weight adds, in both "
-                    "stages, logit distillation (T^2 KL between the teacher's and the student's softmax at "
-                    "temperature --kd-temperature). Losses are logged per block. --student continues from an "
-                    "existing FAR student instead of converting the teacher; --epochs 0 skips stage 1.",
+        help="distil an attention teacher into a FAR student (block-wise)",
+        description="Replace every attention of the teacher MODEL by a multi-head BiLSTM (FAR) and train it to "
+                    "reproduce each attention block: every FAR block's output before W_O against the teacher "
+                    "attention's output before W_O, compared by --block-loss (cos: 1 - cosine along tokens per "
+                    "channel, the paper's; mse: relative squared error, which sees magnitude; cos+mse). "
+                    "Stage 1 (--epochs, --lr): --stage1 isolated trains every FAR block on the teacher's own block "
+                    "input (independent problems, no labels needed); --stage1 joint trains all blocks inside the "
+                    "student at once with CE + the block losses. --joint-epochs adds an in-model phase of block "
+                    "losses after stage 1. Stage 2 (--stage2-epochs, --stage2-lr) fine-tunes every parameter with "
+                    "CE, logit distillation (--kd-weight: T^2 KL at --kd-temperature) and the block losses as a "
+                    "regularizer (--stage2-block-weight). --no-labels trains without labels (any folder of "
+                    "images). At the end the per-block fidelity (cosine isolated and in the model, top-1 "
+                    "agreement) on the test data is printed and stored in the checkpoint (`far info`). "
+                    "--student continues from an existing FAR student instead of converting the teacher; "
+                    "--epochs 0 skips stage 1.",
         epilog="examples:\n  far distill fmnist_deit_tiny --data fashion-mnist --epochs 2 --stage2-epochs 1 "
-               "-o far.safetensors\n  far distill teacher.safetensors --student far.safetensors --epochs 0 "
-               "--stage2-epochs 4 --kd-weight 1 -o far2.safetensors   # more stage-2 epochs\n"
-               + _LAUNCH.format(cmd="distill"))
+               "--kd-weight 1 -o far.safetensors\n  far distill teacher.safetensors --student far.safetensors "
+               "--epochs 0 --stage2-epochs 4 --kd-weight 1 -o far2.safetensors   # more stage-2 epochs\n"
+               "  far distill vit.safetensors --data ./photos --no-labels --epochs 3 --stage2-epochs 1 "
+               "--kd-weight 1 -o far.safetensors\n" + _LAUNCH.format(cmd="distill"))
     add_model(p, help="the attention teacher: a checkpoint file, zoo name, or timm name (its pretrained weights)")
-    p.add_argument("--stage2-epochs", type=float, default=1.0, metavar="E", help="CE fine-tune epochs after stage 1 (0 = none)")
+    p.add_argument("--stage1", choices=("isolated", "joint"), default="isolated",
+                   help="stage 1: every block on the teacher's inputs (isolated) or all blocks in the student (joint)")
+    p.add_argument("--block-loss", choices=("cos", "mse", "cos+mse"), default="cos+mse",
+                   help="how a FAR block's output is compared with its attention block's")
+    p.add_argument("--joint-epochs", type=float, default=0.0, metavar="E",
+                   help="in-model block-loss epochs after stage 1 (0 = none)")
+    p.add_argument("--stage2-epochs", type=float, default=1.0, metavar="E", help="fine-tune epochs after stage 1 (0 = none)")
     p.add_argument("--stage2-lr", type=float, default=2e-4, metavar="LR", help="stage 2 peak learning rate")
-    p.add_argument("--ce-weight", type=float, default=1.0, metavar="W", help="weight of CE in stage 1")
-    p.add_argument("--cos-weight", type=float, default=1.0, metavar="W", help="weight of the summed cosine losses in stage 1")
+    p.add_argument("--ce-weight", type=float, default=1.0, metavar="W", help="weight of cross-entropy (joint stages, stage 2)")
+    p.add_argument("--block-weight", "--cos-weight", dest="block_weight", type=float, default=1.0, metavar="W",
+                   help="weight of the summed block losses in a joint stage 1 and the joint phase")
+    p.add_argument("--stage2-block-weight", type=float, default=0.0, metavar="W",
+                   help="weight of the block losses in stage 2 (a fidelity regularizer; 0 = off)")
     p.add_argument("--kd-weight", type=float, default=0.0, metavar="W",
-                   help="weight of logit distillation (teacher soft labels) in both stages (0 = off)")
+                   help="weight of logit distillation (teacher soft labels) in the joint stages and stage 2 (0 = off)")
     p.add_argument("--kd-temperature", type=float, default=1.0, metavar="T", help="softmax temperature T of --kd-weight")
+    p.add_argument("--no-labels", action="store_true",
+                   help="train without labels: --data may be any folder of images; no cross-entropy")
     p.add_argument("--hidden-size", type=int, default=None, metavar="N", help="LSTM units per head and direction (default head_dim)")
     p.add_argument("--student", default=None, metavar="MODEL",
                    help="start from this FAR checkpoint (file or zoo name) instead of converting the teacher")

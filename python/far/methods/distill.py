@@ -1,15 +1,23 @@
 """far.distill: block-wise distillation of an attention teacher into its FAR student. Modules in,
-module out; the losses, hooks and the student's construction are usable on their own.
+module out; the losses, tasks and the student's construction are usable on their own.
 
-Student = the teacher with every attention replaced by FARAttention (far.convert, pre_proj from the
-value projection, W_O = the attention's own proj). Stage 1 trains only the new modules (pre_proj,
-the LSTMs, head_proj; W_O and everything else frozen) with
-    loss = ce_weight * CE + cos_weight * sum_blocks mean_{b,c} (1 - cos_N(s[b, :, c], t[b, :, c]))
-where s is a FAR module's output after head_proj (the input of its proj) and t the teacher attention's
-output before W_O (the input of the teacher's proj), the cosine taken along the token axis N per
-channel. Stage 2 fine-tunes the whole student with CE. Optionally (kd_weight > 0, both stages) a
-logit-distillation term kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) pulls the
-student's predictions toward the teacher's: the point of FAR is to preserve the teacher's function.
+Student = the teacher with every attention replaced by FARAttention (far.convert: pre_proj from the
+value projection, W_O = the attention's own proj). Every block's target is the teacher attention's
+output before W_O (t), every FAR block's output is the input of its proj (s, FARAttention.token_mix),
+and `block_loss` compares them: "cos" (1 - cosine along the token axis, per channel: the paper's),
+"mse" (relative squared error: sum (s - t)^2 / sum t^2, which sees magnitude) or "cos+mse".
+
+Stages (each its own run folder under config.out_dir):
+  stage 1  "isolated" (default): every FAR block is trained on the teacher's own block input (taps on
+           the frozen teacher), so the blocks are independent problems — no block waits for an earlier
+           one to converge, and nothing depends on the labels. "joint": the paper's mode, all blocks in
+           the student at once, CE + block losses (W_O and everything outside the FAR blocks frozen).
+  joint    optional (joint_epochs): the student's own stream, FAR blocks only, block losses + CE/KD:
+           the composition of blocks trained in isolation.
+  stage 2  every parameter: ce_weight * CE + kd_weight * T^2 KL(teacher || student at temperature T)
+           + stage2_block_weight * sum of block losses in the model (keeps the blocks faithful).
+labels=False: no cross-entropy anywhere (stage 1 isolated needs no labels; stage 2 learns from the
+teacher's outputs), for a plain folder of images.
 """
 from __future__ import annotations
 
@@ -24,54 +32,40 @@ import torch.nn.functional as F
 
 from far.errors import ConfigError
 from far.evaluate import accuracy
+from far.fidelity import block_fidelity
 from far.models import convert, far_modules, save
+from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
 
 FAR_OWN = ("pre_proj.", "w_ih", "w_hh", "b_ih", "b_hh", "head_proj_weight", "head_proj_bias")
+BLOCK_LOSSES = ("cos", "mse", "cos+mse")
+STAGE1_MODES = ("isolated", "joint")
 
 
-def _attention_blocks(model: nn.Module) -> List[nn.Module]:
-    """The token mixers (timm Attention or FARAttention) of `model`'s blocks, in order."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise ConfigError(f"{type(model).__name__} has no .blocks: distillation needs a timm ViT")
-    mixers = [b.attn for b in blocks]
-    if not mixers or not all(hasattr(m, "proj") for m in mixers):
-        raise ConfigError("every block's token mixer must have a .proj (W_O) to distil against")
-    return mixers
-
-
-class ProjInputs:
-    """Captures the input of each block's W_O (`attn.proj`) during a forward pass: for timm
-    Attention the attention output before W_O, for FARAttention the output after head_proj."""
-
-    def __init__(self, model: nn.Module):
-        self.values: List[Optional[torch.Tensor]] = []
-        self.handles = []
-        for i, m in enumerate(_attention_blocks(model)):
-            self.values.append(None)
-            self.handles.append(m.proj.register_forward_pre_hook(self._hook(i)))
-
-    def _hook(self, i: int):
-        def hook(module, args):
-            self.values[i] = args[0]
-        return hook
-
-    def take(self) -> List[torch.Tensor]:
-        vals, self.values = self.values, [None] * len(self.values)
-        if any(v is None for v in vals):
-            raise RuntimeError("a block's proj did not run during the forward pass")
-        return vals
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
+# ---------------------------------------------------------------- losses
 def cosine_token_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """mean over (batch, channel) of 1 - cosine similarity along the token axis: s, t [B, N, C]."""
     return (1.0 - F.cosine_similarity(s.float(), t.float(), dim=1, eps=1e-6)).mean()
+
+
+def relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sum (s - t)^2 / sum t^2 over the batch: 0 iff s == t, 1 for s = 0; independent of the target's scale,
+    so blocks of different magnitudes weigh alike."""
+    s, t = s.float(), t.float()
+    return (s - t).square().sum() / t.square().sum().clamp_min(1e-12)
+
+
+def block_loss(s: torch.Tensor, t: torch.Tensor, kind: str = "cos+mse") -> Dict[str, torch.Tensor]:
+    """{"cos": ..., "mse": ...} (the terms `kind` uses) for one block's output s and target t [B, N, C]."""
+    if kind not in BLOCK_LOSSES:
+        raise ConfigError(f"block loss must be one of {', '.join(BLOCK_LOSSES)}, got {kind!r}")
+    out = {}
+    if "cos" in kind:
+        out["cos"] = cosine_token_loss(s, t)
+    if "mse" in kind:
+        out["mse"] = relative_mse(s, t)
+    return out
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -82,62 +76,134 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
+def _add_block_terms(out: Dict[str, torch.Tensor], s_feats, t_feats, kind: str) -> torch.Tensor:
+    """Sum of every block's loss terms; logs per-block terms (cos_b0, mse_b0, ...) and totals into `out`."""
+    total = 0.0
+    for i, (s, t) in enumerate(zip(s_feats, t_feats)):
+        for name, v in block_loss(s, t, kind).items():
+            total = total + v
+            out[f"{name}_b{i}"] = v.detach()
+            out[name] = out.get(name, 0.0) + v.detach()
+    return total
+
+
+def _check_weights(**weights: float) -> None:
+    bad = {k: v for k, v in weights.items() if v < 0}
+    if bad or sum(weights.values()) == 0:
+        raise ConfigError("loss weights must be >= 0 and not all 0, got "
+                          + ", ".join(f"{k.replace('_weight', '')} {v}" for k, v in weights.items()))
+
+
+# ---------------------------------------------------------------- tasks
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class IsolatedBlocks(nn.Module):
+    """The student's FAR blocks as one module: forward(inputs) = [block_b.token_mix(inputs[b])]. Shares
+    the blocks (and so their parameters) with the student."""
+
+    def __init__(self, mixers: List[FARAttention]):
+        super().__init__()
+        self.blocks = nn.ModuleList(mixers)
+
+    def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [m.token_mix(a) for m, a in zip(self.blocks, inputs)]
+
+
+class IsolatedTask(Task):
+    """Stage 1, isolated: each FAR block learns its teacher block from the teacher's own block inputs.
+    loss = sum over blocks of block_loss(FAR block(teacher input), teacher output before W_O). Blocks are
+    independent problems: one optimizer, but no gradient flows between blocks and each block's
+    gradient is clipped on its own, so a block follows exactly the path it would follow trained alone."""
+
+    name = "distill-isolated"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, kind: str = "cos+mse"):
+        mixers = token_mixers(student)
+        if not all(isinstance(m, FARAttention) for m in mixers):
+            raise ConfigError("isolated distillation needs a FAR block in every block of the student")
+        if len(mixers) != len(token_mixers(teacher)):
+            raise ConfigError("teacher and student have different numbers of blocks")
+        block_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), kind)  # validates the kind
+        super().__init__(IsolatedBlocks(mixers), cfg)
+        self.student = student
+        self.kind = kind
+        self.teacher = _freeze(teacher)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.split(".", 2)[2].startswith(FAR_OWN))  # blocks.<b>.<param>: W_O stays frozen
+        self.taps = MixerTaps(self.teacher)
+
+    def clip_groups(self):
+        return [[p for p in m.parameters() if p.requires_grad] for m in self.model.blocks]
+
+    def evaluated(self) -> nn.Module:
+        return self.student.to(next(self.model.parameters()).device)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        with torch.no_grad():
+            self.teacher(x)
+            inputs, targets = self.taps.take()
+        outs = model(inputs)
+        out: Dict[str, torch.Tensor] = {}
+        out["loss"] = _add_block_terms(out, outs, targets, self.kind)
+        return out
+
+    def remove_hooks(self) -> None:
+        self.taps.remove()
+
+
 class DistillTask(Task):
-    """Stage 1 (`stage=1`): only the FAR modules' own parameters train, loss = CE + cosine terms.
-    Stage 2: every parameter trains with CE (cos_weight applies too if > 0). kd_weight > 0 adds
-    the logit-distillation term (kd_loss at kd_temperature) in either stage."""
+    """Distillation with the student's own forward pass. stage 1 (joint): only the FAR modules' own
+    parameters train; stage 2: every parameter. loss = ce_weight * CE + block_weight * sum of block losses
+    (`kind`) + kd_weight * kd_loss at kd_temperature."""
 
     name = "distill"
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, stage: int,
-                 ce_weight: float = 1.0, cos_weight: float = 1.0, kd_weight: float = 0.0,
-                 kd_temperature: float = 1.0):
+                 ce_weight: float = 1.0, block_weight: float = 1.0, kd_weight: float = 0.0,
+                 kd_temperature: float = 1.0, kind: str = "cos"):
         super().__init__(student, cfg)
-        if min(ce_weight, cos_weight, kd_weight) < 0 or ce_weight + cos_weight + kd_weight == 0:
-            raise ConfigError(f"loss weights must be >= 0 and not all 0, got ce {ce_weight}, cos {cos_weight}, "
-                              f"kd {kd_weight}")
+        _check_weights(ce_weight=ce_weight, block_weight=block_weight, kd_weight=kd_weight)
         if not kd_temperature > 0:
             raise ConfigError(f"kd temperature must be > 0, got {kd_temperature}")
+        block_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), kind)  # validates the kind
+        if len(token_mixers(student)) != len(token_mixers(teacher)):
+            raise ConfigError("teacher and student have different numbers of blocks")
         self.name = f"distill-stage{stage}"
-        self.stage = stage
-        self.ce_weight, self.cos_weight = ce_weight, cos_weight
+        self.stage, self.kind = stage, kind
+        self.ce_weight, self.block_weight = ce_weight, block_weight
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        far_mods = {id(m) for m in _attention_blocks(student)}
-        for name, p in student.named_parameters():
+        self.teacher = _freeze(teacher)
+        for p in student.parameters():
             p.requires_grad_(stage == 2)
         if stage == 1:
-            for m in _attention_blocks(student):
-                if id(m) in far_mods:
-                    for name, p in m.named_parameters():
-                        if name.startswith(FAR_OWN):
-                            p.requires_grad_(True)
-        if len(_attention_blocks(student)) != len(_attention_blocks(teacher)):
-            raise ConfigError("teacher and student have different numbers of blocks")
-        self.s_hooks = ProjInputs(student)
-        self.t_hooks = ProjInputs(teacher)
+            for m in token_mixers(student):
+                for name, p in m.named_parameters():
+                    if name.startswith(FAR_OWN):
+                        p.requires_grad_(True)
+        self.s_taps = MixerTaps(student, inputs=False)
+        self.t_taps = MixerTaps(teacher, inputs=False)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
-        need_cos = self.cos_weight > 0
-        if need_cos or self.kd_weight > 0:
+        need_blocks = self.block_weight > 0
+        if need_blocks or self.kd_weight > 0:
             with torch.no_grad():
                 t_logits = self.teacher(x)
-            t_feats = self.t_hooks.take()
+            _, t_feats = self.t_taps.take()
         logits = model(x)
-        s_feats = self.s_hooks.take()
-        ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-        loss = self.ce_weight * ce
-        out["ce"] = ce.detach()
-        if need_cos:
-            cos = [cosine_token_loss(s, t) for s, t in zip(s_feats, t_feats)]
-            total = torch.stack(cos).sum()
-            loss = loss + self.cos_weight * total
-            out["cos"] = total.detach()
-            for i, c in enumerate(cos):
-                out[f"cos_b{i}"] = c.detach()
+        _, s_feats = self.s_taps.take()
+        loss = 0.0
+        if self.ce_weight > 0:
+            ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+            loss = loss + self.ce_weight * ce
+            out["ce"] = ce.detach()
+        if need_blocks:
+            loss = loss + self.block_weight * _add_block_terms(out, s_feats, t_feats, self.kind)
         if self.kd_weight > 0:
             kd = kd_loss(logits, t_logits, self.kd_temperature)
             loss = loss + self.kd_weight * kd
@@ -146,10 +212,11 @@ class DistillTask(Task):
         return out
 
     def remove_hooks(self) -> None:
-        self.s_hooks.remove()
-        self.t_hooks.remove()
+        self.s_taps.remove()
+        self.t_taps.remove()
 
 
+# ---------------------------------------------------------------- the student
 def make_student(teacher: nn.Module, hidden_sizes=None, init: str = "value") -> nn.Module:
     """A FAR copy of `teacher` (attention replaced, W_O and the rest copied; the teacher is untouched)."""
     student = copy.deepcopy(teacher)
@@ -162,58 +229,12 @@ def check_student(student: nn.Module, teacher: nn.Module) -> None:
     """ConfigError unless `student` is a FAR model with the teacher's blocks and classes."""
     if not far_modules(student):
         raise ConfigError("the student has no FAR modules; pass a FAR model (far.distill makes one)")
-    if len(_attention_blocks(student)) != len(_attention_blocks(teacher)):
-        raise ConfigError(f"the student has {len(_attention_blocks(student))} blocks, the teacher "
-                          f"{len(_attention_blocks(teacher))}")
+    if len(token_mixers(student)) != len(token_mixers(teacher)):
+        raise ConfigError(f"the student has {len(token_mixers(student))} blocks, the teacher "
+                          f"{len(token_mixers(teacher))}")
     s_cls, t_cls = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
     if s_cls != t_cls:
         raise ConfigError(f"the student predicts {s_cls} classes, the teacher {t_cls}")
-
-
-def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = None, eval_data=None,
-            config: Optional[TrainConfig] = None, stage2_epochs: float = 1.0, stage2_lr: float = 2e-4,
-            ce_weight: float = 1.0, cos_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 1.0,
-            hidden_sizes=None, device: Optional[str] = None, identity: Optional[dict] = None) -> nn.Module:
-    """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
-    teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
-    train/eval mode and requires_grad flags are restored afterwards.
-
-    Args:
-        teacher: the attention model (left unchanged).
-        train_data / eval_data: datasets of (image, label); eval_data (optional) is tested after each epoch.
-        student: a FAR model to continue from (default: far.convert of a copy of the teacher, LSTMs
-            initialized from config.seed, pre_proj from the value projection).
-        config: the training options of stage 1 (its epochs and lr; epochs 0 skips stage 1); stage 2
-            reuses them with stage2_epochs and stage2_lr (0 epochs skips it). config.out_dir None
-            writes nothing; with a folder, <out_dir>/stage1 and <out_dir>/stage2 hold each stage's
-            resumable state and metrics, and config.resume continues an interrupted run.
-        ce_weight, cos_weight: stage 1 loss weights; kd_weight, kd_temperature: logit distillation
-            in both stages (0 = off).
-        hidden_sizes: LSTM units of a new student (int or one [2, H] per block).
-        device: cpu, cuda, cuda:N (default: the process's GPU under torchrun, else cuda if present, else cpu).
-        identity: extra settings a resumed run must match (e.g. the teacher's file and the data's name).
-    Returns:
-        the student (eval mode), with `far_metadata` (the record far.save stores) and `far_run` (a
-        far.train.RunReport: history, accuracy, seconds, completed; completed False when
-        config.max_steps stopped it, to be resumed).
-    """
-    cfg = config or TrainConfig()
-    skip1 = cfg.epochs == 0
-    dataclasses.replace(cfg, epochs=1.0 if skip1 else cfg.epochs).validate()
-    if stage2_epochs < 0:
-        raise ConfigError(f"stage 2 epochs must be >= 0, got {stage2_epochs}")
-    if skip1 and stage2_epochs == 0:
-        raise ConfigError("both stages have 0 epochs: nothing to train")
-    if student is not None and hidden_sizes is not None:
-        raise ConfigError("hidden_sizes sizes a new student; an existing student keeps its own sizes")
-    if far_modules(teacher):
-        raise ConfigError("the teacher is already a FAR model; distil from an attention model")
-    saved = _teacher_state(teacher)
-    try:
-        return _distill(teacher, train_data, student, eval_data, cfg, skip1, stage2_epochs, stage2_lr, ce_weight,
-                        cos_weight, kd_weight, kd_temperature, hidden_sizes, device, identity)
-    finally:
-        _restore_teacher(teacher, saved)
 
 
 def _teacher_state(teacher: nn.Module) -> tuple:
@@ -231,8 +252,95 @@ def _restore_teacher(teacher: nn.Module, saved: tuple) -> None:
         q.requires_grad_(g)
 
 
-def _distill(teacher, train_data, student, eval_data, cfg, skip1, stage2_epochs, stage2_lr, ce_weight, cos_weight,
-             kd_weight, kd_temperature, hidden_sizes, device, identity) -> nn.Module:
+# ---------------------------------------------------------------- the method
+@dataclasses.dataclass
+class DistillSettings:
+    """The method's choices (see far.distill); recorded in the student's metadata and a resumed run's identity."""
+    stage1: str = "isolated"
+    block_loss: str = "cos+mse"
+    joint_epochs: float = 0.0
+    stage2_epochs: float = 1.0
+    stage2_lr: float = 2e-4
+    ce_weight: float = 1.0
+    block_weight: float = 1.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    stage2_block_weight: float = 0.0
+    labels: bool = True
+
+    def validate(self, stage1_epochs: float) -> "DistillSettings":
+        if self.stage1 not in STAGE1_MODES:
+            raise ConfigError(f"stage1 must be one of {', '.join(STAGE1_MODES)}, got {self.stage1!r}")
+        block_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), self.block_loss)
+        for name in ("joint_epochs", "stage2_epochs", "stage2_lr", "ce_weight", "block_weight", "kd_weight",
+                     "stage2_block_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(self, name)}")
+        if not self.kd_temperature > 0:
+            raise ConfigError(f"kd temperature must be > 0, got {self.kd_temperature}")
+        if stage1_epochs == 0 and self.joint_epochs == 0 and self.stage2_epochs == 0:
+            raise ConfigError("every stage has 0 epochs: nothing to train")
+        ce = self.ce_weight if self.labels else 0.0
+        if self.stage2_epochs > 0 and ce + self.kd_weight + self.stage2_block_weight == 0:
+            raise ConfigError("stage 2 has no loss: give it a kd weight or a stage-2 block weight"
+                              + ("" if self.labels else " (without labels there is no cross-entropy)"))
+        return self
+
+
+def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = None, eval_data=None,
+            config: Optional[TrainConfig] = None, stage1: str = "isolated", block_loss: str = "cos+mse",
+            joint_epochs: float = 0.0, stage2_epochs: float = 1.0, stage2_lr: float = 2e-4, ce_weight: float = 1.0,
+            block_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 1.0,
+            stage2_block_weight: float = 0.0, labels: bool = True, hidden_sizes=None, device: Optional[str] = None,
+            identity: Optional[dict] = None) -> nn.Module:
+    """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
+    teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
+    train/eval mode and requires_grad flags are restored afterwards.
+
+    Args:
+        teacher: the attention model.
+        train_data / eval_data: datasets of (image, label) (labels unused when labels=False); eval_data
+            (optional) is tested after each epoch.
+        student: a FAR model to continue from (default: far.convert of a copy of the teacher, LSTMs
+            initialized from config.seed, pre_proj from the value projection).
+        config: the training options of stage 1 (its epochs and lr; 0 epochs skips it); the joint phase
+            and stage 2 reuse them with their own epochs (and stage2_lr). config.out_dir None writes
+            nothing; with a folder, <out_dir>/stage1, /joint and /stage2 hold each stage's resumable state
+            and metrics, and config.resume continues an interrupted run.
+        stage1: "isolated" (each block on the teacher's own inputs) or "joint" (all blocks in the student).
+        block_loss: "cos", "mse" or "cos+mse" (module docstring).
+        joint_epochs: epochs of the in-model block-loss phase after stage 1 (0 = none).
+        ce_weight, block_weight: weights of CE and the block losses in the joint stages (CE is unused in
+            an isolated stage 1); kd_weight, kd_temperature: logit distillation in the joint phases and
+            stage 2 (0 = off); stage2_block_weight: the block losses kept in stage 2 as a regularizer.
+        labels: False trains without labels (no CE anywhere).
+        hidden_sizes: LSTM units of a new student (int or one [2, H] per block).
+        device: cpu, cuda, cuda:N (default: the process's GPU under torchrun, else cuda if present, else cpu).
+        identity: extra settings a resumed run must match (e.g. the teacher's file and the data's name).
+    Returns:
+        the student (eval mode), with `far_metadata` (the record far.save stores) and `far_run` (a
+        far.train.RunReport: history, accuracy, seconds, completed; completed False when
+        config.max_steps stopped it, to be resumed).
+    """
+    cfg = config or TrainConfig()
+    dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
+    if cfg.epochs < 0:
+        raise ConfigError(f"stage 1 epochs must be >= 0, got {cfg.epochs}")
+    settings = DistillSettings(stage1, block_loss, joint_epochs, stage2_epochs, stage2_lr, ce_weight, block_weight,
+                               kd_weight, kd_temperature, stage2_block_weight, labels).validate(cfg.epochs)
+    if student is not None and hidden_sizes is not None:
+        raise ConfigError("hidden_sizes sizes a new student; an existing student keeps its own sizes")
+    if far_modules(teacher):
+        raise ConfigError("the teacher is already a FAR model; distil from an attention model")
+    saved = _teacher_state(teacher)
+    try:
+        return _distill(teacher, train_data, student, eval_data, cfg, settings, hidden_sizes, device, identity)
+    finally:
+        _restore_teacher(teacher, saved)
+
+
+def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: DistillSettings, hidden_sizes, device,
+             identity) -> nn.Module:
     d = setup_distributed(device)
     teacher = teacher.to(d.device).eval()
     torch.manual_seed(cfg.seed)  # the LSTMs' initialization is part of the run
@@ -244,56 +352,77 @@ def _distill(teacher, train_data, student, eval_data, cfg, skip1, stage2_epochs,
         check_student(student, teacher)
         student = copy.deepcopy(student)
         continued = True
-    ident = {**(identity or {}), "ce_weight": ce_weight, "cos_weight": cos_weight}
-    if kd_weight > 0:  # only then, so runs without KD keep the identity they always had (resume)
-        ident.update(kd_weight=kd_weight, kd_temperature=kd_temperature)
-    stage1_file = None if cfg.out_dir is None else os.path.join(cfg.out_dir, "stage1", "model.safetensors")
-    r1 = result = None
-    if not skip1 and cfg.resume and stage1_file is not None and os.path.isfile(stage1_file):
-        from far.models import load
+    ce = st.ce_weight if st.labels else 0.0
+    ident = {**(identity or {}), "ce_weight": ce, "block_weight": st.block_weight, "block_loss": st.block_loss,
+             "stage1": st.stage1}
+    if st.kd_weight > 0:
+        ident.update(kd_weight=st.kd_weight, kd_temperature=st.kd_temperature)
+    results: List[TrainResult] = []
 
-        student = load(stage1_file).to(d.device)  # stage 1 finished in an earlier run
-    elif not skip1:
-        c1 = stage_config(cfg, "stage1", min_lr=min(cfg.min_lr, cfg.lr))
-        task = DistillTask(student, teacher, c1, stage=1, ce_weight=ce_weight, cos_weight=cos_weight,
-                           kd_weight=kd_weight, kd_temperature=kd_temperature)
+    def stage(name: str, task: Task, c: TrainConfig, desc: str, keep: bool) -> bool:
+        """Run one stage (or load its finished model on resume); True if it completed."""
+        nonlocal student
+        done_file = None if c.out_dir is None else os.path.join(c.out_dir, "model.safetensors")
+        if cfg.resume and done_file is not None and os.path.isfile(done_file):
+            from far.models import load
+
+            student = load(done_file).to(d.device)  # finished in an earlier run
+            task.remove_hooks()
+            return True
         try:
-            r1 = result = train(task, train_data, eval_data, c1, d, identity=ident, desc="distill stage 1")
+            r = train(task, train_data, eval_data, c, d, identity={**ident, "stage": name}, desc=desc)
         finally:
             task.remove_hooks()
-        student = r1.model
-        if r1.completed and stage1_file is not None and d.main:
-            save(student, stage1_file, metadata={"stage": 1})
+        results.append(r)
+        if r.completed and keep and done_file is not None and d.main:
+            save(student, done_file, metadata={"stage": name})
         d.barrier()
-    if stage2_epochs > 0 and (r1 is None or r1.completed):
-        c2 = stage_config(cfg, "stage2", epochs=stage2_epochs, lr=stage2_lr, min_lr=min(cfg.min_lr, stage2_lr),
-                          warmup_epochs=min(cfg.warmup_epochs, stage2_epochs / 4))
-        task = DistillTask(student, teacher, c2, stage=2, ce_weight=1.0, cos_weight=0.0, kd_weight=kd_weight,
-                           kd_temperature=kd_temperature)
-        try:
-            result = train(task, train_data, eval_data, c2, d, identity={**ident, "stage": 2},
-                           desc="distill stage 2")
-        finally:
-            task.remove_hooks()
-        student = result.model
-    if result is None:  # resumed with stage 1 done and no stage 2: report what we have
-        result = TrainResult(student, [], accuracy(student, eval_data, batch_size=cfg.eval_batch_size,
-                                                   device=d.device), 0.0, 0, None, True)
+        return r.completed
+
+    ok = True
+    if cfg.epochs > 0:
+        c1 = stage_config(cfg, "stage1", min_lr=min(cfg.min_lr, cfg.lr))
+        task = (IsolatedTask(student, teacher, c1, st.block_loss) if st.stage1 == "isolated" else
+                DistillTask(student, teacher, c1, stage=1, ce_weight=ce, block_weight=st.block_weight,
+                            kd_weight=st.kd_weight, kd_temperature=st.kd_temperature, kind=st.block_loss))
+        ok = stage("stage1", task, c1, f"distill stage 1 ({st.stage1})", keep=True)
+    if ok and st.joint_epochs > 0:
+        cj = stage_config(cfg, "joint", epochs=st.joint_epochs, min_lr=min(cfg.min_lr, cfg.lr),
+                          warmup_epochs=min(cfg.warmup_epochs, st.joint_epochs / 4))
+        task = DistillTask(student, teacher, cj, stage=1, ce_weight=ce, block_weight=st.block_weight,
+                           kd_weight=st.kd_weight, kd_temperature=st.kd_temperature, kind=st.block_loss)
+        ok = stage("joint", task, cj, "distill joint", keep=True)
+    if ok and st.stage2_epochs > 0:
+        c2 = stage_config(cfg, "stage2", epochs=st.stage2_epochs, lr=st.stage2_lr,
+                          min_lr=min(cfg.min_lr, st.stage2_lr), warmup_epochs=min(cfg.warmup_epochs, st.stage2_epochs / 4))
+        task = DistillTask(student, teacher, c2, stage=2, ce_weight=ce, block_weight=st.stage2_block_weight,
+                           kd_weight=st.kd_weight, kd_temperature=st.kd_temperature, kind=st.block_loss)
+        ok = stage("stage2", task, c2, "distill stage 2", keep=False)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    last_acc = results[-1].final_accuracy if results else None
+    if not results and eval_data is not None:  # resumed with every stage done: report what we have
+        last_acc = accuracy(student, eval_data, batch_size=cfg.eval_batch_size, device=d.device)
+    fidelity = None
+    if ok and eval_data is not None:  # what the method claims: every block reproduces its attention block
+        report = block_fidelity(teacher, student, eval_data, batch_size=cfg.eval_batch_size, device=d.device)
+        fidelity = {"num_images": report["num_images"], "agreement": report["agreement"],
+                    "blocks": [{k: blk[k] for k in ("isolated", "in_model")} for blk in report["blocks"]]}
     t_acc = accuracy(teacher, eval_data, batch_size=cfg.eval_batch_size, device=d.device)
-    seconds = (r1.seconds if r1 is not None else 0.0) + (result.seconds if result is not r1 else 0.0)
-    histories = [r.history for r in ((r1, result) if result is not r1 else (r1,)) if r is not None]
-    done = TrainResult(student, join_histories(*histories), result.final_accuracy, seconds,
-                       (r1.steps if r1 is not None else 0) + (result.steps if result is not r1 else 0),
-                       None, result.completed)
+    seconds = sum(r.seconds for r in results)
+    done = TrainResult(student, join_histories(*[r.history for r in results]), last_acc, seconds,
+                       sum(r.steps for r in results), None, ok)
     student.far_metadata = run_metadata(
-        "distill", cfg, d, done, teacher_test_accuracy=t_acc, **{k: v for k, v in (identity or {}).items()},
-        distill={"stage1_epochs": cfg.epochs, "stage1_lr": cfg.lr, "stage2_epochs": stage2_epochs,
-                 "stage2_lr": stage2_lr, "ce_weight": ce_weight, "cos_weight": cos_weight, "kd_weight": kd_weight,
-                 "kd_temperature": kd_temperature, "continued": continued})
+        "distill", cfg, d, done, teacher_test_accuracy=t_acc, **(identity or {}),
+        distill={"stage1_epochs": cfg.epochs, "stage1_lr": cfg.lr, **dataclasses.asdict(st), "continued": continued},
+        **({"fidelity": fidelity} if fidelity is not None else {}))
     lstm = sum(m.num_lstm_params() for _, m in far_modules(student))
     student.far_run = RunReport(
         "distill", done.history, done.final_accuracy, seconds, done.steps, done.completed, cfg.out_dir,
         rows=[("teacher top-1", f"{100 * t_acc:.2f}%" if t_acc is not None else "n/a"),
               ("FAR parameters", f"{sum(p.numel() for p in student.parameters()):,}"),
-              ("LSTM + head_proj params", f"{lstm:,}"), ("processes", str(d.world))])
+              ("LSTM + head_proj params", f"{lstm:,}"), ("processes", str(d.world))]
+        + ([("block cosine isolated / in model", " ".join(f"{b['isolated']['cos']:.3f}/{b['in_model']['cos']:.3f}"
+                                                            for b in fidelity["blocks"])),
+            ("top-1 agreement with the teacher", f"{100 * fidelity['agreement']:.2f}%")] if fidelity else []))
     return student.eval()

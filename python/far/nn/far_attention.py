@@ -266,24 +266,28 @@ class FARAttention(nn.Module):
             raise TypeError(f"FARAttention: x is {x.dtype} but the module is {w.dtype}; cast one of them "
                             "(e.g. model.to(x.dtype)) or use torch.autocast")
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                backend: Optional[str] = None) -> torch.Tensor:
-        """x [B, N, C] -> [B, N, dim_out]. backend: this call's BiLSTM backend (default: the module's
-        `backend`, else env FAR_BACKEND, else auto); far_kernels.bilstm_fused_scan chooses and runs it
-        (a differentiable torch.lstm per head when a gradient is required)."""
-        self._check_input(x, attn_mask, is_causal)
+    def token_mix(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """Everything but the output projection: x [B, N, C] -> the concatenated head_proj outputs
+        [B, N, H*d] (the input of proj, W_O), i.e. what a timm Attention computes before W_O."""
+        self._check_input(x, None, False)
         B, N, _ = x.shape
         H, d, n = self.num_heads, self.head_dim, self.width
         xh = self.pre_proj(x)  # [B, N, H*d]
         if n == 0:  # every unit pruned: each head outputs its head_proj bias
-            o = self.head_proj_bias.reshape(1, 1, H * d).expand(B, N, H * d).to(x.dtype)
-            return self.proj_drop(self.proj(o))
+            return self.head_proj_bias.reshape(1, 1, H * d).expand(B, N, H * d).to(x.dtype)
         h = far_kernels.bilstm_fused_scan(xh, self.w_ih, self.b_ih + self.b_hh, self.w_hh, self.hidden_sizes,
                                           backend=backend if backend is not None else self.backend)  # [H, B, N, 2, n]
         o = torch.baddbmm(self.head_proj_bias.unsqueeze(1), h.reshape(H, B * N, 2 * n),
                           self.head_proj_weight.transpose(1, 2))  # [H, B*N, d]
-        o = o.view(H, B, N, d).permute(1, 2, 0, 3).reshape(B, N, H * d)
-        return self.proj_drop(self.proj(o))
+        return o.view(H, B, N, d).permute(1, 2, 0, 3).reshape(B, N, H * d)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                backend: Optional[str] = None) -> torch.Tensor:
+        """x [B, N, C] -> proj(token_mix(x)) [B, N, dim_out]. backend: this call's BiLSTM backend (default:
+        the module's `backend`, else env FAR_BACKEND, else auto); far_kernels.bilstm_fused_scan chooses and
+        runs it (a differentiable torch.lstm per head when a gradient is required)."""
+        self._check_input(x, attn_mask, is_causal)
+        return self.proj_drop(self.proj(self.token_mix(x, backend)))
 
     @torch.no_grad()
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

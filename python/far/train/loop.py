@@ -257,6 +257,17 @@ class Task:
     def trainable(self) -> List[Tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def evaluated(self) -> nn.Module:
+        """The classifier whose test accuracy the loop reports (default: the trained model itself; a task
+        that trains parts of a model returns the whole model)."""
+        return self.model
+
+    def clip_groups(self) -> List[List[nn.Parameter]]:
+        """Parameter groups whose gradient norms are clipped separately (cfg.grad_clip); default: one
+        group of every trainable parameter. Independent problems (e.g. blocks trained in isolation)
+        give one group each, so that one's gradient never rescales another's."""
+        return [[p for _, p in self.trainable()]]
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.label_smoothing)
         return {"loss": loss, "ce": loss.detach()}
@@ -317,6 +328,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     total = max(1, int(round(cfg.epochs * spe)))
     warmup = int(round(cfg.warmup_epochs * spe))
     named = task.trainable()
+    clip_groups = task.clip_groups()
     if not named:
         raise ConfigError(f"{desc}: nothing to train (no parameter requires a gradient)")
     decay = [p for n, p in named if p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token"))]
@@ -402,7 +414,8 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
             else:
                 loss.backward()
             if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
+                for group in clip_groups:
+                    nn.utils.clip_grad_norm_(group, cfg.grad_clip)
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -432,8 +445,8 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
                 acc = None
                 if eval_set is not None:
                     ctx = ema.applied(model) if ema is not None else contextlib.nullcontext(model)
-                    with ctx as m:
-                        acc = accuracy(m, eval_set, batch_size=cfg.eval_batch_size, device=d.device)
+                    with ctx:
+                        acc = accuracy(task.evaluated(), eval_set, batch_size=cfg.eval_batch_size, device=d.device)
                 row = {"kind": "epoch", "step": step, "epoch": step / spe, "seconds": seconds,
                        "accuracy": acc}
                 history.append(row)
@@ -455,7 +468,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     if ema is not None and completed:
         model.load_state_dict(ema.shadow, strict=False)
     if completed and eval_set is not None and (acc is None or ema is not None):
-        acc = accuracy(model, eval_set, batch_size=cfg.eval_batch_size, device=d.device)
+        acc = accuracy(task.evaluated(), eval_set, batch_size=cfg.eval_batch_size, device=d.device)
     if acc is None and completed:
         acc = next((r["accuracy"] for r in reversed(history) if r.get("kind") == "epoch"), None)
     return TrainResult(model=model, history=history, final_accuracy=acc,

@@ -1,0 +1,144 @@
+"""far.fidelity: does each FAR block reproduce the attention block it replaced?
+
+For every block b, with t the teacher attention's output before W_O (the input of its proj) and s the
+FAR block's output before proj (FARAttention.token_mix):
+  isolated   s = the student's FAR block fed the teacher's own block input (the block as a function)
+  in_model   s = the FAR block's output in the student's own forward pass (errors of earlier blocks
+             included: what the model really computes)
+and for each, over every image of the data:
+  cos        cosine along the token axis, per (image, channel): the distillation objective of FAR
+  token_cos  cosine along the channel axis, per (image, token)
+  rel_mse    sum (s - t)^2 / sum t^2 (0 = equal; sees magnitude, unlike the cosines)
+  scale      ||s|| / ||t|| over all entries (1 = same magnitude)
+plus top-1 agreement of student and teacher and both accuracies.
+
+    report = block_fidelity(teacher, student, test_set)
+    [b["isolated"]["cos"] for b in report["blocks"]]
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from far.data import iterate_batches
+from far.errors import ConfigError, DataError
+from far.nn import FARAttention, MixerTaps, token_mixers
+
+KINDS = ("isolated", "in_model")
+
+
+class _Sums:
+    """Running sums of one (block, kind)'s statistics."""
+
+    def __init__(self):
+        self.cos = self.n_cos = self.tcos = self.n_tcos = 0.0
+        self.err = self.ref = self.own = 0.0
+
+    @torch.no_grad()
+    def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
+        s, t = s.double(), t.double()
+        c = F.cosine_similarity(s, t, dim=1, eps=1e-12)  # [B, C]: along tokens
+        tc = F.cosine_similarity(s, t, dim=2, eps=1e-12)  # [B, N]: along channels
+        self.cos += float(c.sum())
+        self.n_cos += c.numel()
+        self.tcos += float(tc.sum())
+        self.n_tcos += tc.numel()
+        self.err += float((s - t).square().sum())
+        self.ref += float(t.square().sum())
+        self.own += float(s.square().sum())
+
+    def result(self) -> dict:
+        return {"cos": self.cos / max(self.n_cos, 1), "token_cos": self.tcos / max(self.n_tcos, 1),
+                "rel_mse": self.err / max(self.ref, 1e-300), "scale": (self.own / max(self.ref, 1e-300)) ** 0.5}
+
+
+@torch.no_grad()
+def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 256, device=None,
+                   progress: bool = False) -> dict:
+    """Per-block fidelity of `student` (FAR) to `teacher` (attention) on `data` (see the module docstring).
+
+    Both models run in eval mode (restored afterwards) on `device` (default: the student's). Returns
+    {"num_images", "agreement", "teacher_accuracy", "student_accuracy", "blocks": [{"block", "far",
+    "isolated": {...} or None (a block that is not FAR), "in_model": {...}}], "mean": {kind: {metric}}}."""
+    t_mix, s_mix = token_mixers(teacher), token_mixers(student)
+    if len(t_mix) != len(s_mix):
+        raise ConfigError(f"teacher and student have {len(t_mix)} and {len(s_mix)} blocks")
+    if device is None:
+        p = next(student.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    dtype = next(student.parameters()).dtype
+    sums = [{k: _Sums() for k in KINDS} for _ in s_mix]
+    agree = t_correct = s_correct = seen = labelled = 0
+    modes = (teacher.training, student.training)
+    teacher.eval()
+    student.eval()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(data), unit="img", desc="fidelity", file=sys.stderr, dynamic_ncols=True, leave=False)
+    try:
+        with MixerTaps(teacher) as t_taps, MixerTaps(student, inputs=False) as s_taps:
+            for x, y in iterate_batches(data, batch_size, device=device):
+                x = x.to(dtype)
+                t_logits = teacher(x)
+                t_in, t_out = t_taps.take()
+                s_logits = student(x)
+                _, s_out = s_taps.take()
+                for b, (mix, a, t, s) in enumerate(zip(s_mix, t_in, t_out, s_out)):
+                    if isinstance(mix, FARAttention):
+                        sums[b]["isolated"].add(mix.token_mix(a), t)
+                    sums[b]["in_model"].add(s, t)
+                tp, sp = t_logits.argmax(-1), s_logits.argmax(-1)
+                agree += int((tp == sp).sum())
+                valid = y >= 0
+                labelled += int(valid.sum())
+                t_correct += int((tp == y)[valid].sum())
+                s_correct += int((sp == y)[valid].sum())
+                seen += x.shape[0]
+                if bar is not None:
+                    bar.update(x.shape[0])
+    finally:
+        if bar is not None:
+            bar.close()
+        teacher.train(modes[0])
+        student.train(modes[1])
+    if seen == 0:
+        raise DataError("the dataset is empty")
+    blocks = []
+    for b, mix in enumerate(s_mix):
+        far = isinstance(mix, FARAttention)
+        blocks.append({"block": b, "far": far, "isolated": sums[b]["isolated"].result() if far else None,
+                       "in_model": sums[b]["in_model"].result()})
+    mean = {}
+    for kind in KINDS:
+        rows = [blk[kind] for blk in blocks if blk[kind] is not None]
+        mean[kind] = {m: sum(r[m] for r in rows) / len(rows) for m in rows[0]} if rows else None
+    return {"num_images": seen, "agreement": agree / seen,
+            "teacher_accuracy": t_correct / labelled if labelled else None,
+            "student_accuracy": s_correct / labelled if labelled else None, "blocks": blocks, "mean": mean}
+
+
+def format_fidelity(report: dict) -> str:
+    """The report as a text table: a row per block, isolated and in-model columns."""
+    lines = [f"{'block':>5}  {'iso cos':>8} {'iso tok':>8} {'iso rMSE':>9} {'iso scale':>9}   "
+             f"{'in cos':>8} {'in tok':>8} {'in rMSE':>9} {'in scale':>9}"]
+
+    def cells(r):
+        if r is None:
+            return f"{'-':>8} {'-':>8} {'-':>9} {'-':>9}"
+        return f"{r['cos']:>8.4f} {r['token_cos']:>8.4f} {r['rel_mse']:>9.4f} {r['scale']:>9.3f}"
+
+    for blk in report["blocks"]:
+        lines.append(f"{blk['block']:>5}  {cells(blk['isolated'])}   {cells(blk['in_model'])}")
+    lines.append(f"{'mean':>5}  {cells(report['mean']['isolated'])}   {cells(report['mean']['in_model'])}")
+    acc = report["teacher_accuracy"]
+    lines.append(f"top-1 agreement with the teacher {100 * report['agreement']:.2f}% on {report['num_images']} images"
+                 + (f"; accuracy teacher {100 * acc:.2f}%, student {100 * report['student_accuracy']:.2f}%"
+                    if acc is not None else ""))
+    return "\n".join(lines)
