@@ -8,7 +8,7 @@
 """
 from far.errors import BackendUnavailable, CheckpointError, ConfigError, DataError, FarError
 from far.evaluate import evaluate
-from far.methods import distill, finetune, prune, train_classifier
+from far.methods import distill, finetune, prune, reuse, train_classifier
 from far.models import (ConversionReport, convert, count_params, create_model, far_modules, load, load_model,
                         save, set_backend)
 from far.checkpoint import read_config
@@ -37,6 +37,7 @@ __all__ = [
     "load_model",
     "prune",
     "read_config",
+    "reuse",
     "save",
     "set_backend",
     "train_classifier",

@@ -5,6 +5,7 @@ File layout (safetensors; header metadata is a str -> str map):
     __metadata__["far_config"]  JSON: {"format": "far-checkpoint", "format_version": 1, "far_version",
                                 "architecture": {"timm_name", "kwargs"},
                                 "far": {"blocks": [{"name", "num_heads", "head_dim", "hidden_sizes" [2][H]}]},
+                                "reuse" (optional): {"plan": {"<block>": source block}, "transform": kind},
                                 "pretrained_cfg": {...}, "metadata": {...user: teacher, training, pruning},
                                 "sha256": hex digest of the rest of the config (JSON, sorted keys, no
                                 spaces) and of every tensor (name, dtype, shape, bytes; by name)}
@@ -221,6 +222,12 @@ def check_config(path, raw: Optional[str]) -> dict:
                      for r in hs),
              f"far.blocks[{i}] ({b['name']}): hidden_sizes must be [2][num_heads={b['num_heads']}] ints >= 0, "
              f"got {hs!r}")
+    reuse = config.get("reuse")
+    if reuse is not None:
+        need(isinstance(reuse, dict) and isinstance(reuse.get("plan"), dict) and isinstance(reuse.get("transform"), str)
+             and all(isinstance(k, str) and k.isdigit() and is_int(v) and 0 <= v < int(k)
+                     for k, v in reuse["plan"].items()),
+             f"reuse must be {{'plan': {{'block': earlier source block}}, 'transform': str}}, got {reuse!r}")
     need(isinstance(config.get("pretrained_cfg", {}), dict), "pretrained_cfg must be a dict")
     need(isinstance(config.get("metadata", {}), dict), "metadata must be a dict")
     need(isinstance(config.get(DIGEST_KEY, ""), str), f"{DIGEST_KEY} must be a hex string")

@@ -13,24 +13,26 @@ from pathlib import Path
 from typing import Optional
 
 from far.cli.evaluate import eval_dataset, eval_workers
-from far.cli.options import (BACKEND_CHOICES, FMNIST_NOTE, Formatter, add_common, add_data, add_device, add_model,
-                             at_least, note, output_checks, set_threads, warn)
+from far.cli.options import (BACKEND_CHOICES, FMNIST_NOTE, MODEL_HELP, Formatter, add_common, add_data, add_device,
+                             add_model, at_least, note, output_checks, set_threads, warn)
 from far.errors import ConfigError
 
 
 # ---------------------------------------------------------------- config values from the command line
-def _config_fields() -> dict:
+def _crossbar_config():
     import far_kernels
 
-    return {f.name: f for f in dataclasses.fields(far_kernels.CrossbarConfig)}
+    return far_kernels.CrossbarConfig
 
 
-def _parse_value(key: str, text: str, opt: str):
-    """A CrossbarConfig field value from text, typed by the field's default: int, float, str,
-    'none' for None, a pair 'p0/p1' for tuples (stuck_at)."""
-    fields = _config_fields()
+def _parse_value(key: str, text: str, opt: str, cls=None):
+    """A field value of the dataclass `cls` (default far_kernels.CrossbarConfig) from text, typed by the
+    field's default: int, float, str, 'none' for None, a pair 'p0/p1' for tuples (stuck_at)."""
+    cls = cls or _crossbar_config()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     if key not in fields:
-        raise ConfigError(f"{opt}: unknown crossbar setting '{key}'; known: {', '.join(fields)}")
+        what = "crossbar" if cls is _crossbar_config() else "hardware"
+        raise ConfigError(f"{opt}: unknown {what} setting '{key}'; known: {', '.join(fields)}")
     f = fields[key]
     default = f.default if f.default is not dataclasses.MISSING else None
     t = text.strip()
@@ -71,11 +73,9 @@ def _key_value(item: str, opt: str) -> tuple:
     return key.strip(), val
 
 
-def _make_config(values: dict, what: str):
-    import far_kernels
-
+def _make_config(values: dict, what: str, cls=None):
     try:
-        return far_kernels.CrossbarConfig(**values)
+        return (cls or _crossbar_config())(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{what}: {' '.join(str(e).split())}") from None
 
@@ -293,3 +293,205 @@ def add_parsers(sub) -> None:
     p.add_argument("--plot", metavar="PNG", help="write accuracy vs the swept setting to this image")
     add_common(p, quiet="no progress output")
     p.set_defaults(func=cmd_imc_eval)
+    _add_cost_parser(sub)
+
+
+def _add_cost_parser(sub) -> None:
+    p = sub.add_parser(
+        "imc-cost", formatter_class=Formatter,
+        help="energy, latency, area, EDAP of models on an ISAAC-like ReRAM chip, side by side",
+        description="Count what one image through each MODEL costs on an ISAAC-like ReRAM in-memory-computing "
+                    "chip (far.imc.cost: crossbar arrays, ADC conversions, DAC activations, cell writes, digital "
+                    "ops and buffer traffic, layer by layer; energy, latency, area, EDAP, TOPS/W, TOPS/mm2), for "
+                    "each way of doing attention's dynamic products (--dynamic write: K and V written into crossbars "
+                    "every image; digital: an int8 MAC unit), with ratios to the first model. With --data, the "
+                    "digital top-1 too (and, with --emulate, the top-1 on the crossbar emulator). A timm name is "
+                    "costed as its FAR conversion; NAME:attention keeps its attention. Weights do not matter for "
+                    "the cost, so timm names need no download.",
+        epilog="examples:\n"
+               "  far imc-cost fmnist_deit_tiny fmnist_far_tiny fmnist_far_tiny_pruned --data fashion-mnist --limit 1000\n"
+               "  far imc-cost deit_small_patch16_224:attention deit_small_patch16_224 --dynamic write,digital "
+               "--json deit_s.json --plot deit_s.png\n"
+               "  far imc-cost fmnist_far_tiny --set adc_bits=6 --hw cols_per_adc=64 --constants my_chip.yaml\n\n"
+               "Constants and their sources: python/far/imc/cost_constants.json (override with --constants FILE, "
+               "JSON or YAML: {name: {field: value}}).")
+    p.add_argument("model", metavar="MODEL", nargs="+", help=MODEL_HELP + " (NAME:attention: a timm name unconverted)")
+    p.add_argument("--dynamic", default="write,digital", metavar="write,digital",
+                   help="how attention's QK^T and S.V run (comma-separated; each gets its own table)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a crossbar setting (far_kernels.CrossbarConfig field), e.g. adc_bits=6")
+    p.add_argument("--hw", action="append", metavar="KEY=VALUE",
+                   help="a chip setting (far.imc.cost.HardwareSpec field), e.g. cols_per_adc=64, write_verify=4")
+    p.add_argument("--constants", metavar="FILE", help="JSON/YAML file overriding entries of the constants table")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="image size (default: each model's pretrained_cfg)")
+    p.add_argument("--data", default=None, metavar="fashion-mnist|PATH", help="measure top-1 on this data too")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="Fashion-MNIST split to evaluate")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="DataLoader workers for image folders (default: min(8, CPU cores) to evaluate, 0 to train)")
+    p.add_argument("--batch-size", type=int, default=100, metavar="B", help="images per batch")
+    p.add_argument("--emulate", action="store_true", help="with --data: also the top-1 on the crossbar emulator")
+    add_device(p)
+    p.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
+    p.add_argument("--plot", metavar="PNG", help="energy by component (and top-1 vs EDAP) as an image")
+    add_common(p, quiet="no progress output")
+    p.set_defaults(func=cmd_imc_cost)
+
+
+# ---------------------------------------------------------------- far imc-cost
+ATTENTION_SUFFIX = ":attention"
+
+
+def _cost_models(args, device):
+    """[(label, model, resolved spec)] of the MODEL arguments; NAME:attention keeps a timm name's attention."""
+    from far.models import load_model, resolve
+
+    out = []
+    for spec in args.model:
+        keep = spec.endswith(ATTENTION_SUFFIX)
+        name = spec[:-len(ATTENTION_SUFFIX)] if keep else spec
+        ref = resolve(name)
+        if keep and ref.kind != "timm":
+            raise ConfigError(f"{spec}: '{ATTENTION_SUFFIX}' applies to timm names; a checkpoint is costed as saved")
+        model, _ = load_model(ref, device=str(device), far=False if keep else None)
+        out.append((spec, model, ref))
+    labels = [label for label, _, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("a model is listed twice")
+    return out
+
+
+def _kind(model) -> str:
+    from far.models import is_far
+    from far.nn import reuse_plan
+
+    return "FAR" if is_far(model) else "reuse" if reuse_plan(model) else "attention"
+
+
+def cmd_imc_cost(args: argparse.Namespace) -> int:
+    import torch
+
+    from far.evaluate import evaluate
+    from far.imc import emulate
+    from far.imc.cost import DYNAMIC_MODES, HardwareSpec, model_cost
+    from far.models import data_config, stored_tensors
+    from far.utils.env import environment, resolve_device
+    from far.utils.fs import write_json
+
+    at_least(args, 1, "batch_size", "limit")
+    values = {}
+    for item in args.set or ():
+        key, val = _key_value(item, "--set")
+        values[key] = _parse_value(key, val, "--set")
+    cfg = _make_config(values, "--set")
+    hw_values = {}
+    for item in args.hw or ():
+        key, val = _key_value(item, "--hw")
+        hw_values[key] = _parse_value(key, val, "--hw", HardwareSpec)
+    if args.constants:
+        hw_values["constants"] = args.constants
+    modes = [m.strip() for m in args.dynamic.split(",") if m.strip()]
+    if not modes or any(m not in DYNAMIC_MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ConfigError(f"--dynamic takes a comma-separated list of {', '.join(DYNAMIC_MODES)}, got {args.dynamic!r}")
+    if "dynamic" in hw_values:
+        raise ConfigError("give the dynamic mode with --dynamic, not --hw dynamic=")
+    specs = {m: _make_config({**hw_values, "dynamic": m}, "--hw", HardwareSpec) for m in modes}
+    if args.emulate and not args.data:
+        raise ConfigError("--emulate measures accuracy: give --data")
+    models = _cost_models(args, torch.device("cpu") if args.device is None else resolve_device(args.device, "--device"))
+    output_checks(args, [r.path for _, _, r in models], "json", "plot")
+    set_threads(args)
+    device = resolve_device(args.device, "--device")
+    rows = []
+    for label, model, ref in models:
+        row = {"model": label, "kind": _kind(model), "origin": ref.origin,
+               "params": sum(t.numel() for t in stored_tensors(model).values()), "cost": {}}
+        for m, hw in specs.items():
+            row["cost"][m] = model_cost(model, cfg, hw, input_size=args.input_size).as_dict()
+        if args.data:
+            data = eval_dataset(args, model)
+            note(args, f"{label}: digital accuracy on {len(data)} images ...")
+            row["top1"] = evaluate(model.to(device), data, batch_size=args.batch_size, device=device,
+                                   workers=eval_workers(args), progress=not args.quiet)["accuracy"]
+            if args.emulate:
+                note(args, f"{label}: emulated accuracy (crossbars, this config) ...")
+                row["top1_emulated"] = evaluate(emulate(model, cfg).eval(), data, batch_size=args.batch_size,
+                                                device=device, workers=eval_workers(args),
+                                                progress=not args.quiet)["accuracy"]
+        rows.append(row)
+    base = rows[0]
+    print(f"IMC cost per image (batch 1): crossbar {_config_line(cfg)}")
+    for m in modes:
+        print(f"\n-- attention's dynamic products: {m}" + (" (written into crossbars every image)" if m == "write"
+                                                           else " (digital int8 MAC unit)"))
+        head = (f"{'model':<28} {'kind':<9} {'params':>9} {'arrays':>7} {'energy uJ':>10} {'latency us':>10} "
+                f"{'area mm2':>8} {'EDAP':>9} {'TOPS/W':>7} {'TOPS/mm2':>8} {'E/E0':>5} {'L/L0':>5} {'EDAP/0':>6}"
+                + (f" {'top-1':>7}" if args.data else "") + (f" {'emulated':>8}" if args.emulate else ""))
+        print(head)
+        b = base["cost"][m]["totals"]
+        for r in rows:
+            t = r["cost"][m]["totals"]
+            line = (f"{r['model']:<28} {r['kind']:<9} {r['params']:>9,} {t['arrays'] + t['dynamic_arrays']:>7} "
+                    f"{t['energy_uj']:>10.3f} {t['latency_us']:>10.1f} {t['area_mm2']:>8.3f} {t['edap']:>9.3g} "
+                    f"{t['tops_per_w']:>7.2f} {t['tops_per_mm2']:>8.3f} {t['energy_uj'] / b['energy_uj']:>5.2f} "
+                    f"{t['latency_us'] / b['latency_us']:>5.2f} {t['edap'] / b['edap']:>6.2f}")
+            if args.data:
+                line += f" {100 * r['top1']:>6.2f}%"
+            if args.emulate:
+                line += f" {100 * r['top1_emulated']:>7.2f}%"
+            print(line)
+    result = {"benchmark": "imc_cost", "crossbar_config": dataclasses.asdict(cfg),
+              "hardware": {m: dataclasses.asdict(h) for m, h in specs.items()}, "data": args.data,
+              "limit": args.limit, "environment": environment(), "models": rows}
+    if args.json:
+        write_json(args.json, result, force=args.force, inputs=[r.path for _, _, r in models])
+        note(args, f"wrote {args.json}")
+    if args.plot:
+        cost_plot(result, Path(args.plot), force=args.force)
+        note(args, f"wrote {args.plot}")
+    return 0
+
+
+def cost_plot(result: dict, path: Path, force: bool = True) -> None:
+    """Energy per image by component, stacked, one bar per (model, dynamic mode); with accuracies, a
+    second panel of top-1 against EDAP."""
+    from far.imc.cost import COMPONENTS
+    from far.utils.plot import pyplot, save_figure
+
+    plt = pyplot()
+    rows = result["models"]
+    modes = list(result["hardware"])
+    acc = all("top1" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if acc else 1, figsize=(13 if acc else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
+    labels, bottoms = [], []
+    x = 0
+    for r in rows:
+        for m in modes:
+            by = r["cost"][m]["totals"]["energy_uj_by_component"]
+            bottom = 0.0
+            for i, comp in enumerate(COMPONENTS):
+                ax.bar(x, by[comp], bottom=bottom, color=f"C{i}", label=comp if x == 0 else None)
+                bottom += by[comp]
+            labels.append(f"{r['model']}\n{m}")
+            x += 1
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("energy per image (uJ)")
+    ax.set_title("energy by component (dynamic products: " + " / ".join(modes) + ")", fontsize=9)
+    ax.legend(fontsize=7)
+    if acc:
+        ax2 = axes[0][1]
+        for k, m in enumerate(modes):
+            for r in rows:
+                ed = r["cost"][m]["totals"]["edap"]
+                ax2.scatter(ed, 100 * r["top1"], marker="os^"[k % 3], color=f"C{rows.index(r)}",
+                            label=f"{r['model']} ({m})")
+                if "top1_emulated" in r:
+                    ax2.scatter(ed, 100 * r["top1_emulated"], marker="x", color=f"C{rows.index(r)}")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("EDAP per image (J s mm2, lower is better)")
+        ax2.set_ylabel("top-1 (%)  (x: emulated on crossbars)")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=6)
+    save_figure(fig, path, dpi=120, force=force)

@@ -222,6 +222,38 @@ def cmd_prune(args) -> int:
     return finish(args, model, f"pruned FAR student of {args.model}")
 
 
+def _plan(text: str) -> dict:
+    """'2:1,3:1' -> {2: 1, 3: 1}."""
+    plan = {}
+    for item in text.split(","):
+        a, sep, b = item.partition(":")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+            raise ConfigError(f"--plan takes BLOCK:SOURCE pairs like 2:1,3:1, got {item!r}")
+        plan[int(a)] = int(b)
+    return plan
+
+
+def cmd_reuse(args) -> int:
+    import far
+    from far.imc.cost import HardwareSpec
+    from far.models import load_model, resolve
+
+    ref = resolve(args.model)
+    output_checks(args, [ref.path], "output")
+    cfg = train_config(args)
+    if (args.plan is None) == (args.latency_budget is None):
+        raise ConfigError("give exactly one of --latency-budget and --plan")
+    teacher, _ = load_model(ref, far=False, pretrained=True)
+    train_set, eval_set = datasets(args, teacher, cfg)
+    model = far.reuse(teacher, train_set, plan=_plan(args.plan) if args.plan else None,
+                      latency_budget_us=args.latency_budget, eval_data=eval_set, config=cfg,
+                      stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, ce_weight=args.ce_weight,
+                      kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, transform=args.transform,
+                      hardware=HardwareSpec(dynamic=args.dynamic), device=args.device,
+                      identity={"teacher": _abs(ref), "data": str(args.data)})
+    return finish(args, model, f"attention reuse (TReX-style) of {args.model}")
+
+
 def _folder_classes(path: str) -> int:
     p = Path(path)
     if not p.is_dir():
@@ -336,6 +368,36 @@ def add_parsers(sub) -> None:
     add_train_args(p, epochs=1, lr=2e-4, out_dir="far-runs/prune", warmup=0.1,
                    epochs_help="Hoyer-regularized epochs (fractions allowed; 0 = threshold the model as it is)")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "reuse", formatter_class=Formatter,
+        help="TReX-style attention reuse under an IMC latency budget (the rival method, for comparison)",
+        description="Make later encoders of the attention model MODEL reuse an earlier encoder's attention output "
+                    "through a transformation block (LayerNorm -> Linear -> GELU), TReX-style (re-implemented from "
+                    "the paper's abstract: see the README). --latency-budget picks the reusing encoders with the IMC "
+                    "cost model (far imc-cost; --dynamic says how attention's dynamic products run) at the least "
+                    "expected accuracy loss (the most similar attention outputs first); --plan gives them. Stage 1 "
+                    "(--epochs) trains the transformation blocks on the teacher's activations; stage 2 "
+                    "(--stage2-epochs) fine-tunes everything with CE + logit distillation.",
+        epilog="examples:\n  far reuse fmnist_deit_tiny --latency-budget 800 --epochs 1 --stage2-epochs 2 "
+               "-o fmnist_trex_tiny.safetensors\n  far reuse fmnist_deit_tiny --plan 3:2 --epochs 0.5 --stage2-epochs 1 "
+               "-o trex.safetensors\n" + _LAUNCH.format(cmd="reuse"))
+    add_model(p, help="the attention model: a checkpoint file, zoo name, or timm name (its pretrained weights)")
+    p.add_argument("--latency-budget", type=float, default=None, metavar="US",
+                   help="cost-model latency per image to meet, in microseconds")
+    p.add_argument("--plan", default=None, metavar="BLOCK:SOURCE,...", help="the reusing blocks and their sources")
+    p.add_argument("--transform", choices=("ln-linear-gelu", "ln-linear"), default="ln-linear-gelu",
+                   help="the transformation block")
+    p.add_argument("--dynamic", choices=("write", "digital"), default="write",
+                   help="cost model: attention's QK^T and S.V written into crossbars, or on a digital MAC unit")
+    p.add_argument("--stage2-epochs", type=float, default=1.0, metavar="E", help="fine-tune epochs (0 = none)")
+    p.add_argument("--stage2-lr", type=float, default=2e-4, metavar="LR", help="stage 2 peak learning rate")
+    p.add_argument("--ce-weight", type=float, default=1.0, metavar="W", help="weight of cross-entropy in stage 2")
+    p.add_argument("--kd-weight", type=float, default=1.0, metavar="W", help="weight of logit distillation in stage 2")
+    p.add_argument("--kd-temperature", type=float, default=2.0, metavar="T", help="softmax temperature of --kd-weight")
+    add_train_args(p, epochs=1, lr=1e-3, out_dir="far-runs/reuse", warmup=0.1,
+                   epochs_help="stage 1 epochs: the transformation blocks alone (0 = least-squares start only)")
+    p.set_defaults(func=cmd_reuse)
 
     p = sub.add_parser(
         "finetune", formatter_class=Formatter,

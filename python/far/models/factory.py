@@ -22,7 +22,7 @@ from far.errors import ConfigError
 from far.models import registry  # noqa: F401 - registers the fmnist_* architectures with timm
 from far.models.convert import convert, far_modules, set_backend
 from far.models.pretrained import ZOO, zoo_path
-from far.nn import FARAttention
+from far.nn import FARAttention, apply_reuse, reuse_plan
 from far.version import __version__
 
 
@@ -96,9 +96,13 @@ def build(config: dict, path="<config>") -> nn.Module:
     try:
         model = create_model(name, pretrained=False, far=bool(blocks),
                              hidden_sizes=[b["hidden_sizes"] for b in blocks] if blocks else None, **arch["kwargs"])
+        reuse = config.get("reuse")
+        if reuse:
+            apply_reuse(model, {int(i): j for i, j in reuse["plan"].items()}, kind=reuse["transform"])
     except Exception as e:
         raise checkpoint.fail(path, f"cannot rebuild architecture '{name}' with kwargs {arch['kwargs']} and "
-                                    f"{len(blocks)} FAR block(s): {type(e).__name__}: {e}") from e
+                                    f"{len(blocks)} FAR block(s){' and attention reuse' if config.get('reuse') else ''}: "
+                                    f"{type(e).__name__}: {e}") from e
     got = [(n, m.num_heads, m.head_dim) for n, m in far_modules(model)]
     want = [(b["name"], b["num_heads"], b["head_dim"]) for b in blocks]
     if got != want:
@@ -145,7 +149,10 @@ def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
     blocks = [{"name": name, "num_heads": m.num_heads, "head_dim": m.head_dim,
                "hidden_sizes": m.hidden_sizes.tolist()} for name, m in far_modules(model)]
     pcfg = getattr(model, "pretrained_cfg", None)
-    return {
+    plan = reuse_plan(model)
+    extra = {"reuse": {"plan": {str(i): j for i, j in sorted(plan.items())},
+                       "transform": getattr(model, "far_reuse_transform", "ln-linear-gelu")}} if plan else {}
+    return {**extra,
         "format": checkpoint.FORMAT,
         "format_version": checkpoint.FORMAT_VERSION,
         "far_version": __version__,

@@ -1,0 +1,273 @@
+"""far.reuse: TReX-style attention reuse as a method beside FAR — later encoders take an earlier
+encoder's attention output through a small transformation block instead of computing attention.
+
+Re-implemented from TReX's abstract (Moitra et al., arXiv 2408.12742; the body of the paper was not
+available): which encoders reuse is chosen by a search that meets a latency budget from the IMC cost
+model (far.imc.cost) at the least expected accuracy loss, and a distillation recovers accuracy.
+Assumed where the abstract is silent (see far.nn.reuse and the README): the reused tensor is the
+attention block's output after W_O; the transformation block is LayerNorm -> Linear(C, C) -> GELU; the
+expected loss of reusing block j in block i is 1 - (cosine along tokens per channel of the two
+blocks' attention outputs on calibration images), and each reusing block takes its most similar
+earlier block that keeps its own attention; the search is greedy (most similar first) until the
+budget is met.
+
+    plan = search_reuse(teacher, calib_images, latency_budget_us=700)        # {block: source}
+    model = far.reuse(teacher, train_set, plan=plan, eval_data=test_set)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from far.data import iterate_batches
+from far.errors import ConfigError
+from far.evaluate import accuracy
+from far.imc.cost import HardwareSpec, model_cost
+from far.methods.distill import kd_loss, relative_mse
+from far.models import far_modules
+from far.nn import MixerTaps, apply_reuse, reuse_plan, token_mixers
+from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
+                       stage_config, train)
+
+
+@torch.no_grad()
+def attention_similarity(model: nn.Module, data, batch_size: int = 256, limit: Optional[int] = None,
+                         device=None) -> torch.Tensor:
+    """[L, L] mean cosine (along tokens, per channel) between blocks' attention outputs (after W_O) on
+    `data` (at most `limit` images)."""
+    mixers = token_mixers(model, need_proj=False)
+    L = len(mixers)
+    if device is None:
+        device = next(model.parameters()).device
+    sums = torch.zeros(L, L, dtype=torch.float64)
+    count = 0
+    was = model.training
+    model.eval()
+    try:
+        with MixerTaps(model, inputs=False, pre_proj=False, outputs=True) as taps:
+            for x, _ in iterate_batches(data, batch_size, device=device):
+                if limit is not None and count >= limit:
+                    break
+                model(x.to(next(model.parameters()).dtype))
+                outs = [o.double() for o in taps.take()[2]]
+                for i in range(L):
+                    for j in range(i):
+                        c = F.cosine_similarity(outs[i], outs[j], dim=1, eps=1e-12)  # [B, C]
+                        sums[i, j] += c.mean(1).sum().cpu()
+                count += x.shape[0]
+    finally:
+        model.train(was)
+    if count == 0:
+        raise ConfigError("attention_similarity: no calibration images")
+    sim = sums / count
+    return sim + sim.T + torch.eye(L, dtype=torch.float64)
+
+
+def search_reuse(model: nn.Module, data, *, latency_budget_us: float, cfg=None, hw: Optional[HardwareSpec] = None,
+                 limit: int = 512, similarity: Optional[torch.Tensor] = None) -> dict:
+    """The reuse plan {block: source} meeting `latency_budget_us` (the cost model's latency per image) at the
+    least expected accuracy loss: blocks are made reusers greedily, most similar to an earlier own-attention
+    block first, until the budget is met. Returns {"plan", "latency_us", "baseline_latency_us", "met",
+    "similarity"}; met False: even the most reuse the rules allow misses the budget (the plan is that)."""
+    if not latency_budget_us > 0:
+        raise ConfigError(f"latency budget must be > 0 us, got {latency_budget_us}")
+    sim = similarity if similarity is not None else attention_similarity(model, data, limit=limit)
+    L = sim.shape[0]
+    base = model_cost(model, cfg, hw).totals["latency_us"]
+    plan: Dict[int, int] = {}
+    latency = base
+    while latency > latency_budget_us:
+        best = None
+        for i in range(1, L):
+            if i in plan or any(j == i for j in plan.values()):
+                continue
+            for j in range(i):
+                if j in plan:
+                    continue
+                if best is None or sim[i, j] > best[0]:
+                    best = (float(sim[i, j]), i, j)
+        if best is None:
+            break
+        plan[best[1]] = best[2]
+        latency = model_cost(apply_reuse(copy.deepcopy(model), plan), cfg, hw).totals["latency_us"]
+    return {"plan": plan, "latency_us": latency, "baseline_latency_us": base, "met": latency <= latency_budget_us,
+            "similarity": sim.tolist()}
+
+
+class TransformTask(Task):
+    """Stage 1: every reusing block's transformation block learns, from the frozen teacher's own attention
+    outputs, to map the source block's output to the attention output of the block it replaces
+    (relative MSE + 1 - cosine along tokens). Independent problems, clipped separately."""
+
+    name = "reuse-transform"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig):
+        plan = reuse_plan(student)
+        self.pairs = sorted(plan.items())
+        self.transforms = nn.ModuleList([token_mixers(student, need_proj=False)[i].transform for i, _ in self.pairs])
+        super().__init__(self.transforms, cfg)
+        self.student = student
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        for p in self.transforms.parameters():
+            p.requires_grad_(True)
+        self.taps = MixerTaps(self.teacher, inputs=False, pre_proj=False, outputs=True)
+
+    def clip_groups(self):
+        return [list(t.parameters()) for t in self.transforms]
+
+    def evaluated(self) -> nn.Module:
+        return self.student.to(next(self.transforms.parameters()).device)
+
+    def loss(self, model, x, y):
+        with torch.no_grad():
+            self.teacher(x)
+            outs = self.taps.take()[2]
+        out, total = {}, 0.0
+        for k, ((i, j), tf) in enumerate(zip(self.pairs, model)):
+            pred = tf(outs[j])
+            mse = relative_mse(pred, outs[i])
+            cos = (1.0 - F.cosine_similarity(pred.float(), outs[i].float(), dim=1, eps=1e-6)).mean()
+            total = total + mse + cos
+            out[f"mse_b{i}"], out[f"cos_b{i}"] = mse.detach(), cos.detach()
+        out["loss"] = total
+        return out
+
+    def remove_hooks(self) -> None:
+        self.taps.remove()
+
+
+class FinetuneTask(Task):
+    """Stage 2: every parameter, ce_weight * CE + kd_weight * KD from the teacher."""
+
+    name = "reuse-finetune"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, ce_weight: float, kd_weight: float,
+                 kd_temperature: float):
+        super().__init__(student, cfg)
+        self.teacher = teacher.eval()
+        self.ce_weight, self.kd_weight, self.kd_temperature = ce_weight, kd_weight, kd_temperature
+        for p in student.parameters():
+            p.requires_grad_(True)
+
+    def loss(self, model, x, y):
+        logits = model(x)
+        out, loss = {}, 0.0
+        if self.ce_weight > 0:
+            ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+            loss, out["ce"] = loss + self.ce_weight * ce, ce.detach()
+        if self.kd_weight > 0:
+            with torch.no_grad():
+                t = self.teacher(x)
+            kd = kd_loss(logits, t, self.kd_temperature)
+            loss, out["kd"] = loss + self.kd_weight * kd, kd.detach()
+        out["loss"] = loss
+        return out
+
+    def remove_hooks(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def fit_transforms(student: nn.Module, teacher: nn.Module, data, limit: int = 512) -> None:
+    """Initialize every transformation block's Linear by least squares: LN(source output) -> the replaced
+    block's attention output, on teacher activations (a warm start for stage 1)."""
+    pairs = sorted(reuse_plan(student).items())
+    mixers = token_mixers(student, need_proj=False)
+    dev = next(teacher.parameters()).device
+    xs: Dict[int, List[torch.Tensor]] = {i: [] for i, _ in pairs}
+    ys: Dict[int, List[torch.Tensor]] = {i: [] for i, _ in pairs}
+    count = 0
+    with MixerTaps(teacher, inputs=False, pre_proj=False, outputs=True) as taps:
+        for x, _ in iterate_batches(data, 256, device=dev):
+            if count >= limit:
+                break
+            teacher(x)
+            outs = taps.take()[2]
+            for i, j in pairs:
+                xs[i].append(mixers[i].transform.norm(outs[j]).flatten(0, 1).double())
+                ys[i].append(outs[i].flatten(0, 1).double())
+            count += x.shape[0]
+    for i, _ in pairs:
+        a, b = torch.cat(xs[i]), torch.cat(ys[i])
+        a1 = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+        sol = torch.linalg.lstsq(a1, b).solution  # [C + 1, C]
+        lin = mixers[i].transform.linear
+        lin.weight.copy_(sol[:-1].T.to(lin.weight.dtype))
+        lin.bias.copy_(sol[-1].to(lin.bias.dtype))
+
+
+def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = None,
+          latency_budget_us: Optional[float] = None, eval_data=None, config: Optional[TrainConfig] = None,
+          stage2_epochs: float = 1.0, stage2_lr: float = 2e-4, ce_weight: float = 1.0, kd_weight: float = 1.0,
+          kd_temperature: float = 2.0, transform: str = "ln-linear-gelu", cost_config=None,
+          hardware: Optional[HardwareSpec] = None, device: Optional[str] = None,
+          identity: Optional[dict] = None) -> nn.Module:
+    """A TReX-style copy of the attention model `teacher`: blocks of `plan` ({block: source}), or of the plan
+    search_reuse picks for `latency_budget_us`, reuse an earlier block's attention output. Stage 1
+    (config.epochs; 0 skips it) trains the transformation blocks on the teacher's activations (after a
+    least-squares warm start); stage 2 (stage2_epochs at stage2_lr) fine-tunes everything with CE + KD.
+    Returns the model (eval mode) with `far_metadata` and `far_run` (see far.distill); the search's
+    record is in far_metadata["reuse"]."""
+    cfg = config or TrainConfig()
+    dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
+    if (plan is None) == (latency_budget_us is None):
+        raise ConfigError("give exactly one of plan= and latency_budget_us=")
+    if far_modules(teacher) or reuse_plan(teacher):
+        raise ConfigError("the teacher must be a plain attention model (no FAR blocks, no reuse)")
+    d = setup_distributed(device)
+    teacher = copy.deepcopy(teacher).to(d.device).eval()
+    search = None
+    if plan is None:
+        search = search_reuse(teacher, train_data, latency_budget_us=latency_budget_us, cfg=cost_config, hw=hardware)
+        plan = search["plan"]
+        if not plan:
+            raise ConfigError(f"the teacher already meets the latency budget ({search['baseline_latency_us']:.1f} us "
+                              f"<= {latency_budget_us} us): nothing to reuse")
+    torch.manual_seed(cfg.seed)
+    student = apply_reuse(copy.deepcopy(teacher), plan, kind=transform)
+    fit_transforms(student, teacher, train_data)
+    results: List[TrainResult] = []
+    if cfg.epochs > 0:
+        c1 = stage_config(cfg, "stage1")
+        task = TransformTask(student, teacher, c1)
+        try:
+            results.append(train(task, train_data, eval_data, c1, d, identity={**(identity or {}), "plan": plan},
+                                 desc="reuse stage 1"))
+        finally:
+            task.remove_hooks()
+    if stage2_epochs > 0 and (not results or results[-1].completed):
+        c2 = stage_config(cfg, "stage2", epochs=stage2_epochs, lr=stage2_lr, min_lr=min(cfg.min_lr, stage2_lr),
+                          warmup_epochs=min(cfg.warmup_epochs, stage2_epochs / 4))
+        task = FinetuneTask(student, teacher, c2, ce_weight, kd_weight, kd_temperature)
+        results.append(train(task, train_data, eval_data, c2, d, identity={**(identity or {}), "plan": plan,
+                                                                            "stage": 2}, desc="reuse stage 2"))
+    ok = all(r.completed for r in results)
+    acc = results[-1].final_accuracy if results else accuracy(student, eval_data, device=d.device)
+    t_acc = accuracy(teacher, eval_data, batch_size=cfg.eval_batch_size, device=d.device)
+    done = TrainResult(student, join_histories(*[r.history for r in results]), acc, sum(r.seconds for r in results),
+                       sum(r.steps for r in results), None, ok)
+    cost = model_cost(student, cost_config, hardware).totals
+    record = {"plan": {str(i): j for i, j in sorted(plan.items())}, "transform": transform,
+              "latency_us": cost["latency_us"], "search": None if search is None else
+              {k: search[k] for k in ("latency_us", "baseline_latency_us", "met")} | {"budget_us": latency_budget_us}}
+    student.far_metadata = run_metadata("reuse", cfg, d, done, teacher_test_accuracy=t_acc, reuse=record,
+                                        **(identity or {}))
+    student.far_run = RunReport("reuse", done.history, acc, done.seconds, done.steps, ok, cfg.out_dir, rows=[
+        ("teacher top-1", f"{100 * t_acc:.2f}%" if t_acc is not None else "n/a"),
+        ("reusing blocks", ", ".join(f"{i} <- {j}" for i, j in sorted(plan.items()))),
+        ("latency per image (cost model)", f"{cost['latency_us']:.1f} us" + (
+            f" (teacher {search['baseline_latency_us']:.1f} us, budget {latency_budget_us} us)" if search else "")),
+        ("parameters", f"{sum(p.numel() for p in student.parameters()):,}")])
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student.eval()
+
+
+__all__ = ["attention_similarity", "fit_transforms", "reuse", "search_reuse"]

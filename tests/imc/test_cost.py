@@ -1,0 +1,138 @@
+"""far.imc.cost: counts checked by hand on small layers, the constants against their sources, the
+walk over attention / FAR / reuse models, and overrides."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import far
+from far.errors import ConfigError
+from far.imc.cost import HardwareSpec, load_constants, model_cost
+from far_kernels import CrossbarConfig
+
+
+class OneLinear(nn.Module):
+    """x [1, T, K] -> Linear(K, N): a model of one static layer."""
+
+    def __init__(self, K, N, T):
+        super().__init__()
+        self.fc = nn.Linear(K, N)
+        self.T = T
+        self.pretrained_cfg = {"input_size": (T, K)}
+
+    def forward(self, x):  # x [1, T, K]
+        return self.fc(x)
+
+
+def test_constants_reproduce_their_sources():
+    c = load_constants()
+    assert c["adc_8b"]["energy_pj"] == pytest.approx(16e-3 / (1.2e9 * 8) * 1e12)  # 16 mW / (8 ADCs x 1.2 GS/s)
+    assert c["adc_8b"]["area_um2"] == pytest.approx(9600 / 8)
+    assert c["adc_8b"]["latency_ns"] == pytest.approx(1 / 1.2)
+    assert c["adc_6b"]["energy_pj"] == pytest.approx(c["adc_8b"]["energy_pj"] / 4)  # the library's 2x per bit
+    assert c["dac_1b"]["energy_pj"] == pytest.approx(4e-3 / (128 * 8 * 1.2e7) * 1e12 * 128 / 100, rel=1e-4)
+    assert c["dac_1b"]["area_um2"] == pytest.approx(170 / 128 / 8)
+    assert c["shift_add"]["energy_pj"] == pytest.approx(0.2e-3 / (1.2 * 8e9) * 1e12, rel=1e-2)  # library: 0.021
+    edram = (20.7e-3 / 12) * (16384 / ((128 * 8 * 1e7 * 1.2) * 100 / 128)) / ((16384 + 2048) * 2 / 256) * 1e12
+    assert c["edram_access_256b"]["energy_pj"] == pytest.approx(edram, rel=1e-3)
+    assert c["bus_256b"]["energy_pj"] == pytest.approx(256 * 0.054, rel=1e-3)
+    assert c["crossbar_read"]["energy_pj"] == pytest.approx(2.4e-3 / 8 * 100e-9 * 1e12)  # 30 pJ
+    assert all("source" in v for v in c.values())
+
+
+def test_static_layer_counts_by_hand():
+    """Linear(200 -> 50) over T = 3 tokens, 128-row arrays, 8-bit weights in 2-bit cells (S = 4 slices),
+    differential pairs, 8-bit inputs through a 1-bit DAC (J = 7 slices), 8-bit ADC."""
+    cfg, hw = CrossbarConfig(), HardwareSpec()
+    r = model_cost(OneLinear(200, 50, 3), cfg, hw)
+    row = r.rows[0]
+    S, J, T = 4, 7, 3
+    row_tiles, col_tiles = math.ceil(200 / 128), math.ceil(50 * S * 2 / 128)  # 2 x 4
+    assert row.arrays == row_tiles * col_tiles == 8
+    assert row.crossbar_reads == T * row_tiles * col_tiles * J
+    assert row.adc_conversions == T * row_tiles * 50 * S * J  # one conversion per (tile, output, slice pair, input slice)
+    assert row.dac_activations == T * 200 * col_tiles * J
+    assert row.macs == T * 200 * 50
+    c = load_constants()
+    assert row.energy["adc"] == pytest.approx(row.adc_conversions * c["adc_8b"]["energy_pj"])
+    assert row.energy["crossbar"] == pytest.approx(row.crossbar_reads * c["crossbar_read"]["energy_pj"])
+    assert row.energy["buffer"] == pytest.approx(T * (200 * 8 + 50 * 16) * (c["edram_access_256b"]["energy_pj"]
+                                                                           + c["bus_256b"]["energy_pj"]) / 256)
+    assert row.latency_ns == pytest.approx(T * J * 128 / 1.2)  # 128 columns per ADC at 1.2 GS/s: 107 ns > 100 ns read
+    assert r.totals["tops"] == pytest.approx(2 * row.macs / (row.latency_ns * 1e-9) / 1e12)
+    # offset encoding: one column per weight slice
+    off = model_cost(OneLinear(200, 50, 3), CrossbarConfig(encoding="offset", weight_bits=8), hw).rows[0]
+    assert off.arrays == row_tiles * math.ceil(50 * 4 / 128)
+
+
+def test_attention_dynamic_products_by_hand():
+    """One attention block at T tokens: 'write' programs K^T (d x T) and V (T x d) per head every image."""
+    torch.manual_seed(0)
+    vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=1, num_heads=2)
+    T, d, H, S = 50, 16, 2, 4
+    for dyn in ("write", "digital"):
+        r = model_cost(vit, CrossbarConfig(), HardwareSpec(dynamic=dyn))
+        attn = next(x for x in r.rows if x.kind == "attention")
+        if dyn == "write":
+            assert attn.cell_writes == H * 2 * T * d * S * 2
+            assert attn.dynamic_arrays == H * (math.ceil(d / 128) * math.ceil(T * S * 2 / 128)
+                                               + math.ceil(T / 128) * math.ceil(d * S * 2 / 128))
+            assert r.totals["lifetime_images"] == load_constants()["cell_write"]["endurance_cycles"]
+        else:
+            assert attn.cell_writes == 0 and attn.dynamic_arrays == 0 and r.totals["lifetime_images"] is None
+            assert attn.macs == T * 32 * 96 + H * 2 * T * T * d + T * 32 * 32  # qkv + QK^T, SV + proj
+
+
+def test_far_block_counts_and_pruning_shrinks_the_chip():
+    torch.manual_seed(0)
+    m = far.create_model("fmnist_deit_tiny", embed_dim=32, depth=1, num_heads=2, hidden_sizes=[[[16, 5], [0, 16]]])
+    for mapping in ("fused", "separate"):
+        r = model_cost(m, CrossbarConfig(), HardwareSpec(lstm_mapping=mapping))
+        blk = next(x for x in r.rows if x.kind == "far")
+        units = [16, 5, 16]  # kept units of the (head, direction)s with any
+        if mapping == "fused":  # [W_ih | W_hh]: (d + k) -> 4k per (head, direction)
+            lstm = sum(math.ceil((16 + k) / 128) * math.ceil(4 * k * 8 / 128) for k in units)
+        else:
+            lstm = 2 * sum(math.ceil(4 * k * 8 / 128) for k in units)
+        head_proj = math.ceil(21 / 128) * math.ceil(16 * 8 / 128) + math.ceil(16 / 128) * math.ceil(16 * 8 / 128)
+        pre_proj = proj = math.ceil(32 / 128) * math.ceil(32 * 8 / 128)
+        assert blk.arrays == pre_proj + lstm + head_proj + proj
+        assert blk.cell_writes == 0 and blk.dynamic_arrays == 0
+    full = far.create_model("fmnist_deit_tiny", embed_dim=32, depth=1, num_heads=2)
+    assert model_cost(full).totals["energy_uj"] > model_cost(m).totals["energy_uj"]
+
+
+def test_reuse_block_is_costed_as_its_transform():
+    torch.manual_seed(0)
+    vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=3, num_heads=2)
+    base = model_cost(vit).totals
+    far.nn.apply_reuse(vit, {2: 1})
+    r = model_cost(vit)
+    reuse = [x for x in r.rows if x.kind == "reuse"]
+    assert len(reuse) == 1 and reuse[0].arrays == math.ceil(32 / 128) * math.ceil(32 * 8 / 128)
+    assert r.totals["latency_us"] < base["latency_us"] and r.totals["cell_writes"] < base["cell_writes"]
+
+
+def test_overrides_and_errors(tmp_path):
+    f = tmp_path / "chip.json"
+    f.write_text(json.dumps({"cell_write": {"energy_pj": 80.0}}))
+    torch.manual_seed(0)
+    vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=1, num_heads=2)
+    a = model_cost(vit).totals["energy_uj_by_component"]["writes"]
+    b = model_cost(vit, hw=HardwareSpec(constants=str(f))).totals["energy_uj_by_component"]["writes"]
+    assert b == pytest.approx(10 * a)
+    assert load_constants(f)["cell_write"]["source"].startswith("overridden by")
+    y = tmp_path / "chip.yaml"
+    y.write_text("adc_8b:\n  energy_pj: 3.0\n")
+    assert load_constants(y)["adc_8b"]["energy_pj"] == 3.0
+    for bad, msg in (('{"nope": {}}', "unknown entry"), ('{"adc_8b": {"energy_pj": -1}}', "finite number"),
+                     ("[1]", "mapping")):
+        f.write_text(bad)
+        with pytest.raises(ConfigError, match=msg):
+            load_constants(f)
+    with pytest.raises(ConfigError, match="dynamic"):
+        HardwareSpec(dynamic="magic")
+    with pytest.raises(ConfigError, match="needs an ADC"):
+        model_cost(vit, CrossbarConfig(adc_bits=None))

@@ -1,0 +1,126 @@
+"""Attention reuse (TReX-style): the module's forward by hand, plans and their errors, checkpoints, the
+latency-budget search, the least-squares warm start and the method end to end."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import far
+from far.cli import main
+from far.errors import ConfigError
+from far.imc.cost import model_cost
+from far.methods.reuse import attention_similarity, fit_transforms, search_reuse
+from far.nn import apply_reuse, reuse_plan
+
+
+def tiny(depth=3, seed=0):
+    torch.manual_seed(seed)
+    return far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=depth, num_heads=2).eval()
+
+
+class ImageSet(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 28, 28, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def test_reuse_forward_by_hand():
+    m = tiny()
+    teacher = copy.deepcopy(m)
+    apply_reuse(m, {2: 0})
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        h = m.norm_pre(m._pos_embed(m.patch_embed(x)))
+        b0 = teacher.blocks[0]
+        a0 = b0.attn(b0.norm1(h))  # block 0's attention output: what block 2 reuses
+        h = teacher.blocks[1](teacher.blocks[0](h))
+        b2 = m.blocks[2]
+        h = h + b2.attn.transform(a0)
+        h = h + b2.mlp(b2.norm2(h))
+        want = m.head(m.fc_norm(m.norm(h)[:, 0]))
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+    assert reuse_plan(m) == {2: 0} and not hasattr(m.blocks[2].attn, "qkv")
+
+
+def test_bad_plans():
+    for plan, msg in (({1: 2}, "earlier block"), ({0: 0}, "earlier block"), ({1: 0, 2: 1}, "keep its own attention"),
+                      ({5: 0}, "earlier block")):
+        with pytest.raises(ValueError, match=msg):
+            apply_reuse(tiny(), plan)
+
+
+def test_checkpoint_round_trip_and_copies(tmp_path):
+    m = apply_reuse(tiny(), {1: 0, 2: 0}, kind="ln-linear")
+    for p in m.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    far.save(m, tmp_path / "r.safetensors")
+    cfg = far.read_config(tmp_path / "r.safetensors")
+    assert cfg["reuse"] == {"plan": {"1": 0, "2": 0}, "transform": "ln-linear"}
+    back = far.load(tmp_path / "r.safetensors")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), back(x))
+        c = copy.deepcopy(back)  # a copy has its own store: both still run, and agree
+        assert torch.equal(c(x), back(x)) and c.far_reuse_store is not back.far_reuse_store
+    assert reuse_plan(back) == {1: 0, 2: 0}
+
+
+def test_search_meets_the_budget_most_similar_first():
+    m = tiny(depth=4)
+    data = ImageSet(32, seed=1)
+    sim = attention_similarity(m, data)
+    assert sim.shape == (4, 4) and torch.allclose(sim, sim.T) and torch.all(sim.diagonal() == 1)
+    base = model_cost(m).totals["latency_us"]
+    res = search_reuse(m, data, latency_budget_us=base * 0.9, similarity=sim)
+    assert res["met"] and res["latency_us"] <= base * 0.9 and res["baseline_latency_us"] == pytest.approx(base)
+    best = max(((float(sim[a, b]), a, b) for a in range(1, 4) for b in range(a)))
+    assert (best[1], best[2]) in res["plan"].items()
+    impossible = search_reuse(m, data, latency_budget_us=1.0, similarity=sim)
+    assert not impossible["met"] and impossible["plan"]
+
+
+def test_least_squares_start_fits_the_replaced_attention():
+    teacher = tiny()
+    data = ImageSet(64, seed=2)
+    student = apply_reuse(copy.deepcopy(teacher), {2: 1}, kind="ln-linear")
+    x = data.x[:16]
+    with torch.no_grad(), far.nn.MixerTaps(teacher, inputs=False, pre_proj=False, outputs=True) as taps:
+        teacher(x)
+        outs = taps.take()[2]
+        before = F.mse_loss(student.blocks[2].attn.transform(outs[1]), outs[2])
+        fit_transforms(student, teacher, data)
+        after = F.mse_loss(student.blocks[2].attn.transform(outs[1]), outs[2])
+    assert after < 0.5 * before
+
+
+def test_reuse_method_and_command(tmp_path, capsys):
+    teacher = tiny()
+    data, test = ImageSet(48, seed=3), ImageSet(16, seed=4)
+    cfg = far.TrainConfig(epochs=1, batch_size=16, progress=False, augment=False)
+    m = far.reuse(teacher, data, plan={2: 1}, eval_data=test, config=cfg, stage2_epochs=0.5)
+    assert reuse_plan(m) == {2: 1} and not reuse_plan(teacher)
+    rec = m.far_metadata["reuse"]
+    assert rec["plan"] == {"2": 1} and rec["latency_us"] < model_cost(teacher).totals["latency_us"]
+    keys = {k for r in m.far_run.history for k in r}
+    assert {"mse_b2", "cos_b2", "kd"} <= keys
+    with pytest.raises(ConfigError, match="exactly one"):
+        far.reuse(teacher, data, config=cfg)
+    with pytest.raises(ConfigError, match="already meets"):
+        far.reuse(teacher, data, latency_budget_us=1e9, config=cfg)
+    tpath, out = tmp_path / "t.safetensors", tmp_path / "trex.safetensors"
+    far.save(teacher, tpath)
+    assert main(["reuse", str(tpath), "--plan", "2:1", "--epochs", "0.5", "--stage2-epochs", "0.5", "--limit", "64",
+                 "--eval-limit", "32", "--batch-size", "32", "--out-dir", str(tmp_path / "run"), "-q", "-o", str(out)]) == 0
+    assert "reusing blocks" in capsys.readouterr().out
+    assert reuse_plan(far.load(out)) == {2: 1}
+    assert main(["imc-cost", str(tpath), str(out), "--dynamic", "write", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "reuse" in text and "attention" in text
