@@ -21,9 +21,12 @@ from typing import Optional, Union
 import torch
 
 from far_kernels import dispatch
-from far_kernels.ops.crossbar_matmul.calibration import crossbar_partial_sum_absmax
+from far_kernels.ops.crossbar_matmul.batched import run_group, run_single
+from far_kernels.ops.crossbar_matmul.calibration import crossbar_partial_sum_absmax, crossbar_partial_sum_absmax_group
 from far_kernels.ops.crossbar_matmul.config import CrossbarConfig
-from far_kernels.ops.crossbar_matmul.reference import crossbar_matmul_loop, crossbar_matmul_ref, run_ref
+from far_kernels.ops.crossbar_matmul.group import (CrossbarGroup, group_call_members, prepare_group_call,
+                                                   program_group, program_stacked)
+from far_kernels.ops.crossbar_matmul.reference import crossbar_matmul_loop, crossbar_matmul_ref
 from far_kernels.ops.crossbar_matmul.program import (ProgrammedCrossbar, prepare_call, program_crossbar,
                                                      quantize_inputs, quantize_weights, triton_unsupported)
 
@@ -38,9 +41,9 @@ def crossbar_matmul_triton(call, out=None):
 
 OP = dispatch.Op(
     "crossbar_matmul",
-    {"torch": run_ref, "cpp": None, "cuda": None, "triton": crossbar_matmul_triton},
+    {"torch": run_single, "cpp": None, "cuda": None, "triton": crossbar_matmul_triton},
     missing={
-        "cpp": "crossbar_matmul has no cpp backend: on CPU the vectorized torch reference is the fast path",
+        "cpp": "crossbar_matmul has no cpp backend: on CPU the batched torch implementation is the fast path",
         "cuda": "crossbar_matmul has no cuda backend; use triton (GPU) or torch",
     },
     limits={"triton": triton_unsupported},  # e.g. int32 accumulators that could overflow: auto uses torch
@@ -98,7 +101,87 @@ def crossbar_matmul(
     return y.to(x.dtype).reshape(*call.lead, call.prog.N)
 
 
+def _group_via_members(impl):
+    """A backend of crossbar_matmul_group made of one crossbar_matmul `impl` call per member."""
+    def run(call, out=None):
+        G, M, _ = call.x.shape
+        y = torch.zeros(G, M, call.group.N, dtype=torch.float32, device=call.x.device)
+        for g, (x, prog, bias) in enumerate(group_call_members(call)):
+            c = prepare_call(x, prog, call.cfg.replace(seed=prog.cfg.seed), bias, op="crossbar_matmul_group",
+                             consume_read=False)
+            if call.read_key:
+                c.read_key = call.read_key ^ (g << 1)  # each member its own noise
+            y[g, :, :prog.N] = impl(c)
+        return y if out is None else out.copy_(y)
+    return run
+
+
+def _group_triton_limit(call) -> Optional[str]:
+    for x, prog, bias in group_call_members(call):
+        why = triton_unsupported(prepare_call(x, prog, call.cfg.replace(seed=prog.cfg.seed), bias, consume_read=False))
+        if why is not None:
+            return why
+    return None
+
+
+GROUP_OP = dispatch.Op(
+    "crossbar_matmul_group",
+    {"torch": run_group, "cpp": None, "cuda": None, "triton": _group_via_members(crossbar_matmul_triton)},
+    missing={
+        "cpp": "crossbar_matmul_group has no cpp backend: on CPU the batched torch implementation is the fast path",
+        "cuda": "crossbar_matmul_group has no cuda backend; use triton (GPU) or torch",
+    },
+    limits={"triton": _group_triton_limit},
+    fp32_only=False,
+)
+
+
+def crossbar_matmul_group(x: torch.Tensor, group: CrossbarGroup, cfg: Optional[CrossbarConfig] = None,
+                          bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """G independent crossbar products in one call: y[g] = crossbar_matmul(x[g, :, :K_g], member g) + bias[g].
+
+    Args:
+        x: [G, M, K] (K the group's largest input size; a member's columns beyond its K_g are ignored).
+        group: a CrossbarGroup (far_kernels.program_group): the members' programmed cells, stacked.
+        cfg: the read-side config (default the members'); programming fields must match.
+        bias: optional [G, N], added digitally.
+        backend: "torch" (batched: every member, tile and slice in one matmul) | "triton" (one kernel per
+            member) | "auto".
+    Returns:
+        [G, M, N] in x.dtype; a member's outputs beyond its N_g are 0. Without noise, bit-identical to
+        separate crossbar_matmul calls; with read noise, fresh noise per call (group.reads keys it).
+
+    Example:
+        >>> grp = program_group([torch.randn(128, 32), torch.randn(64, 20)])
+        >>> y = crossbar_matmul_group(torch.randn(2, 5, 32), grp)   # [2, 5, 128]; y[1, :, 64:] == 0
+    """
+    call = prepare_group_call(x, group, cfg, bias)
+    name = dispatch.select(GROUP_OP, backend, x.device, x.dtype, needs_grad=False, args=(call,))
+    if call.cfg.read_noise > 0:
+        group.reads += 1
+    with torch.no_grad():
+        y = GROUP_OP.impls[name](call)
+    return y.to(x.dtype)
+
+
+def crossbar_matmul_group_ref(x: torch.Tensor, group: CrossbarGroup, cfg: Optional[CrossbarConfig] = None,
+                              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The group as G separate crossbar_matmul_ref calls (the oracle of crossbar_matmul_group): [G, M, N] fp32."""
+    call = prepare_group_call(x, group, cfg, bias)
+    y = torch.zeros(group.G, x.shape[1], group.N, dtype=torch.float32, device=x.device)
+    for g, (xg, prog, bg) in enumerate(group_call_members(call)):
+        y[g, :, :prog.N] = crossbar_matmul_ref(xg, prog, call.cfg.replace(seed=prog.cfg.seed), bg).float()
+    return y
+
+
 __all__ = [
+    "CrossbarGroup",
+    "crossbar_matmul_group",
+    "crossbar_matmul_group_ref",
+    "crossbar_partial_sum_absmax_group",
+    "program_group",
+    "program_stacked",
+    "GROUP_OP",
     "CrossbarConfig",
     "ProgrammedCrossbar",
     "program_crossbar",

@@ -28,3 +28,14 @@ def crossbar_partial_sum_absmax(x: torch.Tensor, w, cfg: Optional[CrossbarConfig
         if p.numel():
             out[i] = torch.maximum(out[i], p.abs().amax())
     return out
+
+
+@torch.no_grad()
+def crossbar_partial_sum_absmax_group(x: torch.Tensor, group, cfg: Optional[CrossbarConfig] = None) -> torch.Tensor:
+    """crossbar_partial_sum_absmax of every member of a CrossbarGroup on x [G, M, K] at once: [G, S] fp32."""
+    from far_kernels.ops.crossbar_matmul.batched import partial_sum_absmax
+    from far_kernels.ops.crossbar_matmul.group import prepare_group_call
+
+    cfg = cfg if cfg is not None else group.cfg
+    return partial_sum_absmax(prepare_group_call(x, group, cfg.replace(adc_range="max", read_noise=0.0),
+                                                 op="crossbar_partial_sum_absmax_group"))

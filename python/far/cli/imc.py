@@ -316,8 +316,9 @@ def _add_cost_parser(sub) -> None:
                "Constants and their sources: python/far/imc/cost_constants.json (override with --constants FILE, "
                "JSON or YAML: {name: {field: value}}).")
     p.add_argument("model", metavar="MODEL", nargs="+", help=MODEL_HELP + " (NAME:attention: a timm name unconverted)")
-    p.add_argument("--dynamic", default="write,digital", metavar="write,digital",
-                   help="how attention's QK^T and S.V run (comma-separated; each gets its own table)")
+    p.add_argument("--dynamic", default="write,digital", metavar="MODE",
+                   help="how attention's QK^T and S.V run: write (K, V written into crossbars every image), digital "
+                        "(an int8 MAC unit), or both comma-separated, each with its own table (default: write,digital)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a crossbar setting (far_kernels.CrossbarConfig field), e.g. adc_bits=6")
     p.add_argument("--hw", action="append", metavar="KEY=VALUE",

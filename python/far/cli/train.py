@@ -388,8 +388,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--plan", default=None, metavar="BLOCK:SOURCE,...", help="the reusing blocks and their sources")
     p.add_argument("--transform", choices=("ln-linear-gelu", "ln-linear"), default="ln-linear-gelu",
                    help="the transformation block")
-    p.add_argument("--dynamic", choices=("write", "digital"), default="write",
-                   help="cost model: attention's QK^T and S.V written into crossbars, or on a digital MAC unit")
+    p.add_argument("--dynamic", choices=("write", "digital"), default="write", metavar="MODE",
+                   help="cost model: attention's QK^T and S.V written into crossbars (write) or on a digital MAC "
+                        "unit (digital) (default: write)")
     p.add_argument("--stage2-epochs", type=float, default=1.0, metavar="E", help="fine-tune epochs (0 = none)")
     p.add_argument("--stage2-lr", type=float, default=2e-4, metavar="LR", help="stage 2 peak learning rate")
     p.add_argument("--ce-weight", type=float, default=1.0, metavar="W", help="weight of cross-entropy in stage 2")

@@ -10,22 +10,33 @@
 
 Weight products (nn.Linear, FAR's W_ih / recurrent W_hh / head_proj) run through
 far_kernels.crossbar_matmul with weights programmed once; attention's activation x activation
-products stay digital, quantized to cfg.input_bits. See `emulate` for the full list.
+products stay digital, quantized to cfg.input_bits, or (dynamic="crossbar") are written into crossbars per
+input. See `emulate` for the full list.
 """
 from far.imc.calibrate import calibrate
-from far.imc.emulate import EmulationReport, crossbar_layers, emulate, emulation_targets, select_targets
+from far.imc.emulate import (DYNAMIC_MODES, EmulationReport, crossbar_attentions, crossbar_groups, crossbar_layers,
+                             crossbar_products, emulate, emulation_targets, layer_seed, select_targets)
 from far.imc.far_block import UnrolledFARAttention
-from far.imc.layers import CrossbarLinear, QuantizedAttention, fake_quantize
+from far.imc.layers import (CrossbarAttention, CrossbarGroupLinear, CrossbarLinear, GroupLinear, QuantizedAttention,
+                            fake_quantize)
 
 __all__ = [
+    "CrossbarAttention",
+    "DYNAMIC_MODES",
+    "crossbar_attentions",
+    "CrossbarGroupLinear",
     "CrossbarLinear",
+    "GroupLinear",
     "EmulationReport",
     "QuantizedAttention",
     "UnrolledFARAttention",
     "calibrate",
+    "crossbar_groups",
     "crossbar_layers",
+    "crossbar_products",
     "emulate",
     "emulation_targets",
     "fake_quantize",
+    "layer_seed",
     "select_targets",
 ]

@@ -6,7 +6,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-from far.imc.emulate import crossbar_layers
+from far.imc.emulate import crossbar_attentions, crossbar_groups, crossbar_layers
 
 
 def _batches(data, max_batches: Optional[int]) -> Iterable:
@@ -36,7 +36,7 @@ def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_sli
     slice; else the max over slices). A layer that saw only zero partial sums gets r = p_max.
     Returns {layer name: r tensor}. The model's train/eval mode is restored afterwards.
     """
-    layers = crossbar_layers(model)
+    layers = crossbar_layers(model) + crossbar_groups(model) + crossbar_attentions(model)
     if not layers:
         raise ValueError("calibrate: the model has no CrossbarLinear; emulate it first (far.imc.emulate)")
     was_training = model.training
@@ -56,7 +56,11 @@ def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_sli
             seen += 1
         if seen == 0:
             raise ValueError("calibrate: no calibration batches (empty data or max_batches=0)")
-        return {name: m.end_calibration(per_slice) for name, m in layers}
+        out = {}
+        for name, m in layers:
+            r = m.end_calibration(per_slice)
+            out.update(r if isinstance(r, dict) else {name: r})  # a group: one range per member product
+        return out
     finally:
         for _, m in layers:
             m.end_calibration(None)  # no-op for the layers already done

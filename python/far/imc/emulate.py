@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 import far_kernels
 from far.imc.far_block import UnrolledFARAttention
-from far.imc.layers import CrossbarLinear, QuantizedAttention
+from far.imc.layers import CrossbarAttention, CrossbarGroupLinear, CrossbarLinear, QuantizedAttention
 from far.models import attention_classes
 from far.nn import FARAttention
 
@@ -19,6 +20,8 @@ Patterns = Union[None, str, Sequence[str]]
 
 KIND_LINEAR = "crossbar"  # a weight product on a crossbar
 KIND_ATTENTION = "digital-quantized"  # activation x activation products, digital at input_bits
+KIND_DYNAMIC = "crossbar-dynamic"  # activation x activation products, K and V written into crossbars per input
+DYNAMIC_MODES = ("digital", "crossbar")
 
 
 def _patterns(p: Patterns, what: str) -> Optional[list]:
@@ -117,7 +120,7 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns = None, *,
-            inplace: bool = False, backend: Optional[str] = None) -> nn.Module:
+            inplace: bool = False, backend: Optional[str] = None, dynamic: str = "digital") -> nn.Module:
     """A copy of `model` (the input is left untouched unless inplace=True) whose weight products run
     on emulated ReRAM crossbars with the far_kernels.CrossbarConfig `cfg`.
 
@@ -126,10 +129,13 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
       - in FAR blocks: the LSTMs' input products W_ih x (per head and direction), the recurrent
         product h_{t-1} W_hh^T (evaluated per time step through the crossbar, the previous step's h
         as input), and head_proj (per head). Such a block becomes an UnrolledFARAttention.
+    Attention's activation x activation products q@k^T and attn@v (`dynamic`):
+      - "digital" (default): on a digital unit, quantized symmetrically to cfg.input_bits
+        (QuantizedAttention; cfg.input_scale chooses per-row or per-tensor scales);
+      - "crossbar": K and V written into crossbars for every input, with cfg's programming noise and
+        faults, and read with its DAC, ADC and read noise (CrossbarAttention);
+      the 1/sqrt(d) scale and softmax stay digital in full precision.
     What stays digital:
-      - timm attention's activation x activation products q@k^T and attn@v, quantized symmetrically
-        to cfg.input_bits (QuantizedAttention; cfg.input_scale chooses per-row or per-tensor scales);
-        the 1/sqrt(d) scale and softmax in full precision;
       - LSTM gate nonlinearities and the cell update, biases, LayerNorm, GELU, residuals, the
         patch-embedding convolution, in full precision.
 
@@ -147,8 +153,10 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
         raise TypeError(f"cfg must be a far_kernels.CrossbarConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    already = [n for n, m in model.named_modules() if isinstance(m, (CrossbarLinear, QuantizedAttention,
-                                                                      UnrolledFARAttention))]
+    if dynamic not in DYNAMIC_MODES:
+        raise ValueError(f"dynamic must be one of {', '.join(DYNAMIC_MODES)}, got {dynamic!r}")
+    already = [n for n, m in model.named_modules() if isinstance(m, (CrossbarLinear, CrossbarGroupLinear,
+                                                                      QuantizedAttention, UnrolledFARAttention))]
     if already:
         raise ValueError(f"the model is already emulated ({already[0]} is {type(model.get_submodule(already[0])).__name__}); "
                          "emulate the float model")
@@ -160,20 +168,49 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
         model = copy.deepcopy(model)
     report = EmulationReport(cfg=cfg, skipped=skipped)
     chosen_names = {n for n, _ in chosen}
-    # 1. FAR blocks with a selected inner product -> one module per product (nn.Linear, digital for now)
+    grouped: set = set()  # product names that live inside a group (not modules of their own)
+    # 1. FAR blocks with a selected inner product -> grouped products; selected members of each group on crossbars
     for name, m in list(model.named_modules()):
         if isinstance(m, FARAttention) and chosen_names.intersection(_far_product_names(name, m)):
-            _set(model, name, UnrolledFARAttention(m))
+            u = UnrolledFARAttention(m)
+            _set(model, name, u)
+            for part in ("w_ih", "w_hh", "head_proj"):
+                glin = getattr(u, part, None)
+                if glin is None:
+                    continue
+                full = [f"{name}.{part}.{member}" for member in glin.member_names]
+                chosen_here = [n in chosen_names for n in full]
+                grouped.update(full)
+                if not any(chosen_here):
+                    continue
+                xg = CrossbarGroupLinear(glin, cfg, chosen_here, [layer_seed(cfg.seed, n) for n in full],
+                                         backend=backend)
+                xg.member_names = full
+                xg.layer_name = f"{name}.{part}"
+                xg.train(glin.training)
+                setattr(u, part, xg)
+                for n, (N_g, K_g), on in zip(full, glin.sizes, chosen_here):
+                    if on:
+                        report.rows.append((n, KIND_LINEAR, f"{K_g} -> {N_g}, {cfg.n_weight_slices} weight slices, "
+                                                            f"{-(-K_g // cfg.tile_rows)} tile(s), grouped"))
     # 2. selected Linears -> crossbars; selected attentions -> digital quantized products
     for name, kind in chosen:
+        if name in grouped:
+            continue
         m = model.get_submodule(name)
         if kind == KIND_LINEAR:
-            xb = CrossbarLinear.from_linear(m, cfg, backend=backend)
+            xb = CrossbarLinear.from_linear(m, cfg.replace(seed=layer_seed(cfg.seed, name)), backend=backend)
             xb.layer_name = name
             xb.train(m.training)
             _set(model, name, xb)
             report.rows.append((name, kind, f"{xb.in_features} -> {xb.out_features}, {xb.num_weight_slices} weight "
                                             f"slices, {-(-xb.in_features // cfg.tile_rows)} tile(s)"))
+        elif dynamic == "crossbar":
+            xa = CrossbarAttention(m, cfg, seed=layer_seed(cfg.seed, name), backend=backend)
+            xa.layer_name = name
+            _set(model, name, xa)
+            report.rows.append((name, KIND_DYNAMIC, f"K [N, {xa.head_dim}] and V^T [{xa.head_dim}, N] written per "
+                                                    f"image and head, {cfg.n_weight_slices} weight slices"))
         else:
             _set(model, name, QuantizedAttention(m, bits=cfg.input_bits, scale=cfg.input_scale))
             report.rows.append((name, kind, f"q, k, v, softmax at {cfg.input_bits} bits ({cfg.input_scale} scales)"))
@@ -182,5 +219,32 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
 
 
 def crossbar_layers(model: nn.Module) -> list:
-    """[(name, CrossbarLinear)] of an emulated model, in model order."""
+    """[(name, CrossbarLinear)] of an emulated model, in model order (grouped products: crossbar_groups)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CrossbarLinear)]
+
+
+def crossbar_attentions(model: nn.Module) -> list:
+    """[(name, CrossbarAttention)] of an emulated model (dynamic="crossbar"), in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CrossbarAttention)]
+
+
+def crossbar_groups(model: nn.Module) -> list:
+    """[(name, CrossbarGroupLinear)] of an emulated model, in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CrossbarGroupLinear)]
+
+
+def crossbar_products(model: nn.Module) -> list:
+    """Names of every weight product an emulated model runs on crossbars (grouped members included)."""
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, CrossbarLinear):
+            out.append(n)
+        elif isinstance(m, CrossbarGroupLinear):
+            out += m.crossbar_names
+    return out
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """The programming seed of product `name` under cfg.seed `seed`: every crossbar gets its own noise and faults
+    (the same name and seed give the same cells in every run)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (1 << 62)

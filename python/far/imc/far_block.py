@@ -1,104 +1,127 @@
-"""UnrolledFARAttention: a FAR block with every weight product as its own Linear module, for IMC emulation.
+"""UnrolledFARAttention: a FAR block with its weight products spelled out as a chip computes them, for
+IMC emulation.
 
-A FARAttention runs all heads as one batched GEMM and a fused scan; on a crossbar chip every
-(head, direction) LSTM has its own arrays, and the recurrent product h_{t-1} W_hh^T is read once per
-time step with the previous step's h as input. This module spells that out with per-product
-modules that far.imc.emulate turns into CrossbarLinear:
+On a crossbar chip every (head, direction) LSTM has its own arrays and the recurrent product
+h_{t-1} W_hh^T is read once per time step, the previous step's h as input. This module computes:
 
     pre_proj                    Linear(C, H*d)
-    w_ih.<head>.<direction>     Linear(d, 4k), bias b_ih + b_hh (digital)
-    w_hh.<head>.<direction>     Linear(k, 4k, bias=False), called once per time step on h_{t-1}
-    head_proj.<head>            Linear(k_fwd + k_bwd, d)
+    w_ih                        GroupLinear, member "<head>.<direction>": (d -> 4k), bias b_ih + b_hh (digital)
+    w_hh                        GroupLinear, member "<head>.<direction>": (k -> 4k), no bias, read once per
+                                time step (t = 0 included: a real read of h_{-1} = 0 still meets read noise
+                                and the ADC) with every head and direction in one grouped call
+    head_proj                   GroupLinear, member "<head>": (k_fwd + k_bwd -> d)
     proj                        the block's W_O
 
-k = kept units of that (direction, head) (lstm_params: pruned units take no crossbar rows or columns);
-direction 0 = forward, 1 = backward. Gates (sigmoid, tanh), the cell update and all bias adds are
-digital, in the activations' dtype.
+k = kept units of that (direction, head): pruned units take no crossbar rows or columns; a
+(direction, head) with none has no member. Direction 0 = forward, 1 = backward. far.imc.emulate turns
+pre_proj and proj into CrossbarLinear and the groups into CrossbarGroupLinear (each member selectable
+by name: X.w_ih.<head>.<direction>, X.w_hh.<head>.<direction>, X.head_proj.<head>). Gates (sigmoid,
+tanh), the cell update and every bias add are digital, in the activations' dtype.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import skip_init
 
+from far.imc.layers import GroupLinear
 from far.nn import FARAttention
 
 
-def _linear(w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Linear:
-    with warnings.catch_warnings():  # a pruned-away direction has a [0, d] weight: nothing to initialise
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-        lin = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        if b is not None:
-            lin.bias.copy_(b)
-    return lin
-
-
 class UnrolledFARAttention(nn.Module):
-    """The FARAttention `far` with one module per weight product (see the module docstring).
-    Same forward contract: x [B, N, C] -> [B, N, dim_out]; shares pre_proj, proj and proj_drop with `far`."""
+    """The FARAttention `far` with grouped weight products (see the module docstring). Same forward
+    contract: x [B, N, C] -> [B, N, dim_out]; shares pre_proj, proj and proj_drop with `far`."""
 
     def __init__(self, far: FARAttention) -> None:
         super().__init__()
         if not isinstance(far, FARAttention):
             raise TypeError(f"UnrolledFARAttention expects a FARAttention, got {type(far).__name__}")
-        self.dim = far.dim
-        self.num_heads = far.num_heads
-        self.head_dim = far.head_dim
+        self.dim, self.num_heads, self.head_dim = far.dim, far.num_heads, far.head_dim
         self.hidden_sizes = far.hidden_sizes.clone()  # CPU int64 [2, H]
+        hs = self.hidden_sizes
         self.pre_proj = far.pre_proj
-        self.w_ih = nn.ModuleList()
-        self.w_hh = nn.ModuleList()
-        self.head_proj = nn.ModuleList()
-        with torch.no_grad():
-            for head in range(far.num_heads):
-                ih, hh = nn.ModuleList(), nn.ModuleList()
-                for direction in (0, 1):
-                    w_ih, w_hh, b_ih, b_hh = far.lstm_params(direction, head)
-                    ih.append(_linear(w_ih, b_ih + b_hh))
-                    hh.append(_linear(w_hh, None))
-                self.w_ih.append(ih)
-                self.w_hh.append(hh)
-                self.head_proj.append(_linear(*far.head_proj_params(head)))
         self.proj = far.proj
         self.proj_drop = far.proj_drop
+        # the live (head, direction) LSTMs, in (head, direction) order: group members
+        self.lstms = [(h, r, int(hs[r, h])) for h in range(far.num_heads) for r in (0, 1) if int(hs[r, h]) > 0]
+        self.heads = [h for h in range(far.num_heads) if int(hs[:, h].sum()) > 0]
+        self.width = max([k for _, _, k in self.lstms], default=0)
+        with torch.no_grad():
+            if self.lstms:
+                params = [far.lstm_params(r, h) for h, r, _ in self.lstms]
+                names = [f"{h}.{r}" for h, r, _ in self.lstms]
+                self.w_ih = GroupLinear(names, [p[0] for p in params], [p[2] + p[3] for p in params])
+                self.w_hh = GroupLinear(names, [p[1] for p in params])
+            if self.heads:
+                hp = [far.head_proj_params(h) for h in self.heads]
+                self.head_proj = GroupLinear([str(h) for h in self.heads], [w for w, _ in hp], [b for _, b in hp])
+        # gather maps: member g's gate q of unit u sits at column q * k_g + u of its output
+        n = self.width
+        G = len(self.lstms)
+        idx = torch.zeros(G, 4 * n, dtype=torch.long)
+        mask = torch.zeros(G, 1, n, dtype=torch.bool)
+        for g, (_, _, k) in enumerate(self.lstms):
+            for q in range(4):
+                idx[g, q * n:q * n + k] = torch.arange(q * k, (q + 1) * k)
+            mask[g, 0, :k] = True
+        # a head with no unit left outputs its head_proj bias (digital): kept for those heads
+        self.register_buffer("dead_head_bias", far.head_proj_bias.detach().clone(), persistent=False)
+        self.register_buffer("_gate_index", idx, persistent=False)
+        self.register_buffer("_unit_mask", mask, persistent=False)
         self.train(far.training)
 
-    def _direction(self, xs: torch.Tensor, head: int, direction: int) -> torch.Tensor:
-        """One LSTM over xs [B, N, d] -> h [B, N, k]; the recurrent product once per step."""
-        B, N, _ = xs.shape
-        k = int(self.hidden_sizes[direction, head])
-        if k == 0:
-            return xs.new_zeros(B, N, 0)
-        gx = self.w_ih[head][direction](xs)  # [B, N, 4k]
-        w_hh = self.w_hh[head][direction]
-        h = c = None
-        hs = [None] * N
-        for step, t in enumerate(range(N) if direction == 0 else range(N - 1, -1, -1)):
-            g = gx[:, t] if step == 0 else gx[:, t] + w_hh(h)  # h_{-1} = 0: its product is exactly 0
-            i, f, gg, o = g.chunk(4, dim=-1)
-            c = torch.sigmoid(i) * torch.tanh(gg) if step == 0 else torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            hs[t] = h
-        return torch.stack(hs, dim=1)
+    def _recurrence(self, gx: torch.Tensor, N: int) -> torch.Tensor:
+        """gx [G, B, N, 4k_max] (members' own gate layout) -> h [G, B, N, n] (padded unit layout, 0 beyond k)."""
+        G, B = gx.shape[0], gx.shape[1]
+        n = self.width
+        idx = self._gate_index.view(G, 1, 4 * n)
+        mask = self._unit_mask.to(gx.dtype)
+        fwd = torch.tensor([r == 0 for _, r, _ in self.lstms], device=gx.device)
+        h = gx.new_zeros(G, B, n)
+        c = gx.new_zeros(G, B, n)
+        out = gx.new_zeros(G, B, N, n)
+        for s in range(N):
+            t_f, t_b = s, N - 1 - s
+            x_t = torch.where(fwd.view(G, 1, 1), gx[:, :, t_f], gx[:, :, t_b])  # [G, B, 4k_max]
+            g = x_t + self.w_hh(h[:, :, :self.w_hh.in_features])  # the recurrent read, every step
+            g = g.gather(2, idx.expand(G, B, 4 * n))  # [G, B, 4n]: (i, f, g, o) in the padded unit layout
+            i, f, z, o = g.chunk(4, dim=-1)
+            c = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z)) * mask
+            h = torch.sigmoid(o) * torch.tanh(c) * mask
+            out[fwd, :, t_f] = h[fwd]
+            out[~fwd, :, t_b] = h[~fwd]
+        return out
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("UnrolledFARAttention (a BiLSTM) takes no attn_mask and is not causal")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [B, N, C={self.dim}], got {list(x.shape)}")
-        d = self.head_dim
+        B, N, _ = x.shape
+        H, d = self.num_heads, self.head_dim
         xh = self.pre_proj(x)  # [B, N, H*d]
-        heads = []
-        for head in range(self.num_heads):
-            xs = xh[..., head * d:(head + 1) * d]
-            h = torch.cat([self._direction(xs, head, direction) for direction in (0, 1)], dim=-1)
-            heads.append(self.head_proj[head](h))  # [B, N, d]
-        return self.proj_drop(self.proj(torch.cat(heads, dim=-1)))
+        o = xh.new_zeros(B, N, H, d)
+        if self.lstms:
+            heads = xh.view(B * N, H, d)
+            xin = torch.stack([heads[:, h] for h, _, _ in self.lstms])  # [G, B*N, d]
+            gx = self.w_ih(xin).view(len(self.lstms), B, N, -1)
+            hseq = self._recurrence(gx, N)  # [G, B, N, n]
+            pos = {(h, r): g for g, (h, r, _) in enumerate(self.lstms)}
+            parts = []
+            for h in self.heads:  # [fwd k_f | bwd k_b] per head
+                cat = [hseq[pos[(h, r)], :, :, :int(self.hidden_sizes[r, h])] for r in (0, 1) if (h, r) in pos]
+                parts.append(torch.cat(cat, dim=-1).reshape(B * N, -1))
+            hp_in = xh.new_zeros(len(self.heads), B * N, self.head_proj.in_features)
+            for j, p in enumerate(parts):
+                hp_in[j, :, :p.shape[1]] = p
+            hp = self.head_proj(hp_in)  # [H_live, B*N, d]
+            for j, h in enumerate(self.heads):
+                o[:, :, h] = hp[j].view(B, N, d)
+        for h in range(H):  # a head with no unit left outputs its head_proj bias
+            if h not in self.heads:
+                o[:, :, h] = self.dead_head_bias[h].to(o.dtype)
+        return self.proj_drop(self.proj(o.reshape(B, N, H * d)))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

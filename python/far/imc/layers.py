@@ -6,6 +6,7 @@ emulation"); these modules only hold programmed weights and route calls.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import far_kernels
+from far_kernels.ops.crossbar_matmul.program import read_noise_key
 
 
 class CrossbarLinear(nn.Module):
@@ -199,19 +201,259 @@ class QuantizedAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, d]
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = self._q(q, -1), self._q(k, -1), self._q(v, -2)
-        attn = (q @ k.transpose(-2, -1)) * self.scale  # [B, H, N, N]
+        attn = self._scores(q, k) * self.scale  # [B, H, N, N]
         if is_causal:
             causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             attn = attn.masked_fill(~causal, float("-inf"))
         if attn_mask is not None:
             attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
-        attn = self.attn_drop(self._q(attn.softmax(dim=-1), -1))
-        o = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        o = self._mix(attn, v).transpose(1, 2).reshape(B, N, self.attn_dim)
         o = self.norm(o)
         if gate is not None:
             o = o * gate
         return self.proj_drop(self.proj(o))
 
+    def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q @ k^T of [B, H, N, d] tensors (before the 1/sqrt(d) scale)."""
+        return self._q(q, -1) @ self._q(k, -1).transpose(-2, -1)
+
+    def _mix(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """p @ v: probabilities [B, H, N, N], values [B, H, N, d]."""
+        return self._q(p, -1) @ self._q(v, -2)
+
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, act_bits={self.bits}, scale={self.scale_mode}"
+
+
+class CrossbarAttention(QuantizedAttention):
+    """timm `Attention` whose dynamic products are written into crossbars for every input, as a ReRAM chip
+    without a digital attention unit must do: per image and head, K [N, d] is programmed as a weight
+    (rows = tokens, one output per key) and read by q, giving q k^T; V^T [d, N] is programmed and read by
+    the softmax probabilities, giving p v. Programming uses cfg's weight quantization (weight_bits, per
+    key / per value channel for weight_scale="channel"), cell slicing, programming noise and stuck-at
+    faults; reads use the input quantizer, DAC slicing, tiles, ADC and read noise
+    (far_kernels.program_stacked + crossbar_matmul_group: every image and head in one call). Scale, mask
+    and softmax stay digital in full precision.
+
+    Every call programs afresh with new noise; the sequence is reproducible from `seed` (the product's
+    far.imc.layer_seed). Without noise each product equals far_kernels.crossbar_matmul_ref on K (or V^T)
+    programmed alone. With adc_range="calibrated" both products get one range per weight slice, recorded
+    by far.imc.calibrate over the calibration data (the K and V of each input differ, so the range is the
+    product's, not a member's)."""
+
+    def __init__(self, attn: nn.Module, cfg, seed: int = 0, backend: Optional[str] = None) -> None:
+        if not isinstance(cfg, far_kernels.CrossbarConfig):
+            raise TypeError(f"cfg must be a far_kernels.CrossbarConfig, got {type(cfg).__name__}")
+        super().__init__(attn, bits=cfg.input_bits, scale=cfg.input_scale)
+        self.cfg, self.seed, self.backend = cfg, int(seed), backend
+        self.calls = 0
+        self.adc_ranges = {"qk": None, "pv": None}
+        self._calib: Optional[dict] = None
+        self.layer_name = ""
+        dev = next(itertools.chain(attn.parameters(), attn.buffers()), torch.empty(0)).device
+        self.register_buffer("_anchor", torch.empty(0, device=dev), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def begin_calibration(self) -> None:
+        self._calib = {k: torch.zeros(self.cfg.n_weight_slices) for k in ("qk", "pv")}
+
+    def end_calibration(self, per_slice):
+        rec, self._calib = self._calib, None
+        if rec is None or per_slice is None:
+            return None
+        out = {}
+        for k, r in rec.items():
+            r = r.clone()
+            r[r <= 0] = float(self.cfg.p_max)
+            self.adc_ranges[k] = r if per_slice else r.max()
+            out[f"{self.layer_name}.{k}" if self.layer_name else k] = self.adc_ranges[k].clone()
+        return out
+
+    def _product(self, x: torch.Tensor, w: torch.Tensor, which: str) -> torch.Tensor:
+        """x [B, H, M, K] read through w [B, H, N, K] programmed per (image, head): [B, H, M, N]."""
+        B, H, M, K = x.shape
+        N = w.shape[2]
+        j = 0 if which == "qk" else 1
+        key = read_noise_key(self.seed, 2 * self.calls + j)
+        cfg = self.cfg.replace(seed=key)
+        grp = far_kernels.program_stacked(w.reshape(B * H, N, K), cfg)
+        xs = x.reshape(B * H, M, K)
+        if self._calib is not None:
+            stat = far_kernels.crossbar_partial_sum_absmax_group(xs, grp).amax(0).float().cpu()
+            torch.maximum(self._calib[which], stat, out=self._calib[which])
+            if cfg.adc_range == "calibrated":
+                cfg = cfg.replace(adc_range="max")
+        elif cfg.adc_range == "calibrated":
+            r = self.adc_ranges[which]
+            if r is None:
+                raise RuntimeError(f"{self.layer_name or 'CrossbarAttention'}: adc_range='calibrated' needs ranges; "
+                                   "run far.imc.calibrate(model, data) first")
+            r = r.to(x.device)
+            for m in grp.members:
+                m.adc_range = r
+        return far_kernels.crossbar_matmul_group(xs, grp, cfg, backend=self.backend).view(B, H, M, N)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        out = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        self.calls += 1
+        return out
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self._product(q, k, "qk")
+
+    def _mix(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._product(p, v.transpose(-2, -1), "pv")
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        adc = "no ADC" if c.adc_bits is None else f"adc {c.adc_bits}b {c.adc_range}"
+        return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, K and V written per input: "
+                f"w{c.weight_bits}b/{c.cell_bits}b-cells, in {c.input_bits}b/dac {c.dac_bits}b, {adc}")
+
+
+class GroupLinear(nn.Module):
+    """G independent linear maps applied together (digital): y[g] = x[g] @ W_g.T + b_g, members of different
+    sizes zero-padded to the largest. x [G, M, K] -> [G, M, N]. `member_names` name each member (the
+    product names far.imc.emulate selects). Becomes a CrossbarGroupLinear under emulation."""
+
+    def __init__(self, names, weights, biases=None):
+        super().__init__()
+        weights = [w.detach() for w in weights]
+        if not weights or len(names) != len(weights):
+            raise ValueError("GroupLinear: one name per weight, at least one")
+        self.member_names = list(names)
+        self.sizes = [tuple(w.shape) for w in weights]
+        N, K = max(n for n, _ in self.sizes), max(k for _, k in self.sizes)
+        ref = weights[0]
+        w = torch.zeros(len(weights), N, K, dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(len(weights), N, dtype=ref.dtype, device=ref.device)
+        for g, wt in enumerate(weights):
+            w[g, :wt.shape[0], :wt.shape[1]] = wt
+            if biases is not None and biases[g] is not None:
+                b[g, :wt.shape[0]] = biases[g].detach()
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(b, requires_grad=False) if biases is not None else None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def member_weight(self, g: int):
+        n, k = self.sizes[g]
+        return self.weight[g, :n, :k], None if self.bias is None else self.bias[g, :n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2).to(x.dtype))
+        return torch.baddbmm(self.bias.unsqueeze(1).to(x.dtype), x, self.weight.transpose(1, 2).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"members={len(self.sizes)}, sizes={self.sizes}, bias={self.bias is not None}"
+
+
+class CrossbarGroupLinear(nn.Module):
+    """A GroupLinear whose selected members run on emulated crossbars together (one
+    far_kernels.crossbar_matmul_group call), the others digitally. Same contract: x [G, M, K] -> [G, M, N].
+
+    Each emulated member is programmed once with its own seed (`seeds`), so members get independent
+    programming noise and faults. With cfg.adc_range == "calibrated" every member has its own range."""
+
+    def __init__(self, glinear: GroupLinear, cfg, emulated, seeds, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(cfg, far_kernels.CrossbarConfig):
+            raise TypeError(f"cfg must be a far_kernels.CrossbarConfig, got {type(cfg).__name__}")
+        self.cfg, self.backend = cfg, backend
+        self.member_names = list(glinear.member_names)
+        self.sizes = list(glinear.sizes)
+        self.emulated = [bool(e) for e in emulated]
+        self.sel = [g for g, e in enumerate(self.emulated) if e]
+        self.dig = [g for g, e in enumerate(self.emulated) if not e]
+        with torch.no_grad():
+            self.group = far_kernels.program_group([glinear.member_weight(g)[0] for g in self.sel], cfg,
+                                                   seeds=[seeds[g] for g in self.sel]) if self.sel else None
+        self.weight = nn.Parameter(glinear.weight.detach().clone(), requires_grad=False)  # the digital members'
+        self.bias = None if glinear.bias is None else nn.Parameter(glinear.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("_anchor", torch.empty(0, device=self.weight.device), persistent=False)
+        self._calib: Optional[torch.Tensor] = None  # [G_sel, S] running max |partial sum| while calibrating
+        self.layer_name = ""
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.group is not None and self.group.device != self._anchor.device:
+            self.group = self.group.to(self._anchor.device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def crossbar_names(self) -> list:
+        return [self.member_names[g] for g in self.sel]
+
+    def begin_calibration(self) -> None:
+        self._calib = torch.zeros(len(self.sel), self.cfg.n_weight_slices, dtype=torch.float32, device=self.device)
+
+    def end_calibration(self, per_slice):
+        """Stop recording; per_slice True/False: every emulated member's ADC range from what it saw (p_max where
+        only zeros were seen), returned as {member name: r}; None: discard."""
+        rec, self._calib = self._calib, None
+        if rec is None or per_slice is None:
+            return None
+        out = {}
+        for row, g in zip(rec, self.sel):
+            r = row.clone()
+            r[r <= 0] = float(self.cfg.p_max)
+            r = r if per_slice else r.max()
+            self.group.members[self.sel.index(g)].adc_range = r
+            out[self.member_names[g]] = r.clone()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        G, M, K = x.shape
+        if G != len(self.sizes) or K != self.weight.shape[2]:
+            raise ValueError(f"{self.layer_name or 'CrossbarGroupLinear'}: expected x [{len(self.sizes)}, M, "
+                             f"{self.weight.shape[2]}], got {list(x.shape)}")
+        y = x.new_zeros(G, M, self.weight.shape[1])
+        if self.dig:
+            d = torch.tensor(self.dig, device=x.device)
+            w = self.weight[d].transpose(1, 2).to(x.dtype)
+            y[d] = torch.bmm(x[d], w) if self.bias is None else torch.baddbmm(self.bias[d].unsqueeze(1).to(x.dtype),
+                                                                             x[d], w)
+        if self.sel:
+            s = torch.tensor(self.sel, device=x.device)
+            xs = x[s][:, :, :self.group.K]
+            if self._calib is not None:  # calibrating: record, run as an uncalibrated ("max") ADC would
+                stat = far_kernels.crossbar_partial_sum_absmax_group(xs, self.group)
+                torch.maximum(self._calib, stat.to(self._calib.device), out=self._calib)
+                cfg = self.cfg.replace(adc_range="max") if self.cfg.adc_range == "calibrated" else self.cfg
+            else:
+                if self.cfg.adc_range == "calibrated" and any(m.adc_range is None for m in self.group.members):
+                    raise RuntimeError(f"{self.layer_name or 'CrossbarGroupLinear'}: adc_range='calibrated' needs "
+                                       "ranges; run far.imc.calibrate(model, data) first")
+                cfg = self.cfg
+            bias = None if self.bias is None else self.bias[s][:, :self.group.N]
+            ys = far_kernels.crossbar_matmul_group(xs, self.group, cfg, bias=bias, backend=self.backend)
+            y[s, :, :self.group.N] = ys.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"members={len(self.sizes)} ({len(self.sel)} on crossbars), adc {c.adc_bits}b {c.adc_range}, "
+                f"w{c.weight_bits}b/{c.cell_bits}b-cells, in {c.input_bits}b/dac {c.dac_bits}b")

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from far_kernels import (BackendUnavailable, CrossbarConfig, crossbar_matmul, crossbar_partial_sum_absmax,  # noqa: E402
-                         program_crossbar)
+from far_kernels import (BackendUnavailable, CrossbarConfig, crossbar_matmul, crossbar_matmul_group,  # noqa: E402
+                         crossbar_matmul_group_ref, crossbar_partial_sum_absmax, program_crossbar, program_group)
 from far_kernels.ops.crossbar_matmul import OP, quantize_inputs, quantize_weights  # noqa: E402
 from far_kernels.ops.crossbar_matmul.program import prepare_call  # noqa: E402
 
@@ -173,6 +173,81 @@ def test_triton_refuses_configs_that_overflow_int32():
     assert crossbar_matmul(x, w, cfg).shape == (2, 3)  # auto picks a backend that can
 
 
+# ---- ties: inputs built to land exactly on half steps, on every backend (random data almost never does) ----
+TIE_BACKENDS = ["torch", "reference", pytest.param("triton", marks=needs_interpreter)]
+
+
+def _run(backend, x, prog, cfg=None):
+    if backend == "reference":
+        from far_kernels import crossbar_matmul_ref
+        return crossbar_matmul_ref(x, prog, cfg)
+    return crossbar_matmul(x, prog, cfg, backend=backend)
+
+
+@pytest.mark.parametrize("backend", TIE_BACKENDS)
+def test_input_quantizer_ties_round_half_to_even(backend):
+    """Row max 127 at 8 input bits: s_x = 1, so x/s_x = 2.5, 3.5, -2.5, -3.5, 0.5, 1.5 are exact half steps;
+    half to even gives 2, 4, -2, -4, 0, 2 (half up would give 3, 4, -2, -3, 1, 2). An identity weight and no
+    ADC pass x_q through unchanged."""
+    cfg = CrossbarConfig(adc_bits=None, tile_rows=16)
+    x = torch.tensor([[127.0, 2.5, 3.5, -2.5, -3.5, 0.5, 1.5, 0.0]])
+    y = _run(backend, x, program_crossbar(torch.eye(8), cfg))
+    want = torch.tensor([[127.0, 2, 4, -2, -4, 0, 2, 0]])
+    assert (y - want).abs().max().item() <= 1e-4, y
+
+
+@pytest.mark.parametrize("backend", TIE_BACKENDS)
+def test_max_adc_ties_round_half_to_even_every_backend(backend):
+    """tile_rows=8, 1-bit DAC, 2-bit cells: p_max = 24; w_q = 3 everywhere and x_q = 1 on 4 rows give p = 12,
+    i.e. code p L / p_max = 0.5 (L=1) -> 0, 1.5 (L=3) -> 2, 3.5 (L=7) -> 4, 7.5 (L=15) -> 8."""
+    x = torch.tensor([[1.0, 1, 1, 1, 0, 0, 0, 0]])
+    for adc_bits, code in ((2, 0), (3, 2), (4, 4), (5, 8)):
+        cfg = CrossbarConfig(weight_bits=3, cell_bits=2, input_bits=2, dac_bits=1, adc_bits=adc_bits, tile_rows=8)
+        y = _run(backend, x, program_crossbar(torch.ones(1, 8), cfg))
+        assert abs(y.item() - code * 24 / cfg.adc_levels / 3) <= 1e-6, (adc_bits, y.item())
+
+
+# ---- crossbar_matmul_group through the triton backend (one kernel per member) ----
+def _group_case(cfg, device="cpu", sizes=((6, 37), (3, 20), (5, 9)), M=5, seed=9):
+    g = torch.Generator().manual_seed(seed)
+    K = max(k for _, k in sizes)
+    x = torch.zeros(len(sizes), M, K)
+    ws = []
+    for i, (n, k) in enumerate(sizes):
+        x[i, :, :k] = torch.randn(M, k, generator=g) * torch.exp(torch.randn(M, 1, generator=g))
+        ws.append(torch.randn(n, k, generator=g) / k ** 0.5)
+    grp = program_group([w.to(device) for w in ws], cfg)
+    if cfg.adc_range == "calibrated":
+        for i, (m, (_, k)) in enumerate(zip(grp.members, sizes)):
+            m.adc_range = torch.clamp(crossbar_partial_sum_absmax(x[i, :, :k].to(device), m) * 0.5, min=1.0)
+    bias = torch.randn(len(sizes), max(n for n, _ in sizes), generator=g)
+    return x.to(device), grp, bias.to(device)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kw", [dict(weight_bits=5, input_bits=4, adc_bits=6, tile_rows=16),
+                                dict(weight_bits=5, input_bits=5, dac_bits=2, adc_bits=5, adc_range="calibrated",
+                                     encoding="offset", tile_rows=16)], ids=["a6-max", "a5-calibrated-offset"])
+def test_triton_group_bit_identical_to_reference(kw):
+    x, grp, bias = _group_case(CrossbarConfig(**kw))
+    y = crossbar_matmul_group(x, grp, bias=bias, backend="triton")
+    assert torch.equal(y, crossbar_matmul_group_ref(x, grp, bias=bias))
+    assert torch.equal(y, crossbar_matmul_group(x, grp, bias=bias, backend="torch"))
+
+
+@needs_interpreter
+def test_triton_group_ties_round_half_to_even():
+    """The tie case of test_crossbar_matmul (p = p_max / 2): code 1.5 -> 2 at 3 ADC bits, on the triton path."""
+    cfg = CrossbarConfig(weight_bits=3, cell_bits=2, input_bits=2, dac_bits=1, adc_bits=3, tile_rows=8)
+    x = torch.zeros(2, 1, 8)
+    x[0, 0, :4] = 1.0
+    x[1, 0] = torch.randn(8)
+    grp = program_group([torch.ones(1, 8), torch.randn(3, 8)], cfg)
+    y = crossbar_matmul_group(x, grp, backend="triton")
+    assert abs(y[0, 0, 0].item() - 2 * 24 / cfg.adc_levels / 3) <= 1e-6
+    assert torch.equal(y, crossbar_matmul_group_ref(x, grp))
+
+
 # ---- compiled on a GPU (cuda-marked; the GPU suite runs them) ----
 CUDA_GRID = [
     pytest.param(dict(), 4096, 768, 768, id="isaac-M4096-K768-N768"),
@@ -214,3 +289,17 @@ def test_triton_cuda_noise():
     prog = program_crossbar(w, cfg)
     y, ref = crossbar_matmul(x, prog, backend="triton"), crossbar_matmul(x, prog, backend="torch")
     assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_cuda_bit_identical(backend):
+    """A FAR-like recurrent group (8 members, ragged k, M = batch) on the GPU, both backends."""
+    cfg = CrossbarConfig(adc_bits=8, tile_rows=128)
+    sizes = [(4 * k, k) for k in (64, 48, 64, 33, 64, 64, 17, 64)]
+    x, grp, bias = _group_case(cfg, "cuda", sizes=sizes, M=256, seed=10)
+    for g, (_, k) in enumerate(sizes):
+        x[g, :, k:] = 0
+    y = crossbar_matmul_group(x, grp, bias=bias, backend=backend)
+    assert torch.equal(y.cpu(), crossbar_matmul_group_ref(x.cpu(), grp.to("cpu"), bias=bias.cpu()))
