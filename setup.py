@@ -46,7 +46,7 @@ def _extensions():
     from torch.utils import cpp_extension as ce
     import torch
 
-    sources = ["csrc/bindings.cpp", "csrc/bilstm_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/bilstm_cpu.cpp", "csrc/crossbar_cpu.cpp"]
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
     define_macros = []
     with_cuda = ((not _truthy("FAR_SKIP_CUDA_BUILD")) and torch.version.cuda is not None
@@ -78,7 +78,7 @@ setup(
     package_dir={"far": "python/far", "far_kernels": "far_kernels"},
     packages=["far_kernels"] + ["far_kernels." + p for p in find_packages("far_kernels")]
     + ["far"] + ["far." + p for p in find_packages("python/far")],
-    package_data={"far": ["zoo/*.safetensors"]},  # the bundled model zoo (loaded offline)
+    package_data={"far": ["zoo/*.safetensors", "imc/*.json"]},  # the bundled model zoo, the IMC cost constants
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "safetensors", "timm>=1.0", "tqdm"],

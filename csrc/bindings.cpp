@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "bilstm_cpu.h"
+#include "crossbar_cpu.h"
 #ifdef FAR_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -112,6 +113,63 @@ at::Tensor fused_scan_cpu(const at::Tensor& x, const at::Tensor& w_ih, const at:
   return out;
 }
 
+// Crossbar emulator epilogue (csrc/crossbar_cpu.h): p [G, T, J, m, S*N] fp32 partial sums of rows m0 .. m0+m-1 ->
+// y [G, M_total, N] fp32 rows m0 ... weights [G, T, J]; steps [G, S] (code 2); s_x, offsets [G, M_total];
+// w_scale, bias [G, N]; mults [G, S] (calibrated epilogue). Empty tensors stand for absent offsets / bias.
+void crossbar_adc_reduce(const at::Tensor& p, const at::Tensor& weights, const at::Tensor& steps, at::Tensor& y,
+                         const at::Tensor& s_x, const at::Tensor& w_scale, const at::Tensor& offsets,
+                         const at::Tensor& bias, const at::Tensor& mults, int64_t m0, int64_t code, int64_t epilogue,
+                         int64_t cell_bits, double step, double L, double p_max, double sigma, uint64_t key,
+                         bool exact_f32) {
+  auto is = [](const at::Tensor& t, at::ScalarType dt, at::IntArrayRef shape) {
+    return t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu() && t.sizes() == shape;
+  };
+  TORCH_CHECK(p.dim() == 5 && p.scalar_type() == at::kFloat && p.is_contiguous() && p.device().is_cpu(),
+              "crossbar_adc_reduce: p must be a contiguous float32 CPU tensor [G, T, J, m, S*N], got ", p.sizes());
+  TORCH_CHECK(y.dim() == 3 && y.scalar_type() == at::kFloat && y.is_contiguous() && y.device().is_cpu(),
+              "crossbar_adc_reduce: y must be a contiguous float32 CPU tensor [G, M, N], got ", y.sizes());
+  const int64_t G = p.size(0), T = p.size(1), J = p.size(2), m = p.size(3);
+  const int64_t M_total = y.size(1), N = y.size(2);
+  TORCH_CHECK(y.size(0) == G && N > 0 && p.size(4) % N == 0 && m0 >= 0 && m0 + m <= M_total,
+              "crossbar_adc_reduce: p ", p.sizes(), " does not fit y ", y.sizes(), " at row ", m0);
+  const int64_t S = p.size(4) / N;
+  TORCH_CHECK(is(weights, at::kFloat, {G, T, J}), "crossbar_adc_reduce: weights must be float32 [G, T, J]");
+  TORCH_CHECK(is(s_x, at::kFloat, {G, M_total}), "crossbar_adc_reduce: s_x must be float32 [G, M]");
+  TORCH_CHECK(is(w_scale, at::kFloat, {G, N}), "crossbar_adc_reduce: w_scale must be float32 [G, N]");
+  TORCH_CHECK(offsets.numel() == 0 || is(offsets, at::kLong, {G, M_total}),
+              "crossbar_adc_reduce: offsets must be empty or int64 [G, M]");
+  TORCH_CHECK(bias.numel() == 0 || is(bias, at::kFloat, {G, N}), "crossbar_adc_reduce: bias must be empty or float32 [G, N]");
+  TORCH_CHECK(code >= 0 && code <= 2, "crossbar_adc_reduce: code must be 0, 1 or 2, got ", code);
+  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "crossbar_adc_reduce: epilogue must be 0, 1 or 2, got ", epilogue);
+  TORCH_CHECK(code != 2 || is(steps, at::kFloat, {G, S}), "crossbar_adc_reduce: steps must be float32 [G, S]");
+  TORCH_CHECK(epilogue != 2 || is(mults, at::kFloat, {G, S}), "crossbar_adc_reduce: mults must be float32 [G, S]");
+  TORCH_CHECK(sigma == 0.0 || code == 2, "crossbar_adc_reduce: read noise needs code 2 (divide)");
+  TORCH_CHECK(cell_bits >= 1 && cell_bits * (S - 1) < 62, "crossbar_adc_reduce: cell_bits out of range");
+  far::CrossbarAdcArgs a{};
+  a.p = p.data_ptr<float>();
+  a.weights = weights.data_ptr<float>();
+  a.steps = code == 2 ? steps.data_ptr<float>() : nullptr;
+  a.s_x = s_x.data_ptr<float>();
+  a.w_scale = w_scale.data_ptr<float>();
+  a.offsets = offsets.numel() ? offsets.data_ptr<int64_t>() : nullptr;
+  a.bias = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  a.mults = epilogue == 2 ? mults.data_ptr<float>() : nullptr;
+  a.y = y.data_ptr<float>();
+  a.epilogue = static_cast<int>(epilogue);
+  a.cell_bits = static_cast<int>(cell_bits);
+  a.step = static_cast<float>(step);
+  a.G = G; a.T = T; a.J = J; a.M = m; a.S = S; a.N = N;
+  a.m0 = m0; a.M_total = M_total;
+  a.code = static_cast<int>(code);
+  a.L = static_cast<float>(L); a.p_max = static_cast<float>(p_max); a.sigma = static_cast<float>(sigma);
+  a.key = key; a.exact_f32 = exact_f32;
+  const int threads = at::get_num_threads();
+  {
+    pybind11::gil_scoped_release nogil;
+    far::crossbar_adc_reduce_cpu(a, threads);
+  }
+}
+
 #ifdef FAR_WITH_CUDA
 // path: 0 auto, 1 fma, 2 mma (far::ScanPath); fast_tanh: tanh.approx activations.
 at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden,
@@ -158,6 +216,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bilstm_fused_scan_cpu", &fused_scan_cpu, "multi-head BiLSTM scan with the input product fused (CPU, fp32)",
         pybind11::arg("x"), pybind11::arg("w_ih"), pybind11::arg("bias"), pybind11::arg("w_hh"),
         pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none());
+  m.def("crossbar_adc_reduce", &crossbar_adc_reduce,
+        "crossbar emulator epilogue: read noise, ADC codes, shift-and-add, output scaling (CPU)",
+        pybind11::arg("p"), pybind11::arg("weights"), pybind11::arg("steps"), pybind11::arg("y"), pybind11::arg("s_x"),
+        pybind11::arg("w_scale"), pybind11::arg("offsets"), pybind11::arg("bias"), pybind11::arg("mults"),
+        pybind11::arg("m0"), pybind11::arg("code"), pybind11::arg("epilogue"), pybind11::arg("cell_bits"),
+        pybind11::arg("step"), pybind11::arg("L"), pybind11::arg("p_max"), pybind11::arg("sigma"), pybind11::arg("key"),
+        pybind11::arg("exact_f32"));
 #ifdef FAR_WITH_CUDA
   m.def("bilstm_scan_cuda", &scan_cuda, "multi-head BiLSTM scan (CUDA)", pybind11::arg("gx"),
         pybind11::arg("w_hh"), pybind11::arg("hidden_sizes"), pybind11::arg("out") = pybind11::none(),

@@ -4,10 +4,18 @@ Public API:
     CrossbarConfig                      the emulated hardware (frozen dataclass, validated)
     program_crossbar(w, cfg)            quantize/slice/program weights once -> ProgrammedCrossbar
     crossbar_matmul(x, w|prog, cfg, bias, backend=, adc_range=)   the product, any backend
-    crossbar_matmul_ref(...)            the reference (plain PyTorch, the `torch` backend)
+    crossbar_matmul_ref(...)            the reference (plain PyTorch, loops over slices): the oracle
     crossbar_matmul_loop(x, w|prog)     per-element pure-Python version (tiny sizes, tests)
     crossbar_partial_sum_absmax(x, prog)   calibration statistic: [S] max |partial sum| per weight slice
     quantize_inputs / quantize_weights  the quantizers (x_q, s_x) / (w_q, s_w)
+    program_group(ws, cfg, seeds)       several weights (ragged shapes) programmed as one CrossbarGroup
+    program_stacked(w [G, N, K], cfg)   G same-shaped weights at once (attention's K and V, per input)
+    crossbar_matmul_group(x [G, M, K], group, cfg, bias)   G independent products in one call
+    crossbar_matmul_group_ref(...)      the group as G crossbar_matmul_ref calls: its oracle
+
+Backends: torch (batched.py: every member, tile and slice in one fp32 batched matmul, exact while partial
+sums stay below 2^24, int64 where not), cpp (the same matmul and far_kernels._C's fused epilogue),
+triton (GPU). Without noise all are bit-identical to the reference.
 
 Calibration (adc_range="calibrated"): run representative inputs through
 `r = crossbar_partial_sum_absmax(x, prog)` and set `prog.adc_range = r` (one range per weight slice)
@@ -24,6 +32,8 @@ from far_kernels import dispatch
 from far_kernels.ops.crossbar_matmul.batched import run_group, run_single
 from far_kernels.ops.crossbar_matmul.calibration import crossbar_partial_sum_absmax, crossbar_partial_sum_absmax_group
 from far_kernels.ops.crossbar_matmul.config import CrossbarConfig
+from far_kernels.ops.crossbar_matmul.cpp import (cpp_limit_group, cpp_limit_single, crossbar_matmul_cpp,
+                                                 crossbar_matmul_group_cpp)
 from far_kernels.ops.crossbar_matmul.group import (CrossbarGroup, group_call_members, prepare_group_call,
                                                    program_group, program_stacked)
 from far_kernels.ops.crossbar_matmul.reference import crossbar_matmul_loop, crossbar_matmul_ref
@@ -41,12 +51,12 @@ def crossbar_matmul_triton(call, out=None):
 
 OP = dispatch.Op(
     "crossbar_matmul",
-    {"torch": run_single, "cpp": None, "cuda": None, "triton": crossbar_matmul_triton},
+    {"torch": run_single, "cpp": crossbar_matmul_cpp, "cuda": None, "triton": crossbar_matmul_triton},
     missing={
-        "cpp": "crossbar_matmul has no cpp backend: on CPU the batched torch implementation is the fast path",
         "cuda": "crossbar_matmul has no cuda backend; use triton (GPU) or torch",
     },
-    limits={"triton": triton_unsupported},  # e.g. int32 accumulators that could overflow: auto uses torch
+    # triton: e.g. int32 accumulators that could overflow; cpp: calls its fused epilogue does not take
+    limits={"triton": triton_unsupported, "cpp": cpp_limit_single},
     fp32_only=False,  # the emulation quantizes: every backend computes the same fp32 math from any float dtype
 )
 
@@ -77,8 +87,9 @@ def crossbar_matmul(
             such as adc_bits, but not the programming fields).
         cfg: CrossbarConfig; default the programmed one (or CrossbarConfig() for a raw weight).
         bias: optional [N].
-        backend: "torch" | "triton" | "auto"; default env FAR_BACKEND, else auto (triton on CUDA,
-            torch on CPU).
+        backend: "torch" | "cpp" | "triton" | "auto"; default env FAR_BACKEND, else auto (triton on CUDA;
+            on CPU cpp, the batched torch path with far_kernels._C's fused noise/ADC/shift-add epilogue,
+            where it takes the call, else torch).
         adc_range: ADC range r (scalar or [S]) for adc_range="calibrated"; default prog.adc_range.
     Returns:
         y: [..., N] in x.dtype. Not differentiable (quantization). Rows of x holding NaN/inf give NaN.
@@ -126,12 +137,12 @@ def _group_triton_limit(call) -> Optional[str]:
 
 GROUP_OP = dispatch.Op(
     "crossbar_matmul_group",
-    {"torch": run_group, "cpp": None, "cuda": None, "triton": _group_via_members(crossbar_matmul_triton)},
+    {"torch": run_group, "cpp": crossbar_matmul_group_cpp, "cuda": None,
+     "triton": _group_via_members(crossbar_matmul_triton)},
     missing={
-        "cpp": "crossbar_matmul_group has no cpp backend: on CPU the batched torch implementation is the fast path",
         "cuda": "crossbar_matmul_group has no cuda backend; use triton (GPU) or torch",
     },
-    limits={"triton": _group_triton_limit},
+    limits={"triton": _group_triton_limit, "cpp": cpp_limit_group},
     fp32_only=False,
 )
 
@@ -145,7 +156,8 @@ def crossbar_matmul_group(x: torch.Tensor, group: CrossbarGroup, cfg: Optional[C
         group: a CrossbarGroup (far_kernels.program_group): the members' programmed cells, stacked.
         cfg: the read-side config (default the members'); programming fields must match.
         bias: optional [G, N], added digitally.
-        backend: "torch" (batched: every member, tile and slice in one matmul) | "triton" (one kernel per
+        backend: "torch" (batched: every member, tile and slice in one matmul) | "cpp" (the same matmul,
+            then one fused C++ pass for noise, ADC, shift-and-add and scaling) | "triton" (one kernel per
             member) | "auto".
     Returns:
         [G, M, N] in x.dtype; a member's outputs beyond its N_g are 0. Without noise, bit-identical to

@@ -60,8 +60,10 @@ def _codes_int64(p: torch.Tensor, call: GroupCall) -> torch.Tensor:
     return (torch.sign(pi) * rhe_div(pi.abs() * L, call.cfg.p_max)).clamp(-L, L)
 
 
-def run_group(call: GroupCall) -> torch.Tensor:
-    """[G, M, N] fp32: every member's product, as crossbar_matmul computes it alone."""
+def run_group(call: GroupCall, epilogue: str = "torch") -> torch.Tensor:
+    """[G, M, N] fp32: every member's product, as crossbar_matmul computes it alone. epilogue "cpp": read
+    noise, ADC and the shift-and-add over tiles and input slices in far_kernels._C's fused CPU pass (cpp.py
+    says which calls it takes) instead of torch operations."""
     cfg, grp, plan = call.cfg, call.group, call.adc
     G, M, K = call.x.shape
     N, S, J = grp.N, cfg.n_weight_slices, cfg.n_input_slices
@@ -82,10 +84,14 @@ def run_group(call: GroupCall) -> torch.Tensor:
     # member does not have (it takes no read, no noise)
     wts = torch.tensor([float(1 << (j * cfg.dac_bits)) for j in range(J)], device=dev)
     wts = (valid.float()[:, :, None] * wts).reshape(G, 1, T * J)  # [G, 1, T*J]
-    Cs = torch.empty(G, M, S, N, dtype=torch.float32 if (f32_all or (plan.mode == "none" and not integer))
+    fused = epilogue == "cpp"
+    if fused:  # the fused pass writes the outputs: no partial totals in memory
+        from far_kernels.ops.crossbar_matmul.cpp import FusedEpilogue
+        fused_pass = FusedEpilogue(call, xq, s_x, integer, f32_acc)
+    Cs = None if fused else torch.empty(G, M, S, N, dtype=torch.float32 if (f32_all or (plan.mode == "none" and not integer))
                      else torch.int64, device=dev)
     gen = None
-    if cfg.read_noise > 0:
+    if cfg.read_noise > 0 and not fused:
         gen = torch.Generator(device=dev).manual_seed(call.read_key)
         sigma = torch.tensor(cfg.read_noise * cfg.p_max, dtype=torch.float32, device=dev)
     mag_shift = (torch.arange(J, device=dev, dtype=torch.int32) * cfg.dac_bits).view(1, J, 1, 1)
@@ -96,6 +102,9 @@ def run_group(call: GroupCall) -> torch.Tensor:
         sl = torch.sign(xc)[:, None] * ((xc.abs()[:, None] >> mag_shift) & cfg.dac_max)  # [G, J, m, T*tr]
         sl = sl.float().view(G, J, m, T, tr).permute(0, 3, 1, 2, 4).reshape(G * T, J * m, tr)
         p = torch.bmm(sl, lev).view(G, T, J, m, S, N)
+        if fused:
+            fused_pass(p.view(G, T, J, m, S * N), wts.view(G, T, J), m0)
+            continue
         if gen is not None:
             p = p + torch.randn(p.shape, generator=gen, device=dev) * sigma
         if wide_max or not f32_acc:
@@ -105,6 +114,8 @@ def run_group(call: GroupCall) -> torch.Tensor:
         else:  # exact in fp32: |sum| < 2^24
             c = _codes(p, call, integer).view(G, T * J, m * S * N)
             Cs[:, m0:m0 + m] = torch.bmm(wts, c).view(G, m, S, N).to(Cs.dtype)
+    if fused:
+        return fused_pass.y
     return _epilogue(Cs, xq, s_x, call, exact_f32=f32_all)
 
 
@@ -144,8 +155,8 @@ def _epilogue(Cs: torch.Tensor, xq: torch.Tensor, s_x: torch.Tensor, call: Group
     return y
 
 
-def run_single(call) -> torch.Tensor:
-    """crossbar_matmul's `torch` backend: one product (a CrossbarCall) as a group of one, [M, N] fp32."""
+def run_single(call, epilogue: str = "torch") -> torch.Tensor:
+    """crossbar_matmul's `torch` (and `cpp`) backend: one product (a CrossbarCall) as a group of one, [M, N] fp32."""
     from far_kernels.ops.crossbar_matmul.group import CrossbarGroup
 
     prog, plan = call.prog, call.adc
@@ -156,7 +167,7 @@ def run_single(call) -> torch.Tensor:
                                                         plan.mults.view(1, -1))
     gcall = GroupCall(call.x2d[None], group, call.cfg, None if call.bias is None else call.bias[None], gplan,
                       call.read_key, call.float_path)
-    return run_group(gcall)[0]
+    return run_group(gcall, epilogue)[0]
 
 
 def partial_sum_absmax(call: GroupCall) -> torch.Tensor:

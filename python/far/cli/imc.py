@@ -103,42 +103,108 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- command
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def _rate(v: float) -> str:
+    """images/s for a table: one decimal, or two significant digits below 0.05 (never a bare 0.0)."""
+    return f"{v:.1f}" if v >= 0.05 else f"{v:.2g}"
+
+
+def _duration(sec: float) -> str:
+    sec = int(round(sec))
+    return f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}" if sec >= 3600 else f"{sec // 60}:{sec % 60:02d}"
+
+
+def _layer_summary(names) -> str:
+    """Emulated product names, folded: numbers become *, repeats counted ("blocks.*.attn.w_hh.*.* x24")."""
+    import re
+
+    counts = {}
+    for n in names:
+        key = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", n)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(k if c == 1 else f"{k} x{c}" for k, c in counts.items())
+
+
+def _noisy(cfg) -> bool:
+    return cfg.prog_noise > 0 or cfg.read_noise > 0 or any(p > 0 for p in cfg.stuck_at)
+
+
+def _settings(args, base_values: dict) -> tuple:
+    """[(label, {key: value}, cfg, dynamic)] for the grid of every --sweep and --dynamic mode; the keys swept."""
+    import itertools
+
+    from far.imc import DYNAMIC_MODES
+
+    modes = [m.strip() for m in args.dynamic.split(",")]
+    if any(m not in DYNAMIC_MODES for m in modes) or len(set(modes)) != len(modes):
+        raise ConfigError(f"--dynamic takes digital, crossbar or digital,crossbar; got {args.dynamic!r}")
+    axes = []  # (key, [(text, value)])
+    for item in args.sweep or ():
+        key, vals = _key_value(item, "--sweep")
+        if key in base_values:
+            raise ConfigError(f"--sweep {key} and --set {key} conflict; drop one")
+        if key in (k for k, _ in axes):
+            raise ConfigError(f"--sweep {key} given twice; list every value in one --sweep")
+        texts = vals.split(",")
+        if any(not t.strip() for t in texts):
+            raise ConfigError(f"--sweep {item!r}: empty value in the list")
+        parsed = [(t.strip(), _parse_value(key, t, "--sweep")) for t in texts]
+        if len({_fmt(v) for _, v in parsed}) != len(parsed):
+            raise ConfigError(f"--sweep {item!r}: repeated value")
+        axes.append((key, parsed))
+    settings = []
+    for combo in itertools.product(*[vals for _, vals in axes]):
+        values = {k: v for (k, _), (_, v) in zip(axes, combo)}
+        where = " ".join(f"--sweep {k}={t}" for (k, _), (t, _) in zip(axes, combo))
+        cfg = _make_config({**base_values, **values}, where or "--set")
+        for m in modes:
+            label = " ".join(f"{k}={_fmt(v)}" for k, v in values.items()) or "crossbar"
+            if len(modes) > 1 or m != "digital":
+                label += f" attn:{m}"
+            settings.append((label, values, cfg, m))
+    return settings, [k for k, _ in axes]
+
+
+def _summary(runs: list, n_images: int) -> dict:
+    """Mean, sample std over seeds, and the 95% half-width of the accuracy's sampling error over n_images
+    test images (normal approximation of the binomial) for one setting's runs."""
+    import statistics
+
+    accs = [r["accuracy"] for r in runs]
+    mean = statistics.fmean(accs)
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    ci = Z95 * (mean * (1 - mean) / n_images) ** 0.5 if n_images else 0.0
+    return {"accuracy": mean, "accuracy_std": std, "ci95_images": ci, "seeds": [r["seed"] for r in runs],
+            "accuracies": accs, "images_per_s": statistics.fmean(r["images_per_s"] for r in runs),
+            "seconds": sum(r["seconds"] for r in runs), "num_images": n_images}
+
+
 def cmd_imc_eval(args: argparse.Namespace) -> int:
+    import time
+
     import torch
 
     import far_kernels
     from far.data import is_fashion_mnist, iterate_batches, make_dataset
     from far.evaluate import evaluate
-    from far.imc import calibrate, emulate, select_targets
+    from far.imc import calibrate, crossbar_products, emulate, emulation_targets, select_targets
     from far.models import data_config, load_model, resolve
     from far.utils.env import device_name, resolve_device
     from far.utils.fs import write_json
     from far.version import __version__
 
-    at_least(args, 1, "batch_size", "limit", "calib_images")
+    at_least(args, 1, "batch_size", "limit", "calib_images", "seeds")
     at_least(args, 0, "workers")
     base_values = {}
     for item in args.set or ():
         key, val = _key_value(item, "--set")
         base_values[key] = _parse_value(key, val, "--set")
     base = _make_config(base_values, "--set")
-    settings = []  # (label, value, cfg)
-    sweep_key = None
-    if args.sweep:
-        sweep_key, vals = _key_value(args.sweep, "--sweep")
-        if sweep_key in base_values:
-            raise ConfigError(f"--sweep {sweep_key} and --set {sweep_key} conflict; drop one")
-        texts = [t for t in vals.split(",")]
-        if any(not t.strip() for t in texts):
-            raise ConfigError(f"--sweep {args.sweep!r}: empty value in the list")
-        for t in texts:
-            v = _parse_value(sweep_key, t, "--sweep")
-            settings.append((f"{sweep_key}={_fmt(v)}", v,
-                             _make_config({**base_values, sweep_key: v}, f"--sweep {sweep_key}={t.strip()}")))
-        if len({s[0] for s in settings}) != len(settings):
-            raise ConfigError(f"--sweep {args.sweep!r}: repeated value")
-    else:
-        settings.append(("crossbar", None, base))
+    settings, sweep_keys = _settings(args, base_values)
+    if "seed" in sweep_keys and args.seeds > 1:
+        raise ConfigError("--sweep seed and --seeds both choose seeds; drop one")
     ref = resolve(args.model)
     output_checks(args, [ref.path], "json", "plot")
     if args.plot:
@@ -146,9 +212,11 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
 
         if pyplot() is None:
             raise ConfigError("--plot needs matplotlib (pip install matplotlib)")
-    needs_calib = any(c.adc_range == "calibrated" for _, _, c in settings)
+    needs_calib = any(c.adc_range == "calibrated" for _, _, c, _ in settings)
     if not needs_calib and (args.calib_data or args.calib_per_slice or args.calib_images is not None):
         warn("--calib-images / --calib-data / --calib-per-slice have no effect without adc_range=calibrated")
+    if args.seeds > 1 and not any(_noisy(c) for _, _, c, _ in settings):
+        warn("--seeds repeats noisy settings only; no setting has prog_noise, read_noise or stuck_at, so each runs once")
     if ref.kind != "timm" and args.no_far:
         raise ConfigError("--no-far applies to timm model names; a checkpoint is evaluated as saved")
     set_threads(args)
@@ -161,6 +229,9 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     origin = "random init" if ref.kind == "timm" else ref.origin
     inc, exc = args.include or None, args.exclude or None
     select_targets(model, inc, exc)  # a pattern that matches nothing: error before any evaluation
+    if any(m == "crossbar" for *_, m in settings) and not any(
+            k == "digital-quantized" for _, k in emulation_targets(model)):
+        warn("--dynamic crossbar: the model has no attention (a FAR model?), so it changes nothing")
     dataset = eval_dataset(args, model)
     calib_set = None
     if needs_calib:
@@ -168,50 +239,83 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
                                  limit=args.calib_images or 256, train=False)
     progress = not args.quiet and sys.stderr.isatty()
     workers = eval_workers(args)
-
-    note(args, f"digital baseline ({len(dataset)} images) ...")
-    rows = [{"setting": "digital", "value": None, "config": None,
-             **evaluate(model, dataset, batch_size=args.batch_size, device=device, workers=workers, progress=progress)}]
-    n_xbar = 0
-    for i, (label, value, cfg) in enumerate(settings, 1):
-        note(args, f"[{i}/{len(settings)}] {label}: programming crossbars ...")
-        emu = emulate(model, cfg, include=inc, exclude=exc, backend=args.backend)
-        emu.eval()
-        calib_n = 0
-        if cfg.adc_range == "calibrated":
-            note(args, f"[{i}/{len(settings)}] {label}: calibrating ADC ranges on {len(calib_set)} images ...")
-            calibrate(emu, (x for x, _ in iterate_batches(calib_set, args.batch_size, device=device,
-                                                          num_workers=workers)),
-                      per_slice=args.calib_per_slice, progress=progress)
-            calib_n = len(calib_set)
-        res = evaluate(emu, dataset, batch_size=args.batch_size, device=device, workers=workers, progress=progress)
-        rows.append({"setting": label, "value": value, "config": dataclasses.asdict(cfg),
-                     "calibration_images": calib_n, **res})
-        n_xbar = sum(r[1] == "crossbar" for r in emu.imc_emulation.rows)
-        del emu
-    digital = rows[0]["accuracy"]
     where = f"{args.data} {args.split}" if is_fashion_mnist(args.data) else str(args.data)
-    print(f"IMC emulation: {model_label} ({origin}) on {where}, {rows[0]['num_images']} images, device {device}")
-    print(f"crossbar config: {_config_line(base)}" + (f"; sweep {sweep_key}" if sweep_key else ""))
-    print(f"emulated: {n_xbar} crossbar products" + (f", include {inc}" if inc else "") + (f", exclude {exc}" if exc else ""))
-    w = max(len(r["setting"]) for r in rows)
-    print(f"{'setting':<{w}}  {'accuracy':>8}  {'vs digital':>10}  {'images/s':>9}")
-    for r in rows:
-        delta = "-" if r["value"] is None and r["setting"] == "digital" else f"{100 * (r['accuracy'] - digital):+.2f}"
-        print(f"{r['setting']:<{w}}  {100 * r['accuracy']:>7.2f}%  {delta:>10}  {r['images_per_s']:>9.1f}")
     result = {
         "model": model_label, "origin": origin,
         "checkpoint_sha256": _sha256(ref.path) if ref.path is not None else None,  # which weights, exactly
-        "data": str(args.data), "split": args.split,
-        "num_images": rows[0]["num_images"], "device": str(device),
+        "data": str(args.data), "split": args.split, "num_images": len(dataset), "device": str(device),
         "device_name": device_name(device), "threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "base_config": dataclasses.asdict(base),
-        "sweep": {"key": sweep_key, "values": [s[1] for s in settings]} if sweep_key else None,
+        "sweeps": [{"key": k, "values": list(dict.fromkeys(v[k] for _, v, _, _ in settings))} for k in sweep_keys],
+        "dynamic": args.dynamic.split(","), "seeds": args.seeds,
         "include": inc, "exclude": exc, "calibration_data": (args.calib_data or str(args.data)) if needs_calib else None,
-        "results": rows, "far_version": __version__, "torch_version": torch.__version__,
+        "emulated": None, "results": [], "complete": False, "far_version": __version__,
+        "torch_version": torch.__version__,
     }
+
+    def save(final: bool = False) -> None:
+        """Rewritten after every setting: a run cut short keeps what it measured ("complete": false)."""
+        if args.json:
+            result["complete"] = final
+            write_json(args.json, result, force=args.force or bool(result["results"][1:]) or final,
+                       inputs=[ref.path])
+
+    note(args, f"digital baseline ({len(dataset)} images) ...")
+    dig = evaluate(model, dataset, batch_size=args.batch_size, device=device, workers=workers, progress=progress,
+                   desc="digital")
+    result["results"].append({"setting": "digital", "values": None, "dynamic": None, "config": None,
+                              **_summary([{**dig, "seed": None}], dig["num_images"])})
+    save()
+    jobs = sum(args.seeds if _noisy(c) else 1 for _, _, c, _ in settings)
+    done, t_start = 0, time.perf_counter()
+    for i, (label, values, cfg, dyn) in enumerate(settings, 1):
+        seeds = [cfg.seed + s for s in range(args.seeds)] if _noisy(cfg) else [cfg.seed]
+        runs, calib_n = [], 0
+        for seed in seeds:
+            c = cfg.replace(seed=seed)
+            tag = f"[{i}/{len(settings)}] {label}" + (f" seed {seed}" if len(seeds) > 1 else "")
+            emu = emulate(model, c, include=inc, exclude=exc, backend=args.backend, dynamic=dyn)
+            emu.eval()
+            if result["emulated"] is None:
+                result["emulated"] = crossbar_products(emu)
+            if c.adc_range == "calibrated":
+                note(args, f"{tag}: calibrating ADC ranges on {len(calib_set)} images ...")
+                calibrate(emu, (x for x, _ in iterate_batches(calib_set, args.batch_size, device=device,
+                                                              num_workers=workers)),
+                          per_slice=args.calib_per_slice, progress=progress)
+                calib_n = len(calib_set)
+            res = evaluate(emu, dataset, batch_size=args.batch_size, device=device, workers=workers,
+                           progress=progress, desc=tag)
+            runs.append({**res, "seed": seed})
+            done += 1
+            elapsed = time.perf_counter() - t_start
+            note(args, f"{tag}: {100 * res['accuracy']:.2f}% at {_rate(res['images_per_s'])} images/s; "
+                       f"{_duration(elapsed)} elapsed, ~{_duration(elapsed / done * (jobs - done))} left")
+            del emu
+        result["results"].append({"setting": label, "values": values, "dynamic": dyn,
+                                  "config": dataclasses.asdict(cfg), "calibration_images": calib_n,
+                                  **_summary(runs, len(dataset))})
+        save()
+    save(final=True)
+    rows = result["results"]
+    digital = rows[0]["accuracy"]
+    print(f"IMC emulation: {model_label} ({origin}) on {where}, {len(dataset)} images, device {device}")
+    print(f"crossbar config: {_config_line(base)}" + (f"; sweep {', '.join(sweep_keys)}" if sweep_keys else ""))
+    names = result["emulated"] or []
+    print(f"emulated: {len(names)} crossbar products" + (f", include {inc}" if inc else "")
+          + (f", exclude {exc}" if exc else "") + (f": {_layer_summary(names)}" if names else ""))
+    multi = any(len(r["seeds"]) > 1 for r in rows[1:])
+    if multi:
+        print(f"noisy settings: mean over {args.seeds} seeds ± their std")
+    print(f"95% CI: sampling error of the accuracy over {len(dataset)} test images")
+    w = max(len(r["setting"]) for r in rows)
+    print(f"{'setting':<{w}}  {'accuracy':>8}  {'± std':>6}  {'95% CI':>7}  {'vs digital':>10}  {'images/s':>9}")
+    for r in rows:
+        delta = "-" if r["setting"] == "digital" else f"{100 * (r['accuracy'] - digital):+.2f}"
+        std = f"{100 * r['accuracy_std']:.2f}" if len(r["seeds"]) > 1 else "-"
+        print(f"{r['setting']:<{w}}  {100 * r['accuracy']:>7.2f}%  {std:>6}  ±{100 * r['ci95_images']:>5.2f}  "
+              f"{delta:>10}  {_rate(r['images_per_s']):>9}")
     if args.json:
-        write_json(args.json, result, force=args.force, inputs=[ref.path])
         note(args, f"wrote {args.json}")
     if args.plot:
         _plot(result, Path(args.plot), force=args.force)
@@ -220,28 +324,42 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
 
 
 def _plot(result: dict, path: Path, force: bool) -> None:
+    """Accuracy vs the first swept setting (one line per combination of the others and per dynamic mode),
+    error bars = std over seeds where there are several, else the images' 95% CI."""
     from far.utils.plot import pyplot, save_figure
 
     plt = pyplot()
-
     rows = result["results"]
     digital, emulated = rows[0], rows[1:]
-    key = (result["sweep"] or {}).get("key")
-    values = [r["value"] for r in emulated]
-    numeric = key is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    xs = values if numeric else list(range(len(emulated)))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(xs, [100 * r["accuracy"] for r in emulated], "o-", color="#2a7", label="crossbar emulation")
+    keys = [s["key"] for s in result["sweeps"]]
+    x_key = keys[0] if keys else None
+    xs_all = [r["values"].get(x_key) if x_key else None for r in emulated]
+    numeric = x_key is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs_all)
+    ticks = list(dict.fromkeys(_fmt(v) for v in xs_all))
+    lines = {}
+    for r, xv in zip(emulated, xs_all):
+        rest = " ".join(f"{k}={_fmt(r['values'][k])}" for k in keys[1:])
+        name = (rest + (f" attn:{r['dynamic']}" if len(result["dynamic"]) > 1 else "")).strip() or "crossbar emulation"
+        lines.setdefault(name, []).append((xv if numeric else ticks.index(_fmt(xv)), r))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, pts in lines.items():
+        err = [100 * (r["accuracy_std"] if len(r["seeds"]) > 1 else r["ci95_images"]) for _, r in pts]
+        ax.errorbar([x for x, _ in pts], [100 * r["accuracy"] for _, r in pts], yerr=err, marker="o", capsize=3,
+                    label=name)
     ax.axhline(100 * digital["accuracy"], color="#555", ls="--", label=f"digital ({100 * digital['accuracy']:.2f}%)")
     if numeric:
-        ax.set_xticks(xs)
+        ax.set_xticks(sorted(set(xs_all)))
     else:
-        ax.set_xticks(xs, [r["setting"].split("=", 1)[-1] for r in emulated])
-    ax.set_xlabel(key or "setting")
+        ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_xlabel(x_key or "setting")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{Path(result['model']).name} on {result['data']} ({result['num_images']} images)", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    lo = min([100 * r["accuracy"] for r in rows])
+    ax.set_ylim(max(0.0, lo - 10), 100)
+    seeds = max(len(r["seeds"]) for r in rows)
+    bars = f"error bars: std over {seeds} seeds" if seeds > 1 else "error bars: 95% CI over the images"
+    ax.set_title(f"{Path(result['model']).name} on {result['data']} ({result['num_images']} images); {bars}",
+                 fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     save_figure(fig, path, dpi=120, force=force)
 
@@ -249,13 +367,16 @@ def _plot(result: dict, path: Path, force: bool) -> None:
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "imc-eval", formatter_class=Formatter,
-        help="accuracy on emulated ReRAM crossbars, swept over one setting (table + plot)",
+        help="accuracy on emulated ReRAM crossbars, swept over settings and seeds (table + plot)",
         description="Evaluate a model digitally and then with its weight products on emulated ReRAM "
                     "in-memory-computing crossbars (far.imc.emulate: bit-sliced weights and inputs, "
-                    "tiles, ADC, noise, as far_kernels.crossbar_matmul), once per value of --sweep, and "
-                    "print top-1 accuracy per setting next to the digital baseline. Crossbars: every "
-                    "nn.Linear, and in FAR blocks the LSTMs' W_ih, the recurrent W_hh (per time step) "
-                    "and head_proj. Digital: attention's q@k^T and attn@v (quantized to input_bits), "
+                    "tiles, ADC, noise, as far_kernels.crossbar_matmul), once per combination of the --sweep "
+                    "values (and --dynamic modes), each noisy one with --seeds seeds, and print top-1 accuracy "
+                    "per setting next to the digital baseline, with the 95% confidence interval the number of "
+                    "test images allows. Crossbars: every nn.Linear, and in FAR blocks the LSTMs' W_ih, the "
+                    "recurrent W_hh (every time step, all heads and directions in one grouped read) and "
+                    "head_proj. Attention's q@k^T and attn@v: digital (quantized to input_bits) or, with "
+                    "--dynamic crossbar, K and V written into crossbars for every image. Digital: "
                     "nonlinearities, norms, biases, the patch embedding.\n\n"
                     "Settings are far_kernels.CrossbarConfig fields: weight_bits, cell_bits, input_bits, "
                     "dac_bits, adc_bits (none = no ADC), adc_range (max|granular|calibrated), tile_rows, "
@@ -265,6 +386,10 @@ def add_parsers(sub) -> None:
         epilog="examples:\n"
                "  far imc-eval fmnist_far_tiny --data fashion-mnist --limit 500 --sweep adc_bits=4,6,8,10 --plot adc.png\n"
                "  far imc-eval fmnist_deit_tiny --data fashion-mnist --limit 500 --sweep adc_range=max,granular,calibrated\n"
+               "  far imc-eval fmnist_far_tiny_pruned --data fashion-mnist --sweep adc_bits=6,8 \\\n"
+               "      --sweep read_noise=0.01,0.02 --seeds 3 --json grid.json --plot grid.png\n"
+               "  far imc-eval fmnist_deit_tiny --data fashion-mnist --limit 500 --dynamic digital,crossbar \\\n"
+               "      --set prog_noise=0.02\n"
                "  far imc-eval model.safetensors --data fashion-mnist --set adc_bits=6 --set adc_range=calibrated \\\n"
                "      --sweep read_noise=0,0.01,0.02 --exclude head --json noise.json\n\n"
                "A timm name (e.g. fmnist_deit_small) builds a randomly initialised FAR model (--no-far: the "
@@ -272,8 +397,16 @@ def add_parsers(sub) -> None:
     add_model(p)
     add_data(p)
     p.add_argument("--batch-size", type=int, default=100, metavar="B", help="images per batch")
-    p.add_argument("--sweep", metavar="KEY=V1,V2,...",
-                   help="one crossbar setting and the values to evaluate (default: just the --set config)")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                   help="a crossbar setting and the values to evaluate (repeatable: several form a grid; default: "
+                        "just the --set config)")
+    p.add_argument("--dynamic", default="digital", metavar="MODE",
+                   help="attention's q@k^T and attn@v: digital (quantized, on a digital unit), crossbar (K and V "
+                        "written into crossbars for every image, with the config's noise), or digital,crossbar to "
+                        "compare (default: digital; FAR models have no such products)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run every noisy setting with N seeds (seed, seed+1, ...): mean ± std in the table, error "
+                        "bars in the plot")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a crossbar setting for every run (repeatable), e.g. --set adc_range=calibrated")
     p.add_argument("--include", action="append", metavar="GLOB",
@@ -289,8 +422,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="crossbar_matmul backend (default: env FAR_BACKEND, else auto); an unavailable one is an error")
     add_device(p)
-    p.add_argument("--json", metavar="FILE", help="also write every result to this JSON file")
-    p.add_argument("--plot", metavar="PNG", help="write accuracy vs the swept setting to this image")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write every result to this JSON file, rewritten as each setting finishes (a run cut "
+                        "short keeps what it measured; \"complete\": true once all are done)")
+    p.add_argument("--plot", metavar="PNG", help="write accuracy vs the (first) swept setting to this image")
     add_common(p, quiet="no progress output")
     p.set_defaults(func=cmd_imc_eval)
     _add_cost_parser(sub)
@@ -332,7 +467,9 @@ def _add_cost_parser(sub) -> None:
     p.add_argument("--workers", type=int, metavar="N",
                    help="DataLoader workers for image folders (default: min(8, CPU cores) to evaluate, 0 to train)")
     p.add_argument("--batch-size", type=int, default=100, metavar="B", help="images per batch")
-    p.add_argument("--emulate", action="store_true", help="with --data: also the top-1 on the crossbar emulator")
+    p.add_argument("--emulate", action="store_true",
+                   help="with --data: also the top-1 on the crossbar emulator (write mode: attention's K and V on "
+                        "crossbars too, far imc-eval --dynamic crossbar)")
     add_device(p)
     p.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
     p.add_argument("--plot", metavar="PNG", help="energy by component (and top-1 vs EDAP) as an image")
@@ -374,7 +511,7 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     import torch
 
     from far.evaluate import evaluate
-    from far.imc import emulate
+    from far.imc import emulate, emulation_targets
     from far.imc.cost import DYNAMIC_MODES, HardwareSpec, model_cost
     from far.models import data_config, stored_tensors
     from far.utils.env import environment, resolve_device
@@ -415,11 +552,17 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
             note(args, f"{label}: digital accuracy on {len(data)} images ...")
             row["top1"] = evaluate(model.to(device), data, batch_size=args.batch_size, device=device,
                                    workers=eval_workers(args), progress=not args.quiet)["accuracy"]
-            if args.emulate:
-                note(args, f"{label}: emulated accuracy (crossbars, this config) ...")
-                row["top1_emulated"] = evaluate(emulate(model, cfg).eval(), data, batch_size=args.batch_size,
-                                                device=device, workers=eval_workers(args),
-                                                progress=not args.quiet)["accuracy"]
+            if args.emulate:  # write mode: K and V on crossbars too (dynamic="crossbar"); digital: on the MAC unit
+                has_attention = any(k == "digital-quantized" for _, k in emulation_targets(model))
+                row["top1_emulated"] = {}
+                for m in (modes if has_attention else modes[:1]):
+                    dyn = "crossbar" if m == "write" else "digital"
+                    note(args, f"{label}: emulated accuracy (crossbars, this config, attention products {dyn}) ...")
+                    row["top1_emulated"][m] = evaluate(emulate(model, cfg, dynamic=dyn).eval(), data,
+                                                       batch_size=args.batch_size, device=device,
+                                                       workers=eval_workers(args), progress=not args.quiet)["accuracy"]
+                for m in modes:  # a FAR model has no dynamic products: one figure serves every mode
+                    row["top1_emulated"].setdefault(m, row["top1_emulated"][modes[0]])
         rows.append(row)
     base = rows[0]
     print(f"IMC cost per image (batch 1): crossbar {_config_line(cfg)}")
@@ -440,7 +583,7 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
             if args.data:
                 line += f" {100 * r['top1']:>6.2f}%"
             if args.emulate:
-                line += f" {100 * r['top1_emulated']:>7.2f}%"
+                line += f" {100 * r['top1_emulated'][m]:>7.2f}%"
             print(line)
     result = {"benchmark": "imc_cost", "crossbar_config": dataclasses.asdict(cfg),
               "hardware": {m: dataclasses.asdict(h) for m, h in specs.items()}, "data": args.data,
@@ -489,7 +632,7 @@ def cost_plot(result: dict, path: Path, force: bool = True) -> None:
                 ax2.scatter(ed, 100 * r["top1"], marker="os^"[k % 3], color=f"C{rows.index(r)}",
                             label=f"{r['model']} ({m})")
                 if "top1_emulated" in r:
-                    ax2.scatter(ed, 100 * r["top1_emulated"], marker="x", color=f"C{rows.index(r)}")
+                    ax2.scatter(ed, 100 * r["top1_emulated"][m], marker="x", color=f"C{rows.index(r)}")
         ax2.set_xscale("log")
         ax2.set_xlabel("EDAP per image (J s mm2, lower is better)")
         ax2.set_ylabel("top-1 (%)  (x: emulated on crossbars)")

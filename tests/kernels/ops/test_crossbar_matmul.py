@@ -400,8 +400,11 @@ def test_bad_inputs_raise_clearly():
         crossbar_matmul(x.to("meta"), prog)
     with pytest.raises(ValueError, match="is on meta"):
         crossbar_matmul(x, w.to("meta"))
-    with pytest.raises(BackendUnavailable, match="no cpp backend"):
-        crossbar_matmul(x, prog, backend="cpp")
+    with pytest.raises(BackendUnavailable, match="no cuda backend"):
+        crossbar_matmul(x, prog, backend="cuda")
+    with pytest.raises(BackendUnavailable, match="summed as floats" if far_kernels.extension_status()["loaded"]
+                       else "far_kernels._C"):  # a call the cpp epilogue declines (or no extension at all)
+        crossbar_matmul(x, program_crossbar(w, cfg.replace(adc_bits=None, prog_noise=0.1)), backend="cpp")
     reads = prog.reads
     with pytest.raises(BackendUnavailable):
         crossbar_matmul(x, program_crossbar(w, cfg.replace(read_noise=0.1)), backend="cuda")

@@ -7,10 +7,17 @@ the group op is tested in test_crossbar_matmul_triton.py (it needs the interpret
 import pytest
 import torch
 
+import far_kernels
 from far_kernels import (CrossbarConfig, CrossbarGroup, crossbar_matmul, crossbar_matmul_group,
                          crossbar_matmul_group_ref, crossbar_partial_sum_absmax, crossbar_partial_sum_absmax_group,
                          program_crossbar, program_group, program_stacked)
 from far_kernels.ops.crossbar_matmul import GROUP_OP
+
+from far_kernels.ops.crossbar_matmul import OP  # noqa: E402
+
+CPP = pytest.param("cpp", marks=pytest.mark.skipif(OP.reason("cpp", "cpu") is not None,
+                                                   reason=f"cpp backend unavailable: {OP.reason('cpp', 'cpu')}"))
+BACKENDS = ["torch", CPP]  # the batched torch backend, and the same with far_kernels._C's fused epilogue
 
 SIZES = [(6, 37), (3, 20), (9, 5)]  # (N_g, K_g): ragged members, K not a multiple of the tile rows
 
@@ -49,12 +56,13 @@ GRID = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kw", GRID)
-def test_group_bit_identical_to_reference(kw):
+def test_group_bit_identical_to_reference(kw, backend):
     cfg = CrossbarConfig(**kw)
-    x, grp, bias, _ = make_group(cfg, SIZES, seed=hash(str(kw)) % 1000)
+    x, grp, bias, _ = make_group(cfg, SIZES, seed=sum(map(ord, str(kw))))
     for b in (None, bias):
-        y = crossbar_matmul_group(x, grp, bias=b, backend="torch")
+        y = crossbar_matmul_group(x, grp, bias=b, backend=backend)
         ref = crossbar_matmul_group_ref(x, grp, bias=b)
         assert y.shape == (3, 7, 9) and torch.equal(y, ref)
         for g, (n, _) in enumerate(SIZES):  # beyond a member's N_g: zeros
@@ -81,14 +89,16 @@ def test_group_equals_separate_crossbar_matmul_calls():
     # granular ADC finer than p_max: codes are the partial sums themselves
     (dict(cell_bits=2, dac_bits=1, adc_bits=12, adc_range="granular", tile_rows=16), 40, "granular L >= p_max"),
 ])
-def test_group_wide_arithmetic_paths(kw, K, what):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_wide_arithmetic_paths(kw, K, what, backend):
     cfg = CrossbarConfig(**kw)
     x, grp, bias, _ = make_group(cfg, [(5, K), (4, K // 3)], seed=len(what), M=3)
-    y = crossbar_matmul_group(x, grp, bias=bias, backend="torch")
+    y = crossbar_matmul_group(x, grp, bias=bias, backend=backend if "int64 max" not in what else "torch")
     assert torch.equal(y, crossbar_matmul_group_ref(x, grp, bias=bias)), what
 
 
-def test_group_max_adc_ties_round_half_to_even():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_max_adc_ties_round_half_to_even(backend):
     """Member 0 is the tie case of test_crossbar_matmul (p = 12 = half of p_max 24): codes p L / p_max =
     0.5 -> 0, 1.5 -> 2, 3.5 -> 4; member 1 is random and must not disturb it."""
     for adc_bits, code in ((2, 0), (3, 2), (4, 4)):
@@ -97,26 +107,27 @@ def test_group_max_adc_ties_round_half_to_even():
         x[0, 0, :4] = 1.0
         x[1] = torch.randn(1, 8)
         grp = program_group([torch.ones(1, 8), torch.randn(2, 8)], cfg)
-        y = crossbar_matmul_group(x, grp, backend="torch")
+        y = crossbar_matmul_group(x, grp, backend=backend)
         L = cfg.adc_levels
         assert abs(y[0, 0, 0].item() - code * 24 / L / 3) <= 1e-6, (adc_bits, y[0, 0, 0].item())
         assert torch.equal(y, crossbar_matmul_group_ref(x, grp))
 
 
-def test_group_edge_shapes_zero_and_nan_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_edge_shapes_zero_and_nan_rows(backend):
     cfg = CrossbarConfig(adc_bits=6, tile_rows=16)
     x, grp, bias, _ = make_group(cfg, SIZES, seed=5)
-    empty = crossbar_matmul_group(x[:, :0], grp, bias=bias)
+    empty = crossbar_matmul_group(x[:, :0], grp, bias=bias, backend=backend)
     assert empty.shape == (3, 0, 9)
     x[1, 2] = 0.0  # an all-zero row: bias only
     x[2, 4, 1] = float("nan")  # a NaN row: NaN outputs, as crossbar_matmul gives
-    y = crossbar_matmul_group(x, grp, bias=bias)
+    y = crossbar_matmul_group(x, grp, bias=bias, backend=backend)
     ref = crossbar_matmul_group_ref(x, grp, bias=bias)
     assert torch.equal(y.nan_to_num(123.0), ref.nan_to_num(123.0))
     assert torch.equal(y[1, 2, :3], bias[1, :3]) and torch.isnan(y[2, 4, :9]).all()
     one = program_group([torch.randn(4, 10)], cfg)  # G = 1
     x1 = torch.randn(1, 3, 10)
-    assert torch.equal(crossbar_matmul_group(x1, one), crossbar_matmul_group_ref(x1, one))
+    assert torch.equal(crossbar_matmul_group(x1, one, backend=backend), crossbar_matmul_group_ref(x1, one))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -128,22 +139,53 @@ def test_group_dtypes(dtype):
     assert y.dtype == dtype and torch.equal(y, crossbar_matmul_group_ref(x, grp).to(dtype))
 
 
-def test_group_read_noise():
-    """Fresh draws each call, independent between identical members, reproducible from the seed, and the
-    same spread as the reference's (4096 x 16 x 2 outputs: the std is estimated to ~1%; agree within 10%)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(adc_bits=8), dict(adc_bits=6, adc_range="calibrated"),
+                                dict(adc_bits=7, adc_range="granular", encoding="offset")],
+                         ids=["a8-max", "a6-calibrated", "a7-granular-offset"])
+def test_group_read_noise(kw, backend):
+    """Fresh draws each call, independent between identical members, reproducible from the seed, unbiased, and
+    the same spread as the reference's (4096 x 16 x 2 outputs: the std is estimated to ~1%; agree within 10%)."""
     torch.manual_seed(12)
-    cfg = CrossbarConfig(read_noise=0.02, adc_bits=8, tile_rows=16, seed=4)
+    cfg = CrossbarConfig(read_noise=0.02, tile_rows=16, seed=4, **kw)
     w = torch.randn(16, 37) / 6
     x = torch.randn(1, 4096, 37).expand(2, -1, -1).contiguous()
-    clean = crossbar_matmul_group_ref(x, program_group([w, w], cfg.replace(read_noise=0.0), seeds=[0, 0]))
-    grp = program_group([w, w], cfg, seeds=[0, 0])  # two identical members
-    y1, y2 = crossbar_matmul_group(x, grp), crossbar_matmul_group(x, grp)
+
+    def group(c):
+        g = program_group([w, w], c, seeds=[0, 0])  # two identical members
+        if c.adc_range == "calibrated":
+            for m in g.members:
+                m.adc_range = torch.full((c.n_weight_slices,), 0.3 * c.p_max)
+        return g
+
+    clean = crossbar_matmul_group_ref(x, group(cfg.replace(read_noise=0.0)))
+    grp = group(cfg)
+    y1, y2 = crossbar_matmul_group(x, grp, backend=backend), crossbar_matmul_group(x, grp, backend=backend)
     assert not torch.equal(y1, y2) and not torch.equal(y1[0], y1[1])
-    again = program_group([w, w], cfg, seeds=[0, 0])
-    assert torch.equal(crossbar_matmul_group(x, again), y1)
-    ref = crossbar_matmul_group_ref(x, program_group([w, w], cfg, seeds=[0, 0]))
-    s_ours, s_ref = (y1 - clean).std().item(), (ref - clean).std().item()
+    assert torch.equal(crossbar_matmul_group(x, group(cfg), backend=backend), y1)
+    ref = crossbar_matmul_group_ref(x, group(cfg))
+    d, d_ref = (y1 - clean).double(), (ref - clean).double()
+    s_ours, s_ref = d.std().item(), d_ref.std().item()
     assert s_ref > 0 and 0.9 < s_ours / s_ref < 1.1, (s_ours, s_ref)
+    assert abs(d.mean().item() - d_ref.mean().item()) < 6 * s_ref / d.numel() ** 0.5
+    corr = torch.corrcoef(torch.stack((d[0].flatten(), d[1].flatten())))[0, 1].item()  # members independent
+    assert abs(corr) < 6 / d[0].numel() ** 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_programming_noise_paths(backend):
+    """Float levels (programming noise) through no ADC: the partial sums are no longer integers; the torch
+    backend sums them as floats (cpp declines such calls: auto falls back), others agree to fp32 rounding."""
+    cfg = CrossbarConfig(prog_noise=0.05, adc_bits=None, tile_rows=16, seed=1)
+    x, grp, bias, _ = make_group(cfg, SIZES, seed=13)
+    if backend == "cpp":
+        with pytest.raises(far_kernels.BackendUnavailable, match="torch backend does that"):
+            crossbar_matmul_group(x, grp, bias=bias, backend="cpp")
+        assert torch.equal(crossbar_matmul_group(x, grp, bias=bias), crossbar_matmul_group(x, grp, bias=bias,
+                                                                                            backend="torch"))
+        return
+    y, ref = crossbar_matmul_group(x, grp, bias=bias, backend=backend), crossbar_matmul_group_ref(x, grp, bias=bias)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_group_partial_sum_absmax():

@@ -174,7 +174,9 @@ def test_triton_refuses_configs_that_overflow_int32():
 
 
 # ---- ties: inputs built to land exactly on half steps, on every backend (random data almost never does) ----
-TIE_BACKENDS = ["torch", "reference", pytest.param("triton", marks=needs_interpreter)]
+TIE_BACKENDS = ["torch", "reference", pytest.param("triton", marks=needs_interpreter),
+                pytest.param("cpp", marks=pytest.mark.skipif(OP.reason("cpp", "cpu") is not None,
+                                                             reason="far_kernels._C unavailable"))]
 
 
 def _run(backend, x, prog, cfg=None):
