@@ -74,7 +74,8 @@ def test_sweep_table_json_plot(capsys, teacher_ckpt, tmp_path):
     rows = [l.split() for l in lines[head + 1:]]
     assert [r[0] for r in rows] == ["digital", "adc_bits=3", "adc_bits=8"]
     res = json.loads(js.read_text())
-    assert res["num_images"] == 12 and res["sweep"] == {"key": "adc_bits", "values": [3, 8]}
+    assert res["num_images"] == 12 and res["sweeps"] == [{"key": "adc_bits", "values": [3, 8]}]
+    assert res["complete"] is True and res["emulated"] and all(isinstance(n, str) for n in res["emulated"])
     assert res["checkpoint_sha256"] == hashlib.sha256(Path(teacher_ckpt).read_bytes()).hexdigest()
     from far.utils.env import device_name
 
@@ -99,7 +100,73 @@ def test_far_model_calibrated_and_include(capsys, far_ckpt, tmp_path):
     res = json.loads(js.read_text())
     assert [r["setting"] for r in res["results"]] == ["digital", "adc_range=max", "adc_range=calibrated"]
     assert res["results"][2]["calibration_images"] == 2 and res["include"] == ["*.w_hh.*"]
-    assert "emulated: 4 crossbar products" in out  # 2 heads x 2 directions of W_hh
+    assert "emulated: 4 crossbar products, include ['*.w_hh.*']: blocks.*.attn.w_hh.*.* x4" in out  # 2 heads x 2 dirs
+
+
+@needs_fmnist
+def test_grid_seeds_and_incremental_json(capsys, far_ckpt, tmp_path, monkeypatch):
+    """Two --sweep options form a grid; noisy settings run --seeds times (mean, std, per-seed figures); the
+    JSON is rewritten after every setting, so a run stopped midway keeps what it measured."""
+    js, png = tmp_path / "grid.json", tmp_path / "grid.png"
+    import far.cli.imc as imc_cli
+
+    seen = []
+    from far.utils import fs
+
+    real_write = fs.write_json
+    assert "write_json" not in vars(imc_cli)  # imported inside the command, so the spy is what it finds
+
+    def spy(path, obj, **kw):
+        seen.append((len(obj["results"]), obj["complete"]))
+        return real_write(path, obj, **kw)
+
+    monkeypatch.setattr(fs, "write_json", spy)
+    code, out, err = run(capsys, "imc-eval", far_ckpt, "--data", "fashion-mnist", "--limit", 4, "--batch-size", 4,
+                         *FASTEST, "--sweep", "adc_bits=6,8", "--sweep", "read_noise=0,0.05", "--seeds", 2,
+                         "--json", js, "--plot", png)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    labels = [r["setting"] for r in res["results"]]
+    assert labels == ["digital", "adc_bits=6 read_noise=0", "adc_bits=6 read_noise=0.05",
+                      "adc_bits=8 read_noise=0", "adc_bits=8 read_noise=0.05"]
+    assert [s["key"] for s in res["sweeps"]] == ["adc_bits", "read_noise"]
+    for r in res["results"][1:]:
+        noisy = r["values"]["read_noise"] > 0
+        assert r["seeds"] == ([0, 1] if noisy else [0]) and len(r["accuracies"]) == len(r["seeds"])
+        assert abs(r["accuracy"] - sum(r["accuracies"]) / len(r["accuracies"])) < 1e-12
+        p = r["accuracy"]
+        assert abs(r["ci95_images"] - 1.959964 * (p * (1 - p) / 4) ** 0.5) < 1e-9
+    assert seen == [(1, False), (2, False), (3, False), (4, False), (5, False), (5, True)]
+    assert "mean over 2 seeds" in out and "95% CI" in out and "left" in err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fmnist
+def test_dynamic_crossbar_attention(capsys, teacher_ckpt, tmp_path):
+    js = tmp_path / "dyn.json"
+    code, out, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--limit", 4, "--batch-size",
+                         4, *FASTEST, "--dynamic", "digital,crossbar", "--set", "prog_noise=0.02", "--json", js, "-q")
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    assert [(r["setting"], r["dynamic"]) for r in res["results"]] == [
+        ("digital", None), ("crossbar attn:digital", "digital"), ("crossbar attn:crossbar", "crossbar")]
+    code, _, err = run(capsys, "imc-eval", far_ckpt_path(tmp_path), "--data", "fashion-mnist", "--limit", 2,
+                       *FASTEST, "--dynamic", "crossbar", "-q")
+    assert code == 0 and "no attention" in err
+
+
+def far_ckpt_path(tmp_path):
+    torch.manual_seed(2)
+    path = tmp_path / "far2.safetensors"
+    far.save(far.create_model("fmnist_deit_tiny", depth=1, embed_dim=8, num_heads=2, hidden_sizes=2), str(path))
+    return path
+
+
+def test_rate_and_layer_summary_formatting():
+    from far.cli.imc import _layer_summary, _rate
+
+    assert _rate(12.345) == "12.3" and _rate(0.05) == "0.1" and _rate(0.0123) == "0.012" and _rate(0.0) == "0"
+    assert _layer_summary(["blocks.0.attn.qkv", "blocks.1.attn.qkv", "head"]) == "blocks.*.attn.qkv x2, head"
 
 
 @needs_fmnist
@@ -131,9 +198,13 @@ def test_zoo_name_loads_the_trained_checkpoint(capsys, tmp_path):
     (["--limit", "0"], ["--limit must be >= 1"]),
     (["--include", "blocks.7.*"], ["include pattern 'blocks.7.*' matches no emulatable layer"]),
     (["--plot", "/nonexistent-dir/p.png"], ["no such folder for --plot"]),
+    (["--sweep", "adc_bits=4,6", "--sweep", "adc_bits=8"], ["--sweep adc_bits given twice"]),
+    (["--dynamic", "analog"], ["--dynamic takes digital, crossbar or digital,crossbar"]),
+    (["--seeds", "0"], ["--seeds must be >= 1"]),
+    (["--sweep", "seed=1,2", "--seeds", "2"], ["--sweep seed and --seeds"]),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["--device cuda"]),
 ], ids=["unknown-key", "bad-value", "invalid-config", "no-values", "empty-value", "repeated", "bad-set", "bad-pair",
-        "conflict", "limit", "include-typo", "plot-folder", "device"])
+        "conflict", "limit", "include-typo", "plot-folder", "sweep-twice", "dynamic", "seeds", "seed-sweep", "device"])
 def test_user_errors(capsys, teacher_ckpt, argv, fragments):
     code, _, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", *argv)
     assert_user_error(code, err, *fragments)
@@ -148,3 +219,36 @@ def test_unavailable_backend(capsys, teacher_ckpt):
     code, _, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--backend", "cuda",
                        "--device", "cpu")
     assert_user_error(code, err, "crossbar_matmul", "unavailable")
+
+
+# ---------------------------------------------------------------- far imc-cost
+@needs_fmnist
+def test_imc_cost_table_json_plot_emulate(capsys, teacher_ckpt, far_ckpt, tmp_path):
+    """Two models side by side, both dynamic modes; with --emulate the attention model is emulated with its
+    K and V on crossbars in write mode and digitally in digital mode, the FAR model once for both."""
+    js, png = tmp_path / "cost.json", tmp_path / "cost.png"
+    code, out, err = run(capsys, "imc-cost", teacher_ckpt, far_ckpt, "--data", "fashion-mnist", "--limit", 4,
+                         "--batch-size", 4, "--emulate", *FASTEST, "--json", js, "--plot", png, "-q")
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    assert [m["kind"] for m in res["models"]] == ["attention", "FAR"]
+    for m in res["models"]:
+        assert set(m["cost"]) == {"write", "digital"} and set(m["top1_emulated"]) == {"write", "digital"}
+        for mode in ("write", "digital"):
+            t = m["cost"][mode]["totals"]
+            assert t["energy_uj"] > 0 and t["latency_us"] > 0 and t["area_mm2"] > 0
+    far_row = res["models"][1]
+    assert far_row["top1_emulated"]["write"] == far_row["top1_emulated"]["digital"]
+    assert "attention's dynamic products: write" in out and "attention's dynamic products: digital" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["--dynamic", "analog"], ["--dynamic takes a comma-separated list"]),
+    (["--hw", "dynamic=write"], ["give the dynamic mode with --dynamic"]),
+    (["--emulate"], ["--emulate measures accuracy: give --data"]),
+    (["--hw", "cols_per_adc=0"], ["--hw"]),
+], ids=["dynamic", "hw-dynamic", "emulate-no-data", "bad-hw"])
+def test_imc_cost_user_errors(capsys, teacher_ckpt, argv, fragments):
+    code, _, err = run(capsys, "imc-cost", teacher_ckpt, *argv)
+    assert_user_error(code, err, *fragments)
