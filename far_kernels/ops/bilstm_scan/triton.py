@@ -1,19 +1,24 @@
 """triton backend of bilstm_scan: one launch for every head, both directions and all batch tiles.
 
 Program (head, direction, batch tile) keeps its W_hh on chip for the whole time loop and carries
-h, c in fp32. The recurrent product is done transposed, gates^T [n, BB] = W_hh [4 x n, n] @ h^T
-[n, BB], so the gate dimension is the MMA's M side and the batch tile (padded to 16) its N side:
-small batches do not waste the tensor cores. Units are padded to NP = next power of two of the
-largest kept size (>= 16); padded rows and columns of W_hh are masked to 0, so padded units stay
-exactly 0. A (direction, head) with 0 units only writes zeros.
+h, c in fp32. The recurrent product is done transposed, gates^T = W_hh @ h^T, so the gate dimension
+is the MMA's M side and the batch tile (padded to 16) its N side: small batches do not waste the
+tensor cores. Units are padded to NP = next power of two of the largest kept size (>= 16); padded
+rows and columns of W_hh are masked to 0, so padded units stay exactly 0. A (direction, head) with
+0 units only writes zeros.
 
-Precision: gates, cell state and h in fp32. fp32 inputs: fp32 product ("ieee" on the CUDA cores;
-fp32_precision="tf32x3" puts it on the tensor cores at ~fp32 accuracy, untimed so far). fp16/bf16 inputs
-with W_hh of the same dtype (exact in it): h is split into hi + lo of that dtype and multiplied
-on the tensor cores with fp32 accumulation (2 MMAs, h to ~2^-16 relative, bf16).
+16-bit inputs (fp16/bf16 gates with W_hh of the same dtype, exact in it): the four gates are stacked
+into ONE product per step, [4 NP, 2 NP] @ [2 NP, BB], issued together and waited once (wgmma on
+sm_90), with h split into hi + lo of that dtype along K ([W | W] @ [hi; lo]: h to ~2^-16 relative,
+fp32 accumulation); the input gates are its accumulator, loaded one step ahead as one [4 NP, BB]
+tile. The gates of one unit land in one thread's registers (reshape/permute/split move no data).
+fp32 inputs: one [NP, NP] product per gate on the CUDA cores ("ieee"; fp32_precision="tf32x3" puts
+it on the tensor cores at ~fp32 accuracy, untimed so far).
 Under TRITON_INTERPRET=1 (CPU) the same rounding is applied but the products run in fp32: the
 interpreter of triton 3.8 multiplies bf16 bit patterns as integers and truncates fp32 -> bf16,
 so bf16 rounding is done by hand there (round to nearest even).
+Per-step synchronization, from the sm_90 SASS (bench/triton_scan_resources.py, no GPU needed):
+bench/triton_scan_notes.md.
 """
 from __future__ import annotations
 
@@ -53,6 +58,21 @@ def _round(x, DT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _cell(a_i, a_f, a_g, a_o, c):
+    """One LSTM cell update (fp32). Padded units: gates 0 -> c = 0.5 c = 0, h = 0.5 tanh(0) = 0 exactly."""
+    c = _sigmoid(a_f) * c + _sigmoid(a_i) * _tanh(a_g)
+    return _sigmoid(a_o) * _tanh(c), c
+
+
+@triton.jit
+def _store_h(h, ptrs, mask, OUT_DT: tl.constexpr, INTERP: tl.constexpr):
+    if INTERP and OUT_DT == tl.bfloat16:
+        tl.store(ptrs, _round(h, OUT_DT, INTERP), mask=mask)
+    else:
+        tl.store(ptrs, h.to(OUT_DT), mask=mask)
+
+
+@triton.jit
 def _bilstm_scan_kernel(
     gx_ptr, w_ptr, hs_ptr, out_ptr,
     H, B, T, n,
@@ -64,6 +84,7 @@ def _bilstm_scan_kernel(
     NZ: tl.constexpr,  # width of the zero columns [NP, n) when NP < n, else 0
     BB: tl.constexpr,  # batch tile (power of two >= 16)
     OP_DT: tl.constexpr,  # MMA operand dtype: fp32 or the inputs' fp16/bf16
+    SPLIT: tl.constexpr,  # 16-bit operands: h = hi + lo in one product (K = 2 NP)
     F32_PREC: tl.constexpr,  # fp32 product: "ieee" (CUDA cores) or "tf32x3" (tensor cores, ~fp32)
     OUT_DT: tl.constexpr,
     INTERP: tl.constexpr,
@@ -86,21 +107,9 @@ def _bilstm_scan_kernel(
         for t in range(T):
             tl.store(zptrs + t * s_ot, zeros, mask=zmask)
     else:
-        u = tl.arange(0, NP)  # units: rows of every tile
-        # W_hh of this (direction, head), the 4 gates as [NP, NP] tiles, kept for the whole loop
-        wmask = (u[:, None] < k) & (u[None, :] < k)
-        w_rows = w_ptr + head.to(tl.int64) * s_wh + d * s_wd + u[:, None] * n + u[None, :]
-        w_i = tl.load(w_rows, mask=wmask, other=0.0)
-        w_f = tl.load(w_rows + n * n, mask=wmask, other=0.0)
-        w_g = tl.load(w_rows + 2 * n * n, mask=wmask, other=0.0)
-        w_o = tl.load(w_rows + 3 * n * n, mask=wmask, other=0.0)
-        if INTERP:  # exact: W_hh holds OP_DT values
-            w_i, w_f, w_g, w_o = w_i.to(tl.float32), w_f.to(tl.float32), w_g.to(tl.float32), w_o.to(tl.float32)
-        else:
-            w_i, w_f, w_g, w_o = w_i.to(OP_DT), w_f.to(OP_DT), w_g.to(OP_DT), w_o.to(OP_DT)
-
-        gmask = (u[:, None] < k) & bmask[None, :]  # [NP, BB]
-        g_ptrs = gx_ptr + head.to(tl.int64) * s_gh + d * s_gd + u[:, None] + b.to(tl.int64)[None, :] * s_gb
+        u = tl.arange(0, NP)  # units: rows of h, c and of every gate
+        w_base = w_ptr + head.to(tl.int64) * s_wh + d * s_wd
+        g_base = gx_ptr + head.to(tl.int64) * s_gh + d * s_gd + b.to(tl.int64)[None, :] * s_gb  # [1, BB]
         o_ptrs = o_cols + u[:, None]
         omask = (u[:, None] < n) & bmask[None, :]  # units in [k, n) are written as 0
         if NZ > 0:
@@ -108,54 +117,78 @@ def _bilstm_scan_kernel(
             zptrs = o_cols + uz[:, None]
             zmask = (uz[:, None] < n) & bmask[None, :]
             zeros = tl.zeros((NZ, BB), dtype=OUT_DT)
-
         h = tl.zeros((NP, BB), dtype=tl.float32)  # h^T: units x batch
         c = tl.zeros((NP, BB), dtype=tl.float32)
         t = d * (T - 1)  # forward: s; backward: T - 1 - s
-        p = g_ptrs + t.to(tl.int64) * s_gt
-        x_i = tl.load(p, mask=gmask, other=0.0).to(tl.float32)
-        x_f = tl.load(p + n, mask=gmask, other=0.0).to(tl.float32)
-        x_g = tl.load(p + 2 * n, mask=gmask, other=0.0).to(tl.float32)
-        x_o = tl.load(p + 3 * n, mask=gmask, other=0.0).to(tl.float32)
-        for s in range(T):
-            t = s + d * (T - 1 - 2 * s)
-            # prefetch the next step's input gates (off the dependent chain)
-            tn = t + 1 - 2 * d
-            pn = g_ptrs + tn.to(tl.int64) * s_gt
-            nmask = gmask & (s + 1 < T)
-            n_i = tl.load(pn, mask=nmask, other=0.0)
-            n_f = tl.load(pn + n, mask=nmask, other=0.0)
-            n_g = tl.load(pn + 2 * n, mask=nmask, other=0.0)
-            n_o = tl.load(pn + 3 * n, mask=nmask, other=0.0)
-            # gates^T = W_q @ h^T + x_q^T
-            if OP_DT == tl.float32:
+        if SPLIT:
+            # 16-bit operands. The 4 gates stacked: row r = q NP + u of ONE product per step, issued
+            # together and waited once; h = hi + lo in the same product along K: [W | W] (column 2u + s
+            # holds W[:, u]) @ [hi; lo] (row 2u + s). W [4 NP, 2 NP] stays on chip for the whole loop.
+            r = tl.arange(0, 4 * NP)
+            rq = r // NP
+            ru = r % NP
+            kk = tl.arange(0, 2 * NP) // 2
+            w = tl.load(w_base + (rq * n + ru)[:, None] * n + kk[None, :],
+                        mask=(ru[:, None] < k) & (kk[None, :] < k), other=0.0)
+            w = w.to(tl.float32) if INTERP else w.to(OP_DT)  # exact: W_hh holds OP_DT values
+            gmask = (ru[:, None] < k) & bmask[None, :]  # [4 NP, BB]
+            g_ptrs = g_base + (rq * n + ru)[:, None]
+            x = tl.load(g_ptrs + t.to(tl.int64) * s_gt, mask=gmask, other=0.0)  # [4 NP, BB] in gx's dtype
+            for s in range(T):
+                t = s + d * (T - 1 - 2 * s)
+                # prefetch the next step's input gates (off the dependent chain), kept 16-bit
+                tn = t + 1 - 2 * d
+                x_next = tl.load(g_ptrs + tn.to(tl.int64) * s_gt, mask=gmask & (s + 1 < T), other=0.0)
+                h_hi = _round(h, OP_DT, INTERP)
+                h_lo = _round(h - h_hi.to(tl.float32), OP_DT, INTERP)
+                hk = tl.reshape(tl.permute(tl.join(h_hi, h_lo), (0, 2, 1)), (2 * NP, BB))  # row 2u + s
+                if INTERP:
+                    a = tl.dot(w, hk, x.to(tl.float32), input_precision="ieee")
+                else:
+                    a = tl.dot(w, hk, x.to(tl.float32))  # gates^T = W @ h^T + x^T, fp32 accumulate
+                # the 4 gates of a unit sit in one thread's registers: the split moves no data
+                a = tl.permute(tl.reshape(a, (2, 2, NP, BB)), (2, 3, 1, 0))  # [NP, BB, q % 2, q // 2]
+                a_if, a_go = tl.split(a)
+                a_i, a_f = tl.split(a_if)
+                a_g, a_o = tl.split(a_go)
+                h, c = _cell(a_i, a_f, a_g, a_o, c)
+                _store_h(h, o_ptrs + t * s_ot, omask, OUT_DT, INTERP)
+                if NZ > 0:
+                    tl.store(zptrs + t * s_ot, zeros, mask=zmask)
+                x = x_next
+        else:
+            # fp32 products on the CUDA cores (or tf32x3): one [NP, NP] tile per gate, no MMA wait
+            wmask = (u[:, None] < k) & (u[None, :] < k)
+            w_rows = w_base + u[:, None] * n + u[None, :]
+            w_i = tl.load(w_rows, mask=wmask, other=0.0).to(tl.float32)
+            w_f = tl.load(w_rows + n * n, mask=wmask, other=0.0).to(tl.float32)
+            w_g = tl.load(w_rows + 2 * n * n, mask=wmask, other=0.0).to(tl.float32)
+            w_o = tl.load(w_rows + 3 * n * n, mask=wmask, other=0.0).to(tl.float32)
+            gmask = (u[:, None] < k) & bmask[None, :]  # [NP, BB]
+            g_ptrs = g_base + u[:, None]
+            p = g_ptrs + t.to(tl.int64) * s_gt
+            x_i = tl.load(p, mask=gmask, other=0.0).to(tl.float32)
+            x_f = tl.load(p + n, mask=gmask, other=0.0).to(tl.float32)
+            x_g = tl.load(p + 2 * n, mask=gmask, other=0.0).to(tl.float32)
+            x_o = tl.load(p + 3 * n, mask=gmask, other=0.0).to(tl.float32)
+            for s in range(T):
+                t = s + d * (T - 1 - 2 * s)
+                tn = t + 1 - 2 * d
+                pn = g_ptrs + tn.to(tl.int64) * s_gt
+                nmask = gmask & (s + 1 < T)
+                n_i = tl.load(pn, mask=nmask, other=0.0)
+                n_f = tl.load(pn + n, mask=nmask, other=0.0)
+                n_g = tl.load(pn + 2 * n, mask=nmask, other=0.0)
+                n_o = tl.load(pn + 3 * n, mask=nmask, other=0.0)
                 a_i = tl.dot(w_i, h, x_i, input_precision=F32_PREC)
                 a_f = tl.dot(w_f, h, x_f, input_precision=F32_PREC)
                 a_g = tl.dot(w_g, h, x_g, input_precision=F32_PREC)
                 a_o = tl.dot(w_o, h, x_o, input_precision=F32_PREC)
-            else:  # h = hi + lo in OP_DT, two MMAs per gate, fp32 accumulation
-                h_hi = _round(h, OP_DT, INTERP)
-                h_lo = _round(h - h_hi.to(tl.float32), OP_DT, INTERP)
-                if INTERP:
-                    a_i = tl.dot(w_i, h_lo, tl.dot(w_i, h_hi, x_i, input_precision="ieee"), input_precision="ieee")
-                    a_f = tl.dot(w_f, h_lo, tl.dot(w_f, h_hi, x_f, input_precision="ieee"), input_precision="ieee")
-                    a_g = tl.dot(w_g, h_lo, tl.dot(w_g, h_hi, x_g, input_precision="ieee"), input_precision="ieee")
-                    a_o = tl.dot(w_o, h_lo, tl.dot(w_o, h_hi, x_o, input_precision="ieee"), input_precision="ieee")
-                else:
-                    a_i = tl.dot(w_i, h_lo, tl.dot(w_i, h_hi, x_i))
-                    a_f = tl.dot(w_f, h_lo, tl.dot(w_f, h_hi, x_f))
-                    a_g = tl.dot(w_g, h_lo, tl.dot(w_g, h_hi, x_g))
-                    a_o = tl.dot(w_o, h_lo, tl.dot(w_o, h_hi, x_o))
-            # padded units: gates 0 -> c = 0.5 c = 0, h = 0.5 tanh(0) = 0 exactly
-            c = _sigmoid(a_f) * c + _sigmoid(a_i) * _tanh(a_g)
-            h = _sigmoid(a_o) * _tanh(c)
-            if INTERP and OUT_DT == tl.bfloat16:
-                tl.store(o_ptrs + t * s_ot, _round(h, OUT_DT, INTERP), mask=omask)
-            else:
-                tl.store(o_ptrs + t * s_ot, h.to(OUT_DT), mask=omask)
-            if NZ > 0:
-                tl.store(zptrs + t * s_ot, zeros, mask=zmask)
-            x_i, x_f, x_g, x_o = n_i.to(tl.float32), n_f.to(tl.float32), n_g.to(tl.float32), n_o.to(tl.float32)
+                h, c = _cell(a_i, a_f, a_g, a_o, c)
+                _store_h(h, o_ptrs + t * s_ot, omask, OUT_DT, INTERP)
+                if NZ > 0:
+                    tl.store(zptrs + t * s_ot, zeros, mask=zmask)
+                x_i, x_f, x_g, x_o = n_i.to(tl.float32), n_f.to(tl.float32), n_g.to(tl.float32), n_o.to(tl.float32)
 
 
 @triton.jit
@@ -240,7 +273,7 @@ def bilstm_scan_triton(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch
         gx.stride(0), gx.stride(1), gx.stride(2), gx.stride(3),
         w.stride(0), w.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        NP=NP, NOUT=max(16, _next_pow2(n)), NZ=NZ, BB=BB, OP_DT=_TL[op_dt], F32_PREC=fp32_precision, OUT_DT=_TL[out.dtype],
+        NP=NP, NOUT=max(16, _next_pow2(n)), NZ=NZ, BB=BB, OP_DT=_TL[op_dt], SPLIT=op_dt != torch.float32, F32_PREC=fp32_precision, OUT_DT=_TL[out.dtype],
         INTERP=INTERPRETED, num_warps=num_warps,
     )
     return out
