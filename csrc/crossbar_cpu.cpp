@@ -5,12 +5,12 @@
 // The torch backend does this in several full passes (noise draw, add, divide, round, clamp, weighted sum), each
 // reading and writing the whole partial-sum tensor; here every partial sum is read once and only the reduced codes
 // are written. The ADC arithmetic is the torch backend's fp32 operations in the same order, so without read noise
-// the result is bit-identical. Read noise: a counter-based generator (two rounds of a 32-bit integer hash over the
-// partial sum's index in the call and the call's key) feeds a branch-free inverse-CDF transform to a standard
-// normal; the draws depend only on (key, index), never on the thread count or the chunking.
+// the result is bit-identical. Read noise: a counter-based generator (32-bit integer hashes of the partial sums'
+// index in the call and the call's key) feeds a branch-free Box-Muller transform; the draws depend only on
+// (key, index), never on the thread count or the chunking.
 //
-// No FP traps: the normal transform computes both erfinv branches and selects, which GCC vectorizes only when it
-// may assume no trapping math. That assumption changes no IEEE result (division, rounding, fma stay exact).
+// No FP traps: GCC vectorizes the selects of the transform only when it may assume no trapping math. That
+// assumption changes no IEEE result (division, rounding, fma stay exact).
 #pragma GCC optimize("no-trapping-math")
 // Products and sums stay separately rounded (no FMA contraction), as in the torch backend's epilogue.
 #pragma GCC optimize("fp-contract=off")
@@ -83,33 +83,41 @@ inline float log_positive(float y) {
   return (f * z * p - 0.5f * z + f) + static_cast<float>(e) * 0.693147180559945f;
 }
 
-// A standard normal from 32 random bits: u = (top 23 bits + 1/2) / 2^23 in (0, 1), z = sqrt(2) erfinv(2u - 1)
-// with M. Giles' single-precision erfinv ("Approximating the erfinv function", GPU Computing Gems, 2011;
-// relative error ~1.5e-7). |z| <= 5.3. Branch-free, so the loop vectorizes.
-inline float standard_normal(uint32_t h) {
-  const float x = (static_cast<float>(static_cast<int32_t>(h >> 9)) + 0.5f) * (1.0f / 4194304.0f) - 1.0f;
-  const float w = -log_positive((1.0f - x) * (1.0f + x));
-  const float a = w - 2.5f;
-  float p1 = 2.81022636e-08f;
-  p1 = 3.43273939e-07f + p1 * a;
-  p1 = -3.5233877e-06f + p1 * a;
-  p1 = -4.39150654e-06f + p1 * a;
-  p1 = 0.00021858087f + p1 * a;
-  p1 = -0.00125372503f + p1 * a;
-  p1 = -0.00417768164f + p1 * a;
-  p1 = 0.246640727f + p1 * a;
-  p1 = 1.50140941f + p1 * a;
-  const float s = std::sqrt(w) - 3.0f;
-  float p2 = -0.000200214257f;
-  p2 = 0.000100950558f + p2 * s;
-  p2 = 0.00134934322f + p2 * s;
-  p2 = -0.00367342844f + p2 * s;
-  p2 = 0.00573950773f + p2 * s;
-  p2 = -0.0076224613f + p2 * s;
-  p2 = 0.00943887047f + p2 * s;
-  p2 = 1.00167406f + p2 * s;
-  p2 = 2.83297682f + p2 * s;
-  return 1.41421356237f * (w < 5.0f ? p1 : p2) * x;
+// sin(pi t) and cos(pi t) for t in [-1, 1]: t = k + x with k = round(t), |x| <= 1/2, sign (-1)^k; Taylor
+// polynomials of sin(pi x) to x^11 and cos(pi x) to x^12 (truncation error < 4e-8 on |x| <= 1/2).
+inline void sincos_pi(float t, float& s, float& c) {
+  const float k = std::nearbyint(t);
+  const float x = t - k, x2 = x * x;
+  const float sign = (static_cast<int>(k) & 1) ? -1.0f : 1.0f;
+  s = x * (3.14159265f +
+           x2 * (-5.16771278f + x2 * (2.55016404f + x2 * (-0.599264529f + x2 * (0.0821458866f - x2 * 0.00737043094f)))));
+  c = 1.0f + x2 * (-4.93480220f +
+                   x2 * (4.05871213f +
+                         x2 * (-1.33526277f + x2 * (0.235330630f + x2 * (-0.0258068914f + x2 * 0.00192957431f)))));
+  s *= sign;
+  c *= sign;
+}
+
+// Standard normals for the n partial sums whose call-wide indices start at idx0, by Box-Muller: pair q (counter
+// idx0 + q) gives u1 in (0, 1) and t in [-1, 1) from two hashes, r = sqrt(-2 ln u1), and z[q] = r cos(pi t),
+// z[q + h] = r sin(pi t) (h = ceil(n / 2)). |z| <= 5.8. Branch-free and contiguous, so the loop vectorizes.
+inline void standard_normals(float* __restrict__ z, int64_t n, uint64_t idx0, uint32_t k1, uint32_t k2) {
+  const int64_t h = (n + 1) / 2;
+  const uint32_t lo0 = static_cast<uint32_t>(idx0), hi0 = static_cast<uint32_t>(idx0 >> 32);
+  for (int64_t q = 0; q < h; ++q) {
+    // the 64-bit counter idx0 + q as two 32-bit halves (32-bit lanes vectorize twice as wide)
+    const uint32_t lo = lo0 + static_cast<uint32_t>(q);
+    const uint32_t hi = hi0 + (lo < lo0 ? 1u : 0u);
+    const uint32_t a = hash32(hash32(lo ^ k1) + (hi ^ k2));
+    const uint32_t b = hash32(a + 0x9E3779B9u);
+    const float u1 = (static_cast<float>(static_cast<int32_t>(a >> 8)) + 0.5f) * (1.0f / 16777216.0f);
+    const float t = static_cast<float>(static_cast<int32_t>(b >> 8)) * (2.0f / 16777216.0f) - 1.0f;
+    const float r = std::sqrt(-2.0f * log_positive(u1));
+    float sn, cs;
+    sincos_pi(t, sn, cs);
+    z[q] = r * cs;
+    z[q + h] = r * sn;  // for odd n the last one is computed into the buffer's spare slot and unused
+  }
 }
 
 template <typename Acc, int Code, bool Noise>
@@ -122,6 +130,7 @@ FAR_XB_CLONES void reduce_rows(const CrossbarAdcArgs& a, int num_threads) {
   {
     std::vector<Acc> acc(SN);
     std::vector<float> step_row(SN);
+    std::vector<float> noise(Noise ? SN + 2 : 0);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < G * M; ++row) {
       const int64_t g = row / M, m = row % M;
@@ -137,19 +146,14 @@ FAR_XB_CLONES void reduce_rows(const CrossbarAdcArgs& a, int num_threads) {
           const float* src = a.p + base * SN;
           const uint64_t idx0 = static_cast<uint64_t>(((g * T + t) * J + j) * a.M_total + a.m0 + m) *
                                 static_cast<uint64_t>(SN);
-          const uint32_t lo0 = static_cast<uint32_t>(idx0), hi0 = static_cast<uint32_t>(idx0 >> 32);
+          if (Noise) standard_normals(noise.data(), SN, idx0, k1, k2);
           const Acc wa = static_cast<Acc>(w);
           Acc* __restrict__ dst = acc.data();
           const float* __restrict__ stp = step_row.data();
           for (int64_t i = 0; i < SN; ++i) {
             float v = src[i];
             if (Noise) {
-              // the 64-bit counter idx0 + i as two 32-bit halves (32-bit lanes vectorize twice as wide)
-              const uint32_t lo = lo0 + static_cast<uint32_t>(i);
-              const uint32_t hi = hi0 + (lo < lo0 ? 1u : 0u);
-              uint32_t h = hash32(lo ^ k1);
-              h = hash32(h + (hi ^ k2));
-              const float zs = standard_normal(h) * sigma;
+              const float zs = noise[i] * sigma;
               v = v + zs;
             }
             float c;

@@ -3,10 +3,10 @@ noise, ADC codes, shift-and-add over tiles and input slices) in one fused pass o
 (csrc/crossbar_cpu.cpp) instead of several full passes of torch operations over the partial sums.
 
 Without read noise it is bit-identical to the torch backend and the reference: the same fp32 ADC operations,
-totals accumulated exactly. Read noise comes from the kernel's own counter-based generator (a 32-bit hash of
-the partial sum's index and the call's key, turned into a standard normal by Giles' single-precision erfinv;
-|z| <= 5.3), so the draws differ from torch's (same distribution) and do not depend on thread count or
-chunking. Calls it does not take (cpp_limit): no ADC with read or programming noise (sums of non-integer
+totals accumulated exactly. Read noise comes from the kernel's own counter-based generator (32-bit hashes of
+the partial sums' index and the call's key, turned into standard normals by Box-Muller with polynomial log,
+sin and cos; |z| <= 5.8), so the draws differ from torch's (same distribution) and do not depend on thread
+count or chunking. Calls it does not take (cpp_limit): no ADC with read or programming noise (sums of non-integer
 partial sums), and "max" ADCs with p_max * L >= 2^24."""
 from __future__ import annotations
 
