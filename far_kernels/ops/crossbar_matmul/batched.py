@@ -60,10 +60,11 @@ def _codes_int64(p: torch.Tensor, call: GroupCall) -> torch.Tensor:
     return (torch.sign(pi) * rhe_div(pi.abs() * L, call.cfg.p_max)).clamp(-L, L)
 
 
-def run_group(call: GroupCall, epilogue: str = "torch") -> torch.Tensor:
-    """[G, M, N] fp32: every member's product, as crossbar_matmul computes it alone. epilogue "cpp": read
-    noise, ADC and the shift-and-add over tiles and input slices in far_kernels._C's fused CPU pass (cpp.py
-    says which calls it takes) instead of torch operations."""
+def run_group(call: GroupCall, fused_epilogue=None) -> torch.Tensor:
+    """[G, M, N] fp32: every member's product, as crossbar_matmul computes it alone. fused_epilogue: None (torch
+    operations), or a class like cpp.FusedEpilogue, made as cls(call, xq, s_x, integer, f32_acc), called per row
+    chunk with the partial sums, whose .y is the output: read noise, ADC and the shift-and-add over tiles and
+    input slices in one pass (cpp.py passes it; this module never imports the extension)."""
     cfg, grp, plan = call.cfg, call.group, call.adc
     G, M, K = call.x.shape
     N, S, J = grp.N, cfg.n_weight_slices, cfg.n_input_slices
@@ -84,10 +85,9 @@ def run_group(call: GroupCall, epilogue: str = "torch") -> torch.Tensor:
     # member does not have (it takes no read, no noise)
     wts = torch.tensor([float(1 << (j * cfg.dac_bits)) for j in range(J)], device=dev)
     wts = (valid.float()[:, :, None] * wts).reshape(G, 1, T * J)  # [G, 1, T*J]
-    fused = epilogue == "cpp"
+    fused = fused_epilogue is not None
     if fused:  # the fused pass writes the outputs: no partial totals in memory
-        from far_kernels.ops.crossbar_matmul.cpp import FusedEpilogue
-        fused_pass = FusedEpilogue(call, xq, s_x, integer, f32_acc)
+        fused_pass = fused_epilogue(call, xq, s_x, integer, f32_acc)
     Cs = None if fused else torch.empty(G, M, S, N, dtype=torch.float32 if (f32_all or (plan.mode == "none" and not integer))
                      else torch.int64, device=dev)
     gen = None
@@ -155,7 +155,7 @@ def _epilogue(Cs: torch.Tensor, xq: torch.Tensor, s_x: torch.Tensor, call: Group
     return y
 
 
-def run_single(call, epilogue: str = "torch") -> torch.Tensor:
+def run_single(call, fused_epilogue=None) -> torch.Tensor:
     """crossbar_matmul's `torch` (and `cpp`) backend: one product (a CrossbarCall) as a group of one, [M, N] fp32."""
     from far_kernels.ops.crossbar_matmul.group import CrossbarGroup
 
@@ -167,7 +167,7 @@ def run_single(call, epilogue: str = "torch") -> torch.Tensor:
                                                         plan.mults.view(1, -1))
     gcall = GroupCall(call.x2d[None], group, call.cfg, None if call.bias is None else call.bias[None], gplan,
                       call.read_key, call.float_path)
-    return run_group(gcall, epilogue)[0]
+    return run_group(gcall, fused_epilogue)[0]
 
 
 def partial_sum_absmax(call: GroupCall) -> torch.Tensor:

@@ -91,10 +91,10 @@ class FusedEpilogue:
 
 
 def crossbar_matmul_cpp(call, out=None):
-    y = run_single(call, epilogue="cpp")
+    y = run_single(call, FusedEpilogue)
     return y if out is None else out.copy_(y)
 
 
 def crossbar_matmul_group_cpp(call: GroupCall, out=None):
-    y = run_group(call, epilogue="cpp")
+    y = run_group(call, FusedEpilogue)
     return y if out is None else out.copy_(y)
