@@ -8,6 +8,7 @@ agreement of every backend with the torch reference. Prints a table, writes demo
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,7 @@ from far.utils.plot import pyplot, save_figure
 MODELS = (("teacher (attention)", "fmnist_deit_tiny"), ("FAR", "fmnist_far_tiny"),
           ("FAR pruned", "fmnist_far_tiny_pruned"))
 FAR_OP = far_kernels.ops.bilstm_fused_scan.OP  # what a FAR block runs
+SPEED_PASSES = 3  # images/s is the median of this many passes over the speed subset (single passes reordered the models)
 
 
 def _mixer_params(model) -> int:
@@ -51,7 +53,10 @@ def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int =
 
     def run(model, data):
         r = evaluate(model, data, batch_size=batch_size, device="cpu", keep_logits=True)
-        return r["logits"], r["images_per_s"]
+        speeds = [r["images_per_s"]] if data is bench else []
+        while len(speeds) < SPEED_PASSES:
+            speeds.append(evaluate(model, bench, batch_size=batch_size, device="cpu")["images_per_s"])
+        return r["logits"], statistics.median(speeds)
 
     rows = []
     for label, name, model in models:
