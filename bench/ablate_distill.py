@@ -13,6 +13,7 @@ accuracy. Training minutes exclude the measurements.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import sys
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage2-lr", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--append", action="store_true",
+                   help="--out exists: keep its configurations and run only the missing ones (same settings)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -138,6 +141,18 @@ def main(argv=None) -> int:
     result = {"benchmark": "distill_ablation", "teacher": args.teacher, "description": __doc__.split("\n\n")[0],
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "environment": environment(threads=args.threads), "configs": []}
+    if args.append and args.out is not None and args.out.exists():
+        old = json.loads(args.out.read_text())
+        keys = ("teacher", "train_images", "test_images", "stage1_epochs", "stage2_epochs", "chunks", "batch_size",
+                "lr", "stage2_lr")
+        differ = [k for k in keys if old["args"].get(k) != result["args"].get(k)]
+        if differ:
+            sys.exit(f"--append: {args.out} was measured with other settings ({', '.join(differ)})")
+        result["configs"] = old["configs"]
+        result["runs"] = old.get("runs", [old["environment"]]) + [result["environment"]]
+        done = {c["name"] for c in old["configs"]}
+        names = [n for n in names if n not in done]
+        print(f"appending to {args.out}: kept {sorted(done)}, running {names}", flush=True)
     for name in names:
         work = Path(tempfile.mkdtemp(prefix="far_ablate_"))
         try:

@@ -315,12 +315,14 @@ def add_parsers(sub) -> None:
                     "images). At the end the per-block fidelity (cosine isolated and in the model, top-1 "
                     "agreement) on the test data is printed and stored in the checkpoint (`far info`). "
                     "--student continues from an existing FAR student instead of converting the teacher; "
-                    "--epochs 0 skips stage 1.",
+                    "--epochs 0 skips stage 1. The defaults are the best recipe of bench/ablate_distill.py (README).",
         epilog="examples:\n  far distill fmnist_deit_tiny --data fashion-mnist --epochs 2 --stage2-epochs 1 "
-               "--kd-weight 1 -o far.safetensors\n  far distill teacher.safetensors --student far.safetensors "
-               "--epochs 0 --stage2-epochs 4 --kd-weight 1 -o far2.safetensors   # more stage-2 epochs\n"
+               "-o far.safetensors\n  far distill teacher.safetensors --student far.safetensors "
+               "--epochs 0 --stage2-epochs 4 -o far2.safetensors   # more stage-2 epochs\n"
                "  far distill vit.safetensors --data ./photos --no-labels --epochs 3 --stage2-epochs 1 "
-               "--kd-weight 1 -o far.safetensors\n" + _LAUNCH.format(cmd="distill"))
+               "-o far.safetensors\n"
+               "  far distill fmnist_deit_tiny --stage1 joint --block-loss cos --kd-weight 0 --stage2-block-weight 0 "
+               "-o paper.safetensors   # the paper's recipe\n" + _LAUNCH.format(cmd="distill"))
     add_model(p, help="the attention teacher: a checkpoint file, zoo name, or timm name (its pretrained weights)")
     p.add_argument("--stage1", choices=("isolated", "joint"), default="isolated",
                    help="stage 1: every block on the teacher's inputs (isolated) or all blocks in the student (joint)")
@@ -333,11 +335,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--ce-weight", type=float, default=1.0, metavar="W", help="weight of cross-entropy (joint stages, stage 2)")
     p.add_argument("--block-weight", "--cos-weight", dest="block_weight", type=float, default=1.0, metavar="W",
                    help="weight of the summed block losses in a joint stage 1 and the joint phase")
-    p.add_argument("--stage2-block-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--stage2-block-weight", type=float, default=1.0, metavar="W",
                    help="weight of the block losses in stage 2 (a fidelity regularizer; 0 = off)")
-    p.add_argument("--kd-weight", type=float, default=0.0, metavar="W",
+    p.add_argument("--kd-weight", type=float, default=1.0, metavar="W",
                    help="weight of logit distillation (teacher soft labels) in the joint stages and stage 2 (0 = off)")
-    p.add_argument("--kd-temperature", type=float, default=1.0, metavar="T", help="softmax temperature T of --kd-weight")
+    p.add_argument("--kd-temperature", type=float, default=2.0, metavar="T", help="softmax temperature T of --kd-weight")
     p.add_argument("--no-labels", action="store_true",
                    help="train without labels: --data may be any folder of images; no cross-entropy")
     p.add_argument("--hidden-size", type=int, default=None, metavar="N", help="LSTM units per head and direction (default head_dim)")

@@ -263,9 +263,9 @@ class DistillSettings:
     stage2_lr: float = 2e-4
     ce_weight: float = 1.0
     block_weight: float = 1.0
-    kd_weight: float = 0.0
-    kd_temperature: float = 1.0
-    stage2_block_weight: float = 0.0
+    kd_weight: float = 1.0
+    kd_temperature: float = 2.0
+    stage2_block_weight: float = 1.0
     labels: bool = True
 
     def validate(self, stage1_epochs: float) -> "DistillSettings":
@@ -290,8 +290,8 @@ class DistillSettings:
 def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = None, eval_data=None,
             config: Optional[TrainConfig] = None, stage1: str = "isolated", block_loss: str = "cos+mse",
             joint_epochs: float = 0.0, stage2_epochs: float = 1.0, stage2_lr: float = 2e-4, ce_weight: float = 1.0,
-            block_weight: float = 1.0, kd_weight: float = 0.0, kd_temperature: float = 1.0,
-            stage2_block_weight: float = 0.0, labels: bool = True, hidden_sizes=None, device: Optional[str] = None,
+            block_weight: float = 1.0, kd_weight: float = 1.0, kd_temperature: float = 2.0,
+            stage2_block_weight: float = 1.0, labels: bool = True, hidden_sizes=None, device: Optional[str] = None,
             identity: Optional[dict] = None) -> nn.Module:
     """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
     teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
@@ -313,6 +313,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         ce_weight, block_weight: weights of CE and the block losses in the joint stages (CE is unused in
             an isolated stage 1); kd_weight, kd_temperature: logit distillation in the joint phases and
             stage 2 (0 = off); stage2_block_weight: the block losses kept in stage 2 as a regularizer.
+            The defaults (isolated stage 1 with cos+mse; stage 2 with CE, logit distillation at T = 2 and
+            the block losses at weight 1) are the best of bench/ablate_distill.py's comparison (README).
         labels: False trains without labels (no CE anywhere).
         hidden_sizes: LSTM units of a new student (int or one [2, H] per block).
         device: cpu, cuda, cuda:N (default: the process's GPU under torchrun, else cuda if present, else cpu).
