@@ -64,6 +64,17 @@ FAR_HD V sigmoid_f32(V x) { return 1.0f / (1.0f + exp_f32(-x)); }
 template <class V>
 FAR_HD V tanh_f32(V x) { return 2.0f / (1.0f + exp_f32(x * -2.0f)) - 1.0f; }
 
+// tanh(x) = 1 - 2 / (1 + e^{2x}): the CUDA kernel's accurate tanh (on the GPU __expf and __fdividef, i.e.
+// ex2.approx and rcp.approx, absolute error ~1e-7). e^{2x} = inf gives 1 - 0 = 1 (on the host exp_f32
+// clamps to e^88 instead: 1 - 1e-38 = 1), e^{2x} = 0 gives -1; NaN propagates.
+FAR_HD float tanh_via_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f - __fdividef(2.0f, 1.0f + __expf(2.0f * x));
+#else
+  return 1.0f - 2.0f / (1.0f + exp_f32(2.0f * x));
+#endif
+}
+
 // One LSTM cell update from the four gate pre-activations (W_ih x + W_hh h + b_ih + b_hh).
 // c is updated in place; returns the new h.
 template <class V>
