@@ -24,6 +24,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "../lstm_cell.h"
@@ -59,9 +63,9 @@ __device__ __forceinline__ float tanh_fast(float x) {
   asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-// 1 - 2 / (1 + e^{2x}) with ex2.approx and rcp.approx (two MUFU ops), absolute error ~1e-7.
-// e^{2x} = inf gives 2 * rcp(inf) = 0, i.e. tanh = 1; e^{2x} = 0 gives -1.
-__device__ __forceinline__ float tanh_accurate(float x) { return 1.0f - __fdividef(2.0f, 1.0f + __expf(2.0f * x)); }
+// 1 - 2 / (1 + e^{2x}) with ex2.approx and rcp.approx (two MUFU ops), absolute error ~1e-7: tanh_via_exp
+// in ../lstm_cell.h, where a CPU test (tests/kernels/test_lstm_cell.py) checks it with the cell updates.
+__device__ __forceinline__ float tanh_accurate(float x) { return tanh_via_exp(x); }
 
 struct TanhFast {
   __device__ __forceinline__ float operator()(float x) const { return tanh_fast(x); }
@@ -411,11 +415,55 @@ __global__ void bilstm_wide_kernel(const __grid_constant__ Params p) {
 }
 
 // ============================== launch ==============================
+// Occupancy and SM count are queried once per (kernel, threads, device) and cached: the queries cost
+// host time on every call otherwise (up to 4 per call in launch_fma), and they do not change.
+struct HostCache {
+  std::mutex mu;
+  std::map<int, int> sms;                                  // device -> SM count
+  std::map<std::tuple<const void*, int, int>, int> per_sm;  // (kernel, threads, device) -> resident blocks per SM
+};
+HostCache& host_cache() {
+  static HostCache cache;
+  return cache;
+}
+
+int current_device() {
+  int dev = 0;
+  return cudaGetDevice(&dev) == cudaSuccess ? dev : -1;
+}
+
 int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return 0;
+  const int dev = current_device();
+  HostCache& hc = host_cache();
+  std::lock_guard<std::mutex> lock(hc.mu);
+  auto it = hc.sms.find(dev);
+  if (it != hc.sms.end()) return it->second;
+  int sms = 0;
+  if (dev < 0 || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+  hc.sms[dev] = sms;
   return sms;
+}
+
+// Resident blocks of `kernel` per SM at `threads` (cached); an error is returned, not cached.
+template <typename K>
+cudaError_t blocks_per_sm(K kernel, int threads, int* out) {
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, current_device());
+  HostCache& hc = host_cache();
+  {
+    std::lock_guard<std::mutex> lock(hc.mu);
+    auto it = hc.per_sm.find(key);
+    if (it != hc.per_sm.end()) {
+      *out = it->second;
+      return cudaSuccess;
+    }
+  }
+  int per_sm = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(hc.mu);
+  hc.per_sm[key] = per_sm;
+  *out = per_sm;
+  return cudaSuccess;
 }
 
 // Persistent grid for a kernel: as many blocks as can be resident (at most one per item);
@@ -425,7 +473,7 @@ cudaError_t launch_persistent(K kernel, Params& p, int bt, int threads, cudaStre
   p.ntiles = (p.B + bt - 1) / bt;
   p.items = 2 * p.H * p.ntiles;
   int per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+  cudaError_t err = blocks_per_sm(kernel, threads, &per_sm);
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * std::max(sm_count(), 1);
   p.per_block = static_cast<int>((p.items + resident - 1) / resident);
@@ -438,7 +486,7 @@ cudaError_t launch_persistent(K kernel, Params& p, int bt, int threads, cudaStre
 template <typename K>
 int64_t resident_blocks(K kernel, int threads) {
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess) return 0;
+  if (blocks_per_sm(kernel, threads, &per_sm) != cudaSuccess) return 0;
   return static_cast<int64_t>(per_sm) * sm_count();
 }
 
@@ -532,6 +580,14 @@ const char* bilstm_scan_cuda(int dtype, const void* gx, const float* w_hh, const
     }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (kmax == 0) path = kPathAuto;  // only zeros to write: any kernel will do
+  // An error left by earlier work (another library's launch, an earlier failed kernel) would otherwise
+  // be read by this call's cudaGetLastError() after the launch and reported as this launch's.
+  const cudaError_t earlier = cudaGetLastError();
+  if (earlier != cudaSuccess) {
+    static thread_local std::string msg;
+    msg = std::string("a CUDA error was pending from earlier work, before this launch: ") + cudaGetErrorString(earlier);
+    return msg.c_str();
+  }
   switch (dtype) {
     case kF32: return dispatch<float>(p, std::max(kmax, 1), path, s);
     case kF16: return dispatch<__half>(p, std::max(kmax, 1), path, s);

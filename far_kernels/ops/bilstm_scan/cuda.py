@@ -13,6 +13,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from far_kernels._ext import lib as _C
 
@@ -33,8 +34,37 @@ def fast_tanh() -> bool:
     return v in ("1", "true")
 
 
+def uses_tensor_cores(dtype: torch.dtype, batch: int) -> bool:
+    """Whether a call with gates of `dtype` and `batch` rows runs the mma path (h and W_hh rounded to
+    the dtype for the product), under the current FAR_CUDA_SCAN_PATH."""
+    path = scan_path()
+    half = dtype in (torch.float16, torch.bfloat16)
+    return half and (path == PATHS["mma"] or (path == PATHS["auto"] and batch >= 16))
+
+
+# fp32 copies of non-fp32 / non-contiguous W_hh, one per source tensor, remade when it changes (its version
+# counter moves; a write through .data moves no counter and is not seen): a fp16 model would otherwise convert
+# W_hh on every call. Weak keys: no tensor is kept alive.
+_W32 = WeakTensorKeyDictionary()
+
+
+def _w_hh_fp32(w_hh: torch.Tensor) -> torch.Tensor:
+    if w_hh.dtype == torch.float32 and w_hh.is_contiguous():
+        return w_hh
+    try:
+        version = w_hh._version
+    except RuntimeError:  # an inference tensor has no version counter: cannot tell a change, no cache
+        return w_hh.float().contiguous()
+    key = (version, w_hh.data_ptr(), w_hh.dtype, tuple(w_hh.shape), w_hh.stride(), w_hh.device)
+    hit = _W32.get(w_hh)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w32 = w_hh.detach().float().contiguous()
+    _W32[w_hh] = (key, w32)
+    return w32
+
+
 def bilstm_scan_cuda(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Tensor,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     # gx [H, B, T, 2, 4n], w_hh [H, 2, 4n, n] (fp32 in the kernel), hidden_sizes [2, H] int64 CPU
-    return _C.bilstm_scan_cuda(gx.contiguous(), w_hh.float().contiguous(), hidden_sizes, out,
-                               scan_path(), fast_tanh())
+    return _C.bilstm_scan_cuda(gx.contiguous(), _w_hh_fp32(w_hh), hidden_sizes, out, scan_path(), fast_tanh())

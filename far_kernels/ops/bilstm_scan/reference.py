@@ -5,10 +5,13 @@ Importable without Triton or the extension; the oracle every backend is tested a
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
-def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Tensor) -> torch.Tensor:
+def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Tensor,
+                    product_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Run H independent bidirectional LSTMs (zero initial state) over precomputed input gates.
 
     Args:
@@ -17,6 +20,9 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
             gate q of unit u at column q*n + u (torch.nn.LSTM layout padded to n units).
         w_hh: [H, 2, 4n, n] recurrent weights in the same padded layout.
         hidden_sizes: [2, H] int, kept units per (direction, head); units >= the size are ignored.
+        product_dtype: None, or a dtype that h_{t-1} and W_hh are rounded to before every recurrent
+            product (state and accumulation stay fp32): the math of a tensor-core kernel with 16-bit
+            operands (the cuda backend's mma path), as "the same math in plain PyTorch" for its tests.
     Returns:
         [H, B, T, 2, n] hidden states in gx.dtype (units >= hidden size are 0). Math in fp32
         (fp64 when gx is fp64).
@@ -25,7 +31,7 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
     n = G // 4
     acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
     g = gx.to(acc)
-    w = w_hh.to(acc)
+    w = w_hh.to(acc) if product_dtype is None else w_hh.to(product_dtype).to(acc)
     units = torch.arange(n, device=gx.device)
     mask = (units < hidden_sizes.to(gx.device)[..., None]).to(acc)  # [2, H, n]
     mask = mask.permute(1, 0, 2).unsqueeze(1)  # [H, 1, 2, n]
@@ -34,7 +40,8 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
     steps = []
     for s in range(T):
         x_t = torch.stack((g[:, :, s, 0], g[:, :, T - 1 - s, 1]), dim=2)  # [H, B, 2, 4n]
-        gates = x_t + torch.einsum("hbdk,hdjk->hbdj", h, w)
+        hp = h if product_dtype is None else h.to(product_dtype).to(acc)
+        gates = x_t + torch.einsum("hbdk,hdjk->hbdj", hp, w)
         i, f, z, o = gates.chunk(4, dim=-1)
         c = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z)) * mask
         h = torch.sigmoid(o) * torch.tanh(c) * mask

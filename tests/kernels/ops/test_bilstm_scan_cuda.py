@@ -5,7 +5,7 @@ fp32/fp16/bf16; both kernel paths (FMA, exact fp32 math; tensor-core MMA, h and 
 input dtype). Fresh random inputs, NaN-poisoned outputs, derived tolerances (conftest.assert_close_derived):
 the kernel's error against the float64 oracle is at most twice the error of the same math done by
 plain PyTorch in the same precision; for the MMA path "the same math" rounds h and W_hh to the input
-dtype before every recurrent product (scan_ref_rounded below). Every test needs a CUDA device and
+dtype before every recurrent product (bilstm_scan_ref(..., product_dtype=)). Every test needs a CUDA device and
 the extension built with its CUDA kernels; each is skipped with the reason otherwise.
 """
 import os
@@ -51,28 +51,6 @@ def make_inputs(H, B, T, n, seed, dtype, scale=1.0):
     return gx.to(dtype), w.to(dtype)
 
 
-def scan_ref_rounded(gx, w, hs, op_dtype):
-    """The MMA path's math in plain PyTorch: fp32 state and accumulation, but h_{t-1} and W_hh rounded
-    to op_dtype before every recurrent product. [H, B, T, 2, n] in gx.dtype."""
-    H, B, T, _, G = gx.shape
-    n = G // 4
-    g = gx.float()
-    wq = w.to(op_dtype).float()
-    mask = (torch.arange(n) < hs[..., None]).float().permute(1, 0, 2).unsqueeze(1)  # [H, 1, 2, n]
-    h = torch.zeros(H, B, 2, n)
-    c = torch.zeros_like(h)
-    out = torch.zeros(H, B, T, 2, n)
-    for s in range(T):
-        x_t = torch.stack((g[:, :, s, 0], g[:, :, T - 1 - s, 1]), dim=2)
-        gates = x_t + torch.einsum("hbdk,hdjk->hbdj", h.to(op_dtype).float(), wq)
-        i, f, z, o = gates.chunk(4, dim=-1)
-        c = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z)) * mask
-        h = torch.sigmoid(o) * torch.tanh(c) * mask
-        out[:, :, s, 0] = h[:, :, 0]
-        out[:, :, T - 1 - s, 1] = h[:, :, 1]
-    return out.to(gx.dtype)
-
-
 def run_cuda(gx, w, hs):
     """Poisoned output, the cuda backend, back on the CPU."""
     H, B, T, _, G = gx.shape
@@ -87,7 +65,7 @@ def check(gx, w, hs, path, fast=False, name=""):
     out = run_cuda(gx, w, hs)
     ref64 = bilstm_scan_ref(gx.double(), w.double(), hs)
     if path == "mma":
-        out_pt = scan_ref_rounded(gx, w, hs, gx.dtype)
+        out_pt = bilstm_scan_ref(gx, w, hs, product_dtype=gx.dtype)
     else:
         out_pt = bilstm_scan_ref(gx, w, hs)
     # tanh.approx: each of the 5 activations per cell errs by <= 2^-11 (|tanh| <= 1); allow 8 of them
@@ -207,17 +185,37 @@ def test_zero_sizes_and_noncontiguous_input(path_env):
 
 
 def test_runs_on_the_current_stream(path_env):
+    """The launch goes to torch's current stream: on a side stream the input is written only after a
+    long GPU sleep, so a kernel launched on any other stream would read the NaN it holds before."""
     path_env("auto")
-    gx, w = make_inputs(2, 20, 197, 64, seed=11, dtype=torch.float16)
+    gx, w = make_inputs(2, 20, 197, 64, seed=int.from_bytes(os.urandom(4), "little"), dtype=torch.float16)
     hs = torch.tensor([[64, 37], [0, 64]])
     expect = run_cuda(gx, w, hs)
-    s = torch.cuda.Stream()
-    gxc, wc = gx.cuda(), w.cuda()
+    src, wc = gx.cuda(), w.cuda()
+    dst = torch.full_like(src, float("nan"))
     torch.cuda.synchronize()
+    s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        out = bilstm_scan(gxc, wc, hs, backend="cuda")
+        torch.cuda._sleep(100_000_000)  # ~50 ms of cycles on s
+        dst.copy_(src)
+        out = bilstm_scan(dst, wc, hs, backend="cuda")
     s.synchronize()
     assert torch.equal(out.cpu(), expect)
+
+
+def test_converted_weights_follow_in_place_changes(path_env):
+    """The wrapper keeps an fp32 copy of a 16-bit W_hh between calls: an in-place change must reach the kernel."""
+    path_env("auto")
+    gx, w = make_inputs(2, 5, 30, 64, seed=int.from_bytes(os.urandom(4), "little"), dtype=torch.bfloat16)
+    hs = torch.tensor([[64, 37], [0, 64]])
+    wc = w.cuda()
+    first = bilstm_scan(gx.cuda(), wc, hs, backend="cuda")
+    wc.mul_(-0.5)
+    second = bilstm_scan(gx.cuda(), wc, hs, backend="cuda").cpu()
+    assert not torch.equal(first.cpu(), second)
+    w2 = wc.cpu()
+    assert_close_derived(second, bilstm_scan_ref(gx.double(), w2.double(), hs), bilstm_scan_ref(gx, w2, hs),
+                         "after an in-place change", tiny=ACT_SLACK)
 
 
 def test_bad_requests_raise_clear_errors(path_env):
@@ -243,11 +241,15 @@ def test_bad_requests_raise_clear_errors(path_env):
 
 # ---- compute-sanitizer: memory errors (memcheck) and shared-memory races (racecheck) ----
 SANITIZED = textwrap.dedent("""
-    import os, torch
+    import os, sys, torch
     from far_kernels import bilstm_scan
     print("FAR-SANITIZE-READY", flush=True)
     torch.manual_seed(0)
-    cases = [  # (H, B, T, n, hidden, dtype, path)
+    small = [  # one small case: both kernels of a 16-bit call (mma and fma), pruned units, a partial tile
+        (2, 17, 3, 37, [[37, 20], [5, 0]], torch.float16, "mma"),
+        (2, 17, 3, 37, [[37, 20], [5, 0]], torch.float16, "fma"),
+    ]
+    full = [  # (H, B, T, n, hidden, dtype, path)
         (2, 3, 5, 64, [[64, 37], [0, 64]], torch.float32, "fma"),
         (2, 17, 4, 37, [[37, 20], [5, 37]], torch.float16, "mma"),
         (2, 17, 4, 37, [[37, 20], [5, 37]], torch.bfloat16, "fma"),
@@ -256,7 +258,7 @@ SANITIZED = textwrap.dedent("""
         (1, 2, 3, 80, [[80], [7]], torch.float32, "auto"),
         (12, 600, 2, 64, [[64, 0] * 6, [37, 64] * 6], torch.float16, "mma"),
     ]
-    for H, B, T, n, hs, dtype, path in cases:
+    for H, B, T, n, hs, dtype, path in (small if sys.argv[1] == "small" else full):
         os.environ["FAR_CUDA_SCAN_PATH"] = path
         gx = torch.randn(H, B, T, 2, 4 * n, device="cuda").to(dtype)
         w = (torch.randn(H, 2, 4 * n, n, device="cuda") / n ** 0.5).to(dtype)
@@ -279,14 +281,15 @@ def _sanitizer():
 
 
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_compute_sanitizer_is_clean(tool, tmp_path):
+@pytest.mark.parametrize("cases", ["small", "full"])
+def test_compute_sanitizer_is_clean(cases, tool, tmp_path):
     exe = _sanitizer()
     if exe is None:
         pytest.skip("compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)")
     script = tmp_path / "sanitized.py"
     script.write_text(SANITIZED)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[3])] + sys.path)}
-    proc = subprocess.run([exe, "--tool", tool, "--error-exitcode", "99", sys.executable, str(script)],
+    proc = subprocess.run([exe, "--tool", tool, "--error-exitcode", "99", sys.executable, str(script), cases],
                           capture_output=True, text=True, timeout=400, env=env)
     log = proc.stdout + proc.stderr
     if "FAR-SANITIZE-READY" not in log and ("not supported" in log.lower() or "error 999" in log.lower()):

@@ -294,3 +294,23 @@ def test_cuda_far_block(dtype):
     ref64 = far_block_oracle(m.cpu(), x.cpu())
     tiny = 1e-4 if dtype == torch.float32 else 1e-2 * ref64.abs().max().item()
     assert_close_derived(out.cpu(), ref64, out_pt.cpu(), f"block/cuda/{dtype}", tiny=tiny)
+
+
+@pytest.mark.cuda
+def test_cuda_runs_on_the_current_stream():
+    """The launch goes to torch's current stream: on a side stream the input is written only after a
+    long GPU sleep, so a kernel launched on any other stream would read the NaN it holds before."""
+    require_cuda()
+    gx, w = make_inputs(2, 20, 197, 64, seed=11, dtype=torch.float16)
+    hs = torch.tensor([[64, 37], [0, 64]])
+    expect = bilstm_scan(gx.cuda(), w.cuda(), hs, backend="triton").cpu()
+    src, wc = gx.cuda(), w.cuda()
+    dst = torch.full_like(src, float("nan"))
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of cycles on s
+        dst.copy_(src)
+        out = bilstm_scan(dst, wc, hs, backend="triton")
+    s.synchronize()
+    assert torch.equal(out.cpu(), expect)

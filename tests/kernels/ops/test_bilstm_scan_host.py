@@ -1,0 +1,45 @@
+"""The parts of the scan's cuda path that run on the host, tested without a GPU: the reference's
+product_dtype (the mma path's "same math in PyTorch", the tolerance of every cuda test and benchmark
+check) and the wrapper's cached fp32 copy of W_hh."""
+import torch
+
+from far_kernels import bilstm_scan_ref
+from far_kernels.ops.bilstm_scan import cuda as cuda_wrapper
+
+
+def inputs(seed, H=2, B=3, T=7, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(H, B, T, 2, 4 * n, generator=g), torch.randn(H, 2, 4 * n, n, generator=g) / n ** 0.5
+
+
+def test_product_dtype_rounds_h_and_w_hh_before_each_product():
+    gx, w = inputs(0)
+    hs = torch.tensor([[8, 5], [3, 8]])
+    plain = bilstm_scan_ref(gx, w, hs)
+    assert torch.equal(bilstm_scan_ref(gx, w, hs, product_dtype=torch.float32), plain)
+    # weights exact in fp16 change nothing at T = 1 (h_0 = 0); inexact ones do once h != 0
+    w16 = w.half().float()
+    assert torch.equal(bilstm_scan_ref(gx[:, :, :1], w16, hs, product_dtype=torch.float16),
+                       bilstm_scan_ref(gx[:, :, :1], w16, hs))
+    half = bilstm_scan_ref(gx, w, hs, product_dtype=torch.float16)
+    bf = bilstm_scan_ref(gx, w, hs, product_dtype=torch.bfloat16)
+    e16, ebf = (half - plain).abs().max().item(), (bf - plain).abs().max().item()
+    assert 0 < e16 < ebf < 0.05  # bf16 has 3 fewer mantissa bits than fp16
+
+
+def test_w_hh_fp32_copy_is_cached_and_follows_in_place_changes():
+    _, w = inputs(1)
+    w32 = w.clone()
+    assert cuda_wrapper._w_hh_fp32(w32) is w32  # fp32 contiguous: no copy
+    wb = w.to(torch.bfloat16)
+    first = cuda_wrapper._w_hh_fp32(wb)
+    assert first.dtype == torch.float32 and torch.equal(first, wb.float())
+    assert cuda_wrapper._w_hh_fp32(wb) is first  # cached: no conversion per call
+    wb.mul_(-0.5)  # in place: the version counter moves, the copy is remade
+    again = cuda_wrapper._w_hh_fp32(wb)
+    assert again is not first and torch.equal(again, wb.float())
+    view = wb.transpose(-1, -2)  # another tensor (a view): its own entry, right values
+    assert torch.equal(cuda_wrapper._w_hh_fp32(view), view.float())
+    with torch.inference_mode():  # inference tensors have no version counter: converted, not cached
+        wi = w.to(torch.float16)
+        assert torch.equal(cuda_wrapper._w_hh_fp32(wi), wi.float())
