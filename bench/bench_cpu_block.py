@@ -2,8 +2,9 @@
 """CPU benchmark of the whole FAR attention-replacement block (pre_proj -> BiLSTM mixing -> head_proj -> proj).
 
 For DeiT-tiny / DeiT-small block shapes (d = n = 64), fp32, under torch.inference_mode, it times four
-implementations of the same function (same parameters, outputs checked against each other outside
-the timed region):
+implementations of the same function (same parameters, every output checked before timing against the
+float64 block, FARAttention.forward_reference, with the tests' derived tolerance: recorded, no asserts)
+and the attention block FAR replaces:
 
   per_head_lstm      torch.nn.LSTM(d, n, bidirectional=True) called once per head, per-head
                      head_proj Linear, concat, proj: the natural way to write FAR in PyTorch.
@@ -13,6 +14,12 @@ the timed region):
                      Linear(2*H*n, H*d) as head_proj, then proj.
   far_torch          far.FARAttention(x, backend="torch"): batched GEMMs + the reference scan.
   far_cpp            far.FARAttention(x, backend="cpp"): batched GEMMs + the C++ scan.
+  attention_sdpa     timm Attention(C, H, qkv_bias=True) with SDPA at the same shape (checked against
+                     its float64 copy).
+
+Timing: the variants are timed in --rounds interleaved rounds (a change of machine load hits all of
+them alike); per variant the median over every timed call, p10/p90, the per-round medians and their
+spread; the load average is recorded per case and the thread count in the environment.
 
 Reported per case: median ms (p10/p90 in the JSON), GFLOP/s of the FAR block's *useful* FLOPs
 (the same count for every variant, so the dense variant's masked-out work counts as waste), the
@@ -37,17 +44,21 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import far
-import far_kernels
-from far.utils.env import environment, loadavg, result_filename
-from far.utils.fs import write_json
-from far.utils.plot import pyplot, save_figure
-from far_kernels.benchmark import peak_mm_gflops, time_fn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import check_attention, check_output, run_flags, time_variants, timm_attention  # noqa: E402
+
+import far  # noqa: E402
+import far_kernels  # noqa: E402
+from far.utils.env import environment, loadavg, result_filename  # noqa: E402
+from far.utils.fs import write_json  # noqa: E402
+from far.utils.plot import pyplot, save_figure  # noqa: E402
+from far_kernels.benchmark import peak_mm_gflops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES = {"tiny": (192, 3), "small": (384, 6)}  # name -> (C, H); d = n = C / H = 64
-VARIANTS = ("per_head_lstm", "dense_masked_lstm", "far_torch", "far_cpp")
+VARIANTS = ("per_head_lstm", "dense_masked_lstm", "far_torch", "far_cpp", "attention_sdpa")
+FAR_VARIANTS = VARIANTS[:4]
 SLOW = 32 * 197  # --skip-slow skips timing far_torch at B*T >= this
 
 
@@ -151,8 +162,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch (and OpenMP scan) threads; default torch's (%(default)s here)")
     p.add_argument("--reps", type=int, default=None,
-                   help="timed runs per (case, variant); default adaptive: >= --min-reps runs and ~--min-time s")
-    p.add_argument("--min-reps", type=int, default=None, help="adaptive mode: at least this many runs (default 5)")
+                   help="timed runs per (case, variant, round); default adaptive: >= 3 runs and ~--min-time/--rounds s")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per case (default 3; --quick 1)")
+    p.add_argument("--min-reps", type=int, default=None, help="the peak measurement: at least this many runs (default 5)")
     p.add_argument("--min-time", type=float, default=None, help="adaptive mode: ~seconds of timed runs (default 1.0)")
     p.add_argument("--warmup-s", type=float, default=None, help="warm-up per (case, variant): >= 2 runs and this many s (default 0.2)")
     p.add_argument("--peak-size", type=int, default=None, help="size of the square fp32 torch.mm that measures the peak (default 2048)")
@@ -165,8 +177,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny, T=50, B=1,2, 3 short runs, 512^3 peak; output to a temp dir unless --out")
     a = p.parse_args(argv)
-    quick = {"shapes": ["tiny"], "T": [50], "B": [1, 2], "min_reps": 3, "min_time": 0.02, "warmup_s": 0.0, "peak_size": 512}
-    full = {"shapes": ["tiny", "small"], "T": [197, 50], "B": [1, 8, 32], "min_reps": 5, "min_time": 1.0, "warmup_s": 0.2, "peak_size": 2048}
+    quick = {"shapes": ["tiny"], "T": [50], "B": [1, 2], "min_reps": 3, "min_time": 0.02, "warmup_s": 0.0, "peak_size": 512,
+             "rounds": 1}
+    full = {"shapes": ["tiny", "small"], "T": [197, 50], "B": [1, 8, 32], "min_reps": 5, "min_time": 1.0, "warmup_s": 0.2,
+            "peak_size": 2048, "rounds": 3}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -189,34 +203,44 @@ def run_case(name: str, T: int, B: int, args, peak_gflops: float) -> dict:
     d, n = m.head_dim, m.width
     x = torch.randn(B, T, C)
     mods = {"per_head_lstm": PerHeadLSTM(m).eval(), "dense_masked_lstm": DenseMaskedLSTM(m).eval()}
+    attn = timm_attention(C, H, "cpu", torch.float32)
     fns = {
         "per_head_lstm": lambda: mods["per_head_lstm"](x),
         "dense_masked_lstm": lambda: mods["dense_masked_lstm"](x),
         "far_torch": lambda: m(x, backend="torch"),
         "far_cpp": lambda: m(x, backend="cpp"),
+        "attention_sdpa": lambda: attn(x),
     }
     flops = block_flops(C, H, d, n, B * T)
     rec = {"shape": name, "C": C, "H": H, "d": d, "n": n, "T": T, "B": B, "dtype": "float32",
-           "flops": flops, "floor_ms": flops / (peak_gflops * 1e9) * 1e3, "variants": {}}
+           "flops": flops, "floor_ms": flops / (peak_gflops * 1e9) * 1e3, "variants": {}, "loadavg": loadavg()}
 
-    # correctness, outside the timed region: every variant against far_torch (the reference scan)
-    outs = {v: fns[v]() for v in VARIANTS}
-    ref = outs["far_torch"]
+    # correctness on this shape, before timing: every FAR variant against the float64 block (rounded to
+    # fp32), within twice the error of far_torch (the same math in plain PyTorch) + 1e-5; attention
+    # against its float64 copy
+    outs = {v: fns[v]() for v in FAR_VARIANTS}
+    ref = m.forward_reference(x)
     rec["out_max_abs"] = float(ref.abs().max())
-    rec["max_abs_diff"] = {f"{v}_vs_far_torch": _max_diff(outs[v], ref) for v in VARIANTS if v != "far_torch"}
+    rec["checks"] = {v: check_output(outs[v], ref, outs["far_torch"], 1e-5) for v in FAR_VARIANTS}
+    rec["checks"]["attention_sdpa"] = check_attention(attn, x)
+    rec["max_abs_diff"] = {f"{v}_vs_far_torch": _max_diff(outs[v], outs["far_torch"]) for v in FAR_VARIANTS if v != "far_torch"}
     rec["max_abs_diff"]["per_head_lstm_vs_far_cpp"] = _max_diff(outs["per_head_lstm"], outs["far_cpp"])
     rec["max_abs_diff"]["dense_masked_lstm_vs_per_head_lstm"] = _max_diff(outs["dense_masked_lstm"], outs["per_head_lstm"])
     del outs, ref
 
-    timing = {"reps": args.reps, "min_reps": args.min_reps, "min_time_s": args.min_time, "warmup_s": args.warmup_s}
+    timed = {}
     for v in args.variants:
         if v == "far_torch" and args.skip_slow and B * T >= SLOW:
             rec["variants"][v] = {"skipped": "--skip-slow"}
-            continue
-        t = time_fn(fns[v], **timing)
-        t.pop("times_ms")
-        t["gflops"] = flops / (t["ms"] * 1e-3) / 1e9
-        t["x_floor"] = t["ms"] / rec["floor_ms"]
+        elif v != "attention_sdpa" and not rec["checks"][v]["ok"]:
+            rec["variants"][v] = {"failed": f"output check: {rec['checks'][v]}"}
+        else:
+            timed[v] = fns[v]
+    res = time_variants(timed, "cpu", rounds=args.rounds, reps=args.reps, min_time_s=args.min_time / args.rounds)
+    for v, t in res.items():
+        if "ms" in t:
+            t["gflops"] = flops / (t["ms"] * 1e-3) / 1e9
+            t["x_floor"] = t["ms"] / rec["floor_ms"]
         rec["variants"][v] = t
 
     def ms(v):
@@ -224,13 +248,13 @@ def run_case(name: str, T: int, B: int, args, peak_gflops: float) -> dict:
         return r.get("ms")
 
     rec["speedup_far_cpp"] = {base: (ms(base) / ms("far_cpp") if ms(base) and ms("far_cpp") else None)
-                              for base in ("per_head_lstm", "dense_masked_lstm", "far_torch")}
+                              for base in ("per_head_lstm", "dense_masked_lstm", "far_torch", "attention_sdpa")}
     return rec
 
 
 def print_header(variants) -> None:
     cols = "".join(f"{v:>19}" for v in variants)
-    print(f"{'case':<18}{cols}{'floor':>9}{'cpp GF/s':>10}{'a/d':>7}{'b/d':>7}{'max|diff|':>11}")
+    print(f"{'case':<18}{cols}{'floor':>9}{'cpp GF/s':>10}{'a/d':>7}{'b/d':>7}{'e/d':>7}{'max|diff|':>11}")
     print(f"{'':<18}{'ms'.rjust(19) * len(variants)}{'ms':>9}")
 
 
@@ -239,13 +263,13 @@ def print_row(rec, variants) -> None:
     cells = ""
     for v in variants:
         r = rec["variants"].get(v, {})
-        cells += f"{'skipped':>19}" if "ms" not in r else f"{r['ms']:>19.3f}"
+        cells += f"{('failed' if 'failed' in r else 'skipped'):>19}" if "ms" not in r else f"{r['ms']:>19.3f}"
     cpp = rec["variants"].get("far_cpp", {}).get("gflops")
     sp = rec["speedup_far_cpp"]
     f = lambda x, w, p: f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"  # noqa: E731
     diff = max(rec["max_abs_diff"].values())
     print(f"{case:<18}{cells}{rec['floor_ms']:>9.3f}{f(cpp, 10, 1)}{f(sp['per_head_lstm'], 7, 2)}"
-          f"{f(sp['dense_masked_lstm'], 7, 2)}{diff:>11.1e}", flush=True)
+          f"{f(sp['dense_masked_lstm'], 7, 2)}{f(sp['attention_sdpa'], 7, 2)}{diff:>11.1e}", flush=True)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -280,6 +304,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     env = environment(threads=torch.get_num_threads())
+    env["flags"] = run_flags("cpu")
     env["far_kernels_backends"] = far_kernels.backend_report("cpu")  # backend -> None or why unavailable
     if env["far_kernels_backends"]["cpp"] is not None:
         sys.exit(f"bench_cpu_block: the cpp backend is unavailable: {env['far_kernels_backends']['cpp']}")
@@ -290,8 +315,8 @@ def main(argv=None) -> int:
                                      warmup_s=args.warmup_s)
         print(f"# peak: fp32 torch.mm {args.peak_size}^3 = {peak['gflops']:.1f} GFLOP/s (median; best "
               f"{peak['gflops_best']:.1f})")
-        print("# a = per_head_lstm, b = dense_masked_lstm, d = far_cpp; a/d, b/d = speed-up of far_cpp; "
-              "GF/s = useful FAR FLOPs / time")
+        print("# a = per_head_lstm, b = dense_masked_lstm, d = far_cpp, e = attention_sdpa; a/d, b/d, e/d = time "
+              "ratios (> 1: far_cpp faster); GF/s = useful FAR FLOPs / time; ms = median over rounds")
         print_header(args.variants)
         cases = []
         for name in args.shapes:

@@ -1,118 +1,173 @@
 """The cuda scan kernel's variants side by side (JSON): FMA vs tensor-core (mma.sync) path, accurate vs
-tanh.approx activations, the batch-tile choice, for DeiT-tiny/small/base heads (H = 3/6/12, n = 64), T = 197.
+tanh.approx activations, for DeiT-tiny/small/base heads (H = 3/6/12, n = 64), T = 197, with timm's SDPA
+attention at the same shape (C = 64 H) as a row.
 
 bench_bilstm.py compares backends (cuda/triton/cuDNN/attention) as a user calls them; this script calls
 far_kernels._C.bilstm_scan_cuda directly with an explicit path so that `auto`'s rule (mma for fp16/bf16
-when B >= 16) can be checked against measurements. Per case: median ms over CUDA-event-timed calls after
-warm-up, us per step, achieved recurrent TFLOP/s (2 * 2H * B * 4n * n per step), and the relative error
-||out - ref|| / ||ref|| against the float64 reference on a slice of fresh random data (recorded, no asserts).
-gx for small B fits in L2 (B = 1, H = 12: 4.8 MB fp16); the scan is latency-bound there, so L2 hits hardly
-matter; for large B gx is far larger than L2. Needs a GPU: `python bench/bench_cuda_scan.py --quick`.
+when B >= 16) can be checked against measurements. Per case, BEFORE timing: every variant's output on
+that very shape against the float64 reference (bench/common.py check_output: at most twice the error of
+the same math in plain PyTorch, h and W_hh rounded to the dtype for the mma path, plus the activations'
+slack); a variant that fails is marked failed and not timed, the run goes on. Then the variants and
+attention are timed in interleaved rounds (CUDA graphs between events, no host time; warm and L2-cold):
+median ms, spread, us per step, recurrent TFLOP/s (2 * 2H * B * 4n * n per step). The JSON is rewritten
+after every case. Needs a GPU; --device cpu runs the script itself with the reference standing in for
+the kernel (the suite's dry run).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-import far_kernels
-from far.utils.env import environment, result_filename
-from far.utils.fs import write_json
-from far_kernels._ext import lib as _C
-from far_kernels.benchmark import time_fn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import check_attention, check_output, run_flags, time_variants, timm_attention  # noqa: E402
+
+import far_kernels  # noqa: E402
+from far.utils.env import environment, loadavg, result_filename  # noqa: E402
+from far.utils.fs import write_json  # noqa: E402
+from far_kernels._ext import lib as _C  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PATHS = {"fma": 1, "mma": 2}
-
-
-def time_ms(fn, reps, warmup=5):
-    ts = time_fn(fn, device="cuda", reps=reps, warmup=warmup, warmup_s=0.0)["times_ms"]
-    return ts[len(ts) // 2], ts[0], ts[-1]
+TANH_APPROX_SLACK = 8 * 2.0 ** -11  # tanh.approx: <= 2^-11 per activation, 8 of them
+ACT_SLACK = 1e-5  # ex2.approx/rcp.approx activations, accumulated over the steps
 
 
 def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def run(args):
-    dev = torch.device("cuda")
-    records = []
-    for H in args.H:
-        n = 64
-        for dname in args.dtypes:
-            dtype = DTYPES[dname]
-            g = torch.Generator(device=dev).manual_seed(H)
-            w = (torch.randn(H, 2, 4 * n, n, device=dev, generator=g) / n ** 0.5).to(dtype).float()
-            for kept_name, hs in (("full", torch.full((2, H), n)),
-                                  ("pruned", torch.tensor([[64, 37, 0] * (H // 3), [37, 0, 64] * (H // 3)]))):
-                if kept_name == "pruned" and not args.pruned:
-                    continue
-                for B in args.B:
-                    T = args.T
-                    gx = torch.randn(H, B, T, 2, 4 * n, device=dev, generator=g).to(dtype)
-                    out = torch.empty(H, B, T, 2, n, device=dev, dtype=dtype)
-                    gs = torch.randn(H, min(B, 4), min(T, 64), 2, 4 * n, device=dev, generator=g).to(dtype)
-                    ref = far_kernels.bilstm_scan_ref(gs.double(), w.double(), hs)
-                    flops = 2 * 2 * H * B * T * 4 * n * n
-                    for path in ("fma", "mma"):
-                        if path == "mma" and dtype == torch.float32:
-                            continue
-                        for fast in (False, True):
-                            name = path + ("_fasttanh" if fast else "")
-                            rec = {"H": H, "n": n, "T": T, "B": B, "dtype": dname, "kept": kept_name, "variant": name,
-                                   "auto_would_pick": (B >= 16 and dtype != torch.float32) == (path == "mma")}
-                            try:
-                                fn = lambda: _C.bilstm_scan_cuda(gx, w, hs, out, PATHS[path], fast)  # noqa: E731
-                                med, lo, hi = time_ms(fn, args.reps)
-                                rec.update(ms=med, ms_min=lo, ms_max=hi, us_per_step=1e3 * med / T,
-                                           tflops=flops / (med * 1e-3) / 1e12)
-                                chk = _C.bilstm_scan_cuda(gs, w, hs, None, PATHS[path], fast)
-                                rec["rel_err_vs_fp64"] = rel_err(chk, ref)
-                                rec["finite"] = bool(torch.isfinite(chk).all())
-                            except Exception as e:  # record, keep going
-                                rec["error"] = f"{type(e).__name__}: {e}"[:300]
-                            records.append(rec)
-                            print(f"H={H:<2d} {dname} {kept_name:6s} B={B:<4d} {name:13s} "
-                                  + (f"{rec['ms']:.4f} ms {rec['us_per_step']:.3f} us/step {rec['tflops']:.2f} TFLOP/s "
-                                     f"relerr {rec['rel_err_vs_fp64']:.2e}" if "ms" in rec else rec.get("error", "")),
-                                  flush=True)
-    best = {}
-    for r in records:
+def kernel(device, gx, w, hs, out, path, fast):
+    """The variant's call: the cuda kernel, or on the CPU (dry run) the reference with its rounding."""
+    if device.type == "cuda":
+        return lambda: _C.bilstm_scan_cuda(gx, w, hs, out, PATHS[path], fast)
+    pd = gx.dtype if path == "mma" else None
+    return lambda: out.copy_(far_kernels.bilstm_scan_ref(gx, w, hs, product_dtype=pd))
+
+
+def run_case(H, dname, kept_name, hs, B, args, device, w):
+    dtype, n, T = DTYPES[dname], 64, args.T
+    g = torch.Generator(device=device).manual_seed(H * 1000 + B)
+    gx = torch.randn(H, B, T, 2, 4 * n, device=device, generator=g).to(dtype)
+    out = torch.empty(H, B, T, 2, n, device=device, dtype=dtype)
+    flops = 2 * 2 * H * B * T * 4 * n * n
+    base = {"H": H, "n": n, "T": T, "B": B, "dtype": dname, "kept": kept_name, "loadavg": loadavg()}
+    ref64 = far_kernels.bilstm_scan_ref(gx.double(), w.double(), hs)
+    pts = {"fma": far_kernels.bilstm_scan_ref(gx, w, hs)}
+    if dtype != torch.float32:
+        pts["mma"] = far_kernels.bilstm_scan_ref(gx, w, hs, product_dtype=dtype)
+    recs, fns = [], {}
+    for path in pts:
+        for fast in (False, True):
+            name = path + ("_fasttanh" if fast else "")
+            rec = {**base, "variant": name, "stand_in": device.type != "cuda",
+                   "auto_would_pick": (B >= 16 and dtype != torch.float32) == (path == "mma")}
+            fn = kernel(device, gx, w, hs, out, path, fast)
+            try:
+                out.fill_(float("nan"))
+                res = fn()
+                rec["check"] = check_output(res, ref64, pts[path], TANH_APPROX_SLACK if fast else ACT_SLACK)
+                rec["rel_err_vs_fp64"] = rel_err(res, ref64)
+            except Exception as e:  # record, keep going
+                rec["check"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+            if rec["check"]["ok"]:
+                fns[name] = fn
+            else:
+                rec["failed"] = rec["check"].get("error") or f"error {rec['check'].get('max_abs_err')} > bound"
+            recs.append(rec)
+    del ref64, pts
+    attn = timm_attention(64 * H, H, device, dtype)
+    x = torch.randn(B, T, 64 * H, device=device, dtype=dtype, generator=g)
+    attn_rec = {**base, "variant": "attention_sdpa", "C": 64 * H, "check": check_attention(attn, x)}
+    fns["attention_sdpa"] = lambda: attn(x)
+    with torch.inference_mode():
+        t = time_variants(fns, device, rounds=args.rounds, reps=args.reps, graphs=not args.no_graphs)
+    for rec in recs + [attn_rec]:
+        r = t.get(rec["variant"])
+        if r is None:
+            continue
+        rec["timing"] = r
         if "ms" in r:
+            rec.update(ms=r["ms"], us_per_step=1e3 * r["ms"] / T)
+            if rec["variant"] != "attention_sdpa":
+                rec["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
+        else:
+            rec["error"] = r.get("error")
+    for rec in recs + [attn_rec]:
+        print(f"H={H:<2d} {dname} {kept_name:6s} B={B:<4d} {rec['variant']:15s} "
+              + (f"{rec['ms']:.4f} ms {rec['us_per_step']:.3f} us/step" if "ms" in rec
+                 else f"FAILED {rec.get('failed') or rec.get('error')}")
+              + (f" {rec['tflops']:.2f} TFLOP/s relerr {rec['rel_err_vs_fp64']:.2e}" if "tflops" in rec else ""),
+              flush=True)
+    return recs + [attn_rec]
+
+
+def run(args, out_path: Path):
+    device = torch.device(args.device)
+    env = environment()
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name()
+    result = {"benchmark": "bench_cuda_scan", "environment": env, "flags": run_flags(device), "complete": False,
+              "args": {k: v for k, v in vars(args).items() if k != "out"}, "records": [],
+              "note": "ms = median per call of _C.bilstm_scan_cuda (out preallocated, w_hh fp32) over rounds x reps, "
+                      "CUDA graphs between events; check = output vs float64 reference on the same shape before "
+                      "timing; attention_sdpa = timm Attention at C = 64 H; auto = mma for fp16/bf16 when B >= 16"
+                      + ("; DRY RUN: the torch reference stands in for the kernel" if device.type != "cuda" else "")}
+    write_json(out_path, result)
+    n = 64
+    for B in args.B:  # B outermost: the B = 64 headline rows come first with the default order
+        for H in args.H:
+            for dname in args.dtypes:
+                g = torch.Generator(device=device).manual_seed(H)
+                w = (torch.randn(H, 2, 4 * n, n, device=device, generator=g) / n ** 0.5).to(DTYPES[dname]).float()
+                for kept_name, hs in (("full", torch.full((2, H), n)),
+                                      ("pruned", torch.tensor([[64, 37, 0] * (H // 3), [37, 0, 64] * (H // 3)]))):
+                    if kept_name == "pruned" and not args.pruned:
+                        continue
+                    result["records"] += run_case(H, dname, kept_name, hs, B, args, device, w)
+                    write_json(out_path, result)
+    best = {}
+    for r in result["records"]:
+        if "ms" in r and r["variant"] != "attention_sdpa":
             key = f"H{r['H']}-{r['dtype']}-{r['kept']}-B{r['B']}"
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = {"variant": r["variant"], "ms": r["ms"]}
-    env = environment()
-    env["device_name"] = torch.cuda.get_device_name()
-    return {"benchmark": "bench_cuda_scan", "environment": env, "records": records, "fastest_variant": best,
-            "note": "ms = median per call of _C.bilstm_scan_cuda (out preallocated, w_hh fp32); "
-                    "auto = mma for fp16/bf16 when B >= 16, else fma"}
+    result.update(fastest_variant=best, complete=True)
+    write_json(out_path, result)
+    return result
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--H", type=lambda s: [int(v) for v in s.split(",")], default=[3, 6, 12],
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--H", type=lambda s: [int(v) for v in s.split(",")], default=[6, 3, 12],
                    help="heads (multiples of 3), comma-separated; n = 64")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp16", "bf16", "fp32"])
-    p.add_argument("--B", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 16, 64, 256])
+    p.add_argument("--B", type=lambda s: [int(v) for v in s.split(",")], default=[64, 1, 8, 16, 256])
     p.add_argument("--T", type=int, default=197)
-    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=None, help="timed reps per round (GPU default 20)")
+    p.add_argument("--no-graphs", action="store_true", help="time launches between events, not CUDA graphs")
     p.add_argument("--pruned", action="store_true", help="also time kept sizes 64/37/0 per (dir, head)")
-    p.add_argument("--quick", action="store_true", help="H=6, fp16, B=1,64, T=197, 10 reps")
+    p.add_argument("--quick", action="store_true", help="H=6, fp16, B=64,1, T=197, 2 rounds of 10 reps")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/cuda_scan-<host>-<date>.json)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
-    if _C is None or not _C.has_cuda():
-        p.error("far_kernels._C was built without CUDA kernels; `pip install --no-build-isolation -e .` on a CUDA machine")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("needs a CUDA device (--device cpu: a dry run of the script with the reference as the kernel)")
+        if _C is None or not _C.has_cuda():
+            p.error("far_kernels._C was built without CUDA kernels; `pip install --no-build-isolation -e .` on a CUDA machine")
     if args.quick:
-        args.H, args.dtypes, args.B, args.reps = [6], ["fp16"], [1, 64], 10
-    result = run(args)
+        args.H, args.dtypes, args.B, args.rounds, args.reps = [6], ["fp16"], [64, 1], 2, args.reps or 10
+    if args.device == "cpu" and args.quick:
+        args.H, args.B, args.T, args.rounds, args.reps = [3], [2], 12, 1, 1
     out = Path(args.out) if args.out else RESULTS / result_filename("cuda_scan")
-    print("wrote", write_json(out, result))
+    run(args, out)
+    print("wrote", out)
 
 
 if __name__ == "__main__":
