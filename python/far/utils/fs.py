@@ -1,22 +1,96 @@
-"""Files: the one atomic writer, strict JSON.
+"""Files: the one atomic writer, the one way to open an input file, strict JSON.
 
 Every file the project writes (checkpoints, training state, JSON results, figures) goes through
 atomic_write: the content is written to a uniquely named temporary file in the destination's
 folder, flushed to disk, then renamed over the destination. A failure at any point removes the
-temporary file and leaves an existing destination as it was."""
+temporary file and leaves an existing destination as it was; a temporary file left by a process
+that was killed is removed by the next write to the same destination.
+
+Inside `command_inputs()` (the `far` command runs in one), every file opened with open_input
+(checkpoints, data files) is remembered by inode, and atomic_write refuses to replace any of them:
+no command overwrites what it read, under whatever name. Destinations that exist must be regular
+files (never a device, FIFO or socket), and exist only with force=True."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
+import re
+import stat
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
 
 from far.errors import ConfigError
 
 PathLike = Union[str, os.PathLike]
+
+# (st_dev, st_ino) -> path of every input opened in the current command_inputs() scope; None outside one
+_INPUTS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("far_inputs", default=None)
+
+
+@contextlib.contextmanager
+def command_inputs():
+    """Scope of one command: files opened with open_input (or passed to note_input) inside it cannot be
+    written by atomic_write inside it."""
+    token = _INPUTS.set({})
+    try:
+        yield
+    finally:
+        _INPUTS.reset(token)
+
+
+def note_input(path: PathLike) -> None:
+    """Remember `path` as an input of the current command (no-op outside command_inputs())."""
+    seen = _INPUTS.get()
+    if seen is not None:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            seen[(st.st_dev, st.st_ino)] = os.fspath(path)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class NotRegularFile(ConfigError):
+    """A path that must be a regular file is a folder, device, FIFO or socket."""
+
+
+def open_input(path: PathLike, what: str = "file") -> BinaryIO:
+    """`path` opened for binary reading. Anything but a regular file raises NotRegularFile; the open
+    never blocks (a FIFO is detected, not waited on). OSError as open() raises it. The file is
+    remembered as an input of the current command (command_inputs)."""
+    check_regular(path, what)  # devices are refused before they are opened (opening some has effects)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:  # again on what was opened: the path may have been swapped meanwhile
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{path}: is {_kind(st.st_mode)}, not a regular {what}")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    seen = _INPUTS.get()
+    if seen is not None:
+        seen[(st.st_dev, st.st_ino)] = os.fspath(path)
+    return f
+
+
+def check_regular(path: PathLike, what: str = "file") -> None:
+    """NotRegularFile unless `path` (followed through symlinks) is a regular file; FileNotFoundError if absent."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(f"{path}: is {_kind(st.st_mode)}, not a regular {what}")
 
 
 def _fsync(path, flags: int = os.O_RDONLY) -> None:
@@ -35,19 +109,56 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output(path: PathLike, *, force: bool = True, inputs: Iterable[PathLike] = (), what: str = "output") -> Path:
-    """Checks before anything is computed: `path` is not a folder, its folder exists, it is not one
-    of `inputs` (the same file under any name), and it does not exist unless `force`. Returns Path."""
+    """Checks before anything is computed: `path` is not a folder, device, FIFO or socket, its folder
+    exists, it is not one of `inputs` nor a file this command has read (command_inputs; the same file
+    under any name), and it does not exist unless `force`. Returns Path."""
     p = Path(path)
+    if not os.fspath(p) or p.name in ("", ".", ".."):
+        raise ConfigError(f"{what} {os.fspath(path)!r}: not a file name")
     if p.is_dir():
         raise ConfigError(f"{what} {p}: is a folder; give a file name")
     if not p.resolve().parent.is_dir():
         raise ConfigError(f"{p.parent}: no such folder for {what} {p.name}")
+    try:
+        st = os.stat(p)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what} {p}: is {_kind(st.st_mode)}; only regular files are written (give a file name)")
     for src in inputs:
         if src is not None and _same_file(p, Path(src)):
             raise ConfigError(f"{what} {p}: is an input of this command ({src}); write somewhere else")
-    if p.exists() and not force:
+    seen = _INPUTS.get()
+    if st is not None and seen and (st.st_dev, st.st_ino) in seen:
+        raise ConfigError(f"{what} {p}: is an input of this command ({seen[(st.st_dev, st.st_ino)]}); "
+                          "write somewhere else")
+    if st is not None and not force:
         raise ConfigError(f"{what} {p}: exists; pass --force to overwrite it")
     return p
+
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+
+
+def _remove_stale_temps(directory: Path, name: str) -> None:
+    """Remove temporary files of `name` left by writers that no longer run (killed mid-write)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            m = _TMP.match(entry.name)
+            if not m or m["name"] != name:
+                continue
+            pid = int(m["pid"])
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+                continue  # its writer is alive (or another user's process): leave it
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError, OSError):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]], *, force: bool = True,
@@ -56,11 +167,13 @@ def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]
 
     content: bytes, text (UTF-8), or a function that writes the file whose path it is given (e.g.
     `lambda tmp: torch.save(obj, tmp)`). force=False refuses an existing `path`; `inputs` are files
-    that must not be overwritten (check_output). The temporary file is created with the umask's
+    that must not be overwritten (check_output; nor is any file read inside command_inputs()). An
+    existing destination must be a regular file. The temporary file is created with the umask's
     permissions, fsynced, renamed over `path`; the folder is fsynced where the OS allows."""
     p = check_output(path, force=force, inputs=inputs)
     directory = p.resolve().parent
-    tmp = directory / f".{p.name}.{uuid.uuid4().hex[:12]}.tmp"
+    _remove_stale_temps(directory, p.name)
+    tmp = directory / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask-respecting mode
         if callable(content):
@@ -70,6 +183,7 @@ def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]
             with open(tmp, "wb") as f:
                 f.write(data)
         _fsync(tmp)
+        check_output(p, force=force, inputs=inputs)  # again: the destination may have changed meanwhile
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -101,6 +215,19 @@ def write_json(path: PathLike, obj: Any, *, force: bool = True, inputs: Iterable
 
 
 def append_jsonl(path: PathLike, row: dict) -> None:
-    """Append one JSON line (metrics logs: each line is complete or absent)."""
-    with open(path, "a") as f:
+    """Append one JSON line (metrics logs: each line is complete or absent). The log must be a regular
+    file (created if absent); a FIFO or device in its place is refused, never waited on."""
+    if os.path.exists(path):
+        check_regular(path, "log file")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o666)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{path}: is {_kind(st.st_mode)}, not a regular file; cannot log to it")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "a")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         f.write(json.dumps(strict_json(row)) + "\n")
