@@ -17,6 +17,13 @@ File layout (safetensors; header metadata is a str -> str map):
     write(path, tensors, config)        atomically, digest added
     read_config(path)                   header only, validated
     config, tensors = read(path)        validated structure (check_digest(path, config, tensors) after)
+
+What load accepts (everything else is a CheckpointError naming the file): a regular file (never a FIFO or
+device); a safetensors header that is a JSON object of at most MAX_JSON_DEPTH levels, str -> str metadata,
+tensors of known dtypes whose shape and data_offsets agree, one floating dtype (FLOAT_DTYPES) for all
+floating tensors; a config whose every field has its type and range (check_config): architecture sizes
+within ARCH_LIMITS, no timm loader kwargs (LOADER_KWARGS: a checkpoint never makes timm read another
+file or the network), pretrained_cfg's data fields usable by far.data.
 """
 from __future__ import annotations
 
@@ -24,19 +31,69 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from far.errors import CheckpointError
-from far.utils.fs import atomic_write
+from far.utils.fs import NotRegularFile, atomic_write, open_input
 
 FORMAT = "far-checkpoint"
 FORMAT_VERSION = 1  # the newest version this build reads and the one it writes
 CONFIG_KEY = "far_config"
 DIGEST_KEY = "sha256"  # inside far_config; optional on load (hand-made files)
 MAX_HEADER = 100_000_000  # safetensors' own limit
+MAX_JSON_DEPTH = 32  # nesting levels of the header and of the config (real files use fewer than 8)
 _LIST_LIMIT = 5
+
+# Sane ranges of architecture sizes, wherever they come from (a checkpoint's architecture kwargs and FAR
+# blocks, or command-line options such as --num-classes): far beyond any ViT, far below what exhausts memory.
+ARCH_LIMITS = {
+    "depth": (0, 64),
+    "embed_dim": (1, 16384),
+    "num_heads": (1, 256),
+    "num_classes": (0, 100_000),
+    "in_chans": (1, 64),
+    "patch_size": (1, 1024),
+    "img_size": (1, 16384),
+    "reg_tokens": (0, 1024),
+    "head_dim": (1, 16384),
+    "hidden_size": (0, 16384),  # LSTM units per (head, direction)
+    "mlp_ratio": (0, 64),
+}
+# timm.create_model arguments that read files or the network, or change what the model is: never from a file
+LOADER_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict",
+                           "checkpoint_path", "cache_dir", "features_only", "feature_cfg", "out_indices"})
+# safetensors dtype codes -> bytes per element; floating ones a model may be stored in
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
+               "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        v, d = level.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            depth = max(depth, d)
+            level.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return depth
+
+
+def parse_json(path, text, what: str) -> Any:
+    """json.loads with CheckpointError for bad text and for nesting deeper than MAX_JSON_DEPTH."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise fail(path, f"corrupt {what}: JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise fail(path, f"corrupt {what}: not valid JSON ({e})") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise fail(path, f"corrupt {what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
 
 
 # ---- JSON helpers ----
@@ -139,9 +196,11 @@ def write(path, tensors: dict, config: dict, *, force: bool = True) -> None:
 
 # ---- read and validate ----
 def read_header(path) -> dict:
-    """The safetensors header as a dict, with clear messages for missing, truncated and corrupt files."""
+    """The safetensors header as a dict, with clear messages for missing, truncated and corrupt files:
+    a regular file, a header JSON object (bounded size and depth), str -> str metadata, and for every
+    tensor a known dtype, a shape of ints >= 0 and data_offsets that hold exactly its bytes within the file."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path, "checkpoint file") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise fail(path, f"truncated or not a safetensors file: {size} bytes, fewer than the "
@@ -153,30 +212,124 @@ def read_header(path) -> dict:
             raw = f.read(n)
     except FileNotFoundError:
         raise fail(path, "no such file") from None
-    except IsADirectoryError:
-        raise fail(path, "is a directory, not a checkpoint file") from None
+    except (IsADirectoryError, NotRegularFile) as e:
+        raise fail(path, "is a directory, not a checkpoint file" if isinstance(e, IsADirectoryError) or
+                   os.path.isdir(path) else f"not a regular file ({str(e).rsplit(': ', 1)[-1]})") from None
     except OSError as e:
-        raise fail(path, f"cannot read: {e}") from e
+        raise fail(path, f"cannot read: {e.strerror or e}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise fail(path, f"corrupt safetensors header (not valid UTF-8 JSON: {e}); truncated or "
                          "damaged file, or not a safetensors file") from None
+    header = parse_json(path, text, "safetensors header")
     if not isinstance(header, dict):
         raise fail(path, "corrupt safetensors header (not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise fail(path, "corrupt safetensors header: __metadata__ must map strings to strings")
     ends = []
+    data = size - 8 - n
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            ends.append(int(entry["data_offsets"][1]))
+            begin, end = entry["data_offsets"]
+            if not (_is_int(begin) and _is_int(end) and 0 <= begin <= end):
+                raise ValueError
         except (TypeError, KeyError, IndexError, ValueError):
             raise fail(path, f"corrupt safetensors header: entry '{name}' has no valid data_offsets") from None
-    data = size - 8 - n
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise fail(path, f"corrupt safetensors header: entry '{name}' has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(v) and v >= 0 for v in shape)):
+            raise fail(path, f"corrupt safetensors header: entry '{name}' has an invalid shape {shape!r}")
+        if math.prod(shape) * DTYPE_SIZES[dtype] != end - begin:
+            raise fail(path, f"corrupt safetensors header: entry '{name}' ({dtype} {shape}) does not fit its "
+                             f"{end - begin} bytes of data")
+        ends.append(end)
     if data < max(ends, default=0):
         raise fail(path, f"truncated: the header describes {max(ends)} bytes of tensor data but only "
                          f"{data} are present")
+    floats = {}
+    for name, entry in header.items():
+        if name != "__metadata__" and entry["dtype"].startswith(("F", "BF")):
+            floats.setdefault(entry["dtype"], name)
+    if any(d not in FLOAT_DTYPES for d in floats):
+        bad = next(d for d in floats if d not in FLOAT_DTYPES)
+        raise fail(path, f"tensor '{floats[bad]}' has dtype {bad}; models are stored in one of "
+                         f"{', '.join(FLOAT_DTYPES)}")
+    if len(floats) > 1:
+        raise fail(path, "tensors of mixed floating dtypes (" + ", ".join(f"{d}: e.g. {t}" for d, t in floats.items())
+                   + "); a far checkpoint stores every floating tensor in one dtype")
     return header
+
+
+def tensor_entries(header: dict) -> dict:
+    """{name: (safetensors dtype code, shape tuple)} of a header read by read_header."""
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _in_range(key: str, v) -> bool:
+    lo, hi = ARCH_LIMITS[key]
+    return (_is_num(v) if key == "mlp_ratio" else _is_int(v)) and lo <= v <= hi
+
+
+def _arch_problem(kwargs: dict) -> Optional[str]:
+    """None if architecture kwargs are usable, else what is wrong with the first bad one."""
+    for key, v in kwargs.items():
+        if key in LOADER_KWARGS:
+            return f"architecture kwarg '{key}' is not allowed in a checkpoint (it would make timm load weights)"
+        if key == "img_size" and isinstance(v, list):
+            if not (len(v) == 2 and all(_in_range(key, x) for x in v)):
+                return f"architecture kwarg img_size must be an int or [H, W] in {list(ARCH_LIMITS[key])}, got {v!r}"
+        elif key in ARCH_LIMITS:
+            if not _in_range(key, v):
+                return f"architecture kwarg {key} must be {'a number' if key == 'mlp_ratio' else 'an int'} in " \
+                       f"{list(ARCH_LIMITS[key])}, got {v!r}"
+        elif isinstance(v, float) and not math.isfinite(v):
+            return f"architecture kwarg {key} is not a finite number"
+        elif isinstance(v, dict) or (isinstance(v, list) and (len(v) > 16 or any(isinstance(x, (dict, list)) for x in v))):
+            return f"architecture kwarg {key} must be a number, string, bool, null or a short flat list, got {v!r:.80}"
+    return None
+
+
+def _pretrained_cfg_problem(pcfg: dict) -> Optional[str]:
+    """None if the fields far.data uses (input_size, mean, std, num_classes, interpolation, crop_pct,
+    architecture) have usable types and ranges, else the first problem."""
+    size = pcfg.get("input_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 3 and _in_range("in_chans", size[0])
+                                 and all(_in_range("img_size", v) for v in size[1:])):
+        return f"pretrained_cfg.input_size must be [C, H, W] ints (C <= {ARCH_LIMITS['in_chans'][1]}, " \
+               f"H, W <= {ARCH_LIMITS['img_size'][1]}), got {size!r:.80}"
+    for key in ("mean", "std"):
+        v = pcfg.get(key)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and 1 <= len(v) <= ARCH_LIMITS["in_chans"][1] and all(_is_num(x) for x in v)):
+            return f"pretrained_cfg.{key} must be a list of finite numbers, got {v!r:.80}"
+        if key == "std" and any(x <= 0 for x in v):
+            return f"pretrained_cfg.std must be > 0 (images are divided by it), got {v!r:.80}"
+        if size is not None and len(v) not in (1, size[0]):
+            return f"pretrained_cfg.{key} has {len(v)} values for {size[0]} input channel(s)"
+    if "num_classes" in pcfg and not _in_range("num_classes", pcfg["num_classes"]):
+        return f"pretrained_cfg.num_classes must be an int in {list(ARCH_LIMITS['num_classes'])}, " \
+               f"got {pcfg['num_classes']!r:.80}"
+    for key in ("interpolation", "architecture"):
+        if pcfg.get(key) is not None and not isinstance(pcfg[key], str):
+            return f"pretrained_cfg.{key} must be a string, got {pcfg[key]!r:.80}"
+    crop = pcfg.get("crop_pct")
+    if crop is not None and not (_is_num(crop) and 0 < crop <= 10):
+        return f"pretrained_cfg.crop_pct must be a number in (0, 10], got {crop!r:.80}"
+    return None
 
 
 def check_config(path, raw: Optional[str]) -> dict:
@@ -184,10 +337,9 @@ def check_config(path, raw: Optional[str]) -> dict:
     if raw is None:
         raise fail(path, f"not a FAR checkpoint: the safetensors metadata has no '{CONFIG_KEY}' entry "
                          "(a plain safetensors file? FAR checkpoints are written by far.save)")
-    try:
-        config = json.loads(raw)
-    except ValueError as e:
-        raise fail(path, f"corrupt '{CONFIG_KEY}' metadata: not valid JSON ({e})") from None
+    if not isinstance(raw, str):
+        raise fail(path, f"corrupt '{CONFIG_KEY}' metadata: expected a JSON string, got {type(raw).__name__}")
+    config = parse_json(path, raw, f"'{CONFIG_KEY}' metadata")
     if not isinstance(config, dict):
         raise fail(path, f"corrupt '{CONFIG_KEY}' metadata: expected a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT:
@@ -205,32 +357,49 @@ def check_config(path, raw: Optional[str]) -> dict:
         if not cond:
             raise fail(path, f"invalid '{CONFIG_KEY}': {what}")
 
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
+    is_int = _is_int
+    need(isinstance(config.get("far_version", ""), str), f"far_version must be a string, got "
+                                                          f"{config.get('far_version')!r:.80}")
     arch = config.get("architecture")
     need(isinstance(arch, dict) and isinstance(arch.get("timm_name"), str) and isinstance(arch.get("kwargs"), dict),
-         f"architecture must be {{'timm_name': str, 'kwargs': dict}}, got {arch!r}")
+         f"architecture must be {{'timm_name': str, 'kwargs': dict}}, got {arch!r:.200}")
+    problem = _arch_problem(arch["kwargs"])
+    need(problem is None, str(problem))
     far_cfg = config.get("far")
     need(isinstance(far_cfg, dict) and isinstance(far_cfg.get("blocks"), list), "far.blocks must be a list")
+    need(len(far_cfg["blocks"]) <= ARCH_LIMITS["depth"][1], f"far.blocks has {len(far_cfg['blocks'])} entries, "
+                                                            f"more than {ARCH_LIMITS['depth'][1]}")
+    names = set()
     for i, b in enumerate(far_cfg["blocks"]):
         need(isinstance(b, dict) and isinstance(b.get("name"), str) and is_int(b.get("num_heads"))
              and is_int(b.get("head_dim")), f"far.blocks[{i}] needs name (str), num_heads and head_dim (int)")
+        need(b["name"] not in names, f"far.blocks[{i}]: block name {b['name']!r} appears twice")
+        names.add(b["name"])
+        need(_in_range("num_heads", b["num_heads"]) and _in_range("head_dim", b["head_dim"]),
+             f"far.blocks[{i}] ({b['name']}): num_heads must lie in {list(ARCH_LIMITS['num_heads'])} and head_dim in "
+             f"{list(ARCH_LIMITS['head_dim'])}, got {b['num_heads']} and {b['head_dim']}")
         hs = b.get("hidden_sizes")
         need(isinstance(hs, list) and len(hs) == 2
              and all(isinstance(r, list) and len(r) == b["num_heads"] and all(is_int(k) and k >= 0 for k in r)
                      for r in hs),
              f"far.blocks[{i}] ({b['name']}): hidden_sizes must be [2][num_heads={b['num_heads']}] ints >= 0, "
-             f"got {hs!r}")
+             f"got {hs!r:.200}")
+        need(all(k <= ARCH_LIMITS["hidden_size"][1] for r in hs for k in r),
+             f"far.blocks[{i}] ({b['name']}): hidden sizes must be <= {ARCH_LIMITS['hidden_size'][1]}, got {hs!r:.200}")
     reuse = config.get("reuse")
     if reuse is not None:
         need(isinstance(reuse, dict) and isinstance(reuse.get("plan"), dict) and isinstance(reuse.get("transform"), str)
-             and all(isinstance(k, str) and k.isdigit() and is_int(v) and 0 <= v < int(k)
+             and all(isinstance(k, str) and k.isdigit() and len(k) <= 6 and is_int(v) and 0 <= v < int(k)
                      for k, v in reuse["plan"].items()),
-             f"reuse must be {{'plan': {{'block': earlier source block}}, 'transform': str}}, got {reuse!r}")
-    need(isinstance(config.get("pretrained_cfg", {}), dict), "pretrained_cfg must be a dict")
+             f"reuse must be {{'plan': {{'block': earlier source block}}, 'transform': str}}, got {reuse!r:.200}")
+    pcfg = config.get("pretrained_cfg", {})
+    need(isinstance(pcfg, dict), "pretrained_cfg must be a dict")
+    problem = _pretrained_cfg_problem(pcfg)
+    need(problem is None, str(problem))
     need(isinstance(config.get("metadata", {}), dict), "metadata must be a dict")
-    need(isinstance(config.get(DIGEST_KEY, ""), str), f"{DIGEST_KEY} must be a hex string")
+    want = config.get(DIGEST_KEY, "0" * 64)
+    need(isinstance(want, str) and len(want) == 64 and all(c in "0123456789abcdef" for c in want),
+         f"{DIGEST_KEY} must be 64 lowercase hex digits, got {want!r:.80}")
     return config
 
 
@@ -238,26 +407,45 @@ def read_config(path) -> dict:
     """The checkpoint's config (format, architecture, FAR blocks with hidden sizes, pretrained_cfg, user
     metadata), read from the header only and validated; raises CheckpointError."""
     path = os.fspath(path)
-    meta = read_header(path).get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise fail(path, "corrupt safetensors header: __metadata__ is not a JSON object")
-    return check_config(path, meta.get(CONFIG_KEY))
+    return _config_of(path, read_header(path))
 
 
-def read(path) -> tuple[dict, dict]:
+def _config_of(path, header: dict) -> dict:
+    return check_config(path, (header.get("__metadata__") or {}).get(CONFIG_KEY))
+
+
+def read(path, precheck: Optional[Callable[[dict, dict], None]] = None) -> tuple[dict, dict]:
     """(config, {name: CPU tensor}) of a checkpoint, the header and config validated; the digest is
-    checked separately (check_digest), after the caller's structural checks, which say more."""
+    checked separately (check_digest), after the caller's structural checks, which say more.
+
+    precheck(config, {name: (dtype code, shape)}) runs after the header and config are validated and
+    before any tensor data is read (far.load refuses configs that describe far more than the file holds)."""
     path = os.fspath(path)
-    read_config(path)  # header checks with clear messages, then the config itself
+    header = read_header(path)  # header checks with clear messages, then the config itself
+    config = _config_of(path, header)
+    if precheck is not None:
+        precheck(config, tensor_entries(header))
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:
-        raise fail(path, f"corrupt safetensors file: {type(e).__name__}: {e}") from e
-    return check_config(path, meta.get(CONFIG_KEY)), tensors
+    except Exception as e:  # noqa: BLE001 - whatever safetensors finds wrong is a damaged file
+        raise fail(path, f"corrupt safetensors file: {type(e).__name__}: {e}") from None
+    if meta != header.get("__metadata__", {}) or {k: (_ST_DTYPES.get(t.dtype), tuple(t.shape))
+                                                    for k, t in tensors.items()} != tensor_entries(header):
+        raise fail(path, "the file changed while it was read (or safetensors read it differently); try again")
+    return config, tensors
+
+
+_ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+              torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+              torch.float64: "F64"}
+for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+                     ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
 
 
 def check_digest(path, config: dict, tensors: dict) -> None:
@@ -268,5 +456,5 @@ def check_digest(path, config: dict, tensors: dict) -> None:
                          "(damaged tensor data, or a header edited by hand: drop its 'sha256' to skip the check)")
 
 
-__all__ = ["CONFIG_KEY", "DIGEST_KEY", "FORMAT", "FORMAT_VERSION", "check_config",
-           "check_digest", "digest", "read", "read_config", "read_header", "write"]
+__all__ = ["ARCH_LIMITS", "CONFIG_KEY", "DIGEST_KEY", "FORMAT", "FORMAT_VERSION", "LOADER_KWARGS", "check_config",
+           "check_digest", "digest", "read", "read_config", "read_header", "tensor_entries", "write"]

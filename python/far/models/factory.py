@@ -223,6 +223,38 @@ def _set_dtype(t: torch.Tensor, dtype: torch.dtype) -> None:
         t.data = t.data.to(dtype)
 
 
+def _size_check(path: str):
+    """checkpoint.read's precheck: before any tensor is read or the model built, build the config's timm
+    architecture on the meta device (no memory) and refuse configs that describe far more values than the
+    file stores (resource bombs: a 2 MB file saying depth 3000 or embed_dim 120000). Coarse by design,
+    with generous slack: the exact name/shape/dtype comparison follows on the real model."""
+    def check(config: dict, entries: dict) -> None:
+        import math
+
+        import timm
+
+        arch, blocks = config["architecture"], config["far"]["blocks"]
+        if not timm.is_model(arch["timm_name"]):
+            return  # build() reports it
+        try:
+            with torch.device("meta"):
+                teacher = timm.create_model(arch["timm_name"], pretrained=False, **arch["kwargs"])
+        except Exception as e:  # noqa: BLE001 - any failure to build is the file's problem
+            raise checkpoint.fail(path, f"cannot rebuild architecture '{arch['timm_name']}' with kwargs "
+                                        f"{arch['kwargs']}: {type(e).__name__}: {e}") from None
+        prefixes = tuple(b["name"] + "." for b in blocks)
+        state = teacher.state_dict()
+        total = sum(t.numel() for t in state.values())  # what building the model allocates, FAR blocks aside
+        needed = sum(t.numel() for k, t in state.items() if not k.startswith(prefixes)) if prefixes else total
+        needed += sum(4 * k * (b["head_dim"] + k) for b in blocks for row in b["hidden_sizes"] for k in row)
+        stored = sum(math.prod(shape) for _, shape in entries.values())
+        if needed > 2 * stored + 2**20 or total > 4 * stored + 2**24:
+            raise checkpoint.fail(path, f"the config describes a model of at least {needed:,} values "
+                                        f"('{arch['timm_name']}' with kwargs {arch['kwargs']} and {len(blocks)} FAR "
+                                        f"block(s)) but the file stores {stored:,}: config and tensors do not match")
+    return check
+
+
 def load(path, device="cpu", backend: Optional[str] = None) -> nn.Module:
     """Rebuild and return the model saved by far.save, in eval() mode, on `device`.
 
@@ -237,7 +269,7 @@ def load(path, device="cpu", backend: Optional[str] = None) -> nn.Module:
     path = os.fspath(path)
     if backend is not None:  # a typo, or a backend that cannot run on `device`, fails before the file is read
         far_kernels.dispatch.select(far_kernels.ops.bilstm_fused_scan.OP, backend, device)
-    config, tensors = checkpoint.read(path)
+    config, tensors = checkpoint.read(path, precheck=_size_check(path))
     model = build(config, path)
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(floating) == 1:  # e.g. a bfloat16 model: non-persistent buffers follow too
