@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from far.errors import DataError
+from far.utils.fs import NotRegularFile, open_input
 
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
@@ -33,6 +34,7 @@ FASHION_MNIST_INPUT_SIZE = (1, 28, 28)
 
 # ---- IDX ----
 # IDX header: 0x00 0x00 <dtype code> <ndim>, then ndim big-endian uint32 sizes, then the data (big-endian).
+MAX_IDX_BYTES = 1 << 31  # 2 GiB: 40x Fashion-MNIST's training images
 _IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
                0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
@@ -40,19 +42,23 @@ _IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2")
 def read_idx(path) -> np.ndarray:
     """Read an IDX file (plain or .gz) into a native-endian numpy array of its declared shape.
 
-    Raises FileNotFoundError if `path` does not exist and DataError (a ValueError) if the file
-    is not valid IDX: bad gzip stream, wrong magic, unknown dtype code, or a size that does not
-    match the header (truncated or trailing bytes).
+    Raises FileNotFoundError if `path` does not exist and DataError (a ValueError) if it is not a
+    regular file or not valid IDX: bad gzip stream, wrong magic, unknown dtype code, a size that does
+    not match the header (truncated or trailing bytes), or more than MAX_IDX_BYTES of data.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     gz = path.suffix == ".gz"
     try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-            buf = f.read()
+        with open_input(path, "IDX file") as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw) as f:
+            buf = f.read(MAX_IDX_BYTES + 1)  # bounded: a gzip bomb stops here
+    except NotRegularFile as e:
+        raise DataError(str(e)) from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    if len(buf) > MAX_IDX_BYTES:
+        raise DataError(f"{path}: more than {MAX_IDX_BYTES >> 20} MiB of IDX data; not a dataset file this reads")
     if len(buf) < 4:
         raise DataError(f"{path}: not an IDX file ({len(buf)} bytes, the header alone is 4)")
     zero0, zero1, code, ndim = buf[:4]
@@ -258,10 +264,30 @@ class RandomShiftFlip(torch.nn.Module):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def load_image(path, mode: str):
+    """The image file at `path` converted to PIL `mode` ("L" or "RGB"). Every failure is a DataError that
+    names the file: not a regular file (a FIFO is never waited on), unreadable, not an image, truncated,
+    or larger than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with open_input(path, "image file") as f, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(f).convert(mode)
+    except NotRegularFile as e:
+        raise DataError(str(e)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: image too large to decode safely ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:  # PIL's ways of saying "bad image"
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise DataError(f"{path}: cannot read image: {reason}") from None
+
+
 def _image_pipeline(path, input_size: Sequence[int], mean, std, train: bool, interpolation: str,
                     crop_pct: Optional[float]):
     """(folder Path, PIL loader, timm transform) for images of `input_size` = (C, H, W)."""
-    from PIL import Image
     from timm.data import create_transform
 
     path = Path(path)
@@ -275,8 +301,7 @@ def _image_pipeline(path, input_size: Sequence[int], mean, std, train: bool, int
     mode = "L" if input_size[0] == 1 else "RGB"
 
     def loader(p: str):
-        with open(p, "rb") as f:
-            return Image.open(f).convert(mode)
+        return load_image(p, mode)
 
     tf = create_transform(input_size=input_size, is_training=train, mean=tuple(mean), std=tuple(std),
                           interpolation=interpolation, crop_pct=crop_pct,
@@ -441,6 +466,7 @@ __all__ = [
     "image_folder",
     "is_fashion_mnist",
     "iterate_batches",
+    "load_image",
     "make_dataset",
     "num_batches",
     "read_idx",
