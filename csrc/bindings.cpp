@@ -1,6 +1,10 @@
 // far_kernels._C: validation and dispatch only; the math lives in bilstm_cpu.cpp, cuda/*.cu
 // and the shared header lstm_cell.h.
 #include <torch/extension.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <cstring>
+#include <vector>
 
 #include "bilstm_cpu.h"
 #include "crossbar_cpu.h"
@@ -45,18 +49,39 @@ at::Tensor make_out(const at::Tensor& gx, int64_t n, const c10::optional<at::Ten
   return o;
 }
 
+// The kernels run without the GIL, so another thread may change any tensor meanwhile: hidden sizes (which index
+// memory) are copied here and the copy is validated and used; out must share no memory with an input.
+std::vector<int64_t> copy_hidden(const at::Tensor& hidden, int64_t H, int64_t n, const char* op) {
+  std::vector<int64_t> hs(2 * H);
+  if (H > 0) std::memcpy(hs.data(), hidden.data_ptr<int64_t>(), hs.size() * sizeof(int64_t));
+  for (int64_t i = 0; i < 2 * H; ++i)
+    TORCH_CHECK(hs[i] >= 0 && hs[i] <= n, op, ": hidden_sizes[", i / H, ", ", i % H, "] = ", hs[i],
+                " is outside [0, ", n, "]");
+  return hs;
+}
+
+void check_no_overlap(const at::Tensor& out, std::initializer_list<const at::Tensor*> inputs, const char* op) {
+  TORCH_CHECK(!out.defined() || at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out has elements that share memory");
+  for (const auto* t : inputs)
+    TORCH_CHECK(at::get_overlap_status(out, *t) == at::MemOverlapStatus::No, op,
+                ": out shares memory with an input; pass a separate output tensor");
+}
+
 at::Tensor scan_cpu(const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& hidden,
                     const c10::optional<at::Tensor>& out_opt) {
   const int64_t n = check_scan(gx, w_hh, hidden);
   TORCH_CHECK(gx.device().is_cpu() && w_hh.device().is_cpu(), "bilstm_scan_cpu: tensors must be on the CPU");
   TORCH_CHECK(gx.scalar_type() == at::kFloat && w_hh.scalar_type() == at::kFloat,
               "bilstm_scan_cpu: gx and w_hh must be float32, got ", gx.scalar_type(), " and ", w_hh.scalar_type());
+  const auto hs = copy_hidden(hidden, gx.size(0), n, "bilstm_scan_cpu");
   auto out = make_out(gx, n, out_opt);
+  check_no_overlap(out, {&gx, &w_hh, &hidden}, "bilstm_scan_cpu");
   const int threads = at::get_num_threads();
   {
     pybind11::gil_scoped_release nogil;
-    far::bilstm_scan_cpu(gx.data_ptr<float>(), w_hh.data_ptr<float>(), hidden.data_ptr<int64_t>(),
-                         out.data_ptr<float>(), gx.size(0), gx.size(1), gx.size(2), n, threads);
+    far::bilstm_scan_cpu(gx.data_ptr<float>(), w_hh.data_ptr<float>(), hs.data(), out.data_ptr<float>(),
+                         gx.size(0), gx.size(1), gx.size(2), n, threads);
   }
   return out;
 }
@@ -86,11 +111,7 @@ at::Tensor fused_scan_cpu(const at::Tensor& x, const at::Tensor& w_ih, const at:
   TORCH_CHECK(x.is_contiguous() && w_ih.is_contiguous() && bias.is_contiguous() && w_hh.is_contiguous() &&
                   hidden.is_contiguous(),
               "bilstm_fused_scan: x, w_ih, bias, w_hh and hidden_sizes must be contiguous");
-  const auto hs = hidden.accessor<int64_t, 2>();
-  for (int64_t dr = 0; dr < 2; ++dr)
-    for (int64_t h = 0; h < H; ++h)
-      TORCH_CHECK(hs[dr][h] >= 0 && hs[dr][h] <= n, "bilstm_fused_scan: hidden_sizes[", dr, ", ", h, "] = ",
-                  hs[dr][h], " is outside [0, ", n, "]");
+  const auto hs = copy_hidden(hidden, H, n, "bilstm_fused_scan");
   const int64_t B = x.size(0), T = x.size(1);
   const std::vector<int64_t> shape{H, B, T, 2, n};
   at::Tensor out;
@@ -103,11 +124,12 @@ at::Tensor fused_scan_cpu(const at::Tensor& x, const at::Tensor& w_ih, const at:
   } else {
     out = at::empty(shape, x.options());
   }
+  check_no_overlap(out, {&x, &w_ih, &bias, &w_hh, &hidden}, "bilstm_fused_scan_cpu");
   const int threads = at::get_num_threads();
   {
     pybind11::gil_scoped_release nogil;
     far::bilstm_fused_scan_cpu(x.data_ptr<float>(), w_ih.data_ptr<float>(), bias.data_ptr<float>(),
-                               w_hh.data_ptr<float>(), hidden.data_ptr<int64_t>(), out.data_ptr<float>(), H, B, T, d,
+                               w_hh.data_ptr<float>(), hs.data(), out.data_ptr<float>(), H, B, T, d,
                                n, H * d, threads);
   }
   return out;

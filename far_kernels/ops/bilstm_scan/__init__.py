@@ -39,6 +39,28 @@ def check_scan_inputs(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes) -> tor
     return as_hidden_sizes(hidden_sizes, H, n, "bilstm_scan")
 
 
+def _span(t: torch.Tensor) -> tuple:
+    """(first, last + 1) byte address any element of `t` can occupy (empty tensors occupy none)."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride * t.element_size()
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return (lo, hi + t.element_size())
+
+
+def check_no_overlap(op: str, out: torch.Tensor, named) -> None:
+    """ValueError when `out` may share memory with any (name, input): every backend writes `out` while it
+    still reads its inputs, so an aliased out= gives garbage (the C++ backend checks again)."""
+    a = _span(out)
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.device == out.device:
+            b = _span(t)
+            if a[0] < b[1] and b[0] < a[1]:
+                raise ValueError(f"{op}: out shares memory with {name}; pass a separate output tensor")
+
+
 def bilstm_scan(
     gx: torch.Tensor,
     w_hh: torch.Tensor,
@@ -56,7 +78,8 @@ def bilstm_scan(
         w_hh: [H, 2, 4n, n] recurrent weights, torch.nn.LSTM layout padded to n units.
         hidden_sizes: [2, H] ints in [0, n]: kept units per (direction, head); padded units ignored.
         backend: "torch" | "cpp" | "cuda" | "triton" | "auto"; default env FAR_BACKEND, else auto.
-        out: optional [H, B, T, 2, n] contiguous tensor of gx's dtype and device to write into.
+        out: optional [H, B, T, 2, n] contiguous tensor of gx's dtype and device to write into; it
+            must not share memory with gx, w_hh or hidden_sizes (ValueError).
     Returns:
         h: [H, B, T, 2, n] in gx.dtype; units >= hidden size are 0.
     Only the torch backend is differentiable: auto picks it when a gradient is required; the
@@ -66,10 +89,11 @@ def bilstm_scan(
         >>> gx = torch.randn(3, 2, 50, 2, 4 * 64); w = torch.randn(3, 2, 256, 64) * 0.1
         >>> h = bilstm_scan(gx, w, [[64, 37, 0], [64, 64, 12]])  # [3, 2, 50, 2, 64]
     """
-    hs = check_scan_inputs(gx, w_hh, hidden_sizes)
+    hs = check_scan_inputs(gx, w_hh, hidden_sizes).clone()  # owned: kernels read it without the GIL
     if out is not None:
         H, B, T, _, G = gx.shape
         check_out("bilstm_scan", out, (H, B, T, 2, G // 4), gx.dtype, gx.device)
+        check_no_overlap("bilstm_scan", out, (("gx", gx), ("w_hh", w_hh), ("hidden_sizes", hidden_sizes)))
     needs_grad = torch.is_grad_enabled() and (gx.requires_grad or w_hh.requires_grad)
     return dispatch.run(OP, (gx, w_hh, hs), backend=backend, device=gx.device, dtype=gx.dtype, needs_grad=needs_grad,
                         out=out)
