@@ -31,7 +31,7 @@ import torch
 
 import far
 from far.imc.cost import HardwareSpec, model_cost
-from far.models import ZOO, data_config, is_far, load_model, resolve, stored_tensors
+from far.models import ZOO, data_config, is_far, load_model, mixer_params, resolve, stored_tensors
 from far.nn.reuse import apply_reuse, reuse_plan
 from far.utils.env import environment, result_filename
 from far.utils.fs import write_json
@@ -46,14 +46,6 @@ METRICS = ("energy_uj", "latency_us", "area_mm2", "edap", "tops_per_w", "tops_pe
 
 def params(model) -> int:
     return sum(t.numel() for t in stored_tensors(model).values())
-
-
-def mixer_params(model) -> int:
-    """Parameters of the token mixers (attention, FAR blocks, reuse transforms), the part FAR replaces."""
-    n = 0
-    for blk in getattr(model, "blocks", []):
-        n += sum(p.numel() for p in blk.attn.parameters())
-    return n
 
 
 def costs(model, hw_base: HardwareSpec) -> dict:

@@ -259,10 +259,20 @@ def test_demo_runs_on_the_zoo(tmp_path, capsys):
                "--out-dir", str(tmp_path), "-q"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    for name in ("teacher (attention)", "FAR pruned", "torch", "cpp"):
+    for name in ("teacher (attention)", "FAR pruned", "TReX reuse", "torch", "cpp", "EDAP"):
         assert name in out
     res = json.loads((tmp_path / "demo.json").read_text())
-    assert {r["name"] for r in res["rows"]} == {"fmnist_deit_tiny", "fmnist_far_tiny", "fmnist_far_tiny_pruned"}
+    assert {r["name"] for r in res["rows"]} == {"fmnist_deit_tiny", "fmnist_far_tiny", "fmnist_far_tiny_pruned",
+                                                 "fmnist_trex_tiny"}
+    # the cost columns are the cost model's, relative to the teacher (the first row)
+    from far.imc.cost import model_cost
+    from far.models import load, zoo_path
+
+    trex = next(r for r in res["rows"] if r["name"] == "fmnist_trex_tiny")
+    totals = model_cost(load(zoo_path("fmnist_trex_tiny"))).totals
+    assert trex["imc_energy_uj"] == pytest.approx(totals["energy_uj"])
+    assert trex["imc_edap_vs_teacher"] == pytest.approx(totals["edap"] / res["rows"][0]["imc_edap"])
+    assert res["rows"][0]["imc_edap_vs_teacher"] == 1.0
     ok = [r for r in res["rows"] if r.get("backend") not in (None, "-") and "images_per_s" in r]
     assert ok and all(r["max_abs_diff_vs_torch"] < 1e-4 for r in ok)
     assert all(0 <= r["top1"] <= 1 and r["num_images"] == 300 for r in res["rows"])

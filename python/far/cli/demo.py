@@ -1,9 +1,12 @@
 """`far demo`: the README's main job on the bundled model zoo.
 
-Evaluates the attention teacher (fmnist_deit_tiny), its FAR student (fmnist_far_tiny) and the pruned
-FAR student (fmnist_far_tiny_pruned) on the Fashion-MNIST test set: top-1 accuracy, parameters (all,
-and those of the token mixers: attention vs LSTM + head_proj), CPU throughput per backend, and the
-agreement of every backend with the torch reference. Prints a table, writes demo.json and demo.png.
+Evaluates the attention teacher (fmnist_deit_tiny), its FAR student (fmnist_far_tiny), the pruned
+FAR student (fmnist_far_tiny_pruned) and the rival method's model (fmnist_trex_tiny: TReX-style
+attention reuse) on the Fashion-MNIST test set: top-1 accuracy, parameters (all, and those of the
+token mixers: attention vs LSTM + head_proj), what one image costs on the IMC chip of far.imc.cost
+(ISAAC-like defaults, attention's K and V written into crossbars: energy, latency, EDAP relative to the
+teacher), CPU throughput per backend, and the agreement of every backend with the torch reference.
+Prints a table, writes demo.json and demo.png.
 """
 from __future__ import annotations
 
@@ -18,24 +21,15 @@ import torch
 import far_kernels
 from far.data import fashion_mnist
 from far.evaluate import evaluate
-from far.models import far_modules, is_far, load, set_backend, stored_tensors, zoo_path
+from far.imc.cost import model_cost
+from far.models import far_modules, is_far, load, mixer_params, set_backend, stored_tensors, zoo_path
 from far.utils.fs import write_json
 from far.utils.plot import pyplot, save_figure
 
 MODELS = (("teacher (attention)", "fmnist_deit_tiny"), ("FAR", "fmnist_far_tiny"),
-          ("FAR pruned", "fmnist_far_tiny_pruned"))
+          ("FAR pruned", "fmnist_far_tiny_pruned"), ("TReX reuse", "fmnist_trex_tiny"))
 FAR_OP = far_kernels.ops.bilstm_fused_scan.OP  # what a FAR block runs
 SPEED_PASSES = 3  # images/s is the median of this many passes over the speed subset (single passes reordered the models)
-
-
-def _mixer_params(model) -> int:
-    """Parameters of the token mixers: attention (qkv, proj) or FAR (pre_proj, LSTMs, head_proj, proj),
-    kept units only."""
-    mods = far_modules(model)
-    if mods:
-        return sum(m.num_lstm_params() + sum(p.numel() for p in (*m.pre_proj.parameters(), *m.proj.parameters()))
-                   for _, m in mods)
-    return sum(p.numel() for b in model.blocks for p in b.attn.parameters())
 
 
 def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int = 250, out_dir: str = "far-demo",
@@ -62,9 +56,11 @@ def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int =
     for label, name, model in models:
         meta = model.far_checkpoint.get("metadata", {})
         base = {"model": label, "name": name, "params": sum(t.numel() for t in stored_tensors(model).values()),
-                "mixer_params": _mixer_params(model),
+                "mixer_params": mixer_params(model),
                 "hidden_sizes": [m.hidden_sizes.tolist() for _, m in far_modules(model)] if is_far(model) else None,
                 "trained": meta.get("training", {}).get("command"), "num_images": len(test)}
+        cost = model_cost(model).totals
+        base.update(imc_energy_uj=cost["energy_uj"], imc_latency_us=cost["latency_us"], imc_edap=cost["edap"])
         set_backend(model, None)
         auto = far_kernels.dispatch.select(FAR_OP, None, "cpu") if is_far(model) else "-"
         logits, ips = run(model, test)  # accuracy on every image, auto backend (fastest)
@@ -96,6 +92,8 @@ def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int =
             bar.update(1)
     if bar is not None:
         bar.close()
+    for r in rows:
+        r["imc_edap_vs_teacher"] = r["imc_edap"] / rows[0]["imc_edap"]
     result = {"num_images": len(test), "bench_images": len(bench), "batch_size": batch_size,
               "threads": torch.get_num_threads(), "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
@@ -106,21 +104,24 @@ def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int =
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'model':<20} {'top-1':>7} {'params':>9} {'mixer params':>13} {'backend':<8} {'images/s':>9} "
-            f"{'max|diff| vs torch':>19}")
+    head = (f"{'model':<20} {'top-1':>7} {'params':>9} {'mixer params':>13} {'IMC uJ':>7} {'IMC us':>7} "
+            f"{'EDAP':>5} {'backend':<8} {'images/s':>9} {'max|diff| vs torch':>19}")
     lines = [head, "-" * len(head)]
     last = None
     for r in result["rows"]:
         first = r["name"] != last
         last = r["name"]
-        lead = (f"{r['model']:<20} {100 * r['top1']:>6.2f}% {r['params']:>9,} {r['mixer_params']:>13,}" if first
-                else " " * 53)
+        lead = (f"{r['model']:<20} {100 * r['top1']:>6.2f}% {r['params']:>9,} {r['mixer_params']:>13,} "
+                f"{r['imc_energy_uj']:>7.1f} {r['imc_latency_us']:>7.0f} {r['imc_edap_vs_teacher']:>5.2f}" if first
+                else " " * 75)
         if "unavailable" in r:
             lines.append(f"{lead} {r['backend']:<8} unavailable: {r['unavailable'][:70]}")
             continue
         diff = r.get("max_abs_diff_vs_torch")
         diff = "-" if diff is None else f"{diff:.2e}"
         lines.append(f"{lead} {r['backend']:<8} {r['images_per_s']:>9.0f} {diff:>19}")
+    lines.append("IMC: one image on the ISAAC-like chip of far.imc.cost (attention's K and V written into crossbars); "
+                 "EDAP relative to the teacher (`far imc-cost` for the breakdown)")
     return "\n".join(lines)
 
 
@@ -131,14 +132,16 @@ def _plot(rows, path: Path) -> Optional[str]:
     firsts = {}
     for r in rows:
         firsts.setdefault(r["name"], r)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
     names = list(firsts)
     accs = [100 * firsts[n]["top1"] for n in names]
     labels = [firsts[n]["model"] for n in names]
-    colors = ["#888", "#3a7", "#27a"][:len(names)]
+    colors = ["#888", "#3a7", "#27a", "#c73"][:len(names)]
     a.barh(labels, accs, color=colors)
-    for i, (acc, n) in enumerate(zip(accs, names)):
-        a.text(acc, i, f" {acc:.2f}%  ({firsts[n]['mixer_params'] / 1e3:.0f}k mixer params)", va="center", fontsize=8)
+    # the figures in the tick labels: they never collide with the bars or the other panel
+    ticks = [f"{firsts[n]['model']}\n{acc:.2f}%, {firsts[n]['mixer_params'] / 1e3:.0f}k mixer params,\n"
+             f"IMC EDAP x{firsts[n]['imc_edap_vs_teacher']:.2f}" for acc, n in zip(accs, names)]
+    a.set_yticks(range(len(names)), ticks, fontsize=8)
     a.set_xlim(min(accs) - 5, 100)
     a.set_xlabel(f"Fashion-MNIST test top-1 (%), {rows[0]['num_images']} images")
     a.invert_yaxis()
@@ -147,6 +150,6 @@ def _plot(rows, path: Path) -> Optional[str]:
     b.barh(blabels, [r["images_per_s"] for r in ok], color=[colors[names.index(r["name"])] for r in ok])
     b.set_xlabel("images / s (CPU, higher is better)")
     b.invert_yaxis()
-    fig.suptitle("FAR model zoo: attention teacher vs FAR student vs pruned FAR")
+    fig.suptitle("FAR model zoo: attention teacher vs FAR student vs pruned FAR vs TReX-style reuse")
     save_figure(fig, path, dpi=120)
     return str(path)

@@ -119,11 +119,13 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "demo", formatter_class=Formatter,
-        help="the main job: zoo teacher vs FAR vs pruned FAR on Fashion-MNIST, every backend",
+        help="the main job: zoo teacher vs FAR vs pruned FAR vs TReX on Fashion-MNIST, every backend",
         description="Evaluate the bundled zoo on the Fashion-MNIST test set: the attention teacher "
-                    "(fmnist_deit_tiny), its distilled FAR student (fmnist_far_tiny) and the pruned FAR student "
-                    "(fmnist_far_tiny_pruned). Prints top-1 accuracy, parameters (all, and the token mixers'), CPU "
-                    "images/s for every available backend and each backend's agreement with the torch reference; "
+                    "(fmnist_deit_tiny), its distilled FAR student (fmnist_far_tiny), the pruned FAR student "
+                    "(fmnist_far_tiny_pruned) and the TReX-style attention-reuse model (fmnist_trex_tiny). Prints "
+                    "top-1 accuracy, parameters (all, and the token mixers'), the cost of one image on the IMC chip "
+                    "of `far imc-cost` (energy, latency, EDAP relative to the teacher), CPU images/s for every "
+                    "available backend and each backend's agreement with the torch reference; "
                     "writes demo.json and demo.png into --out-dir (replacing the previous demo's).",
         epilog="examples:\n  far demo\n  far demo --num-images 2000 --threads 1 --out-dir /tmp/demo")
     p.add_argument("--num-images", type=int, default=10000, metavar="N", help="test images for accuracy")

@@ -31,6 +31,20 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def mixer_params(model: nn.Module) -> int:
+    """Parameters of a ViT's token mixers (`block.attn`: attention's qkv and proj; a FAR block's pre_proj,
+    LSTMs, head_proj and proj counting kept units only; a reuse block's transformation): the part FAR
+    replaces."""
+    total = 0
+    for blk in getattr(model, "blocks", []):
+        m = blk.attn
+        if isinstance(m, FARAttention):
+            total += m.num_lstm_params() + count_params(m.pre_proj) + count_params(m.proj)
+        else:
+            total += count_params(m)
+    return total
+
+
 @dataclass
 class ConversionReport:
     """Parameter counts per converted block: the attention's (qkv + proj) vs FAR's (pre_proj + LSTMs +

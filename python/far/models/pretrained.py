@@ -1,5 +1,5 @@
 """The index of the bundled model zoo: small checkpoints trained with `far train-teacher / distill /
-prune` on Fashion-MNIST (the recipe is in the README and scripts/train_zoo.sh), shipped inside the
+prune / reuse` on Fashion-MNIST (the recipe is in the README and scripts/train_zoo.sh), shipped inside the
 package (python/far/zoo/) and loadable offline:
 
     >>> far.create_model("fmnist_far_tiny", pretrained=True)     # or far.load(zoo_path(name))
@@ -20,6 +20,9 @@ ZOO: Dict[str, dict] = {
                         "description": "FAR student of fmnist_deit_tiny (every attention a 3-head BiLSTM)"},
     "fmnist_far_tiny_pruned": {"file": "fmnist_far_tiny_pruned.safetensors", "kind": "far",
                                "description": "fmnist_far_tiny after structured pruning and compaction"},
+    "fmnist_trex_tiny": {"file": "fmnist_trex_tiny.safetensors", "kind": "reuse",
+                         "description": "TReX-style attention reuse of fmnist_deit_tiny (far reuse, an 850 us "
+                                        "latency budget: one encoder reuses its predecessor's attention)"},
 }
 
 
