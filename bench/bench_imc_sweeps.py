@@ -1,0 +1,116 @@
+"""Emulated-IMC accuracy of the zoo models under ADC resolution and read noise (JSON + plot).
+
+Runs `far imc-eval` (ISAAC-like defaults: 8-bit weights in 2-bit cells, 1-bit DAC, 128-row tiles,
+differential pairs, "max" ADC range) once per model and sweep, each with its own incremental JSON in a
+work folder, then merges them into one result and plots accuracy against adc_bits (noise-free) and
+against read_noise (σ of each partial sum relative to the full-scale p_max, mean ± std over --seeds
+seeds, 8-bit ADC). The teacher's sweeps run with attention's dynamic products digital and on crossbars
+(K and V written per image). Every run's images/s is kept, so the figures double as a speed record.
+
+    python bench/bench_imc_sweeps.py                                   # about 1 h on 2 CPU cores
+    python bench/bench_imc_sweeps.py --adc-images 200 --noise-images 100 --seeds 2   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from far.utils.env import environment, result_filename
+from far.utils.fs import write_json
+from far.utils.plot import pyplot, save_figure
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("fmnist_deit_tiny", "fmnist_far_tiny", "fmnist_far_tiny_pruned")
+TEACHERS = ("fmnist_deit_tiny",)  # models with attention: both dynamic modes
+
+
+def sweeps(args) -> list:
+    """(model, sweep name, imc-eval arguments) in the order they run."""
+    out = []
+    for model in args.models:
+        dyn = ["--dynamic", "digital,crossbar"] if model in TEACHERS else []
+        out.append((model, "adc", ["--sweep", f"adc_bits={args.adc_bits}", "--limit", str(args.adc_images), *dyn]))
+        out.append((model, "read_noise", ["--sweep", f"read_noise={args.read_noise}", "--seeds", str(args.seeds),
+                                          "--limit", str(args.noise_images), *dyn]))
+    return out
+
+
+def run(model: str, name: str, extra: list, work: Path, args) -> dict:
+    path = work / f"{model}-{name}.json"
+    cmd = [sys.executable, "-m", "far.cli", "imc-eval", model, "--data", "fashion-mnist", "--threads",
+           str(args.threads), "--json", str(path), "-f", *(["-q"] if args.quiet else []), *extra]
+    print("$", " ".join(cmd[2:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    r = json.loads(path.read_text())
+    return {"model": model, "sweep": name, "arguments": extra, "wall_s": time.perf_counter() - t0, **r}
+
+
+def plot(result: dict, path: Path):
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["model"] for r in result["runs"]))}
+    for r in result["runs"]:
+        digital = next(x for x in r["results"] if x["setting"] == "digital")
+        key = r["sweeps"][0]["key"]
+        ax = axes[0 if key == "adc_bits" else 1]
+        for dyn, style in (("digital", "o-"), ("crossbar", "s--")):
+            rows = [x for x in r["results"] if x["setting"] != "digital" and x["dynamic"] == dyn]
+            if not rows:
+                continue
+            xs = [x["values"][key] for x in rows]
+            label = r["model"] + (f" (attention {dyn})" if len(r["dynamic"] or []) > 1 else "")
+            ax.errorbar(xs, [100 * x["accuracy"] for x in rows], yerr=[100 * x["accuracy_std"] for x in rows],
+                        fmt=style, color=colors[r["model"]], capsize=3, label=label)
+        ax.axhline(100 * digital["accuracy"], color=colors[r["model"]], ls=":", lw=1)
+    axes[0].set_xlabel("ADC bits (no noise)")
+    axes[1].set_xlabel("read noise σ / p_max (8-bit ADC)")
+    axes[1].set_xscale("log")
+    n_adc = next(r["num_images"] for r in result["runs"] if r["sweep"] == "adc")
+    n_noise = next(r["num_images"] for r in result["runs"] if r["sweep"] == "read_noise")
+    axes[0].set_title(f"{n_adc} test images; dotted: digital")
+    axes[1].set_title(f"{n_noise} test images, mean ± std over {result['args']['seeds']} seeds")
+    for ax in axes:
+        ax.set_ylabel("Fashion-MNIST top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("emulated ReRAM crossbars (ISAAC-like defaults): the zoo models")
+    save_figure(fig, path, dpi=110)
+    return str(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--adc-bits", default="6,8,10")
+    p.add_argument("--read-noise", default="0.002,0.005,0.01,0.02,0.05")
+    p.add_argument("--adc-images", type=int, default=2000)
+    p.add_argument("--noise-images", type=int, default=500)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=None, help="folder of the per-run JSON (default: a temporary one; the merged --out holds them all)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    out = args.out or RESULTS / result_filename("imc_sweeps")
+    work = args.work or Path(tempfile.mkdtemp(prefix="far_imc_sweeps_"))
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "imc_sweeps", "description": __doc__.split("\n\n")[0],
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "environment": environment(threads=args.threads), "runs": []}
+    for model, name, extra in sweeps(args):
+        result["runs"].append(run(model, name, extra, work, args))
+        write_json(out, result)  # after every run: a cut-short sweep keeps what it measured
+    print("wrote", out, plot(result, out.with_suffix(".png")) or "(no plot: matplotlib missing)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
