@@ -42,7 +42,29 @@ def _fmt_error(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror and e.filename and str(e.filename) not in e.strerror:
         return f"{e.filename}: {e.strerror}"
     msg = str(e).strip() or type(e).__name__
+    if "\nOriginal Traceback" in msg:  # re-raised from a DataLoader worker: the original message is the last line
+        last = msg.splitlines()[-1]
+        prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+        msg = last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
     return " ".join(msg.split("\n"))  # one line
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Values argparse lets through that no command can use: inf/nan for any number option, and
+    architecture sizes beyond far.checkpoint.ARCH_LIMITS (e.g. --num-classes 1000000000)."""
+    import math
+
+    from far.checkpoint import ARCH_LIMITS
+    from far.errors import ConfigError
+
+    for name, value in vars(args).items():
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{option} must be a finite number, got {value}")
+        if name in ARCH_LIMITS and isinstance(value, int) and not isinstance(value, bool):
+            lo, hi = ARCH_LIMITS[name]
+            if not lo <= value <= hi:
+                raise ConfigError(f"{option} must lie in [{lo}, {hi}], got {value}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -57,9 +79,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import torch
 
+    from far.utils.fs import command_inputs
+
     threads = torch.get_num_threads()
     try:
-        return int(args.func(args) or 0)
+        check_numbers(args)
+        with command_inputs():  # no command overwrites a file it has read
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

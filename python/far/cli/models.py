@@ -89,7 +89,7 @@ def checkpoint_summary(path) -> list:
                      f"-/{b['in_model']['cos']:.3f}" for b in fid["blocks"]]
             lines.append(f"fidelity     block cosine to the teacher, isolated/in model: {' '.join(cells)}; "
                          f"top-1 agreement {100 * fid['agreement']:.2f}% ({fid.get('num_images')} test images)")
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, ValueError):
             pass  # a hand-edited record: shown raw below
     for key, val in meta.items():
         if key != "teacher":
