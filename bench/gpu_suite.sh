@@ -1,108 +1,161 @@
 #!/usr/bin/env bash
-# The GPU suite: one command on a device machine (no network). Builds far_kernels._C in place, runs
-# every `cuda`-marked test, runs the GPU benchmarks, and writes ONE JSON under bench/results/
-# (device, versions, commit, build status, test results, every benchmark figure). Copies it to $OUT
-# when the device tool provides one. Keeps going after a failed step and records it.
-#   bash bench/gpu_suite.sh            # full run (< 8 min on an H100)
-#   QUICK=1 bash bench/gpu_suite.sh    # fewer benchmark cases
-#   SKIP_BUILD=1 BENCH_ARGS="--quick" bash bench/gpu_suite.sh   # check the suite itself (any machine)
-# Sharing one device call with another GPU job (e.g. training): BENCH_WAIT_FILE=F makes the benchmarks
-# wait until F exists (that job's end), at most BENCH_WAIT_MAX seconds (default 600); the JSON records
-# whether they ran alone. BILSTM_TIMEOUT / CUDA_SCAN_TIMEOUT / XBAR_TIMEOUT (s) cap the benchmarks;
-# TESTS_TIMEOUT (s) interrupts pytest (SIGINT: the tests run so far are still reported).
+# The GPU suite: one command on a device machine (no network), in stages, within a total budget of command
+# time, most valuable first. Every stage writes its JSON (or junit XML, turned into JSON), its log and a
+# status file into $OUT as soon as it ends, and the merge DIR/gpu_suite.json (which stages ran, failed,
+# were cut by their time limit or skipped for lack of budget) is rewritten after every stage, so a run
+# killed at any point returns what it had. The benchmarks also rewrite their JSON after every case.
+#   bash bench/gpu_suite.sh                      # everything, 480 s budget, files into $OUT
+#   SUITE_BUDGET=300 bash bench/gpu_suite.sh     # a shorter window
+#   BUILD=cached bash bench/gpu_suite.sh         # (default) reuse far_kernels._C when built from these sources
+#   BUILD=skip | BUILD=fresh | WHEEL=dist/x.whl bash bench/gpu_suite.sh
+#   DRY_RUN=1 bash bench/gpu_suite.sh            # the whole suite on the CPU (CUDA hidden, tiny cases, the
+#                                                # tests under TRITON_INTERPRET=1, CUDA ones skipped): in CI
+#                                                # as tests/bench/test_gpu_suite.py
+# Stages (name: cap s): env 60, build 300, smoke 150 (pytest -m gpu_smoke: tests/conftest.py GPU_SMOKE, one
+# test per kernel path and dtype, the stream checks, memcheck on one small case), headline 120 (bench_bilstm:
+# DeiT-S B=64 fp16, every row), cuda_scan_headline 60 (H=6 B=64 fp16/bf16 kernel variants), bilstm_tail 200
+# (the rest of the grid), cuda_scan_tail 120, crossbar 90, cuda_tests (every other cuda test: the rest).
+# A stage starts only with at least its minimum left (else "skipped"); its limit is min(cap, budget left).
+# CAP_<stage>=s overrides a cap; SKIP_STAGES="a b" skips stages; OUT=dir (default bench/results/gpu_suite-<stamp>).
+# At the end the merge is also copied to gpu_suite-<device>-<stamp>.json in OUT and (not in a dry run) bench/results/.
+# Older knobs still work: SKIP_BUILD=1 (= BUILD=skip), QUICK=1 (smaller tail grids), BILSTM_TIMEOUT /
+# CUDA_SCAN_TIMEOUT / XBAR_TIMEOUT / TESTS_TIMEOUT (caps of bilstm_tail, cuda_scan_tail, crossbar, cuda_tests),
+# BENCH_WAIT_FILE=F (a "wait" stage before the benchmarks: until F exists, at most BENCH_WAIT_MAX s, from the budget).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-work=$(mktemp -d)
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
-export MAX_JOBS=${MAX_JOBS:-16}
+PY=${PYTHON:-python}
+DRY=${DRY_RUN:-0}
+helper() { "$PY" bench/gpu_suite_stage.py "$@"; }
+if [ "${1:-}" != __stage ]; then
+  stamp=$(date -u +%Y%m%dT%H%M%SZ)
+  SCALE=1; [ "$DRY" = 1 ] && SCALE=5  # a dry run's caps and budget x5: CPU runners are slow and shared
+  BUDGET=${SUITE_BUDGET:-$((480 * SCALE))}
+  OUTDIR=${OUT:-bench/results/gpu_suite-$stamp}
+  mkdir -p "$OUTDIR"
+  OUTDIR=$(cd "$OUTDIR" && pwd)
+  RESERVE=5  # seconds kept for the last merge
+  # the checkout's packages importable before (or without) an install: python/far and far_kernels
+  export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} OUTDIR PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  if [ "$DRY" = 1 ]; then export CUDA_VISIBLE_DEVICES=""; fi  # the tests' conftest sets TRITON_INTERPRET=1 then
+  t_start=$(date +%s)
+  [ "${SKIP_BUILD:-0}" = 1 ] && export BUILD=skip
+  cat >"$OUTDIR/suite.json" <<EOF
+{"stamp": "$stamp", "budget_s": $BUDGET, "dry_run": $([ "$DRY" = 1 ] && echo true || echo false), "build_mode": "${WHEEL:+wheel:}${WHEEL:-${BUILD:-cached}}", "out": "$OUTDIR"}
+EOF
+fi
+n=0
 
-echo "== build" >&2
-t0=$(date +%s)
-if [ "${SKIP_BUILD:-0}" = 1 ]; then echo "build skipped (SKIP_BUILD=1)" >"$work/build.log"; build_rc=0
-else pip install --no-build-isolation --no-deps -e . >"$work/build.log" 2>&1; build_rc=$?; fi
-build_s=$(( $(date +%s) - t0 ))
-tail -n 30 "$work/build.log" >&2
+# stage NAME CAP MIN CMD... : run CMD (its stdout+stderr into NAME's log) with limit min(CAP, budget left)
+stage() {
+  local name=$1 cap=$2 min=$3; shift 3
+  n=$((n + 1))
+  local tag; tag=$(printf '%02d_%s' "$n" "$name")
+  local var="CAP_$name"; cap=${!var:-$((cap * SCALE))}
+  local left=$((BUDGET - ($(date +%s) - t_start) - RESERVE))
+  if [[ " ${SKIP_STAGES:-} " == *" $name "* ]]; then
+    helper status "$OUTDIR" "$tag" "$name" skipped 0 0 0 "SKIP_STAGES"
+  elif [ "$left" -lt "$min" ]; then
+    helper status "$OUTDIR" "$tag" "$name" skipped 0 0 0 "budget: ${left} s left, stage needs ${min} s"
+  else
+    local limit=$((cap < left ? cap : left))
+    echo "== $tag (limit ${limit} s, ${left} s of budget left)" >&2
+    local t0; t0=$(date +%s)
+    TAG=$tag timeout -s INT -k 15 "$limit" bash bench/gpu_suite.sh __stage "$@" >"$OUTDIR/$tag.log" 2>&1
+    local rc=$? status=ran
+    [ $rc -ne 0 ] && status=failed
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && status=cut
+    tail -n 5 "$OUTDIR/$tag.log" >&2
+    helper status "$OUTDIR" "$tag" "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$limit"
+  fi
+  helper merge "$OUTDIR"
+}
 
-echo "== cuda tests" >&2
-timeout -s INT -k 20 "${TESTS_TIMEOUT:-0}" python -m pytest -m cuda -q -p no:cacheprovider --durations=15 --junitxml="$work/cuda_tests.xml" tests >"$work/tests.log" 2>&1
-tests_rc=$?
-tail -n 15 "$work/tests.log" >&2
+# the stages' commands (each run by `stage` with TAG set; outputs go to $OUTDIR/$TAG.*)
+st_env() { helper env "$OUTDIR/$TAG.json"; }
 
-bench_alone=true
-if [ -n "${BENCH_WAIT_FILE:-}" ]; then
-  echo "== waiting for $BENCH_WAIT_FILE before timing anything" >&2
-  waited=0
-  while [ ! -e "$BENCH_WAIT_FILE" ] && [ "$waited" -lt "${BENCH_WAIT_MAX:-600}" ]; do sleep 2; waited=$((waited + 2)); done
-  [ -e "$BENCH_WAIT_FILE" ] || { bench_alone=false; echo "   still running after ${waited} s: timings share the GPU" >&2; }
+st_build() {
+  if [ "$DRY" = 1 ]; then echo "dry run: the installed extension is used"; helper build-check "$OUTDIR/$TAG.json"; return; fi
+  local want; want=$(helper src-hash)
+  local stampf=build/.far-cuda-src-hash
+  if [ -n "${WHEEL:-}" ]; then
+    "$PY" -m pip install --no-deps --force-reinstall "$WHEEL" || return 1
+  elif [ "${BUILD:-cached}" = skip ]; then
+    echo "BUILD=skip: no build"
+  elif [ "${BUILD:-cached}" = cached ] && [ -f "$stampf" ] && [ "$(cat "$stampf")" = "$want" ] &&
+       "$PY" -c "import sys; from far_kernels._ext import lib; sys.exit(0 if lib is not None and lib.has_cuda() else 1)"; then
+    echo "cached: far_kernels._C was built from these sources ($want)"
+  else
+    "$PY" -m pip install --no-build-isolation --no-deps -e . || "$PY" setup.py build_ext --inplace || return 1
+    mkdir -p build && echo "$want" >"$stampf"
+  fi
+  helper build-check "$OUTDIR/$TAG.json"
+  "$PY" -c "import sys; from far_kernels._ext import lib; sys.exit(0 if lib is not None and lib.has_cuda() else 3)"
+}
+
+st_smoke() {
+  # shellcheck disable=SC2046
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu_smoke --durations=10 --junitxml="$OUTDIR/$TAG.xml" $(helper smoke-files)
+}
+
+st_cuda_tests() {
+  local where=(tests)
+  [ "$DRY" = 1 ] && where=(tests/kernels/ops/test_bilstm_scan_cuda.py)  # collection of every file is the cost on CPU
+  "$PY" -m pytest -q -p no:cacheprovider -m "cuda and not gpu_smoke" --durations=15 --junitxml="$OUTDIR/$TAG.xml" "${where[@]}"
+}
+
+st_py() { exec "$PY" "$@" --out "$OUTDIR/$TAG.json"; }
+
+st_wait() {  # another GPU job (e.g. training) ends by creating $BENCH_WAIT_FILE
+  local waited=0
+  while [ ! -e "$BENCH_WAIT_FILE" ]; do sleep 2; waited=$((waited + 2)); done
+  echo "{\"waited_s\": $waited, \"benchmarks_ran_alone\": true}" >"$OUTDIR/$TAG.json"
+}
+
+if [ "${1:-}" = __stage ]; then  # a stage's command, run by `stage` under timeout in a child
+  shift
+  "$@"
+  exit $?
 fi
 
-echo "== benchmarks" >&2
-bench_args=()
-[ "${QUICK:-0}" = 1 ] && bench_args=(--shapes small --dtypes fp16 --B 1,64)
-[ -n "${BENCH_ARGS:-}" ] && read -r -a bench_args <<<"$BENCH_ARGS"
-timeout "${BILSTM_TIMEOUT:-600}" python bench/bench_bilstm.py "${bench_args[@]}" --out "$work/bilstm.json" >"$work/bench.log" 2>&1
-bench_rc=$?
-tail -n 40 "$work/bench.log" >&2
+if [ "$DRY" = 1 ]; then
+  bilstm_head=(--device cpu --quick --threads 1 --no-plot)
+  bilstm_tail=(--device cpu --quick --threads 1 --B 2 --no-plot)
+  scan_head=(--device cpu --quick)
+  scan_tail=(--device cpu --quick)
+  xbar=(--device cpu --quick --no-noise --M 64 --KN 64 --B 1 --T 4 --reps 1)
+  SKIP_STAGES="${SKIP_STAGES:-} cuda_scan_tail"  # the same code as cuda_scan_headline on the CPU
+else
+  bilstm_head=(--only-first --first small:fp16:64)
+  bilstm_tail=(--skip small:fp16:64 --first small:bf16:64,small:fp32:64,tiny:fp16:64,base:fp16:64,small:fp16:256,small:fp16:1)
+  scan_head=(--H 6 --dtypes fp16,bf16 --B 64)
+  scan_tail=(--B 1,16,256,8 --pruned)
+  xbar=()
+  if [ "${QUICK:-0}" = 1 ]; then
+    bilstm_tail=(--skip small:fp16:64 --shapes small,base --dtypes fp16,bf16 --B 64,1)
+    scan_tail=(--B 1,256 --dtypes fp16)
+    xbar=(--B 8 --no-noise)
+  fi
+fi
 
-echo "== cuda scan variants (fma/mma, tanh modes)" >&2
-cuda_args=()
-[ "${QUICK:-0}" = 1 ] && cuda_args=(--quick)
-if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  timeout "${CUDA_SCAN_TIMEOUT:-240}" python bench/bench_cuda_scan.py "${cuda_args[@]}" --out "$work/cuda_scan.json" >"$work/cuda_scan.log" 2>&1
-  cuda_bench_rc=$?
-else echo "no CUDA device: bench_cuda_scan skipped" >"$work/cuda_scan.log"; cuda_bench_rc=0; fi
-tail -n 30 "$work/cuda_scan.log" >&2
+stage env 60 5 st_env
+stage build 300 30 st_build
+stage smoke 150 20 st_smoke
+[ -n "${BENCH_WAIT_FILE:-}" ] && stage wait "${BENCH_WAIT_MAX:-600}" 0 st_wait
+stage headline 120 20 st_py bench/bench_bilstm.py "${bilstm_head[@]}"
+stage cuda_scan_headline 60 20 st_py bench/bench_cuda_scan.py "${scan_head[@]}"
+stage bilstm_tail "${BILSTM_TIMEOUT:-200}" 30 st_py bench/bench_bilstm.py "${bilstm_tail[@]}"
+stage cuda_scan_tail "${CUDA_SCAN_TIMEOUT:-120}" 30 st_py bench/bench_cuda_scan.py "${scan_tail[@]}"
+stage crossbar "${XBAR_TIMEOUT:-90}" 30 st_py bench/bench_crossbar.py "${xbar[@]}"
+stage cuda_tests "${TESTS_TIMEOUT:-600}" 30 st_cuda_tests
 
-echo "== crossbar emulation GEMM (triton vs reference vs bf16 GEMM)" >&2
-xbar_args=(); [ "${QUICK:-0}" = 1 ] && xbar_args=(--B 8 --no-noise); [[ "${BENCH_ARGS:-}" == *--quick* ]] && xbar_args=(--quick)
-timeout "${XBAR_TIMEOUT:-420}" python bench/bench_crossbar.py "${xbar_args[@]}" --out "$work/crossbar.json" >"$work/crossbar.log" 2>&1
-tail -n 20 "$work/crossbar.log" >&2
-
-python - "$work" "$stamp" "$build_rc" "$build_s" "$tests_rc" "$bench_rc" "$bench_alone" <<'PY'
-import json, sys, xml.etree.ElementTree as ET
-from pathlib import Path
-from far.utils.env import environment
-from far.utils.fs import write_json
-work, stamp, build_rc, build_s, tests_rc, bench_rc, bench_alone = sys.argv[1:]
-work = Path(work)
-tests = {"rc": int(tests_rc), "cases": []}
-try:
-    root = ET.parse(work / "cuda_tests.xml").getroot()
-    for case in root.iter("testcase"):
-        status = "passed"
-        for tag in ("failure", "error", "skipped"):
-            el = case.find(tag)
-            if el is not None:
-                status = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-                tests.setdefault("messages", {})[case.get("name")] = (el.get("message") or "")[:300]
-        tests["cases"].append({"name": f"{case.get('classname')}::{case.get('name')}", "status": status,
-                               "time_s": float(case.get("time") or 0)})
-    tests["summary"] = {s: sum(c["status"] == s for c in tests["cases"]) for s in ("passed", "failed", "error", "skipped")}
-except Exception as e:
-    tests["error"] = f"no junit xml: {e}"
-bench = None
-try:
-    bench = json.loads((work / "bilstm.json").read_text())
-except Exception as e:
-    bench = {"error": f"no benchmark JSON: {e}", "log_tail": (work / "bench.log").read_text()[-3000:]}
-env = environment()
-import torch
-env["cudnn"] = torch.backends.cudnn.version() if torch.cuda.is_available() else None
-dev = (env.get("cuda") or {}).get("device", "nodevice").replace(" ", "_")
-result = {"suite": "gpu_suite", "stamp": stamp, "environment": env,
-          "build": {"rc": int(build_rc), "seconds": int(build_s), "log_tail": (work / "build.log").read_text()[-2000:]},
-          "cuda_tests": tests, "benchmarks_ran_alone": bench_alone == "true", "bench_bilstm": bench}
-try:
-    result["bench_cuda_scan"] = json.loads((work / "cuda_scan.json").read_text())
-except Exception as e:
-    result["bench_cuda_scan"] = {"error": f"no JSON: {e}", "log_tail": (work / "cuda_scan.log").read_text()[-3000:]}
-try:
-    result["bench_crossbar"] = json.loads((work / "crossbar.json").read_text())
-except Exception as e:
-    result["bench_crossbar"] = {"error": f"no JSON: {e}", "log_tail": (work / "crossbar.log").read_text()[-3000:]}
-path = write_json(Path("bench/results") / f"gpu_suite-{dev}-{stamp}.json", result)
-print(path)
+helper merge "$OUTDIR"
+named=$(helper named "$OUTDIR")  # gpu_suite-<device>-<stamp>.json
+cp "$OUTDIR/gpu_suite.json" "$OUTDIR/$named"
+if [ "$DRY" != 1 ]; then mkdir -p bench/results && cp "$OUTDIR/gpu_suite.json" "bench/results/$named"; fi
+echo "gpu_suite: $(($(date +%s) - t_start)) s of ${BUDGET}; $OUTDIR/gpu_suite.json" >&2
+"$PY" - "$OUTDIR/gpu_suite.json" <<'PY' >&2
+import json, sys
+m = json.load(open(sys.argv[1]))
+for s in m["stages"]:
+    print(f"  {s['tag']:<24} {s['status']:<8} {s['seconds']:>4} s  {s.get('note') or ''}")
 PY
-res=$(ls -t bench/results/gpu_suite-*.json 2>/dev/null | head -1)
-if [ -n "${OUT:-}" ] && [ -n "$res" ]; then cp "$res" "$OUT/"; cp "$work"/*.log "$OUT/" 2>/dev/null; cp "$work"/*.png "$OUT/" 2>/dev/null; fi
-echo "gpu_suite: build rc=$build_rc tests rc=$tests_rc bench rc=$bench_rc cuda_scan rc=$cuda_bench_rc -> $res" >&2

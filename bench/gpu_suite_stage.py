@@ -1,0 +1,177 @@
+"""Helpers of bench/gpu_suite.sh (standard library only, fast to start; `env` and `build-check` import torch).
+
+    python bench/gpu_suite_stage.py env OUT.json             # machine, versions, flags, nvidia-smi
+    python bench/gpu_suite_stage.py build-check OUT.json     # does far_kernels._C load, with CUDA kernels?
+    python bench/gpu_suite_stage.py src-hash                 # hash of what the extension is built from
+    python bench/gpu_suite_stage.py smoke-files              # test files holding tests/conftest.py GPU_SMOKE ids
+    python bench/gpu_suite_stage.py status DIR TAG NAME STATUS RC SECONDS LIMIT [NOTE]
+    python bench/gpu_suite_stage.py merge DIR                # DIR/gpu_suite.json from every stage's files
+    python bench/gpu_suite_stage.py named DIR                # gpu_suite-<device>-<stamp>.json, its name to keep
+
+Every stage TAG (01_env, 02_build, ...) leaves DIR/TAG.status.json (how it ended: ran, failed, cut by
+its time limit, skipped), DIR/TAG.log and, when it produced one, DIR/TAG.json (a test stage's junit XML
+DIR/TAG.xml is turned into TAG.json here). merge collects them, in stage order, into DIR/gpu_suite.json;
+the suite runs it after every stage, so a killed run still leaves the merge of the stages before.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {"unreadable": f"{type(e).__name__}: {e}"[:300]}
+
+
+def junit_to_dict(path: Path) -> dict:
+    """pytest's junit XML -> {"summary": {passed, failed, error, skipped}, "cases": [...]}."""
+    root = ET.parse(path).getroot()
+    cases, messages = [], {}
+    for case in root.iter("testcase"):
+        status = "passed"
+        for tag, name in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+            el = case.find(tag)
+            if el is not None:
+                status = name
+                messages[case.get("name")] = (el.get("message") or "")[:300]
+                break
+        cases.append({"name": f"{case.get('classname')}::{case.get('name')}", "status": status,
+                      "time_s": float(case.get("time") or 0)})
+    summary = {s: sum(c["status"] == s for c in cases) for s in ("passed", "failed", "error", "skipped")}
+    return {"summary": summary, "cases": cases, "messages": messages}
+
+
+def src_hash() -> str:
+    h = hashlib.sha256()
+    files = sorted([*ROOT.glob("csrc/**/*.cpp"), *ROOT.glob("csrc/**/*.h"), *ROOT.glob("csrc/**/*.cu"),
+                    ROOT / "setup.py"])
+    for f in files:
+        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(f.read_bytes())
+    h.update(os.environ.get("FAR_CUDA_ARCHS", "9.0").encode())
+    return h.hexdigest()[:16]
+
+
+def smoke_files() -> list:
+    text = (ROOT / "tests" / "conftest.py").read_text()
+    block = text[text.index("GPU_SMOKE = ("):]
+    block = block[:block.index("\n)\n")]
+    return sorted(set(re.findall(r"tests/[\w/]+\.py", block)))
+
+
+def cmd_env(out: str) -> None:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import run_flags
+
+    from far.utils.env import environment
+
+    cuda = torch.cuda.is_available()
+    rec = {"environment": environment(), "flags": run_flags("cuda" if cuda else "cpu")}
+    try:
+        q = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,power.limit,utilization.gpu"
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"], capture_output=True, text=True, timeout=20)
+        rec["nvidia_smi"] = r.stdout.strip() or r.stderr.strip()[:500]
+    except (OSError, subprocess.SubprocessError) as e:
+        rec["nvidia_smi"] = f"unavailable: {type(e).__name__}"
+    _write(Path(out), rec)
+
+
+def cmd_build_check(out: str) -> None:
+    rec = {"src_hash": src_hash()}
+    try:
+        import far_kernels
+        from far_kernels._ext import lib
+
+        rec["extension_status"] = far_kernels.extension_status()
+        rec["has_cuda_kernels"] = bool(lib is not None and lib.has_cuda())
+        rec["file"] = getattr(lib, "__file__", None)
+    except Exception as e:  # reported, the suite goes on
+        rec["error"] = f"{type(e).__name__}: {e}"[:500]
+    old = {}
+    if Path(out).exists():
+        old = _read_json(Path(out))
+    _write(Path(out), {**old, **rec})
+
+
+def cmd_status(d, tag, name, status, rc, seconds, limit, note="") -> None:
+    d = Path(d)
+    _write(d / f"{tag}.status.json", {"tag": tag, "stage": name, "status": status, "rc": int(rc),
+                                       "seconds": int(seconds), "limit_s": int(limit), "note": note,
+                                       "ended_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    xml = d / f"{tag}.xml"
+    if xml.exists() and not (d / f"{tag}.json").exists():
+        try:
+            _write(d / f"{tag}.json", junit_to_dict(xml))
+        except (OSError, ET.ParseError) as e:
+            _write(d / f"{tag}.json", {"unreadable_junit": f"{type(e).__name__}: {e}"[:300]})
+
+
+def cmd_merge(d) -> None:
+    d = Path(d)
+    meta = _read_json(d / "suite.json") if (d / "suite.json").exists() else {}
+    stages = []
+    for st in sorted(d.glob("*.status.json")):
+        s = _read_json(st)
+        tag = st.name[:-len(".status.json")]
+        res = d / f"{tag}.json"
+        log = d / f"{tag}.log"
+        s["result"] = _read_json(res) if res.exists() else None
+        s["log_tail"] = log.read_text(errors="replace")[-2500:] if log.exists() else None
+        stages.append(s)
+    env = next((s["result"] for s in stages if s.get("stage") == "env" and s.get("result")), None)
+    merged = {"suite": "gpu_suite", **meta, "merged_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "status": {s["stage"]: s["status"] for s in stages},
+              "ran": [s["stage"] for s in stages if s["status"] == "ran"],
+              "failed": [s["stage"] for s in stages if s["status"] == "failed"],
+              "cut": [s["stage"] for s in stages if s["status"] == "cut"],
+              "skipped": [s["stage"] for s in stages if s["status"] == "skipped"],
+              "environment": env, "stages": stages}
+    _write(d / "gpu_suite.json", merged)
+
+
+def main(argv) -> int:
+    cmd, args = argv[0], argv[1:]
+    if cmd == "env":
+        cmd_env(*args)
+    elif cmd == "build-check":
+        cmd_build_check(*args)
+    elif cmd == "src-hash":
+        print(src_hash())
+    elif cmd == "smoke-files":
+        print(" ".join(smoke_files()))
+    elif cmd == "status":
+        cmd_status(*args)
+    elif cmd == "merge":
+        cmd_merge(*args)
+    elif cmd == "named":  # the merge's file name: gpu_suite-<device>-<stamp>.json
+        m = _read_json(Path(args[0]) / "gpu_suite.json")
+        dev = (((m.get("environment") or {}).get("environment") or {}).get("cuda") or {}).get("device") or "nodevice"
+        print(f"gpu_suite-{re.sub(r'[^A-Za-z0-9_-]+', '_', dev)}-{m.get('stamp', 'nostamp')}.json")
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,99 @@
+"""bench/gpu_suite.sh's dry run (DRY_RUN=1: the whole suite on the CPU, CUDA hidden, tiny cases, the CUDA
+tests skipped), so that the suite a rare GPU window depends on never rots: every stage leaves its status,
+log and JSON as it ends, the merge says which stages ran, were cut or skipped, the benchmarks check their
+outputs and time attention beside FAR, and the smoke stage selects exactly tests/conftest.py GPU_SMOKE."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ROOT / "bench" / "gpu_suite.sh"
+STAGES = ("env", "build", "smoke", "headline", "cuda_scan_headline", "bilstm_tail", "cuda_scan_tail", "crossbar",
+          "cuda_tests")
+
+pytestmark = pytest.mark.slow
+
+
+def run_suite(out: Path, **env) -> subprocess.CompletedProcess:
+    e = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(SUITE)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory):
+    """One dry run; the crossbar stage (not this suite's code, 30 s on a CPU) is cut after 1 s on purpose."""
+    out = tmp_path_factory.mktemp("gpu_suite")
+    proc = run_suite(out, CAP_crossbar="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "gpu_suite.json").read_text())
+
+
+def test_every_stage_reports_and_the_merge_says_how_it_ended(dry):
+    out, merged = dry
+    assert [s["stage"] for s in merged["stages"]] == list(STAGES)
+    assert merged["status"] == {**{s: "ran" for s in STAGES}, "cuda_scan_tail": "skipped", "crossbar": "cut"}
+    assert merged["cut"] == ["crossbar"] and merged["skipped"] == ["cuda_scan_tail"] and merged["failed"] == []
+    assert merged["dry_run"] is True and merged["environment"]["flags"]["threads"] >= 1
+    assert (out / f"gpu_suite-nodevice-{merged['stamp']}.json").exists()  # the copy to keep under bench/results
+    for s in merged["stages"]:
+        tag = s["tag"]
+        assert (out / f"{tag}.status.json").exists()
+        if s["status"] != "skipped":
+            assert (out / f"{tag}.log").exists()
+        if s["status"] == "ran":
+            assert (out / f"{tag}.json").exists(), tag
+            assert s["result"] is not None and "unreadable" not in s["result"], tag
+
+
+def test_stage_files_appear_as_each_stage_ends(dry):
+    """Stage k's JSON was written before stage k+1 ended (and the merge rewritten after each stage)."""
+    out, merged = dry
+    ended = [(out / f"{s['tag']}.status.json").stat().st_mtime for s in merged["stages"]]
+    assert ended == sorted(ended)
+    for s, nxt in zip(merged["stages"], ended[1:]):
+        if (out / f"{s['tag']}.json").exists():
+            assert (out / f"{s['tag']}.json").stat().st_mtime <= nxt
+
+
+def test_benchmarks_check_before_timing_and_time_attention(dry):
+    out, merged = dry
+    by = {s["stage"]: s["result"] for s in merged["stages"]}
+    for stage in ("headline", "bilstm_tail"):
+        res = by[stage]
+        assert res["complete"] and res["records"] and res["flags"]["cudnn_allow_tf32"] is False
+        for rec in res["records"]:
+            assert not rec.get("failed"), rec.get("failed")
+            assert all(c["ok"] for c in rec["checks"].values()), rec["checks"]
+            assert {"attention_sdpa", "scan_cpp", "block_cpp", "dense_masked_lstm"} <= set(rec["timing"])
+            t = rec["timing"]["attention_sdpa"]
+            assert t["ms"] > 0 and len(t["round_ms"]) >= 1 and t["method"] == "perf_counter"
+    scan = by["cuda_scan_headline"]
+    assert scan["complete"] and {r["variant"] for r in scan["records"]} >= {"fma", "mma", "attention_sdpa"}
+    assert all(r["check"]["ok"] for r in scan["records"]) and all(r["stand_in"] for r in scan["records"] if "stand_in" in r)
+    assert by["build"]["extension_status"]["loaded"]
+
+
+def test_smoke_stage_selects_exactly_the_gpu_smoke_ids(dry):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import GPU_SMOKE
+
+    out, merged = dry
+    smoke = next(s["result"] for s in merged["stages"] if s["stage"] == "smoke")
+    ran = set()
+    for case in smoke["cases"]:  # junit: classname tests.kernels.ops.test_x, name test_y[id]
+        module, name = case["name"].split("::")
+        ran.add(module.replace(".", "/") + ".py::" + name)
+    assert ran == set(GPU_SMOKE)
+    assert smoke["summary"]["failed"] == 0 and smoke["summary"]["error"] == 0
+
+
+def test_no_budget_skips_every_stage(tmp_path):
+    proc = run_suite(tmp_path, SUITE_BUDGET="0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert merged["skipped"] == list(STAGES)
+    assert all("budget" in s["note"] for s in merged["stages"] if s["stage"] != "cuda_scan_tail")  # SKIP_STAGES in a dry run
