@@ -34,12 +34,13 @@ def fast_tanh() -> bool:
     return v in ("1", "true")
 
 
-def uses_tensor_cores(dtype: torch.dtype, batch: int) -> bool:
-    """Whether a call with gates of `dtype` and `batch` rows runs the mma path (h and W_hh rounded to
-    the dtype for the product), under the current FAR_CUDA_SCAN_PATH."""
+def uses_tensor_cores(dtype: torch.dtype, batch: int, max_hidden: int = 64) -> bool:
+    """Whether a call with gates of `dtype`, `batch` rows and kept sizes up to `max_hidden` runs the mma path
+    (h and W_hh rounded to the dtype for the product), under the current FAR_CUDA_SCAN_PATH; sizes above 64
+    run the simple fp32 kernel."""
     path = scan_path()
     half = dtype in (torch.float16, torch.bfloat16)
-    return half and (path == PATHS["mma"] or (path == PATHS["auto"] and batch >= 16))
+    return half and max_hidden <= 64 and (path == PATHS["mma"] or (path == PATHS["auto"] and batch >= 16))
 
 
 # fp32 copies of non-fp32 / non-contiguous W_hh, one per source tensor, remade when it changes (its version

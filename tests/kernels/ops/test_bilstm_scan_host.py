@@ -43,3 +43,16 @@ def test_w_hh_fp32_copy_is_cached_and_follows_in_place_changes():
     with torch.inference_mode():  # inference tensors have no version counter: converted, not cached
         wi = w.to(torch.float16)
         assert torch.equal(cuda_wrapper._w_hh_fp32(wi), wi.float())
+
+
+def test_uses_tensor_cores_follows_the_kernels_rule(monkeypatch):
+    """The launcher's rule (csrc/cuda/bilstm_cuda.cu dispatch): mma for 16-bit inputs when forced or, under
+    auto, from B = 16 on; float32 and kept sizes above 64 never."""
+    f = cuda_wrapper.uses_tensor_cores
+    monkeypatch.setenv("FAR_CUDA_SCAN_PATH", "auto")
+    assert f(torch.float16, 16) and f(torch.bfloat16, 64) and not f(torch.float16, 15)
+    assert not f(torch.float32, 64) and not f(torch.float16, 64, max_hidden=96)
+    monkeypatch.setenv("FAR_CUDA_SCAN_PATH", "mma")
+    assert f(torch.bfloat16, 1) and not f(torch.float32, 1)
+    monkeypatch.setenv("FAR_CUDA_SCAN_PATH", "fma")
+    assert not f(torch.float16, 256)
