@@ -291,6 +291,108 @@ def _identity(task: Task, cfg: TrainConfig, extra: dict) -> dict:
     return {"task": task.name, **{k: getattr(cfg, k) for k in keep}, **extra}
 
 
+def _tensor_problems(what: str, got, want: Dict[str, torch.Tensor]) -> List[str]:
+    """Mismatches of a {name: tensor} dict from a file against the live {name: tensor} it must fit."""
+    if not isinstance(got, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in got.items()):
+        return [f"{what} is not a dict of tensors"]
+    problems = []
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing:
+        problems.append(f"{what}: missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    if extra:
+        problems.append(f"{what}: unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
+    for k in sorted(set(want) & set(got)):
+        if got[k].shape != want[k].shape or got[k].dtype != want[k].dtype:
+            problems.append(f"{what}.{k} is {got[k].dtype} {list(got[k].shape)}, expected {want[k].dtype} "
+                            f"{list(want[k].shape)}")
+    return problems
+
+
+def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch.optim.Optimizer,
+               ema: Optional[EMA], task: Task, device: torch.device) -> Tuple[int, List[dict]]:
+    """Resume from `ckpt` (last.pt): validate all of it against this run, then load the model, optimizer,
+    EMA and task state in place and return (step, history). Every problem with the file is one
+    CheckpointError (ConfigError when it belongs to a different run); nothing is loaded unless all fits."""
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"--resume: {ckpt}: {msg}; delete it (or run without --resume) to start over")
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
+        raise bad(f"cannot read it ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise bad("not a far training checkpoint of this version")
+    keys = {"identity": dict, "step": int, "model": dict, "optimizer": dict, "ema": dict, "task": dict, "history": str}
+    for key, kind in keys.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise bad(f"'{key}' is missing or not a {kind.__name__}")
+    try:
+        got = json.loads(state["identity"].get("json"))
+        history = json.loads(state["history"])
+    except (TypeError, ValueError, RecursionError):
+        raise bad("its identity or history is not valid JSON") from None
+    if not isinstance(got, dict) or not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise bad("its identity must be a JSON object and its history a list of objects")
+    diff = {k: (got.get(k), v) for k, v in ident.items() if got.get(k) != v}
+    if diff:
+        raise ConfigError(f"--resume: {ckpt} belongs to a different run; differing settings (checkpoint, now): "
+                          + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
+    step = state["step"]
+    if not 0 <= step <= total:
+        raise bad(f"its step {step} is outside this run's [0, {total}] steps")
+    problems = _tensor_problems("model", state["model"], model.state_dict())
+    if ema is not None:
+        problems += _tensor_problems("ema", state["ema"], ema.shadow)
+    live_task = {k: v for k, v in task.state().items() if isinstance(v, torch.Tensor)}
+    got_task = state["task"]
+    problems += _tensor_problems("task", {k: v for k, v in got_task.items() if k in live_task},
+                                 {k: v for k, v in live_task.items() if k in got_task})
+    for k, v in got_task.items():
+        if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.numel() and int(v.min()) < 0:
+            problems.append(f"task.{k} holds negative values")
+    opt_state = state["optimizer"]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    groups, per_param = opt_state.get("param_groups"), opt_state.get("state")
+    if not (isinstance(groups, list) and isinstance(per_param, dict) and len(groups) == len(opt.param_groups)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        problems.append("optimizer state does not have this run's parameter groups")
+    elif [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+        problems.append("optimizer state does not have this run's parameter groups")
+    else:
+        index = [i for g in groups for i in g["params"]]
+        ints = all(isinstance(i, int) and not isinstance(i, bool) for i in index)
+        where = dict(zip(index, params)) if ints and len(set(index)) == len(index) else {}
+        if not where:
+            problems.append("optimizer parameter indices are not distinct ints")
+        for i, entry in per_param.items():
+            if i not in where or not isinstance(entry, dict):
+                problems.append(f"optimizer state for unknown parameter {i!r}")
+                break
+            for name, t in entry.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if name == "step":
+                    ok = t.numel() == 1 and bool(torch.isfinite(t).all()) and float(t) >= 0
+                else:
+                    ok = t.shape == where[i].shape and t.is_floating_point()
+                if not ok:
+                    problems.append(f"optimizer state '{name}' of parameter {i} does not fit it "
+                                    f"({list(t.shape)} vs {list(where[i].shape)})")
+                    break
+    if problems:
+        raise bad("it does not fit this run: " + "; ".join(problems[:5])
+                  + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(opt_state)
+        if ema is not None:
+            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+        task.load_state(got_task)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise bad(f"cannot load it ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    return step, history
+
+
 # ---------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
@@ -344,24 +446,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     if cfg.resume:
         if not ckpt.is_file():
             raise ConfigError(f"--resume: no checkpoint at {ckpt} (run without --resume to start)")
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a damaged file is a user-facing problem
-            raise CheckpointError(f"--resume: cannot read {ckpt}: {type(e).__name__}: {e}") from e
-        if state.get("version") != STATE_VERSION or not isinstance(state.get("identity"), dict):
-            raise CheckpointError(f"--resume: {ckpt} is not a far training checkpoint of this version")
-        got = json.loads(state["identity"]["json"])
-        diff = {k: (got.get(k), v) for k, v in ident.items() if got.get(k) != v}
-        if diff:
-            raise ConfigError(f"--resume: {ckpt} belongs to a different run; differing settings (checkpoint, now): "
-                             + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.shadow = {k: v.to(d.device) for k, v in state["ema"].items()}
-        task.load_state(state.get("task", {}))
-        step = int(state["step"])
-        history = json.loads(state["history"])
+        step, history = load_state(ckpt, ident, total, model, opt, ema, task, d.device)
     elif write and metrics.exists():
         metrics.unlink()  # a fresh run starts a fresh log
     ddp = model
