@@ -212,9 +212,12 @@ def read_header(path) -> dict:
             raw = f.read(n)
     except FileNotFoundError:
         raise fail(path, "no such file") from None
-    except (IsADirectoryError, NotRegularFile) as e:
-        raise fail(path, "is a directory, not a checkpoint file" if isinstance(e, IsADirectoryError) or
-                   os.path.isdir(path) else f"not a regular file ({str(e).rsplit(': ', 1)[-1]})") from None
+    except IsADirectoryError:
+        raise fail(path, "is a directory (folder), not a regular checkpoint file") from None
+    except NotRegularFile as e:  # "PATH: is a named pipe (FIFO), not a regular checkpoint file", ...
+        if os.path.isdir(path):
+            raise fail(path, "is a directory (folder), not a regular checkpoint file") from None
+        raise CheckpointError(str(e)) from None
     except OSError as e:
         raise fail(path, f"cannot read: {e.strerror or e}") from None
     try:
