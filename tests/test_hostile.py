@@ -444,7 +444,7 @@ RESUMES = [
     pytest.param(_edit(lambda s: s.pop("optimizer")), "'optimizer' is missing", id="missing-key"),
     pytest.param(_edit(lambda s: s.update(step=-100)), "step -100 is outside", id="step-negative"),
     pytest.param(_edit(lambda s: s.update(step=10**12)), "step 1000000000000 is outside", id="step-huge"),
-    pytest.param(_edit(lambda s: s.update(step="3")), "'step' is missing or not a int", id="step-str"),
+    pytest.param(_edit(lambda s: s.update(step="3")), "'step' is missing or not of type int", id="step-str"),
     pytest.param(_edit(lambda s: s.update(step=True)), "'step'", id="step-bool"),
     pytest.param(_edit(lambda s: s["model"].update({"head.weight": torch.zeros(3, 3)})), "model.head.weight",
                  id="model-shape"),

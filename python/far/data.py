@@ -280,6 +280,8 @@ def load_image(path, mode: str):
         raise DataError(str(e)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: image too large to decode safely ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{path}: cannot read image: not an image format PIL recognises, or truncated") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:  # PIL's ways of saying "bad image"
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise DataError(f"{path}: cannot read image: {reason}") from None

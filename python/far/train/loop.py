@@ -325,7 +325,7 @@ def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch
     keys = {"identity": dict, "step": int, "model": dict, "optimizer": dict, "ema": dict, "task": dict, "history": str}
     for key, kind in keys.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise bad(f"'{key}' is missing or not a {kind.__name__}")
+            raise bad(f"'{key}' is missing or not of type {kind.__name__}")
     try:
         got = json.loads(state["identity"].get("json"))
         history = json.loads(state["history"])
