@@ -92,9 +92,9 @@ st_build() {
   "$PY" -c "import sys; from far_kernels._ext import lib; sys.exit(0 if lib is not None and lib.has_cuda() else 3)"
 }
 
-st_smoke() {
-  # shellcheck disable=SC2046
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu_smoke --durations=10 --junitxml="$OUTDIR/$TAG.xml" $(helper smoke-files)
+st_smoke() {  # the GPU_SMOKE ids in their order (the sanitizer last: the slowest), -m gpu_smoke checks the marking
+  local ids; mapfile -t ids < <(helper smoke-ids)
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu_smoke --durations=10 --junitxml="$OUTDIR/$TAG.xml" "${ids[@]}"
 }
 
 st_cuda_tests() {

@@ -3,7 +3,7 @@
     python bench/gpu_suite_stage.py env OUT.json             # machine, versions, flags, nvidia-smi
     python bench/gpu_suite_stage.py build-check OUT.json     # does far_kernels._C load, with CUDA kernels?
     python bench/gpu_suite_stage.py src-hash                 # hash of what the extension is built from
-    python bench/gpu_suite_stage.py smoke-files              # test files holding tests/conftest.py GPU_SMOKE ids
+    python bench/gpu_suite_stage.py smoke-ids                # tests/conftest.py GPU_SMOKE, one per line, in order
     python bench/gpu_suite_stage.py status DIR TAG NAME STATUS RC SECONDS LIMIT [NOTE]
     python bench/gpu_suite_stage.py merge DIR                # DIR/gpu_suite.json from every stage's files
     python bench/gpu_suite_stage.py named DIR                # gpu_suite-<device>-<stamp>.json, its name to keep
@@ -70,11 +70,15 @@ def src_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def smoke_files() -> list:
-    text = (ROOT / "tests" / "conftest.py").read_text()
-    block = text[text.index("GPU_SMOKE = ("):]
-    block = block[:block.index("\n)\n")]
-    return sorted(set(re.findall(r"tests/[\w/]+\.py", block)))
+def smoke_ids() -> list:
+    """tests/conftest.py's GPU_SMOKE, in its order, without importing the conftest (torch): the assignment's
+    expression (string literals, f-strings, generators) is evaluated alone."""
+    import ast
+
+    tree = ast.parse((ROOT / "tests" / "conftest.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "GPU_SMOKE" for t in n.targets))
+    return list(eval(compile(ast.Expression(node.value), "conftest.py:GPU_SMOKE", "eval"), {"__builtins__": {}}))
 
 
 def cmd_env(out: str) -> None:
@@ -157,8 +161,8 @@ def main(argv) -> int:
         cmd_build_check(*args)
     elif cmd == "src-hash":
         print(src_hash())
-    elif cmd == "smoke-files":
-        print(" ".join(smoke_files()))
+    elif cmd == "smoke-ids":
+        print("\n".join(smoke_ids()))
     elif cmd == "status":
         cmd_status(*args)
     elif cmd == "merge":
