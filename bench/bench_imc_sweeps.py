@@ -9,6 +9,8 @@ seeds, 8-bit ADC). The teacher's sweeps run with attention's dynamic products di
 
     python bench/bench_imc_sweeps.py                                   # about 1 h on 2 CPU cores
     python bench/bench_imc_sweeps.py --adc-images 200 --noise-images 100 --seeds 2   # a quick look
+    python bench/bench_imc_sweeps.py --models fmnist_far_tiny --out far.json          # one model per process,
+    python bench/bench_imc_sweeps.py --merge teacher.json far.json pruned.json        # then one result
 """
 from __future__ import annotations
 
@@ -73,6 +75,13 @@ def plot(result: dict, path: Path):
     axes[0].set_xlabel("ADC bits (no noise)")
     axes[1].set_xlabel("read noise σ / p_max (8-bit ADC)")
     axes[1].set_xscale("log")
+    noise = sorted({x["values"]["read_noise"] for r in result["runs"] if r["sweep"] == "read_noise"
+                    for x in r["results"] if x["values"]})
+    axes[1].set_xticks(noise, [f"{v:g}" for v in noise])
+    axes[1].minorticks_off()
+    adc = sorted({x["values"]["adc_bits"] for r in result["runs"] if r["sweep"] == "adc" for x in r["results"]
+                  if x["values"]})
+    axes[0].set_xticks(adc)
     n_adc = next(r["num_images"] for r in result["runs"] if r["sweep"] == "adc")
     n_noise = next(r["num_images"] for r in result["runs"] if r["sweep"] == "read_noise")
     axes[0].set_title(f"{n_adc} test images; dotted: digital")
@@ -98,8 +107,19 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=None, help="folder of the per-run JSON (default: a temporary one; the merged --out holds them all)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="run nothing: merge the runs of these results of this script (e.g. one per model, run in "
+                        "parallel) into --out and plot them")
     args = p.parse_args(argv)
     out = args.out or RESULTS / result_filename("imc_sweeps")
+    if args.merge:
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        result = {**parts[0], "runs": [r for part in parts for r in part["runs"]],
+                  "merged": [{"file": f.name, "args": part["args"], "environment": part["environment"]}
+                             for f, part in zip(args.merge, parts)]}
+        write_json(out, result)
+        print("wrote", out, plot(result, out.with_suffix(".png")) or "(no plot: matplotlib missing)")
+        return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="far_imc_sweeps_"))
     work.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "imc_sweeps", "description": __doc__.split("\n\n")[0],

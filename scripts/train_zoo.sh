@@ -23,27 +23,28 @@ python -m far.cli train-teacher fmnist_deit_tiny --data fashion-mnist --epochs 1
     --warmup-epochs 0.5 --ema 0.999 --batch-size $((128 / NPROC)) --threads 1 --seed 1 \
     --out-dir "$run/teacher3" -o "$run/fmnist_deit_tiny.safetensors" --force
 
-# 2. FAR student: stage 1 (new modules only, CE + per-block cosine) then stage 2 (all, CE), both with logit
-#    distillation (--kd-weight), from the 22-epoch teacher (the zoo's teacher grew in CPU sessions)
-"${ddp[@]}" distill "$run/fmnist_deit_tiny_e22.safetensors" --data fashion-mnist --epochs 1 --lr 1e-3 \
-    --warmup-epochs 0.2 --stage2-epochs 6 --stage2-lr 3e-4 --kd-weight 1.0 --kd-temperature 2 \
-    --batch-size $((128 / NPROC)) --threads 1 --seed 0 --out-dir "$run/distill" -o "$run/fmnist_far_tiny_s7.safetensors" --force
-# ... continued (--student, stage 2 only) for 8 epochs from the same teacher
-"${ddp[@]}" distill "$run/fmnist_deit_tiny_e22.safetensors" --student "$run/fmnist_far_tiny_s7.safetensors" \
-    --data fashion-mnist --epochs 0 --stage2-epochs 8 --stage2-lr 2e-4 --warmup-epochs 0.5 --kd-weight 1.0 \
-    --kd-temperature 2 --batch-size $((128 / NPROC)) --threads 1 --seed 0 --out-dir "$run/distill2" \
-    -o "$run/fmnist_far_tiny_s15.safetensors" --force
-# ... and for 16 more from the final teacher = the zoo's fmnist_far_tiny
-"${ddp[@]}" distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fmnist_far_tiny_s15.safetensors" \
-    --data fashion-mnist --epochs 0 --stage2-epochs 16 --stage2-lr 3e-4 --warmup-epochs 0.5 --kd-weight 1.0 \
-    --kd-temperature 2 --batch-size $((128 / NPROC)) --threads 1 --seed 0 --out-dir "$run/distill3" \
-    -o "$run/fmnist_far_tiny.safetensors" --force
+# 2. FAR student, one run from the final teacher: stage 1 trains every FAR block alone on the teacher's own
+#    block inputs (cos+mse), stage 2 fine-tunes everything with CE + logit distillation + the block losses
+#    (far distill's defaults). One process: the isolated stage keeps one block's activations per step.
+python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist --epochs 6 --lr 3e-3 \
+    --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 3 --stage2-lr 2e-4 --threads 1 --seed 0 \
+    --out-dir "$run/distill" -o "$run/fmnist_far_tiny.safetensors" --force
 
-# 3. pruned FAR student: Hoyer-square, one global threshold (30% of the unit groups), masked fine-tune, compaction
-"${ddp[@]}" prune "$run/fmnist_far_tiny.safetensors" --data fashion-mnist --hoyer 5e-4 --epochs 1 --lr 3e-4 \
-    --warmup-epochs 0.1 --prune-ratio 0.3 --finetune-epochs 3 --finetune-lr 3e-4 --batch-size $((128 / NPROC)) \
-    --threads 1 --seed 0 --out-dir "$run/prune" -o "$run/fmnist_far_tiny_pruned.safetensors" --force
+# 3. pruned FAR student: Hoyer-square, one global threshold (30% of the unit groups), masked fine-tune, compaction;
+#    then the pruned blocks distilled again from the teacher (isolated stage 1 + stage 2, as in step 2)
+python -m far.cli prune "$run/fmnist_far_tiny.safetensors" --data fashion-mnist --hoyer 5e-4 --epochs 1 --lr 3e-4 \
+    --warmup-epochs 0.1 --prune-ratio 0.3 --finetune-epochs 1 --finetune-lr 3e-4 --batch-size 128 \
+    --threads 1 --seed 0 --out-dir "$run/prune" -o "$run/fmnist_far_tiny_pruned_ft.safetensors" --force
+python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fmnist_far_tiny_pruned_ft.safetensors" \
+    --data fashion-mnist --epochs 2 --lr 1e-3 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 2 \
+    --stage2-lr 2e-4 --threads 1 --seed 0 --out-dir "$run/distill_pruned" -o "$run/fmnist_far_tiny_pruned.safetensors" --force
+
+# 4. TReX-style attention reuse (the rival method): the cost model picks the reusing encoders for an 850 us
+#    latency budget (one encoder reuses its predecessor's attention), then transformation block + fine-tune
+python -m far.cli reuse "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist --latency-budget 850 --epochs 1 \
+    --stage2-epochs 6 --stage2-lr 3e-4 --threads 1 --seed 0 --out-dir "$run/reuse" \
+    -o "$run/fmnist_trex_tiny.safetensors" --force
 
 cp "$run"/fmnist_deit_tiny.safetensors "$run"/fmnist_far_tiny.safetensors "$run"/fmnist_far_tiny_pruned.safetensors \
-    python/far/zoo/
+    "$run"/fmnist_trex_tiny.safetensors python/far/zoo/
 python -m far.cli demo --out-dir "$run/demo"
