@@ -169,13 +169,15 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
         if all("top1" in r for r in zoo):
             ax = axes[1][1]
-            for m, marker in zip(MODES, "os"):
-                for r in zoo:
-                    ax.scatter(r["cost"][m]["edap"], 100 * r["top1"], marker=marker, label=f"{r['model']} ({m})")
+            for m, marker, size in zip(MODES, "os", (90, 30)):  # write: open circles around digital's squares
+                for i, r in enumerate(zoo):
+                    face = "none" if m == "write" else f"C{i}"
+                    ax.scatter(r["cost"][m]["edap"], 100 * r["top1"], marker=marker, s=size, facecolors=face,
+                               edgecolors=f"C{i}", label=f"{r['model']} ({m})")
             ax.set_xscale("log")
             ax.set_xlabel("EDAP per image (J s mm2)")
             ax.set_ylabel("top-1 (%), 10k test images")
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=6, loc="center left")
             ax.grid(alpha=0.3)
     wv = result["write_verify"]
     if not (zoo and all("top1" in r for r in zoo)):
