@@ -514,6 +514,26 @@ def test_scan_out_overlapping_an_input_is_refused(backend, alias):
         far_kernels.bilstm_scan(gx, w_hh, hs, backend=backend, out=out)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("alias", ["x", "w_ih", "bias", "w_hh"])
+def test_fused_scan_out_overlapping_an_input_is_refused(backend, alias):
+    """The fused op (what a FAR block calls) refuses an aliased out= on every backend too."""
+    from far_kernels.ops.bilstm_fused_scan import OP
+    if OP.reason(backend, "cpu") is not None:
+        pytest.skip(OP.reason(backend, "cpu"))
+    g = torch.Generator().manual_seed(0)
+    H, B, T, d, n = 2, 2, 5, 8, 4
+    args = {"x": torch.randn(B, T, H * d, generator=g), "w_ih": torch.randn(H, 2, 4 * n, d, generator=g) * 0.1,
+            "bias": torch.zeros(H, 2, 4 * n), "w_hh": torch.randn(H, 2, 4 * n, n, generator=g) * 0.1}
+    numel = H * B * T * 2 * n
+    buf = torch.zeros(args[alias].numel() + numel)
+    args[alias] = buf[:args[alias].numel()].view_as(args[alias]).copy_(args[alias])
+    out = buf[args[alias].numel() - 1:args[alias].numel() - 1 + numel].view(H, B, T, 2, n)  # one element shared
+    with pytest.raises(ValueError, match="shares memory"):
+        far_kernels.bilstm_fused_scan(args["x"], args["w_ih"], args["bias"], args["w_hh"], [[n, n], [n, 3]],
+                                      backend=backend, out=out)
+
+
 def test_cpp_binding_refuses_overlap_itself():
     """The check is repeated in C++ for callers of the backend function."""
     from far_kernels.ops.bilstm_scan import OP

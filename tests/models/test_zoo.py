@@ -17,7 +17,7 @@ def test_zoo_checkpoint_loads_offline(name):
     assert len(cfg["mean"]) == 1 and len(cfg["std"]) == 1
     assert (ZOO[name]["kind"] == "far") == any(True for _ in far.far_modules(m))
     meta = m.far_checkpoint["metadata"]["training"]
-    assert meta["command"] in ("train-teacher", "distill", "finetune", "prune") and meta["test_accuracy"] > 0.7  # trained, not random (10%)
+    assert meta["command"] in ("train-teacher", "distill", "finetune", "prune", "reuse") and meta["test_accuracy"] > 0.7  # trained, not random (10%)
     m2 = far.create_model(name, pretrained=True)
     x = torch.randn(2, 1, 28, 28)
     with torch.inference_mode():

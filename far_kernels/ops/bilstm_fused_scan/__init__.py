@@ -89,6 +89,8 @@ def bilstm_fused_scan(
     H, _, G, _ = w_ih.shape
     if out is not None:
         check_out(_NAME, out, (H, B, T, 2, G // 4), x.dtype, x.device)
+        _scan.check_no_overlap(_NAME, out, (("x", x), ("w_ih", w_ih), ("bias", bias), ("w_hh", w_hh),
+                                            ("hidden_sizes", hidden_sizes)))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_ih, bias, w_hh))
     return dispatch.run(OP, (x, w_ih, bias, w_hh, hs), backend=backend, device=x.device, dtype=x.dtype,
                         needs_grad=needs_grad, out=out)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from far.errors import ConfigError
 from far.evaluate import accuracy
 from far.fidelity import block_fidelity
-from far.models import convert, far_modules, save
+from far.models import convert, far_modules, save, stored_tensors
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
@@ -352,8 +352,11 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         continued = False
     else:
         check_student(student, teacher)
+        prior = getattr(student, "far_metadata", None) or getattr(student, "far_checkpoint", {}).get("metadata", {})
         student = copy.deepcopy(student)
         continued = True
+    # what the student went through before (a pruned student keeps its pruning record: `far info` shows it)
+    carried = {k: prior[k] for k in ("pruning",) if continued and isinstance(prior, dict) and k in prior}
     ce = st.ce_weight if st.labels else 0.0
     ident = {**(identity or {}), "ce_weight": ce, "block_weight": st.block_weight, "block_loss": st.block_loss,
              "stage1": st.stage1}
@@ -417,12 +420,12 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
     student.far_metadata = run_metadata(
         "distill", cfg, d, done, teacher_test_accuracy=t_acc, **(identity or {}),
         distill={"stage1_epochs": cfg.epochs, "stage1_lr": cfg.lr, **dataclasses.asdict(st), "continued": continued},
-        **({"fidelity": fidelity} if fidelity is not None else {}))
+        **carried, **({"fidelity": fidelity} if fidelity is not None else {}))
     lstm = sum(m.num_lstm_params() for _, m in far_modules(student))
     student.far_run = RunReport(
         "distill", done.history, done.final_accuracy, seconds, done.steps, done.completed, cfg.out_dir,
         rows=[("teacher top-1", f"{100 * t_acc:.2f}%" if t_acc is not None else "n/a"),
-              ("FAR parameters", f"{sum(p.numel() for p in student.parameters()):,}"),
+              ("FAR parameters", f"{sum(t.numel() for t in stored_tensors(student).values()):,}"),
               ("LSTM + head_proj params", f"{lstm:,}"), ("processes", str(d.world))]
         + ([("block cosine isolated / in model", " ".join(f"{b['isolated']['cos']:.3f}/{b['in_model']['cos']:.3f}"
                                                             for b in fidelity["blocks"])),
