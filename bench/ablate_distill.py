@@ -102,8 +102,12 @@ def plot(result: dict, path: Path):
     axes[0].set_ylabel("mean block cosine to the teacher\n(solid: isolated, dashed: in the model)")
     axes[1].set_ylabel("top-1 agreement with the teacher (%)")
     axes[2].set_ylabel("test top-1 (%)")
+    runs = result.get("runs", [result["environment"]])
+    threads = sorted({r["threads"] for r in runs})
+    xlabel = (f"training minutes ({threads[0]} CPU threads)" if len(runs) == 1 else
+              f"training minutes ({len(runs)} runs, {'/'.join(map(str, threads))} CPU threads, shared CPU: rough)")
     for ax in axes:
-        ax.set_xlabel(f"training minutes ({result['environment']['threads']} CPU threads)")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
