@@ -41,7 +41,7 @@ lineage() {
     sleep 2; done; wait; touch "$R/DONE" ) &
 pw=$!
 if [ "${NO_SUITE:-0}" = 1 ]; then wait $pw; touch "$R/DONE"
-else OUT=$R/suite_out BENCH_WAIT_FILE=$R/DONE BENCH_WAIT_MAX=${BENCH_WAIT_MAX:-500} QUICK=${QUICK:-1} BILSTM_TIMEOUT=${BILSTM_TIMEOUT:-60} \
+else OUT=$R/suite_out SUITE_BUDGET=${SUITE_BUDGET:-540} BENCH_WAIT_FILE=$R/DONE BENCH_WAIT_MAX=${BENCH_WAIT_MAX:-200} QUICK=${QUICK:-1} BILSTM_TIMEOUT=${BILSTM_TIMEOUT:-60} \
    CUDA_SCAN_TIMEOUT=${CUDA_SCAN_TIMEOUT:-40} XBAR_TIMEOUT=${XBAR_TIMEOUT:-40} TESTS_TIMEOUT=${TESTS_TIMEOUT:-250} bash bench/gpu_suite.sh; fi
 wait $pa $pc 2>/dev/null
 echo "[$(el)s] all done" >>"$R/stages.log"
