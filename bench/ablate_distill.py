@@ -31,18 +31,21 @@ from far.utils.fs import write_json
 from far.utils.plot import pyplot, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name -> (far.distill keyword arguments of stage 1, of stage 2)
+# name -> (far.distill keyword arguments of stage 1, of stage 2); every weight spelled out, so a change of
+# far.distill's defaults does not change what a configuration means
+_OFF = dict(kd_weight=0.0, stage2_block_weight=0.0)
+_KD = dict(kd_weight=1.0, kd_temperature=2.0)
 CONFIGS = {
-    "joint-cos (paper)": (dict(stage1="joint", block_loss="cos"), dict(kd_weight=0.0)),
-    "joint-cos+kd (zoo 2026-12)": (dict(stage1="joint", block_loss="cos", kd_weight=1.0, kd_temperature=2.0),
-                                   dict(kd_weight=1.0, kd_temperature=2.0)),
-    "iso-cos": (dict(stage1="isolated", block_loss="cos"), dict(kd_weight=1.0, kd_temperature=2.0)),
-    "iso-mse": (dict(stage1="isolated", block_loss="mse"), dict(kd_weight=1.0, kd_temperature=2.0)),
-    "iso-cos+mse": (dict(stage1="isolated", block_loss="cos+mse"), dict(kd_weight=1.0, kd_temperature=2.0)),
-    "iso-cos+mse+reg": (dict(stage1="isolated", block_loss="cos+mse"),
-                         dict(kd_weight=1.0, kd_temperature=2.0, stage2_block_weight=1.0)),
-    "iso-cos+mse+reg-noCE": (dict(stage1="isolated", block_loss="cos+mse"),
-                                dict(kd_weight=1.0, kd_temperature=2.0, stage2_block_weight=1.0, ce_weight=0.0)),
+    "joint-cos (paper)": (dict(stage1="joint", block_loss="cos", **_OFF), dict(**_OFF)),
+    "joint-cos+kd (zoo 2026-12)": (dict(stage1="joint", block_loss="cos", **_KD, stage2_block_weight=0.0),
+                                   dict(**_KD, stage2_block_weight=0.0)),
+    "iso-cos": (dict(stage1="isolated", block_loss="cos", **_OFF), dict(**_KD, stage2_block_weight=0.0)),
+    "iso-mse": (dict(stage1="isolated", block_loss="mse", **_OFF), dict(**_KD, stage2_block_weight=0.0)),
+    "iso-cos+mse": (dict(stage1="isolated", block_loss="cos+mse", **_OFF), dict(**_KD, stage2_block_weight=0.0)),
+    "iso-cos+mse+reg": (dict(stage1="isolated", block_loss="cos+mse", **_OFF),
+                        dict(**_KD, stage2_block_weight=1.0)),
+    "iso-cos+mse+reg-noCE": (dict(stage1="isolated", block_loss="cos+mse", **_OFF),
+                             dict(**_KD, stage2_block_weight=1.0, ce_weight=0.0)),
 }
 
 
