@@ -18,6 +18,20 @@ def poisoned(shape, dtype: torch.dtype = torch.float32, device="cpu") -> torch.T
     return torch.full(tuple(shape), -1, dtype=dtype, device=device)
 
 
+def behind_a_busy_side_stream(fn, x: torch.Tensor, cycles: int = 100_000_000) -> torch.Tensor:
+    """fn(y) launched on a side stream where y (NaN until then) receives x only after a long GPU sleep
+    (~50 ms at 100M cycles): a kernel that ignores torch's current stream reads the NaN. x on a CUDA device."""
+    y = torch.full_like(x, float("nan"))
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(cycles)
+        y.copy_(x)
+        out = fn(y)
+    s.synchronize()
+    return out
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| in float64 (0.0 for empty tensors)."""
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
