@@ -17,7 +17,7 @@ install: $(STAMP)
 
 deps:
 	$(PIP) "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) timm safetensors tqdm numpy matplotlib pytest pybind11 ninja triton import-linter
+	$(PIP) timm safetensors tqdm numpy matplotlib pytest pybind11 ninja triton import-linter onnx onnxruntime
 	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; \

@@ -82,7 +82,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "safetensors", "timm>=1.0", "tqdm"],
-    extras_require={"triton": ["triton"], "plot": ["matplotlib"], "test": ["pytest", "matplotlib", "import-linter"]},
+    extras_require={"triton": ["triton"], "plot": ["matplotlib"], "onnx": ["onnx", "onnxruntime"], "test": ["pytest", "matplotlib", "import-linter"]},
     entry_points={"console_scripts": ["far=far.cli.main:main"]},
     zip_safe=False,
 )

@@ -4,10 +4,14 @@
     student = far.distill(teacher, train_set, config=far.TrainConfig(epochs=1))
     pruned = far.prune(student, train_set, prune_ratio=0.3)
     far.evaluate(pruned, test_set)["accuracy"]
+    far.analyze(teacher, student, test_set)["blocks"]                    # fidelity per block, over depth, token maps
     far.save(pruned, "pruned.safetensors"); far.load("pruned.safetensors")
+    far.export_onnx(pruned, "pruned.onnx")                                # needs onnx; far.interop: public checkpoints
 """
+from far.analysis import analyze
 from far.errors import BackendUnavailable, CheckpointError, ConfigError, DataError, FarError
 from far.evaluate import evaluate
+from far.interop import export_onnx, import_public
 from far.methods import distill, finetune, prune, reuse, train_classifier
 from far.models import (ConversionReport, convert, count_params, create_model, far_modules, load, load_model,
                         save, set_backend)
@@ -26,13 +30,16 @@ __all__ = [
     "FARAttention",
     "FarError",
     "TrainConfig",
+    "analyze",
     "convert",
     "count_params",
     "create_model",
     "distill",
     "evaluate",
+    "export_onnx",
     "far_modules",
     "finetune",
+    "import_public",
     "load",
     "load_model",
     "prune",

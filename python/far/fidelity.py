@@ -31,8 +31,9 @@ from far.nn import FARAttention, MixerTaps, token_mixers
 KINDS = ("isolated", "in_model")
 
 
-class _Sums:
-    """Running sums of one (block, kind)'s statistics."""
+class BlockStats:
+    """Running sums of one block's statistics (cos, token_cos, rel_mse, scale of the module docstring):
+    `add(s, t)` for every batch of outputs [B, N, C], then `result()`. Used by far.analysis's tests."""
 
     def __init__(self):
         self.cos = self.n_cos = self.tcos = self.n_tcos = 0.0
@@ -72,7 +73,7 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     dtype = next(student.parameters()).dtype
-    sums = [{k: _Sums() for k in KINDS} for _ in s_mix]
+    sums = [{k: BlockStats() for k in KINDS} for _ in s_mix]
     agree = t_correct = s_correct = seen = labelled = 0
     modes = (teacher.training, student.training)
     teacher.eval()

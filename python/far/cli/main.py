@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from far.cli import evaluate, imc, models, train
+from far.cli import export, analyze, evaluate, imc, models, train
 from far.cli.options import Formatter
 from far.errors import USER_ERRORS
 from far.version import __version__
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  far demo\n"
                "  far eval fmnist_far_tiny --data fashion-mnist --limit 1000\n"
                "  far convert fmnist_deit_tiny -o fmnist_tiny.safetensors\n"
+               "  far export fmnist_far_tiny_pruned -o far_tiny_pruned.onnx\n"
+               "  far analyze fmnist_deit_tiny fmnist_far_tiny --data fashion-mnist --limit 1000\n"
                "`far COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"far {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parsers(sub)
     train.add_parsers(sub)
     imc.add_parsers(sub)
+    export.add_parsers(sub)
+    analyze.add_parsers(sub)
     return parser
 
 

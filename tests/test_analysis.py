@@ -1,0 +1,264 @@
+"""far.analysis: every number checked by hand on tiny cases (tiny timm ViTs, far.convert, no training)."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Attention, VisionTransformer
+
+import far
+from far.analysis import (analyze, attention_maps, format_analysis, format_json, jacobian_maps, map_similarity,
+                          plot_analysis, pre_proj_output, replaced, row_normalize, save_maps)
+from far.errors import ConfigError
+from far.fidelity import BlockStats
+from far.nn import FARAttention
+
+
+def tiny_vit(seed=0, depth=2):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=16, patch_size=8, in_chans=1, num_classes=5, embed_dim=12, depth=depth,
+                             num_heads=3, mlp_ratio=2.0).eval()
+
+
+def tiny_data(n=6, seed=1, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 16, 16, generator=g)
+    y = torch.randint(0, 5, (n,), generator=g) if labels else torch.full((n,), -1)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+class TeacherFunctionFAR(FARAttention):
+    """A FAR block whose token_mix is `factor` times the teacher attention's output before W_O."""
+
+    def __init__(self, attn: Attention, factor: float = 1.0):
+        super().__init__(attn.proj.in_features, num_heads=attn.num_heads)
+        self.attn, self.factor = attn, factor
+        self.proj.load_state_dict(attn.proj.state_dict())
+
+    def token_mix(self, x, backend=None):
+        return self.factor * pre_proj_output(self.attn, x)
+
+
+def student_of(teacher, factor=1.0):
+    student = copy.deepcopy(teacher)
+    for blk in student.blocks:
+        blk.attn = TeacherFunctionFAR(copy.deepcopy(blk.attn), factor)
+    return student
+
+
+# ---- per-block metrics ----
+def test_block_metrics_by_hand():
+    """t = [[1, 0], [0, 1]], s = [[2, 0], [1, 1]] (tokens x channels): the two cosines differ."""
+    t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    s = torch.tensor([[[2.0, 0.0], [1.0, 1.0]]])
+    st = BlockStats()
+    st.add(s, t)
+    r = st.result()
+    # along tokens, per channel: channel 0 (1, 0).(2, 1) = 2/sqrt(5); channel 1 (0, 1).(0, 1) = 1
+    assert r["cos"] == pytest.approx((2 / math.sqrt(5) + 1) / 2, abs=1e-12)
+    # along channels, per token: token 0 (1, 0).(2, 0) = 1; token 1 (0, 1).(1, 1) = 1/sqrt(2)
+    assert r["token_cos"] == pytest.approx((1 + 1 / math.sqrt(2)) / 2, abs=1e-12)
+    assert r["rel_mse"] == pytest.approx(2 / 2, abs=1e-12)  # (s - t)^2 = 1 + 1, t^2 = 2
+    assert r["scale"] == pytest.approx(math.sqrt(6 / 2), abs=1e-12)  # ||s||^2 = 4 + 1 + 1
+
+
+def test_student_equal_to_the_teacher_function():
+    teacher = tiny_vit()
+    r = analyze(teacher, student_of(teacher), tiny_data(), batch_size=4, map_images=0)
+    assert r["num_images"] == 6 and r["maps"] is None
+    for blk in r["blocks"]:
+        for kind in ("isolated", "in_model"):
+            assert blk[kind]["cos"] == pytest.approx(1, abs=1e-6)
+            assert blk[kind]["token_cos"] == pytest.approx(1, abs=1e-6)
+            assert blk[kind]["rel_mse"] == pytest.approx(0, abs=1e-10)
+            assert blk[kind]["scale"] == pytest.approx(1, abs=1e-6)
+    assert r["full_student"]["feature_cos"] == pytest.approx(1, abs=1e-6) and r["full_student"]["agreement"] == 1
+    for part in ("mixer", "block"):
+        assert [p["replaced"] for p in r["partial"][part]] == [1, 2]
+        for p in r["partial"][part]:
+            assert p["feature_cos"] == pytest.approx(1, abs=1e-6) and p["agreement"] == 1
+    assert r["outside_mixers"]["tensors_differing"] == 0
+
+
+def test_student_scaled_by_two():
+    teacher = tiny_vit()
+    r = analyze(teacher, student_of(teacher, 2.0), tiny_data(), batch_size=6, map_images=0)
+    iso = r["blocks"][0]["isolated"]
+    assert iso["cos"] == pytest.approx(1, abs=1e-6) and iso["token_cos"] == pytest.approx(1, abs=1e-6)
+    assert iso["scale"] == pytest.approx(2, rel=1e-6)
+    assert iso["rel_mse"] == pytest.approx(1, rel=1e-6)  # ||2t - t||^2 / ||t||^2
+
+
+# ---- partial replacement ----
+def manual_features(teacher, student, x, k, part):
+    """The hybrid composed by hand: timm's Block is x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    h = teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(x)))
+    for i, blk in enumerate(teacher.blocks):
+        if i <= k and part == "block":
+            blk = student.blocks[i]
+        attn = student.blocks[i].attn if i <= k else blk.attn
+        h = h + attn(blk.norm1(h))
+        h = h + blk.mlp(blk.norm2(h))
+    feat = teacher.fc_norm(teacher.norm(h)[:, 0])
+    return feat, teacher.head(feat)
+
+
+@pytest.mark.parametrize("part", ["mixer", "block"])
+def test_partial_replacement_is_the_manual_composition(part):
+    teacher = tiny_vit(depth=3)
+    student = far.convert(copy.deepcopy(teacher))
+    with torch.no_grad():  # make the student's MLPs differ, as after stage 2, so the two parts differ
+        for blk in student.blocks:
+            blk.mlp.fc1.weight.mul_(1.5)
+    data = tiny_data(n=5)
+    x, y = data.tensors
+    r = analyze(teacher, student, data, batch_size=2, map_images=0)
+    with torch.no_grad():
+        t_feat = teacher.forward_head(teacher.forward_features(x), pre_logits=True)
+        t_pred = teacher(x).argmax(-1)
+        for k in range(3):
+            feat, logits = manual_features(teacher, student, x, k, part)
+            with replaced(teacher, student, range(k + 1), part):
+                torch.testing.assert_close(teacher(x), logits, rtol=1e-5, atol=1e-5)
+            cos = float(nn.functional.cosine_similarity(feat.double(), t_feat.double(), dim=-1).mean())
+            row = r["partial"][part][k]
+            assert row["feature_cos"] == pytest.approx(cos, abs=1e-5)
+            assert row["agreement"] == float((logits.argmax(-1) == t_pred).double().mean())
+            assert row["accuracy"] == float((logits.argmax(-1) == y).double().mean())
+        s_feat = student.forward_head(student.forward_features(x), pre_logits=True)
+    assert r["full_student"]["feature_cos"] == pytest.approx(
+        float(nn.functional.cosine_similarity(s_feat, t_feat, dim=-1).mean()), abs=1e-5)
+    if part == "block":  # whole blocks 0..L-1 replaced = the student up to its (unchanged) embedding and head
+        assert r["partial"]["block"][-1]["feature_cos"] == pytest.approx(r["full_student"]["feature_cos"], abs=1e-5)
+    assert r["outside_mixers"]["tensors_differing"] == 3
+    assert r["outside_mixers"]["max_abs_diff"] > 0
+    assert teacher(x).shape == (5, 5)  # the hooks are gone: no error, the teacher is itself again
+    for m in teacher.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_unlabelled_data_has_no_accuracy():
+    teacher = tiny_vit()
+    r = analyze(teacher, far.convert(copy.deepcopy(teacher)), tiny_data(labels=False), map_images=0)
+    assert r["teacher_accuracy"] is None and r["full_student"]["accuracy"] is None
+    assert all(p["accuracy"] is None for p in r["partial"]["mixer"])
+    assert "accuracy" not in format_analysis(r).split("full student")[1].split("\n")[0]
+
+
+# ---- token maps ----
+def test_attention_map_is_the_softmax_by_hand():
+    attn = Attention(dim=2, num_heads=1, qkv_bias=False).eval()
+    with torch.no_grad():
+        attn.qkv.weight.copy_(torch.cat([torch.eye(2)] * 3))  # q = k = v = x
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    a = attention_maps(attn, x)[0, 0]
+    s = 1 / math.sqrt(2)  # head_dim 2
+
+    def softmax_row(scores):
+        e = [math.exp(v * s) for v in scores]
+        return [v / sum(e) for v in e]
+
+    # x_i . x_j: rows [1, 0, 1], [0, 1, 1], [1, 1, 2]
+    want = torch.tensor([softmax_row([1, 0, 1]), softmax_row([0, 1, 1]), softmax_row([1, 1, 2])])
+    torch.testing.assert_close(a, want, rtol=1e-6, atol=1e-7)
+
+
+class LinearTokenMixer(nn.Module):
+    """A FAR-like token mixer replaced by a fixed linear map over tokens: o[i] = sum_j M[i, j] x[j]."""
+
+    def __init__(self, m: torch.Tensor, dim: int):
+        super().__init__()
+        self.m = m
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj(torch.einsum("ij,bjc->bic", self.m, x))
+
+
+def test_jacobian_of_a_linear_token_mixer():
+    m = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0], [3.0, 0.0, 1.0]])
+    mixer = LinearTokenMixer(m, dim=4)
+    x = torch.randn(2, 3, 4)
+    j = jacobian_maps(mixer, x, num_heads=2, rows_per_pass=5)  # chunks that split images and rows
+    # d o_{i, head h} / d x_j = M[i, j] * (the 2 x 4 rows of the identity of head h): Frobenius |M[i, j]| sqrt(2)
+    want = (m.abs() * math.sqrt(2)).expand(2, 2, 3, 3)
+    torch.testing.assert_close(j, want, rtol=1e-6, atol=1e-6)
+    norm = row_normalize(j)[0, 0]
+    torch.testing.assert_close(norm, torch.tensor([[1 / 3, 2 / 3, 0], [0, 0.5, 0.5], [0.75, 0, 0.25]]))
+
+
+def test_jacobian_of_attention_with_uniform_probabilities():
+    """Zero q/k weights: A = 1/T everywhere and o_i = mean_j V x_j, so d o_{i,h} / d x_j = W_v[h] / T."""
+    attn = Attention(dim=4, num_heads=2, qkv_bias=False).eval()
+    with torch.no_grad():
+        attn.qkv.weight[:8].zero_()
+    x = torch.randn(3, 5, 4)
+    torch.testing.assert_close(attention_maps(attn, x), torch.full((3, 2, 5, 5), 0.2))
+    wv = attn.qkv.weight[8:].detach()
+    want = torch.stack([wv[:2].norm(), wv[2:].norm()]) / 5
+    j = jacobian_maps(attn, x, num_heads=2)
+    torch.testing.assert_close(j, want.view(1, 2, 1, 1).expand(3, 2, 5, 5), rtol=1e-5, atol=1e-6)
+
+
+def test_jacobian_of_far_block_matches_autograd():
+    torch.manual_seed(3)
+    mixer = FARAttention(6, num_heads=2, hidden_sizes=[[3, 2], [1, 3]]).double()
+    x = torch.randn(1, 4, 6, dtype=torch.float64)
+    full = torch.autograd.functional.jacobian(lambda v: mixer.token_mix(v)[0], x)[:, :, 0]  # [T, 6, T, 6]
+    want = torch.stack([full[:, 3 * h:3 * h + 3].square().sum((1, 3)).sqrt() for h in range(2)])
+    torch.testing.assert_close(jacobian_maps(mixer, x, 2, rows_per_pass=7)[0], want)
+
+
+def test_map_similarity_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    b = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    s = map_similarity(a, b)
+    assert s["row_cos"] == pytest.approx((0 + 1) / 2)
+    # flattened minus the mean 0.5: (0.5, -0.5, 0, 0) and (-0.5, 0.5, 0, 0): correlation -1
+    assert s["pearson"] == pytest.approx(-1)
+    assert map_similarity(a, torch.ones(2, 2))["pearson"] == 0.0
+
+
+def test_maps_in_the_report_and_outputs(tmp_path):
+    teacher = tiny_vit()
+    student = far.convert(copy.deepcopy(teacher))
+    r = analyze(teacher, student, tiny_data(n=5), batch_size=3, map_images=2)
+    maps = r["maps"]
+    assert (maps["images"], maps["tokens"], maps["heads"]) == (2, 5, 3)
+    arrays = maps["arrays"]
+    assert arrays["attention"].shape == (2, 2, 3, 5, 5)
+    for key in arrays:  # probabilities / row-normalised: every row sums to 1
+        np.testing.assert_allclose(arrays[key].sum(-1), 1, rtol=1e-5)
+    # the score of block 1, head 2 recomputed from the arrays (image means)
+    a, jf = arrays["attention"][1, :, 2].mean(0), arrays["jacobian_far"][1, :, 2].mean(0)
+    rows = [float(np.dot(a[i], jf[i]) / np.linalg.norm(a[i]) / np.linalg.norm(jf[i])) for i in range(5)]
+    assert maps["blocks"][1]["heads"][2]["attn_vs_far"]["row_cos"] == pytest.approx(np.mean(rows), abs=1e-5)
+    assert maps["blocks"][1]["heads"][2]["attn_vs_far"]["pearson"] == pytest.approx(
+        np.corrcoef(a.ravel(), jf.ravel())[0, 1], abs=1e-5)
+    j = format_json(r)
+    assert "arrays" not in j["maps"] and "arrays" in r["maps"]
+    path = save_maps(r, tmp_path / "m.npz")
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["jacobian_far"], arrays["jacobian_far"])
+    text = format_analysis(r)
+    assert "A vs J(FAR)" in text and "partial replacement" in text
+    pytest.importorskip("matplotlib")
+    written = plot_analysis(r, tmp_path / "plots", image=1, head=2)
+    assert [p.split("/")[-1] for p in written] == ["block_cosine.png", "error_accumulation.png", "token_maps.png"]
+    assert all((tmp_path / "plots" / n).stat().st_size > 1000 for n in ("block_cosine.png", "token_maps.png"))
+    with pytest.raises(ConfigError, match="heads 0..2"):
+        plot_analysis(r, tmp_path / "plots", head=3)
+
+
+def test_bad_pairs_are_refused():
+    teacher = tiny_vit()
+    student = far.convert(copy.deepcopy(teacher))
+    with pytest.raises(ConfigError, match="teacher has FAR blocks"):
+        analyze(student, student, tiny_data())
+    with pytest.raises(ConfigError, match="2 and 3 blocks"):
+        analyze(teacher, far.convert(tiny_vit(depth=3)), tiny_data())
+    with pytest.raises(ConfigError, match="part must be"):
+        analyze(teacher, student, tiny_data(), parts=["mlp"])
+    assert far.analyze is analyze
