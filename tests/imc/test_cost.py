@@ -136,3 +136,55 @@ def test_overrides_and_errors(tmp_path):
         HardwareSpec(dynamic="magic")
     with pytest.raises(ConfigError, match="needs an ADC"):
         model_cost(vit, CrossbarConfig(adc_bits=None))
+
+
+def test_diagonal_packing_by_hand():
+    from far.imc.cost import _Chip
+
+    chip = _Chip(CrossbarConfig(), HardwareSpec(packing="diagonal"))
+    plain = _Chip(CrossbarConfig(), HardwareSpec())
+    # 24 outputs x 4 slices x 2 cells = 192 columns: a full 128-column piece and a 64-column one, 40 rows each
+    assert chip.blocks(40, 24) == [(40, 128), (40, 64)]
+    assert plain.packed_arrays([(40, 24), (40, 24)]) == 4
+    assert chip.packed_arrays([(40, 24), (40, 24)]) == 3  # the two 40 x 64 halves share one array
+    assert chip.packed_arrays([(100, 8), (40, 8)]) == 2  # 64 + 64 columns fit, 100 + 40 rows do not
+    assert chip.packed_arrays([(30, 4)] * 4) == 1  # 4 x 30 rows, 4 x 32 columns
+    assert chip.packed_arrays([(30, 4)] * 5) == 2
+    assert chip.packed_arrays([(200, 8)]) == 2  # one matrix's own row tiles are never packed together
+
+
+def test_utilisation_by_hand():
+    rep = model_cost(OneLinear(100, 20, 3), CrossbarConfig(), HardwareSpec())
+    assert rep.totals["arrays"] == 2  # 160 columns
+    assert rep.totals["array_utilisation"] == pytest.approx(100 * 20 * 8 / (2 * 128 * 128))
+
+
+def test_far_cost_with_kept_units_override_and_packing():
+    from far.methods.prune import apply_keep_mask, compact_
+
+    torch.manual_seed(0)
+    model = far.create_model("fmnist_deit_tiny", embed_dim=48, depth=2, num_heads=2).eval()
+    sizes = {}
+    pruned = far.create_model("fmnist_deit_tiny", embed_dim=48, depth=2, num_heads=2).eval()
+    for i, (name, m) in enumerate(far.far_modules(pruned)):
+        keep = torch.zeros(2, 2, m.width, dtype=torch.bool)
+        for h, r, k in ((0, 0, 5), (0, 1, 24), (1, 0, 0), (1, 1, 13 + i)):
+            keep[h, r, :k] = True
+        apply_keep_mask(m, keep)
+        compact_(m)
+        sizes[name] = m.hidden_sizes.clone()
+    for packing in ("none", "diagonal"):
+        hw = HardwareSpec(packing=packing)
+        a = model_cost(model, CrossbarConfig(), hw, hidden_sizes=sizes)
+        b = model_cost(pruned, CrossbarConfig(), hw)
+        assert a.totals == b.totals
+    none = model_cost(pruned, CrossbarConfig(), HardwareSpec())
+    diag = model_cost(pruned, CrossbarConfig(), HardwareSpec(packing="diagonal"))
+    assert diag.totals["arrays"] < none.totals["arrays"]
+    assert diag.totals["array_utilisation"] > none.totals["array_utilisation"]
+    # packing saves array reads only: the same ADC conversions, fewer crossbar reads, the same latency
+    assert diag.totals["adc_conversions"] == none.totals["adc_conversions"]
+    assert diag.totals["crossbar_reads"] < none.totals["crossbar_reads"]
+    assert diag.totals["latency_us"] == none.totals["latency_us"]
+    with pytest.raises(ConfigError, match="packing"):
+        HardwareSpec(packing="dense")

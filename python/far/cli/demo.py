@@ -22,7 +22,7 @@ import far_kernels
 from far.data import fashion_mnist
 from far.evaluate import evaluate
 from far.imc.cost import model_cost
-from far.models import far_modules, is_far, load, mixer_params, set_backend, stored_tensors, zoo_path
+from far.models import far_modules, is_far, load, param_counts, set_backend, zoo_path
 from far.utils.fs import write_json
 from far.utils.plot import pyplot, save_figure
 
@@ -55,8 +55,9 @@ def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int =
     rows = []
     for label, name, model in models:
         meta = model.far_checkpoint.get("metadata", {})
-        base = {"model": label, "name": name, "params": sum(t.numel() for t in stored_tensors(model).values()),
-                "mixer_params": mixer_params(model),
+        counts = param_counts(model)
+        base = {"model": label, "name": name, "params": counts["kept"], "params_stored": counts["stored"],
+                "mixer_params": counts["mixer_kept"], "mixer_params_stored": counts["mixer_stored"],
                 "hidden_sizes": [m.hidden_sizes.tolist() for _, m in far_modules(model)] if is_far(model) else None,
                 "trained": meta.get("training", {}).get("command"), "num_images": len(test)}
         cost = model_cost(model).totals
@@ -122,6 +123,11 @@ def format_table(result: dict) -> str:
         lines.append(f"{lead} {r['backend']:<8} {r['images_per_s']:>9.0f} {diff:>19}")
     lines.append("IMC: one image on the ISAAC-like chip of far.imc.cost (attention's K and V written into crossbars); "
                  "EDAP relative to the teacher (`far imc-cost` for the breakdown)")
+    padded = [r for r in result["rows"] if r.get("params_stored", r["params"]) != r["params"]]
+    for r in {r["name"]: r for r in padded}.values():
+        lines.append(f"params: kept units only; {r['model']} holds {r['params_stored']:,} "
+                     f"({r['mixer_params_stored']:,} in its token mixers) in memory, its tensors padded to each "
+                     "block's widest head and direction")
     return "\n".join(lines)
 
 

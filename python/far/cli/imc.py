@@ -454,13 +454,7 @@ def _add_cost_parser(sub) -> None:
     p.add_argument("--dynamic", default="write,digital", metavar="MODE",
                    help="how attention's QK^T and S.V run: write (K, V written into crossbars every image), digital "
                         "(an int8 MAC unit), or both comma-separated, each with its own table (default: write,digital)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a crossbar setting (far_kernels.CrossbarConfig field), e.g. adc_bits=6")
-    p.add_argument("--hw", action="append", metavar="KEY=VALUE",
-                   help="a chip setting (far.imc.cost.HardwareSpec field), e.g. cols_per_adc=64, write_verify=4")
-    p.add_argument("--constants", metavar="FILE", help="JSON/YAML file overriding entries of the constants table")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="image size (default: each model's pretrained_cfg)")
+    add_chip_args(p)
     p.add_argument("--data", default=None, metavar="fashion-mnist|PATH", help="measure top-1 on this data too")
     p.add_argument("--split", choices=("train", "test"), default="test", help="Fashion-MNIST split to evaluate")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
@@ -478,6 +472,42 @@ def _add_cost_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------- far imc-cost
+def add_chip_args(p, sizes: str = "each model's") -> None:
+    """--set (crossbar), --hw (chip), --constants, --input-size: the chip the cost model counts on."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a crossbar setting (far_kernels.CrossbarConfig field), e.g. adc_bits=6")
+    p.add_argument("--hw", action="append", metavar="KEY=VALUE",
+                   help="a chip setting (far.imc.cost.HardwareSpec field), e.g. cols_per_adc=64, write_verify=4, "
+                        "packing=diagonal")
+    p.add_argument("--constants", metavar="FILE", help="JSON/YAML file overriding entries of the constants table")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help=f"image size (default: {sizes} pretrained_cfg)")
+
+
+def chip_settings(args) -> tuple:
+    """(far_kernels.CrossbarConfig, {HardwareSpec field: value}) from add_chip_args' options."""
+    from far.imc.cost import HardwareSpec
+
+    values = {}
+    for item in args.set or ():
+        key, val = _key_value(item, "--set")
+        values[key] = _parse_value(key, val, "--set")
+    cfg = _make_config(values, "--set")
+    hw_values = {}
+    for item in args.hw or ():
+        key, val = _key_value(item, "--hw")
+        hw_values[key] = _parse_value(key, val, "--hw", HardwareSpec)
+    if args.constants:
+        hw_values["constants"] = args.constants
+    return cfg, hw_values
+
+
+def chip_spec(hw_values: dict):
+    from far.imc.cost import HardwareSpec
+
+    return _make_config(hw_values, "--hw", HardwareSpec)
+
+
 ATTENTION_SUFFIX = ":attention"
 
 
@@ -518,17 +548,7 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     from far.utils.fs import write_json
 
     at_least(args, 1, "batch_size", "limit")
-    values = {}
-    for item in args.set or ():
-        key, val = _key_value(item, "--set")
-        values[key] = _parse_value(key, val, "--set")
-    cfg = _make_config(values, "--set")
-    hw_values = {}
-    for item in args.hw or ():
-        key, val = _key_value(item, "--hw")
-        hw_values[key] = _parse_value(key, val, "--hw", HardwareSpec)
-    if args.constants:
-        hw_values["constants"] = args.constants
+    cfg, hw_values = chip_settings(args)
     modes = [m.strip() for m in args.dynamic.split(",") if m.strip()]
     if not modes or any(m not in DYNAMIC_MODES for m in modes) or len(set(modes)) != len(modes):
         raise ConfigError(f"--dynamic takes a comma-separated list of {', '.join(DYNAMIC_MODES)}, got {args.dynamic!r}")

@@ -46,6 +46,34 @@ def _backend_lines(device: str) -> list:
     return lines
 
 
+def _param_line(path, blocks) -> str:
+    """Parameters kept (what the file stores: a pruned FAR block's kept units) and stored in memory once
+    loaded (a FAR block's tensors padded to its widest head and direction), whole model and token mixers,
+    from the header's tensor shapes."""
+    import math
+    import re
+
+    from safetensors import safe_open
+
+    kept = mixer = 0
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            n = math.prod(f.get_slice(key).get_shape())
+            kept += n
+            mixer += n if re.match(r"blocks\.\d+\.attn\.", key) else 0
+    padding = 0
+    for b in blocks:
+        H, d, hs = b["num_heads"], b["head_dim"], b["hidden_sizes"]
+        n = max((k for row in hs for k in row), default=0)
+        ks = [k for row in hs for k in row]
+        padded = 2 * H * (4 * n * d + 4 * n * n + 8 * n) + H * d * 2 * n
+        padding += padded - sum(4 * k * d + 4 * k * k + 8 * k + d * k for k in ks)
+    if not padding:
+        return f"parameters   {kept:,} ({mixer:,} in the token mixers)"
+    return (f"parameters   {kept:,} kept ({mixer:,} in the token mixers); {kept + padding:,} stored in memory "
+            f"({mixer + padding:,}: FAR tensors padded to each block's widest head and direction)")
+
+
 def checkpoint_summary(path) -> list:
     """Lines describing a checkpoint's config (header only, validated)."""
     from far.checkpoint import read_config
@@ -71,6 +99,7 @@ def checkpoint_summary(path) -> list:
         lines.append(f"classes      {num_classes}")
     if meta.get("teacher"):
         lines.append(f"teacher      {meta['teacher']}")
+    lines.append(_param_line(path, blocks))
     if not blocks:
         lines.append("FAR blocks   none (a plain timm model, e.g. a teacher)")
     else:

@@ -211,13 +211,36 @@ def cmd_prune(args) -> int:
         raise ConfigError(f"{args.model}: a timm name; prune a trained FAR checkpoint (file or zoo name)")
     output_checks(args, [ref.path], "output")
     cfg = train_config(args)
-    if args.threshold is not None and args.prune_ratio is not None:
-        raise ConfigError("give one of --prune-ratio and --threshold, not both")
-    ratio = None if args.threshold is not None else (0.3 if args.prune_ratio is None else args.prune_ratio)
+    if sum(v is not None for v in (args.threshold, args.prune_ratio, args.budget)) > 1:
+        raise ConfigError("give one of --prune-ratio, --threshold and --budget")
+    ratio = None if args.threshold is not None or args.budget else (0.3 if args.prune_ratio is None else args.prune_ratio)
+    budget, align = None, 1
+    if args.budget:
+        from far.cli.imc import chip_settings, chip_spec
+        from far.methods.prune import Budget, array_units
+
+        xcfg, hw_values = chip_settings(args)
+        budget = Budget.parse(args.budget, cfg=xcfg, hw=chip_spec(hw_values),
+                              input_size=tuple(args.input_size) if args.input_size else None)
+        if args.align == "arrays":
+            align = array_units(budget)
+    elif args.set or args.hw or args.constants or args.input_size:
+        raise ConfigError("--set, --hw, --constants and --input-size describe the chip of a --budget; give --budget")
+    if args.align not in (None, "arrays"):
+        try:
+            align = int(args.align)
+        except ValueError:
+            raise ConfigError(f"--align takes a number of units or 'arrays', got {args.align!r}") from None
+        if align < 1:
+            raise ConfigError(f"--align must be >= 1, got {align}")
+    if (args.align is not None or args.balance) and budget is None:
+        raise ConfigError("--align and --balance shape what a --budget keeps; give --budget")
     model, _ = load_model(ref)
     train_set, eval_set = datasets(args, model, cfg)
     model = far.prune(model, train_set, eval_data=eval_set, config=cfg, hoyer=args.hoyer, prune_ratio=ratio,
-                      threshold=args.threshold, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                      threshold=args.threshold, budget=budget, align=align, balance=args.balance, rounds=args.rounds,
+                      hoyer_scope=args.hoyer_scope, groups="public" if args.public_groups else "far",
+                      finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                       device=args.device, identity={"student": _abs(ref), "data": str(args.data)}, inplace=True)
     return finish(args, model, f"pruned FAR student of {args.model}")
 
@@ -357,14 +380,43 @@ def add_parsers(sub) -> None:
                     "(--epochs), removes every group whose L2 norm is below one global threshold (--threshold, or "
                     "the one that removes --prune-ratio of all groups, 0.3 by default), fine-tunes the masked model "
                     "(--finetune-epochs), then compacts it: the checkpoint stores kept units only. Prints and plots "
-                    "(kept_units.png in --out-dir) the kept units per block, direction and head.",
-        epilog="example:\n  far prune far.safetensors --data fashion-mnist --hoyer 1e-3 --prune-ratio 0.3 "
-               "-o far_pruned.safetensors\n" + _LAUNCH.format(cmd="prune"))
+                    "(kept_units.png in --out-dir) the kept units per block, direction and head. "
+                    "With --budget KIND=VALUE the threshold is the weakest that meets the budget: params (whole "
+                    "model) or mixer-params (token mixers), kept units counted; arrays or mixer-arrays (crossbar "
+                    "arrays on the chip of --set/--hw, far imc-cost's model), latency (ns per image) or energy (pJ "
+                    "per image); the report gives budget vs achieved, and an impossible budget is an error before "
+                    "any training, saying by how much it misses and why. --rounds N prunes gradually (N rounds, "
+                    "budgets shrinking geometrically).",
+        epilog="examples:\n  far prune far.safetensors --data fashion-mnist --hoyer 1e-3 --prune-ratio 0.3 "
+               "-o far_pruned.safetensors\n"
+               "  far prune fmnist_far_tiny --data fashion-mnist --budget mixer-params=116k --rounds 3 -o xs.safetensors\n"
+               "  far prune fmnist_far_tiny --data fashion-mnist --budget mixer-arrays=160 --align arrays "
+               "--hw packing=diagonal -o a160.safetensors\n" + _LAUNCH.format(cmd="prune"))
     add_model(p, help="the FAR model to prune: a checkpoint file or zoo name")
     p.add_argument("--hoyer", type=float, default=1e-3, metavar="W", help="weight of the Hoyer-square regularizer")
     p.add_argument("--prune-ratio", type=float, default=None, metavar="R", help="fraction of all groups to remove (default 0.3)")
     p.add_argument("--threshold", type=float, default=None, metavar="X",
                    help="explicit global group-norm threshold (instead of --prune-ratio)")
+    p.add_argument("--budget", default=None, metavar="KIND=VALUE",
+                   help="prune to a budget instead of a ratio: params, mixer-params, arrays, mixer-arrays, latency "
+                        "(ns), energy (pJ); VALUE may end in k/M/G, e.g. mixer-params=116k")
+    p.add_argument("--align", default=None, metavar="N|arrays",
+                   help="with --budget: keep a multiple of N units per (head, direction); 'arrays' = the units that "
+                        "fill one crossbar column block (4 at the default config), so no array is left part-used")
+    p.add_argument("--balance", action="store_true",
+                   help="with --budget: rank each group by its norm relative to its block's (RMS), so that no "
+                        "block is emptied because its weights are small overall")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="gradual pruning: N rounds of Hoyer training, pruning and masked fine-tune, the budget (or "
+                        "ratio) shrinking geometrically to the target; --epochs and --finetune-epochs are per round")
+    p.add_argument("--hoyer-scope", choices=("block", "head-direction"), default="block",
+                   help="Hoyer-square per block (this implementation) or per (head, direction), summed (the "
+                        "authors' public code)")
+    p.add_argument("--public-groups", action="store_true",
+                   help="groups without biases and head_proj columns (the public code's groups)")
+    from far.cli.imc import add_chip_args
+
+    add_chip_args(p, sizes="the model's")
     p.add_argument("--finetune-epochs", type=float, default=1.0, metavar="E", help="masked fine-tune epochs (0 = none)")
     p.add_argument("--finetune-lr", type=float, default=2e-4, metavar="LR", help="masked fine-tune peak learning rate")
     add_train_args(p, epochs=1, lr=2e-4, out_dir="far-runs/prune", warmup=0.1,

@@ -31,6 +31,13 @@ overrides any of them from a JSON or YAML file):
   T token MVMs stream back to back (T * J cycles); heads and directions run in parallel on their own
   arrays; a BiLSTM makes T sequential steps per direction, each one W_hh MVM (J cycles) plus the gate
   arithmetic; attention's writes precede its reads.
+- Mapping (hw.packing): "none" gives every matrix (every LSTM of a head and direction, every head's
+  head_proj) arrays of its own; "diagonal" lets matrices that are read in the same cycle (the 2H LSTMs of
+  a FAR block at a step, its H head_projs, attention's per-head nothing: K/V arrays are written per image
+  and are never packed) share an array when their row blocks and column blocks are disjoint — the cells
+  off the diagonal blocks hold 0, so each column still sums its own matrix's rows only. A pruned LSTM's
+  last, partly filled column block then fills another one's free columns. Array utilisation (cells that
+  hold a weight / cells of the static arrays) is reported either way.
 - Area: arrays (static and, with dynamic="write", the K/V arrays of every layer) with their periphery
   (cols / cols_per_adc ADCs, one DAC per row, S+H, half a shift-and-add per array: 4 per 8-array IMA),
   plus per tile of hw.arrays_per_tile arrays an eDRAM, a bus and a quarter router; plus the vector unit
@@ -56,6 +63,7 @@ from far.nn import FARAttention, ReuseAttention
 CONSTANTS_FILE = Path(__file__).resolve().parent / "cost_constants.json"
 COMPONENTS = ("crossbar", "adc", "dac", "shift_add", "buffer", "writes", "digital")
 DYNAMIC_MODES = ("write", "digital")
+PACKINGS = ("none", "diagonal")
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ class HardwareSpec:
     far.imc's emulation computes it); write_verify: the
     program-and-verify factor on write energy and time (1 = a single pulse); endurance_cycles: writes a
     cell survives (None: the constants table's); constants: a JSON or YAML file of constants overriding
-    the table, e.g. {"cell_write": {"energy_pj": 20}}."""
+    the table, e.g. {"cell_write": {"energy_pj": 20}}; packing: "none" or "diagonal" (module docstring:
+    Mapping)."""
     cols: int = 128
     cols_per_adc: int = 128
     arrays_per_tile: int = 96
@@ -82,6 +91,7 @@ class HardwareSpec:
     write_verify: float = 1.0
     endurance_cycles: Optional[float] = None
     constants: Optional[str] = None
+    packing: str = "none"
 
     def __post_init__(self):
         if self.dynamic not in DYNAMIC_MODES:
@@ -90,6 +100,8 @@ class HardwareSpec:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"HardwareSpec.{name} must be an int >= 1, got {v!r}")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"HardwareSpec.packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
         if self.lstm_mapping not in ("fused", "separate"):
             raise ConfigError(f"HardwareSpec.lstm_mapping must be 'fused' or 'separate', got {self.lstm_mapping!r}")
         if self.cols_per_adc > self.cols:
@@ -168,6 +180,37 @@ class _Chip:
     def arrays(self, K: int, N: int) -> int:
         return math.ceil(K / self.rows) * math.ceil(N * self.S * self.pair / self.hw.cols)
 
+    def blocks(self, K: int, N: int) -> List[tuple]:
+        """The (rows, columns) pieces a K x N matrix is cut into: row tiles x column tiles of one array each."""
+        cols = N * self.S * self.pair
+        out = []
+        for r0 in range(0, K, self.rows):
+            for c0 in range(0, cols, self.hw.cols):
+                out.append((min(self.rows, K - r0), min(self.hw.cols, cols - c0)))
+        return out
+
+    def packed_arrays(self, matrices: List[tuple]) -> int:
+        """Arrays for matrices [(K, N)] read in the same cycle: one each per piece with packing "none"; with
+        "diagonal", pieces share an array while their rows and their columns both fit (first fit, widest
+        piece first)."""
+        pieces = [b for K, N in matrices for b in self.blocks(K, N)]
+        if self.hw.packing == "none":
+            return len(pieces)
+        bins: List[List[int]] = []  # [rows used, columns used]
+        for r, c in sorted(pieces, key=lambda rc: (-rc[1], -rc[0])):
+            for b in bins:
+                if b[0] + r <= self.rows and b[1] + c <= self.hw.cols:
+                    b[0] += r
+                    b[1] += c
+                    break
+            else:
+                bins.append([r, c])
+        return len(bins)
+
+    def cells(self, K: int, N: int) -> int:
+        """Cells holding a K x N matrix's weights (every slice and both cells of a pair)."""
+        return K * N * self.S * self.pair
+
     def mvm(self, K: int, N: int) -> dict:
         """Events and energy (pJ by component) of one K -> N matrix-vector product, and its time (ns)."""
         rt, ct = math.ceil(K / self.rows), math.ceil(N * self.S * self.pair / self.hw.cols)
@@ -204,6 +247,7 @@ class LayerCost:
     cell_writes: float = 0.0
     buffer_bits: float = 0.0
     digital_ops: float = 0.0
+    weight_cells: float = 0.0  # cells of the static arrays that hold a weight (utilisation = / arrays' cells)
     energy: Dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in COMPONENTS})
     latency_ns: float = 0.0
 
@@ -232,6 +276,7 @@ def _static(chip: _Chip, row: LayerCost, K: int, N: int, T: int) -> float:
     """A static K -> N matrix applied to T vectors: arrays, events; returns its streaming time (ns)."""
     m = chip.mvm(K, N)
     row.arrays += chip.arrays(K, N)
+    row.weight_cells += chip.cells(K, N)
     row.add_mvm(m, T)
     return T * m["ns"]
 
@@ -271,13 +316,26 @@ def _attention_row(chip: _Chip, name: str, attn: nn.Module, T: int) -> LayerCost
     return row
 
 
-def _far_row(chip: _Chip, name: str, m: FARAttention, T: int) -> LayerCost:
+def _shared(chip: _Chip, row: LayerCost, matrices: List[tuple], count: float) -> None:
+    """Arrays of `matrices` [(K, N)] read together `count` times, after their MVMs were added one by one:
+    with packing, fewer arrays (and so fewer array reads) serve them."""
+    pieces = sum(len(chip.blocks(K, N)) for K, N in matrices)
+    packed = chip.packed_arrays(matrices)
+    row.arrays += packed
+    row.weight_cells += sum(chip.cells(K, N) for K, N in matrices)
+    saved = (pieces - packed) * chip.J * count
+    row.crossbar_reads -= saved
+    row.energy["crossbar"] -= saved * chip.e_read
+
+
+def _far_row(chip: _Chip, name: str, m: FARAttention, T: int, hidden_sizes=None) -> LayerCost:
     H, d = m.num_heads, m.head_dim
-    hs = m.hidden_sizes
+    hs = m.hidden_sizes if hidden_sizes is None else torch.as_tensor(hidden_sizes)
     row = LayerCost(name, "far", f"{H} heads x d {d}, kept units {hs.tolist()}, T {T}")
     t = _static(chip, row, m.dim, m.attn_dim, T)  # pre_proj
     fused = chip.hw.lstm_mapping == "fused"
     t_ih, t_hp, step_ns, gate_ops = 0.0, 0.0, 0.0, [0.0, 0.0, 0.0]
+    steps, inputs, heads = [], [], []  # matrices read together: every LSTM step; every W_ih; every head_proj
     for head in range(H):
         kf, kb = int(hs[0, head]), int(hs[1, head])
         for k in (kf, kb):
@@ -285,11 +343,14 @@ def _far_row(chip: _Chip, name: str, m: FARAttention, T: int) -> LayerCost:
                 continue
             if fused:  # [W_ih | W_hh]: (d + k) -> 4k, read once per step
                 step = chip.mvm(d + k, 4 * k)
-                row.arrays += chip.arrays(d + k, 4 * k)
+                steps.append((d + k, 4 * k))
             else:  # W_ih streams every token first (bias folded in), then W_hh once per step
-                t_ih = max(t_ih, _static(chip, row, d, 4 * k, T))
+                m_ih = chip.mvm(d, 4 * k)
+                row.add_mvm(m_ih, T)
+                t_ih = max(t_ih, T * m_ih["ns"])
+                inputs.append((d, 4 * k))
                 step = chip.mvm(k, 4 * k)
-                row.arrays += chip.arrays(k, 4 * k)
+                steps.append((k, 4 * k))
             row.add_mvm(step, T)  # heads and directions in parallel on their own arrays
             step_ns = max(step_ns, step["ns"])
             # per step and unit: 4 gate adds, 3 sigmoid + 2 tanh, f*c + i*g and o*tanh(c): 3 mult, 1 add
@@ -297,7 +358,12 @@ def _far_row(chip: _Chip, name: str, m: FARAttention, T: int) -> LayerCost:
             gate_ops[1] += 3 * k * T
             gate_ops[2] += 5 * k * T
         if kf + kb:
-            t_hp = max(t_hp, _static(chip, row, kf + kb, d, T))  # head_proj per head
+            m_hp = chip.mvm(kf + kb, d)  # head_proj per head
+            row.add_mvm(m_hp, T)
+            t_hp = max(t_hp, T * m_hp["ns"])
+            heads.append((kf + kb, d))
+    for group in (steps, inputs, heads):
+        _shared(chip, row, group, T)
     e_gates, t_gates = chip.digital(*gate_ops)
     row.energy["digital"] += e_gates
     row.digital_ops += sum(gate_ops)
@@ -336,7 +402,8 @@ class CostReport:
             lines.append(f"{r.name:<{w}}  {r.kind:<9} {r.arrays + r.dynamic_arrays:>7} {r.cell_writes:>9.3g} "
                          f"{r.adc_conversions:>10.3g} {r.energy_pj / 1e3:>10.2f} {r.latency_ns / 1e3:>10.2f}")
         t = self.totals
-        lines.append(f"total: {t['arrays']} arrays ({t['dynamic_arrays']} for K/V), {t['area_mm2']:.2f} mm2, "
+        util = f" ({100 * t['array_utilisation']:.0f}% of their cells used)" if t["array_utilisation"] else ""
+        lines.append(f"total: {t['arrays']} static arrays{util} + {t['dynamic_arrays']} for K/V, {t['area_mm2']:.2f} mm2, "
                      f"{t['energy_uj']:.2f} uJ, {t['latency_us']:.1f} us per image, EDAP {t['edap']:.3g} J s mm2, "
                      f"{t['tops_per_w']:.2f} TOPS/W, {t['tops_per_mm2']:.3f} TOPS/mm2")
         return "\n".join(lines)
@@ -355,9 +422,11 @@ def _input_size(model: nn.Module, input_size) -> tuple:
     raise ConfigError(f"{type(model).__name__}: no pretrained_cfg input_size; pass input_size=(C, H, W)")
 
 
-def _calls(model: nn.Module, input_size: tuple) -> list:
+def trace(model: nn.Module, input_size=None) -> list:
     """[(name, module, input shape)] of the modules the cost model knows, in the order one forward pass
-    calls them (batch 1, random input; weights do not matter)."""
+    calls them (batch 1, zero input; weights do not matter). input_size: (C, H, W), default the model's
+    pretrained_cfg."""
+    input_size = _input_size(model, input_size)
     kinds = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GELU, FARAttention, ReuseAttention) + attention_classes()
     names = {id(m): n for n, m in model.named_modules()}
     calls, handles = [], []
@@ -378,10 +447,13 @@ def _calls(model: nn.Module, input_size: tuple) -> list:
     return calls
 
 
-def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, input_size=None) -> CostReport:
+def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, input_size=None,
+               hidden_sizes: Optional[Dict[str, torch.Tensor]] = None, calls: Optional[list] = None) -> CostReport:
     """The cost of one image through `model` (a timm ViT, FAR or TReX model) on the chip (module
     docstring). cfg: far_kernels.CrossbarConfig (default ISAAC-like); hw: HardwareSpec; input_size:
-    (C, H, W) (default: the model's pretrained_cfg)."""
+    (C, H, W) (default: the model's pretrained_cfg). hidden_sizes: {FAR module name: [2, H] kept units}
+    to cost instead of the modules' own (what pruning to a budget asks of candidate masks); calls: the
+    result of trace(model, input_size), reused across calls (the forward pass that finds the layers)."""
     import far_kernels
 
     cfg = cfg if cfg is not None else far_kernels.CrossbarConfig()
@@ -390,12 +462,13 @@ def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, in
     composite = (FARAttention,) + attention_classes()
     rows: List[LayerCost] = []
     inside: List[str] = []  # names of composite modules already costed: their children are theirs
-    for name, m, shape in _calls(model, _input_size(model, input_size)):
+    hidden_sizes = hidden_sizes or {}
+    for name, m, shape in (calls if calls is not None else trace(model, input_size)):
         if any(name.startswith(p + ".") for p in inside):
             continue
         T = int(math.prod(shape[1:-1])) if len(shape) > 2 else 1
         if isinstance(m, FARAttention):
-            rows.append(_far_row(chip, name, m, T))
+            rows.append(_far_row(chip, name, m, T, hidden_sizes.get(name)))
             inside.append(name)
         elif isinstance(m, composite):
             rows.append(_attention_row(chip, name, m, T))
@@ -433,6 +506,7 @@ def _totals(rows: List[LayerCost], chip: _Chip) -> dict:
     has_dynamic = any(r.kind == "attention" for r in rows)
     arrays = sum(r.arrays for r in rows)
     dyn = sum(r.dynamic_arrays for r in rows)
+    array_cells = chip.rows * hw.cols
     tiles = math.ceil((arrays + dyn) / hw.arrays_per_tile) if arrays + dyn else 0
     area = {"arrays": (arrays + dyn) * chip.a_array, "tiles": tiles * chip.a_tile,
             "vector_unit": hw.vector_lanes * chip.a_lane,
@@ -449,6 +523,7 @@ def _totals(rows: List[LayerCost], chip: _Chip) -> dict:
     lifetime = chip.endurance if writes else None  # every written cell is written once per image
     return {
         "arrays": arrays, "dynamic_arrays": dyn, "tiles": tiles, "area_mm2": area_mm2,
+        "array_utilisation": sum(r.weight_cells for r in rows) / (arrays * array_cells) if arrays else None,
         "area_mm2_by_part": {k: v / 1e6 for k, v in area.items()},
         "energy_uj": energy_pj / 1e6, "energy_uj_by_component": {k: v / 1e6 for k, v in energy.items()},
         "latency_us": latency_ns / 1e3, "images_per_s": images_per_s,
@@ -462,4 +537,5 @@ def _totals(rows: List[LayerCost], chip: _Chip) -> dict:
     }
 
 
-__all__ = ["CONSTANTS_FILE", "CostReport", "HardwareSpec", "LayerCost", "load_constants", "model_cost"]
+__all__ = ["CONSTANTS_FILE", "PACKINGS", "CostReport", "HardwareSpec", "LayerCost", "load_constants", "model_cost",
+           "trace"]

@@ -14,13 +14,30 @@ too, unlike the public FAR code) and its head_proj column. Steps:
    zero (its gradients are exactly zero);
 4. physical compaction: the module is rebuilt with width = the widest kept (head, direction); the
    saved checkpoint holds kept units only and runs on every backend.
+
+To a budget (`budget=Budget.parse("mixer-params=116000")`, also params=, arrays=, mixer-arrays=, latency=,
+energy=): step 2's threshold is the smallest one whose kept units meet the budget (a binary search over
+the sorted group norms; the quantity is counted for each candidate by the parameter formula or by
+far.imc.cost's chip model), and `align` rounds every (head, direction) down to whole crossbar column
+blocks (4 units at the default 8-bit weights in 2-bit differential cells, 128 columns: 4k gate rows x 8
+columns per unit). `rounds` > 1 repeats steps 1-3 with budgets shrinking geometrically to the target
+(gradual pruning).
+
+What can be removed physically: a unit (its W_ih and W_hh gate rows, its W_hh column, its biases, its
+head_proj column). Not pruned: pre_proj rows and W_ih columns (a head's LSTM input width d is shared by
+its two directions and every head has the same d in the kernels' layout), and head_proj rows / proj
+columns (d outputs per head, the same layout constraint); masking them would save nothing on the chip
+without ragged head widths.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
-from typing import List, Optional, Tuple
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,8 +52,14 @@ from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories
 
 
 # ---------------------------------------------------------------- groups
-def group_sq_norms(m: FARAttention) -> torch.Tensor:
-    """[H, 2, n] squared L2 norm of every unit's group (differentiable)."""
+GROUPS = ("far", "public")
+HOYER_SCOPES = ("block", "head-direction")
+
+
+def group_sq_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
+    """[H, 2, n] squared L2 norm of every unit's group (differentiable). groups="public" leaves out the
+    biases and the head_proj column, as the authors' public code's groups do (its unit = W_ih and W_hh
+    gate rows and the W_hh column)."""
     H, n, d = m.num_heads, m.width, m.head_dim
     w_ih = m.w_ih.view(H, 2, 4, n, d)
     w_hh = m.w_hh.view(H, 2, 4, n, n)
@@ -45,26 +68,36 @@ def group_sq_norms(m: FARAttention) -> torch.Tensor:
     sq = sq + w_hh.square().sum(dim=(2, 3))                  # W_hh column u (all 4n rows)
     diag = torch.diagonal(w_hh, dim1=3, dim2=4)              # [H, 2, 4, n]: in both the rows and the column
     sq = sq - diag.square().sum(dim=2)
+    if groups == "public":
+        return sq
+    if groups != "far":
+        raise ConfigError(f"groups must be one of {', '.join(GROUPS)}, got {groups!r}")
     sq = sq + m.b_ih.view(H, 2, 4, n).square().sum(2) + m.b_hh.view(H, 2, 4, n).square().sum(2)
     sq = sq + m.head_proj_weight.view(H, d, 2, n).square().sum(1)  # head_proj column of unit u
     return sq
 
 
-def group_norms(m: FARAttention) -> torch.Tensor:
+def group_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
     """[H, 2, n] group L2 norms; padded (not kept) units are 0."""
-    return group_sq_norms(m).clamp_min(0).sqrt() * m.unit_mask().to(m.w_ih.device)
+    return group_sq_norms(m, groups).clamp_min(0).sqrt() * m.unit_mask().to(m.w_ih.device)
 
 
-def hoyer_square(m: FARAttention, eps: float = 1e-12) -> torch.Tensor:
-    """(sum_g ||g||)^2 / sum_g ||g||^2 over the kept groups of one block (scale-invariant, in [1, #groups])."""
-    sq = group_sq_norms(m)
+def hoyer_square(m: FARAttention, eps: float = 1e-12, scope: str = "block", groups: str = "far") -> torch.Tensor:
+    """(sum_g ||g||)^2 / sum_g ||g||^2 over the kept groups of one block (scope="block": scale-invariant, in
+    [1, #groups]), or that ratio per (head, direction), summed (scope="head-direction", the public code's
+    pooling)."""
+    if scope not in HOYER_SCOPES:
+        raise ConfigError(f"the Hoyer scope must be one of {', '.join(HOYER_SCOPES)}, got {scope!r}")
+    sq = group_sq_norms(m, groups)
     mask = m.unit_mask().to(sq.device)
     norms = (sq + eps).sqrt() * mask
-    return norms.sum().square() / (sq * mask).sum().clamp_min(eps)
+    if scope == "block":
+        return norms.sum().square() / (sq * mask).sum().clamp_min(eps)
+    return (norms.sum(-1).square() / (sq * mask).sum(-1).clamp_min(eps)).sum()
 
 
 def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = None,
-                     threshold: Optional[float] = None) -> float:
+                     threshold: Optional[float] = None, groups: str = "far") -> float:
     """The threshold: given, or the value below which `prune_ratio` of all kept groups lie."""
     if (prune_ratio is None) == (threshold is None):
         raise ConfigError("give exactly one of --prune-ratio and --threshold")
@@ -75,7 +108,7 @@ def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = 
     if not 0 <= prune_ratio < 1:
         raise ConfigError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
     with torch.no_grad():
-        norms = torch.cat([group_norms(m)[m.unit_mask()].flatten().double().cpu() for m in models])
+        norms = torch.cat([group_norms(m, groups)[m.unit_mask()].flatten().double().cpu() for m in models])
     if norms.numel() == 0:
         return 0.0
     k = int(round(prune_ratio * norms.numel()))
@@ -85,10 +118,10 @@ def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = 
     return float((s[k - 1] + s[k]) / 2) if k < s.numel() else float(s[-1]) + 1.0
 
 
-def keep_masks(models: List[FARAttention], threshold: float) -> List[torch.Tensor]:
+def keep_masks(models: List[FARAttention], threshold: float, groups: str = "far") -> List[torch.Tensor]:
     """Per module, [H, 2, n] bool: kept units (group norm >= threshold, among the currently kept)."""
     with torch.no_grad():
-        return [(group_norms(m) >= threshold) & m.unit_mask().to(m.w_ih.device) for m in models]
+        return [(group_norms(m, groups) >= threshold) & m.unit_mask().to(m.w_ih.device) for m in models]
 
 
 # ---------------------------------------------------------------- masking and compaction
@@ -151,24 +184,227 @@ def kept_table(model: nn.Module) -> List[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- budgets
+BUDGET_KINDS = {  # kind: (what, unit)
+    "params": ("parameters of the whole model (kept units)", ""),
+    "mixer-params": ("parameters of the token mixers (kept units)", ""),
+    "arrays": ("crossbar arrays of the whole model (static, plus attention's K/V arrays)", ""),
+    "mixer-arrays": ("crossbar arrays of the token mixers (static, plus attention's K/V arrays)", ""),
+    "latency": ("latency of one image on the chip", "ns"),
+    "energy": ("energy of one image on the chip", "pJ"),
+}
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a pruned model may cost: `kind` (BUDGET_KINDS) <= `value`. The chip kinds (arrays, mixer-arrays,
+    latency, energy) are counted by far.imc.cost under `cfg` (far_kernels.CrossbarConfig, default ISAAC-like)
+    and `hw` (far.imc.cost.HardwareSpec) for images of `input_size` (default: the model's)."""
+    kind: str
+    value: float
+    cfg: object = None
+    hw: object = None
+    input_size: Optional[tuple] = None
+
+    def __post_init__(self):
+        if self.kind not in BUDGET_KINDS:
+            raise ConfigError(f"unknown budget {self.kind!r}: give one of {', '.join(BUDGET_KINDS)}")
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
+            raise ConfigError(f"the {self.kind} budget must be a number > 0, got {self.value!r}")
+
+    @classmethod
+    def parse(cls, spec: str, **kwargs) -> "Budget":
+        """'KIND=VALUE' (VALUE may end in k, M or G; latency in ns, energy in pJ), e.g. 'mixer-params=116k'."""
+        m = re.fullmatch(r"\s*([a-z-]+)\s*=\s*([0-9.eE+-]+)\s*([kKmMgG]?)\s*", spec or "")
+        if not m:
+            raise ConfigError(f"--budget takes KIND=VALUE with KIND one of {', '.join(BUDGET_KINDS)} "
+                              f"(e.g. mixer-params=116000, arrays=300, latency=900000, energy=2.5e7), got {spec!r}")
+        try:
+            value = float(m.group(2)) * _SUFFIX[m.group(3).lower()]
+        except ValueError:
+            raise ConfigError(f"--budget {spec!r}: {m.group(2)!r} is not a number") from None
+        return cls(m.group(1), value, **kwargs)
+
+    @property
+    def on_chip(self) -> bool:
+        return self.kind not in ("params", "mixer-params")
+
+    def format(self, value: float) -> str:
+        unit = BUDGET_KINDS[self.kind][1]
+        return f"{value:,.0f}{' ' + unit if unit else ''}"
+
+    def __str__(self) -> str:
+        return f"{self.kind} <= {self.format(self.value)}"
+
+
+def budget_measure(model: nn.Module, budget: Budget) -> Callable[[Dict[str, torch.Tensor]], float]:
+    """f(hidden sizes) -> the budget's quantity for the model with its FAR blocks' kept units replaced by
+    {FAR module name: [2, H] kept units} (missing names keep their own)."""
+    mods = dict(far_modules(model))
+    if budget.kind in ("params", "mixer-params"):
+        from far.models import param_counts
+
+        counts = param_counts(model)
+        base = counts["kept" if budget.kind == "params" else "mixer_kept"] - sum(m.num_lstm_params() for m in mods.values())
+        return lambda hs: float(base + sum(m.num_lstm_params(hs.get(n)) for n, m in mods.items()))
+    import far_kernels
+    from far.imc.cost import HardwareSpec, model_cost, trace
+
+    cfg = budget.cfg if budget.cfg is not None else far_kernels.CrossbarConfig()
+    hw = budget.hw if budget.hw is not None else HardwareSpec()
+    calls = trace(model, budget.input_size)
+
+    def measure(hs):
+        report = model_cost(model, cfg, hw, hidden_sizes=hs, calls=calls)
+        if budget.kind == "latency":
+            return report.totals["latency_us"] * 1e3
+        if budget.kind == "energy":
+            return report.totals["energy_uj"] * 1e6
+        rows = [r for r in report.rows if budget.kind == "arrays" or r.kind in ("far", "attention", "reuse")]
+        return float(sum(r.arrays + r.dynamic_arrays for r in rows))
+    return measure
+
+
+def array_units(budget: Budget) -> int:
+    """Units whose gate columns fill one crossbar column block exactly: cols / (4 gates x weight slices x
+    cells per weight) — 4 at the default 8-bit weights in 2-bit differential cells on 128 columns."""
+    import far_kernels
+    from far.imc.cost import HardwareSpec
+
+    cfg = budget.cfg if budget.cfg is not None else far_kernels.CrossbarConfig()
+    hw = budget.hw if budget.hw is not None else HardwareSpec()
+    per_unit = 4 * cfg.n_weight_slices * (2 if cfg.encoding == "differential" else 1)
+    return max(1, hw.cols // per_unit)
+
+
+@dataclass
+class BudgetPlan:
+    """The pruning that meets a budget: keep masks per module, the threshold, and the budget's quantity
+    before, after, and if one more group (or column block) were kept."""
+    budget: Budget
+    masks: List[torch.Tensor]
+    threshold: float
+    before: float
+    achieved: float
+    next_up: Optional[float]  # the quantity with the next-weakest pruned group kept too (None: nothing pruned)
+    pruned_groups: int
+    groups: int
+    align: int
+
+    @property
+    def met(self) -> bool:
+        return self.achieved <= self.budget.value
+
+    def summary(self) -> str:
+        b = self.budget
+        head = (f"budget {b}: achieved {b.format(self.achieved)} ({100 * self.achieved / b.value:.1f}% of the budget; "
+                f"{b.format(self.before)} before), {self.pruned_groups} of {self.groups} unit groups removed")
+        if self.align > 1:
+            head += f", every (head, direction) a multiple of {self.align} units"
+        if self.next_up is not None:
+            head += f"; keeping one more group would give {b.format(self.next_up)}"
+        return head
+
+
+def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget: Budget, align: int = 1,
+                groups: str = "far", balance: bool = False) -> BudgetPlan:
+    """The fewest removed unit groups (weakest group norm first, over every block, head and direction; with
+    `align` > 1 every (head, direction) then rounded down to a multiple of `align` kept units) whose model
+    meets `budget`. balance=True ranks each group by its norm over the root-mean-square norm of its block's
+    kept groups, so that a block whose weights are small overall is not emptied first (every block keeps
+    units to reproduce its attention block with). Raises ConfigError, saying by how much and why, when even
+    removing every unit cannot."""
+    if align < 1:
+        raise ConfigError(f"align must be >= 1, got {align}")
+    measure = budget_measure(model, budget)
+    alive = [m.unit_mask().contiguous() for _, m in models]
+    with torch.no_grad():
+        norms = [group_norms(m, groups).detach().double().cpu() for _, m in models]
+    if balance:
+        norms = [n / n[a].square().mean().sqrt().clamp_min(1e-30) if a.any() else n for n, a in zip(norms, alive)]
+    where, vals = [], []  # every alive group: (module, flat position), its norm
+    for i, (n, a) in enumerate(zip(norms, alive)):
+        idx = a.flatten().nonzero().flatten()
+        where.append(torch.stack([torch.full_like(idx, i), idx], 1))
+        vals.append(n.flatten()[idx])
+    vals = torch.cat(vals)
+    perm = torch.sort(vals, stable=True).indices  # weakest first; ties in module order
+    order, where = vals[perm], torch.cat(where)[perm].tolist()
+    G = order.numel()
+
+    def masks_for(j: int) -> List[torch.Tensor]:
+        keep = [a.clone() for a in alive]
+        for i, idx in where[:j]:
+            keep[i].view(-1)[idx] = False
+        if align > 1:
+            keep = [_align(k, n, align) for k, n in zip(keep, norms)]
+        return keep
+
+    def value(j: int) -> float:
+        masks = masks_for(j)
+        return measure({name: mk.sum(-1).T.contiguous() for (name, _), mk in zip(models, masks)})
+
+    before = measure({})
+    lowest = value(G)
+    if lowest > budget.value:
+        b = budget
+        why = {"params": "the parameters outside the LSTMs (patch embedding, MLPs, norms, pre_proj, proj, head)",
+               "mixer-params": "pre_proj and proj of every FAR block (and any attention left)",
+               "arrays": "the arrays of every layer that is not an LSTM",
+               "mixer-arrays": "pre_proj's and proj's arrays (and any attention's)",
+               "latency": "the layers around the LSTMs (and an LSTM step takes the same crossbar cycles however "
+                          "many units it keeps: latency falls with whole heads and directions removed)",
+               "energy": "the layers around the LSTMs"}[b.kind]
+        raise ConfigError(f"budget {b} cannot be met by pruning units: with every unit removed the model still has "
+                          f"{b.format(lowest)} ({b.format(lowest - b.value)} over, {100 * lowest / b.value:.1f}% of the "
+                          f"budget) — that is {why}")
+    lo, hi = 0, G  # value(hi) <= budget; find the smallest such j
+    if before <= budget.value and align == 1:
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if value(mid) <= budget.value:
+            hi = mid
+        else:
+            lo = mid + 1
+    j = hi
+    masks = masks_for(j)
+    thr = float((order[j - 1] + order[j]) / 2) if 0 < j < G else (float(order[-1]) + 1.0 if j == G else 0.0)
+    return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align)
+
+
+def _align(keep: torch.Tensor, norms: torch.Tensor, align: int) -> torch.Tensor:
+    """Round each (head, direction)'s kept units down to a multiple of `align`, keeping the strongest."""
+    out = torch.zeros_like(keep)
+    H = keep.shape[0]
+    for h in range(H):
+        for r in (0, 1):
+            k = int(keep[h, r].sum()) // align * align
+            if k:
+                cand = torch.where(keep[h, r], norms[h, r], torch.full_like(norms[h, r], -1.0))
+                out[h, r, torch.topk(cand, k).indices] = True
+    return out
+
+
 # ---------------------------------------------------------------- tasks
 class HoyerTask(Task):
     """CE + hoyer * sum over blocks of the Hoyer-square of the group norms."""
 
     name = "prune-reg"
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, hoyer: float):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, hoyer: float, scope: str = "block", groups: str = "far"):
         super().__init__(model, cfg)
         if hoyer < 0:
             raise ConfigError(f"--hoyer must be >= 0, got {hoyer}")
-        self.hoyer = hoyer
+        self.hoyer, self.scope, self.groups = hoyer, scope, groups
         self.mods = [m for _, m in far_modules(model)]
         for p in model.parameters():
             p.requires_grad_(True)
 
     def loss(self, model, x, y):
         ce = F.cross_entropy(model(x), y, label_smoothing=self.cfg.label_smoothing)
-        reg = torch.stack([hoyer_square(m) for m in self.mods]).sum()
+        reg = torch.stack([hoyer_square(m, scope=self.scope, groups=self.groups) for m in self.mods]).sum()
         return {"loss": ce + self.hoyer * reg, "ce": ce.detach(), "hoyer": reg.detach()}
 
 
@@ -202,98 +438,196 @@ def lstm_param_count(model: nn.Module) -> Tuple[int, int]:
     """(LSTM weights+biases of kept units, head_proj weights+biases) over every FAR block."""
     lstm = hp = 0
     for _, m in far_modules(model):
-        k = m.hidden_sizes
-        lstm += int((4 * k * m.head_dim + 4 * k * k + 8 * k).sum())
-        hp += int(m.head_dim * k.sum()) + m.num_heads * m.head_dim
+        a, b = m.num_lstm_params(split=True)
+        lstm, hp = lstm + a, hp + b
     return lstm, hp
 
 
 # ---------------------------------------------------------------- the method
 def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[TrainConfig] = None,
           hoyer: float = 1e-3, prune_ratio: Optional[float] = 0.3, threshold: Optional[float] = None,
+          budget=None, align: int = 1, balance: bool = False, rounds: int = 1, hoyer_scope: str = "block",
+          groups: str = "far",
           finetune_epochs: float = 1.0, finetune_lr: float = 2e-4, device: Optional[str] = None,
           identity: Optional[dict] = None, inplace: bool = False) -> nn.Module:
     """A pruned, compacted copy of the FAR model `model` (inplace=True prunes `model` itself).
 
     Steps: Hoyer-regularized training (config.epochs at config.lr; 0 epochs skips it) -> one global
-    threshold (`threshold`, or the one that removes `prune_ratio` of all unit groups) -> masked
-    fine-tune (finetune_epochs at finetune_lr; 0 skips it) -> compaction (kept units only).
+    threshold (`threshold`, or the one that removes `prune_ratio` of all unit groups, or the weakest one
+    that meets `budget`: a Budget or its 'KIND=VALUE' text) -> masked fine-tune (finetune_epochs at
+    finetune_lr; 0 skips it) -> compaction (kept units only). align: with a budget, round every (head,
+    direction) down to a multiple of this many units (array_units(budget): whole crossbar column blocks);
+    balance: rank groups by their norm relative to their block's (plan_budget).
+    rounds > 1 (with a budget or a ratio): steps 1-3 that many times, each round's budget (or ratio)
+    shrinking geometrically to the target, each round with config.epochs and finetune_epochs of its own.
+    hoyer_scope ("block" | "head-direction") and groups ("far" | "public"): module docstring and
+    hoyer_square / group_sq_norms; the defaults are this implementation's, the alternatives the public
+    code's.
     config.out_dir None writes nothing; with a folder, <out_dir>/reg, <out_dir>/finetune hold each
-    stage's state and metrics and <out_dir>/masked.safetensors the masked model, and config.resume
-    continues an interrupted run. identity: extra settings a resumed run must match.
-    Returns the model (eval mode) with `far_metadata` and `far_run` (see far.distill)."""
+    stage's state and metrics and <out_dir>/masked.safetensors the masked model (<out_dir>/round<r>/...
+    with rounds > 1), and config.resume continues an interrupted run. identity: extra settings a resumed
+    run must match.
+    Returns the model (eval mode) with `far_metadata` and `far_run` (see far.distill); with a budget,
+    `far_budget` (the BudgetPlan of the last round: budget, achieved, the next group's value)."""
     cfg = config or TrainConfig()
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
     if cfg.epochs < 0 or finetune_epochs < 0:
         raise ConfigError("the regularized and fine-tune epochs must be >= 0")
-    mods = [m for _, m in far_modules(model)]
-    if not mods:
+    if isinstance(budget, str):
+        budget = Budget.parse(budget)
+    if budget is not None:
+        if threshold is not None:
+            raise ConfigError("give one of a budget and a threshold, not both")
+        prune_ratio = None
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds must be an int >= 1, got {rounds!r}")
+    if rounds > 1 and threshold is not None:
+        raise ConfigError("rounds > 1 needs a budget or a prune ratio (a fixed threshold is one step)")
+    if hoyer_scope not in HOYER_SCOPES:
+        raise ConfigError(f"the Hoyer scope must be one of {', '.join(HOYER_SCOPES)}, got {hoyer_scope!r}")
+    if groups not in GROUPS:
+        raise ConfigError(f"groups must be one of {', '.join(GROUPS)}, got {groups!r}")
+    named = far_modules(model)
+    if not named:
         raise ConfigError("the model has no FAR blocks: prune a FAR student (far.distill makes one)")
+    if budget is not None:  # an impossible budget fails here, before any training
+        plan_budget(named, model, budget, align, groups, balance)
     d = setup_distributed(device)
     model = (model if inplace else copy.deepcopy(model)).to(d.device)
     before = {name: m.hidden_sizes.clone() for name, m in far_modules(model)}
     params_before = lstm_param_count(model)
-    ident = {**(identity or {}), "hoyer": hoyer}
+    ident = {**(identity or {}), "hoyer": hoyer, "hoyer_scope": hoyer_scope, "groups": groups,
+             "budget": None if budget is None else str(budget), "align": align, "balance": balance, "rounds": rounds}
+    start = budget_measure(model, budget)({}) if budget is not None else None
+    histories: list = []
+    seconds, steps = 0.0, 0
+    record, thr, plan, result = [], None, None, None
+    for r in range(1, rounds + 1):
+        frac = r / rounds
+        round_budget = None if budget is None else dataclasses.replace(
+            budget, value=budget.value if r == rounds else max(budget.value, start * (budget.value / start) ** frac))
+        round_ratio = None if prune_ratio is None else 1 - (1 - prune_ratio) ** (1 / rounds)
+        out = cfg.out_dir if rounds == 1 or cfg.out_dir is None else os.path.join(cfg.out_dir, f"round{r}")
+        rc = dataclasses.replace(cfg, out_dir=out)
+        done_file = None if rounds == 1 or out is None else os.path.join(out, "done.safetensors")
+        if cfg.resume and done_file is not None and os.path.isfile(done_file):
+            model = load(done_file).to(d.device)
+            record.append(model.far_checkpoint["metadata"]["round"])
+            continue
+        model, res, thr, plan, info = _prune_round(
+            model, train_data, eval_data, rc, d, ident, hoyer, hoyer_scope, groups, round_ratio, threshold,
+            round_budget, align, balance, finetune_epochs, finetune_lr, desc="" if rounds == 1 else f" (round {r}/{rounds})")
+        result = res
+        seconds += res.seconds
+        steps += res.steps
+        histories.extend(info.pop("histories"))
+        record.append(info)
+        if not res.completed:
+            break
+        if done_file is not None and d.main:
+            save(model, done_file, metadata={"round": info})
+        d.barrier()
+    completed = result is None or result.completed
+    if completed:
+        with torch.no_grad():
+            for _, m in far_modules(model):
+                compact_(m)
+    final_acc = result.final_accuracy if result is not None else None
+    done = TrainResult(model, join_histories(*histories), final_acc, seconds, steps, None, completed)
+    params_after = lstm_param_count(model)
+    cut = 1 - params_after[0] / max(params_before[0], 1)
+    cut_hp = 1 - sum(params_after) / max(sum(params_before), 1)
+    from far.models import param_counts
+
+    counts = param_counts(model)
+    last = record[-1] if record else {}
+    pruning = {"hoyer": hoyer, "hoyer_scope": hoyer_scope, "groups": groups, "reg_epochs": cfg.epochs,
+               "prune_ratio": prune_ratio, "threshold": thr if completed else None, "finetune_epochs": finetune_epochs,
+               "finetune_lr": finetune_lr, "masked_test_accuracy": last.get("masked_test_accuracy"),
+               "lstm_params_before": params_before[0], "lstm_params_after": params_after[0],
+               "head_proj_params_before": params_before[1], "head_proj_params_after": params_after[1],
+               "params_kept": counts["kept"], "params_stored": counts["stored"],
+               "mixer_params_kept": counts["mixer_kept"], "mixer_params_stored": counts["mixer_stored"],
+               "rounds": rounds, "align": align, "balance": balance, "per_round": record}
+    if budget is not None:
+        pruning["budget"] = {"kind": budget.kind, "value": budget.value, "text": str(budget),
+                             "achieved": last.get("achieved"), "before": start, "met": bool(completed and last.get("met")),
+                             "next_group": last.get("next_group")}
+    model.far_metadata = run_metadata("prune", cfg, d, done, **(identity or {}), pruning=pruning)
+    rows = []
+    if completed:
+        rows = [("global threshold", f"{thr:.4g}" if thr is not None else "n/a"),
+                ("LSTM params", f"{params_before[0]:,} -> {params_after[0]:,} ({100 * cut:.1f}% fewer)"),
+                ("LSTM + head_proj", f"{sum(params_before):,} -> {sum(params_after):,} ({100 * cut_hp:.1f}% fewer)"),
+                ("parameters kept / stored", f"{counts['kept']:,} / {counts['stored']:,} (token mixers "
+                                             f"{counts['mixer_kept']:,} / {counts['mixer_stored']:,})")]
+        for i, rec in enumerate(record, 1):
+            tag = "" if rounds == 1 else f" (round {i})"
+            if rec.get("budget_summary"):
+                rows.append((f"budget{tag}", rec["budget_summary"]))
+            acc = rec.get("masked_test_accuracy")
+            rows.append((f"after masking{tag}", f"{100 * acc:.2f}%" if acc is not None else "n/a"))
+    model.far_run = RunReport("prune", done.history, done.final_accuracy, seconds, steps, done.completed,
+                              cfg.out_dir, rows=rows)
+    model.far_pruned_from = before  # {block: hidden sizes before pruning}, for reports
+    model.far_budget = plan
+    return model.eval()
+
+
+def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, groups, prune_ratio, threshold,
+                 budget, align, balance, finetune_epochs, finetune_lr, desc=""):
+    """One Hoyer -> threshold -> masked fine-tune round (not compacted). Returns (model, last TrainResult,
+    threshold, BudgetPlan or None, record)."""
     histories: list = []
     seconds, steps = 0.0, 0
     masked_file = None if cfg.out_dir is None else os.path.join(cfg.out_dir, "masked.safetensors")
     result: Optional[TrainResult] = None
+    plan = None
+    info: dict = {}
     if cfg.resume and masked_file is not None and os.path.isfile(masked_file):
         model = load(masked_file).to(d.device)
+        info = dict(model.far_checkpoint["metadata"].get("round_info", {}))
         thr = float(model.far_checkpoint["metadata"]["threshold"])
     else:
         if cfg.epochs > 0:
             c1 = stage_config(cfg, "reg")
-            result = train(HoyerTask(model, c1, hoyer), train_data, eval_data, c1, d, identity=ident,
-                           desc="prune: hoyer")
+            result = train(HoyerTask(model, c1, hoyer, scope, groups), train_data, eval_data, c1, d, identity=ident,
+                           desc="prune: hoyer" + desc)
             seconds, steps = result.seconds, result.steps
             model = result.model
             histories.append(result.history)
         if result is None or result.completed:
-            mods = [m for _, m in far_modules(model)]
-            thr = global_threshold(mods, prune_ratio, threshold)
-            for m, keep in zip(mods, keep_masks(mods, thr)):
+            named = far_modules(model)
+            mods = [m for _, m in named]
+            if budget is not None:
+                plan = plan_budget(named, model, budget, align, groups, balance)
+                thr, masks = plan.threshold, plan.masks
+                info.update(budget=str(budget), achieved=plan.achieved, met=plan.met, next_group=plan.next_up,
+                            budget_summary=plan.summary())
+            else:
+                thr = global_threshold(mods, prune_ratio, threshold, groups)
+                masks = keep_masks(mods, thr, groups)
+            for m, keep in zip(mods, masks):
                 apply_keep_mask(m, keep)
+            info["hidden_sizes"] = {n: m.hidden_sizes.tolist() for n, m in named}
             if masked_file is not None and d.main:
-                save(model, masked_file, metadata={"threshold": thr})
+                save(model, masked_file, metadata={"threshold": thr, "round_info": info})
             d.barrier()
-    masked_acc = None
     if result is None or result.completed:
         masked_acc = accuracy(model, eval_data, batch_size=cfg.eval_batch_size, device=d.device)
+        info["masked_test_accuracy"] = masked_acc
         result = TrainResult(model, [], masked_acc, 0.0, 0, None, True)
         if finetune_epochs > 0:
             c2 = stage_config(cfg, "finetune", epochs=finetune_epochs, lr=finetune_lr,
                               min_lr=min(cfg.min_lr, finetune_lr),
                               warmup_epochs=min(cfg.warmup_epochs, finetune_epochs / 4))
             result = train(MaskedTask(model, c2), train_data, eval_data, c2, d, identity={**ident, "threshold": thr},
-                           desc="prune: masked fine-tune")
+                           desc="prune: masked fine-tune" + desc)
             seconds += result.seconds
             steps += result.steps
             histories.append(result.history)
         model = result.model
-        if result.completed:
-            with torch.no_grad():
-                for _, m in far_modules(model):
-                    compact_(m)
-    done = TrainResult(model, join_histories(*histories), result.final_accuracy, seconds, steps, None,
-                       result.completed)
-    params_after = lstm_param_count(model)
-    cut = 1 - params_after[0] / max(params_before[0], 1)
-    cut_hp = 1 - sum(params_after) / max(sum(params_before), 1)
-    model.far_metadata = run_metadata(
-        "prune", cfg, d, done, **(identity or {}),
-        pruning={"hoyer": hoyer, "reg_epochs": cfg.epochs, "prune_ratio": prune_ratio,
-                 "threshold": thr if result.completed else None, "finetune_epochs": finetune_epochs,
-                 "finetune_lr": finetune_lr, "masked_test_accuracy": masked_acc,
-                 "lstm_params_before": params_before[0], "lstm_params_after": params_after[0],
-                 "head_proj_params_before": params_before[1], "head_proj_params_after": params_after[1]})
-    rows = []
-    if done.completed:
-        rows = [("global threshold", f"{thr:.4g}"),
-                ("LSTM params", f"{params_before[0]:,} -> {params_after[0]:,} ({100 * cut:.1f}% fewer)"),
-                ("LSTM + head_proj", f"{sum(params_before):,} -> {sum(params_after):,} ({100 * cut_hp:.1f}% fewer)"),
-                ("after masking (before fine-tune)", f"{100 * masked_acc:.2f}%" if masked_acc is not None else "n/a")]
-    model.far_run = RunReport("prune", done.history, done.final_accuracy, seconds, steps, done.completed,
-                              cfg.out_dir, rows=rows)
-    model.far_pruned_from = before  # {block: hidden sizes before pruning}, for reports
-    return model.eval()
+        info["accuracy"] = result.final_accuracy
+    result = TrainResult(model, [], result.final_accuracy, seconds, steps, None, result.completed)
+    info["histories"] = histories
+    return model, result, thr, plan, info

@@ -6,11 +6,11 @@
     factory.py     create_model, save/load, and the one MODEL resolver (file | zoo name | timm name)
 """
 from far.models.convert import (ConversionReport, attention_classes, convert, count_params, far_modules,
-                                far_param_count, mixer_params, set_backend)
+                                far_param_count, mixer_params, param_counts, set_backend)
 from far.models.factory import (ModelSpec, build, create_model, data_config, is_far, load, load_model, resolve,
                                 save, stored_tensors, unwrap)
 from far.models.pretrained import ZOO, zoo_path
 
 __all__ = ["ConversionReport", "ModelSpec", "ZOO", "attention_classes", "build", "convert", "count_params",
            "create_model", "data_config", "far_modules", "far_param_count", "is_far", "load", "load_model",
-           "mixer_params", "resolve", "save", "set_backend", "stored_tensors", "unwrap", "zoo_path"]
+           "mixer_params", "param_counts", "resolve", "save", "set_backend", "stored_tensors", "unwrap", "zoo_path"]

@@ -45,6 +45,22 @@ def mixer_params(model: nn.Module) -> int:
     return total
 
 
+def param_counts(model: nn.Module) -> dict:
+    """Two honest counts, of the whole model and of its token mixers (`block.attn`):
+    kept: the parameters the model has — a pruned FAR block's kept units only; what a checkpoint stores;
+    stored: the parameters held in memory — a pruned FAR block's tensors are padded to its widest
+    (head, direction) so that all heads run as one batched GEMM (the padding is exactly zero).
+    Returns {"kept", "stored", "mixer_kept", "mixer_stored"}."""
+    stored = count_params(model)
+    padding = 0
+    for m in model.modules():
+        if isinstance(m, FARAttention):
+            padded = sum(getattr(m, n).numel() for n in FARAttention.COMPACT_KEYS)
+            padding += padded - m.num_lstm_params()
+    mixer_stored = sum(count_params(blk.attn) for blk in getattr(model, "blocks", []))
+    return {"kept": stored - padding, "stored": stored, "mixer_kept": mixer_params(model), "mixer_stored": mixer_stored}
+
+
 @dataclass
 class ConversionReport:
     """Parameter counts per converted block: the attention's (qkv + proj) vs FAR's (pre_proj + LSTMs +

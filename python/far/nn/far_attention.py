@@ -104,12 +104,14 @@ class FARAttention(nn.Module):
         units = torch.arange(self.width)
         return (units < self.hidden_sizes[..., None]).permute(1, 0, 2)
 
-    def num_lstm_params(self) -> int:
-        """Parameters of the LSTMs and head_proj counting kept units only (what a compact store holds)."""
+    def num_lstm_params(self, hidden_sizes=None, split: bool = False):
+        """Parameters of the LSTMs and head_proj counting kept units only (what a compact store holds), for
+        this module's hidden_sizes or the given [2, H] ones; split=True: (LSTMs, head_proj)."""
         d = self.head_dim
-        k = self.hidden_sizes
+        k = self.hidden_sizes if hidden_sizes is None else torch.as_tensor(hidden_sizes, dtype=torch.int64)
         lstm = int((4 * k * d + 4 * k * k + 8 * k).sum())
-        return lstm + int(d * k.sum()) + self.num_heads * d
+        head_proj = int(d * k.sum()) + self.num_heads * d
+        return (lstm, head_proj) if split else lstm + head_proj
 
     @torch.no_grad()
     def zero_padding_(self) -> None:

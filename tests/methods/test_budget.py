@@ -1,0 +1,173 @@
+"""Pruning to a hardware budget: the budget grammar, the counted quantity against an independent count
+of the pruned and compacted model, tightness (met, and one more group would not be), impossible budgets,
+gradual rounds, and the result running on every CPU backend and the crossbar emulator."""
+import pytest
+import torch
+
+import far
+from far.errors import ConfigError
+from far.imc.cost import HardwareSpec, model_cost
+from far.methods.prune import (Budget, apply_keep_mask, array_units, budget_measure, compact_, plan_budget)
+from far.models import param_counts
+
+from conftest import max_err
+
+
+def tiny(seed=0, embed_dim=48, depth=2, num_heads=2):
+    torch.manual_seed(seed)
+    model = far.create_model("fmnist_deit_tiny", embed_dim=embed_dim, depth=depth, num_heads=num_heads).eval()
+    with torch.no_grad():  # spread the unit norms so that the ranking has no ties
+        for _, m in far.far_modules(model):
+            H, n = m.num_heads, m.width
+            scale = torch.rand(H, 2, n) * 2
+            m.w_ih.mul_(scale.unsqueeze(2).expand(H, 2, 4, n).reshape(H, 2, 4 * n, 1))
+    return model
+
+
+def pruned_copy(model, masks):
+    """The model with `masks` applied and compacted, as far.prune leaves it."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for (_, m), keep in zip(far.far_modules(out), masks):
+        apply_keep_mask(m, keep)
+        compact_(m)
+    return out
+
+
+def counted(model, budget):
+    """The budget's quantity counted on the model itself (no override)."""
+    c = param_counts(model)
+    if budget.kind == "params":
+        return c["kept"]
+    if budget.kind == "mixer-params":
+        return c["mixer_kept"]
+    t = model_cost(model, budget.cfg, budget.hw)
+    if budget.kind == "energy":
+        return t.totals["energy_uj"] * 1e6
+    if budget.kind == "latency":
+        return t.totals["latency_us"] * 1e3
+    rows = [r for r in t.rows if budget.kind == "arrays" or r.kind in ("far", "attention", "reuse")]
+    return sum(r.arrays + r.dynamic_arrays for r in rows)
+
+
+@pytest.mark.parametrize("text,kind,value", [
+    ("mixer-params=116k", "mixer-params", 116e3), ("params=2.5M", "params", 2.5e6), ("arrays=300", "arrays", 300),
+    (" energy = 2e7 ", "energy", 2e7), ("latency=9e5", "latency", 9e5), ("mixer-arrays=1.5k", "mixer-arrays", 1500)])
+def test_budget_grammar(text, kind, value):
+    b = Budget.parse(text)
+    assert (b.kind, b.value) == (kind, pytest.approx(value))
+
+
+@pytest.mark.parametrize("text", ["params", "flops=3", "params=-1", "params=0", "params=abc", "params=1x", ""])
+def test_budget_grammar_rejects(text):
+    with pytest.raises(ConfigError):
+        Budget.parse(text)
+
+
+def test_param_counts_kept_and_stored_by_hand():
+    model = tiny()
+    (_, m0), (_, m1) = far.far_modules(model)
+    full = param_counts(model)
+    assert full["kept"] == full["stored"] == sum(p.numel() for p in model.parameters())
+    keep = torch.ones(2, 2, 24, dtype=torch.bool)
+    keep[0, 0, 5:] = False  # head 0 forward keeps 5 of 24 units; the others keep all (width stays 24)
+    apply_keep_mask(m0, keep)
+    c = param_counts(model)
+    d = m0.head_dim  # 24
+    removed = 19 * (4 * d + 4 * 24 + 8 + d)  # 19 units: W_ih rows, W_hh rows, biases, head_proj column ...
+    removed += 4 * 5 * 19  # ... and the W_hh columns of the removed units in the 5 kept units' rows
+    assert c["stored"] == full["stored"] and c["kept"] == full["kept"] - removed
+    assert c["mixer_kept"] == full["mixer_kept"] - removed and c["mixer_stored"] == full["mixer_stored"]
+
+
+@pytest.mark.parametrize("spec,hw", [
+    ("mixer-params=30000", None), ("params=200000", None), ("mixer-arrays=40", None),
+    ("arrays=70", HardwareSpec(packing="diagonal")), ("energy=3.9e6", None), ("latency=420000", None)])
+@pytest.mark.parametrize("align", [1, 4])
+def test_budget_is_met_tightly_and_counted_like_the_compacted_model(spec, hw, align):
+    model = tiny()
+    b = Budget.parse(spec, hw=hw)
+    named = far.far_modules(model)
+    plan = plan_budget(named, model, b, align=align)
+    assert plan.met and plan.achieved <= b.value
+    result = pruned_copy(model, plan.masks)
+    assert counted(result, b) == pytest.approx(plan.achieved)  # the override counts what compaction gives
+    if plan.next_up is not None:  # one group fewer removed: over the budget
+        assert plan.next_up > b.value
+    if align > 1:
+        assert all(int(k) % align == 0 for _, m in far.far_modules(result) for k in m.hidden_sizes.flatten())
+    measure = budget_measure(model, b)
+    assert measure({}) == pytest.approx(counted(model, b)) == pytest.approx(plan.before)
+
+
+def test_impossible_budget_says_by_how_much_and_why():
+    model = tiny()
+    with pytest.raises(ConfigError, match=r"cannot be met.*over.*pre_proj and proj"):
+        plan_budget(far.far_modules(model), model, Budget.parse("mixer-params=1000"))
+    with pytest.raises(ConfigError, match=r"cannot be met.*same crossbar cycles"):
+        plan_budget(far.far_modules(model), model, Budget.parse("latency=1000"))
+    with pytest.raises(ConfigError, match="cannot be met"):  # before any training
+        far.prune(model, None, budget="mixer-params=1000")
+
+
+def test_array_units_fill_a_column_block():
+    from far_kernels import CrossbarConfig
+
+    assert array_units(Budget("arrays", 10)) == 4  # 128 columns / (4 gates x 4 slices x 2 cells)
+    assert array_units(Budget("arrays", 10, cfg=CrossbarConfig(encoding="offset"))) == 8
+    assert array_units(Budget("arrays", 10, cfg=CrossbarConfig(weight_bits=4))) == 8
+
+
+def test_balance_keeps_every_block():
+    model = tiny()
+    (_, m0), _ = far.far_modules(model)
+    with torch.no_grad():  # block 0's weights are 100x smaller: an absolute ranking empties it first
+        for p in (m0.w_ih, m0.w_hh, m0.b_ih, m0.b_hh, m0.head_proj_weight):
+            p.mul_(0.01)
+    named = far.far_modules(model)
+    b = Budget.parse("mixer-params=30000")
+    plain = plan_budget(named, model, b)
+    balanced = plan_budget(named, model, b, balance=True)
+    assert int(plain.masks[0].sum()) == 0
+    assert all(int(k.sum()) > 0 for k in balanced.masks) and balanced.met
+
+
+def test_prune_to_budget_in_rounds_runs_everywhere(tmp_path):
+    from conftest import cpu_backends
+    from far.data import fashion_mnist
+    from far.imc import emulate
+    from far_kernels import CrossbarConfig
+    from far_kernels.dispatch import backend_reason
+
+    model = tiny()
+    data = fashion_mnist("train", limit=64)
+    cfg = far.TrainConfig(epochs=0.5, batch_size=32, progress=False, out_dir=str(tmp_path / "run"))
+    out = far.prune(model, data, eval_data=fashion_mnist("test", limit=32), config=cfg, budget="mixer-params=25000",
+                    rounds=2, balance=True, finetune_epochs=0.5)
+    meta = out.far_metadata["pruning"]
+    assert meta["budget"]["met"] and meta["budget"]["achieved"] <= 25000
+    assert param_counts(out)["mixer_kept"] == meta["budget"]["achieved"] == meta["mixer_params_kept"]
+    assert len(meta["per_round"]) == 2 and meta["per_round"][0]["achieved"] > meta["per_round"][1]["achieved"]
+    assert (tmp_path / "run" / "round1" / "done.safetensors").is_file()
+    far.save(out, tmp_path / "b.safetensors")
+    loaded = far.load(tmp_path / "b.safetensors")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        far.set_backend(loaded, "torch")
+        ref = loaded(x)
+        for backend in cpu_backends():
+            if backend_reason(backend, "cpu") is None:
+                far.set_backend(loaded, backend)
+                assert max_err(loaded(x), ref) < 1e-4, backend
+        far.set_backend(loaded, "torch")
+        # 16-bit weights and inputs, no ADC clipping: every product within ~2^-15 relative of the float one
+        emu = emulate(loaded, CrossbarConfig(weight_bits=16, cell_bits=4, input_bits=16, adc_bits=None))
+        assert max_err(emu(x), ref) < 1e-3 * ref.abs().max()
+    # a resumed run with every round done loads the rounds and gives the same model
+    again = far.prune(model, data, eval_data=fashion_mnist("test", limit=32),
+                      config=far.TrainConfig(epochs=0.5, batch_size=32, progress=False, out_dir=str(tmp_path / "run"),
+                                             resume=True),
+                      budget="mixer-params=25000", rounds=2, balance=True, finetune_epochs=0.5)
+    with torch.no_grad():
+        assert max_err(again(x), out(x)) == 0
