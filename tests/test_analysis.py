@@ -177,7 +177,7 @@ class LinearTokenMixer(nn.Module):
         return self.proj(torch.einsum("ij,bjc->bic", self.m, x))
 
 
-def test_jacobian_of_a_linear_token_mixer():
+def test_jacobian_of_a_linear_token_mixer(monkeypatch):
     m = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0], [3.0, 0.0, 1.0]])
     mixer = LinearTokenMixer(m, dim=4)
     x = torch.randn(2, 3, 4)
@@ -185,6 +185,8 @@ def test_jacobian_of_a_linear_token_mixer():
     # d o_{i, head h} / d x_j = M[i, j] * (the 2 x 4 rows of the identity of head h): Frobenius |M[i, j]| sqrt(2)
     want = (m.abs() * math.sqrt(2)).expand(2, 2, 3, 3)
     torch.testing.assert_close(j, want, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(far.analysis, "MAX_PASS_ELEMENTS", 3 * 4 * 2)  # two copies a pass: one row per image
+    torch.testing.assert_close(jacobian_maps(mixer, x, num_heads=2), want, rtol=1e-6, atol=1e-6)
     norm = row_normalize(j)[0, 0]
     torch.testing.assert_close(norm, torch.tensor([[1 / 3, 2 / 3, 0], [0, 0.5, 0.5], [0.75, 0, 0.25]]))
 

@@ -52,6 +52,7 @@ PARTS = ("mixer", "block")
 PAIRS = ("attn_vs_far", "attn_vs_attn_jacobian", "attn_jacobian_vs_far")
 PLOTS = ("block_cosine.png", "error_accumulation.png", "token_maps.png")
 MAPS_FILE = "token_maps.npz"
+MAX_PASS_ELEMENTS = 2 ** 25  # input entries of one Jacobian pass (its activations are a small multiple)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -88,7 +89,7 @@ def jacobian_maps(mixer: nn.Module, x: torch.Tensor, num_heads: int, rows_per_pa
 
     Exact, by reverse mode: every output entry (i, channel) is one vector-Jacobian product; they run as a
     batch of copies of each image (a mixer treats batch items independently), `rows_per_pass` copies per
-    backward pass over all images."""
+    backward pass over all images (fewer when a pass's input would exceed MAX_PASS_ELEMENTS entries)."""
     x = x.detach()
     B, T, C = x.shape
     with torch.no_grad():
@@ -96,7 +97,8 @@ def jacobian_maps(mixer: nn.Module, x: torch.Tensor, num_heads: int, rows_per_pa
     if P % num_heads:
         raise ConfigError(f"{type(mixer).__name__}: {P} output channels do not split into {num_heads} heads")
     R = T * P
-    m = max(1, min(R, rows_per_pass // max(B, 1)))
+    copies = max(1, min(rows_per_pass, MAX_PASS_ELEMENTS // max(T * C, 1)))  # bounds a pass's activations
+    m = max(1, min(R, copies // max(B, 1)))
     sq = x.new_zeros(B, R, T)
     with torch.enable_grad():
         for r0 in range(0, R, m):
