@@ -205,10 +205,17 @@ def read_header(path) -> dict:
             if size < 8:
                 raise fail(path, f"truncated or not a safetensors file: {size} bytes, fewer than the "
                                  "8-byte header length that starts every safetensors file")
-            n = int.from_bytes(f.read(8), "little")
+            head = f.read(8)
+            if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+                raise CheckpointError(
+                    f"{path} is not a safetensors file; it is a torch checkpoint ({'a zip archive' if head[:1] == b'P' else 'a pickle'}"
+                    "). FAR checkpoints are written by far.save; the weights of a timm architecture are read with "
+                    f"far.create_model('timm:NAME', weights='{path}') or `far distill --teacher timm:NAME "
+                    f"--teacher-weights {path}`")
+            n = int.from_bytes(head, "little")
             if n > size - 8 or n > MAX_HEADER:
-                raise fail(path, f"truncated or not a safetensors file: the header length field says {n} "
-                                 f"bytes but the file has {size - 8} after it")
+                raise CheckpointError(f"{path} is not a safetensors file, or it is truncated: the header length "
+                                      f"field says {n} bytes but the file has {size - 8} after it")
             raw = f.read(n)
     except FileNotFoundError:
         raise fail(path, "no such file") from None

@@ -376,6 +376,24 @@ def _fmt_size(s) -> str:
     return "x".join(str(v) for v in s[1:]) + f"x{s[0]}"
 
 
+def folder_config(data_cfg) -> dict:
+    """timm's resolve_data_config of a model's data config (input_size, interpolation, mean, std,
+    crop_pct): the transforms image folders get. The model's input_size wins (the caller's data_config
+    has it from the patch embedding); a 1-channel model without its own mean/std gets (0.5,) / (0.5,)
+    instead of timm's 3-channel ImageNet defaults."""
+    from timm.data import resolve_data_config
+
+    cfg = dict(data_cfg)
+    given = {k: cfg[k] for k in ("mean", "std") if cfg.get(k)}
+    rc = resolve_data_config({}, pretrained_cfg={k: v for k, v in cfg.items() if v is not None})
+    rc["input_size"] = tuple(int(v) for v in cfg["input_size"])
+    C = rc["input_size"][0]
+    for key in ("mean", "std"):
+        v = tuple(float(x) for x in given.get(key, rc[key]))
+        rc[key] = v if key in given or len(v) == C else (0.5,) * C
+    return rc
+
+
 def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train: Optional[bool] = None,
                  labels: bool = True):
     """The dataset named by `spec` for a model, after checking they fit each other.
@@ -385,11 +403,13 @@ def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train:
         split: "train" or "test" (Fashion-MNIST split; for a folder it only selects train/eval transforms).
         data_cfg: what the model expects, a pretrained_cfg-like dict with input_size (C, H, W),
             num_classes and optionally mean, std, interpolation, crop_pct, architecture
-            (far.models.data_config(model) gives it).
+            (far.models.data_config(model) gives it; folders get timm's resolve_data_config /
+            create_transform of it, see folder_config).
         limit: keep the first `limit` images (a torch Subset for folders).
         train: use training transforms for a folder (default: split == "train").
         labels: False takes every image under a folder (any layout; items (image, -1)) and does not
-            check the number of classes (Fashion-MNIST keeps its labels, which the caller may ignore).
+            check the number of classes (Fashion-MNIST keeps its labels, which the caller may ignore); a
+            model without a classifier (num_classes 0) needs labels=False.
     Raises DataError if the model expects other images or another number of classes
     (e.g. a 3x224x224, 1000-class model on Fashion-MNIST).
     """
@@ -399,8 +419,11 @@ def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train:
     arch = cfg.get("architecture") or "the model"
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if labels and K == 0:
+        raise DataError(f"{arch} has no classifier (num_classes 0): there are no labels to train or test it "
+                        "with; distil it without labels (far distill --no-labels, far.distill(labels=False))")
     if is_fashion_mnist(spec):
-        if (C, H, W) != FASHION_MNIST_INPUT_SIZE or K != len(FASHION_MNIST_CLASSES):
+        if (C, H, W) != FASHION_MNIST_INPUT_SIZE or (labels and K != len(FASHION_MNIST_CLASSES)):
             raise DataError(
                 f"{arch} expects {_fmt_size((C, H, W))} images and {K} classes, but Fashion-MNIST has "
                 f"{_fmt_size(FASHION_MNIST_INPUT_SIZE)} images and 10 classes; use a Fashion-MNIST model "
@@ -411,12 +434,12 @@ def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train:
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"{spec}: no such image folder (and not a dataset name; known: fashion-mnist)")
-    mean = tuple(cfg.get("mean") or ((0.485, 0.456, 0.406) if C == 3 else (0.5,)))
-    std = tuple(cfg.get("std") or ((0.229, 0.224, 0.225) if C == 3 else (0.5,)))
+    rc = folder_config(cfg)
+    mean, std = rc["mean"], rc["std"]
     if len(mean) != C or len(std) != C:
         raise DataError(f"{arch}: mean/std have {len(mean)}/{len(std)} values for {C} input channels")
-    kw = dict(train=split == "train" if train is None else train,
-              interpolation=cfg.get("interpolation") or "bilinear", crop_pct=cfg.get("crop_pct"))
+    kw = dict(train=split == "train" if train is None else train, interpolation=rc["interpolation"],
+              crop_pct=rc["crop_pct"])
     if not labels:
         ds = UnlabeledImages(path, (C, H, W), mean, std, **kw)
         return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
@@ -465,6 +488,7 @@ __all__ = [
     "UnlabeledImages",
     "fashion_mnist",
     "fashion_mnist_root",
+    "folder_config",
     "image_folder",
     "is_fashion_mnist",
     "iterate_batches",

@@ -62,3 +62,44 @@ def test_set_backend_validates_and_unknown_model():
         far.set_backend(model, "fastest")
     with pytest.raises(ValueError, match="unknown model"):
         far.create_model("not_a_model")
+
+
+def test_parse_blocks():
+    from far.models.convert import parse_blocks
+
+    assert parse_blocks("0-5") == [0, 1, 2, 3, 4, 5]
+    assert parse_blocks("4-6, 0,2,2") == [0, 2, 4, 5, 6]
+    for bad, msg in [("3-1", "backwards"), ("a", "block list"), ("1-", "block list"), ("", "block list")]:
+        with pytest.raises(far.ConfigError, match=msg):
+            parse_blocks(bad)
+
+
+def test_convert_some_blocks_and_pre_proj_init():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
+    qkv = [b.attn.qkv.weight.detach().clone() for b in model.blocks]
+    far.convert(model, blocks=[2, 0], hidden_sizes=[4, 5], pre_proj_init="random")
+    kinds = [type(b.attn).__name__ for b in model.blocks]
+    assert kinds == ["FARAttention", "Attention", "FARAttention"]
+    assert [r[0] for r in model.far_conversion.rows] == ["blocks.0.attn", "blocks.2.attn"]  # model order
+    assert model.blocks[0].attn.hidden_sizes.tolist() == [[4] * 3] * 2  # hidden_sizes follow model order
+    assert model.blocks[2].attn.hidden_sizes.tolist() == [[5] * 3] * 2
+    assert not torch.allclose(model.blocks[0].attn.pre_proj.weight, qkv[0][96:])  # random, not V
+    far.convert(model, blocks=["blocks.1.attn"], pre_proj_init="v")
+    assert torch.equal(model.blocks[1].attn.pre_proj.weight, qkv[1][96:])
+    for kwargs, msg in [(dict(blocks=[1]), "block 1 has no timm Attention"), (dict(blocks=[7]), "does not exist"),
+                        (dict(blocks=3), "must be a list")]:
+        with pytest.raises(far.ConfigError, match=msg):
+            far.convert(model, **kwargs)
+    fresh = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    with pytest.raises(far.ConfigError, match="pre_proj_init must be 'v'"):
+        far.convert(fresh, pre_proj_init="value-ish")
+    with pytest.raises(far.ConfigError, match="hidden_sizes has 2 entries but 1"):
+        far.convert(fresh, blocks=[0], hidden_sizes=[4, 4])
+    with pytest.raises(far.ConfigError, match="not both"):
+        far.convert(fresh, init="value", pre_proj_init="v")
+    v = fresh.blocks[0].attn.qkv.weight[96:].detach().clone()
+    far.convert(fresh, init="value")  # the older spelling
+    assert torch.equal(fresh.blocks[0].attn.pre_proj.weight, v)

@@ -7,7 +7,8 @@ import os
 import platform
 from pathlib import Path
 
-from far.cli.options import Formatter, add_common, add_model, add_output, at_least, output_checks, warn
+from far.cli.options import (Formatter, add_common, add_model, add_output, add_teacher_args, at_least, output_checks,
+                             warn)
 from far.errors import ConfigError
 
 
@@ -170,42 +171,61 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
     import far
+    from far.cli.options import model_kwargs
     from far.models import load_model, resolve, save
+    from far.models.convert import parse_blocks
 
     ref = resolve(args.model)
-    output_checks(args, [ref.path], "output")
+    output_checks(args, [ref.path] + ([args.teacher_weights] if args.teacher_weights else []), "output")
     at_least(args, 1, "hidden_size", "num_classes")
-    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    kwargs = model_kwargs(args)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    init = args.pre_proj_init if args.init is None else {"value": "v"}.get(args.init, args.init)
+    blocks = parse_blocks(args.replace) if args.replace is not None else None
     if ref.kind == "timm":
-        if args.pretrained:
+        if args.pretrained and args.teacher_weights:
+            raise ConfigError("give --pretrained (timm's download) or --weights FILE (a local file), not both")
+        if args.teacher_weights:
+            model, _ = load_model(ref, far=False, weights=args.teacher_weights, model_kwargs=kwargs)
+            source = f"weights {args.teacher_weights}"
+        elif args.pretrained:
             if not args.quiet:
                 print(f"fetching pretrained weights of {args.model} through timm (needs a network) ...", flush=True)
             try:
-                model = far.create_model(args.model, pretrained=True, far=False, **kwargs)
+                model = far.create_model(ref.name, pretrained=True, far=False, **kwargs)
+            except ConfigError:
+                raise
             except Exception as e:  # noqa: BLE001 - network / hub / missing-weights errors of every kind
                 raise ConfigError(f"could not get pretrained weights for {args.model}: {' '.join(str(e).split())} "
                                   "(no network, or no pretrained weights exist for this model; drop --pretrained "
-                                  "for a randomly initialised model)") from e
+                                  "for a randomly initialised model, or give a local file with --weights FILE)") from e
+            source = "pretrained"
         else:
-            model = far.create_model(args.model, pretrained=False, far=False, **kwargs)
-        source = "pretrained" if args.pretrained else "random init"
+            model = far.create_model(ref.name, pretrained=False, far=False, **kwargs)
+            source = "random init"
     else:
         if args.pretrained:
             warn(f"--pretrained has no effect: {args.model} is a checkpoint, converted with its own weights")
-        if args.num_classes is not None:
-            raise ConfigError("--num-classes applies to timm model names; a checkpoint keeps its classifier "
-                              "(far finetune retargets it)")
+        if args.num_classes is not None or kwargs or args.teacher_weights:
+            raise ConfigError("--num-classes, --model-kwargs and --weights apply to timm model names; a checkpoint "
+                              "keeps its architecture and weights (far finetune retargets its classifier)")
         model, _ = load_model(ref)
         if far.models.is_far(model):
             raise ConfigError(f"{args.model} is already a FAR model; convert an attention model")
         source = f"{ref.origin} {args.model}"
-    far.convert(model, hidden_sizes=args.hidden_size, init=args.init)
+    far.convert(model, hidden_sizes=args.hidden_size, pre_proj_init=init, blocks=blocks)
+    n = len(far.far_modules(model))
     if not args.quiet:
-        print(f"{args.model}: {len(far.far_modules(model))} attention blocks -> FAR "
-              f"({source}, init={args.init}, hidden size {args.hidden_size or 'head_dim'})")
+        print(f"{args.model}: {n} attention block(s) -> FAR ({source}, pre_proj init {init}, hidden size "
+              f"{args.hidden_size or 'head_dim'}{'' if blocks is None else f', blocks {args.replace}'})")
         print(model.far_conversion.table())
-    metadata = {"teacher": args.model, "pretrained": bool(args.pretrained) or ref.kind != "timm",
-                "init": args.init, "converted_by": "far convert"}
+    metadata = {"teacher": args.model, "pretrained": bool(args.pretrained or args.teacher_weights) or ref.kind != "timm",
+                "init": init, "converted_by": "far convert"}
+    if args.teacher_weights:
+        metadata["teacher_weights"] = str(args.teacher_weights)
+    if blocks is not None:
+        metadata["replaced_blocks"] = blocks
     save(model, args.output, metadata=metadata, force=args.force)
     if not args.quiet:
         print(f"wrote {args.output} ({Path(args.output).stat().st_size / 2**20:.1f} MiB)")
@@ -236,15 +256,18 @@ def add_parsers(sub) -> None:
         epilog="examples:\n"
                "  far convert fmnist_deit_tiny -o fmnist_tiny.safetensors            # the zoo teacher's weights\n"
                "  far convert deit_tiny_patch16_224 --pretrained -o deit_tiny.safetensors   # needs a network\n"
-               "  far convert deit_small_patch16_224 --hidden-size 32 --num-classes 100 -o small.safetensors")
-    add_model(p, help="a timm model name, or an attention checkpoint file / zoo name")
+               "  far convert deit_small_patch16_224 --hidden-size 32 --num-classes 100 -o small.safetensors\n"
+               "  far convert timm:vit_small_patch14_dinov2 --weights dinov2_vits14.pth "
+               "--model-kwargs img_size=224,num_classes=0 --replace 0-5 -o dino_far.safetensors")
+    add_model(p, help="a timm model name (or timm:NAME), or an attention checkpoint file / zoo name")
     add_output(p, required=True)
     p.add_argument("--pretrained", action="store_true",
                    help="timm names: load timm's pretrained weights (downloads; needs a network)")
     p.add_argument("--hidden-size", type=int, metavar="N",
                    help="LSTM units per head and direction (default: head_dim)")
     p.add_argument("--num-classes", type=int, metavar="K", help="timm names: classifier classes (default: the model's)")
-    p.add_argument("--init", choices=("value", "random"), default="value",
-                   help="pre_proj init: from the attention's value projection, or random")
+    p.add_argument("--init", choices=("value", "random"), default=None,
+                   help="the older name of --pre-proj-init (value = v)")
+    add_teacher_args(p, teacher=False)
     add_common(p, quiet="print nothing on success")
     p.set_defaults(func=cmd_convert)

@@ -109,3 +109,74 @@ def set_threads(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+# ---- bring your own ViT: a timm architecture, its weights file, the blocks to replace ----
+def add_teacher_args(p: argparse.ArgumentParser, teacher: bool = True) -> None:
+    """--teacher, --teacher-weights (--weights), --model-kwargs, --replace, --pre-proj-init."""
+    g = p.add_argument_group("the teacher and the conversion")
+    if teacher:
+        g.add_argument("--teacher", default=None, metavar="MODEL",
+                       help="the attention teacher (instead of the positional MODEL), e.g. timm:vit_small_patch14_dinov2")
+    g.add_argument("--teacher-weights", "--weights", dest="teacher_weights", default=None, metavar="FILE",
+                   help="weights of the timm architecture MODEL from a local file: .safetensors or a torch state "
+                        "dict (torch.load weights_only=True; {'model': ...} / {'state_dict': ...} unwrapped; position "
+                        "embeddings resized by timm). Nothing is downloaded")
+    g.add_argument("--model-kwargs", default=None, metavar="K=V,...",
+                   help="timm.create_model arguments of a timm MODEL, e.g. img_size=224,num_classes=0 (values: "
+                        "ints, floats, true/false/none or words), or a JSON object")
+    g.add_argument("--replace", default=None, metavar="BLOCKS",
+                   help="replace the attention of these blocks only, e.g. 0-5 or 0,2,4-6 (default: every block); "
+                        "the others keep the teacher's attention")
+    g.add_argument("--pre-proj-init", choices=("v", "random"), default="v",
+                   help="FAR's input projection starts from the attention's value projection (v) or random "
+                        "(as the FAR authors' code)")
+
+
+def teacher_spec(args: argparse.Namespace) -> str:
+    """The teacher MODEL of the positional argument or --teacher (exactly one)."""
+    given = [v for v in (getattr(args, "model", None), getattr(args, "teacher", None)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("give the teacher once: as MODEL or as --teacher MODEL" if given else
+                          "no teacher: give MODEL (or --teacher MODEL), e.g. fmnist_deit_tiny or timm:NAME "
+                          "--teacher-weights FILE")
+    return given[0]
+
+
+def _kwarg_value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """--model-kwargs parsed: 'img_size=224,num_classes=0' or a JSON object."""
+    import json
+
+    text = getattr(args, "model_kwargs", None)
+    if not text:
+        return {}
+    if text.strip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--model-kwargs: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ConfigError("--model-kwargs: a JSON object {\"img_size\": 224, ...} or K=V pairs")
+        return value
+    out = {}
+    for item in text.split(","):
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--model-kwargs takes K=V pairs like img_size=224,num_classes=0, got {item!r}")
+        out[key] = _kwarg_value(val)
+    return out

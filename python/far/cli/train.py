@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from far.cli.options import (Formatter, add_common, add_device, add_model, add_output, at_least, note, output_checks,
-                             set_threads, warn)
+from far.cli.options import (Formatter, add_common, add_device, add_model, add_output, add_teacher_args, at_least,
+                             note, output_checks, set_threads, warn)
 from far.errors import ConfigError
 from far.train import TrainConfig
 
@@ -80,6 +80,10 @@ def datasets(args: argparse.Namespace, model, cfg: TrainConfig, num_classes: Opt
     if num_classes is not None:
         dcfg["num_classes"] = num_classes
     train_set = make_dataset(args.data, "train", dcfg, limit=cfg.limit, labels=labels)
+    if dcfg.get("num_classes") == 0:  # a backbone without a classifier: no top-1 to test
+        if args.val is not None:
+            warn("--val has no effect: the model has no classifier (num_classes 0), so there is no top-1 to test")
+        return train_set, None
     if is_fashion_mnist(args.data):
         if args.val is not None:
             warn("--val has no effect with --data fashion-mnist: its test split is used")
@@ -167,37 +171,73 @@ def cmd_train_teacher(args) -> int:
     return finish(args, model, f"teacher {args.model} on {args.data}")
 
 
+def load_teacher(args: argparse.Namespace, ref):
+    """The attention teacher of far distill / far convert: a checkpoint as saved, or a timm architecture
+    (--model-kwargs) with --teacher-weights FILE (no network) or else timm's pretrained weights."""
+    from far.cli.options import model_kwargs
+    from far.models import load_model
+
+    kwargs = model_kwargs(args)
+    weights = getattr(args, "teacher_weights", None)
+    if ref.kind != "timm":
+        if weights or kwargs:
+            raise ConfigError(f"{ref.name} is a {ref.origin}: --teacher-weights and --model-kwargs go with a timm "
+                              "architecture (timm:NAME)")
+        return load_model(ref, far=False)[0]
+    if weights:
+        return load_model(ref, far=False, weights=weights, model_kwargs=kwargs)[0]
+    try:
+        return load_model(ref, far=False, pretrained=True, model_kwargs=kwargs)[0]
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"teacher '{ref.name}': loading its pretrained weights failed: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())} (no network? give a local file with "
+                          "--teacher-weights FILE)") from e
+
+
 def cmd_distill(args) -> int:
     import far
-    from far.models import load_model, resolve
+    from far.cli.options import teacher_spec
+    from far.models import resolve
 
-    teacher_ref = resolve(args.model)
+    teacher_ref = resolve(teacher_spec(args))
     student_ref = resolve(args.student) if args.student else None
     output_checks(args, [r.path for r in (teacher_ref, student_ref) if r is not None], "output")
     cfg = train_config(args)
     if student_ref is not None and args.hidden_size is not None:
         raise ConfigError("--hidden-size sizes a new student; an existing --student keeps its own sizes")
     at_least(args, 1, "hidden_size")
-    try:
-        teacher, _ = load_model(teacher_ref, far=False, pretrained=True)
-    except Exception as e:
-        if teacher_ref.kind != "timm":
-            raise
-        raise ConfigError(f"teacher '{args.model}': loading its pretrained weights failed: "
-                          f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+    if student_ref is not None and args.replace is not None:
+        raise ConfigError("--replace chooses the blocks of a new student; an existing --student keeps its own")
+    from far.models import load_model
+    from far.models.convert import parse_blocks
+
+    blocks = parse_blocks(args.replace) if args.replace is not None else None
+    teacher = load_teacher(args, teacher_ref)
     student = None
     identity = {"teacher": _abs(teacher_ref), "data": str(args.data)}
+    if args.teacher_weights:
+        identity["teacher_weights"] = os.path.abspath(args.teacher_weights)
+    if args.model_kwargs:
+        identity["model_kwargs"] = args.model_kwargs
+    labels = not args.no_labels
+    if labels and getattr(teacher, "num_classes", None) == 0:
+        note(args, "the teacher has no classifier (num_classes 0): distilling without labels, logit "
+                   "distillation on its pooled features")
+        labels = False
     if student_ref is not None:
         if student_ref.kind == "timm":
             raise ConfigError(f"--student {args.student}: a timm name; pass a FAR checkpoint (file or zoo name)")
         student, _ = load_model(student_ref)
         identity["student"] = _abs(student_ref)
-    train_set, eval_set = datasets(args, teacher, cfg, labels=not args.no_labels)
+    train_set, eval_set = datasets(args, teacher, cfg, labels=labels)
     model = far.distill(teacher, train_set, student=student, eval_data=eval_set, config=cfg, stage1=args.stage1,
                         block_loss=args.block_loss, joint_epochs=args.joint_epochs, stage2_epochs=args.stage2_epochs,
                         stage2_lr=args.stage2_lr, ce_weight=args.ce_weight, block_weight=args.block_weight,
                         kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
-                        stage2_block_weight=args.stage2_block_weight, labels=not args.no_labels,
+                        stage2_block_weight=args.stage2_block_weight, labels=labels, blocks=blocks,
+                        pre_proj_init=args.pre_proj_init,
                         hidden_sizes=args.hidden_size, device=args.device, identity=identity)
     return finish(args, model, f"FAR student of {args.model}")
 
@@ -346,7 +386,8 @@ def add_parsers(sub) -> None:
                "-o far.safetensors\n"
                "  far distill fmnist_deit_tiny --stage1 joint --block-loss cos --kd-weight 0 --stage2-block-weight 0 "
                "-o paper.safetensors   # the paper's recipe\n" + _LAUNCH.format(cmd="distill"))
-    add_model(p, help="the attention teacher: a checkpoint file, zoo name, or timm name (its pretrained weights)")
+    add_model(p, optional=True, help="the attention teacher: a checkpoint file, zoo name, or timm name (timm's "
+                                     "pretrained weights, or --teacher-weights FILE); or give --teacher")
     p.add_argument("--stage1", choices=("isolated", "joint"), default="isolated",
                    help="stage 1: every block on the teacher's inputs (isolated) or all blocks in the student (joint)")
     p.add_argument("--block-loss", choices=("cos", "mse", "cos+mse"), default="cos+mse",
@@ -368,6 +409,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--hidden-size", type=int, default=None, metavar="N", help="LSTM units per head and direction (default head_dim)")
     p.add_argument("--student", default=None, metavar="MODEL",
                    help="start from this FAR checkpoint (file or zoo name) instead of converting the teacher")
+    add_teacher_args(p)
     add_train_args(p, epochs=2, lr=1e-3, out_dir="far-runs/distill", warmup=0.2,
                    epochs_help="stage 1 epochs (fractions allowed; 0 = skip stage 1)")
     p.set_defaults(func=cmd_distill)

@@ -34,6 +34,7 @@ from far.errors import ConfigError
 from far.evaluate import accuracy
 from far.fidelity import block_fidelity
 from far.models import convert, far_modules, save, stored_tensors
+from far.models.convert import PRE_PROJ_INITS, parse_blocks
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
@@ -95,6 +96,23 @@ def _check_weights(**weights: float) -> None:
 
 
 # ---------------------------------------------------------------- tasks
+def far_block_indices(model: nn.Module) -> List[int]:
+    """Indices of the blocks whose token mixer is a FARAttention (every block, or some: far.convert(blocks=...))."""
+    return [i for i, m in enumerate(token_mixers(model)) if isinstance(m, FARAttention)]
+
+
+def _check_images(teacher: nn.Module, data, what: str) -> None:
+    """ConfigError when the first image of `data` does not fit the teacher (far.models.check_input)."""
+    from far.models.factory import check_input
+
+    try:
+        x = data[0][0]
+    except Exception:  # noqa: BLE001 - an iterable dataset, or one without items: the model will say
+        return
+    if isinstance(x, torch.Tensor):
+        check_input(teacher, x.shape, what)
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -124,9 +142,11 @@ class IsolatedTask(Task):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, kind: str = "cos+mse"):
         mixers = token_mixers(student)
-        if not all(isinstance(m, FARAttention) for m in mixers):
-            raise ConfigError("isolated distillation needs a FAR block in every block of the student")
-        if len(mixers) != len(token_mixers(teacher)):
+        self.far_idx = far_block_indices(student)  # a partial student: only its FAR blocks train
+        if not self.far_idx:
+            raise ConfigError("isolated distillation needs a student with FAR blocks")
+        mixers = [mixers[i] for i in self.far_idx]
+        if len(token_mixers(student)) != len(token_mixers(teacher)):
             raise ConfigError("teacher and student have different numbers of blocks")
         block_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), kind)  # validates the kind
         super().__init__(IsolatedBlocks(mixers), cfg)
@@ -147,6 +167,7 @@ class IsolatedTask(Task):
         with torch.no_grad():
             self.teacher(x)
             inputs, targets = self.taps.take()
+        inputs, targets = [inputs[i] for i in self.far_idx], [targets[i] for i in self.far_idx]
         outs = model(inputs)
         out: Dict[str, torch.Tensor] = {}
         out["loss"] = _add_block_terms(out, outs, targets, self.kind)
@@ -178,8 +199,14 @@ class DistillTask(Task):
         self.ce_weight, self.block_weight = ce_weight, block_weight
         self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
         self.teacher = _freeze(teacher)
+        self.far_idx = far_block_indices(student)
+        partial = len(self.far_idx) < len(token_mixers(student))
         for p in student.parameters():
-            p.requires_grad_(stage == 2)
+            p.requires_grad_(stage == 2 and not partial)
+        if stage == 2 and partial:  # a partial student: stage 2 trains the replaced blocks only
+            for i in self.far_idx:
+                student.blocks[i].requires_grad_(True)
+        self.features = getattr(teacher, "num_classes", None) == 0  # no classifier: KD on the pooled features
         if stage == 1:
             for m in token_mixers(student):
                 for name, p in m.named_parameters():
@@ -197,6 +224,9 @@ class DistillTask(Task):
             _, t_feats = self.t_taps.take()
         logits = model(x)
         _, s_feats = self.s_taps.take()
+        if need_blocks or self.kd_weight > 0:
+            t_feats = [t_feats[i] for i in self.far_idx]
+        s_feats = [s_feats[i] for i in self.far_idx]
         loss = 0.0
         if self.ce_weight > 0:
             ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
@@ -205,7 +235,7 @@ class DistillTask(Task):
         if need_blocks:
             loss = loss + self.block_weight * _add_block_terms(out, s_feats, t_feats, self.kind)
         if self.kd_weight > 0:
-            kd = kd_loss(logits, t_logits, self.kd_temperature)
+            kd = relative_mse(logits, t_logits) if self.features else kd_loss(logits, t_logits, self.kd_temperature)
             loss = loss + self.kd_weight * kd
             out["kd"] = kd.detach()
         out["loss"] = loss
@@ -217,10 +247,11 @@ class DistillTask(Task):
 
 
 # ---------------------------------------------------------------- the student
-def make_student(teacher: nn.Module, hidden_sizes=None, init: str = "value") -> nn.Module:
-    """A FAR copy of `teacher` (attention replaced, W_O and the rest copied; the teacher is untouched)."""
+def make_student(teacher: nn.Module, hidden_sizes=None, init: str = "v", blocks=None) -> nn.Module:
+    """A FAR copy of `teacher` (attention replaced in every block, or in `blocks`; W_O and the rest copied;
+    pre_proj from `init` "v" or "random"; the teacher is untouched)."""
     student = copy.deepcopy(teacher)
-    convert(student, hidden_sizes=hidden_sizes, init=init)
+    convert(student, hidden_sizes=hidden_sizes, pre_proj_init=init, blocks=blocks)
     student.far_metadata = {}
     return student
 
@@ -267,6 +298,8 @@ class DistillSettings:
     kd_temperature: float = 2.0
     stage2_block_weight: float = 1.0
     labels: bool = True
+    blocks: Optional[List[int]] = None  # the blocks a new student replaces (None: every one)
+    pre_proj_init: str = "v"
 
     def validate(self, stage1_epochs: float) -> "DistillSettings":
         if self.stage1 not in STAGE1_MODES:
@@ -292,6 +325,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             joint_epochs: float = 0.0, stage2_epochs: float = 1.0, stage2_lr: float = 2e-4, ce_weight: float = 1.0,
             block_weight: float = 1.0, kd_weight: float = 1.0, kd_temperature: float = 2.0,
             stage2_block_weight: float = 1.0, labels: bool = True, hidden_sizes=None, device: Optional[str] = None,
+            blocks=None, pre_proj_init: str = "v",
             identity: Optional[dict] = None) -> nn.Module:
     """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
     teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
@@ -315,7 +349,14 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             stage 2 (0 = off); stage2_block_weight: the block losses kept in stage 2 as a regularizer.
             The defaults (isolated stage 1 with cos+mse; stage 2 with CE, logit distillation at T = 2 and
             the block losses at weight 1) are the best of bench/ablate_distill.py's comparison (README).
-        labels: False trains without labels (no CE anywhere).
+        labels: False trains without labels (no CE anywhere). A teacher without a classifier
+            (num_classes 0, e.g. a DINOv2 backbone) always trains so: its logit distillation compares the
+            pooled features instead (relative squared error, kd_temperature unused) and eval_data is
+            ignored (there is no top-1 to measure).
+        blocks: the blocks a new student replaces (block indices, or a string like "0-5"; default every
+            one). The others keep the teacher's attention, frozen: stage 1 trains the replaced blocks' FAR
+            modules, stage 2 every parameter of the replaced blocks (of the whole model when all are).
+        pre_proj_init: a new student's pre_proj: "v" (the attention's value projection) or "random".
         hidden_sizes: LSTM units of a new student (int or one [2, H] per block).
         device: cpu, cuda, cuda:N (default: the process's GPU under torchrun, else cuda if present, else cpu).
         identity: extra settings a resumed run must match (e.g. the teacher's file and the data's name).
@@ -328,8 +369,20 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
     if cfg.epochs < 0:
         raise ConfigError(f"stage 1 epochs must be >= 0, got {cfg.epochs}")
+    headless = getattr(teacher, "num_classes", None) == 0  # a backbone: no CE, KD on its pooled features
+    if headless:
+        eval_data = None
+    if isinstance(blocks, str):
+        blocks = parse_blocks(blocks)
+    if pre_proj_init not in PRE_PROJ_INITS:
+        raise ConfigError(f"pre_proj_init must be one of {', '.join(PRE_PROJ_INITS)}, got {pre_proj_init!r}")
+    if student is not None and blocks is not None:
+        raise ConfigError("blocks chooses what a new student replaces; an existing student keeps its own")
+    _check_images(teacher, train_data, "train_data")
     settings = DistillSettings(stage1, block_loss, joint_epochs, stage2_epochs, stage2_lr, ce_weight, block_weight,
-                               kd_weight, kd_temperature, stage2_block_weight, labels).validate(cfg.epochs)
+                               kd_weight, kd_temperature, stage2_block_weight, labels and not headless,
+                               None if blocks is None else [int(b) for b in blocks], pre_proj_init
+                               ).validate(cfg.epochs)
     if student is not None and hidden_sizes is not None:
         raise ConfigError("hidden_sizes sizes a new student; an existing student keeps its own sizes")
     if far_modules(teacher):
@@ -347,7 +400,7 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
     teacher = teacher.to(d.device).eval()
     torch.manual_seed(cfg.seed)  # the LSTMs' initialization is part of the run
     if student is None:
-        student = make_student(teacher.cpu(), hidden_sizes=hidden_sizes)
+        student = make_student(teacher.cpu(), hidden_sizes=hidden_sizes, init=st.pre_proj_init, blocks=st.blocks)
         teacher.to(d.device)
         continued = False
     else:

@@ -1,8 +1,8 @@
-"""far.convert: replace every timm Attention of a model by a FARAttention (in place)."""
+"""far.convert: replace the timm Attentions of a model (every one, or chosen blocks) by FARAttentions (in place)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -94,37 +94,102 @@ def far_param_count(m: FARAttention) -> int:
     return count_params(m.pre_proj) + m.num_lstm_params() + count_params(m.proj)
 
 
+PRE_PROJ_INITS = ("v", "random")
+
+
+def parse_blocks(text: str) -> List[int]:
+    """'0-5' -> [0, 1, 2, 3, 4, 5]; '0,2,4-6' -> [0, 2, 4, 5, 6] (sorted, no repeats): the block lists of
+    --replace. ConfigError for anything else."""
+    out = set()
+    for item in str(text).split(","):
+        a, sep, b = item.strip().partition("-")
+        if not a.strip().isdigit() or (sep and not b.strip().isdigit()):
+            raise ConfigError(f"block list: expected indices and ranges like 0-5 or 0,2,4-6, got {item.strip()!r}")
+        lo, hi = int(a), int(b) if sep else int(a)
+        if hi < lo:
+            raise ConfigError(f"block list: range {item.strip()!r} runs backwards")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+def _targets(model: nn.Module, blocks) -> list:
+    """[(name, attention)] to convert: every timm Attention (blocks None), or those of the given blocks
+    (int: index into model.blocks; str: the attention's module name)."""
+    classes = attention_classes()
+    every = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, classes)]
+    if blocks is None:
+        return every
+    if isinstance(blocks, (str, int)):
+        raise ConfigError(f"blocks must be a list of block indices or attention names, got {blocks!r}")
+    by_name = dict(every)
+    seq = getattr(model, "blocks", None)
+    out, seen = [], set()
+    for b in blocks:
+        if isinstance(b, bool) or not isinstance(b, (int, str)):
+            raise ConfigError(f"blocks: entries are block indices or attention module names, got {b!r}")
+        if isinstance(b, int):
+            if seq is None:
+                raise ConfigError(f"{type(model).__name__} has no .blocks: name the attention modules instead")
+            if not 0 <= b < len(seq):
+                raise ConfigError(f"block {b} does not exist: the model has blocks 0-{len(seq) - 1}")
+            inside = [n for n in by_name if n.startswith(f"blocks.{b}.")]
+            if not inside:
+                raise ConfigError(f"block {b} has no timm Attention to convert (already converted?)")
+            names = inside
+        else:
+            if b not in by_name:
+                raise ConfigError(f"'{b}' is not a timm Attention module of the model (already converted?)")
+            names = [b]
+        for n in names:
+            if n not in seen:
+                seen.add(n)
+                out.append((n, by_name[n]))
+    order = {n: i for i, (n, _) in enumerate(every)}
+    return sorted(out, key=lambda t: order[t[0]])
+
+
 def convert(
     model: nn.Module,
     hidden_sizes=None,
-    init: str = "value",
+    init: Optional[str] = None,
     backend: Optional[str] = None,
     verbose: bool = False,
+    *,
+    blocks: Optional[Sequence] = None,
+    pre_proj_init: Optional[str] = None,
 ) -> nn.Module:
-    """Replace every timm `Attention` in `model` by a `FARAttention`; returns the same model.
+    """Replace the timm `Attention`s of `model` (every one, or those of `blocks`) by `FARAttention`s;
+    returns the same model.
 
     Args:
         model: a timm VisionTransformer (DeiT tiny/small/base, other ViTs built on timm's Attention).
-        hidden_sizes: None (units = head_dim), an int, or a list with one [2, H] entry per block in
-            model order (a pruned model's sizes).
-        init: "value" initialises pre_proj from the attention's value projection (the part of
-            qkv that the attention output is a mix of); "random" keeps nn.Linear's init.
+        hidden_sizes: None (units = head_dim), an int, or a list with one [2, H] entry per converted
+            block in model order (a pruned model's sizes).
+        blocks: None converts every attention; a list converts only those blocks (int: index into
+            model.blocks, e.g. range(6) or far.models.parse_blocks("0-5"); str: an attention's module
+            name). The other blocks keep their attention (a partial FAR model).
+        pre_proj_init: "v" (default) initialises pre_proj from the attention's value projection (the
+            part of qkv the attention output is a mix of); "random" keeps nn.Linear's initialisation,
+            as the FAR authors' public code does.
+        init: the older name of pre_proj_init ("value" = "v", or "random").
         backend: scan backend stored on every FAR module (None = env FAR_BACKEND / auto).
         verbose: print the parameter table.
     The attention's own output projection (proj, W_O) and proj_drop are reused, not copied.
     The report (attention vs FAR parameters per block and total) is at `model.far_conversion`.
     """
-    if init not in ("value", "random"):
-        raise ConfigError(f"init must be 'value' or 'random', got {init!r}")
-    classes = attention_classes()
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, classes)]
+    if init is not None and pre_proj_init is not None:
+        raise ConfigError("give pre_proj_init or its older name init, not both")
+    mode = pre_proj_init if pre_proj_init is not None else {"value": "v"}.get(init, init) if init else "v"
+    if mode not in PRE_PROJ_INITS:
+        raise ConfigError(f"pre_proj_init must be 'v' (from the value projection) or 'random', got {mode!r}")
+    targets = _targets(model, blocks)
     if not targets:
         raise ConfigError(f"{type(model).__name__} has no timm Attention module to convert "
                          "(already converted, or not a timm ViT)")
     if hidden_sizes is not None and not isinstance(hidden_sizes, int):
         if len(hidden_sizes) != len(targets):
-            raise ConfigError(f"hidden_sizes has {len(hidden_sizes)} entries but the model has {len(targets)} "
-                             "attention blocks")
+            raise ConfigError(f"hidden_sizes has {len(hidden_sizes)} entries but {len(targets)} attention "
+                              "block(s) are converted")
     report = ConversionReport()
     for idx, (name, attn) in enumerate(targets):
         if getattr(attn, "gate", None) is not None:
@@ -146,7 +211,7 @@ def convert(
         )
         far.proj = attn.proj
         far.proj_drop = attn.proj_drop
-        if init == "value":
+        if mode == "v":
             A = far.attn_dim
             with torch.no_grad():
                 far.pre_proj.weight.copy_(attn.qkv.weight[2 * A:3 * A])

@@ -3,7 +3,14 @@
 A model spec (what every `far` command calls MODEL) is resolved in this order:
     1. an existing file      -> a checkpoint, far.load
     2. a zoo name            -> the bundled trained checkpoint (python/far/zoo/), far.load
-    3. a timm model name     -> far.create_model (random init unless pretrained=True; timm's download path)
+    3. a timm model name     -> far.create_model (random init unless pretrained=True; timm's download path),
+       or "timm:NAME"           the same, explicitly (never a file or zoo name); with weights=FILE
+                                (far distill --teacher-weights) the architecture's weights come from a
+                                local file instead (far.models.weights), never the network
+
+far.save records the architecture of any timm VisionTransformer (far.models.arch: the timm name when
+known, else timm's VisionTransformer class, with the constructor kwargs read from the modules), so
+far.load rebuilds models from timm.create_model, converted in full or in part (far.convert(blocks=...)).
 """
 from __future__ import annotations
 
@@ -19,8 +26,10 @@ import torch.nn as nn
 import far_kernels
 from far import checkpoint
 from far.errors import ConfigError
+from far.models import arch as archs
 from far.models import registry  # noqa: F401 - registers the fmnist_* architectures with timm
 from far.models.convert import convert, far_modules, set_backend
+from far.models.weights import load_weights
 from far.models.pretrained import ZOO, zoo_path
 from far.nn import FARAttention, apply_reuse, reuse_plan
 from far.version import __version__
@@ -37,13 +46,39 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+TIMM_PREFIX = "timm:"
+
+
 def data_config(model: nn.Module) -> dict:
     """What `model` expects of its data (for far.data.make_dataset): its pretrained_cfg (input_size,
-    mean, std, interpolation, crop_pct, architecture) with num_classes taken from the model itself."""
+    mean, std, interpolation, crop_pct, architecture) with num_classes and input_size taken from the model
+    itself (timm keeps a model's default pretrained_cfg when it is built at another img_size: a DINOv2
+    built at 224 still says 518)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if getattr(model, "num_classes", None) is not None:
         cfg["num_classes"] = int(model.num_classes)
+    size = archs.input_size(unwrap(model))
+    if size is not None:
+        cfg["input_size"] = size
     return cfg
+
+
+def check_input(model: nn.Module, shape, what: str = "the data") -> None:
+    """ConfigError unless images of `shape` ([C, H, W] or [B, C, H, W]) fit `model`'s patch embedding
+    (the clear form of timm's AssertionError 'Input height (518) doesn't match model (224)')."""
+    want = archs.input_size(unwrap(model))
+    got = tuple(int(v) for v in shape)[-3:]
+    if want is None or len(got) != 3:
+        return
+    pe = unwrap(model).patch_embed
+    dynamic = getattr(unwrap(model), "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
+    if got[0] != want[0] or (not dynamic and got[1:] != want[1:]):
+        m = unwrap(model)
+        name = (getattr(m, "far_arch", None) or {}).get("timm_name") or \
+            (getattr(m, "pretrained_cfg", None) or {}).get("architecture") or type(m).__name__
+        raise ConfigError(f"{what} has {got[1]}x{got[2]}x{got[0]} images but {name} takes {want[1]}x{want[2]}x{want[0]} "
+                          "(its img_size and in_chans); load the data with far.data.make_dataset(..., "
+                          "far.models.data_config(model)) or build the model with img_size / in_chans that fit")
 
 
 def is_far(model: nn.Module) -> bool:
@@ -53,17 +88,33 @@ def is_far(model: nn.Module) -> bool:
 
 # ---- create ----
 def create_model(name: str, pretrained: bool = False, far: Optional[bool] = None, hidden_sizes=None,
-                 backend: Optional[str] = None, **kwargs) -> nn.Module:
-    """Build `name` and, with far=True, convert every attention to FARAttention.
+                 backend: Optional[str] = None, *, weights=None, blocks=None, pre_proj_init: str = "v",
+                 **kwargs) -> nn.Module:
+    """Build `name` and, with far=True, convert its attention to FARAttention.
 
     name: any timm ViT name (e.g. deit_tiny_patch16_224; pretrained=True takes timm's download path),
-        fmnist_deit_tiny / fmnist_deit_small, or a zoo FAR name (fmnist_far_tiny, fmnist_far_tiny_pruned).
+        "timm:NAME" (the same), fmnist_deit_tiny / fmnist_deit_small, or a zoo FAR name (fmnist_far_tiny,
+        fmnist_far_tiny_pruned).
     pretrained: for zoo names, the bundled checkpoint (offline), returned as trained: the zoo teacher
         stays an attention model unless far=True is given (then its LSTMs are new and untrained).
-    far: convert to FAR (default: True, except for a pretrained zoo model, which is returned as stored).
-    kwargs go to timm.create_model."""
+    weights: a local weights file for a timm name (.safetensors, or a torch state dict read with
+        weights_only=True; far.models.weights.load_weights), loaded before conversion; no network.
+    far: convert to FAR (default: True, except for a pretrained zoo model or weights, returned as stored).
+    blocks, pre_proj_init: far.convert's (convert only these blocks; pre_proj from "v" or "random").
+    kwargs go to timm.create_model (e.g. img_size=224, num_classes=0)."""
     import timm
 
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        name = name[len(TIMM_PREFIX):]
+        if not timm.is_model(name):
+            raise ConfigError(f"timm:{name}: no timm model of that name (timm {timm.__version__}); e.g. "
+                              "timm:deit_tiny_patch16_224, timm:vit_small_patch14_dinov2")
+    if weights is not None:
+        if pretrained:
+            raise ConfigError("give pretrained=True (timm's download) or weights=FILE (a local file), not both")
+        if name in ZOO and not timm.is_model(name):
+            raise ConfigError(f"'{name}' is a bundled FAR checkpoint with its own weights; weights=FILE is for "
+                              "timm architectures")
     if name in ZOO and not timm.is_model(name):  # FAR zoo models: the architecture lives in the checkpoint
         if kwargs or hidden_sizes is not None or far is False:
             raise ConfigError(f"'{name}' is a bundled FAR checkpoint: it takes no model arguments, hidden_sizes "
@@ -76,11 +127,21 @@ def create_model(name: str, pretrained: bool = False, far: Optional[bool] = None
         raise ConfigError(f"unknown model '{name}'; timm ViT names (e.g. deit_tiny_patch16_224), "
                           f"fmnist_deit_tiny / fmnist_deit_small, or the zoo: {', '.join(ZOO)}")
     if far is None:
-        far = not (pretrained and name in ZOO)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        far = not ((pretrained and name in ZOO) or weights is not None)
+    bad = sorted(set(kwargs) & checkpoint.LOADER_KWARGS) if weights is not None else []
+    if bad:
+        raise ConfigError(f"model kwargs {', '.join(bad)} make timm read files; with weights=FILE give none")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # a kwarg the architecture does not take
+        raise ConfigError(f"cannot build {name} with {kwargs}: {e}") from None
     model.far_arch = {"timm_name": name, "kwargs": dict(kwargs)}
+    if weights is not None:
+        load_weights(model, weights)
     if far:
-        convert(model, hidden_sizes=hidden_sizes, backend=backend)
+        convert(model, hidden_sizes=hidden_sizes, backend=backend, blocks=blocks, pre_proj_init=pre_proj_init)
+    elif blocks is not None or hidden_sizes is not None:
+        raise ConfigError("blocks / hidden_sizes size a FAR conversion; with far=False there is none")
     return model
 
 
@@ -90,12 +151,14 @@ def build(config: dict, path="<config>") -> nn.Module:
 
     arch, blocks = config["architecture"], config["far"]["blocks"]
     name = arch["timm_name"]
-    if not timm.is_model(name):
+    if not (timm.is_model(name) or name == archs.VIT_CLASS):
         raise checkpoint.fail(path, f"unknown architecture '{name}' (not a timm model in this environment; "
                                     f"timm {timm.__version__})")
     try:
-        model = create_model(name, pretrained=False, far=bool(blocks),
-                             hidden_sizes=[b["hidden_sizes"] for b in blocks] if blocks else None, **arch["kwargs"])
+        model = archs.instantiate(name, arch["kwargs"])
+        model.far_arch = {"timm_name": name, "kwargs": dict(arch["kwargs"])}
+        if blocks:  # by name: a partial FAR model converts only these
+            convert(model, hidden_sizes=[b["hidden_sizes"] for b in blocks], blocks=[b["name"] for b in blocks])
         reuse = config.get("reuse")
         if reuse:
             apply_reuse(model, {int(i): j for i, j in reuse["plan"].items()}, kind=reuse["transform"])
@@ -130,11 +193,14 @@ def stored_tensors(model: nn.Module) -> dict:
 
 def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
     arch = getattr(model, "far_arch", None)
+    if arch is None:  # any timm ViT (timm.create_model, VisionTransformer(...)): read from its modules
+        arch = archs.describe(model)
+        archs.check_rebuilds(model, arch, type(model).__name__)
     if not (isinstance(arch, dict) and isinstance(arch.get("timm_name"), str)
             and isinstance(arch.get("kwargs", {}), dict)):
-        raise ConfigError(f"cannot save {type(model).__name__}: it has no valid .far_arch. Models must be built "
-                         "with far.create_model(...) or have .far_arch = {'timm_name': <timm model name>, "
-                         "'kwargs': {<timm.create_model kwargs>}} set, so that far.load can rebuild them")
+        raise ConfigError(f"cannot save {type(model).__name__}: its .far_arch is not valid. It must be "
+                         "{'timm_name': <timm model name>, 'kwargs': {<timm.create_model kwargs>}} so that far.load "
+                         "can rebuild the model (or delete it: far.save reads a timm ViT's architecture itself)")
     kwargs = dict(arch.get("kwargs", {}))
     problem = checkpoint.json_problem(kwargs, "model.far_arch['kwargs']")
     if problem:
@@ -148,7 +214,12 @@ def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
         raise ConfigError(f"metadata must be JSON-serializable: {problem}")
     blocks = [{"name": name, "num_heads": m.num_heads, "head_dim": m.head_dim,
                "hidden_sizes": m.hidden_sizes.tolist()} for name, m in far_modules(model)]
-    pcfg = getattr(model, "pretrained_cfg", None)
+    pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size = archs.input_size(model)
+    if size is not None:  # what the rebuilt model takes, whatever timm's default cfg said
+        pcfg["input_size"] = size
+    if isinstance(getattr(model, "num_classes", None), int):
+        pcfg["num_classes"] = model.num_classes
     plan = reuse_plan(model)
     extra = {"reuse": {"plan": {str(i): j for i, j in sorted(plan.items())},
                        "transform": getattr(model, "far_reuse_transform", "ln-linear-gelu")}} if plan else {}
@@ -158,7 +229,7 @@ def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
         "far_version": __version__,
         "architecture": {"timm_name": arch["timm_name"], "kwargs": json.loads(json.dumps(kwargs))},
         "far": {"blocks": blocks},
-        "pretrained_cfg": checkpoint.json_safe(pcfg) if isinstance(pcfg, dict) else {},
+        "pretrained_cfg": checkpoint.json_safe(pcfg),
         "metadata": json.loads(json.dumps(metadata)),
     }
 
@@ -169,7 +240,9 @@ def save(model: nn.Module, path, metadata: Optional[dict] = None, *, force: bool
     at `path` is left as it was.
 
     Args:
-        model: a model with .far_arch (set by far.create_model); torch.compile / DDP wrappers are unwrapped.
+        model: a timm VisionTransformer, attention or FAR (all blocks or some): its architecture is
+            .far_arch (set by far.create_model) or else read from the model (far.models.arch.describe,
+            checked to rebuild it); torch.compile / DDP wrappers are unwrapped.
         path: destination file (conventionally *.safetensors).
         metadata: JSON-serializable dict stored with the config (teacher, training, pruning info);
             default: the model's `far_metadata` (what far.distill, far.prune, ... record), else {}.
@@ -234,11 +307,11 @@ def _size_check(path: str):
         import timm
 
         arch, blocks = config["architecture"], config["far"]["blocks"]
-        if not timm.is_model(arch["timm_name"]):
+        if not (timm.is_model(arch["timm_name"]) or arch["timm_name"] == archs.VIT_CLASS):
             return  # build() reports it
         try:
             with torch.device("meta"):
-                teacher = timm.create_model(arch["timm_name"], pretrained=False, **arch["kwargs"])
+                teacher = archs.instantiate(arch["timm_name"], arch["kwargs"])
         except Exception as e:  # noqa: BLE001 - any failure to build is the file's problem
             raise checkpoint.fail(path, f"cannot rebuild architecture '{arch['timm_name']}' with kwargs "
                                         f"{arch['kwargs']}: {type(e).__name__}: {e}") from None
@@ -318,11 +391,17 @@ class ModelSpec:
 
 
 def resolve(spec) -> ModelSpec:
-    """What a MODEL argument names: an existing file, else a zoo name, else a timm model name
-    (ConfigError for anything else, and for a folder)."""
+    """What a MODEL argument names: "timm:NAME" a timm model; else an existing file, else a zoo name, else
+    a timm model name (ConfigError for anything else, and for a folder)."""
     import timm
 
     text = os.fspath(spec)
+    if text.startswith(TIMM_PREFIX):
+        name = text[len(TIMM_PREFIX):]
+        if not timm.is_model(name):
+            raise ConfigError(f"{text}: no timm model named '{name}' (timm {timm.__version__}); e.g. "
+                              "timm:deit_tiny_patch16_224, timm:vit_small_patch14_dinov2")
+        return ModelSpec("timm", name)
     path = Path(text)
     if path.exists():
         if path.is_dir():
@@ -337,12 +416,18 @@ def resolve(spec) -> ModelSpec:
 
 
 def load_model(spec, *, device="cpu", backend: Optional[str] = None, far: Optional[bool] = None,
-               pretrained: bool = False) -> tuple[nn.Module, ModelSpec]:
+               pretrained: bool = False, weights=None, model_kwargs: Optional[dict] = None
+               ) -> tuple[nn.Module, ModelSpec]:
     """(model, resolved spec) for a MODEL argument (see resolve). Checkpoints (file, zoo) load as
-    saved, in eval mode; `far` and `pretrained` apply to timm names only (far.create_model; far=None
-    converts)."""
+    saved, in eval mode; `far`, `pretrained`, `weights` (a local weights file: then pretrained is
+    ignored and nothing is downloaded) and `model_kwargs` (timm.create_model's) apply to timm names
+    only (far.create_model; far=None converts)."""
     ref = spec if isinstance(spec, ModelSpec) else resolve(spec)
     if ref.kind == "timm":
-        model = create_model(ref.name, pretrained=pretrained, far=True if far is None else far, backend=backend)
+        model = create_model(ref.name, pretrained=pretrained and weights is None, far=True if far is None else far,
+                             backend=backend, weights=weights, **(model_kwargs or {}))
         return model.to(device).eval(), ref
+    if weights is not None or model_kwargs:
+        raise ConfigError(f"{ref.name}: a {ref.origin} has its architecture and weights; weights files and model "
+                          "kwargs go with timm names (timm:NAME)")
     return load(ref.path, device=device, backend=backend), ref
