@@ -313,3 +313,17 @@ def test_far_convert_weights_file_partial_and_pre_proj_init(dino, tmp_path):
     assert [type(b.attn).__name__ for b in model.blocks] == ["FARAttention", "Attention"]
     assert torch.equal(model.blocks[1].attn.qkv.weight, teacher.blocks[1].attn.qkv.weight)
     assert far.read_config(out)["metadata"]["replaced_blocks"] == [0]
+
+
+def test_partial_student_fidelity_report():
+    torch.manual_seed(0)
+    teacher = timm.create_model(DINO, pretrained=False, **{**DINO_KW, "depth": 3, "num_classes": 3})
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 28, 28), torch.randint(0, 3, (16,)))
+    student = far.distill(teacher, data, eval_data=data, blocks="1",
+                          config=far.TrainConfig(epochs=0.5, batch_size=8, progress=False), stage2_epochs=0.5)
+    blocks = student.far_metadata["fidelity"]["blocks"]
+    assert [b["isolated"] is None for b in blocks] == [True, False, True]  # only block 1 is FAR
+    # block 0 is the teacher's own attention on the teacher's own input (nothing replaced before it): identical
+    assert blocks[0]["in_model"]["cos"] == pytest.approx(1.0, abs=1e-6)
+    row = dict(student.far_run.rows)["block cosine isolated / in model"]
+    assert row.startswith("-/1.000 ") and row.count("-/") == 2

@@ -480,7 +480,8 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         rows=[("teacher top-1", f"{100 * t_acc:.2f}%" if t_acc is not None else "n/a"),
               ("FAR parameters", f"{sum(t.numel() for t in stored_tensors(student).values()):,}"),
               ("LSTM + head_proj params", f"{lstm:,}"), ("processes", str(d.world))]
-        + ([("block cosine isolated / in model", " ".join(f"{b['isolated']['cos']:.3f}/{b['in_model']['cos']:.3f}"
-                                                            for b in fidelity["blocks"])),
+        + ([("block cosine isolated / in model", " ".join(
+            (f"{b['isolated']['cos']:.3f}" if b.get("isolated") else "-") + f"/{b['in_model']['cos']:.3f}"
+            for b in fidelity["blocks"])),  # "-": a block that kept its attention (partial student)
             ("top-1 agreement with the teacher", f"{100 * fidelity['agreement']:.2f}%")] if fidelity else []))
     return student.eval()
