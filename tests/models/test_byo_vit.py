@@ -197,6 +197,18 @@ def test_classifier_dropped_for_a_backbone_and_wrong_files_are_clear_errors(dino
         far.models.resolve("timm:not_a_model")
 
 
+def test_a_safetensors_header_length_that_starts_like_a_pickle(tmp_path):
+    """A header of 128 + 256 k bytes starts with 0x80, as a pickle does; the JSON after it says safetensors."""
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    for pad in range(512, 1024, 8):  # header lengths 0x280 .. 0x2ff: bytes 0x80, 0x02
+        save_file(state, tmp_path / "w.safetensors", metadata={"pad": "x" * pad})
+        if (tmp_path / "w.safetensors").read_bytes()[:2] == b"\x80\x02":
+            break
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    assert raw[0] == 0x80 and 2 <= raw[1] <= 5  # the case: the first two bytes read as a pickle's
+    assert torch.equal(read_state_dict(tmp_path / "w.safetensors")["w"], state["w"])
+
+
 def test_a_pickle_with_code_is_refused(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "cfg": Doubled(torch.nn.Identity())}, tmp_path / "code.pth")
     with pytest.raises(ConfigError, match="weights_only=True"):

@@ -31,7 +31,7 @@ def _kind(path: str) -> str:
     """"torch" (a zip archive or a legacy pickle), "safetensors" (a header length that fits), else "unknown"."""
     try:
         with open_input(path, "weights file") as f:
-            head = f.read(8)
+            head = f.read(9)
             size = os.fstat(f.fileno()).st_size
     except NotRegularFile as e:
         raise ConfigError(str(e)) from None
@@ -41,9 +41,10 @@ def _kind(path: str) -> str:
         raise ConfigError(f"{path}: is a folder, not a weights file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    if head.startswith(ZIP_MAGIC) or head[:1] == b"\x80":
+    # a pickle starts 0x80 <protocol 2..5>; so may a safetensors header length, but its JSON header follows
+    if head.startswith(ZIP_MAGIC) or (head[:1] == b"\x80" and 2 <= head[1] <= 5 and head[8:9] != b"{"):
         return "torch"
-    if len(head) == 8 and 2 <= int.from_bytes(head, "little") <= size - 8:
+    if len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
         return "safetensors"
     return "unknown"
 
