@@ -220,7 +220,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"{args.model}: {n} attention block(s) -> FAR ({source}, pre_proj init {init}, hidden size "
               f"{args.hidden_size or 'head_dim'}{'' if blocks is None else f', blocks {args.replace}'})")
         print(model.far_conversion.table())
-    metadata = {"teacher": args.model, "pretrained": bool(args.pretrained or args.teacher_weights) or ref.kind != "timm",
+    metadata = {"teacher": args.model,
+                "pretrained": bool(args.pretrained or args.teacher_weights) or ref.kind != "timm",
                 "init": init, "converted_by": "far convert"}
     if args.teacher_weights:
         metadata["teacher_weights"] = str(args.teacher_weights)

@@ -117,7 +117,8 @@ def add_teacher_args(p: argparse.ArgumentParser, teacher: bool = True) -> None:
     g = p.add_argument_group("the teacher and the conversion")
     if teacher:
         g.add_argument("--teacher", default=None, metavar="MODEL",
-                       help="the attention teacher (instead of the positional MODEL), e.g. timm:vit_small_patch14_dinov2")
+                       help="the attention teacher (instead of the positional MODEL), e.g. "
+                            "timm:vit_small_patch14_dinov2")
     g.add_argument("--teacher-weights", "--weights", dest="teacher_weights", default=None, metavar="FILE",
                    help="weights of the timm architecture MODEL from a local file: .safetensors or a torch state "
                         "dict (torch.load weights_only=True; {'model': ...} / {'state_dict': ...} unwrapped; position "

@@ -76,7 +76,8 @@ def check_input(model: nn.Module, shape, what: str = "the data") -> None:
         m = unwrap(model)
         name = (getattr(m, "far_arch", None) or {}).get("timm_name") or \
             (getattr(m, "pretrained_cfg", None) or {}).get("architecture") or type(m).__name__
-        raise ConfigError(f"{what} has {got[1]}x{got[2]}x{got[0]} images but {name} takes {want[1]}x{want[2]}x{want[0]} "
+        raise ConfigError(f"{what} has {got[1]}x{got[2]}x{got[0]} images but {name} takes "
+                          f"{want[1]}x{want[2]}x{want[0]} "
                           "(its img_size and in_chans); load the data with far.data.make_dataset(..., "
                           "far.models.data_config(model)) or build the model with img_size / in_chans that fit")
 

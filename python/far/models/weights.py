@@ -127,8 +127,8 @@ def load_weights(model: nn.Module, path) -> nn.Module:
         hint = ""
         if any(k.startswith("head.") for k in missing + unexpected) or any(s.startswith("head.") for s in shapes):
             hint = " (another classifier size? set num_classes to the file's, or 0 for none)"
-        raise ConfigError(f"{path}: the weights do not fit {getattr(model, 'far_arch', {}).get('timm_name') or type(model).__name__}"
-                          f": " + "; ".join(problems) + hint
+        name = (getattr(model, "far_arch", None) or {}).get("timm_name") or type(model).__name__
+        raise ConfigError(f"{path}: the weights do not fit {name}: " + "; ".join(problems) + hint
                           + "; check the architecture kwargs (img_size, patch_size, embed_dim, depth, ...)")
     with torch.no_grad():
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
