@@ -171,3 +171,32 @@ def test_prune_to_budget_in_rounds_runs_everywhere(tmp_path):
                       budget="mixer-params=25000", rounds=2, balance=True, finetune_epochs=0.5)
     with torch.no_grad():
         assert max_err(again(x), out(x)) == 0
+
+
+def test_prune_command_with_budget(tmp_path, capsys):
+    from far.cli import main
+
+    model = tiny()
+    far.save(model, tmp_path / "s.safetensors")
+    out = tmp_path / "b.safetensors"
+    common = [str(tmp_path / "s.safetensors"), "--limit", "64", "--eval-limit", "32", "--batch-size", "32",
+              "--epochs", "0.5", "--finetune-epochs", "0.5", "--out-dir", str(tmp_path / "run"), "-q"]
+    code = main(["prune", *common, "--budget", "mixer-arrays=40", "--align", "arrays", "--hw", "packing=diagonal",
+                 "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "budget mixer-arrays <= 40: achieved" in text
+    pruned = far.load(out)
+    b = pruned.far_checkpoint["metadata"]["pruning"]["budget"]
+    assert b["met"] and b["achieved"] <= 40
+    assert counted(pruned, Budget("mixer-arrays", 40, hw=HardwareSpec(packing="diagonal"))) == b["achieved"]
+    assert all(int(k) % 4 == 0 for _, m in far.far_modules(pruned) for k in m.hidden_sizes.flatten())
+    # refused before any training, the output untouched: by how much and why
+    for extra, match in ((["--budget", "mixer-params=100"], "cannot be met"),
+                         (["--budget", "mixer-params=1k", "--prune-ratio", "0.3"], "give one of"),
+                         (["--align", "arrays"], "give --budget"), (["--hw", "cols=64"], "give --budget"),
+                         (["--budget", "flops=3"], "unknown budget"), (["--budget", "params=1e6", "--hw", "packing=x"], "packing")):
+        code = main(["prune", *common, *extra, "-o", str(tmp_path / "never.safetensors")])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err, (extra, err)
+        assert not (tmp_path / "never.safetensors").exists()
