@@ -206,7 +206,10 @@ def read_header(path) -> dict:
                 raise fail(path, f"truncated or not a safetensors file: {size} bytes, fewer than the "
                                  "8-byte header length that starts every safetensors file")
             head = f.read(8)
-            if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            # a pickle starts 0x80 <protocol 2..5>; a safetensors header length may too, but its JSON follows
+            pickled = head[:1] == b"\x80" and 2 <= head[1] <= 5 and f.read(1) != b"{"
+            f.seek(8)
+            if head.startswith(b"PK\x03\x04") or pickled:
                 raise CheckpointError(
                     f"{path} is not a safetensors file; it is a torch checkpoint ({'a zip archive' if head[:1] == b'P' else 'a pickle'}"
                     "). FAR checkpoints are written by far.save; the weights of a timm architecture are read with "
