@@ -479,13 +479,136 @@ def shard(dataset, rank: int, world: int):
     return torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
 
 
+# ---- DeiT's per-image training augmentation (far distill --recipe paper) ----
+def deit_train_transform(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                         rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                         interpolation: str = "bicubic"):
+    """DeiT's training transform of a PIL image (timm create_transform, as the FAR authors' modeling/data.py
+    build_transform): random resized crop + flip + RandAugment (`rand_augment`, None = off) + normalize +
+    random erasing (probability `reprob`, per-pixel noise, one box). Images of 32 pixels or less get a
+    4-pixel-padded random crop instead of the resized crop (as there). Grayscale (C = 1) works: PIL's ops
+    accept mode "L"; colour jitter is off (timm turns it off under RandAugment anyway)."""
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    c, h, w = (int(v) for v in input_size)
+    tf = create_transform(input_size=(c, h, w), is_training=True, mean=tuple(mean), std=tuple(std),
+                          interpolation=interpolation, auto_augment=rand_augment, re_prob=reprob,
+                          re_mode="pixel", re_count=1, color_jitter=0.0 if c == 1 else 0.3)
+    if max(h, w) <= 32:
+        tf.transforms[0] = transforms.RandomCrop((h, w), padding=4)
+    for t in tf.transforms:  # timm's posterize asks Pillow for 0 bits at top magnitude: Pillow >= 10 refuses
+        for op in getattr(t, "ops", []):
+            if getattr(op.aug_fn, "__name__", "") == "posterize":
+                op.aug_fn = _posterize
+    return tf
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize with 0 bits allowed (a black image, what older Pillow gave DeiT)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+class DeiTView(torch.utils.data.Dataset):
+    """A training set seen through `deit_train_transform`: items are keyed (index, seed); the image's
+    random augmentation is drawn from `seed` (python, numpy and torch RNGs seeded, then restored), so a
+    run's augmentations are reproducible and resumable. `pil(i)` gives the raw PIL image and label."""
+
+    def __init__(self, pil, n: int, transform):
+        self.pil, self.n, self.transform = pil, n, transform
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        import random
+
+        i, seed = key
+        img, y = self.pil(int(i))
+        py, npy = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(img), y
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _normalize_of(transform):
+    """(mean, std, (H, W)) of a timm/torchvision Compose (its Normalize and its crop/resize size), or None."""
+    from torchvision import transforms
+
+    steps = getattr(transform, "transforms", None) or []
+    norm = next((t for t in steps if isinstance(t, transforms.Normalize)), None)
+    size = next((t.size for t in steps if isinstance(getattr(t, "size", None), (tuple, list, int))), None)
+    if norm is None or size is None:
+        return None
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) == 1:
+        size = (size[0], size[0])
+    mean, std = tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std)
+    return mean, std, size
+
+
+def deit_view(dataset, rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1", reprob: float = 0.25):
+    """(DeiTView of `dataset`, None), or (None, why not) when its images cannot be had as PIL images.
+
+    Works on Fashion-MNIST (uint8 28x28 -> PIL "L", normalized with its mean/std), image folders
+    (ImageFolder / UnlabeledImages from far.data: the file through their loader, size and normalization
+    from their own transform) and torch Subsets of them. Other datasets (tensors) are refused."""
+    from PIL import Image
+
+    indices = None
+    base = dataset
+    while isinstance(base, torch.utils.data.Subset):
+        inner = list(base.indices)
+        indices = inner if indices is None else [inner[i] for i in indices]
+        base = base.dataset
+    n = len(dataset)
+    at = (lambda i: i) if indices is None else (lambda i: indices[i])
+    if isinstance(base, FashionMNIST):
+        def pil(i):
+            j = at(i)
+            return Image.fromarray(base.images[j].numpy(), mode="L"), int(base.targets[j])
+
+        tf = deit_train_transform((1, 28, 28), base.mean, base.std, rand_augment, reprob)
+        return DeiTView(pil, n, tf), None
+    loader = getattr(base, "loader", None)
+    files = getattr(base, "samples", None) or ([(str(f), -1) for f in base.files] if isinstance(base, UnlabeledImages)
+                                               else None)
+    found = _normalize_of(getattr(base, "transform", None)) if loader is not None and files else None
+    if found is None:
+        return None, (f"{type(base).__name__} does not give PIL images (DeiT's augmentation needs Fashion-MNIST "
+                      "or an image folder)")
+    mean, std, (h, w) = found
+
+    def pil(i):
+        path, y = files[at(i)]
+        return loader(path), int(y)
+
+    tf = deit_train_transform((len(mean), h, w), mean, std, rand_augment, reprob)
+    return DeiTView(pil, n, tf), None
+
+
 __all__ = [
     "DataError",
+    "DeiTView",
     "FMNIST_MEAN",
     "FMNIST_STD",
     "FashionMNIST",
     "RandomShiftFlip",
     "UnlabeledImages",
+    "deit_train_transform",
+    "deit_view",
     "fashion_mnist",
     "fashion_mnist_root",
     "folder_config",

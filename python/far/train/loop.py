@@ -5,6 +5,10 @@ What it gives a method (distill, prune, supervised training):
   DistributedSampler; one process otherwise. batch_size is per process.
 - AdamW, linear warm-up then cosine decay (per step), label smoothing, gradient clipping, optional
   EMA of the weights, bf16 autocast on GPUs.
+- DeiT-style regularization when asked (all off by default; `far distill --recipe paper` sets them):
+  mixup/cutmix (timm Mixup: soft targets, SoftTargetCrossEntropy), RandAugment and random erasing
+  (per image, on PIL images: far.data.deit_view), repeated augmentation under DDP (timm
+  RepeatAugSampler), drop-path on timm blocks for the run, and the LR scaled by global batch / N.
 - Determinism that survives a kill: the data order is DistributedSampler(seed, epoch), and every
   step reseeds torch's RNG (dropout, drop-path, augmentation) from (seed, step, rank), so a run
   resumed from a checkpoint takes exactly the steps the uninterrupted run would have taken.
@@ -25,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -74,6 +79,14 @@ class TrainConfig:
     progress: bool = True
     out_dir: Optional[str] = None
     resume: bool = False
+    # DeiT-style recipe options (0/None/False = off): see the module docstring and far.methods.recipes
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    rand_augment: Optional[str] = None
+    reprob: float = 0.0
+    repeated_aug: bool = False
+    drop_path: float = 0.0
+    lr_scale_batch: int = 0
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -94,6 +107,14 @@ class TrainConfig:
             (self.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto/bf16/fp16/off, got {self.amp!r}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (not self.resume or self.out_dir is not None, "resume needs an out_dir (the run folder to resume)"),
+            (self.mixup >= 0 and self.cutmix >= 0, f"mixup/cutmix alphas must be >= 0, got {self.mixup}/{self.cutmix}"),
+            (self.mixup + self.cutmix == 0 or self.batch_size % 2 == 0,
+             f"mixup/cutmix pair images within a batch: the batch size must be even, got {self.batch_size}"),
+            (0 <= self.reprob <= 1, f"random-erasing probability must be in [0, 1], got {self.reprob}"),
+            (0 <= self.drop_path < 1, f"drop-path must be in [0, 1), got {self.drop_path}"),
+            (self.lr_scale_batch >= 0, f"lr-scale-batch must be >= 0 (0 = off), got {self.lr_scale_batch}"),
+            (self.rand_augment is None or self.rand_augment.startswith("rand-"),
+             f"rand_augment must be a timm RandAugment string like rand-m9-mstd0.5-inc1, got {self.rand_augment!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -159,33 +180,53 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 class TrainData:
     """Training batches for one process: indices from DistributedSampler(seed, epoch), shard `rank`
-    of `world`; in-memory fast path (uint8 gather + batched augmentation) for Fashion-MNIST,
-    a DataLoader over the shard for image folders. drop_last: every step has a full batch."""
+    of `world` (timm's RepeatAugSampler instead with repeated_aug under DDP); in-memory fast path
+    (uint8 gather + batched augmentation) for Fashion-MNIST, a DataLoader over the shard for image
+    folders. With rand_augment or reprob every image goes through DeiT's per-image transforms
+    (far.data.deit_view), each image seeded by (seed, step, rank, position): resumable.
+    drop_last: every step has a full batch."""
 
-    def __init__(self, dataset, batch_size: int, d: Dist, seed: int, augment: bool, workers: int = 0):
-        from far.data import RandomShiftFlip  # the Fashion-MNIST fast path's augmentation
+    def __init__(self, dataset, batch_size: int, d: Dist, seed: int, augment: bool, workers: int = 0,
+                 rand_augment: Optional[str] = None, reprob: float = 0.0, repeated_aug: bool = False):
+        from far.data import RandomShiftFlip, deit_view  # the Fashion-MNIST fast path's augmentation; DeiT's
 
         self.dataset = dataset
         self.batch_size = batch_size
         self.d = d
         self.seed = seed
         self.workers = workers
-        self.fast = hasattr(dataset, "images") and hasattr(dataset, "normalize")
+        self.view = None
+        if rand_augment or reprob > 0:
+            self.view, why = deit_view(dataset, rand_augment=rand_augment, reprob=reprob)
+            if self.view is None:
+                warnings.warn(f"RandAugment / random erasing not applied: {why}", stacklevel=3)
+        self.fast = self.view is None and hasattr(dataset, "images") and hasattr(dataset, "normalize")
         self.augment = RandomShiftFlip(pad=2, flip=0.5) if (augment and self.fast) else None
+        self.repeated = repeated_aug and d.world > 1  # as DeiT: repeated augmentation only when distributed
         n = len(dataset)
-        per_rank = math.ceil(n / d.world)
+        per_rank = len(self._sampler()) if self.repeated else math.ceil(n / d.world)
         self.steps_per_epoch = per_rank // batch_size
         if self.steps_per_epoch < 1:
             raise ConfigError(f"the training set has {n} images: fewer than one batch of {batch_size} per process "
                              f"({d.world} process(es)); lower --batch-size or use more data")
 
-    def _indices(self, epoch: int) -> List[int]:
+    def _sampler(self):
+        if self.repeated:  # each image 3 times per epoch, its copies on different processes (DeiT)
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            n = len(self.dataset)  # DeiT rounds the epoch down to a multiple of 256 images; tiny sets keep all
+            return RepeatAugSampler(range(n), num_replicas=self.d.world, rank=self.d.rank, shuffle=True,
+                                    selected_round=256 if n >= 256 * self.d.world else 0)
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(range(len(self.dataset)), num_replicas=self.d.world, rank=self.d.rank,
-                                     shuffle=True, seed=self.seed, drop_last=False)
-        sampler.set_epoch(epoch)
-        return list(iter(sampler))
+        return DistributedSampler(range(len(self.dataset)), num_replicas=self.d.world, rank=self.d.rank,
+                                  shuffle=True, seed=self.seed, drop_last=False)
+
+    def _indices(self, epoch: int) -> List[int]:
+        sampler = self._sampler()
+        # RepeatAugSampler seeds its shuffle with the epoch alone: fold the run's seed in
+        sampler.set_epoch(self.seed * 1_000_003 + epoch if self.repeated else epoch)
+        return [int(i) for i in iter(sampler)]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Batches [start_step, steps_per_epoch) of `epoch` on the process's device."""
@@ -202,6 +243,16 @@ class TrainData:
                     self.augment.generator = torch.Generator().manual_seed(_step_seed(self.seed, step, self.d.rank) + 1)
                     x = self.augment(x)
                 yield x, targets[b]
+            return
+        if self.view is not None:  # (index, seed) keys: every image's augmentation seeded by its place in the run
+            keys = []
+            for i, s in enumerate(range(0, len(idx), self.batch_size)):
+                base = _step_seed(self.seed, epoch * self.steps_per_epoch + start_step + i, self.d.rank) + 2
+                keys += [(j, (base * 31 + k) % (2 ** 63 - 1)) for k, j in enumerate(idx[s:s + self.batch_size])]
+            loader = torch.utils.data.DataLoader(self.view, batch_size=self.batch_size, sampler=keys, drop_last=True,
+                                                 num_workers=self.workers, pin_memory=dev.type == "cuda")
+            for x, y in loader:
+                yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             return
         subset = torch.utils.data.Subset(self.dataset, idx)
         loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, shuffle=False, drop_last=True,
@@ -243,6 +294,80 @@ class EMA:
             model.load_state_dict(saved, strict=False)
 
 
+# ---------------------------------------------------------------- recipe pieces
+def effective_lr(lr: float, cfg: TrainConfig, world: int) -> float:
+    """`lr` as the loop uses it: times global batch / cfg.lr_scale_batch when that is set (DeiT's linear
+    scaling rule, lr x batch x processes / 512), else unchanged."""
+    if not cfg.lr_scale_batch:
+        return lr
+    return lr * cfg.batch_size * world / cfg.lr_scale_batch
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against hard labels y [B] (with label smoothing) or soft targets y [B, K] (mixup/cutmix:
+    timm's SoftTargetCrossEntropy; the smoothing is already in the targets)."""
+    if y.dim() == 2:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()(logits.float(), y.float())
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+
+def make_mixup(cfg: TrainConfig, num_classes: Optional[int]):
+    """timm's Mixup for cfg.mixup / cfg.cutmix (DeiT's settings: prob 1, switch prob 0.5, per batch; the label
+    smoothing goes into the soft targets), or None when both are 0."""
+    if cfg.mixup + cfg.cutmix == 0:
+        return None
+    if not num_classes:
+        raise ConfigError("mixup/cutmix need the model's number of classes (it has no num_classes)")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                 label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def apply_mixup(mix, x: torch.Tensor, y: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mixed images, soft targets [B, K]); labels < 0 (no labels) stay as they are. timm draws lambda
+    from numpy's global RNG: seeded here (and restored) so a resumed run mixes alike."""
+    import numpy as np
+
+    state = np.random.get_state()
+    np.random.seed(seed % (2 ** 32))
+    try:
+        unlabeled = bool((y < 0).any())
+        x, soft = mix(x, y.clamp_min(0) if unlabeled else y)
+    finally:
+        np.random.set_state(state)
+    return x, (y if unlabeled else soft)
+
+
+@contextlib.contextmanager
+def drop_path(model: nn.Module, rate: float):
+    """Stochastic depth on every timm-style block (drop_path1/drop_path2) for the duration: rate rising linearly
+    from 0 at the first block to `rate` at the last (timm's rule), the modules put back afterwards. Warns when
+    `rate` > 0 and the model has no such blocks."""
+    blocks = [b for b in model.modules() if hasattr(b, "drop_path1") and hasattr(b, "drop_path2")]
+    if rate <= 0:
+        yield model
+        return
+    if not blocks:
+        warnings.warn(f"drop-path {rate} not applied: {type(model).__name__} has no blocks with drop_path1/2 "
+                      "(e.g. stage 1 isolated trains the FAR blocks alone)", stacklevel=3)
+        yield model
+        return
+    from timm.layers import DropPath
+
+    saved = [(b.drop_path1, b.drop_path2) for b in blocks]
+    rates = torch.linspace(0, rate, len(blocks)).tolist()
+    for b, r in zip(blocks, rates):
+        b.drop_path1, b.drop_path2 = (DropPath(r), DropPath(r)) if r > 0 else (nn.Identity(), nn.Identity())
+    try:
+        yield model
+    finally:
+        for b, (p1, p2) in zip(blocks, saved):
+            b.drop_path1, b.drop_path2 = p1, p2
+
+
 # ---------------------------------------------------------------- task
 class Task:
     """What a training command trains. Subclasses set `model` and override `loss` (and may override
@@ -269,7 +394,7 @@ class Task:
         return [[p for _, p in self.trainable()]]
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
-        loss = F.cross_entropy(model(x), y, label_smoothing=self.cfg.label_smoothing)
+        loss = classification_loss(model(x), y, self.cfg.label_smoothing)
         return {"loss": loss, "ce": loss.detach()}
 
     def after_step(self, model: nn.Module) -> None:
@@ -288,7 +413,10 @@ def _identity(task: Task, cfg: TrainConfig, extra: dict) -> dict:
     """What must match for a resume to be the same run (anything else may change, e.g. --progress)."""
     keep = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
             "grad_clip", "ema", "seed", "augment", "limit")
-    return {"task": task.name, **{k: getattr(cfg, k) for k in keep}, **extra}
+    recipe = ("mixup", "cutmix", "rand_augment", "reprob", "repeated_aug", "drop_path", "lr_scale_batch")
+    base = TrainConfig()  # the DeiT options join only when set: runs saved before they existed still resume
+    return {"task": task.name, **{k: getattr(cfg, k) for k in keep},
+            **{k: getattr(cfg, k) for k in recipe if getattr(cfg, k) != getattr(base, k)}, **extra}
 
 
 def _tensor_problems(what: str, got, want: Dict[str, torch.Tensor]) -> List[str]:
@@ -425,9 +553,17 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
         out.mkdir(parents=True, exist_ok=True)
     d.barrier()
     model = task.model.to(d.device)
-    data = TrainData(train_set, cfg.batch_size, d, cfg.seed, cfg.augment, cfg.workers)
+    data = TrainData(train_set, cfg.batch_size, d, cfg.seed, cfg.augment, cfg.workers,
+                     rand_augment=cfg.rand_augment, reprob=cfg.reprob, repeated_aug=cfg.repeated_aug)
+    mix = make_mixup(cfg, getattr(task.evaluated(), "num_classes", None))
+    peak_lr = effective_lr(cfg.lr, cfg, d.world)
+    min_lr = min(cfg.min_lr, peak_lr)
     spe = data.steps_per_epoch
     total = max(1, int(round(cfg.epochs * spe)))
+    if cfg.ema > 0 and total < 1.0 / (1.0 - cfg.ema):
+        warnings.warn(f"{desc}: EMA decay {cfg.ema} averages over ~{1.0 / (1.0 - cfg.ema):.0f} steps but the run has "
+                      f"{total}: the returned (EMA) weights stay close to the starting ones; lower --ema or 0",
+                      stacklevel=2)
     warmup = int(round(cfg.warmup_epochs * spe))
     named = task.trainable()
     clip_groups = task.clip_groups()
@@ -478,12 +614,16 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     acc = None
     sums: Dict[str, float] = {}
     count = 0
+    regularized = contextlib.ExitStack()  # drop-path on the model's blocks for this run only
+    regularized.enter_context(drop_path(model, cfg.drop_path))
     model.train()
     while step < stop_at:
         epoch, start = divmod(step, spe)
         for x, y in data.epoch(epoch, start):
             torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
-            lr = lr_at(step, total, warmup, cfg.lr, cfg.min_lr)
+            lr = lr_at(step, total, warmup, peak_lr, min_lr)
+            if mix is not None:
+                x, y = apply_mixup(mix, x, y, _step_seed(cfg.seed, step, d.rank) + 3)
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
@@ -547,6 +687,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
                 d.barrier()
             if step >= stop_at:
                 break
+    regularized.close()
     if bar is not None:
         bar.close()
     completed = step >= total
@@ -639,5 +780,6 @@ def stage_config(cfg: TrainConfig, name: str, **changes) -> TrainConfig:
     return dataclasses.replace(cfg, out_dir=out, resume=resume, **changes)
 
 
-__all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "cleanup_distributed",
-           "join_histories", "lr_at", "plot_history", "run_metadata", "setup_distributed", "stage_config", "train"]
+__all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "apply_mixup",
+           "classification_loss", "cleanup_distributed", "drop_path", "effective_lr", "join_histories", "lr_at",
+           "make_mixup", "plot_history", "run_metadata", "setup_distributed", "stage_config", "train"]
