@@ -13,6 +13,7 @@ import torch
 from far.cli.options import (Formatter, add_common, add_device, add_model, add_output, add_teacher_args, at_least,
                              note, output_checks, set_threads, warn)
 from far.errors import ConfigError
+from far.methods.recipes import RECIPES, describe
 from far.train import TrainConfig
 
 _LAUNCH = ("multi-process (DDP): torchrun --nproc-per-node 2 -m far.cli {cmd} ...  "
@@ -58,6 +59,57 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir
                    help="stop after this many steps (state saved; --resume continues)")
     add_output(r, help="where to save the trained model (.safetensors)")
     add_common(r, quiet="no progress bars")
+
+
+def add_deit_args(p: argparse.ArgumentParser) -> None:
+    """DeiT-style regularization options (TrainConfig fields; off by default, --recipe paper sets them)."""
+    g = p.add_argument_group("DeiT-style regularization (off unless given or set by a --recipe)")
+    g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup alpha (timm Mixup: soft targets, label smoothing inside them; 0 = off)")
+    g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha (0 = off)")
+    g.add_argument("--rand-augment", default=None, metavar="SPEC",
+                   help="timm RandAugment per image, e.g. rand-m9-mstd0.5-inc1 (none = off; replaces the "
+                        "Fashion-MNIST shift/flip)")
+    g.add_argument("--reprob", type=float, default=0.0, metavar="P", help="random-erasing probability per image")
+    g.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction, default=False,
+                   help="repeated augmentation under DDP (timm RepeatAugSampler: each image 3x per epoch, on "
+                        "different processes); no effect in one process")
+    g.add_argument("--drop-path", type=float, default=0.0, metavar="P",
+                   help="stochastic depth on the student's blocks during training (rising linearly to P)")
+    g.add_argument("--lr-scale-batch", type=int, default=0, metavar="N",
+                   help="scale every LR by (batch size x processes) / N (DeiT: 512; 0 = off)")
+
+
+def recipe_defaults(p: argparse.ArgumentParser) -> None:
+    """Make the options a --recipe preset covers default to "not given" (None), keeping today's defaults as
+    the `far` recipe, and say both defaults in their help."""
+    from far.methods.recipes import PAPER
+
+    far = {}
+    for a in p._actions:
+        if a.dest in PAPER:
+            far[a.dest] = a.default
+            shown = {True: "on", False: "off", None: "none"}.get(a.default, a.default) if isinstance(
+                a.default, (bool, type(None))) else a.default
+            paper = PAPER[a.dest][0]
+            paper = {True: "on", False: "off"}.get(paper, paper) if isinstance(paper, bool) else paper
+            a.help = f"{a.help} (default: {shown}; --recipe paper: {paper})"
+            a.default = None
+    p.set_defaults(far_recipe=far)
+
+
+def resolve_recipe(args: argparse.Namespace) -> list:
+    """Fill the options left unset from --recipe (far: today's defaults); returns the names given explicitly."""
+    from far.methods.recipes import preset
+
+    given = sorted(k for k in args.far_recipe if getattr(args, k) is not None)
+    values = {**args.far_recipe, **preset(args.recipe)}
+    for k in args.far_recipe:
+        if getattr(args, k) is None:
+            setattr(args, k, values[k])
+    if isinstance(args.rand_augment, str) and args.rand_augment.lower() == "none":
+        args.rand_augment = None
+    return given
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -156,7 +208,7 @@ def cmd_train_teacher(args) -> int:
     import far
 
     output_checks(args, (), "output")
-    cfg = train_config(args)
+    cfg = dataclasses.replace(train_config(args), drop_path=0.0)  # the model is built with it (below)
     if not 0 <= args.drop_path < 1:
         raise ConfigError(f"--drop-path must be in [0, 1), got {args.drop_path}")
     at_least(args, 1, "num_classes")
@@ -204,6 +256,7 @@ def cmd_distill(args) -> int:
     teacher_ref = resolve(teacher_spec(args))
     student_ref = resolve(args.student) if args.student else None
     output_checks(args, [r.path for r in (teacher_ref, student_ref) if r is not None], "output")
+    explicit = resolve_recipe(args)
     cfg = train_config(args)
     if student_ref is not None and args.hidden_size is not None:
         raise ConfigError("--hidden-size sizes a new student; an existing --student keeps its own sizes")
@@ -238,7 +291,8 @@ def cmd_distill(args) -> int:
                         kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
                         stage2_block_weight=args.stage2_block_weight, labels=labels, blocks=blocks,
                         pre_proj_init=args.pre_proj_init,
-                        hidden_sizes=args.hidden_size, device=args.device, identity=identity)
+                        hidden_sizes=args.hidden_size, device=args.device, identity=identity,
+                        recipe=args.recipe, explicit=explicit)
     return finish(args, model, f"FAR student of {args.model}")
 
 
@@ -342,8 +396,10 @@ def cmd_finetune(args) -> int:
     k = args.num_classes if args.num_classes is not None else (10 if is_fashion_mnist(args.data)
                                                                else _folder_classes(args.data))
     train_set, eval_set = datasets(args, model, cfg, num_classes=k)
+    if isinstance(cfg.rand_augment, str) and cfg.rand_augment.lower() == "none":
+        cfg = dataclasses.replace(cfg, rand_augment=None)
     model = far.finetune(model, train_set, num_classes=k, eval_data=eval_set, config=cfg, device=args.device,
-                         identity={"checkpoint": _abs(ref), "data": str(args.data)}, inplace=True)
+                         identity={"checkpoint": _abs(ref), "data": str(args.data)}, inplace=True, mode=args.mode)
     return finish(args, model, f"{args.model} fine-tuned on {args.data}")
 
 
@@ -384,8 +440,11 @@ def add_parsers(sub) -> None:
                "--epochs 0 --stage2-epochs 4 -o far2.safetensors   # more stage-2 epochs\n"
                "  far distill vit.safetensors --data ./photos --no-labels --epochs 3 --stage2-epochs 1 "
                "-o far.safetensors\n"
-               "  far distill fmnist_deit_tiny --stage1 joint --block-loss cos --kd-weight 0 --stage2-block-weight 0 "
-               "-o paper.safetensors   # the paper's recipe\n" + _LAUNCH.format(cmd="distill"))
+               "  far distill fmnist_deit_tiny --recipe paper --epochs 20 --stage2-epochs 10 -o paper.safetensors"
+               "   # the public code's recipe, shorter\n"
+               "  far distill deit_flowers.safetensors --student far.safetensors --data ./flowers/train "
+               "-o far_flowers.safetensors   # downstream: the student takes the fine-tuned teacher's classifier\n"
+               + _LAUNCH.format(cmd="distill"))
     add_model(p, optional=True, help="the attention teacher: a checkpoint file, zoo name, or timm name (timm's "
                                      "pretrained weights, or --teacher-weights FILE); or give --teacher")
     p.add_argument("--stage1", choices=("isolated", "joint"), default="isolated",
@@ -410,8 +469,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--student", default=None, metavar="MODEL",
                    help="start from this FAR checkpoint (file or zoo name) instead of converting the teacher")
     add_teacher_args(p)
+    p.add_argument("--recipe", choices=RECIPES, default="far",
+                   help="preset of the training options: far (this engine's defaults) or paper (the FAR authors' "
+                        "public code: DeiT augmentation, drop-path, EMA, LR x global batch / 512, joint stage 1, "
+                        "CE-only stage 2; the table below). Options given explicitly override the preset")
     add_train_args(p, epochs=2, lr=1e-3, out_dir="far-runs/distill", warmup=0.2,
                    epochs_help="stage 1 epochs (fractions allowed; 0 = skip stage 1)")
+    add_deit_args(p)
+    recipe_defaults(p)
+    p.epilog += "\n\n" + describe()
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
@@ -499,13 +565,27 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "finetune", formatter_class=Formatter,
         help="fine-tune a model on another dataset (transfer learning)",
-        description="Fine-tune every parameter of MODEL (FAR or attention) with CE on an ImageNet-style folder "
-                    "(or fashion-mnist). A new classifier is created when the data has another number of "
-                    "classes; the images must have the model's input size (resized by the transforms).",
-        epilog="example:\n  far finetune far.safetensors --data ./flowers/train --val ./flowers/val --epochs 5 "
+        description="Fine-tune MODEL (FAR or attention) with CE on an ImageNet-style folder (or fashion-mnist). "
+                    "A new classifier is created when the data has another number of classes; the images must "
+                    "have the model's input size (resized by the transforms). --mode says what trains, as the "
+                    "FAR authors' public code (modeling/architectures.py set_requires_grad) defines it: full = "
+                    "every parameter; fc = every block's MLP (fc1, fc2) and the classifier; fc+head = the same "
+                    "as fc (the public code's FC+head branch is identical to FC); head = the classifier only. "
+                    "Frozen parameters keep their values exactly.",
+        epilog="examples:\n  far finetune far.safetensors --data ./flowers/train --val ./flowers/val --epochs 5 "
+               "-o far_flowers.safetensors\n"
+               "  far finetune deit.safetensors --data ./flowers/train --mode fc -o deit_flowers.safetensors\n"
+               "downstream distillation (two steps): fine-tune the attention teacher on the new data, then\n"
+               "distil its FAR student on the same data (the student takes the teacher's classifier):\n"
+               "  far finetune deit.safetensors --data ./flowers/train -o deit_flowers.safetensors\n"
+               "  far distill deit_flowers.safetensors --student far.safetensors --data ./flowers/train "
                "-o far_flowers.safetensors\n" + _LAUNCH.format(cmd="finetune"))
     add_model(p)
+    p.add_argument("--mode", choices=("full", "fc", "fc+head", "head"), default="full",
+                   help="which parameters train: full (all), fc (every block's MLP + classifier), fc+head (as fc, "
+                        "the public code's alias), head (the classifier only)")
     p.add_argument("--num-classes", type=int, default=None, metavar="K", help="classes (default: the number of class folders)")
     p.add_argument("--pretrained", action="store_true", help="timm names: start from timm's pretrained weights")
     add_train_args(p, epochs=5, lr=3e-4, out_dir="far-runs/finetune", warmup=0.5)
+    add_deit_args(p)
     p.set_defaults(func=cmd_finetune)

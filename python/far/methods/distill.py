@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 from typing import Dict, List, Optional
 
@@ -38,6 +39,7 @@ from far.models.convert import PRE_PROJ_INITS, parse_blocks
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
+from far.train.loop import classification_loss
 
 FAR_OWN = ("pre_proj.", "w_ih", "w_hh", "b_ih", "b_hh", "head_proj_weight", "head_proj_bias")
 BLOCK_LOSSES = ("cos", "mse", "cos+mse")
@@ -229,7 +231,7 @@ class DistillTask(Task):
         s_feats = [s_feats[i] for i in self.far_idx]
         loss = 0.0
         if self.ce_weight > 0:
-            ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+            ce = classification_loss(logits, y, self.cfg.label_smoothing)  # soft targets under mixup
             loss = loss + self.ce_weight * ce
             out["ce"] = ce.detach()
         if need_blocks:
@@ -266,6 +268,23 @@ def check_student(student: nn.Module, teacher: nn.Module) -> None:
     s_cls, t_cls = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
     if s_cls != t_cls:
         raise ConfigError(f"the student predicts {s_cls} classes, the teacher {t_cls}")
+
+
+def adopt_classifier(student: nn.Module, teacher: nn.Module) -> bool:
+    """Give `student` a copy of the teacher's classifier when their numbers of classes differ (distillation
+    on a downstream set: the teacher was fine-tuned on it, the FAR student was not). True if it changed."""
+    from far.methods.supervised import retarget_classes
+
+    k = getattr(teacher, "num_classes", None)
+    if not k or k < 2 or getattr(student, "num_classes", None) == k or not hasattr(teacher, "get_classifier"):
+        return False  # same classes, or a backbone without classifier (check_student says what does not fit)
+    retarget_classes(student, k)
+    try:
+        student.get_classifier().load_state_dict(teacher.get_classifier().state_dict())
+    except (RuntimeError, AttributeError) as e:
+        raise ConfigError(f"cannot give the student the teacher's {k}-class classifier: "
+                          f"{' '.join(str(e).split())[:200]}") from None
+    return True
 
 
 def _teacher_state(teacher: nn.Module) -> tuple:
@@ -326,7 +345,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             block_weight: float = 1.0, kd_weight: float = 1.0, kd_temperature: float = 2.0,
             stage2_block_weight: float = 1.0, labels: bool = True, hidden_sizes=None, device: Optional[str] = None,
             blocks=None, pre_proj_init: str = "v",
-            identity: Optional[dict] = None) -> nn.Module:
+            identity: Optional[dict] = None, recipe: str = "far", explicit=None) -> nn.Module:
     """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
     teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
     train/eval mode and requires_grad flags are restored afterwards.
@@ -336,7 +355,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         train_data / eval_data: datasets of (image, label) (labels unused when labels=False); eval_data
             (optional) is tested after each epoch.
         student: a FAR model to continue from (default: far.convert of a copy of the teacher, LSTMs
-            initialized from config.seed, pre_proj from the value projection).
+            initialized from config.seed, pre_proj from the value projection). When its number of classes
+            differs from the teacher's (a downstream teacher), it gets a copy of the teacher's classifier.
         config: the training options of stage 1 (its epochs and lr; 0 epochs skips it); the joint phase
             and stage 2 reuse them with their own epochs (and stage2_lr). config.out_dir None writes
             nothing; with a folder, <out_dir>/stage1, /joint and /stage2 hold each stage's resumable state
@@ -360,12 +380,34 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         hidden_sizes: LSTM units of a new student (int or one [2, H] per block).
         device: cpu, cuda, cuda:N (default: the process's GPU under torchrun, else cuda if present, else cpu).
         identity: extra settings a resumed run must match (e.g. the teacher's file and the data's name).
+        recipe: "far" (the defaults above) or "paper" (the FAR authors' public recipe, far.methods.recipes:
+            DeiT augmentation, drop-path, EMA, LR x global batch / 512, joint stage 1 for 200 epochs, CE-only
+            stage 2 for 100). The preset fills every option not in `explicit`.
+        explicit: names of the options (keyword arguments above, TrainConfig fields) you set on purpose;
+            None = those whose values differ from their defaults.
     Returns:
         the student (eval mode), with `far_metadata` (the record far.save stores) and `far_run` (a
         far.train.RunReport: history, accuracy, seconds, completed; completed False when
         config.max_steps stopped it, to be resumed).
     """
     cfg = config or TrainConfig()
+    if recipe != "far":
+        from far.methods.recipes import apply as apply_recipe
+
+        given = dict(stage1=stage1, block_loss=block_loss, joint_epochs=joint_epochs, stage2_epochs=stage2_epochs,
+                     stage2_lr=stage2_lr, ce_weight=ce_weight, block_weight=block_weight, kd_weight=kd_weight,
+                     stage2_block_weight=stage2_block_weight)
+        defaults = {k: v.default for k, v in inspect.signature(distill).parameters.items() if k in given}
+        cfg, given, recipe_record = apply_recipe(recipe, cfg, given, explicit, defaults)
+        (stage1, block_loss, joint_epochs, stage2_epochs, stage2_lr, ce_weight, block_weight, kd_weight,
+         stage2_block_weight) = (given[k] for k in ("stage1", "block_loss", "joint_epochs", "stage2_epochs",
+                                                    "stage2_lr", "ce_weight", "block_weight", "kd_weight",
+                                                    "stage2_block_weight"))
+    else:
+        from far.methods.recipes import preset
+
+        preset(recipe)
+        recipe_record = {"name": "far"}
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
     if cfg.epochs < 0:
         raise ConfigError(f"stage 1 epochs must be >= 0, got {cfg.epochs}")
@@ -389,13 +431,14 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         raise ConfigError("the teacher is already a FAR model; distil from an attention model")
     saved = _teacher_state(teacher)
     try:
-        return _distill(teacher, train_data, student, eval_data, cfg, settings, hidden_sizes, device, identity)
+        return _distill(teacher, train_data, student, eval_data, cfg, settings, hidden_sizes, device, identity,
+                        recipe_record)
     finally:
         _restore_teacher(teacher, saved)
 
 
 def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: DistillSettings, hidden_sizes, device,
-             identity) -> nn.Module:
+             identity, recipe_record: dict) -> nn.Module:
     d = setup_distributed(device)
     teacher = teacher.to(d.device).eval()
     torch.manual_seed(cfg.seed)  # the LSTMs' initialization is part of the run
@@ -404,9 +447,13 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         teacher.to(d.device)
         continued = False
     else:
-        check_student(student, teacher)
         prior = getattr(student, "far_metadata", None) or getattr(student, "far_checkpoint", {}).get("metadata", {})
+        s_classes = getattr(student, "num_classes", None)
         student = copy.deepcopy(student)
+        if far_modules(student) and adopt_classifier(student, teacher):  # a downstream teacher: its classes
+            recipe_record = {**recipe_record, "classifier": f"copied from the teacher ({student.num_classes} classes; "
+                                                             f"the student had {s_classes})"}
+        check_student(student, teacher)
         continued = True
     # what the student went through before (a pruned student keeps its pruning record: `far info` shows it)
     carried = {k: prior[k] for k in ("pruning",) if continued and isinstance(prior, dict) and k in prior}
@@ -470,8 +517,11 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
     seconds = sum(r.seconds for r in results)
     done = TrainResult(student, join_histories(*[r.history for r in results]), last_acc, seconds,
                        sum(r.steps for r in results), None, ok)
+    from far.methods.recipes import lr_record
+
+    recipe_record = {**recipe_record, "lr": lr_record(cfg, st.stage2_lr, d.world)}
     student.far_metadata = run_metadata(
-        "distill", cfg, d, done, teacher_test_accuracy=t_acc, **(identity or {}),
+        "distill", cfg, d, done, teacher_test_accuracy=t_acc, **(identity or {}), recipe=recipe_record,
         distill={"stage1_epochs": cfg.epochs, "stage1_lr": cfg.lr, **dataclasses.asdict(st), "continued": continued},
         **carried, **({"fidelity": fidelity} if fidelity is not None else {}))
     lstm = sum(m.num_lstm_params() for _, m in far_modules(student))
