@@ -45,6 +45,7 @@ from far.data import iterate_batches
 from far.errors import ConfigError, DataError
 from far.fidelity import block_fidelity
 from far.nn import FARAttention, MixerTaps, token_mixers
+from far.utils.env import model_device
 from far.utils.fs import atomic_write
 from far.utils.plot import pyplot, save_figure
 
@@ -266,10 +267,7 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
             raise ConfigError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     if map_images < 0:
         raise ConfigError(f"map_images must be >= 0, got {map_images}")
-    if device is None:
-        p = next(student.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(student, device)
     dtype = next(student.parameters()).dtype
     fid = block_fidelity(teacher, student, data, batch_size=batch_size, device=device, progress=progress)
     L = len(t_mix)

@@ -143,6 +143,20 @@ def name_list(names, limit: int = _LIST_LIMIT) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def mismatches(expected: dict, got: dict) -> list:
+    """What differs between two {name: shape} maps, as sentences: 'N missing tensor(s): ...', 'N unexpected
+    tensor(s): ...', 'N mis-shaped tensor(s): NAME expected [..], got [..]' (empty when they agree)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = [f"{k} expected {list(expected[k])}, got {list(got[k])}" for k in sorted(set(expected) & set(got))
+              if tuple(expected[k]) != tuple(got[k])]
+    out = []
+    for what, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if names:
+            out.append(f"{len(names)} {what} tensor(s): {name_list(names)}")
+    return out
+
+
 def fail(path, msg: str) -> CheckpointError:
     return CheckpointError(f"{path}: {msg}")
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from far_kernels.benchmark import Stopwatch
 from far.data import iterate_batches, num_batches, shard
 from far.errors import ConfigError, DataError
+from far.utils.env import model_device
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -39,10 +40,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
     "seconds", "warmup_excluded"[, "logits"]}."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(model, device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
         data = shard(data, dist.get_rank(), world)

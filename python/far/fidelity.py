@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from far.data import iterate_batches
 from far.errors import ConfigError, DataError
 from far.nn import FARAttention, MixerTaps, token_mixers
+from far.utils.env import model_device
 
 KINDS = ("isolated", "in_model")
 
@@ -68,10 +69,7 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
     t_mix, s_mix = token_mixers(teacher), token_mixers(student)
     if len(t_mix) != len(s_mix):
         raise ConfigError(f"teacher and student have {len(t_mix)} and {len(s_mix)} blocks")
-    if device is None:
-        p = next(student.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(student, device)
     dtype = next(student.parameters()).dtype
     sums = [{k: BlockStats() for k in KINDS} for _ in s_mix]
     agree = t_correct = s_correct = seen = labelled = 0

@@ -269,22 +269,14 @@ def _expected(model: nn.Module) -> tuple[dict, dict]:
 
 
 def _check_tensors(path: str, tensors: dict, expected: dict, arch: str) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes, dtypes = [], []
+    problems = checkpoint.mismatches({k: shape for k, (shape, _) in expected.items()},
+                                     {k: tuple(t.shape) for k, t in tensors.items()})
+    dtypes = []
     for name in sorted(set(expected) & set(tensors)):
         (shape, dtype), t = expected[name], tensors[name]
-        if tuple(t.shape) != shape:
-            shapes.append(f"{name} expected {list(shape)}, got {list(t.shape)}")
-        elif dtype.is_floating_point != t.dtype.is_floating_point or (not dtype.is_floating_point and dtype != t.dtype):
+        if tuple(t.shape) == tuple(shape) and (dtype.is_floating_point != t.dtype.is_floating_point
+                                               or (not dtype.is_floating_point and dtype != t.dtype)):
             dtypes.append(f"{name} expected {'a floating dtype' if dtype.is_floating_point else dtype}, got {t.dtype}")
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {checkpoint.name_list(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {checkpoint.name_list(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} mis-shaped tensor(s): {checkpoint.name_list(shapes)}")
     if dtypes:
         problems.append(f"{len(dtypes)} tensor(s) with the wrong dtype: {checkpoint.name_list(dtypes)}")
     if problems:

@@ -112,20 +112,11 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     own = model.state_dict()
     if getattr(model, "num_classes", None) == 0:  # a backbone: the file's classifier has nowhere to go
         state = {k: v for k, v in state.items() if not (k.startswith("head.") and k not in own)}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} file {list(state[k].shape)}, model {list(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {checkpoint.name_list(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {checkpoint.name_list(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} mis-shaped: {checkpoint.name_list(shapes)}")
+    problems = checkpoint.mismatches({k: tuple(v.shape) for k, v in own.items()},  # expected: the model's
+                                     {k: tuple(v.shape) for k, v in state.items()})  # got: the file's
     if problems:
         hint = ""
-        if any(k.startswith("head.") for k in missing + unexpected) or any(s.startswith("head.") for s in shapes):
+        if any("head." in p for p in problems):
             hint = " (another classifier size? set num_classes to the file's, or 0 for none)"
         name = (getattr(model, "far_arch", None) or {}).get("timm_name") or type(model).__name__
         raise ConfigError(f"{path}: the weights do not fit {name}: " + "; ".join(problems) + hint

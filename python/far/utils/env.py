@@ -58,6 +58,15 @@ def resolve_device(name: Optional[str] = None, what: str = "device") -> torch.de
     return device
 
 
+def model_device(model: torch.nn.Module, device=None) -> torch.device:
+    """`device` as a torch.device, or (None) where the model's first parameter lives (CPU for a model
+    without parameters)."""
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    return torch.device(device)
+
+
 def loadavg() -> Optional[list]:
     """1/5/15-minute load averages (a busy machine makes CPU timings unreliable), None if unknown."""
     try:
