@@ -228,9 +228,9 @@ def test_missing_fashion_mnist(capsys, ckpt, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["convert", "not_a_model", "-o", "{tmp}/x.safetensors"], "not_a_model: no such checkpoint file, zoo name"),
-    (["convert", "fmnist_deit_tiny", "--num-classes", "5", "-o", "{tmp}/x.safetensors"], "--num-classes applies"),
+    (["convert", "fmnist_deit_tiny", "--num-classes", "5", "-o", "{tmp}/x.safetensors"], "--num-classes, --model-kwargs and --weights apply to timm model names"),
     (["convert", "fmnist_far_tiny", "-o", "{tmp}/x.safetensors"], "already a FAR model"),
-    (["convert", "fmnist_deit_small", "--pretrained", "-o", "{tmp}/x.safetensors"], "could not get pretrained weights"),
+    (["convert", "fmnist_deit_small", "--pretrained", "-o", "{tmp}/x.safetensors"], "no pretrained weights are bundled"),
     (["convert", "fmnist_deit_tiny", "-o", "{tmp}/no/such/dir/x.safetensors"], "no such folder"),
     (["convert", "fmnist_deit_tiny", "--hidden-size", "0", "-o", "{tmp}/x.safetensors"], "--hidden-size"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--batch-size", "0"], "--batch-size"),
@@ -259,11 +259,13 @@ def test_demo_runs_on_the_zoo(tmp_path, capsys):
                "--out-dir", str(tmp_path), "-q"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    for name in ("teacher (attention)", "FAR pruned", "TReX reuse", "torch", "cpp", "EDAP"):
+    for name in ("teacher (attention)", "FAR pruned", "FAR xs", "TReX reuse", "torch", "cpp", "EDAP", "in memory"):
         assert name in out
     res = json.loads((tmp_path / "demo.json").read_text())
     assert {r["name"] for r in res["rows"]} == {"fmnist_deit_tiny", "fmnist_far_tiny", "fmnist_far_tiny_pruned",
-                                                 "fmnist_trex_tiny"}
+                                                 "fmnist_far_tiny_xs", "fmnist_trex_tiny"}
+    xs = next(r for r in res["rows"] if r["name"] == "fmnist_far_tiny_xs")
+    assert xs["mixer_params"] < xs["mixer_params_stored"] and xs["params"] < xs["params_stored"]  # kept vs padded
     # the cost columns are the cost model's, relative to the teacher (the first row)
     from far.imc.cost import model_cost
     from far.models import load, zoo_path

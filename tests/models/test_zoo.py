@@ -60,3 +60,20 @@ def test_zoo_checkpoint_round_trips_byte_for_byte(name, tmp_path):
     out = tmp_path / f"{name}.safetensors"
     far.save(m, out, metadata=m.far_checkpoint["metadata"])
     assert out.read_bytes() == zoo_path(name).read_bytes()
+
+
+def test_xs_zoo_model_is_smaller_and_cheaper_than_the_attention_it_replaces():
+    """fmnist_far_tiny_xs was pruned to a budget: token mixers at most 0.78x the teacher attention's parameters
+    (kept units), fewer crossbar arrays than the teacher's attention at ISAAC defaults (static + K/V)."""
+    from far.imc.cost import model_cost
+    from far.models import param_counts
+
+    teacher, xs = far.load(zoo_path("fmnist_deit_tiny")), far.load(zoo_path("fmnist_far_tiny_xs"))
+    assert param_counts(xs)["mixer_kept"] <= 0.78 * param_counts(teacher)["mixer_kept"]
+    budget = xs.far_checkpoint["metadata"]["pruning"]["budget"]
+    assert budget["met"] and budget["achieved"] == param_counts(xs)["mixer_kept"] <= budget["value"]
+
+    def mixer_arrays(m):
+        return sum(r.arrays + r.dynamic_arrays for r in model_cost(m).rows if r.kind in ("far", "attention"))
+
+    assert mixer_arrays(xs) < mixer_arrays(teacher)

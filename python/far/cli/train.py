@@ -293,7 +293,7 @@ def cmd_distill(args) -> int:
                         pre_proj_init=args.pre_proj_init,
                         hidden_sizes=args.hidden_size, device=args.device, identity=identity,
                         recipe=args.recipe, explicit=explicit)
-    return finish(args, model, f"FAR student of {args.model}")
+    return finish(args, model, f"FAR student of {teacher_spec(args)}")
 
 
 def cmd_prune(args) -> int:

@@ -20,6 +20,9 @@ ZOO: Dict[str, dict] = {
                         "description": "FAR student of fmnist_deit_tiny (every attention a 3-head BiLSTM)"},
     "fmnist_far_tiny_pruned": {"file": "fmnist_far_tiny_pruned.safetensors", "kind": "far",
                                "description": "fmnist_far_tiny after structured pruning and compaction"},
+    "fmnist_far_tiny_xs": {"file": "fmnist_far_tiny_xs.safetensors", "kind": "far",
+                           "description": "fmnist_far_tiny pruned to a budget (token mixers <= 0.78x the teacher "
+                                          "attention's parameters) and distilled again"},
     "fmnist_trex_tiny": {"file": "fmnist_trex_tiny.safetensors", "kind": "reuse",
                          "description": "TReX-style attention reuse of fmnist_deit_tiny (far reuse, an 850 us "
                                         "latency budget: one encoder reuses its predecessor's attention)"},
