@@ -10,7 +10,7 @@ import torch
 
 import far
 from far.cli import main
-from far.data import deit_view, fashion_mnist
+from far.data import deit_train_transform, deit_view, fashion_mnist
 from far.errors import ConfigError
 from far.methods.recipes import PAPER, apply, preset
 from far.train import Task, TrainConfig, setup_distributed, train
@@ -113,7 +113,21 @@ def test_randaugment_and_random_erasing_on_grayscale_fashion_mnist():
     for name in _RAND_INCREASING_TRANSFORMS:
         for m in (0, 5, 10):
             out = rand_augment_transform(f"rand-n1-m{m}-inc1", {"img_mean": (128,)}, transforms=[name])
+            for op in out.ops:
+                op.prob = 1.0  # every op applied (timm's default p=0.5 made this check a coin toss)
+            if name == "PosterizeIncreasing" and m == 10:  # timm asks Pillow for 0 bits here: Pillow >= 10 refuses
+                with pytest.raises(ValueError, match="bits"):
+                    out(img)
+                continue
             assert out(img).mode == "L"
+    # ... which is why deit_train_transform swaps in a posterize that allows 0 bits (a black image)
+    tf = deit_train_transform((1, 28, 28), (0.5,), (0.5,))
+    ra = next(t for t in tf.transforms if hasattr(t, "ops"))
+    post = next(op for op in ra.ops if op.name == "PosterizeIncreasing")
+    post.prob, post.magnitude_std = 1.0, 0.0
+    post.magnitude = 10
+    black = post(img)
+    assert black.mode == "L" and max(black.getdata()) == 0
     view, why = deit_view(ds)
     assert why is None and len(view) == 16
     a, y = view[(3, 7)]
