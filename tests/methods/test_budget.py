@@ -191,6 +191,12 @@ def test_prune_command_with_budget(tmp_path, capsys):
     assert b["met"] and b["achieved"] <= 40
     assert counted(pruned, Budget("mixer-arrays", 40, hw=HardwareSpec(packing="diagonal"))) == b["achieved"]
     assert all(int(k) % 4 == 0 for _, m in far.far_modules(pruned) for k in m.hidden_sizes.flatten())
+    # no Hoyer epoch and no fine-tune: the run folder is made for the masked model all the same
+    code = main(["prune", str(tmp_path / "s.safetensors"), "--limit", "32", "--eval-limit", "32", "--epochs", "0",
+                 "--finetune-epochs", "0", "--budget", "mixer-params=30000", "--out-dir", str(tmp_path / "fresh" / "run"),
+                 "-o", str(tmp_path / "e0.safetensors"), "-q"])
+    assert code == 0 and (tmp_path / "fresh" / "run" / "masked.safetensors").is_file()
+    capsys.readouterr()
     # refused before any training, the output untouched: by how much and why
     for extra, match in ((["--budget", "mixer-params=100"], "cannot be met"),
                          (["--budget", "mixer-params=1k", "--prune-ratio", "0.3"], "give one of"),

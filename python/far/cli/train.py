@@ -336,6 +336,15 @@ def cmd_prune(args) -> int:
                       hoyer_scope=args.hoyer_scope, groups="public" if args.public_groups else "far",
                       finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                       device=args.device, identity={"student": _abs(ref), "data": str(args.data)}, inplace=True)
+    if not args.balance:  # one global threshold can all but empty a block whose weights are small overall
+        before = getattr(model, "far_pruned_from", {})
+        from far.models import far_modules
+
+        for name, m in far_modules(model):
+            full = int(before[name].sum()) if name in before else 0
+            if full and int(m.hidden_sizes.sum()) < 0.1 * full:
+                warn(f"{name} keeps {int(m.hidden_sizes.sum())} of its {full} units: it can barely reproduce its "
+                     "attention block; --balance ranks units within their block")
     return finish(args, model, f"pruned FAR student of {args.model}")
 
 

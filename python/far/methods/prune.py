@@ -525,6 +525,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         if not res.completed:
             break
         if done_file is not None and d.main:
+            os.makedirs(out, exist_ok=True)
             save(model, done_file, metadata={"round": info})
         d.barrier()
     completed = result is None or result.completed
@@ -611,6 +612,7 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
                 apply_keep_mask(m, keep)
             info["hidden_sizes"] = {n: m.hidden_sizes.tolist() for n, m in named}
             if masked_file is not None and d.main:
+                os.makedirs(cfg.out_dir, exist_ok=True)  # no Hoyer epoch: nothing has made the folder yet
                 save(model, masked_file, metadata={"threshold": thr, "round_info": info})
             d.barrier()
     if result is None or result.completed:

@@ -718,7 +718,8 @@ def plot_history(history: List[dict], path: Path, title: str) -> Optional[str]:
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.set_yscale("log")
-    a.legend(fontsize=8)
+    if keys:  # a run with no logged step (e.g. a prune with no training epoch) has no curves to name
+        a.legend(fontsize=8)
     a.grid(alpha=0.3)
     b.plot([r["epoch"] for r in epochs], [100 * r["accuracy"] for r in epochs], "o-")
     for r in history:
