@@ -307,6 +307,27 @@ class BudgetPlan:
         return head
 
 
+def check_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget: Budget,
+                 measure: Optional[Callable] = None) -> float:
+    """The budget's quantity with every unit of `models` removed (the least pruning can reach); ConfigError,
+    saying by how much and why, when even that exceeds the budget."""
+    measure = measure or budget_measure(model, budget)
+    lowest = measure({name: torch.zeros(2, m.num_heads, dtype=torch.int64) for name, m in models})
+    if lowest > budget.value:
+        b = budget
+        why = {"params": "the parameters outside the LSTMs (patch embedding, MLPs, norms, pre_proj, proj, head)",
+               "mixer-params": "pre_proj and proj of every FAR block (and any attention left)",
+               "arrays": "the arrays of every layer that is not an LSTM",
+               "mixer-arrays": "pre_proj's and proj's arrays (and any attention's)",
+               "latency": "the layers around the LSTMs (and an LSTM step takes the same crossbar cycles however "
+                          "many units it keeps: latency falls with whole heads and directions removed)",
+               "energy": "the layers around the LSTMs"}[b.kind]
+        raise ConfigError(f"budget {b} cannot be met by pruning units: with every unit removed the model still has "
+                          f"{b.format(lowest)} ({b.format(lowest - b.value)} over, {100 * lowest / b.value:.1f}% of the "
+                          f"budget) — that is {why}")
+    return lowest
+
+
 def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget: Budget, align: int = 1,
                 groups: str = "far", balance: bool = False) -> BudgetPlan:
     """The fewest removed unit groups (weakest group norm first, over every block, head and direction; with
@@ -346,19 +367,7 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
         return measure({name: mk.sum(-1).T.contiguous() for (name, _), mk in zip(models, masks)})
 
     before = measure({})
-    lowest = value(G)
-    if lowest > budget.value:
-        b = budget
-        why = {"params": "the parameters outside the LSTMs (patch embedding, MLPs, norms, pre_proj, proj, head)",
-               "mixer-params": "pre_proj and proj of every FAR block (and any attention left)",
-               "arrays": "the arrays of every layer that is not an LSTM",
-               "mixer-arrays": "pre_proj's and proj's arrays (and any attention's)",
-               "latency": "the layers around the LSTMs (and an LSTM step takes the same crossbar cycles however "
-                          "many units it keeps: latency falls with whole heads and directions removed)",
-               "energy": "the layers around the LSTMs"}[b.kind]
-        raise ConfigError(f"budget {b} cannot be met by pruning units: with every unit removed the model still has "
-                          f"{b.format(lowest)} ({b.format(lowest - b.value)} over, {100 * lowest / b.value:.1f}% of the "
-                          f"budget) — that is {why}")
+    check_budget(models, model, budget, measure)
     lo, hi = 0, G  # value(hi) <= budget; find the smallest such j
     if before <= budget.value and align == 1:
         hi = 0
@@ -475,6 +484,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         raise ConfigError("the regularized and fine-tune epochs must be >= 0")
     if isinstance(budget, str):
         budget = Budget.parse(budget)
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ConfigError(f"align must be an int >= 1, got {align!r}")
     if budget is not None:
         if threshold is not None:
             raise ConfigError("give one of a budget and a threshold, not both")
@@ -491,7 +502,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     if not named:
         raise ConfigError("the model has no FAR blocks: prune a FAR student (far.distill makes one)")
     if budget is not None:  # an impossible budget fails here, before any training
-        plan_budget(named, model, budget, align, groups, balance)
+        check_budget(named, model, budget)
     d = setup_distributed(device)
     model = (model if inplace else copy.deepcopy(model)).to(d.device)
     before = {name: m.hidden_sizes.clone() for name, m in far_modules(model)}
