@@ -1,11 +1,14 @@
-"""What the padded storage of pruned FAR blocks costs: memory and CPU time against ragged per-head storage.
+"""What the padded storage of pruned FAR blocks costs: memory and CPU time against the ragged alternatives.
 
-A pruned FAR block stores every (head, direction) padded to the block's widest one, so that all heads run as
-one batched input GEMM and one scan launch (the padding is exactly zero; the scans skip padded units). The
-ragged alternative is one module per head, each exactly as wide as its own units (forward and backward padded
-to the wider of the two only), run one after another. This script builds that ragged twin of every FAR block
-of a model, checks it computes the same outputs, then times both whole models (median of interleaved rounds,
-far_kernels.benchmark.time_fn) on the CPU backend and counts the parameters each holds in memory.
+A pruned FAR block in storage "padded" holds every (head, direction) padded to the block's widest one, so that
+all heads run as one batched input GEMM and one scan launch (the padding is exactly zero; the scans skip padded
+units). Two ragged alternatives are measured beside it:
+- storage "ragged" (far.set_storage): kept units only in memory, concatenated as a checkpoint stores them; each
+  forward gathers the padded operands (one index_select per tensor) and runs the same kernels;
+- per-head modules: one single-head module per head, each exactly as wide as its own units (forward and
+  backward padded to the wider of the two only), run one after another.
+The script checks all three compute the same outputs, then times the whole models (median of interleaved
+rounds, far_kernels.benchmark.time_fn) on the CPU backend and counts the parameters each holds in memory.
 
     python bench/bench_padding.py                                  # the zoo's pruned models, ~2 min
     python bench/bench_padding.py --models fmnist_far_tiny_xs --batch 64 --threads 1
@@ -81,28 +84,31 @@ def main(argv=None) -> int:
     for name in args.models:
         model = far.load(zoo_path(name) if not Path(name).is_file() else name).eval()
         far.set_backend(model, args.backend)
-        twin = ragged_twin(model)
+        variants = {"padded": model, "ragged_storage": far.set_storage(copy.deepcopy(model), "ragged"),
+                    "per_head": ragged_twin(model)}
         torch.manual_seed(0)
         x = torch.randn(args.batch, *model.pretrained_cfg["input_size"])
         with torch.inference_mode():
-            err = (model(x) - twin(x)).abs().max().item()
-            times = {"padded": [], "ragged": []}
-            for _ in range(args.rounds):  # interleaved, so load changes hit both
-                for key, mod in (("padded", model), ("ragged", twin)):
+            ref = model(x)
+            err = {key: (mod(x) - ref).abs().max().item() for key, mod in variants.items()}
+            times = {key: [] for key in variants}
+            for _ in range(args.rounds):  # interleaved, so load changes hit every variant
+                for key, mod in variants.items():
                     times[key].append(time_fn(lambda: mod(x), warmup=1, warmup_s=0.0, reps=3)["ms"])
         counts = param_counts(model)
-        ragged_mem = sum(p.numel() for p in twin.parameters())
-        row = {"model": name, "batch": args.batch, "backend": args.backend, "max_abs_diff": err,
-               "ms_padded": statistics.median(times["padded"]), "ms_ragged": statistics.median(times["ragged"]),
-               "round_ms": times, "params_kept": counts["kept"], "params_stored_padded": counts["stored"],
-               "params_stored_ragged": ragged_mem,
+        memory = {key: sum(p.numel() for p in mod.parameters()) for key, mod in variants.items()}
+        ms = {key: statistics.median(v) for key, v in times.items()}
+        row = {"model": name, "batch": args.batch, "backend": args.backend, "max_abs_diff": err, "ms": ms,
+               "round_ms": times, "params_kept": counts["kept"], "params_in_memory": memory,
+               "time_vs_padded": {key: v / ms["padded"] for key, v in ms.items()},
+               "memory_vs_kept": {key: v / counts["kept"] for key, v in memory.items()},
                "hidden_sizes": [m.hidden_sizes.tolist() for _, m in far.far_modules(model)]}
-        row["padded_vs_ragged_time"] = row["ms_padded"] / row["ms_ragged"]
-        row["padded_vs_kept_memory"] = counts["stored"] / counts["kept"]
         rows.append(row)
-        print(f"{name}: padded {row['ms_padded']:.2f} ms, ragged {row['ms_ragged']:.2f} ms "
-              f"(padded/ragged {row['padded_vs_ragged_time']:.2f}); parameters in memory: padded {counts['stored']:,}, "
-              f"ragged {ragged_mem:,}, kept {counts['kept']:,}; outputs differ by {err:.2e}", flush=True)
+        print(f"{name} (kept {counts['kept']:,} parameters):", flush=True)
+        for key in variants:
+            print(f"  {key:<15} {ms[key]:7.2f} ms ({row['time_vs_padded'][key]:.3f}x padded)  "
+                  f"{memory[key]:>9,} parameters in memory ({row['memory_vs_kept'][key]:.3f}x kept)  "
+                  f"max |diff| {err[key]:.1e}", flush=True)
     out = args.out or RESULTS / result_filename("padding")
     write_json(out, {"environment": environment(args.threads), "rows": rows})
     print(f"wrote {out}")

@@ -6,6 +6,7 @@
     far.evaluate(pruned, test_set)["accuracy"]
     far.analyze(teacher, student, test_set)["blocks"]                    # fidelity per block, over depth, token maps
     far.save(pruned, "pruned.safetensors"); far.load("pruned.safetensors")
+    far.load("pruned.safetensors", storage="ragged")                      # kept units only in memory
     far.export_onnx(pruned, "pruned.onnx")                                # needs onnx; far.interop: public checkpoints
 """
 from far.analysis import analyze
@@ -14,7 +15,7 @@ from far.evaluate import evaluate
 from far.interop import export_onnx, import_public
 from far.methods import distill, finetune, prune, reuse, train_classifier
 from far.models import (ConversionReport, convert, count_params, create_model, far_modules, load, load_model,
-                        save, set_backend)
+                        save, set_backend, set_storage)
 from far.checkpoint import read_config
 from far.nn import FARAttention
 from far.train import TrainConfig
@@ -47,5 +48,6 @@ __all__ = [
     "reuse",
     "save",
     "set_backend",
+    "set_storage",
     "train_classifier",
 ]

@@ -126,6 +126,22 @@ def test_eval_explicit_backend_and_threads(capsys, ckpt, tmp_path):
     assert res["warmup_excluded"] is False  # a single batch: nothing is left after the warm-up
 
 
+@needs_fmnist
+def test_eval_ragged_storage_gives_the_same_answers(capsys, tmp_path):
+    out = {}
+    for storage in ("padded", "ragged"):
+        path = tmp_path / f"{storage}.json"
+        code, text, err = run(capsys, "eval", "fmnist_far_tiny_xs", "--data", "fashion-mnist", "--limit", "64",
+                              "--storage", storage, "--json", str(path), "-q")
+        assert code == 0, err
+        out[storage] = json.loads(path.read_text())
+        assert f"(storage {storage})" in text
+    padded, ragged = out["padded"], out["ragged"]
+    assert padded["correct"] == ragged["correct"] and ragged["storage"] == "ragged"
+    assert ragged["parameters"]["stored"] == ragged["parameters"]["kept"] == padded["parameters"]["kept"]
+    assert padded["parameters"]["stored"] > padded["parameters"]["kept"]  # the zoo's xs model is pruned
+
+
 def test_eval_image_folder(capsys, ckpt, tmp_path):
     from PIL import Image
 

@@ -33,7 +33,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import far_kernels
     from far.data import is_fashion_mnist
     from far.evaluate import evaluate
-    from far.models import is_far, load_model, resolve
+    from far.models import is_far, load_model, param_counts, resolve
     from far.utils.env import device_name, resolve_device
     from far.utils.fs import write_json
     from far.version import __version__
@@ -46,10 +46,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     output_checks(args, [ref.path], "json")
     op = far_kernels.ops.bilstm_fused_scan.OP
     used = far_kernels.dispatch.select(op, args.backend, device)  # unavailable: the reason, before loading
-    model, _ = load_model(ref, device=str(device), backend=args.backend, far=False if args.no_far else None)
+    model, _ = load_model(ref, device=str(device), backend=args.backend, far=False if args.no_far else None,
+                          storage=args.storage)
     if not is_far(model):
         if args.backend is not None:
             warn(f"--backend {args.backend} has no effect: {args.model} has no FAR blocks")
+        if args.storage != "padded":
+            warn(f"--storage {args.storage} has no effect: {args.model} has no FAR blocks")
         used = "none (the model has no FAR blocks)"
     dataset = eval_dataset(args, model)
     progress = not args.quiet and sys.stderr.isatty()
@@ -60,7 +63,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "architecture": getattr(model, "far_arch", {}).get("timm_name")
         or (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
         "data": str(args.data), "split": args.split if is_fashion_mnist(args.data) else None,
-        **res, "backend": used, "device": str(device), "device_name": device_name(device),
+        **res, "backend": used, "storage": args.storage, "parameters": param_counts(model),
+        "device": str(device), "device_name": device_name(device),
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "far_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -70,6 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"throughput {res['images_per_s']:.1f} images/s (model, {warm}; end-to-end "
           f"{res['end_to_end_images_per_s']:.1f})  backend {used}  device {device}  threads {res['threads']}  "
           f"batch {args.batch_size}")
+    counts = res["parameters"]
+    print(f"parameters {counts['kept']:,} kept, {counts['stored']:,} in memory (storage {args.storage})")
     if args.json:
         write_json(args.json, res, force=args.force, inputs=[ref.path])
         note(args, f"wrote {args.json}")
@@ -112,6 +118,10 @@ def add_parsers(sub) -> None:
                    help="BiLSTM backend of the FAR blocks (default: env FAR_BACKEND, else auto); an unavailable "
                         "one is an error")
     p.add_argument("--no-far", action="store_true", help="timm names: keep attention (no FAR conversion)")
+    p.add_argument("--storage", choices=("padded", "ragged"), default="padded",
+                   help="FAR blocks in memory: padded (each block's (head, direction) tensors padded to its widest "
+                        "one, zero-filled) or ragged (kept units only; each forward gathers the padded operands); "
+                        "same outputs: bench/bench_padding.py measures the memory and time of each")
     add_device(p)
     p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
     add_common(p, quiet="no progress bar or notes")
@@ -122,7 +132,8 @@ def add_parsers(sub) -> None:
         help="the main job: zoo teacher vs FAR vs pruned FAR vs TReX on Fashion-MNIST, every backend",
         description="Evaluate the bundled zoo on the Fashion-MNIST test set: the attention teacher "
                     "(fmnist_deit_tiny), its distilled FAR student (fmnist_far_tiny), the pruned FAR student "
-                    "(fmnist_far_tiny_pruned) and the TReX-style attention-reuse model (fmnist_trex_tiny). Prints "
+                    "(fmnist_far_tiny_pruned), the FAR student pruned to a budget below the teacher attention's size "
+                    "(fmnist_far_tiny_xs) and the TReX-style attention-reuse model (fmnist_trex_tiny). Prints "
                     "top-1 accuracy, parameters (all, and the token mixers'), the cost of one image on the IMC chip "
                     "of `far imc-cost` (energy, latency, EDAP relative to the teacher), CPU images/s for every "
                     "available backend and each backend's agreement with the torch reference; "

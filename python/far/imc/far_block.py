@@ -66,7 +66,7 @@ class UnrolledFARAttention(nn.Module):
                 idx[g, q * n:q * n + k] = torch.arange(q * k, (q + 1) * k)
             mask[g, 0, :k] = True
         # a head with no unit left outputs its head_proj bias (digital): kept for those heads
-        self.register_buffer("dead_head_bias", far.head_proj_bias.detach().clone(), persistent=False)
+        self.register_buffer("dead_head_bias", far.lstm_storage()["head_proj.bias"].detach().clone(), persistent=False)
         self.register_buffer("_gate_index", idx, persistent=False)
         self.register_buffer("_unit_mask", mask, persistent=False)
         self.train(far.training)

@@ -41,7 +41,8 @@ from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories
                        stage_config, train)
 from far.train.loop import classification_loss
 
-FAR_OWN = ("pre_proj.", "w_ih", "w_hh", "b_ih", "b_hh", "head_proj_weight", "head_proj_bias")
+FAR_OWN = ("pre_proj.", "w_ih", "w_hh", "b_ih", "b_hh", "head_proj_weight", "head_proj_bias",  # padded storage
+           "lstm.", "head_proj.")  # ragged storage
 BLOCK_LOSSES = ("cos", "mse", "cos+mse")
 STAGE1_MODES = ("isolated", "joint")
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from far.errors import ConfigError
 from far.evaluate import accuracy
-from far.models import far_modules, load, save
+from far.models import far_modules, load, save, set_storage
 from far.nn import FARAttention
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
@@ -61,8 +61,9 @@ def group_sq_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
     biases and the head_proj column, as the authors' public code's groups do (its unit = W_ih and W_hh
     gate rows and the W_hh column)."""
     H, n, d = m.num_heads, m.width, m.head_dim
-    w_ih = m.w_ih.view(H, 2, 4, n, d)
-    w_hh = m.w_hh.view(H, 2, 4, n, n)
+    w_ih, w_hh, b_ih, b_hh, hp_w, _ = m.padded_params()  # either storage
+    w_ih = w_ih.view(H, 2, 4, n, d)
+    w_hh = w_hh.view(H, 2, 4, n, n)
     sq = w_ih.square().sum(dim=(2, 4))                       # W_ih rows
     sq = sq + w_hh.square().sum(dim=(2, 4))                  # W_hh rows of unit u
     sq = sq + w_hh.square().sum(dim=(2, 3))                  # W_hh column u (all 4n rows)
@@ -72,14 +73,14 @@ def group_sq_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
         return sq
     if groups != "far":
         raise ConfigError(f"groups must be one of {', '.join(GROUPS)}, got {groups!r}")
-    sq = sq + m.b_ih.view(H, 2, 4, n).square().sum(2) + m.b_hh.view(H, 2, 4, n).square().sum(2)
-    sq = sq + m.head_proj_weight.view(H, d, 2, n).square().sum(1)  # head_proj column of unit u
+    sq = sq + b_ih.view(H, 2, 4, n).square().sum(2) + b_hh.view(H, 2, 4, n).square().sum(2)
+    sq = sq + hp_w.reshape(H, d, 2, n).square().sum(1)  # head_proj column of unit u
     return sq
 
 
 def group_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
     """[H, 2, n] group L2 norms; padded (not kept) units are 0."""
-    return group_sq_norms(m, groups).clamp_min(0).sqrt() * m.unit_mask().to(m.w_ih.device)
+    return group_sq_norms(m, groups).clamp_min(0).sqrt() * m.unit_mask().to(m.pre_proj.weight.device)
 
 
 def hoyer_square(m: FARAttention, eps: float = 1e-12, scope: str = "block", groups: str = "far") -> torch.Tensor:
@@ -121,7 +122,7 @@ def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = 
 def keep_masks(models: List[FARAttention], threshold: float, groups: str = "far") -> List[torch.Tensor]:
     """Per module, [H, 2, n] bool: kept units (group norm >= threshold, among the currently kept)."""
     with torch.no_grad():
-        return [(group_norms(m, groups) >= threshold) & m.unit_mask().to(m.w_ih.device) for m in models]
+        return [(group_norms(m, groups) >= threshold) & m.unit_mask().to(m.pre_proj.weight.device) for m in models]
 
 
 # ---------------------------------------------------------------- masking and compaction
@@ -129,7 +130,10 @@ def keep_masks(models: List[FARAttention], threshold: float, groups: str = "far"
 def apply_keep_mask(m: FARAttention, keep: torch.Tensor) -> None:
     """Keep only the units in `keep` [H, 2, n]: move them to the front of their (head, direction) in
     their original order, set hidden_sizes to their counts and zero the rest. The block's function
-    is unchanged except for the removed units. Width (padding) stays as it was."""
+    is unchanged except for the removed units. Width (padding) stays as it was. Needs storage "padded"."""
+    if m.storage != "padded":
+        raise ConfigError("apply_keep_mask needs a FAR block in padded storage (a mask shrinks hidden_sizes while "
+                          "the tensors keep their width): call set_storage('padded') first")
     H, n, d = m.num_heads, m.width, m.head_dim
     keep = keep.to("cpu", torch.bool)
     if tuple(keep.shape) != (H, 2, n):
@@ -159,18 +163,11 @@ def apply_keep_mask(m: FARAttention, keep: torch.Tensor) -> None:
 
 @torch.no_grad()
 def compact_(m: FARAttention) -> FARAttention:
-    """Shrink the padded width to max(hidden_sizes) in place (parameters are replaced)."""
-    state = m.compact_state()
-    n = int(m.hidden_sizes.max()) if m.hidden_sizes.numel() else 0
-    H, d = m.num_heads, m.head_dim
-    dd = {"device": m.w_ih.device, "dtype": m.w_ih.dtype}
-    m.w_ih = nn.Parameter(torch.zeros(H, 2, 4 * n, d, **dd))
-    m.w_hh = nn.Parameter(torch.zeros(H, 2, 4 * n, n, **dd))
-    m.b_ih = nn.Parameter(torch.zeros(H, 2, 4 * n, **dd))
-    m.b_hh = nn.Parameter(torch.zeros(H, 2, 4 * n, **dd))
-    m.head_proj_weight = nn.Parameter(torch.zeros(H, d, 2 * n, **dd))
-    m.load_compact_state(state)
-    return m
+    """Shrink the padded width to max(hidden_sizes) in place (parameters are replaced; a ragged block has no
+    padding and is returned as it is)."""
+    if m.storage == "ragged":
+        return m
+    return m.set_storage("ragged").set_storage("padded")  # the kept units, then padded to the new widest
 
 
 def kept_table(model: nn.Module) -> List[dict]:
@@ -459,7 +456,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
           groups: str = "far",
           finetune_epochs: float = 1.0, finetune_lr: float = 2e-4, device: Optional[str] = None,
           identity: Optional[dict] = None, inplace: bool = False) -> nn.Module:
-    """A pruned, compacted copy of the FAR model `model` (inplace=True prunes `model` itself).
+    """A pruned, compacted copy of the FAR model `model` (inplace=True prunes `model` itself), in padded
+    storage (set_storage(result, "ragged") afterwards keeps only the kept units in memory).
 
     Steps: Hoyer-regularized training (config.epochs at config.lr; 0 epochs skips it) -> one global
     threshold (`threshold`, or the one that removes `prune_ratio` of all unit groups, or the weakest one
@@ -504,7 +502,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     if budget is not None:  # an impossible budget fails here, before any training
         check_budget(named, model, budget)
     d = setup_distributed(device)
-    model = (model if inplace else copy.deepcopy(model)).to(d.device)
+    model = set_storage((model if inplace else copy.deepcopy(model)).to(d.device), "padded")  # masks need padding
     before = {name: m.hidden_sizes.clone() for name, m in far_modules(model)}
     params_before = lstm_param_count(model)
     ident = {**(identity or {}), "hoyer": hoyer, "hoyer_scope": hoyer_scope, "groups": groups,

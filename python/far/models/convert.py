@@ -49,14 +49,14 @@ def param_counts(model: nn.Module) -> dict:
     """Two honest counts, of the whole model and of its token mixers (`block.attn`):
     kept: the parameters the model has — a pruned FAR block's kept units only; what a checkpoint stores;
     stored: the parameters held in memory — a pruned FAR block's tensors are padded to its widest
-    (head, direction) so that all heads run as one batched GEMM (the padding is exactly zero).
+    (head, direction) so that all heads run as one batched GEMM (the padding is exactly zero), unless
+    its storage is "ragged" (far.models.set_storage): then stored = kept.
     Returns {"kept", "stored", "mixer_kept", "mixer_stored"}."""
     stored = count_params(model)
     padding = 0
     for m in model.modules():
         if isinstance(m, FARAttention):
-            padded = sum(getattr(m, n).numel() for n in FARAttention.COMPACT_KEYS)
-            padding += padded - m.num_lstm_params()
+            padding += sum(p.numel() for p in m.lstm_storage().values()) - m.num_lstm_params()
     mixer_stored = sum(count_params(blk.attn) for blk in getattr(model, "blocks", []))
     return {"kept": stored - padding, "stored": stored, "mixer_kept": mixer_params(model), "mixer_stored": mixer_stored}
 
@@ -233,6 +233,19 @@ def convert(
 def far_modules(model: nn.Module):
     """[(name, FARAttention)] in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FARAttention)]
+
+
+def set_storage(model: nn.Module, storage: str) -> nn.Module:
+    """Convert every FARAttention of `model` in place to storage "padded" (the default: tensors padded to each
+    block's widest (head, direction); pruning needs it) or "ragged" (kept units only in memory; each forward
+    gathers the padded operands). Outputs are identical. Returns the model; build optimizers afterwards."""
+    from far.nn.far_attention import STORAGES
+
+    if storage not in STORAGES:
+        raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    for _, m in far_modules(model):
+        m.set_storage(storage)
+    return model
 
 
 def set_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:

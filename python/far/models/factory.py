@@ -28,10 +28,11 @@ from far import checkpoint
 from far.errors import ConfigError
 from far.models import arch as archs
 from far.models import registry  # noqa: F401 - registers the fmnist_* architectures with timm
-from far.models.convert import convert, far_modules, set_backend
+from far.models.convert import convert, far_modules, set_backend, set_storage
 from far.models.weights import load_weights
 from far.models.pretrained import ZOO, zoo_path
 from far.nn import FARAttention, apply_reuse, reuse_plan
+from far.nn.far_attention import STORAGES
 from far.version import __version__
 
 
@@ -95,7 +96,7 @@ def create_model(name: str, pretrained: bool = False, far: Optional[bool] = None
 
     name: any timm ViT name (e.g. deit_tiny_patch16_224; pretrained=True takes timm's download path),
         "timm:NAME" (the same), fmnist_deit_tiny / fmnist_deit_small, or a zoo FAR name (fmnist_far_tiny,
-        fmnist_far_tiny_pruned).
+        fmnist_far_tiny_pruned, fmnist_far_tiny_xs; fmnist_trex_tiny is attention reuse).
     pretrained: for zoo names, the bundled checkpoint (offline), returned as trained: the zoo teacher
         stays an attention model unless far=True is given (then its LSTMs are new and untrained).
     weights: a local weights file for a timm name (.safetensors, or a torch state dict read with
@@ -183,7 +184,7 @@ def stored_tensors(model: nn.Module) -> dict:
     replaced by its compact_state() (kept units only)."""
     state = model.state_dict()
     for prefix, module in ((name + ".", m) for name, m in far_modules(model)):
-        for param in FARAttention.COMPACT_KEYS:
+        for param in (*FARAttention.COMPACT_KEYS, *FARAttention.COMPACT_KEYS.values()):  # padded or ragged
             state.pop(prefix + param, None)
         for key, t in module.compact_state().items():
             if prefix + key in state:
@@ -321,18 +322,21 @@ def _size_check(path: str):
     return check
 
 
-def load(path, device="cpu", backend: Optional[str] = None) -> nn.Module:
+def load(path, device="cpu", backend: Optional[str] = None, storage: str = "padded") -> nn.Module:
     """Rebuild and return the model saved by far.save, in eval() mode, on `device`.
 
     Args:
         path: a file written by far.save.
         device: where the model goes (tensors are read on the CPU first).
         backend: scan backend for every FAR block (far.set_backend); None = env FAR_BACKEND / auto.
+        storage: "padded" (default) or "ragged" (kept units only in memory: far.models.set_storage).
     The config is attached as `model.far_checkpoint`; `model.pretrained_cfg` comes from the file.
     Parameter dtypes (e.g. bfloat16) are those stored. Raises CheckpointError (a ValueError) naming
     the problem for missing, truncated, corrupt, wrong-version or mismatching files.
     """
     path = os.fspath(path)
+    if storage not in STORAGES:
+        raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     if backend is not None:  # a typo, or a backend that cannot run on `device`, fails before the file is read
         far_kernels.dispatch.select(far_kernels.ops.bilstm_fused_scan.OP, backend, device)
     config, tensors = checkpoint.read(path, precheck=_size_check(path))
@@ -366,6 +370,7 @@ def load(path, device="cpu", backend: Optional[str] = None) -> nn.Module:
     model.far_checkpoint = config
     if backend is not None:
         set_backend(model, backend)
+    set_storage(model, storage)
     return model.to(device).eval()
 
 
@@ -409,18 +414,18 @@ def resolve(spec) -> ModelSpec:
 
 
 def load_model(spec, *, device="cpu", backend: Optional[str] = None, far: Optional[bool] = None,
-               pretrained: bool = False, weights=None, model_kwargs: Optional[dict] = None
-               ) -> tuple[nn.Module, ModelSpec]:
+               pretrained: bool = False, weights=None, model_kwargs: Optional[dict] = None,
+               storage: str = "padded") -> tuple[nn.Module, ModelSpec]:
     """(model, resolved spec) for a MODEL argument (see resolve). Checkpoints (file, zoo) load as
     saved, in eval mode; `far`, `pretrained`, `weights` (a local weights file: then pretrained is
     ignored and nothing is downloaded) and `model_kwargs` (timm.create_model's) apply to timm names
-    only (far.create_model; far=None converts)."""
+    only (far.create_model; far=None converts). storage: FAR blocks "padded" or "ragged" (set_storage)."""
     ref = spec if isinstance(spec, ModelSpec) else resolve(spec)
     if ref.kind == "timm":
         model = create_model(ref.name, pretrained=pretrained and weights is None, far=True if far is None else far,
                              backend=backend, weights=weights, **(model_kwargs or {}))
-        return model.to(device).eval(), ref
+        return set_storage(model, storage).to(device).eval(), ref
     if weights is not None or model_kwargs:
         raise ConfigError(f"{ref.name}: a {ref.origin} has its architecture and weights; weights files and model "
                           "kwargs go with timm names (timm:NAME)")
-    return load(ref.path, device=device, backend=backend), ref
+    return load(ref.path, device=device, backend=backend, storage=storage), ref

@@ -3,11 +3,18 @@
 forward(x [B, N, C]) = proj(concat_h head_proj_h(BiLSTM_h(pre_proj(x)[..., head h]))), exactly what
 torch.nn.LSTM(bidirectional=True) per head would give with the parameters lstm_params(dir, head).
 
-Storage is compact per head (no dense block-diagonal masks): every (head, direction) keeps its own
-[4n, d] / [4n, n] weights, padded to n = the block's widest (direction, head) so that all heads run
-as one batched GEMM and one scan launch. Padded units have exactly zero weights, biases and
-head_proj columns; they stay zero under training (their gradients are exactly zero) and the
-kernels skip them.
+Storage is compact per head (no dense block-diagonal masks), in one of two layouts (`storage`):
+- "padded" (default): every (head, direction) keeps its own [4n, d] / [4n, n] weights, padded to n = the
+  block's widest (direction, head), so that all heads run as one batched GEMM and one scan launch.
+  Padded units have exactly zero weights, biases and head_proj columns; they stay zero under training
+  (their gradients are exactly zero) and the kernels skip them. Pruning (masks that shrink
+  hidden_sizes in place) needs this layout.
+- "ragged": kept units only, concatenated over (head, direction) exactly as a checkpoint stores them
+  (parameters lstm.w_ih [S4k, d], lstm.w_hh [S4k^2], lstm.b_ih / lstm.b_hh [S4k], head_proj.weight
+  [d, Sk], head_proj.bias [H, d]; so state_dict() is the checkpoint's layout). Memory holds exactly the
+  kept parameters; each forward gathers the padded operands the kernels take (one index_select per
+  tensor, differentiable), which lives only for that call. bench/bench_padding.py measures both.
+set_storage() converts in place; far.models.set_storage / far.load(storage=...) do it for a model.
 """
 from __future__ import annotations
 
@@ -19,6 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import far_kernels
+
+STORAGES = ("padded", "ragged")
+
+
+class RaggedParams(nn.Module):
+    """The holder of a ragged FAR block's lstm.* or head_proj.* parameters (no forward of its own)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name} {list(p.shape)}" for name, p in self.named_parameters())
 
 
 def _as_hidden_sizes(hidden_sizes, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -48,6 +64,7 @@ class FARAttention(nn.Module):
         proj_bias, proj_drop: as timm's Attention.
         backend: scan backend for this module ("torch", "cpp", "cuda", "triton", "auto"); None =
             env FAR_BACKEND, else auto.
+        storage: "padded" (default) or "ragged" (kept units only; see the module docstring).
     Shapes: x [B, N, C] -> [B, N, dim_out].
     """
 
@@ -61,6 +78,7 @@ class FARAttention(nn.Module):
         proj_bias: bool = True,
         proj_drop: float = 0.0,
         backend: Optional[str] = None,
+        storage: str = "padded",
         device=None,
         dtype=None,
     ) -> None:
@@ -76,6 +94,7 @@ class FARAttention(nn.Module):
         self.attn_dim = num_heads * head_dim
         self.hidden_sizes = _as_hidden_sizes(hidden_sizes, num_heads, head_dim)  # CPU int64 [2, H]
         self.backend = backend
+        self.storage = "padded"
         H, d = num_heads, head_dim
         n = self.width
         self.pre_proj = nn.Linear(dim, self.attn_dim, **dd)
@@ -88,6 +107,7 @@ class FARAttention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_lstm_parameters()
+        self.set_storage(storage)  # the same initial values in either layout
 
     # ---- sizes and padding ----
     @property
@@ -113,9 +133,101 @@ class FARAttention(nn.Module):
         head_proj = int(d * k.sum()) + self.num_heads * d
         return (lstm, head_proj) if split else lstm + head_proj
 
+    # ---- storage ----
+    def lstm_storage(self) -> dict:
+        """{compact key: the parameter holding it} in this module's layout: the padded [H, 2, 4n, d], ...
+        tensors (storage "padded") or the ragged lstm.* / head_proj.* ones (storage "ragged")."""
+        if self.storage == "ragged":
+            return {key: self.get_parameter(key) for key in self.COMPACT_KEYS.values()}
+        return {key: getattr(self, name) for name, key in self.COMPACT_KEYS.items()}
+
+    @torch.no_grad()
+    def set_storage(self, storage: str) -> "FARAttention":
+        """Convert in place to storage "padded" or "ragged" (same values, same forward). The parameters are
+        new objects: build optimizers after this call. Returns self."""
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+        if storage == self.storage:
+            return self
+        state = self.compact_state()
+        grad = {key: p.requires_grad for key, p in self.lstm_storage().items()}
+        if storage == "ragged":
+            for name in self.COMPACT_KEYS:
+                delattr(self, name)
+            self.storage = "ragged"
+            self.lstm, self.head_proj = RaggedParams(), RaggedParams()
+            for key, t in state.items():
+                owner, leaf = key.split(".")
+                getattr(self, owner).register_parameter(leaf, nn.Parameter(t.clone(), requires_grad=grad[key]))
+        else:
+            del self.lstm, self.head_proj
+            self.storage = "padded"
+            H, d, n = self.num_heads, self.head_dim, self.width
+            shapes = {"w_ih": (H, 2, 4 * n, d), "w_hh": (H, 2, 4 * n, n), "b_ih": (H, 2, 4 * n),
+                      "b_hh": (H, 2, 4 * n), "head_proj_weight": (H, d, 2 * n), "head_proj_bias": (H, d)}
+            for name, key in self.COMPACT_KEYS.items():
+                t = state[key]
+                setattr(self, name, nn.Parameter(t.new_zeros(shapes[name]), requires_grad=grad[key]))
+            self.load_compact_state(state)
+        return self
+
+    def _gather_index(self, device) -> tuple:
+        """(rows [H*2*4n], w_hh entries [H*2*4n*n], head_proj columns [H*2*n]): for every padded position, its
+        index in the ragged tensor, or the ragged length (a zero appended there) for a padded unit."""
+        hs = self.hidden_sizes
+        key = (str(device), tuple(hs.flatten().tolist()))
+        cache = self.__dict__.setdefault("_gather_cache", {})
+        if key not in cache:
+            with torch.inference_mode(False):  # a cache built under inference_mode must serve training too
+                cache.clear()
+                cache[key] = self._build_gather_index(device)
+        return cache[key]
+
+    def _build_gather_index(self, device) -> tuple:
+        hs = self.hidden_sizes
+        H, n = self.num_heads, self.width
+        k = hs.t()  # [H, 2]: (head, direction), the ragged order
+        u = torch.arange(n)
+        kept = u < k[..., None]  # [H, 2, n]
+
+        def starts(sizes):  # exclusive cumulative sum over (head, direction), head-major
+            flat = sizes.reshape(-1)
+            return (torch.cumsum(flat, 0) - flat).view(sizes.shape)
+
+        k4 = k[:, :, None, None]
+        row_in = torch.arange(4)[None, None, :, None] * k4 + u  # [H, 2, 4, n]: gate row within the block
+        rows = torch.where(kept[:, :, None, :], starts(4 * k)[:, :, None, None] + row_in, int(4 * k.sum()))
+        ent = starts(4 * k * k)[:, :, None, None, None] + row_in[..., None] * k4[..., None] + u
+        ent = torch.where(kept[:, :, None, :, None] & kept[:, :, None, None, :], ent, int((4 * k * k).sum()))
+        first = torch.stack((torch.zeros_like(k[:, 0]), k[:, 0]), 1)  # backward columns follow forward ones
+        cols = torch.where(kept, starts(k.sum(1))[:, None, None] + first[..., None] + u, int(k.sum()))
+        return tuple(t.reshape(-1).to(device) for t in (rows, ent, cols))
+
+    def padded_params(self) -> tuple:
+        """(w_ih [H, 2, 4n, d], w_hh [H, 2, 4n, n], b_ih [H, 2, 4n], b_hh [H, 2, 4n], head_proj_weight [H, d, 2n],
+        head_proj_bias [H, d]) in the kernels' padded layout: the parameters themselves (storage "padded") or
+        gathered from the ragged ones (differentiable; zero at padded units)."""
+        if self.storage == "padded":
+            return self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.head_proj_weight, self.head_proj_bias
+        H, d, n = self.num_heads, self.head_dim, self.width
+        lstm, hp = self.lstm, self.head_proj
+        rows, ent, cols = self._gather_index(lstm.w_ih.device)
+
+        def gather(t, index, dim=0):
+            pad = list(t.shape)
+            pad[dim] = 1
+            return torch.cat((t, t.new_zeros(pad)), dim).index_select(dim, index)
+
+        return (gather(lstm.w_ih, rows).view(H, 2, 4 * n, d), gather(lstm.w_hh, ent).view(H, 2, 4 * n, n),
+                gather(lstm.b_ih, rows).view(H, 2, 4 * n), gather(lstm.b_hh, rows).view(H, 2, 4 * n),
+                gather(hp.weight, cols, 1).view(d, H, 2 * n).permute(1, 0, 2).contiguous(), hp.bias)
+
     @torch.no_grad()
     def zero_padding_(self) -> None:
-        """Set every parameter entry that belongs to a padded (not kept) unit to exactly 0."""
+        """Set every parameter entry that belongs to a padded (not kept) unit to exactly 0 (storage "ragged"
+        has none)."""
+        if self.storage == "ragged":
+            return
         m = self.unit_mask().to(self.w_ih.device)  # [H, 2, n]
         H, n = self.num_heads, self.width
         gate_rows = m.unsqueeze(2).expand(H, 2, 4, n).reshape(H, 2, 4 * n)
@@ -130,12 +242,13 @@ class FARAttention(nn.Module):
         """torch.nn.LSTM's init (U(-1/sqrt(n), 1/sqrt(n))) for the LSTMs, nn.Linear's for head_proj."""
         n = max(self.width, 1)
         bound = 1.0 / math.sqrt(n)
-        for p in (self.w_ih, self.w_hh, self.b_ih, self.b_hh):
+        tensors = list(self.lstm_storage().values())
+        for p in tensors[:4]:
             p.uniform_(-bound, bound)
         fan_in = max(int(self.hidden_sizes.sum(0).max()), 1)
         bound = 1.0 / math.sqrt(fan_in)
-        self.head_proj_weight.uniform_(-bound, bound)
-        self.head_proj_bias.uniform_(-bound, bound)
+        for p in tensors[4:]:
+            p.uniform_(-bound, bound)
         self.zero_padding_()
 
     # ---- the per-head contract ----
@@ -146,10 +259,20 @@ class FARAttention(nn.Module):
             raise ValueError(f"head must be in [0, {self.num_heads}), got {head}")
         return int(self.hidden_sizes[direction, head])
 
+    def _ragged_start(self, direction: int, head: int) -> tuple:
+        """(first row of w_ih / b_ih, first entry of flat w_hh) of one (head, direction) in the ragged layout."""
+        before = self.hidden_sizes.t().reshape(-1)[:2 * head + direction]
+        return int(4 * before.sum()), int((4 * before * before).sum())
+
     def lstm_params(self, direction: int, head: int):
         """(w_ih [4k, d], w_hh [4k, k], b_ih [4k], b_hh [4k]) of one (direction, head), k = kept units,
         in torch.nn.LSTM layout and gate order (i, f, g, o)."""
         k = self._check_index(direction, head)
+        if self.storage == "ragged":
+            r, f = self._ragged_start(direction, head)
+            lstm = self.lstm
+            return (lstm.w_ih[r:r + 4 * k], lstm.w_hh[f:f + 4 * k * k].view(4 * k, k), lstm.b_ih[r:r + 4 * k],
+                    lstm.b_hh[r:r + 4 * k])
         n, d = self.width, self.head_dim
         w_ih = self.w_ih[head, direction].view(4, n, d)[:, :k].reshape(4 * k, d)
         w_hh = self.w_hh[head, direction].view(4, n, n)[:, :k, :k].reshape(4 * k, k)
@@ -161,6 +284,9 @@ class FARAttention(nn.Module):
         """(w [d, k_fwd + k_bwd], b [d]) of head_proj for one head; input = [forward h ‖ backward h]."""
         kf = self._check_index(0, head)
         kb = self._check_index(1, head)
+        if self.storage == "ragged":
+            c = int(self.hidden_sizes[:, :head].sum())
+            return self.head_proj.weight[:, c:c + kf + kb], self.head_proj.bias[head]
         n = self.width
         w = self.head_proj_weight[head]
         return torch.cat((w[:, :kf], w[:, n:n + kb]), dim=1), self.head_proj_bias[head]
@@ -175,6 +301,10 @@ class FARAttention(nn.Module):
             if tuple(t.shape) != shape:
                 raise ValueError(f"set_lstm_params(direction={direction}, head={head}): {name} must be "
                                  f"{list(shape)}, got {list(t.shape)}")
+        if self.storage == "ragged":
+            for dst, src in zip(self.lstm_params(direction, head), (w_ih, w_hh, b_ih, b_hh)):
+                dst.copy_(src)
+            return
         self.w_ih[head, direction].view(4, n, d)[:, :k] = w_ih.view(4, k, d)
         self.w_hh[head, direction].view(4, n, n)[:, :k, :k] = w_hh.view(4, k, k)
         self.b_ih[head, direction].view(4, n)[:, :k] = b_ih.view(4, k)
@@ -188,6 +318,10 @@ class FARAttention(nn.Module):
         if tuple(w.shape) != (d, kf + kb) or tuple(b.shape) != (d,):
             raise ValueError(f"set_head_proj_params(head={head}): expected w [{d}, {kf + kb}] and b [{d}], "
                              f"got {list(w.shape)} and {list(b.shape)}")
+        if self.storage == "ragged":
+            for dst, src in zip(self.head_proj_params(head), (w, b)):
+                dst.copy_(src)
+            return
         self.head_proj_weight[head, :, :kf] = w[:, :kf]
         self.head_proj_weight[head, :, n:n + kb] = w[:, kf:]
         self.head_proj_bias[head] = b
@@ -209,7 +343,10 @@ class FARAttention(nn.Module):
     def compact_state(self) -> dict:
         """Kept-unit parameters of the LSTMs and head_proj, concatenated over (head, direction),
         head-major: w_ih [Σ4k, d], w_hh flat [Σ4k²] (each [4k, k] row-major), b_ih/b_hh [Σ4k],
-        head_proj.weight [d, Σ_h (k_fwd + k_bwd)], head_proj.bias [H, d]."""
+        head_proj.weight [d, Σ_h (k_fwd + k_bwd)], head_proj.bias [H, d]. Storage "ragged": the parameters
+        themselves, detached (no copy)."""
+        if self.storage == "ragged":
+            return {key: p.detach() for key, p in self.lstm_storage().items()}
         parts = {key: [] for key in list(self.COMPACT_KEYS.values())[:5]}
         for head in range(self.num_heads):
             for direction in (0, 1):
@@ -234,6 +371,10 @@ class FARAttention(nn.Module):
             if tuple(state[key].shape) != shape:
                 raise ValueError(f"tensor '{prefix}{key}' has shape {list(state[key].shape)}, expected "
                                  f"{list(shape)} for hidden_sizes {self.hidden_sizes.tolist()}")
+        if self.storage == "ragged":
+            for key, p in self.lstm_storage().items():
+                p.copy_(state[key])
+            return
         self.zero_padding_()
         d = self.head_dim
         r = f = hp = 0
@@ -261,7 +402,7 @@ class FARAttention(nn.Module):
             raise TypeError(f"FARAttention expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"FARAttention expects x of shape [B, N, C={self.dim}], got {list(x.shape)}")
-        w = self.w_ih
+        w = self.pre_proj.weight
         if x.device != w.device:
             raise ValueError(f"FARAttention: x is on {x.device} but the module is on {w.device}")
         if x.dtype != w.dtype:
@@ -275,12 +416,12 @@ class FARAttention(nn.Module):
         B, N, _ = x.shape
         H, d, n = self.num_heads, self.head_dim, self.width
         xh = self.pre_proj(x)  # [B, N, H*d]
+        w_ih, w_hh, b_ih, b_hh, hp_w, hp_b = self.padded_params()
         if n == 0:  # every unit pruned: each head outputs its head_proj bias
-            return self.head_proj_bias.reshape(1, 1, H * d).expand(B, N, H * d).to(x.dtype)
-        h = far_kernels.bilstm_fused_scan(xh, self.w_ih, self.b_ih + self.b_hh, self.w_hh, self.hidden_sizes,
+            return hp_b.reshape(1, 1, H * d).expand(B, N, H * d).to(x.dtype)
+        h = far_kernels.bilstm_fused_scan(xh, w_ih, b_ih + b_hh, w_hh, self.hidden_sizes,
                                           backend=backend if backend is not None else self.backend)  # [H, B, N, 2, n]
-        o = torch.baddbmm(self.head_proj_bias.unsqueeze(1), h.reshape(H, B * N, 2 * n),
-                          self.head_proj_weight.transpose(1, 2))  # [H, B*N, d]
+        o = torch.baddbmm(hp_b.unsqueeze(1), h.reshape(H, B * N, 2 * n), hp_w.transpose(1, 2))  # [H, B*N, d]
         return o.view(H, B, N, d).permute(1, 2, 0, 3).reshape(B, N, H * d)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
@@ -326,4 +467,5 @@ class FARAttention(nn.Module):
 
     def extra_repr(self) -> str:
         hs = self.hidden_sizes.tolist()
-        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, hidden_sizes={hs}"
+        extra = ", storage=ragged" if self.storage == "ragged" else ""
+        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, hidden_sizes={hs}{extra}"
