@@ -13,6 +13,7 @@ import torch.nn as nn
 from far_kernels.benchmark import Stopwatch
 from far.data import iterate_batches, num_batches, shard
 from far.errors import ConfigError, DataError
+from far.models import check_input
 from far.utils.env import model_device
 
 
@@ -61,6 +62,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
     try:
         with torch.inference_mode():
             for i, (x, y) in enumerate(iterate_batches(data, batch_size, device=device, num_workers=workers)):
+                if i == 0:  # images that do not fit a ViT: a clear error, not timm's assertion deep inside
+                    check_input(model, x.shape, "the data")
                 x = x.to(dtype)
                 warm = model_time.seconds
                 with model_time:

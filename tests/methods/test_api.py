@@ -73,3 +73,16 @@ def test_methods_refuse_bad_input_before_training():
         far.distill(teacher, data, config=TrainConfig(resume=True))
     with pytest.raises(far.ConfigError, match="fewer than one batch"):
         far.distill(teacher, data, config=TrainConfig(batch_size=64, progress=False))
+
+
+def test_evaluate_refuses_images_that_do_not_fit_the_model():
+    model = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+    for shape, match in (((1, 32, 32), "32x32x1 images but fmnist_deit_tiny takes 28x28x1"),
+                         ((3, 28, 28), "28x28x3 images")):
+        data = torch.utils.data.TensorDataset(torch.randn(4, *shape), torch.zeros(4, dtype=torch.long))
+        with pytest.raises(far.ConfigError, match=match):
+            far.evaluate(model, data)
+    assert model.training  # the mode is restored after the error
+    assert far.evaluate(model, ImageSet(4, seed=1))["num_images"] == 4
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 2))  # no patch embedding: not checked
+    assert far.evaluate(plain, ImageSet(4, seed=1))["num_images"] == 4
