@@ -215,3 +215,20 @@ def test_emulator_and_onnx_read_the_ragged_block():
     ia = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
     ib = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
     assert ia.keys() == ib.keys() and all((ia[k] == ib[k]).all() for k in ia)
+
+
+def test_far_distill_trains_a_ragged_student_in_place_of_its_kept_units():
+    teacher = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=2, num_heads=2, num_classes=2)
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, (x.mean((1, 2, 3)) > 0).long())
+    student = copy.deepcopy(teacher)
+    far.convert(student, hidden_sizes=[[[5, 9], [3, 16]], [[2, 0], [7, 1]]])
+    far.set_storage(student, "ragged")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    out = far.distill(teacher, data, student=student, config=far.TrainConfig(epochs=1, batch_size=16, progress=False),
+                      stage2_epochs=1)
+    assert [m.storage for _, m in far.far_modules(out)] == ["ragged", "ragged"]
+    for block in (0, 1):
+        for key in far.FARAttention.COMPACT_KEYS.values():
+            name = f"blocks.{block}.attn.{key}"
+            assert not torch.equal(out.state_dict()[name], before[name]), name  # every ragged tensor trained

@@ -113,7 +113,8 @@ class FARAttention(nn.Module):
     @property
     def width(self) -> int:
         """n: the padded number of units per (direction, head): max of hidden_sizes when built or
-        compacted; larger while a pruning mask shrinks hidden_sizes in place (far.methods.prune)."""
+        compacted (and always in storage "ragged", whose gathered operands have this width); larger while a
+        pruning mask shrinks hidden_sizes in place (far.methods.prune)."""
         w_hh = self._parameters.get("w_hh") if "_parameters" in self.__dict__ else None
         if w_hh is not None:
             return int(w_hh.shape[-1])
