@@ -232,3 +232,19 @@ def test_far_distill_trains_a_ragged_student_in_place_of_its_kept_units():
         for key in far.FARAttention.COMPACT_KEYS.values():
             name = f"blocks.{block}.attn.{key}"
             assert not torch.equal(out.state_dict()[name], before[name]), name  # every ragged tensor trained
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ragged_forward_on_the_gpu(backend, dtype):
+    require_backend(backend, "cuda")
+    m = block(hidden_sizes=[[64, 37, 0, 12], [37, 64, 64, 1]], C=256, dtype=dtype).cuda()
+    r = ragged(m)
+    x = torch.randn(5, 50, 256, device="cuda").to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(m(x, backend=backend), r(x, backend=backend))
+    r.train()
+    r(x.float().to(dtype)).float().square().mean().backward()  # training on the GPU: the gather's gradient
+    assert r.lstm.w_hh.grad is not None and r.lstm.w_hh.grad.is_cuda
