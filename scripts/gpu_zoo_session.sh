@@ -2,8 +2,8 @@
 # One short GPU lease, used twice: the GPU suite (bench/gpu_suite.sh: build, cuda tests, benchmarks) runs
 # while the zoo trains beside it, and the benchmarks wait for the training (BENCH_WAIT_FILE) so their
 # timings are taken alone. Training: two lineages in parallel (a small ViT leaves an H100 mostly idle):
-#   A: teacher from scratch (EA epochs) -> distill (S1 + S2 epochs) -> prune (PH + PF epochs)
-#   C: the bundled teacher continued (EC epochs) -> distill -> prune
+#   A: teacher from scratch (EA epochs) -> distill (S1 + S2 epochs) -> prune (PH + PF epochs) -> prune to the xs budget
+#   C: the bundled teacher continued (EC epochs) -> distill -> prune -> xs
 # Checkpoints land in $OUT (the device tool's folder) as each step ends, logs in $OUT/logs.tgz; training
 # is stopped at TRAIN_DEADLINE seconds. Data: FAR_FASHION_MNIST, default .data/fashion-mnist, which the
 # device has not: here, `mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/ && echo /.data/ >>.git/info/exclude`
@@ -32,7 +32,11 @@ lineage() {
   stage far_$x far distill "$R/teacher_$x.safetensors" --epochs "$S1" --lr 1e-3 --warmup-epochs 0.3 --stage2-epochs "$S2" \
     --stage2-lr 3e-4 --kd-weight 1.0 --kd-temperature 2 --batch-size 128 --out-dir "$R/run_far_$x" -o "$R/far_$x.safetensors" || return
   stage pruned_$x far prune "$R/far_$x.safetensors" --hoyer 5e-4 --epochs "$PH" --lr 3e-4 --warmup-epochs 0.1 --prune-ratio 0.3 \
-    --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 --out-dir "$R/run_pruned_$x" -o "$R/pruned_$x.safetensors"
+    --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 --out-dir "$R/run_pruned_$x" -o "$R/pruned_$x.safetensors" || return
+  # the extra-small student (zoo fmnist_far_tiny_xs): token mixers <= 0.78x the teacher attention's parameters
+  stage xs_$x far prune "$R/far_$x.safetensors" --hoyer 5e-4 --epochs "$PH" --lr 3e-4 --warmup-epochs 0.05 \
+    --budget mixer-params=116213 --balance --rounds 3 --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 \
+    --out-dir "$R/run_xs_$x" -o "$R/xs_$x.safetensors"
 }
 ( lineage A ) & pa=$!
 ( lineage C ) & pc=$!
