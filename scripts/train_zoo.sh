@@ -58,8 +58,8 @@ python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fm
 
 # 4. TReX-style attention reuse (the rival method): the cost model picks the reusing encoders for an 850 us
 #    latency budget (one encoder reuses its predecessor's attention), then transformation block + fine-tune
-python -m far.cli reuse "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist --latency-budget 850 --epochs 1 \
-    --stage2-epochs 10 --stage2-lr 2e-4 --threads 1 --seed 0 --out-dir "$run/reuse" \
+python -m far.cli reuse "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist --latency-budget 850 --epochs 2 \
+    --stage2-epochs 20 --stage2-lr 2e-4 --ema 0.999 --threads 1 --seed 0 --out-dir "$run/reuse" \
     -o "$run/fmnist_trex_tiny.safetensors" --force
 
 cp "$run"/fmnist_deit_tiny.safetensors "$run"/fmnist_far_tiny.safetensors "$run"/fmnist_far_tiny_pruned.safetensors \

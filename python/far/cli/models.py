@@ -102,7 +102,8 @@ def checkpoint_summary(path) -> list:
         lines.append(f"teacher      {meta['teacher']}")
     lines.append(_param_line(path, blocks))
     if not blocks:
-        lines.append("FAR blocks   none (a plain timm model, e.g. a teacher)")
+        lines.append("FAR blocks   none (attention; its reuse plan is below)" if meta.get("reuse") else
+                     "FAR blocks   none (a plain timm model, e.g. a teacher)")
     else:
         full = sum(2 * b["num_heads"] * b["head_dim"] for b in blocks)
         kept = sum(sum(map(sum, b["hidden_sizes"])) for b in blocks)
