@@ -101,6 +101,57 @@ def test_least_squares_start_fits_the_replaced_attention():
     assert after < 0.5 * before
 
 
+def test_ridge_start_is_the_normal_equations_solution_centred():
+    """fit_transforms(ridge=a) solves (G + a*mean(diag G)*I') w = A^T b (G = A^T A, A = [LN(source), 1], the
+    bias unpenalized), then centres each weight row (no component along the LayerNorm's null direction 1/g)."""
+    teacher = tiny()
+    data = ImageSet(32, seed=3)
+    student = apply_reuse(copy.deepcopy(teacher), {2: 1}, kind="ln-linear")
+    tr = student.blocks[2].attn.transform
+    with torch.no_grad(), far.nn.MixerTaps(teacher, inputs=False, pre_proj=False, outputs=True) as taps:
+        teacher(data.x)
+        outs = taps.take()[2]
+        a = tr.norm(outs[1]).flatten(0, 1).double()
+        b = outs[2].flatten(0, 1).double()
+    a1 = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    gram = a1.T @ a1
+    pen = torch.diag(torch.cat([torch.full((32,), 0.01 * float(torch.diagonal(gram)[:32].mean())),
+                                torch.zeros(1)])).double()
+    sol = torch.linalg.solve(gram + pen, a1.T @ b)
+    fit_transforms(student, teacher, data, ridge=0.01)
+    w = tr.linear.weight.detach().double()
+    assert float((w @ torch.ones(32, dtype=w.dtype)).abs().max()) < 1e-5 * float(w.abs().max())  # centred (g = 1)
+    with torch.no_grad():  # the centring changed no output: the fit's predictions are the solution's
+        got = tr.linear(a.float()).double()
+    torch.testing.assert_close(got, a1 @ sol, atol=1e-4 * float(b.abs().max()), rtol=0)
+    small = w.abs().max()
+    fit_transforms(student, teacher, data, ridge=0.0)  # plain least squares: larger weights, closer fit
+    assert tr.linear.weight.abs().max() > small
+    with pytest.raises(ConfigError, match="ridge must be >= 0"):
+        fit_transforms(student, teacher, data, ridge=-1)
+
+
+def test_centring_keeps_the_function_and_removes_the_cancelling_component():
+    torch.manual_seed(0)
+    tr = far.nn.reuse.Transform(16, "ln-linear")
+    with torch.no_grad():
+        tr.norm.weight.uniform_(0.5, 2.0)
+        tr.norm.bias.normal_()
+        g = 1.0 / tr.norm.weight
+        tr.linear.weight.add_(1000.0 * torch.randn(16, 1) * g)  # weights that cancel only in exact arithmetic
+        x = torch.randn(5, 7, 16)
+        before = tr(x).double()
+        removed = tr.center_()
+        after = tr(x).double()
+    assert removed > 1000.0
+    assert float((tr.linear.weight.detach() @ g).abs().max()) < 1e-3
+    assert tr.linear.weight.abs().max() < 5.0
+    torch.testing.assert_close(after, before, atol=2e-3, rtol=0)  # fp32 sums of ~1e3-sized terms before
+    with torch.no_grad():
+        tr.norm.weight[3] = 0.0
+    assert tr.center_() == 0.0  # a zero LayerNorm gain: no single null direction, left as it is
+
+
 def test_reuse_method_and_command(tmp_path, capsys):
     teacher = tiny()
     data, test = ImageSet(48, seed=3), ImageSet(16, seed=4)

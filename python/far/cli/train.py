@@ -375,7 +375,7 @@ def cmd_reuse(args) -> int:
                       latency_budget_us=args.latency_budget, eval_data=eval_set, config=cfg,
                       stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, ce_weight=args.ce_weight,
                       kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, transform=args.transform,
-                      hardware=HardwareSpec(dynamic=args.dynamic), device=args.device,
+                      hardware=HardwareSpec(dynamic=args.dynamic), device=args.device, ridge=args.ridge,
                       identity={"teacher": _abs(ref), "data": str(args.data)})
     return finish(args, model, f"attention reuse (TReX-style) of {args.model}")
 
@@ -559,6 +559,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--plan", default=None, metavar="BLOCK:SOURCE,...", help="the reusing blocks and their sources")
     p.add_argument("--transform", choices=("ln-linear-gelu", "ln-linear"), default="ln-linear-gelu",
                    help="the transformation block")
+    p.add_argument("--ridge", type=float, default=1e-3, metavar="A",
+                   help="ridge penalty of the transformation blocks' least-squares warm start, relative to the mean "
+                        "diagonal of the Gram matrix (0 = plain minimum-norm least squares, whose weights can be "
+                        "too large for a crossbar's ADC)")
     p.add_argument("--dynamic", choices=("write", "digital"), default="write", metavar="MODE",
                    help="cost model: attention's QK^T and S.V written into crossbars (write) or on a digital MAC "
                         "unit (digital) (default: write)")

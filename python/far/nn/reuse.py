@@ -71,6 +71,27 @@ class Transform(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.linear(self.norm(x)))
 
+    @torch.no_grad()
+    def center_(self) -> float:
+        """Remove from every row of linear.weight its component along the LayerNorm's null direction, in
+        place, without changing the function: a normalized row n sums to 0, so LN(x) = g * n + b (g, b the
+        LayerNorm's affine) never moves along u = 1/g, and adding c*u to a weight row only adds c*sum(b/g) to
+        its output, which the bias takes back. A least-squares fit can put a huge component there (the
+        columns of [LN(x), 1] are linearly dependent): weights of ~10^3 that cancel exactly in float but not
+        on a quantized crossbar. Returns the Frobenius norm removed (0 when g has a zero: not centred)."""
+        w = self.linear.weight
+        g = self.norm.weight if self.norm.weight is not None else torch.ones(w.shape[1], device=w.device)
+        b = self.norm.bias if self.norm.bias is not None else torch.zeros(w.shape[1], device=w.device)
+        if bool((g == 0).any()):
+            return 0.0
+        u = 1.0 / g.double()
+        c = (w.double() @ u) / (u @ u)  # [C_out]: each row's component along u
+        removed = c[:, None] * u[None, :]
+        w.copy_((w.double() - removed).to(w.dtype))
+        if self.linear.bias is not None:
+            self.linear.bias.add_((c * (b.double() * u).sum()).to(w.dtype))
+        return float(removed.norm())
+
 
 class ReuseAttention(nn.Module):
     """In place of a block's attention: transform(the source block's attention output of this forward pass)."""
