@@ -25,9 +25,10 @@ python -m far.cli train-teacher fmnist_deit_tiny --data fashion-mnist --epochs 1
 
 # 2. FAR student, one run from the final teacher: stage 1 trains every FAR block alone on the teacher's own
 #    block inputs (cos+mse), stage 2 fine-tunes everything with CE + logit distillation + the block losses
-#    (far distill's defaults). One process: the isolated stage keeps one block's activations per step.
-python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist --epochs 6 --lr 3e-3 \
-    --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 3 --stage2-lr 2e-4 --threads 1 --seed 0 \
+#    (far distill's defaults), with an EMA of the weights. One process: the isolated stage keeps one block's
+#    activations per step.
+python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist --epochs 12 --lr 3e-3 \
+    --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 6 --stage2-lr 2e-4 --ema 0.999 --threads 1 --seed 0 \
     --out-dir "$run/distill" -o "$run/fmnist_far_tiny.safetensors" --force
 
 # 3. pruned FAR student: Hoyer-square, one global threshold (30% of the unit groups), masked fine-tune, compaction;
@@ -39,7 +40,9 @@ python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fm
     --data fashion-mnist --epochs 2 --lr 1e-3 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 2 \
     --stage2-lr 2e-4 --threads 1 --seed 0 --out-dir "$run/distill_pruned" -o "$run/fmnist_far_tiny_pruned.safetensors" --force
 
-# 3b. the extra-small FAR student: pruned to a budget — token mixers at most 0.78x the teacher attention's 148,992
+# 3b. the extra-small FAR student: pruned to a budget. The bundled fmnist_far_tiny_xs was pruned from the previous
+#     fmnist_far_tiny (6 + 3 epochs, no EMA; `git show a3d5a76:python/far/zoo/fmnist_far_tiny.safetensors`), not from
+#     the one step 2 makes now — token mixers at most 0.78x the teacher attention's 148,992
 #     parameters (116,213), in 3 rounds of Hoyer training + pruning + masked fine-tune (budgets shrinking
 #     geometrically; --balance ranks units within their block, so no block is emptied), then distilled again
 python -m far.cli prune "$run/fmnist_far_tiny.safetensors" --data fashion-mnist --hoyer 5e-4 --epochs 0.5 --lr 3e-4 \
