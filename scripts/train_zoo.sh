@@ -37,8 +37,9 @@ python -m far.cli prune "$run/fmnist_far_tiny.safetensors" --data fashion-mnist 
     --warmup-epochs 0.1 --prune-ratio 0.3 --finetune-epochs 1 --finetune-lr 3e-4 --batch-size 128 \
     --threads 1 --seed 0 --out-dir "$run/prune" -o "$run/fmnist_far_tiny_pruned_ft.safetensors" --force
 python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fmnist_far_tiny_pruned_ft.safetensors" \
-    --data fashion-mnist --epochs 2 --lr 1e-3 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 2 \
-    --stage2-lr 2e-4 --threads 1 --seed 0 --out-dir "$run/distill_pruned" -o "$run/fmnist_far_tiny_pruned.safetensors" --force
+    --data fashion-mnist --epochs 3 --lr 1e-3 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 3 \
+    --stage2-lr 2e-4 --ema 0.999 --threads 1 --seed 0 --out-dir "$run/distill_pruned" \
+    -o "$run/fmnist_far_tiny_pruned.safetensors" --force
 
 # 3b. the extra-small FAR student: pruned to a budget. The bundled fmnist_far_tiny_xs was pruned from the previous
 #     fmnist_far_tiny (6 + 3 epochs, no EMA; `git show a3d5a76:python/far/zoo/fmnist_far_tiny.safetensors`), not from

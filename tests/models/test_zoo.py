@@ -1,5 +1,8 @@
 """The bundled zoo: every checkpoint loads offline (far.load and far.create_model(pretrained=True)),
 carries a timm-style pretrained_cfg, and the pruned model is physically smaller."""
+import os
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -77,3 +80,25 @@ def test_xs_zoo_model_is_smaller_and_cheaper_than_the_attention_it_replaces():
         return sum(r.arrays + r.dynamic_arrays for r in model_cost(m).rows if r.kind in ("far", "attention"))
 
     assert mixer_arrays(xs) < mixer_arrays(teacher)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_model_survives_the_crossbar_emulator(name):
+    """Every zoo model keeps most of its accuracy on emulated crossbars at the ISAAC-like defaults (100 test
+    images; far imc-cost / imc-eval give the full figures). Chance is 10%: the TReX model once emulated at
+    11.6% (transformation weights that cancel only in exact arithmetic) while every test passed."""
+    from far.data import fashion_mnist
+    from far.imc import emulate
+    from far_kernels import CrossbarConfig
+
+    fmnist = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
+    if not (fmnist / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true":
+        pytest.skip(f"Fashion-MNIST not installed in {fmnist} (apt-get install -y dataset-fashion-mnist)")
+    test = fashion_mnist("test", limit=100)
+    x = torch.stack([test[i][0] for i in range(100)])
+    y = torch.tensor([test[i][1] for i in range(100)])
+    model = far.load(zoo_path(name))
+    with torch.inference_mode():
+        digital = (model(x).argmax(-1) == y).float().mean().item()
+        emulated = (emulate(model, CrossbarConfig())(x).argmax(-1) == y).float().mean().item()
+    assert digital > 0.8 and emulated > 0.6, (digital, emulated)
