@@ -129,7 +129,7 @@ def format_table(result: dict) -> str:
     for r in {r["name"]: r for r in padded}.values():
         lines.append(f"params: kept units only; {r['model']} holds {r['params_stored']:,} "
                      f"({r['mixer_params_stored']:,} in its token mixers) in memory, its tensors padded to each "
-                     "block's widest head and direction")
+                     "block's widest head and direction (far eval --storage ragged: kept units only)")
     return "\n".join(lines)
 
 
