@@ -95,21 +95,21 @@ class FARAttention(nn.Module):
         self.hidden_sizes = _as_hidden_sizes(hidden_sizes, num_heads, head_dim)  # CPU int64 [2, H]
         self.backend = backend
         self.storage = "padded"
-        H, d = num_heads, head_dim
-        n = self.width
         self.pre_proj = nn.Linear(dim, self.attn_dim, **dd)
-        self.w_ih = nn.Parameter(torch.empty(H, 2, 4 * n, d, **dd))
-        self.w_hh = nn.Parameter(torch.empty(H, 2, 4 * n, n, **dd))
-        self.b_ih = nn.Parameter(torch.empty(H, 2, 4 * n, **dd))
-        self.b_hh = nn.Parameter(torch.empty(H, 2, 4 * n, **dd))
-        self.head_proj_weight = nn.Parameter(torch.empty(H, d, 2 * n, **dd))  # columns [fwd n | bwd n]
-        self.head_proj_bias = nn.Parameter(torch.empty(H, d, **dd))
+        for name, shape in self._padded_shapes().items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, **dd)))
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_lstm_parameters()
         self.set_storage(storage)  # the same initial values in either layout
 
     # ---- sizes and padding ----
+    def _padded_shapes(self) -> dict:
+        """{padded parameter: shape} at the current width n (head_proj_weight's columns: [fwd n | bwd n])."""
+        H, d, n = self.num_heads, self.head_dim, self.width
+        return {"w_ih": (H, 2, 4 * n, d), "w_hh": (H, 2, 4 * n, n), "b_ih": (H, 2, 4 * n), "b_hh": (H, 2, 4 * n),
+                "head_proj_weight": (H, d, 2 * n), "head_proj_bias": (H, d)}
+
     @property
     def width(self) -> int:
         """n: the padded number of units per (direction, head): max of hidden_sizes when built or
@@ -163,9 +163,7 @@ class FARAttention(nn.Module):
         else:
             del self.lstm, self.head_proj
             self.storage = "padded"
-            H, d, n = self.num_heads, self.head_dim, self.width
-            shapes = {"w_ih": (H, 2, 4 * n, d), "w_hh": (H, 2, 4 * n, n), "b_ih": (H, 2, 4 * n),
-                      "b_hh": (H, 2, 4 * n), "head_proj_weight": (H, d, 2 * n), "head_proj_bias": (H, d)}
+            shapes = self._padded_shapes()
             for name, key in self.COMPACT_KEYS.items():
                 t = state[key]
                 setattr(self, name, nn.Parameter(t.new_zeros(shapes[name]), requires_grad=grad[key]))
