@@ -329,3 +329,36 @@ def test_distill_refuses_bad_student_and_empty_runs(tmp_path):
     with pytest.raises(ConfigError, match="already a FAR model"):
         far.distill(make_student(teacher), train_set, config=cfg, stage2_epochs=1)
     assert not (tmp_path / "r" / "stage2").exists()
+
+
+def test_stage1_lr_defaults_by_mode(tmp_path):
+    """Without a config (API) or --lr (CLI) an isolated stage 1 runs at STAGE1_LR["isolated"] and a joint
+    one at STAGE1_LR["joint"]; an explicit LR wins; the joint phase has its own LR (--joint-lr)."""
+    from far.methods.recipes import STAGE1_LR
+
+    assert STAGE1_LR["isolated"] > STAGE1_LR["joint"]
+    teacher = tiny_teacher()
+    data = ImageSet(128, seed=1)
+    for mode in ("isolated", "joint"):
+        s = far.distill(teacher, data, stage1=mode, stage2_epochs=0)  # TrainConfig's 10 epochs of one batch
+        assert s.far_metadata["distill"]["stage1_lr"] == STAGE1_LR[mode]
+    tpath = tmp_path / "teacher.safetensors"
+    far.save(teacher, tpath)
+    base = ["distill", str(tpath), "--data", "fashion-mnist", "--epochs", "1", "--batch-size", "16", "--limit", "32",
+            "--eval-limit", "16", "-q", "--stage2-epochs", "0", "--log-every", "1"]
+    for extra, want in (([], STAGE1_LR["isolated"]), (["--stage1", "joint"], STAGE1_LR["joint"]),
+                        (["--lr", "5e-3"], 5e-3), (["--stage1", "joint", "--lr", "5e-3"], 5e-3),
+                        (["--recipe", "paper", "--epochs", "1", "--stage2-epochs", "0", "--batch-size", "16",
+                          "--no-repeated-aug"], 5e-4 * 16 / 512)):
+        out = tmp_path / f"s{len(extra)}_{want}.safetensors"
+        assert main(base + extra + ["--out-dir", str(tmp_path / "run"), "--force", "-o", str(out)]) == 0
+        lr = far.load(out).far_checkpoint["metadata"]["recipe"]["lr"]["stage1"]
+        assert lr == pytest.approx(want), extra
+    run = tmp_path / "joint"
+    assert main(base + ["--joint-epochs", "2", "--joint-lr", "2e-3", "--out-dir", str(run), "-o",
+                        str(tmp_path / "j.safetensors")]) == 0
+    rows = [__import__("json").loads(r) for r in (run / "joint" / "metrics.jsonl").read_text().splitlines()]
+    peak = max(r["lr"] for r in rows if "lr" in r)
+    assert 1e-3 < peak <= 2e-3 + 1e-12
+    with pytest.raises(ConfigError, match="joint lr"):
+        far.distill(teacher, data, joint_epochs=1, joint_lr=0.0)

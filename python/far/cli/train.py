@@ -13,7 +13,7 @@ import torch
 from far.cli.options import (Formatter, add_common, add_device, add_model, add_output, add_teacher_args, at_least,
                              note, output_checks, set_threads, warn)
 from far.errors import ConfigError
-from far.methods.recipes import RECIPES, describe
+from far.methods.recipes import RECIPES, STAGE1_LR, describe
 from far.train import TrainConfig
 
 _LAUNCH = ("multi-process (DDP): torchrun --nproc-per-node 2 -m far.cli {cmd} ...  "
@@ -257,6 +257,8 @@ def cmd_distill(args) -> int:
     student_ref = resolve(args.student) if args.student else None
     output_checks(args, [r.path for r in (teacher_ref, student_ref) if r is not None], "output")
     explicit = resolve_recipe(args)
+    if args.recipe == "far" and "lr" not in explicit:
+        args.lr = STAGE1_LR[args.stage1]
     cfg = train_config(args)
     if student_ref is not None and args.hidden_size is not None:
         raise ConfigError("--hidden-size sizes a new student; an existing --student keeps its own sizes")
@@ -290,7 +292,7 @@ def cmd_distill(args) -> int:
                         stage2_lr=args.stage2_lr, ce_weight=args.ce_weight, block_weight=args.block_weight,
                         kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
                         stage2_block_weight=args.stage2_block_weight, labels=labels, blocks=blocks,
-                        pre_proj_init=args.pre_proj_init,
+                        pre_proj_init=args.pre_proj_init, joint_lr=args.joint_lr,
                         hidden_sizes=args.hidden_size, device=args.device, identity=identity,
                         recipe=args.recipe, explicit=explicit)
     return finish(args, model, f"FAR student of {teacher_spec(args)}")
@@ -462,6 +464,8 @@ def add_parsers(sub) -> None:
                    help="how a FAR block's output is compared with its attention block's")
     p.add_argument("--joint-epochs", type=float, default=0.0, metavar="E",
                    help="in-model block-loss epochs after stage 1 (0 = none)")
+    p.add_argument("--joint-lr", type=float, default=None, metavar="LR",
+                   help="peak learning rate of the --joint-epochs phase (default: 1e-3)")
     p.add_argument("--stage2-epochs", type=float, default=1.0, metavar="E", help="fine-tune epochs after stage 1 (0 = none)")
     p.add_argument("--stage2-lr", type=float, default=2e-4, metavar="LR", help="stage 2 peak learning rate")
     p.add_argument("--ce-weight", type=float, default=1.0, metavar="W", help="weight of cross-entropy (joint stages, stage 2)")
@@ -482,8 +486,12 @@ def add_parsers(sub) -> None:
                    help="preset of the training options: far (this engine's defaults) or paper (the FAR authors' "
                         "public code: DeiT augmentation, drop-path, EMA, LR x global batch / 512, joint stage 1, "
                         "CE-only stage 2; the table below). Options given explicitly override the preset")
-    add_train_args(p, epochs=2, lr=1e-3, out_dir="far-runs/distill", warmup=0.2,
+    add_train_args(p, epochs=2, lr=STAGE1_LR["isolated"], out_dir="far-runs/distill", warmup=0.2,
                    epochs_help="stage 1 epochs (fractions allowed; 0 = skip stage 1)")
+    for a in p._actions:
+        if a.dest == "lr":
+            a.help = (f"stage 1 peak AdamW learning rate (an isolated block takes a large step; --stage1 joint: "
+                      f"{STAGE1_LR['joint']:g} unless given)")
     add_deit_args(p)
     recipe_defaults(p)
     p.epilog += "\n\n" + describe()

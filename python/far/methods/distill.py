@@ -35,6 +35,7 @@ from far.errors import ConfigError
 from far.evaluate import accuracy
 from far.fidelity import block_fidelity
 from far.models import convert, far_modules, save, stored_tensors
+from far.methods.recipes import STAGE1_LR
 from far.models.convert import PRE_PROJ_INITS, parse_blocks
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
@@ -320,6 +321,7 @@ class DistillSettings:
     labels: bool = True
     blocks: Optional[List[int]] = None  # the blocks a new student replaces (None: every one)
     pre_proj_init: str = "v"
+    joint_lr: Optional[float] = None  # the joint phase's peak LR (None: STAGE1_LR["joint"])
 
     def validate(self, stage1_epochs: float) -> "DistillSettings":
         if self.stage1 not in STAGE1_MODES:
@@ -331,6 +333,8 @@ class DistillSettings:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 0, got {getattr(self, name)}")
         if not self.kd_temperature > 0:
             raise ConfigError(f"kd temperature must be > 0, got {self.kd_temperature}")
+        if self.joint_lr is not None and not self.joint_lr > 0:
+            raise ConfigError(f"joint lr must be > 0, got {self.joint_lr}")
         if stage1_epochs == 0 and self.joint_epochs == 0 and self.stage2_epochs == 0:
             raise ConfigError("every stage has 0 epochs: nothing to train")
         ce = self.ce_weight if self.labels else 0.0
@@ -345,7 +349,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             joint_epochs: float = 0.0, stage2_epochs: float = 1.0, stage2_lr: float = 2e-4, ce_weight: float = 1.0,
             block_weight: float = 1.0, kd_weight: float = 1.0, kd_temperature: float = 2.0,
             stage2_block_weight: float = 1.0, labels: bool = True, hidden_sizes=None, device: Optional[str] = None,
-            blocks=None, pre_proj_init: str = "v",
+            blocks=None, pre_proj_init: str = "v", joint_lr: Optional[float] = None,
             identity: Optional[dict] = None, recipe: str = "far", explicit=None) -> nn.Module:
     """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
     teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
@@ -359,12 +363,14 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             initialized from config.seed, pre_proj from the value projection). When its number of classes
             differs from the teacher's (a downstream teacher), it gets a copy of the teacher's classifier.
         config: the training options of stage 1 (its epochs and lr; 0 epochs skips it); the joint phase
-            and stage 2 reuse them with their own epochs (and stage2_lr). config.out_dir None writes
+            and stage 2 reuse them with their own epochs and LRs (joint_lr, stage2_lr). None: TrainConfig's
+            defaults with stage 1's LR of STAGE1_LR (4e-2 isolated, 1e-3 joint). config.out_dir None writes
             nothing; with a folder, <out_dir>/stage1, /joint and /stage2 hold each stage's resumable state
             and metrics, and config.resume continues an interrupted run.
         stage1: "isolated" (each block on the teacher's own inputs) or "joint" (all blocks in the student).
         block_loss: "cos", "mse" or "cos+mse" (module docstring).
-        joint_epochs: epochs of the in-model block-loss phase after stage 1 (0 = none).
+        joint_epochs: epochs of the in-model block-loss phase after stage 1 (0 = none); joint_lr: its peak
+            LR (None: 1e-3, STAGE1_LR["joint"]).
         ce_weight, block_weight: weights of CE and the block losses in the joint stages (CE is unused in
             an isolated stage 1); kd_weight, kd_temperature: logit distillation in the joint phases and
             stage 2 (0 = off); stage2_block_weight: the block losses kept in stage 2 as a regularizer.
@@ -391,6 +397,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         far.train.RunReport: history, accuracy, seconds, completed; completed False when
         config.max_steps stopped it, to be resumed).
     """
+    if config is None and recipe == "far":  # (another recipe sets the LR itself)
+        config = TrainConfig(lr=STAGE1_LR.get(stage1, TrainConfig.lr))
     cfg = config or TrainConfig()
     if recipe != "far":
         from far.methods.recipes import apply as apply_recipe
@@ -424,7 +432,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
     _check_images(teacher, train_data, "train_data")
     settings = DistillSettings(stage1, block_loss, joint_epochs, stage2_epochs, stage2_lr, ce_weight, block_weight,
                                kd_weight, kd_temperature, stage2_block_weight, labels and not headless,
-                               None if blocks is None else [int(b) for b in blocks], pre_proj_init
+                               None if blocks is None else [int(b) for b in blocks], pre_proj_init, joint_lr
                                ).validate(cfg.epochs)
     if student is not None and hidden_sizes is not None:
         raise ConfigError("hidden_sizes sizes a new student; an existing student keeps its own sizes")
@@ -493,7 +501,8 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
                             kd_weight=st.kd_weight, kd_temperature=st.kd_temperature, kind=st.block_loss))
         ok = stage("stage1", task, c1, f"distill stage 1 ({st.stage1})", keep=True)
     if ok and st.joint_epochs > 0:
-        cj = stage_config(cfg, "joint", epochs=st.joint_epochs, min_lr=min(cfg.min_lr, cfg.lr),
+        joint_lr = st.joint_lr if st.joint_lr is not None else STAGE1_LR["joint"]
+        cj = stage_config(cfg, "joint", epochs=st.joint_epochs, lr=joint_lr, min_lr=min(cfg.min_lr, joint_lr),
                           warmup_epochs=min(cfg.warmup_epochs, st.joint_epochs / 4))
         task = DistillTask(student, teacher, cj, stage=1, ce_weight=ce, block_weight=st.block_weight,
                            kd_weight=st.kd_weight, kd_temperature=st.kd_temperature, kind=st.block_loss)
