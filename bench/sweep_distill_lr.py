@@ -5,7 +5,8 @@ to reproduce) alone — an isolated stage 1 with far.distill(blocks=[b], stage2_
 keep their attention — for --epochs at one peak LR (AdamW, warm-up 0.1 epoch, cosine decay, batch 64,
 the training defaults otherwise, seed 0), then measures that block's isolated cosine and relative MSE to
 the teacher on --test-images held-out images (far.fidelity.block_fidelity). Every LR starts from the same
-student. The result chose far.methods.recipes.STAGE1_LR["isolated"], the default of `far distill`.
+student. A larger step buys fidelity fast, but what it does to the recurrent weights shows on a crossbar
+(README "Faithful, but not on the crossbar"): `far distill`'s isolated default is 1e-2, not the best point.
 
     python bench/sweep_distill_lr.py                                  # 6 LRs x 1 epoch: ~12 min on 1 CPU thread
     python bench/sweep_distill_lr.py --lrs 1e-3,4e-2 --epochs 0.25 --train-images 8192 --test-images 200

@@ -364,7 +364,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             differs from the teacher's (a downstream teacher), it gets a copy of the teacher's classifier.
         config: the training options of stage 1 (its epochs and lr; 0 epochs skips it); the joint phase
             and stage 2 reuse them with their own epochs and LRs (joint_lr, stage2_lr). None: TrainConfig's
-            defaults with stage 1's LR of STAGE1_LR (4e-2 isolated, 1e-3 joint). config.out_dir None writes
+            defaults with stage 1's LR of STAGE1_LR (1e-2 isolated, 1e-3 joint). config.out_dir None writes
             nothing; with a folder, <out_dir>/stage1, /joint and /stage2 hold each stage's resumable state
             and metrics, and config.resume continues an interrupted run.
         stage1: "isolated" (each block on the teacher's own inputs) or "joint" (all blocks in the student).
