@@ -22,7 +22,7 @@ _LAUNCH = ("multi-process (DDP): torchrun --nproc-per-node 2 -m far.cli {cmd} ..
 
 # ---------------------------------------------------------------- options
 def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir: str, warmup: float = 1.0,
-                   epochs_help: str = "epochs (fractions allowed)") -> None:
+                   epochs_help: str = "epochs (fractions allowed)", lr_help: str = "peak AdamW learning rate") -> None:
     """The TrainConfig options, with per-command defaults."""
     g = p.add_argument_group("training")
     g.add_argument("--data", default="fashion-mnist", metavar="fashion-mnist|PATH",
@@ -32,7 +32,7 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir
                         "test split)")
     g.add_argument("--epochs", type=float, default=epochs, metavar="E", help=epochs_help)
     g.add_argument("--batch-size", type=int, default=128, metavar="B", help="images per step per process")
-    g.add_argument("--lr", type=float, default=lr, metavar="LR", help="peak AdamW learning rate")
+    g.add_argument("--lr", type=float, default=lr, metavar="LR", help=lr_help)
     g.add_argument("--min-lr", type=float, default=1e-5, metavar="LR", help="learning rate at the end of the cosine decay")
     g.add_argument("--weight-decay", type=float, default=0.05, metavar="W", help="AdamW weight decay (matrices only)")
     g.add_argument("--warmup-epochs", type=float, default=warmup, metavar="E", help="linear warm-up length")
@@ -487,11 +487,9 @@ def add_parsers(sub) -> None:
                         "public code: DeiT augmentation, drop-path, EMA, LR x global batch / 512, joint stage 1, "
                         "CE-only stage 2; the table below). Options given explicitly override the preset")
     add_train_args(p, epochs=2, lr=STAGE1_LR["isolated"], out_dir="far-runs/distill", warmup=0.2,
-                   epochs_help="stage 1 epochs (fractions allowed; 0 = skip stage 1)")
-    for a in p._actions:
-        if a.dest == "lr":
-            a.help = (f"stage 1 peak AdamW learning rate (an isolated block takes a large step; --stage1 joint: "
-                      f"{STAGE1_LR['joint']:g} unless given)")
+                   epochs_help="stage 1 epochs (fractions allowed; 0 = skip stage 1)",
+                   lr_help=f"stage 1 peak AdamW learning rate (an isolated block takes a larger step; --stage1 "
+                           f"joint: {STAGE1_LR['joint']:g} unless given)")
     add_deit_args(p)
     recipe_defaults(p)
     p.epilog += "\n\n" + describe()

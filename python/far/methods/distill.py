@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from far.errors import ConfigError
 from far.evaluate import accuracy
 from far.fidelity import block_fidelity
-from far.models import convert, far_modules, save, stored_tensors
 from far.methods.recipes import STAGE1_LR
+from far.models import convert, far_modules, save, stored_tensors
 from far.models.convert import PRE_PROJ_INITS, parse_blocks
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
