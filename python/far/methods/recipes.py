@@ -57,7 +57,7 @@ PAPER: Dict[str, Tuple[object, str]] = {
 #: `far distill` without --lr). An isolated block is a small problem of its own and learns much faster at a
 #: larger step than a whole model: one epoch of the zoo teacher's hardest block reached isolated cosine
 #: 0.854 / 0.887 / 0.903 / 0.916 / 0.920 / 0.910 at LR 3e-3 / 6e-3 / 1e-2 / 2e-2 / 4e-2 / 8e-2
-#: (bench/sweep_distill_lr.py). But the recurrent weights grow with the step: a full run at 4e-2 fell to
+#: (bench/sweep_block_distill.py). But the recurrent weights grow with the step: a full run at 4e-2 fell to
 #: 49.6% on the emulator's 8-bit ADC, one at 1e-2 kept 84.0% (the 3e-3 model: 84.55%) with fidelity near the
 #: 4e-2 run's (README "Faithful, but not on the crossbar"). The joint modes train the whole stream: 1e-3.
 STAGE1_LR = {"isolated": 1e-2, "joint": 1e-3}
