@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import far
 import far_kernels
 from far.cli import main
 
@@ -95,6 +96,22 @@ def test_convert_output(capsys, tmp_path):
     code, _, err = run(capsys, "convert", "fmnist_deit_tiny", "-o", str(path))
     assert_user_error(code, err, "exists", "--force")
     assert run(capsys, "convert", "fmnist_deit_tiny", "-o", str(path), "--force", "-q")[0] == 0
+
+
+def test_convert_with_a_width_per_block(capsys, tmp_path):
+    """--hidden-size N,N,... sizes each converted block on its own (e.g. one block wider than head_dim)."""
+    path = tmp_path / "w.safetensors"
+    code, out, _ = run(capsys, "convert", "fmnist_deit_tiny", "-o", str(path), "--hidden-size", "32,32,48,8")
+    assert code == 0 and "hidden size 32/32/48/8 per block" in out
+    code, out, _ = run(capsys, "info", str(path))
+    assert "blocks.2.attn  heads 3 x d 32  fwd [48, 48, 48]" in out and "fwd [8, 8, 8]  bwd [8, 8, 8]" in out
+    assert "LSTM units 768, more than" not in out and "LSTM units kept 720/768" in out
+    m = far.load(path)
+    assert [mod.hidden_sizes.tolist() for _, mod in far.far_modules(m)] == [[[k] * 3] * 2 for k in (32, 32, 48, 8)]
+    code, _, err = run(capsys, "convert", "fmnist_deit_tiny", "-o", str(tmp_path / "x.safetensors"), "--hidden-size",
+                       "32,48", "--replace", "1-3")
+    assert_user_error(code, err, "hidden_sizes has 2 entries but 3 attention block(s) are converted")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @needs_fmnist
@@ -249,6 +266,8 @@ def test_missing_fashion_mnist(capsys, ckpt, tmp_path, monkeypatch):
     (["convert", "fmnist_deit_small", "--pretrained", "-o", "{tmp}/x.safetensors"], "no pretrained weights are bundled"),
     (["convert", "fmnist_deit_tiny", "-o", "{tmp}/no/such/dir/x.safetensors"], "no such folder"),
     (["convert", "fmnist_deit_tiny", "--hidden-size", "0", "-o", "{tmp}/x.safetensors"], "--hidden-size"),
+    (["convert", "fmnist_deit_tiny", "--hidden-size", "32,x", "-o", "{tmp}/x.safetensors"], "one per converted block"),
+    (["convert", "fmnist_deit_tiny", "--hidden-size", "32,0", "-o", "{tmp}/x.safetensors"], "every size must be >= 1"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--batch-size", "0"], "--batch-size"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--device", "tpu"], "--device"),
 ])

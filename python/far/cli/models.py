@@ -7,8 +7,8 @@ import os
 import platform
 from pathlib import Path
 
-from far.cli.options import (Formatter, add_common, add_model, add_output, add_teacher_args, at_least, output_checks,
-                             warn)
+from far.cli.options import (HIDDEN_SIZE_HELP, Formatter, add_common, add_model, add_output, add_teacher_args,
+                             at_least, describe_hidden_size, output_checks, parse_hidden_size, warn)
 from far.errors import ConfigError
 
 
@@ -107,7 +107,8 @@ def checkpoint_summary(path) -> list:
     else:
         full = sum(2 * b["num_heads"] * b["head_dim"] for b in blocks)
         kept = sum(sum(map(sum, b["hidden_sizes"])) for b in blocks)
-        lines.append(f"FAR blocks   {len(blocks)}, LSTM units kept {kept}/{full} ({100 * kept / max(full, 1):.1f}% "
+        units = f"LSTM units kept {kept}/{full}" if kept <= full else f"LSTM units {kept}, more than head_dim's {full}"
+        lines.append(f"FAR blocks   {len(blocks)}, {units} ({100 * kept / max(full, 1):.1f}% "
                      "of head_dim per head and direction); hidden sizes per head:")
         w = max(len(b["name"]) for b in blocks)
         for b in blocks:
@@ -178,7 +179,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     ref = resolve(args.model)
     output_checks(args, [ref.path] + ([args.teacher_weights] if args.teacher_weights else []), "output")
-    at_least(args, 1, "hidden_size", "num_classes")
+    at_least(args, 1, "num_classes")
+    args.hidden_size = parse_hidden_size(args.hidden_size)
     kwargs = model_kwargs(args)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
@@ -219,7 +221,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     n = len(far.far_modules(model))
     if not args.quiet:
         print(f"{args.model}: {n} attention block(s) -> FAR ({source}, pre_proj init {init}, hidden size "
-              f"{args.hidden_size or 'head_dim'}{'' if blocks is None else f', blocks {args.replace}'})")
+              f"{describe_hidden_size(args.hidden_size)}{'' if blocks is None else f', blocks {args.replace}'})")
         print(model.far_conversion.table())
     metadata = {"teacher": args.model,
                 "pretrained": bool(args.pretrained or args.teacher_weights) or ref.kind != "timm",
@@ -265,8 +267,8 @@ def add_parsers(sub) -> None:
     add_output(p, required=True)
     p.add_argument("--pretrained", action="store_true",
                    help="timm names: load timm's pretrained weights (downloads; needs a network)")
-    p.add_argument("--hidden-size", type=int, metavar="N",
-                   help="LSTM units per head and direction (default: head_dim)")
+    p.add_argument("--hidden-size", metavar="N[,N...]",
+                   help=HIDDEN_SIZE_HELP + " (default: head_dim)")
     p.add_argument("--num-classes", type=int, metavar="K", help="timm names: classifier classes (default: the model's)")
     p.add_argument("--init", choices=("value", "random"), default=None,
                    help="the older name of --pre-proj-init (value = v)")

@@ -40,6 +40,32 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
         return h
 
 
+HIDDEN_SIZE_HELP = ("LSTM units per head and direction: N for every converted block, or N,N,... one per converted "
+                    "block in model order (e.g. 32,32,48,32 widens the third)")
+
+
+def parse_hidden_size(text: Optional[str]):
+    """--hidden-size: None -> None, "N" -> N, "N,N,..." -> [N, ...] (one per converted block); ConfigError unless
+    every N is an integer >= 1."""
+    if text is None:
+        return None
+    try:
+        sizes = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ConfigError(f"--hidden-size: expected N or N,N,... (integers, one per converted block), "
+                          f"got {text!r}") from None
+    if any(k < 1 for k in sizes):
+        raise ConfigError(f"--hidden-size: every size must be >= 1, got {text!r}")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def describe_hidden_size(value) -> str:
+    """How a --hidden-size value reads in a report: 'head_dim', '48' or '32/32/48/32' (per block)."""
+    if value is None:
+        return "head_dim"
+    return str(value) if isinstance(value, int) else "/".join(map(str, value)) + " per block"
+
+
 def warn(msg: str) -> None:
     """A note that an option has no effect (or something else the user should know): one stderr line."""
     print(f"far: warning: {msg}", file=sys.stderr, flush=True)

@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from far.cli.options import (Formatter, add_common, add_device, add_model, add_output, add_teacher_args, at_least,
-                             note, output_checks, set_threads, warn)
+from far.cli.options import (HIDDEN_SIZE_HELP, Formatter, add_common, add_device, add_model, add_output,
+                             add_teacher_args, at_least, note, output_checks, parse_hidden_size, set_threads, warn)
 from far.errors import ConfigError
 from far.methods.recipes import RECIPES, STAGE1_LR, describe
 from far.train import TrainConfig
@@ -260,9 +260,9 @@ def cmd_distill(args) -> int:
     if args.recipe == "far" and "lr" not in explicit:
         args.lr = STAGE1_LR[args.stage1]
     cfg = train_config(args)
+    args.hidden_size = parse_hidden_size(args.hidden_size)
     if student_ref is not None and args.hidden_size is not None:
         raise ConfigError("--hidden-size sizes a new student; an existing --student keeps its own sizes")
-    at_least(args, 1, "hidden_size")
     if student_ref is not None and args.replace is not None:
         raise ConfigError("--replace chooses the blocks of a new student; an existing --student keeps its own")
     from far.models import load_model
@@ -478,7 +478,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--kd-temperature", type=float, default=2.0, metavar="T", help="softmax temperature T of --kd-weight")
     p.add_argument("--no-labels", action="store_true",
                    help="train without labels: --data may be any folder of images; no cross-entropy")
-    p.add_argument("--hidden-size", type=int, default=None, metavar="N", help="LSTM units per head and direction (default head_dim)")
+    p.add_argument("--hidden-size", default=None, metavar="N[,N...]",
+                   help=HIDDEN_SIZE_HELP + "; default head_dim, the method's")
     p.add_argument("--student", default=None, metavar="MODEL",
                    help="start from this FAR checkpoint (file or zoo name) instead of converting the teacher")
     add_teacher_args(p)

@@ -384,7 +384,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             one). The others keep the teacher's attention, frozen: stage 1 trains the replaced blocks' FAR
             modules, stage 2 every parameter of the replaced blocks (of the whole model when all are).
         pre_proj_init: a new student's pre_proj: "v" (the attention's value projection) or "random".
-        hidden_sizes: LSTM units of a new student (int or one [2, H] per block).
+        hidden_sizes: LSTM units of a new student: an int, or one entry per replaced block (an int or a [2, H]).
         device: cpu, cuda, cuda:N (default: the process's GPU under torchrun, else cuda if present, else cpu).
         identity: extra settings a resumed run must match (e.g. the teacher's file and the data's name).
         recipe: "far" (the defaults above) or "paper" (the FAR authors' public recipe, far.methods.recipes:

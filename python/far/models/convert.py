@@ -163,8 +163,8 @@ def convert(
 
     Args:
         model: a timm VisionTransformer (DeiT tiny/small/base, other ViTs built on timm's Attention).
-        hidden_sizes: None (units = head_dim), an int, or a list with one [2, H] entry per converted
-            block in model order (a pruned model's sizes).
+        hidden_sizes: None (units = head_dim), an int, or a list with one entry per converted block in
+            model order: an int (that block's units per head and direction) or a [2, H] (a pruned model's sizes).
         blocks: None converts every attention; a list converts only those blocks (int: index into
             model.blocks, e.g. range(6) or far.models.parse_blocks("0-5"); str: an attention's module
             name). The other blocks keep their attention (a partial FAR model).
