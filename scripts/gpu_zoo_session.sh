@@ -2,7 +2,7 @@
 # One short GPU lease, used twice: the GPU suite (bench/gpu_suite.sh: build, cuda tests, benchmarks) runs
 # while the zoo trains beside it, and the benchmarks wait for the training (BENCH_WAIT_FILE) so their
 # timings are taken alone. Training: two lineages in parallel (a small ViT leaves an H100 mostly idle):
-#   A: teacher from scratch (EA epochs) -> distill (S1 + S2 epochs) -> prune (PH + PF epochs) -> prune to the xs budget
+#   A: teacher from scratch (EA epochs) -> distill (S1 + S2 epochs: the zoo recipe, scripts/train_zoo.sh) -> prune (PH + PF epochs) -> prune to the xs budget
 #   C: the bundled teacher continued (EC epochs) -> distill -> prune -> xs
 # Checkpoints land in $OUT (the device tool's folder) as each step ends, logs in $OUT/logs.tgz; training
 # is stopped at TRAIN_DEADLINE seconds. Data: FAR_FASHION_MNIST, default .data/fashion-mnist, which the
@@ -16,7 +16,7 @@ R=${R:-/tmp/zoo}; mkdir -p "$R"; OUTD=${OUT:-$R/out}; mkdir -p "$OUTD"
 export FAR_FASHION_MNIST=${FAR_FASHION_MNIST:-$PWD/.data/fashion-mnist} PYTHONUNBUFFERED=1
 TRAIN_DEADLINE=${TRAIN_DEADLINE:-400}
 L="${LIMIT:+--limit $LIMIT --eval-limit $LIMIT} ${AMP:+--amp $AMP}"
-EA=${EA:-60}; EC=${EC:-24}; S1=${S1:-2}; S2=${S2:-18}; PH=${PH:-1}; PF=${PF:-2}
+EA=${EA:-60}; EC=${EC:-24}; S1=${S1:-8}; S2=${S2:-4}; PH=${PH:-1}; PF=${PF:-2}
 far() { FAR_BACKEND=torch PYTHONPATH=$PWD/python:$PWD python3 -m far.cli "$@" --data fashion-mnist --seed 0 --threads 2 -q --ckpt-every 2000 $L; }
 stage() { local name=$1; shift; echo "[$(el)s] start $name" >>"$R/stages.log"; "$@" >"$R/$name.log" 2>&1; local rc=$?
           echo "[$(el)s] end $name rc=$rc" >>"$R/stages.log"; [ $rc = 0 ] && cp "$R/$name.safetensors" "$OUTD/" 2>/dev/null; return $rc; }
@@ -29,8 +29,8 @@ lineage() {
     stage teacher_C far finetune python/far/zoo/fmnist_deit_tiny.safetensors --epochs "$EC" --lr 5e-4 --warmup-epochs 0.5 \
       --batch-size 128 --out-dir "$R/run_teacher_C" -o "$R/teacher_C.safetensors" || return
   fi
-  stage far_$x far distill "$R/teacher_$x.safetensors" --epochs "$S1" --lr 1e-3 --warmup-epochs 0.3 --stage2-epochs "$S2" \
-    --stage2-lr 3e-4 --kd-weight 1.0 --kd-temperature 2 --batch-size 128 --out-dir "$R/run_far_$x" -o "$R/far_$x.safetensors" || return
+  stage far_$x far distill "$R/teacher_$x.safetensors" --epochs "$S1" --lr 1e-2 --warmup-epochs 0.1 --stage2-epochs "$S2" \
+    --stage2-lr 2e-4 --ema 0.999 --batch-size 64 --out-dir "$R/run_far_$x" -o "$R/far_$x.safetensors" || return
   stage pruned_$x far prune "$R/far_$x.safetensors" --hoyer 5e-4 --epochs "$PH" --lr 3e-4 --warmup-epochs 0.1 --prune-ratio 0.3 \
     --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 --out-dir "$R/run_pruned_$x" -o "$R/pruned_$x.safetensors" || return
   # the extra-small student (zoo fmnist_far_tiny_xs): token mixers <= 0.78x the teacher attention's parameters
