@@ -32,15 +32,13 @@ python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --data fashion-mni
     --out-dir "$run/distill" -o "$run/fmnist_far_tiny.safetensors" --force
 
 # 3. pruned FAR student: Hoyer-square, one global threshold (30% of the unit groups), masked fine-tune, compaction;
-#    then the pruned blocks distilled again from the teacher (isolated stage 1 + stage 2, as in step 2). The bundled
-#    fmnist_far_tiny_pruned was pruned from the previous fmnist_far_tiny (12 + 6 epochs at stage-1 LR 3e-3;
-#    `git show 516d2b8:python/far/zoo/fmnist_far_tiny.safetensors`), not from the one step 2 makes now
+#    then the pruned blocks distilled again from the teacher (isolated stage 1 + stage 2, as in step 2)
 python -m far.cli prune "$run/fmnist_far_tiny.safetensors" --data fashion-mnist --hoyer 5e-4 --epochs 1 --lr 3e-4 \
     --warmup-epochs 0.1 --prune-ratio 0.3 --finetune-epochs 1 --finetune-lr 3e-4 --batch-size 128 \
-    --threads 1 --seed 0 --out-dir "$run/prune" -o "$run/fmnist_far_tiny_pruned_ft.safetensors" --force
+    --threads 2 --seed 0 --out-dir "$run/prune" -o "$run/fmnist_far_tiny_pruned_ft.safetensors" --force
 python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fmnist_far_tiny_pruned_ft.safetensors" \
-    --data fashion-mnist --epochs 3 --lr 1e-3 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 3 \
-    --stage2-lr 2e-4 --ema 0.999 --threads 1 --seed 0 --out-dir "$run/distill_pruned" \
+    --data fashion-mnist --epochs 4 --lr 1e-2 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 3 \
+    --stage2-lr 2e-4 --ema 0.999 --threads 2 --seed 0 --out-dir "$run/distill_pruned" \
     -o "$run/fmnist_far_tiny_pruned.safetensors" --force
 
 # 3b. the extra-small FAR student: pruned to a budget. The bundled fmnist_far_tiny_xs was pruned from the previous
