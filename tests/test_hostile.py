@@ -401,6 +401,9 @@ CONVERT = ["convert", "fmnist_deit_tiny", "-q", "-f"]
     pytest.param(TEACHER + ["--num-classes", "1000000000"], "--num-classes must lie in", id="teacher-classes"),
     pytest.param(CONVERT + ["--num-classes", "1000000000"], "--num-classes must lie in", id="convert-classes"),
     pytest.param(CONVERT + ["--hidden-size", "1000000000"], "--hidden-size must lie in", id="convert-hidden"),
+    pytest.param(CONVERT + ["--hidden-size", "32,1000000000"], "--hidden-size must lie in", id="convert-hidden-per-block"),
+    pytest.param(["distill", "fmnist_deit_tiny", "--data", "fashion-mnist", "--limit", "32", "-q", "--hidden-size",
+                  "1000000000"], "--hidden-size must lie in", id="distill-hidden"),
 ])
 def test_unusable_numbers_are_one_line(tmp_path, argv, needle):
     out = ["--out-dir", tmp_path / "run"] if argv[0] == "train-teacher" else ["-o", tmp_path / "x.safetensors"]

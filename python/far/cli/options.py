@@ -56,6 +56,12 @@ def parse_hidden_size(text: Optional[str]):
                           f"got {text!r}") from None
     if any(k < 1 for k in sizes):
         raise ConfigError(f"--hidden-size: every size must be >= 1, got {text!r}")
+    from far.checkpoint import ARCH_LIMITS
+
+    lo, hi = ARCH_LIMITS["hidden_size"]
+    for k in sizes:  # before any tensor is allocated (a size of 1e9 would ask the allocator for terabytes)
+        if not lo <= k <= hi:
+            raise ConfigError(f"--hidden-size must lie in [{lo}, {hi}], got {k}")
     return sizes[0] if len(sizes) == 1 else sizes
 
 
