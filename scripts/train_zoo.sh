@@ -31,6 +31,12 @@ python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --data fashion-mni
     --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 4 --stage2-lr 2e-4 --ema 0.999 --threads 2 --seed 0 \
     --out-dir "$run/distill" -o "$run/fmnist_far_tiny.safetensors" --force
 
+# 2b. the same with block 2 widened to 56 units per head and direction (n = d = 32 elsewhere): at n = d block 2 levels
+#     off near isolated cosine 0.94 (README "Longer, or wider?"); this one has every block >= 0.95
+python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist --hidden-size 32,32,56,32 \
+    --epochs 8 --lr 1e-2 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 4 --stage2-lr 2e-4 --ema 0.999 \
+    --threads 2 --seed 0 --out-dir "$run/distill_wide" -o "$run/fmnist_far_tiny_wide.safetensors" --force
+
 # 3. pruned FAR student: Hoyer-square, one global threshold (30% of the unit groups), masked fine-tune, compaction;
 #    then the pruned blocks distilled again from the teacher (isolated stage 1 + stage 2, as in step 2)
 python -m far.cli prune "$run/fmnist_far_tiny.safetensors" --data fashion-mnist --hoyer 5e-4 --epochs 1 --lr 3e-4 \
@@ -67,5 +73,6 @@ python -m far.cli reuse "$run/fmnist_deit_tiny.safetensors" --data fashion-mnist
     -o "$run/fmnist_trex_tiny.safetensors" --force
 
 cp "$run"/fmnist_deit_tiny.safetensors "$run"/fmnist_far_tiny.safetensors "$run"/fmnist_far_tiny_pruned.safetensors \
-    "$run"/fmnist_far_tiny_xs.safetensors "$run"/fmnist_trex_tiny.safetensors python/far/zoo/
+    "$run"/fmnist_far_tiny_xs.safetensors "$run"/fmnist_far_tiny_wide.safetensors "$run"/fmnist_trex_tiny.safetensors \
+    python/far/zoo/
 python -m far.cli demo --out-dir "$run/demo"

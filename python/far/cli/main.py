@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, formatter_class=Formatter,
         description="FAR engine: ViTs with every self-attention replaced by multi-head BiLSTMs, fused "
                     "kernels, and IMC crossbar emulation. MODEL is always a checkpoint file, a zoo name "
-                    "(fmnist_deit_tiny, fmnist_far_tiny, fmnist_far_tiny_pruned, fmnist_far_tiny_xs, fmnist_trex_tiny) "
+                    "(fmnist_deit_tiny, fmnist_far_tiny, fmnist_far_tiny_pruned, fmnist_far_tiny_xs, fmnist_far_tiny_wide, "
+                    "fmnist_trex_tiny) "
                     "or a timm model name.",
         epilog="examples:\n"
                "  far info\n"
