@@ -60,17 +60,14 @@ def check_numbers(args: argparse.Namespace) -> None:
     architecture sizes beyond far.checkpoint.ARCH_LIMITS (e.g. --num-classes 1000000000)."""
     import math
 
-    from far.checkpoint import ARCH_LIMITS
+    from far.cli.options import check_arch_limit
     from far.errors import ConfigError
 
     for name, value in vars(args).items():
-        option = "--" + name.replace("_", "-")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{option} must be a finite number, got {value}")
-        if name in ARCH_LIMITS and isinstance(value, int) and not isinstance(value, bool):
-            lo, hi = ARCH_LIMITS[name]
-            if not lo <= value <= hi:
-                raise ConfigError(f"{option} must lie in [{lo}, {hi}], got {value}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            check_arch_limit(name, value)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -56,13 +56,20 @@ def parse_hidden_size(text: Optional[str]):
                           f"got {text!r}") from None
     if any(k < 1 for k in sizes):
         raise ConfigError(f"--hidden-size: every size must be >= 1, got {text!r}")
+    for k in sizes:  # before any tensor is allocated (a size of 1e9 would ask the allocator for terabytes)
+        check_arch_limit("hidden_size", k)
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def check_arch_limit(name: str, value: int) -> None:
+    """ConfigError unless an architecture size `name` (a key of far.checkpoint.ARCH_LIMITS, e.g. num_classes,
+    hidden_size) lies within the limits a checkpoint may hold; names without a limit pass."""
     from far.checkpoint import ARCH_LIMITS
 
-    lo, hi = ARCH_LIMITS["hidden_size"]
-    for k in sizes:  # before any tensor is allocated (a size of 1e9 would ask the allocator for terabytes)
-        if not lo <= k <= hi:
-            raise ConfigError(f"--hidden-size must lie in [{lo}, {hi}], got {k}")
-    return sizes[0] if len(sizes) == 1 else sizes
+    if name in ARCH_LIMITS:
+        lo, hi = ARCH_LIMITS[name]
+        if not lo <= value <= hi:
+            raise ConfigError(f"--{name.replace('_', '-')} must lie in [{lo}, {hi}], got {value}")
 
 
 def describe_hidden_size(value) -> str:
