@@ -382,6 +382,33 @@ def test_emulate_far_model_targets():
     assert isinstance(emu.blocks[0].attn, far.FARAttention)
 
 
+def test_emulate_far_projections_only():
+    """pre_proj and proj on crossbars, the BiLSTM digital: the block stays a fused FARAttention whose pre_proj
+    is a CrossbarLinear (no float weight); its forward used to read pre_proj.weight and fail."""
+    model = far.convert(tiny_vit(), hidden_sizes=[[[4, 3], [0, 2]], 8]).eval()
+    cfg = exact_cfg(tile_rows=16)
+    emu = emulate(model, cfg, include=["*.attn.pre_proj", "*.attn.proj"])
+    attn = emu.blocks[0].attn
+    assert isinstance(attn, far.FARAttention) and isinstance(attn.pre_proj, CrossbarLinear)
+    assert set(crossbar_products(emu)) == {f"blocks.{i}.attn.{p}" for i in range(len(model.blocks))
+                                           for p in ("pre_proj", "proj")}
+    x = torch.randn(3, model.patch_embed.num_patches + 1, model.embed_dim)
+    ref = model.blocks[0].attn
+    with torch.no_grad():
+        # the exactness law's products in float64, the BiLSTM of the float block in between
+        h = exact_product(x, ref.pre_proj.weight, cfg, ref.pre_proj.bias).float()
+        ref_pre, ref.pre_proj = ref.pre_proj, nn.Identity()
+        try:
+            mixed = ref.token_mix(h)
+        finally:
+            ref.pre_proj = ref_pre
+        want = exact_product(mixed, ref.proj.weight, cfg, ref.proj.bias)
+        got = attn(x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="x is torch.float64"):  # the dtype check still works
+        attn(x.double())
+
+
 def record_calls(model):
     """{product name: [(input, output), ...]} of every crossbar product call (forward hooks); a grouped call
     is split into its members' own calls (member g reads x[g, :, :K_g] and writes y[g, :, :N_g])."""

@@ -401,7 +401,9 @@ class FARAttention(nn.Module):
             raise TypeError(f"FARAttention expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"FARAttention expects x of shape [B, N, C={self.dim}], got {list(x.shape)}")
-        w = self.pre_proj.weight
+        # the LSTM's own weights, not pre_proj.weight: far.imc.emulate may have put pre_proj on a crossbar
+        # (a CrossbarLinear keeps no float weight) while the BiLSTM stays digital
+        w = next(iter(self.lstm_storage().values()))
         if x.device != w.device:
             raise ValueError(f"FARAttention: x is on {x.device} but the module is on {w.device}")
         if x.dtype != w.dtype:
