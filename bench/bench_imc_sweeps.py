@@ -36,9 +36,13 @@ def sweeps(args) -> list:
     out = []
     for model in args.models:
         dyn = ["--dynamic", "digital,crossbar"] if model in TEACHERS else []
-        out.append((model, "adc", ["--sweep", f"adc_bits={args.adc_bits}", "--limit", str(args.adc_images), *dyn]))
-        out.append((model, "read_noise", ["--sweep", f"read_noise={args.read_noise}", "--seeds", str(args.seeds),
-                                          "--limit", str(args.noise_images), *dyn]))
+        if args.adc_images:
+            out.append((model, "adc", ["--sweep", f"adc_bits={args.adc_bits}", "--sweep", f"adc_range={args.adc_ranges}",
+                                       "--limit", str(args.adc_images), *dyn]))
+        if args.noise_images:
+            out.append((model, "read_noise", ["--sweep", f"read_noise={args.read_noise}", "--seeds", str(args.seeds),
+                                              "--set", f"adc_range={args.noise_adc_range}",
+                                              "--limit", str(args.noise_images), *dyn]))
     return out
 
 
@@ -53,43 +57,68 @@ def run(model: str, name: str, extra: list, work: Path, args) -> dict:
     return {"model": model, "sweep": name, "arguments": extra, "wall_s": time.perf_counter() - t0, **r}
 
 
+def _adc_range(x: dict) -> str:
+    """The ADC range a result ran with (results written before the range was swept lack it in "values")."""
+    return x["values"].get("adc_range") or x.get("config", {}).get("adc_range", "max")
+
+
 def plot(result: dict, path: Path):
+    """One panel per ADC range of the ADC sweeps (accuracy vs adc_bits, noise-free), then accuracy vs read noise."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
-    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["model"] for r in result["runs"]))}
-    for r in result["runs"]:
+    runs = result["runs"]
+    ranges = list(dict.fromkeys(_adc_range(x) for r in runs if r["sweep"] == "adc" for x in r["results"] if x["values"]))
+    noisy = [r for r in runs if r["sweep"] == "read_noise"]
+    panels = [("adc", rng) for rng in ranges] + ([("read_noise", None)] if noisy else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    axes = dict(zip(panels, axes[0]))
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["model"] for r in runs))}
+    for r in runs:
         digital = next(x for x in r["results"] if x["setting"] == "digital")
-        key = r["sweeps"][0]["key"]
-        ax = axes[0 if key == "adc_bits" else 1]
-        for dyn, style in (("digital", "o-"), ("crossbar", "s--")):
-            rows = [x for x in r["results"] if x["setting"] != "digital" and x["dynamic"] == dyn]
-            if not rows:
+        key = "adc_bits" if r["sweep"] == "adc" else "read_noise"
+        for panel, ax in axes.items():
+            if panel[0] != r["sweep"]:
                 continue
-            xs = [x["values"][key] for x in rows]
-            label = r["model"] + (f" (attention {dyn})" if len(r["dynamic"] or []) > 1 else "")
-            ax.errorbar(xs, [100 * x["accuracy"] for x in rows], yerr=[100 * x["accuracy_std"] for x in rows],
-                        fmt=style, color=colors[r["model"]], capsize=3, label=label)
-        ax.axhline(100 * digital["accuracy"], color=colors[r["model"]], ls=":", lw=1)
-    axes[0].set_xlabel("ADC bits (no noise)")
-    axes[1].set_xlabel("read noise σ / p_max (8-bit ADC)")
-    axes[1].set_xscale("log")
-    noise = sorted({x["values"]["read_noise"] for r in result["runs"] if r["sweep"] == "read_noise"
-                    for x in r["results"] if x["values"]})
-    axes[1].set_xticks(noise, [f"{v:g}" for v in noise])
-    axes[1].minorticks_off()
-    adc = sorted({x["values"]["adc_bits"] for r in result["runs"] if r["sweep"] == "adc" for x in r["results"]
-                  if x["values"]})
-    axes[0].set_xticks(adc)
-    n_adc = next(r["num_images"] for r in result["runs"] if r["sweep"] == "adc")
-    n_noise = next(r["num_images"] for r in result["runs"] if r["sweep"] == "read_noise")
-    axes[0].set_title(f"{n_adc} test images; dotted: digital")
-    axes[1].set_title(f"{n_noise} test images, mean ± std over {result['args']['seeds']} seeds")
-    for ax in axes:
+            for dyn, style in (("digital", "o-"), ("crossbar", "s--")):
+                rows = [x for x in r["results"] if x["setting"] != "digital" and x["dynamic"] == dyn
+                        and (panel[1] is None or _adc_range(x) == panel[1])]
+                if not rows:
+                    continue
+                label = r["model"] + (f" (attention {dyn})" if len(r["dynamic"] or []) > 1 else "")
+                ax.errorbar([x["values"][key] for x in rows], [100 * x["accuracy"] for x in rows],
+                            yerr=[100 * x["accuracy_std"] for x in rows], fmt=style, color=colors[r["model"]],
+                            capsize=3, label=label)
+            ax.axhline(100 * digital["accuracy"], color=colors[r["model"]], ls=":", lw=1)
+    for (sweep, rng), ax in axes.items():
+        rows = [x for r in runs if r["sweep"] == sweep for x in r["results"] if x["values"]]
+        n = next(r["num_images"] for r in runs if r["sweep"] == sweep)
+        if sweep == "adc":
+            ax.set_xticks(sorted({x["values"]["adc_bits"] for x in rows}))
+            ax.set_xlabel("ADC bits (no noise)")
+            ax.set_title(f'"{rng}" ADC range, {n} test images; dotted: digital', fontsize=10)
+        else:
+            noise = sorted({x["values"]["read_noise"] for x in rows})
+            bits = sorted({x["config"]["adc_bits"] for x in rows if "config" in x}) or [8]
+            nrng = sorted({_adc_range(x) for x in rows})
+            ax.set_xscale("log")
+            ax.set_xticks(noise, [f"{v:g}" for v in noise])
+            ax.minorticks_off()
+            ax.set_xlabel(f"read noise σ / p_max ({'/'.join(map(str, bits))}-bit {'/'.join(nrng)} ADC)")
+            ax.set_title(f"{n} test images, mean ± std over {result['args']['seeds']} seeds", fontsize=10)
         ax.set_ylabel("Fashion-MNIST top-1 (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    adc_axes = [ax for (sweep, _), ax in axes.items() if sweep == "adc"]
+    if adc_axes:  # one y scale for the ADC panels, so that the ranges compare at a glance
+        lo = min(ax.get_ylim()[0] for ax in adc_axes)
+        hi = max(ax.get_ylim()[1] for ax in adc_axes)
+        for ax in adc_axes:
+            ax.set_ylim(lo, hi)
+    legend = {}  # every model once, wherever its runs are drawn
+    for ax in axes.values():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    list(axes.values())[-1].legend(legend.values(), legend.keys(), fontsize=7)
     fig.suptitle("emulated ReRAM crossbars (ISAAC-like defaults): the zoo models")
     save_figure(fig, path, dpi=110)
     return str(path)
@@ -100,8 +129,12 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--adc-bits", default="6,8,10")
     p.add_argument("--read-noise", default="0.002,0.005,0.01,0.02,0.05")
-    p.add_argument("--adc-images", type=int, default=2000)
-    p.add_argument("--noise-images", type=int, default=500)
+    p.add_argument("--adc-ranges", default="max,granular",
+                   help="ADC ranges of the ADC sweep, a grid with --adc-bits (default: max,granular)")
+    p.add_argument("--noise-adc-range", default="granular",
+                   help="ADC range of the read-noise sweep (default: granular, so that noise, not ADC step, is measured)")
+    p.add_argument("--adc-images", type=int, default=2000, help="0: no ADC sweep")
+    p.add_argument("--noise-images", type=int, default=500, help="0: no read-noise sweep")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=None, help="folder of the per-run JSON (default: a temporary one; the merged --out holds them all)")

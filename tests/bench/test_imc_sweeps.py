@@ -1,0 +1,66 @@
+"""bench/bench_imc_sweeps.py: the ADC sweep is a grid over ADC bits and ADC ranges, the read-noise sweep runs
+at the range asked for, and results of either layout (with or without the range in each setting) merge and plot."""
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_imc_sweeps.py"
+FMNIST_DIR = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_imc_sweeps", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true",
+                    reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+def test_sweeps_run_the_adc_grid_and_noise_at_the_asked_range(tmp_path):
+    out = tmp_path / "s.json"
+    assert _load().main(["--models", "fmnist_far_tiny", "--adc-bits", "6,8", "--adc-ranges", "max,granular",
+                         "--read-noise", "0.002", "--seeds", "2", "--adc-images", "4", "--noise-images", "2",
+                         "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(out), "-q"]) == 0
+    r = json.loads(out.read_text())
+    adc, noise = r["runs"]
+    assert (adc["sweep"], noise["sweep"]) == ("adc", "read_noise")
+    grid = [(x["config"]["adc_bits"], x["config"]["adc_range"]) for x in adc["results"] if x["values"]]
+    assert sorted(grid) == [(6, "granular"), (6, "max"), (8, "granular"), (8, "max")]
+    assert adc["num_images"] == 4 and noise["num_images"] == 2
+    noisy = [x for x in noise["results"] if x["values"]]
+    assert [(x["config"]["read_noise"], x["config"]["adc_range"], x["seeds"]) for x in noisy] == \
+        [(0.002, "granular", [0, 1])]
+    assert out.with_suffix(".png").is_file()
+
+
+def _result(range_in_values: bool) -> dict:
+    def row(bits, rng, acc):
+        values = {"adc_bits": bits, **({"adc_range": rng} if range_in_values else {})}
+        return {"setting": f"adc_bits={bits}", "values": values, "dynamic": "digital", "accuracy": acc,
+                "accuracy_std": 0.0, "config": {"adc_bits": bits, "adc_range": rng}}
+    digital = {"setting": "digital", "values": {}, "dynamic": None, "accuracy": 0.9, "accuracy_std": 0.0}
+    ranges = ("max", "granular") if range_in_values else ("max",)
+    adc = {"model": "m", "sweep": "adc", "num_images": 10, "dynamic": None,
+           "results": [digital] + [row(b, g, 0.5 + b / 100) for g in ranges for b in (6, 8)]}
+    noisy = {"setting": "read_noise=0.01", "values": {"read_noise": 0.01}, "dynamic": "digital", "accuracy": 0.3,
+             "accuracy_std": 0.01, "config": {"adc_bits": 8, "adc_range": "granular"}}
+    noise = {"model": "m", "sweep": "read_noise", "num_images": 5, "dynamic": None, "results": [digital, noisy]}
+    return {"benchmark": "imc_sweeps", "args": {"seeds": 3}, "environment": {}, "runs": [adc, noise]}
+
+
+@pytest.mark.parametrize("range_in_values", [True, False])
+def test_merge_plots_both_layouts(tmp_path, range_in_values):
+    pytest.importorskip("matplotlib")
+    mod = _load()
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(_result(range_in_values)))
+    out = tmp_path / "merged.json"
+    assert mod.main(["--merge", str(part), str(part), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert len(merged["runs"]) == 4 and out.with_suffix(".png").is_file()
+    ranges = {mod._adc_range(x) for x in merged["runs"][0]["results"] if x["values"]}
+    assert ranges == ({"max", "granular"} if range_in_values else {"max"})
