@@ -5,7 +5,8 @@ ISAAC-like ReRAM chip (far.imc.cost), per image, under both ways of doing attent
 
 Two tables:
   zoo     the bundled Fashion-MNIST models (fmnist_deit_tiny, fmnist_trex_tiny, fmnist_far_tiny,
-          fmnist_far_tiny_pruned, fmnist_far_tiny_xs), with their digital top-1 on the 10k test set (--data)
+          fmnist_far_tiny_pruned, fmnist_far_tiny_xs, fmnist_far_tiny_wide), with their digital top-1 on the 10k
+          test set (--data)
   deit    DeiT-tiny/small/base shapes at 224x224 (T = 197), random weights (the cost does not depend on them):
           attention; FAR (n = d); FAR with 30% of the LSTM units pruned (n = 0.7 d, the zoo's pruning ratio);
           TReX-style reuse: a quarter and a half of the encoders reuse the previous encoder's attention output
@@ -69,7 +70,8 @@ def zoo_table(args, hw: HardwareSpec) -> list:
     from far.evaluate import evaluate
 
     names = ["fmnist_deit_tiny"] + [n for n in ("fmnist_trex_tiny",) if n in ZOO] + \
-        ["fmnist_far_tiny", "fmnist_far_tiny_pruned"] + [n for n in ("fmnist_far_tiny_xs",) if n in ZOO]
+        ["fmnist_far_tiny", "fmnist_far_tiny_pruned"] + \
+        [n for n in ("fmnist_far_tiny_xs", "fmnist_far_tiny_wide") if n in ZOO]
     rows = []
     for name in names:
         model, _ = load_model(resolve(name))

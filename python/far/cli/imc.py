@@ -577,7 +577,8 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
                 row["top1_emulated"] = {}
                 for m in (modes if has_attention else modes[:1]):
                     dyn = "crossbar" if m == "write" else "digital"
-                    note(args, f"{label}: emulated accuracy (crossbars, this config, attention products {dyn}) ...")
+                    what = f", attention products {dyn}" if has_attention else ""
+                    note(args, f"{label}: emulated accuracy (crossbars, this config{what}) ...")
                     row["top1_emulated"][m] = evaluate(emulate(model, cfg, dynamic=dyn).eval(), data,
                                                        batch_size=args.batch_size, device=device,
                                                        workers=eval_workers(args), progress=not args.quiet)["accuracy"]
