@@ -1,16 +1,27 @@
 """Emulated-IMC accuracy of the zoo models under ADC resolution and read noise (JSON + plot).
 
 Runs `far imc-eval` (ISAAC-like defaults: 8-bit weights in 2-bit cells, 1-bit DAC, 128-row tiles,
-differential pairs, "max" ADC range) once per model and sweep, each with its own incremental JSON in a
-work folder, then merges them into one result and plots accuracy against adc_bits (noise-free) and
-against read_noise (σ of each partial sum relative to the full-scale p_max, mean ± std over --seeds
-seeds, 8-bit ADC). The teacher's sweeps run with attention's dynamic products digital and on crossbars
-(K and V written per image). Every run's images/s is kept, so the figures double as a speed record.
+differential pairs) once per model and sweep, each with its own incremental JSON in a work folder, then
+merges them into one result and plots accuracy against adc_bits for each ADC range of --adc-ranges ("max":
+step p_max/L; "granular": step 1, clipped), noise-free, and against read_noise (σ of each partial sum
+relative to the full-scale p_max, mean ± std over --seeds seeds, 8-bit ADC with --noise-adc-range). The
+teacher's sweeps run with attention's dynamic products digital and on crossbars (K and V written per
+image). Every run's images/s is kept, so the figures double as a speed record.
 
-    python bench/bench_imc_sweeps.py                                   # about 1 h on 2 CPU cores
+    python bench/bench_imc_sweeps.py                                   # about 1.5 h on 2 CPU cores
     python bench/bench_imc_sweeps.py --adc-images 200 --noise-images 100 --seeds 2   # a quick look
     python bench/bench_imc_sweeps.py --models fmnist_far_tiny --out far.json          # one model per process,
     python bench/bench_imc_sweeps.py --merge teacher.json far.json pruned.json        # then one result
+
+The committed result (bench/results/imc_sweeps-*) ran the full test set for the ADC sweeps, two processes
+of one thread each (teacher, then fmnist_far_tiny_wide with --noise-images 0; the two other FAR models),
+merged with --merge:
+
+    S="--adc-images 10000 --noise-images 2000 --read-noise 0.0005,0.001,0.002,0.005,0.01 --threads 1"
+    python bench/bench_imc_sweeps.py --models fmnist_deit_tiny $S --out teacher.json
+    python bench/bench_imc_sweeps.py --models fmnist_far_tiny_wide $S --noise-images 0 --out wide.json
+    python bench/bench_imc_sweeps.py --models fmnist_far_tiny fmnist_far_tiny_pruned $S --out far.json
+    python bench/bench_imc_sweeps.py --merge teacher.json far.json wide.json
 """
 from __future__ import annotations
 
