@@ -1,6 +1,7 @@
 """Shared test helpers: the backends to test, an independent FAR-block oracle built from torch.nn.LSTM
 (far_kernels.testing has the derived-tolerance asserts and the per-head oracle; re-exported here)."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,11 +39,21 @@ GPU_SMOKE = (
 )
 
 
+# Tests marked `fmnist` read the real Fashion-MNIST test set; they skip where it is not installed, except in CI,
+# which installs it (.ci/run), so that there a missing dataset fails instead of passing quietly.
+FMNIST_DIR = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
+FMNIST_MISSING = not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true"
+
+
 def pytest_collection_modifyitems(config, items):
     smoke = set(GPU_SMOKE)
+    skip_fmnist = pytest.mark.skip(reason=f"Fashion-MNIST not installed in {FMNIST_DIR} "
+                                          "(apt-get install -y dataset-fashion-mnist)")
     for item in items:
         if item.nodeid in smoke:
             item.add_marker(pytest.mark.gpu_smoke)
+        if FMNIST_MISSING and item.get_closest_marker("fmnist") is not None:
+            item.add_marker(skip_fmnist)
 
 
 def cpu_backends(op=None):

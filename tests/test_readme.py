@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
 SKIP = re.compile(r"<!-- not run by tests/test_readme.py: (.+?) -->")
 
 
@@ -64,8 +63,7 @@ def _commands(code: str):
     return [c for c in code.replace("\\\n", " ").splitlines() if c.strip() and not c.lstrip().startswith("#")]
 
 
-@pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true",
-                    reason="the README's examples use Fashion-MNIST (apt-get install -y dataset-fashion-mnist)")
+@pytest.mark.fmnist  # the README's examples use Fashion-MNIST
 @pytest.mark.parametrize("index", [i for i, lang, _, skip in BLOCKS if lang in ("python", "bash") and skip is None])
 def test_readme_block_runs(index, workdir):
     cwd, env = workdir

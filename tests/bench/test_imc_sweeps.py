@@ -2,13 +2,11 @@
 at the range asked for, and results of either layout (with or without the range in each setting) merge and plot."""
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_imc_sweeps.py"
-FMNIST_DIR = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
 
 
 def _load():
@@ -18,8 +16,7 @@ def _load():
     return mod
 
 
-@pytest.mark.skipif(not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true",
-                    reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+@pytest.mark.fmnist
 def test_sweeps_run_the_adc_grid_and_noise_at_the_asked_range(tmp_path):
     out = tmp_path / "s.json"
     assert _load().main(["--models", "fmnist_far_tiny", "--adc-bits", "6,8", "--adc-ranges", "max,granular",

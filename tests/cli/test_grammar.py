@@ -2,17 +2,13 @@
 command, MODEL wherever a command takes a model, no help that reads backwards, and a warning when an
 option has no effect."""
 import argparse
-import os
-from pathlib import Path
 
 import pytest
 
 from far.cli import main
 from far.cli.main import build_parser
 
-FMNIST = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true",
-                                  reason="Fashion-MNIST not installed")
+needs_fmnist = pytest.mark.fmnist
 
 
 def commands():

@@ -1,7 +1,6 @@
 """`far imc-eval`: table, JSON and plot for a sweep on tiny random models; one-line user errors."""
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,7 @@ import torch
 import far
 from far.cli import main
 
-FMNIST_DIR = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(
-    not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true",
-    reason=f"Fashion-MNIST not installed in {FMNIST_DIR} (apt-get install -y dataset-fashion-mnist)")
+needs_fmnist = pytest.mark.fmnist
 
 # few slices per product (fast on a CPU), still an ADC that clips
 FAST = ["--set", "cell_bits=4", "--set", "dac_bits=4"]

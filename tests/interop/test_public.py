@@ -4,8 +4,6 @@ re-created in public_layout.py) import into FARAttention with the same function.
 Tolerance, derived: the reference is the public module in float64; our module in float32 may be off by at most
 twice what the public module itself is off in float32 (same operations, other summation order), plus 1e-6.
 In float64 both agree to that bound scaled by eps64 / eps32."""
-import math
-import os
 
 import pytest
 import torch

@@ -1,7 +1,5 @@
 """The bundled zoo: every checkpoint loads offline (far.load and far.create_model(pretrained=True)),
 carries a timm-style pretrained_cfg, and the pruned model is physically smaller."""
-import os
-from pathlib import Path
 
 import pytest
 import timm
@@ -82,6 +80,7 @@ def test_xs_zoo_model_is_smaller_and_cheaper_than_the_attention_it_replaces():
     assert mixer_arrays(xs) < mixer_arrays(teacher)
 
 
+@pytest.mark.fmnist
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_model_survives_the_crossbar_emulator(name):
     """Every zoo model keeps most of its accuracy on emulated crossbars at the ISAAC-like defaults (100 test
@@ -91,9 +90,6 @@ def test_zoo_model_survives_the_crossbar_emulator(name):
     from far.imc import emulate
     from far_kernels import CrossbarConfig
 
-    fmnist = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
-    if not (fmnist / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true":
-        pytest.skip(f"Fashion-MNIST not installed in {fmnist} (apt-get install -y dataset-fashion-mnist)")
     test = fashion_mnist("test", limit=100)
     x = torch.stack([test[i][0] for i in range(100)])
     y = torch.tensor([test[i][1] for i in range(100)])
@@ -104,6 +100,7 @@ def test_zoo_model_survives_the_crossbar_emulator(name):
     assert digital > 0.8 and emulated > 0.6, (digital, emulated)
 
 
+@pytest.mark.fmnist
 def test_wide_zoo_model_reproduces_every_attention_block():
     """fmnist_far_tiny_wide (block 2 at 56 units, the rest at n = d) was distilled until every FAR block matches its
     attention block: its record says isolated cosine >= 0.95 for every block on the 10k test images, and a fresh
@@ -111,9 +108,6 @@ def test_wide_zoo_model_reproduces_every_attention_block():
     from far.data import fashion_mnist
     from far.fidelity import block_fidelity
 
-    fmnist = Path(os.environ.get("FAR_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
-    if not (fmnist / "t10k-images-idx3-ubyte.gz").is_file() and os.environ.get("CI") != "true":
-        pytest.skip(f"Fashion-MNIST not installed in {fmnist} (apt-get install -y dataset-fashion-mnist)")
     teacher, wide = far.load(zoo_path("fmnist_deit_tiny")), far.load(zoo_path("fmnist_far_tiny_wide"))
     assert [m.width for _, m in far.far_modules(wide)] == [32, 32, 56, 32]
     record = wide.far_checkpoint["metadata"]["fidelity"]

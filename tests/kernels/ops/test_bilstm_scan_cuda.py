@@ -21,7 +21,7 @@ import torch
 
 from far_kernels import bilstm_scan, bilstm_scan_ref
 from far_kernels.testing import behind_a_busy_side_stream
-from conftest import assert_close_derived, max_err, require_backend
+from conftest import assert_close_derived, require_backend
 
 pytestmark = pytest.mark.cuda
 
