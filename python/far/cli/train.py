@@ -45,6 +45,14 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir
     g.add_argument("--limit", type=int, default=None, metavar="N", help="train on the first N images only")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N", help="test on the first N test images")
     g.add_argument("--eval-batch-size", type=int, default=500, metavar="B", help="images per test batch")
+    g.add_argument("--weight-noise", type=float, default=0.0, metavar="ETA",
+                   help="noise-aware training for crossbars: every step's forward and backward see the "
+                        "--weight-noise-on weights plus Gaussian noise of std ETA x each output row's largest |w| "
+                        "(0 = off; e.g. 0.08 roughly halves a FAR model's loss at read noise 0.002, README)")
+    g.add_argument("--weight-noise-on", default="w_ih", metavar="PATTERNS",
+                   help="comma-separated globs of the weights --weight-noise perturbs: full parameter names, or bare "
+                        "names matched in every module (default w_ih: the FAR blocks' input weights, where read "
+                        "noise costs FAR most; e.g. w_ih,head_proj_weight,pre_proj.weight)")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision (auto = bf16 on GPUs, off on CPUs)")
     add_device(g)

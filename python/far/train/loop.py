@@ -87,6 +87,10 @@ class TrainConfig:
     repeated_aug: bool = False
     drop_path: float = 0.0
     lr_scale_batch: int = 0
+    # noise-aware training (0 = off): Gaussian noise on the matching weights during each step's forward and
+    # backward, std weight_noise x each output row's largest |w| (see weight_noise and docs/design.md)
+    weight_noise: float = 0.0
+    weight_noise_on: str = "w_ih"
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -113,6 +117,9 @@ class TrainConfig:
             (0 <= self.reprob <= 1, f"random-erasing probability must be in [0, 1], got {self.reprob}"),
             (0 <= self.drop_path < 1, f"drop-path must be in [0, 1), got {self.drop_path}"),
             (self.lr_scale_batch >= 0, f"lr-scale-batch must be >= 0 (0 = off), got {self.lr_scale_batch}"),
+            (self.weight_noise >= 0, f"weight noise must be >= 0 (0 = off), got {self.weight_noise}"),
+            (self.weight_noise == 0 or bool(noise_patterns(self.weight_noise_on)),
+             f"weight-noise-on must name at least one parameter pattern, got {self.weight_noise_on!r}"),
             (self.rand_augment is None or self.rand_augment.startswith("rand-"),
              f"rand_augment must be a timm RandAugment string like rand-m9-mstd0.5-inc1, got {self.rand_augment!r}"),
         ]
@@ -341,6 +348,68 @@ def apply_mixup(mix, x: torch.Tensor, y: torch.Tensor, seed: int) -> Tuple[torch
     return x, (y if unlabeled else soft)
 
 
+# ---------------------------------------------------------------- noise-aware training
+def noise_patterns(text: str) -> List[str]:
+    """The glob patterns of --weight-noise-on (comma-separated)."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def noisy_weights(model: nn.Module, trainable: List[Tuple[str, nn.Parameter]], patterns: List[str]
+                  ) -> List[Tuple[str, nn.Parameter, Tuple[int, ...]]]:
+    """The trained weights that --weight-noise perturbs: (name, parameter, the dimensions of its inputs).
+
+    A pattern matches a parameter's full name or, bare (no dot), its name in any module: "w_ih" is every
+    FAR block's input weights, "blocks.*.mlp.*.weight" the MLPs'. Only trained weights with at least two
+    dimensions qualify (a bias has no crossbar row); a convolution's inputs are its (in, kh, kw), every
+    other weight's its last dimension (nn.Linear, and FAR's (heads, directions, 4n, inputs) storage)."""
+    from fnmatch import fnmatchcase
+
+    trained = {id(p) for _, p in trainable}
+    out, seen = [], set()
+    for mname, module in model.named_modules():
+        conv = isinstance(module, nn.modules.conv._ConvNd)
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if id(p) not in trained or id(p) in seen:
+                continue
+            if not any(fnmatchcase(name, pat) or fnmatchcase(name, "*." + pat) for pat in patterns):
+                continue
+            if p.dim() < 2:
+                raise ConfigError(f"--weight-noise-on {','.join(patterns)} matches {name}, shape "
+                                  f"{tuple(p.shape)}: weight noise needs a weight matrix (no bias or norm)")
+            seen.add(id(p))
+            out.append((name, p, tuple(range(1, p.dim())) if conv and pname == "weight" else (-1,)))
+    if not out:
+        names = [n for n, p in trainable if p.dim() >= 2][:4]
+        raise ConfigError(f"--weight-noise-on {','.join(patterns)} matches no trained weight matrix "
+                          f"(some that would: {', '.join(names) or 'none'})")
+    return out
+
+
+@contextlib.contextmanager
+def weight_noise(weights: List[Tuple[str, nn.Parameter, Tuple[int, ...]]], eta: float):
+    """Inside: every weight w of `weights` is w + N(0, (eta * max|w| over its inputs)^2), one draw per
+    element from torch's RNG (reseeded every step by the loop, so a resumed run draws the same noise);
+    on leaving (also on an error) each is restored bit for bit. The loop runs the forward and backward
+    inside, so the gradient is taken at the noisy weights and applied to the clean ones: noise injection
+    as in hardware-aware training (aihwkit's), here with the per-row full scale of a crossbar column."""
+    if eta == 0 or not weights:
+        yield
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for _, p, dims in weights:
+                saved.append(p.detach().clone())
+                p.add_(torch.randn_like(p) * (eta * p.abs().amax(dim=dims, keepdim=True)))
+        yield
+    finally:
+        with torch.no_grad():
+            for (_, p, _), clean in zip(weights, saved):
+                p.copy_(clean)
+
+
+
 @contextlib.contextmanager
 def drop_path(model: nn.Module, rate: float):
     """Stochastic depth on every timm-style block (drop_path1/drop_path2) for the duration: rate rising linearly
@@ -413,7 +482,8 @@ def _identity(task: Task, cfg: TrainConfig, extra: dict) -> dict:
     """What must match for a resume to be the same run (anything else may change, e.g. --progress)."""
     keep = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
             "grad_clip", "ema", "seed", "augment", "limit")
-    recipe = ("mixup", "cutmix", "rand_augment", "reprob", "repeated_aug", "drop_path", "lr_scale_batch")
+    recipe = ("mixup", "cutmix", "rand_augment", "reprob", "repeated_aug", "drop_path", "lr_scale_batch",
+              "weight_noise", "weight_noise_on")
     base = TrainConfig()  # the DeiT options join only when set: runs saved before they existed still resume
     return {"task": task.name, **{k: getattr(cfg, k) for k in keep},
             **{k: getattr(cfg, k) for k in recipe if getattr(cfg, k) != getattr(base, k)}, **extra}
@@ -569,6 +639,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     clip_groups = task.clip_groups()
     if not named:
         raise ConfigError(f"{desc}: nothing to train (no parameter requires a gradient)")
+    noisy = noisy_weights(model, named, noise_patterns(cfg.weight_noise_on)) if cfg.weight_noise > 0 else []
     decay = [p for n, p in named if p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token"))]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token")))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -607,7 +678,6 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, unit="step", desc=desc, file=sys.stderr, dynamic_ncols=True)
-    t_start = time.perf_counter()
     run_seconds = sum(r.get("seconds", 0.0) for r in history if r.get("kind") == "epoch")
     t_epoch = time.perf_counter()
     stop_at = total if cfg.max_steps is None else min(total, cfg.max_steps)
@@ -626,18 +696,19 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
                 x, y = apply_mixup(mix, x, y, _step_seed(cfg.seed, step, d.rank) + 3)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
-                losses = task.loss(ddp, x, y)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise ConfigError(f"{desc}: the loss became {float(loss)} at step {step} (lr {lr:.3g}); "
-                                 "lower --lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
+            with weight_noise(noisy, cfg.weight_noise):  # forward and backward at the noisy weights
+                with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+                    losses = task.loss(ddp, x, y)
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"{desc}: the loss became {float(loss)} at step {step} (lr {lr:.3g}); "
+                                     "lower --lr or check the data")
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                else:
+                    loss.backward()
             if cfg.grad_clip > 0:
                 for group in clip_groups:
                     nn.utils.clip_grad_norm_(group, cfg.grad_clip)
@@ -783,4 +854,5 @@ def stage_config(cfg: TrainConfig, name: str, **changes) -> TrainConfig:
 
 __all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "apply_mixup",
            "classification_loss", "cleanup_distributed", "drop_path", "effective_lr", "join_histories", "lr_at",
-           "make_mixup", "plot_history", "run_metadata", "setup_distributed", "stage_config", "train"]
+           "make_mixup", "noise_patterns", "noisy_weights", "plot_history", "run_metadata", "setup_distributed",
+           "stage_config", "train", "weight_noise"]
