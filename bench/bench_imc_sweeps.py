@@ -85,6 +85,7 @@ def plot(result: dict, path: Path):
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     axes = dict(zip(panels, axes[0]))
     colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["model"] for r in runs))}
+    counts = {sweep: sorted({r["num_images"] for r in runs if r["sweep"] == sweep}) for sweep in ("adc", "read_noise")}
     for r in runs:
         digital = next(x for x in r["results"] if x["setting"] == "digital")
         key = "adc_bits" if r["sweep"] == "adc" else "read_noise"
@@ -97,13 +98,15 @@ def plot(result: dict, path: Path):
                 if not rows:
                     continue
                 label = r["model"] + (f" (attention {dyn})" if len(r["dynamic"] or []) > 1 else "")
+                if len(counts[r["sweep"]]) > 1:  # runs on different image counts share the panel: say which
+                    label += f", {r['num_images']} images"
                 ax.errorbar([x["values"][key] for x in rows], [100 * x["accuracy"] for x in rows],
                             yerr=[100 * x["accuracy_std"] for x in rows], fmt=style, color=colors[r["model"]],
                             capsize=3, label=label)
             ax.axhline(100 * digital["accuracy"], color=colors[r["model"]], ls=":", lw=1)
     for (sweep, rng), ax in axes.items():
         rows = [x for r in runs if r["sweep"] == sweep for x in r["results"] if x["values"]]
-        n = next(r["num_images"] for r in runs if r["sweep"] == sweep)
+        n = "/".join(map(str, counts[sweep]))
         if sweep == "adc":
             ax.set_xticks(sorted({x["values"]["adc_bits"] for x in rows}))
             ax.set_xlabel("ADC bits (no noise)")

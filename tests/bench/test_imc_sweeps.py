@@ -61,3 +61,21 @@ def test_merge_plots_both_layouts(tmp_path, range_in_values):
     assert len(merged["runs"]) == 4 and out.with_suffix(".png").is_file()
     ranges = {mod._adc_range(x) for x in merged["runs"][0]["results"] if x["values"]}
     assert ranges == ({"max", "granular"} if range_in_values else {"max"})
+
+
+def test_plot_names_the_image_counts_when_runs_differ(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    mod = _load()
+    figures = []
+    monkeypatch.setattr(mod, "save_figure", lambda fig, path, dpi: figures.append(fig))
+    result = _result(True)
+    other = json.loads(json.dumps(result["runs"][1]))
+    other.update(model="m2", num_images=7)
+    result["runs"].append(other)  # read noise: 5 images for m, 7 for m2
+    mod.plot(result, tmp_path / "p.png")
+    noise_ax = figures[0].axes[-1]
+    labels = noise_ax.get_legend_handles_labels()[1]
+    assert {"m, 5 images", "m2, 7 images"} <= set(labels)
+    assert noise_ax.get_title().startswith("5/7 test images")
+    adc_labels = figures[0].axes[0].get_legend_handles_labels()[1]
+    assert adc_labels and all("images" not in x for x in adc_labels)  # one count there: no suffix
