@@ -52,7 +52,8 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir
     g.add_argument("--weight-noise-on", default="w_ih", metavar="PATTERNS",
                    help="comma-separated globs of the weights --weight-noise perturbs: full parameter names, or bare "
                         "names matched in every module (default w_ih: the FAR blocks' input weights, where read "
-                        "noise costs FAR most; e.g. w_ih,head_proj_weight,pre_proj.weight)")
+                        "noise costs FAR most; e.g. w_ih,head_proj_weight,pre_proj.weight; '*weight,w_ih,w_hh' is every "
+                        "weight matrix of a FAR model; biases and norms never get noise)")
     g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision (auto = bf16 on GPUs, off on CPUs)")
     add_device(g)

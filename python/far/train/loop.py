@@ -374,15 +374,14 @@ def noisy_weights(model: nn.Module, trainable: List[Tuple[str, nn.Parameter]], p
                 continue
             if not any(fnmatchcase(name, pat) or fnmatchcase(name, "*." + pat) for pat in patterns):
                 continue
-            if p.dim() < 2:
-                raise ConfigError(f"--weight-noise-on {','.join(patterns)} matches {name}, shape "
-                                  f"{tuple(p.shape)}: weight noise needs a weight matrix (no bias or norm)")
+            if p.dim() < 2:  # a bias or norm vector: no crossbar row ("*.weight" skips the norms)
+                continue
             seen.add(id(p))
             out.append((name, p, tuple(range(1, p.dim())) if conv and pname == "weight" else (-1,)))
     if not out:
         names = [n for n, p in trainable if p.dim() >= 2][:4]
-        raise ConfigError(f"--weight-noise-on {','.join(patterns)} matches no trained weight matrix "
-                          f"(some that would: {', '.join(names) or 'none'})")
+        raise ConfigError(f"--weight-noise-on {','.join(patterns)} matches no trained weight matrix (vectors such "
+                          f"as biases never get noise; some that would: {', '.join(names) or 'none'})")
     return out
 
 
