@@ -68,6 +68,18 @@ def run(model: str, name: str, extra: list, work: Path, args) -> dict:
     return {"model": model, "sweep": name, "arguments": extra, "wall_s": time.perf_counter() - t0, **r}
 
 
+def wrap_imc_eval(r: dict, name: str) -> dict:
+    """A run record (as `run` makes) from an `far imc-eval --json` file, e.g. a work-folder file of a sweep that
+    was stopped: imc-eval rewrites its JSON after every setting, so the settings it finished are kept."""
+    keys = {s["key"] for s in r.get("sweeps", [])}
+    if not keys or not keys <= {"adc_bits", "adc_range", "read_noise"}:
+        raise SystemExit(f"{name}: an imc-eval result of a sweep over {sorted(keys) or 'nothing'}; this bench "
+                         "merges adc_bits/adc_range or read_noise sweeps")
+    sweep = "read_noise" if "read_noise" in keys else "adc"
+    return {"model": r["model"], "sweep": sweep, "arguments": None, "from_imc_eval": name,
+            "wall_s": sum(x.get("seconds", 0.0) for x in r["results"]), **r}
+
+
 def _adc_range(x: dict) -> str:
     """The ADC range a result ran with (results written before the range was swept lack it in "values")."""
     return x["values"].get("adc_range") or x.get("config", {}).get("adc_range", "max")
@@ -119,7 +131,9 @@ def plot(result: dict, path: Path):
             ax.set_xticks(noise, [f"{v:g}" for v in noise])
             ax.minorticks_off()
             ax.set_xlabel(f"read noise σ / p_max ({'/'.join(map(str, bits))}-bit {'/'.join(nrng)} ADC)")
-            ax.set_title(f"{n} test images, mean ± std over {result['args']['seeds']} seeds", fontsize=10)
+            seeds = "/".join(map(str, sorted({r.get("seeds") or result["args"]["seeds"] for r in runs
+                                              if r["sweep"] == sweep})))
+            ax.set_title(f"{n} test images, mean ± std over {seeds} seeds", fontsize=10)
         ax.set_ylabel("Fashion-MNIST top-1 (%)")
         ax.grid(alpha=0.3)
     adc_axes = [ax for (sweep, _), ax in axes.items() if sweep == "adc"]
@@ -156,12 +170,21 @@ def main(argv=None) -> int:
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="run nothing: merge the runs of these results of this script (e.g. one per model, run in "
-                        "parallel) into --out and plot them")
+                        "parallel) into --out and plot them; a `far imc-eval --json` file (such as a --work file of a "
+                        "stopped sweep: the settings it finished) counts as one run")
     args = p.parse_args(argv)
     out = args.out or RESULTS / result_filename("imc_sweeps")
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]
-        result = {**parts[0], "runs": [r for part in parts for r in part["runs"]],
+        for i, (f, part) in enumerate(zip(args.merge, parts)):
+            if "runs" not in part and "results" in part:  # one imc-eval JSON (a work-folder file)
+                parts[i] = {"args": None, "environment": None, "runs": [wrap_imc_eval(part, f.name)]}
+        base = next((part for part in parts if part["args"] is not None), None)
+        if base is None:  # only imc-eval files: describe the result from this invocation
+            base = {"benchmark": "imc_sweeps", "description": __doc__.split("\n\n")[0],
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "environment": environment(threads=args.threads)}
+        result = {**base, "runs": [r for part in parts for r in part["runs"]],
                   "merged": [{"file": f.name, "args": part["args"], "environment": part["environment"]}
                              for f, part in zip(args.merge, parts)]}
         write_json(out, result)

@@ -32,6 +32,25 @@ def test_sweeps_run_the_adc_grid_and_noise_at_the_asked_range(tmp_path):
     assert [(x["config"]["read_noise"], x["config"]["adc_range"], x["seeds"]) for x in noisy] == \
         [(0.002, "granular", [0, 1])]
     assert out.with_suffix(".png").is_file()
+    # the work folder's imc-eval files merge as runs, also one cut short (as a stopped sweep leaves it)
+    work = sorted((tmp_path / "w").glob("*.json"))
+    assert [f.name for f in work] == ["fmnist_far_tiny-adc.json", "fmnist_far_tiny-read_noise.json"]
+    cut = json.loads(work[0].read_text())
+    cut["results"], cut["complete"] = cut["results"][:2], False
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    merged = tmp_path / "m.json"
+    assert _load().main(["--merge", str(tmp_path / "cut.json"), str(work[1]), "--out", str(merged)]) == 0
+    m = json.loads(merged.read_text())
+    assert [(x["model"], x["sweep"], len(x["results"])) for x in m["runs"]] == \
+        [("fmnist_far_tiny", "adc", 2), ("fmnist_far_tiny", "read_noise", 2)]
+    assert m["runs"][0]["results"] == adc["results"][:2] and m["runs"][1]["results"] == noise["results"]
+    assert m["runs"][0]["from_imc_eval"] == "cut.json" and merged.with_suffix(".png").is_file()
+
+
+def test_merge_refuses_an_imc_eval_result_of_another_sweep():
+    with pytest.raises(SystemExit, match="prog_noise"):
+        _load().wrap_imc_eval({"model": "m", "sweeps": [{"key": "prog_noise", "values": [0.1]}], "results": []},
+                              "x.json")
 
 
 def _result(range_in_values: bool) -> dict:
