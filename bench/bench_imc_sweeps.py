@@ -80,6 +80,30 @@ def wrap_imc_eval(r: dict, name: str) -> dict:
             "wall_s": sum(x.get("seconds", 0.0) for x in r["results"]), **r}
 
 
+def combine(runs: list) -> list:
+    """Runs of one model, sweep, dynamic modes and image count with different settings (e.g. one sweep's levels
+    split over processes) become one run: the first one's record with every setting, in order of the swept
+    value, one digital row. Runs that repeat a setting stay apart."""
+    out, index = [], {}
+    settings = lambda r: {(x["setting"], x["dynamic"]) for x in r["results"] if x["setting"] != "digital"}  # noqa: E731
+    for r in runs:
+        key = (r["model"], r["sweep"], tuple(r.get("dynamic") or ()), r["num_images"])
+        if key not in index or settings(out[index[key]]) & settings(r):
+            index[key] = len(out)
+            out.append({**r, "results": list(r["results"])})
+            continue
+        first = out[index[key]]
+        first["results"] += [x for x in r["results"] if x["setting"] != "digital"]
+        first["combined_from"] = first.get("combined_from", [first.get("from_imc_eval")]) + [r.get("from_imc_eval")]
+        first["wall_s"] = first.get("wall_s", 0.0) + r.get("wall_s", 0.0)
+    for r in out:
+        if "combined_from" in r:
+            digital = [x for x in r["results"] if x["setting"] == "digital"]
+            rest = [x for x in r["results"] if x["setting"] != "digital"]
+            r["results"] = digital[:1] + sorted(rest, key=lambda x: (sorted(x["values"].items()), x["dynamic"] or ""))
+    return out
+
+
 def _adc_range(x: dict) -> str:
     """The ADC range a result ran with (results written before the range was swept lack it in "values")."""
     return x["values"].get("adc_range") or x.get("config", {}).get("adc_range", "max")
@@ -184,7 +208,7 @@ def main(argv=None) -> int:
             base = {"benchmark": "imc_sweeps", "description": __doc__.split("\n\n")[0],
                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "environment": environment(threads=args.threads)}
-        result = {**base, "runs": [r for part in parts for r in part["runs"]],
+        result = {**base, "runs": combine([r for part in parts for r in part["runs"]]),
                   "merged": [{"file": f.name, "args": part["args"], "environment": part["environment"]}
                              for f, part in zip(args.merge, parts)]}
         write_json(out, result)

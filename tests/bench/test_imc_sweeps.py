@@ -98,3 +98,22 @@ def test_plot_names_the_image_counts_when_runs_differ(tmp_path, monkeypatch):
     assert noise_ax.get_title().startswith("5/7 test images")
     adc_labels = figures[0].axes[0].get_legend_handles_labels()[1]
     assert adc_labels and all("images" not in x for x in adc_labels)  # one count there: no suffix
+
+
+def test_merge_combines_a_sweep_split_over_processes(tmp_path):
+    mod = _load()
+
+    def part(levels, model="m"):
+        rows = [{"setting": "digital", "values": {}, "dynamic": None, "accuracy": 0.9, "accuracy_std": 0.0}]
+        rows += [{"setting": f"read_noise={v}", "values": {"read_noise": v}, "dynamic": "digital",
+                  "accuracy": 0.9 - v, "accuracy_std": 0.01, "config": {"adc_bits": 8, "adc_range": "granular"}}
+                 for v in levels]
+        return {"model": model, "sweep": "read_noise", "num_images": 5, "dynamic": ["digital"], "seeds": 3,
+                "wall_s": 1.0, "results": rows}
+
+    runs = mod.combine([part([0.005]), part([0.001, 0.002]), part([0.002], model="other"), part([0.001])])
+    assert [(r["model"], [x["setting"] for x in r["results"]]) for r in runs] == [
+        ("m", ["digital", "read_noise=0.001", "read_noise=0.002", "read_noise=0.005"]),
+        ("other", ["digital", "read_noise=0.002"]),
+        ("m", ["digital", "read_noise=0.001"])]  # a repeated setting stays a run of its own
+    assert runs[0]["wall_s"] == 2.0

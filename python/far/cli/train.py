@@ -464,6 +464,8 @@ def add_parsers(sub) -> None:
                "   # the public code's recipe, shorter\n"
                "  far distill deit_flowers.safetensors --student far.safetensors --data ./flowers/train "
                "-o far_flowers.safetensors   # downstream: the student takes the fine-tuned teacher's classifier\n"
+               "  far distill fmnist_deit_tiny --student fmnist_far_tiny --epochs 0 --stage2-lr 1e-4 "
+               "--weight-noise 0.08 -o far_nr.safetensors   # noise-aware: robust to crossbar read noise\n"
                + _LAUNCH.format(cmd="distill"))
     add_model(p, optional=True, help="the attention teacher: a checkpoint file, zoo name, or timm name (timm's "
                                      "pretrained weights, or --teacher-weights FILE); or give --teacher")
