@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="FAR engine: ViTs with every self-attention replaced by multi-head BiLSTMs, fused "
                     "kernels, and IMC crossbar emulation. MODEL is always a checkpoint file, a zoo name "
                     "(fmnist_deit_tiny, fmnist_far_tiny, fmnist_far_tiny_pruned, fmnist_far_tiny_xs, fmnist_far_tiny_wide, "
-                    "fmnist_trex_tiny) "
+                    "fmnist_far_tiny_nr, fmnist_trex_tiny) "
                     "or a timm model name.",
         epilog="examples:\n"
                "  far info\n"

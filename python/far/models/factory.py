@@ -96,7 +96,8 @@ def create_model(name: str, pretrained: bool = False, far: Optional[bool] = None
 
     name: any timm ViT name (e.g. deit_tiny_patch16_224; pretrained=True takes timm's download path),
         "timm:NAME" (the same), fmnist_deit_tiny / fmnist_deit_small, or a zoo FAR name (fmnist_far_tiny,
-        fmnist_far_tiny_pruned, fmnist_far_tiny_xs; fmnist_trex_tiny is attention reuse).
+        fmnist_far_tiny_pruned, fmnist_far_tiny_xs, fmnist_far_tiny_wide, fmnist_far_tiny_nr; fmnist_trex_tiny is
+        attention reuse).
     pretrained: for zoo names, the bundled checkpoint (offline), returned as trained: the zoo teacher
         stays an attention model unless far=True is given (then its LSTMs are new and untrained).
     weights: a local weights file for a timm name (.safetensors, or a torch state dict read with

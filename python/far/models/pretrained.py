@@ -26,6 +26,9 @@ ZOO: Dict[str, dict] = {
     "fmnist_far_tiny_wide": {"file": "fmnist_far_tiny_wide.safetensors", "kind": "far",
                              "description": "FAR student of fmnist_deit_tiny with block 2 widened to 56 units per head "
                                             "and direction (n = d = 32 elsewhere): every block's isolated cosine >= 0.95"},
+    "fmnist_far_tiny_nr": {"file": "fmnist_far_tiny_nr.safetensors", "kind": "far",
+                           "description": "fmnist_far_tiny after 3 epochs of noise-aware distillation (--weight-noise "
+                                          "0.06 on every weight matrix): robust to crossbar read noise"},
     "fmnist_trex_tiny": {"file": "fmnist_trex_tiny.safetensors", "kind": "reuse",
                          "description": "TReX-style attention reuse of fmnist_deit_tiny (far reuse, an 850 us "
                                         "latency budget: one encoder reuses its predecessor's attention)"},
