@@ -22,6 +22,18 @@ merged with --merge:
     python bench/bench_imc_sweeps.py --models fmnist_far_tiny_wide $S --noise-images 0 --out wide.json
     python bench/bench_imc_sweeps.py --models fmnist_far_tiny fmnist_far_tiny_pruned $S --out far.json
     python bench/bench_imc_sweeps.py --merge teacher.json far.json wide.json
+
+The read-noise sweep on the full test set (bench/results/imc_sweeps_noise10k-*) ran σ/p_max 0.001, 0.002, 0.005
+(3 seeds each) in one process per model, fmnist_far_tiny_pruned's levels split over two; the teacher's and
+fmnist_far_tiny's runs were asked for 0.01 too and stopped before it, so their --work files (which keep every
+finished setting) were merged:
+
+    S="--adc-images 0 --noise-images 10000 --seeds 3 --threads 1"
+    python bench/bench_imc_sweeps.py --models fmnist_deit_tiny $S --read-noise 0.001,0.002,0.005 --work wA
+    python bench/bench_imc_sweeps.py --models fmnist_far_tiny $S --read-noise 0.001,0.002,0.005 --work wB
+    python bench/bench_imc_sweeps.py --models fmnist_far_tiny_pruned $S --read-noise 0.001,0.002 --work wP1
+    python bench/bench_imc_sweeps.py --models fmnist_far_tiny_pruned $S --read-noise 0.005 --work wP2
+    python bench/bench_imc_sweeps.py --merge wA/*.json wB/*.json wP1/*.json wP2/*.json
 """
 from __future__ import annotations
 
@@ -155,7 +167,7 @@ def plot(result: dict, path: Path):
             ax.set_xticks(noise, [f"{v:g}" for v in noise])
             ax.minorticks_off()
             ax.set_xlabel(f"read noise σ / p_max ({'/'.join(map(str, bits))}-bit {'/'.join(nrng)} ADC)")
-            seeds = "/".join(map(str, sorted({r.get("seeds") or result["args"]["seeds"] for r in runs
+            seeds = "/".join(map(str, sorted({r.get("seeds") or result["args"].get("seeds") for r in runs
                                               if r["sweep"] == sweep})))
             ax.set_title(f"{n} test images, mean ± std over {seeds} seeds", fontsize=10)
         ax.set_ylabel("Fashion-MNIST top-1 (%)")
@@ -204,10 +216,11 @@ def main(argv=None) -> int:
             if "runs" not in part and "results" in part:  # one imc-eval JSON (a work-folder file)
                 parts[i] = {"args": None, "environment": None, "runs": [wrap_imc_eval(part, f.name)]}
         base = next((part for part in parts if part["args"] is not None), None)
-        if base is None:  # only imc-eval files: describe the result from this invocation
+        if base is None:  # only imc-eval files: each run records its own settings; no sweep options to report
             base = {"benchmark": "imc_sweeps", "description": __doc__.split("\n\n")[0],
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                    "environment": environment(threads=args.threads)}
+                    "args": {"merge": [str(f) for f in args.merge], "out": str(out)},
+                    "environment": environment(threads=max(r.get("threads", 1) for part in parts
+                                                           for r in part["runs"]))}
         result = {**base, "runs": combine([r for part in parts for r in part["runs"]]),
                   "merged": [{"file": f.name, "args": part["args"], "environment": part["environment"]}
                              for f, part in zip(args.merge, parts)]}
