@@ -130,7 +130,7 @@ def plot(result: dict, path: Path):
     ranges = list(dict.fromkeys(_adc_range(x) for r in runs if r["sweep"] == "adc" for x in r["results"] if x["values"]))
     noisy = [r for r in runs if r["sweep"] == "read_noise"]
     panels = [("adc", rng) for rng in ranges] + ([("read_noise", None)] if noisy else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.4, 5.2 * len(panels)), 4.4), squeeze=False)
     axes = dict(zip(panels, axes[0]))
     colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["model"] for r in runs))}
     counts = {sweep: sorted({r["num_images"] for r in runs if r["sweep"] == sweep}) for sweep in ("adc", "read_noise")}
