@@ -360,8 +360,9 @@ def noisy_weights(model: nn.Module, trainable: List[Tuple[str, nn.Parameter]], p
 
     A pattern matches a parameter's full name or, bare (no dot), its name in any module: "w_ih" is every
     FAR block's input weights, "blocks.*.mlp.*.weight" the MLPs'. Only trained weights with at least two
-    dimensions qualify (a bias has no crossbar row); a convolution's inputs are its (in, kh, kw), every
-    other weight's its last dimension (nn.Linear, and FAR's (heads, directions, 4n, inputs) storage)."""
+    dimensions qualify: vectors a pattern matches (biases, norms: no crossbar row) are skipped, and patterns
+    that match no matrix are a ConfigError. A convolution's inputs are its (in, kh, kw), every other
+    weight's its last dimension (nn.Linear, and FAR's (heads, directions, 4n, inputs) storage)."""
     from fnmatch import fnmatchcase
 
     trained = {id(p) for _, p in trainable}
@@ -406,7 +407,6 @@ def weight_noise(weights: List[Tuple[str, nn.Parameter, Tuple[int, ...]]], eta: 
         with torch.no_grad():
             for (_, p, _), clean in zip(weights, saved):
                 p.copy_(clean)
-
 
 
 @contextlib.contextmanager
