@@ -90,9 +90,7 @@ def test_zoo_model_survives_the_crossbar_emulator(name):
     from far.imc import emulate
     from far_kernels import CrossbarConfig
 
-    test = fashion_mnist("test", limit=100)
-    x = torch.stack([test[i][0] for i in range(100)])
-    y = torch.tensor([test[i][1] for i in range(100)])
+    x, y = fashion_mnist("test", limit=100).tensors()
     model = far.load(zoo_path(name))
     with torch.inference_mode():
         digital = (model(x).argmax(-1) == y).float().mean().item()
@@ -131,9 +129,7 @@ def test_noise_robust_zoo_model_loses_less_under_read_noise():
 
     config = read_config(zoo_path("fmnist_far_tiny_nr"))["metadata"]["training"]["config"]
     assert config["weight_noise"] > 0 and "w_ih" in config["weight_noise_on"]
-    test = fashion_mnist("test", limit=500)
-    x = torch.stack([test[i][0] for i in range(500)])
-    y = torch.tensor([test[i][1] for i in range(500)])
+    x, y = fashion_mnist("test", limit=500).tensors()
     cfg = CrossbarConfig(adc_range="granular", read_noise=0.002, seed=0)
     acc = {}
     for name in ("fmnist_far_tiny", "fmnist_far_tiny_nr"):

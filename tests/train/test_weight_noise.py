@@ -2,9 +2,6 @@
 restoration, that the loop takes the gradient at the noisy weights and steps the clean ones, determinism
 and resume, and the CLI options."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from far.data import fashion_mnist
 from far.errors import ConfigError
 from far.train import TrainConfig
 from far.train.loop import Task, noise_patterns, noisy_weights, setup_distributed, train, weight_noise
+from test_loop import far_cli  # the CLI runner of the loop's tests
 
 
 class Toy(nn.Module):
@@ -166,12 +164,10 @@ def test_noise_is_deterministic_resumable_and_changes_training(tmp_path):
 
 def test_cli_distill_with_weight_noise(tmp_path):
     out = tmp_path / "nr.safetensors"
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
     common = ["--limit", "32", "--eval-limit", "50", "-q", "--threads", "1", "--batch-size", "16"]
-    r = subprocess.run([sys.executable, "-m", "far.cli", "distill", "fmnist_deit_tiny", "--student", "fmnist_far_tiny",
-                        "--epochs", "0", "--stage2-epochs", "1", "--weight-noise", "0.08",
-                        "--weight-noise-on", "w_ih,head_proj_weight", "--out-dir", str(tmp_path / "run"),
-                        "-o", str(out), *common], capture_output=True, text=True, env=env, timeout=600)
+    r = far_cli("distill", "fmnist_deit_tiny", "--student", "fmnist_far_tiny", "--epochs", "0", "--stage2-epochs", "1",
+                "--weight-noise", "0.08", "--weight-noise-on", "w_ih,head_proj_weight", "--out-dir", tmp_path / "run",
+                "-o", out, *common)
     assert r.returncode == 0, r.stderr
     model = far.load(out)
     base = far.create_model("fmnist_far_tiny", pretrained=True)
@@ -179,9 +175,7 @@ def test_cli_distill_with_weight_noise(tmp_path):
     assert (config["weight_noise"], config["weight_noise_on"]) == (0.08, "w_ih,head_proj_weight")
     changed = [n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert any("w_ih" in n for n in changed)
-    r = subprocess.run([sys.executable, "-m", "far.cli", "distill", "fmnist_deit_tiny", "--student", "fmnist_far_tiny",
-                        "--epochs", "0", "--weight-noise", "0.08", "--weight-noise-on", "w_xx",
-                        "--out-dir", str(tmp_path / "bad"), "-o", str(tmp_path / "bad.safetensors"), *common],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = far_cli("distill", "fmnist_deit_tiny", "--student", "fmnist_far_tiny", "--epochs", "0", "--weight-noise", "0.08",
+                "--weight-noise-on", "w_xx", "--out-dir", tmp_path / "bad", "-o", tmp_path / "bad.safetensors", *common)
     assert r.returncode != 0 and "w_xx" in r.stderr and "matches no trained weight" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "bad.safetensors").exists()
