@@ -18,7 +18,6 @@ plus top-1 agreement of student and teacher and both accuracies.
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 import torch.nn as nn

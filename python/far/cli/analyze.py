@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from far.cli.options import (FMNIST_NOTE, MODEL_HELP, Formatter, add_common, add_data, add_device, at_least, note,

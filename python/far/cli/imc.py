@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 from far.cli.evaluate import eval_dataset, eval_workers
 from far.cli.options import (BACKEND_CHOICES, FMNIST_NOTE, MODEL_HELP, Formatter, add_common, add_data, add_device,
@@ -543,7 +540,7 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     from far.evaluate import evaluate
     from far.imc import emulate, emulation_targets
     from far.imc.cost import DYNAMIC_MODES, HardwareSpec, model_cost
-    from far.models import data_config, stored_tensors
+    from far.models import stored_tensors
     from far.utils.env import environment, resolve_device
     from far.utils.fs import write_json
 
@@ -630,7 +627,7 @@ def cost_plot(result: dict, path: Path, force: bool = True) -> None:
     acc = all("top1" in r for r in rows)
     fig, axes = plt.subplots(1, 2 if acc else 1, figsize=(13 if acc else 8, 4.5), squeeze=False)
     ax = axes[0][0]
-    labels, bottoms = [], []
+    labels = []
     x = 0
     for r in rows:
         for m in modes:

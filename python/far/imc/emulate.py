@@ -7,7 +7,6 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 
 import far_kernels

@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import far_kernels
 from far_kernels.ops.crossbar_matmul.program import read_noise_key

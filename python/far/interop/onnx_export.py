@@ -283,7 +283,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], batch_size: Opt
     """Write `model` (a timm ViT with FARAttention and/or attention blocks, float32 weights taken as they
     are, eval semantics: dropout and drop-path off) to `path` as ONNX opset 17, atomically; returns the
     onnx.ModelProto. batch_size: a fixed batch, or None for a symbolic one. Needs the optional package onnx."""
-    onnx = require_onnx()
+    require_onnx()  # a clear error if onnx is missing, before any work
     from far.utils.fs import atomic_write
 
     proto = build_onnx(model, batch_size)

@@ -19,7 +19,7 @@ set_storage() converts in place; far.models.set_storage / far.load(storage=...) 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -184,7 +184,7 @@ class FARAttention(nn.Module):
 
     def _build_gather_index(self, device) -> tuple:
         hs = self.hidden_sizes
-        H, n = self.num_heads, self.width
+        n = self.width
         k = hs.t()  # [H, 2]: (head, direction), the ragged order
         u = torch.arange(n)
         kept = u < k[..., None]  # [H, 2, n]

@@ -32,7 +32,7 @@ def test_reference_matches_torch_nn_lstm(H, B, T, n, hs):
     # nn.LSTM's input is exactly gx; biases 0.
     out = bilstm_scan_ref(gx, w, torch.tensor(hs))
     for h in range(H):
-        params, xs = [], []
+        params = []
         for d in (0, 1):
             k = hs[d][h]
             rows = torch.cat([torch.arange(q * n, q * n + k) for q in range(4)])
