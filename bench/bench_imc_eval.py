@@ -3,9 +3,10 @@
 
 For each model it times, under torch.inference_mode on random inputs (speed does not depend on the data),
 the digital forward pass and the emulated one (far.imc.emulate, ISAAC defaults: 8-bit weights in 2-bit
-cells, 1-bit DAC, 8-bit ADC, 128-row tiles) on every crossbar backend available here, without and with
-read noise, and reports images/s and the slowdown vs digital (emulated time / digital time, same batch,
-same run). Models:
+cells, 1-bit DAC, 8-bit ADC, 128-row tiles) on every crossbar backend that runs on --device (CPU: torch,
+cpp; CUDA: torch, triton), without and with read noise, and reports images/s, the slowdown vs digital
+(emulated time / digital time, same batch, same run) and the seconds a 10k-image test set would take.
+Times are medians (CUDA events on a GPU). Models:
 
   fmnist_deit_tiny, fmnist_far_tiny, fmnist_far_tiny_pruned   the bundled zoo (28x28 Fashion-MNIST)
   deit_small_far_block                                          one DeiT-small-shaped FAR block (C=384,
@@ -20,6 +21,8 @@ slices) integer products per weight product, see docs/design.md). Writes JSON + 
 Examples:
   python bench/bench_imc_eval.py --quick              # smoke run (small batch), temp dir
   python bench/bench_imc_eval.py                      # full run: on a quiet machine
+  python bench/bench_imc_eval.py --device cuda        # on a GPU (batch 1000 for the zoo; the issue's target:
+                                                      # a zoo model's 10k test set in <= 30 s per setting)
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import far
 import far_kernels
 from far.imc import emulate
 from far.models import load_model, resolve
-from far.utils.env import environment, loadavg, result_filename
+from far.utils.env import device_name, environment, loadavg, resolve_device, result_filename
 from far.utils.fs import write_json
 from far.utils.plot import pyplot, save_figure
 from far_kernels import CrossbarConfig
@@ -65,60 +68,81 @@ def deit_small_blocks():
     return far_block, attn_block
 
 
-def cases(quick: bool):
-    """[(name, model, input [B, ...], dynamic)]."""
+def default_batches(quick: bool, device: torch.device) -> tuple:
+    """(zoo batch, DeiT-small block batch): a GPU needs large batches to fill it."""
+    if quick:
+        return 20, 2
+    return (1000, 64) if device.type == "cuda" else (100, 8)
+
+
+def cases(quick: bool, device: torch.device, batch=None, block_batch=None):
+    """[(name, model, input [B, ...], dynamic)], on `device`."""
     out = []
-    B = 20 if quick else 100
+    B, Bs = default_batches(quick, device)
+    B, Bs = batch or B, block_batch or Bs
+    g = torch.Generator().manual_seed(0)
     for name in ZOO:
-        model, _ = load_model(resolve(name))
-        out.append((name, model.eval(), torch.randn(B, 1, 28, 28), "digital"))
+        model, _ = load_model(resolve(name), device=str(device))
+        out.append((name, model.eval(), torch.randn(B, 1, 28, 28, generator=g).to(device), "digital"))
     far_block, attn_block = deit_small_blocks()
-    Bs = 2 if quick else 8
-    x = torch.randn(Bs, 197, 384)
-    out.append(("deit_small_far_block", far_block, x, "digital"))
-    out.append(("deit_small_attention_block", attn_block, x, "crossbar"))
+    x = torch.randn(Bs, 197, 384, generator=g).to(device)
+    out.append(("deit_small_far_block", far_block.to(device), x, "digital"))
+    out.append(("deit_small_attention_block", attn_block.to(device), x, "crossbar"))
     return out
 
 
-def backends():
+def backends(device: torch.device):
+    """The crossbar backends this benchmark compares on `device` (those that can run there)."""
     op = far_kernels.ops.crossbar_matmul.GROUP_OP
-    return [b for b in ("torch", "cpp") if op.reason(b, "cpu") is None]
+    names = ("torch", "triton") if device.type == "cuda" else ("torch", "cpp")
+    return [b for b in names if op.reason(b, device) is None]
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     rows = []
     settings = [("no noise", CrossbarConfig())]
     if not args.no_noise:
         settings.append(("read_noise=0.02", CrossbarConfig(read_noise=0.02)))
-    for name, model, x, dynamic in cases(args.quick):
+    for name, model, x, dynamic in cases(args.quick, device, args.batch, args.block_batch):
         if args.models and name not in args.models:
             continue
         B = x.shape[0]
         with torch.inference_mode():
-            dig = time_fn(lambda: model(x), min_reps=3, min_time_s=1.0 if not args.quick else 0.2)
+            dig = time_fn(lambda: model(x), device=device, min_reps=3, min_time_s=1.0 if not args.quick else 0.2)
         row = {"model": name, "batch": B, "input": list(x.shape), "dynamic": dynamic,
                "digital_ms": dig["ms"], "digital_images_per_s": B / dig["ms"] * 1e3, "emulated": []}
         print(f"{name}: digital {row['digital_images_per_s']:.1f} images/s (batch {B})", flush=True)
         for label, cfg in settings:
-            for be in backends():
+            for be in backends(device):
                 try:
                     emu = emulate(model, cfg, backend=be, dynamic=dynamic).eval()
                 except ValueError as e:  # e.g. nothing emulatable
                     print(f"  skip {label} {be}: {e}")
                     continue
                 with torch.inference_mode():
-                    st = time_fn(lambda: emu(x), min_reps=args.reps, min_time_s=0.0, warmup=1, warmup_s=0.0)
+                    st = time_fn(lambda: emu(x), device=device, min_reps=args.reps, min_time_s=0.0, warmup=1,
+                                 warmup_s=0.0)
                 ips = B / st["ms"] * 1e3
                 e = {"setting": label, "backend": be, "ms": st["ms"], "ms_p10": st["ms_p10"], "ms_p90": st["ms_p90"],
                      "runs": st["runs"], "images_per_s": ips, "slowdown_vs_digital": st["ms"] / dig["ms"],
-                     "minutes_per_10k_images": 1e4 / ips / 60}
+                     "seconds_per_10k_images": 1e4 / ips, "minutes_per_10k_images": 1e4 / ips / 60}
                 row["emulated"].append(e)
                 print(f"  {label:<16} {be:<6} {ips:8.2f} images/s  {e['slowdown_vs_digital']:7.1f}x digital  "
-                      f"{e['minutes_per_10k_images']:6.1f} min / 10k", flush=True)
+                      f"{e['seconds_per_10k_images']:8.1f} s / 10k", flush=True)
                 del emu
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         rows.append(row)
-    return {"benchmark": "imc_eval_speed", "threads": args.threads, "quick": args.quick,
+        if args.out_partial is not None:  # a run cut short keeps the models it finished
+            write_json(args.out_partial, _result(args, device, rows, partial=True))
+    return _result(args, device, rows)
+
+
+def _result(args, device: torch.device, rows: list, partial: bool = False) -> dict:
+    return {"benchmark": "imc_eval_speed", "device": str(device), "device_name": device_name(device),
+            "threads": args.threads, "quick": args.quick, "partial": partial,
             "crossbar_config": "ISAAC defaults (CrossbarConfig())", "loadavg_after": loadavg(),
             "environment": environment(args.threads), "results": rows}
 
@@ -152,8 +176,9 @@ def plot(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     env = result["environment"]
-    fig.suptitle(f"crossbar emulation speed, {result['threads']} threads, {env.get('cpu_model', '')}, "
-                 f"commit {str(env.get('git_commit', ''))[:8]}", fontsize=9)
+    where = (result.get("device_name") if str(result.get("device", "cpu")).startswith("cuda")
+             else f"{result['threads']} threads, {env.get('cpu_model', '')}")
+    fig.suptitle(f"crossbar emulation speed, {where}, commit {str(env.get('git_commit', ''))[:8]}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
@@ -167,10 +192,24 @@ def main(argv=None) -> int:
                                                 "deit_small_attention_block)")
     ap.add_argument("--no-noise", action="store_true", help="skip the read-noise setting")
     ap.add_argument("--quick", action="store_true", help="small batches, written to a temporary folder")
-    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/imc_eval_speed-<host>-<date>.json)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    ap.add_argument("--batch", type=int, help="zoo models' batch (default 100 on a CPU, 1000 on a GPU, 20 quick)")
+    ap.add_argument("--block-batch", type=int, help="DeiT-small block cases' batch (default 8 CPU, 64 GPU, 2 quick)")
+    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/imc_eval_speed-<host>-<date>.json); "
+                                             "rewritten after each model")
     args = ap.parse_args(argv)
+    try:
+        device = resolve_device(args.device, "--device")
+    except ValueError as e:
+        ap.error(str(e))
+    for flag, v in (("--batch", args.batch), ("--block-batch", args.block_batch), ("--reps", args.reps),
+                    ("--threads", args.threads)):
+        if v is not None and v < 1:
+            ap.error(f"{flag} must be >= 1, got {v}")
+    args.device = str(device)
     out = args.out or (Path(tempfile.mkdtemp()) / "imc_eval_speed.json" if args.quick
                        else RESULTS / result_filename("imc_eval_speed"))
+    args.out_partial = out
     result = run(args)
     write_json(out, result)
     plot(result, out.with_suffix(".png"))

@@ -14,12 +14,15 @@
 # Stages (name: cap s): env 60, build 300, smoke 150 (pytest -m gpu_smoke: tests/conftest.py GPU_SMOKE, one
 # test per kernel path and dtype, the stream checks, memcheck on one small case), headline 120 (bench_bilstm:
 # DeiT-S B=64 fp16, every row), cuda_scan_headline 60 (H=6 B=64 fp16/bf16 kernel variants), bilstm_tail 200
-# (the rest of the grid), cuda_scan_tail 120, crossbar 90, cuda_tests (every other cuda test: the rest).
+# (the rest of the grid), cuda_scan_tail 120, crossbar 90, imc_eval 120 (bench_imc_eval --device cuda: emulated
+# images/s of the zoo and DeiT-small blocks on the torch and triton crossbar backends, and the seconds a 10k test set
+# takes: issue 16's GPU target), cuda_tests (every other cuda test: the rest).
 # A stage starts only with at least its minimum left (else "skipped"); its limit is min(cap, budget left).
 # CAP_<stage>=s overrides a cap; SKIP_STAGES="a b" skips stages; OUT=dir (default bench/results/gpu_suite-<stamp>).
 # At the end the merge is also copied to gpu_suite-<device>-<stamp>.json in OUT and (not in a dry run) bench/results/.
 # Older knobs still work: SKIP_BUILD=1 (= BUILD=skip), QUICK=1 (smaller tail grids), BILSTM_TIMEOUT /
-# CUDA_SCAN_TIMEOUT / XBAR_TIMEOUT / TESTS_TIMEOUT (caps of bilstm_tail, cuda_scan_tail, crossbar, cuda_tests),
+# CUDA_SCAN_TIMEOUT / XBAR_TIMEOUT / IMC_EVAL_TIMEOUT / TESTS_TIMEOUT (caps of bilstm_tail, cuda_scan_tail, crossbar,
+# imc_eval, cuda_tests),
 # BENCH_WAIT_FILE=F (a "wait" stage before the benchmarks: until F exists, at most BENCH_WAIT_MAX s, from the budget).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -123,6 +126,7 @@ if [ "$DRY" = 1 ]; then
   scan_head=(--device cpu --quick)
   scan_tail=(--device cpu --quick)
   xbar=(--device cpu --quick --no-noise --M 64 --KN 64 --B 1 --T 4 --reps 1)
+  imc_eval=(--device cpu --quick --no-noise --reps 1 --batch 2 --block-batch 1 --threads 1 --models fmnist_far_tiny_pruned)
   SKIP_STAGES="${SKIP_STAGES:-} cuda_scan_tail"  # the same code as cuda_scan_headline on the CPU
 else
   bilstm_head=(--only-first --first small:fp16:64)
@@ -130,6 +134,7 @@ else
   scan_head=(--H 6 --dtypes fp16,bf16 --B 64)
   scan_tail=(--B 1,16,256,8 --pruned)
   xbar=()
+  imc_eval=(--device cuda --reps 1)
   if [ "${QUICK:-0}" = 1 ]; then
     bilstm_tail=(--skip small:fp16:64 --shapes small,base --dtypes fp16,bf16 --B 64,1)
     scan_tail=(--B 1,256 --dtypes fp16)
@@ -146,6 +151,7 @@ stage cuda_scan_headline 60 20 st_py bench/bench_cuda_scan.py "${scan_head[@]}"
 stage bilstm_tail "${BILSTM_TIMEOUT:-200}" 30 st_py bench/bench_bilstm.py "${bilstm_tail[@]}"
 stage cuda_scan_tail "${CUDA_SCAN_TIMEOUT:-120}" 30 st_py bench/bench_cuda_scan.py "${scan_tail[@]}"
 stage crossbar "${XBAR_TIMEOUT:-90}" 30 st_py bench/bench_crossbar.py "${xbar[@]}"
+stage imc_eval "${IMC_EVAL_TIMEOUT:-120}" 30 st_py bench/bench_imc_eval.py "${imc_eval[@]}"
 stage cuda_tests "${TESTS_TIMEOUT:-600}" 30 st_cuda_tests
 
 helper merge "$OUTDIR"

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
 STAGES = ("env", "build", "smoke", "headline", "cuda_scan_headline", "bilstm_tail", "cuda_scan_tail", "crossbar",
-          "cuda_tests")
+          "imc_eval", "cuda_tests")
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +75,11 @@ def test_benchmarks_check_before_timing_and_time_attention(dry):
     assert scan["complete"] and {r["variant"] for r in scan["records"]} >= {"fma", "mma", "attention_sdpa"}
     assert all(r["check"]["ok"] for r in scan["records"]) and all(r["stand_in"] for r in scan["records"] if "stand_in" in r)
     assert by["build"]["extension_status"]["loaded"]
+    imc = by["imc_eval"]  # the emulation-speed stage: every backend of the device timed, the 10k-image seconds given
+    assert imc["benchmark"] == "imc_eval_speed" and imc["device"] == "cpu" and not imc["partial"]
+    [row] = imc["results"]
+    assert row["model"] == "fmnist_far_tiny_pruned" and {e["backend"] for e in row["emulated"]} == {"torch", "cpp"}
+    assert all(e["seconds_per_10k_images"] > 0 for e in row["emulated"])
 
 
 def test_smoke_stage_selects_exactly_the_gpu_smoke_ids(dry):
