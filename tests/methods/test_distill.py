@@ -151,6 +151,41 @@ def test_stage2_with_kd_pulls_the_student_toward_the_teacher():
     assert float(task.loss(student, x, y)["loss"].detach()) < float(before["loss"].detach())
 
 
+def test_clean_block_loss_moves_the_block_terms_to_the_clean_pass():
+    """clean_blocks under weight noise: loss() keeps CE and KD only, clean_loss() is block_weight x exactly the
+    block terms a plain task computes at the same weights; without noise (or block weight 0) nothing moves."""
+    teacher = tiny_teacher()
+    student = make_student(teacher).train()
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    noisy = TrainConfig(label_smoothing=0.0, weight_noise=0.05)
+    task = DistillTask(student, teacher, noisy, stage=2, block_weight=2.5, kd_weight=1.0, kd_temperature=2.0,
+                       kind="cos+mse", clean_blocks=True)
+    plain = DistillTask(student, teacher, noisy, stage=2, block_weight=1.0, kd_weight=0.0, ce_weight=0.0,
+                        kind="cos+mse")
+    out = task.loss(student, x, y)
+    assert set(out) == {"loss", "ce", "kd"}
+    torch.testing.assert_close(out["loss"], out["ce"] + out["kd"])
+    clean = task.clean_loss(student, x, y)
+    want = plain.loss(student, x, y)
+    assert {k for k in clean if k != "loss"} == {k for k in want if k != "loss"}  # cos_b0, mse_b0, ..., cos, mse
+    torch.testing.assert_close(clean["loss"], 2.5 * want["loss"], rtol=1e-6, atol=0)
+    for off in (TrainConfig(weight_noise=0.0), noisy):  # no noise: nothing to separate; block weight 0: no terms
+        t = DistillTask(student, teacher, off, stage=2, block_weight=0.0 if off is noisy else 1.0, clean_blocks=True)
+        assert t.clean_loss(student, x, y) is None
+        assert (any(k.startswith("cos_b") for k in t.loss(student, x, y))) == (off is not noisy)
+    for t in (task, plain):
+        t.remove_hooks()
+
+
+def test_clean_block_loss_needs_weight_noise(tmp_path):
+    teacher = tiny_teacher()
+    cfg = TrainConfig(epochs=0, batch_size=32, progress=False, out_dir=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="clean block loss needs weight noise"):
+        far.distill(teacher, _data(32)[0], config=cfg, stage2_epochs=1, clean_block_loss=True)
+    assert not (tmp_path / "r").exists()
+
+
 def test_distill_end_to_end(tmp_path, capsys):
     """`far distill` (a thin shell over far.distill): isolated stage 1 (cos + mse per block), stage 2 with
     KD and the block regularizer, the fidelity report in the checkpoint and in `far info`."""

@@ -1,6 +1,7 @@
 """Noise-aware training (--weight-noise): which weights it perturbs, the noise's statistics, exact
 restoration, that the loop takes the gradient at the noisy weights and steps the clean ones, determinism
 and resume, and the CLI options."""
+import json
 import math
 
 import pytest
@@ -147,6 +148,42 @@ def test_loop_takes_the_gradient_at_the_noisy_weights_and_steps_the_clean_ones()
         before = after
 
 
+class SeenClean(Seen):
+    """Seen, plus a clean pass: clean_loss = 3 x ||fc.weight||^2 / 2, recording the weights it saw."""
+
+    def __init__(self, model, cfg):
+        super().__init__(model, cfg)
+        self.clean_seen = []
+
+    def clean_loss(self, model, x, y):
+        self.clean_seen.append(model.fc.weight.detach().clone())
+        return {"loss": 1.5 * (model.fc.weight ** 2).sum(), "anchor": (model.fc.weight ** 2).sum().detach()}
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_clean_pass_sees_the_clean_weights_and_its_gradient_adds_up(eta):
+    torch.manual_seed(1)
+    model = nn.Module()
+    model.fc, model.other = nn.Linear(784, 5, bias=False), nn.Linear(784, 5, bias=False)
+    model.forward = lambda x: model.fc(x.flatten(1))
+    cfg = TrainConfig(epochs=1, batch_size=8, limit=8, lr=1e-2, min_lr=1e-2, warmup_epochs=0, weight_decay=0,
+                      grad_clip=0, progress=False, augment=False, weight_noise=eta, weight_noise_on="fc.weight",
+                      log_every=1)
+    task = SeenClean(model, cfg)
+    start = model.fc.weight.detach().clone()
+    report = train(task, fashion_mnist("train", limit=8), None, cfg, setup_distributed("cpu"))
+    if eta == 0:  # no noise: every weight is clean, so there is no second pass
+        assert task.clean_seen == []
+        return
+    [noisy], [clean], [after] = [s["fc"] for s in task.seen], task.clean_seen, [a["fc"] for a in task.after]
+    assert torch.equal(clean, start) and not torch.equal(noisy, start)
+    g = noisy.double() + 3 * start.double()  # the noisy pass's gradient plus the clean pass's
+    want = start.double() - 1e-2 * g / (g.abs() + 1e-8)  # AdamW's first step
+    torch.testing.assert_close(after.double(), want, atol=1e-7, rtol=0)
+    step = next(r for r in report.history if r["kind"] == "step")
+    assert "anchor" in step  # the clean pass's terms are logged beside the noisy pass's
+
+
 def test_noise_is_deterministic_resumable_and_changes_training(tmp_path):
     a, _, ma = run_seen(0.5)
     b, _, mb = run_seen(0.5)
@@ -175,6 +212,14 @@ def test_cli_distill_with_weight_noise(tmp_path):
     assert (config["weight_noise"], config["weight_noise_on"]) == (0.08, "w_ih,head_proj_weight")
     changed = [n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert any("w_ih" in n for n in changed)
+    assert read_config(out)["metadata"]["distill"]["clean_block_loss"] is False
+    r = far_cli("distill", "fmnist_deit_tiny", "--student", "fmnist_far_tiny", "--epochs", "0", "--stage2-epochs", "1",
+                "--weight-noise", "0.08", "--clean-block-loss", "--out-dir", tmp_path / "clean",
+                "-o", tmp_path / "clean.safetensors", *common)
+    assert r.returncode == 0, r.stderr
+    assert read_config(tmp_path / "clean.safetensors")["metadata"]["distill"]["clean_block_loss"] is True
+    steps = [json.loads(line) for line in (tmp_path / "clean" / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert any("cos_b0" in r and "kd" in r for r in steps if r["kind"] == "step")  # both passes logged
     r = far_cli("distill", "fmnist_deit_tiny", "--student", "fmnist_far_tiny", "--epochs", "0", "--weight-noise", "0.08",
                 "--weight-noise-on", "w_xx", "--out-dir", tmp_path / "bad", "-o", tmp_path / "bad.safetensors", *common)
     assert r.returncode != 0 and "w_xx" in r.stderr and "matches no trained weight" in r.stderr

@@ -348,6 +348,21 @@ def apply_mixup(mix, x: torch.Tensor, y: torch.Tensor, seed: int) -> Tuple[torch
     return x, (y if unlabeled else soft)
 
 
+def _forward_backward(loss_fn, model, x, y, d, amp, scaler, desc: str, step: int, lr: float):
+    """loss_fn(model, x, y) under autocast, checked finite, and its backward (scaled with a GradScaler):
+    gradients accumulate into .grad. Returns the loss dict (None if loss_fn returned None)."""
+    with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+        losses = loss_fn(model, x, y)
+    if losses is None:
+        return None
+    loss = losses["loss"]
+    if not torch.isfinite(loss):
+        raise ConfigError(f"{desc}: the loss became {float(loss)} at step {step} (lr {lr:.3g}); "
+                          "lower --lr or check the data")
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return losses
+
+
 # ---------------------------------------------------------------- noise-aware training
 def noise_patterns(text: str) -> List[str]:
     """The glob patterns of --weight-noise-on (comma-separated)."""
@@ -464,6 +479,12 @@ class Task:
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         loss = classification_loss(model(x), y, self.cfg.label_smoothing)
         return {"loss": loss, "ce": loss.detach()}
+
+    def clean_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """Only under weight noise: terms taken at the clean weights, in a second forward and backward after
+        the noisy one, their gradients added to its own before the step (a dict with "loss", like `loss`).
+        None (the default): every term is in `loss`, at the noisy weights."""
+        return None
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step (e.g. to re-apply a pruning mask)."""
@@ -695,19 +716,17 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
                 x, y = apply_mixup(mix, x, y, _step_seed(cfg.seed, step, d.rank) + 3)
             for g in opt.param_groups:
                 g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
             with weight_noise(noisy, cfg.weight_noise):  # forward and backward at the noisy weights
-                with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
-                    losses = task.loss(ddp, x, y)
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"{desc}: the loss became {float(loss)} at step {step} (lr {lr:.3g}); "
-                                     "lower --lr or check the data")
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(opt)
-                else:
-                    loss.backward()
+                losses = _forward_backward(task.loss, ddp, x, y, d, amp, scaler, desc, step, lr)
+            if noisy:  # the clean weights are back: the terms a task takes at them (gradients add up)
+                clean = _forward_backward(task.clean_loss, ddp, x, y, d, amp, scaler, desc, step, lr)
+                if clean is not None:
+                    losses = {**losses, **{k: v for k, v in clean.items() if k != "loss"},
+                              "loss": losses["loss"].detach() + clean["loss"].detach()}
+            loss = losses["loss"]
+            if scaler is not None:
+                scaler.unscale_(opt)
             if cfg.grad_clip > 0:
                 for group in clip_groups:
                     nn.utils.clip_grad_norm_(group, cfg.grad_clip)
