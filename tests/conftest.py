@@ -56,6 +56,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_fmnist)
 
 
+def load_bench(name: str):
+    """bench/<name>.py imported as a module (the bench folder is scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def cpu_backends(op=None):
     """Backends of `op` (default: the scan's OP) to test on CPU: torch always, cpp when the extension is
     built (CI builds it), triton only when the user set TRITON_INTERPRET=1 and the op has a Triton kernel."""

@@ -1,20 +1,15 @@
 """bench/bench_imc_eval.py: one small run writes a JSON whose rows time every CPU backend and give the 10k-image
 seconds consistent with their images/s; a device that cannot be used is refused before any work."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_imc_eval.py"
+from conftest import load_bench  # bench/<name>.py as a module
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_imc_eval", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_imc_eval")
 
 
 def test_quick_run_writes_every_backend_row(tmp_path):

@@ -1,19 +1,14 @@
 """bench/bench_imc_sweeps.py: the ADC sweep is a grid over ADC bits and ADC ranges, the read-noise sweep runs
 at the range asked for, and results of either layout (with or without the range in each setting) merge and plot."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_imc_sweeps.py"
+from conftest import load_bench  # bench/<name>.py as a module
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_imc_sweeps", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_imc_sweeps")
 
 
 @pytest.mark.fmnist

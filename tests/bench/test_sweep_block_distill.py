@@ -1,20 +1,17 @@
 """bench/sweep_block_distill.py end to end on a few images: one point per value of the varied setting, that
 setting really used (LR, epochs, width), the best recorded, bad input refused, old results still plotted."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "sweep_block_distill.py"
+from conftest import load_bench  # bench/<name>.py as a module
+
 TINY = ["--train-images", "256", "--test-images", "32", "--block", "1"]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("sweep_block_distill", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("sweep_block_distill")
 
 
 def test_sweep_writes_one_point_per_lr(tmp_path):

@@ -116,14 +116,19 @@ class Seen(Task):
         self.after.append({k: getattr(model, k).weight.detach().clone() for k in ("fc", "other")})
 
 
-def run_seen(eta, out_dir=None, max_steps=None, resume=False, seed=0):
+def seen_setup(eta, limit=24, **cfg):
+    """Two bias-free Linears (noise on fc only) and a one-epoch AdamW run at a constant LR 1e-2."""
     torch.manual_seed(1)
     model = nn.Module()
     model.fc, model.other = nn.Linear(784, 5, bias=False), nn.Linear(784, 5, bias=False)
     model.forward = lambda x: model.fc(x.flatten(1))
-    cfg = TrainConfig(epochs=1, batch_size=8, limit=24, lr=1e-2, min_lr=1e-2, warmup_epochs=0, weight_decay=0,
-                      grad_clip=0, progress=False, augment=False, weight_noise=eta, weight_noise_on="fc.weight",
-                      out_dir=out_dir, max_steps=max_steps, resume=resume, ckpt_every=1, seed=seed)
+    return model, TrainConfig(epochs=1, batch_size=8, limit=limit, lr=1e-2, min_lr=1e-2, warmup_epochs=0,
+                              weight_decay=0, grad_clip=0, progress=False, augment=False, weight_noise=eta,
+                              weight_noise_on="fc.weight", **cfg)
+
+
+def run_seen(eta, out_dir=None, max_steps=None, resume=False, seed=0):
+    model, cfg = seen_setup(eta, out_dir=out_dir, max_steps=max_steps, resume=resume, ckpt_every=1, seed=seed)
     task = Seen(model, cfg)
     start = {k: getattr(model, k).weight.detach().clone() for k in ("fc", "other")}
     train(task, fashion_mnist("train", limit=24), None, cfg, setup_distributed("cpu"))
@@ -162,13 +167,7 @@ class SeenClean(Seen):
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_clean_pass_sees_the_clean_weights_and_its_gradient_adds_up(eta):
-    torch.manual_seed(1)
-    model = nn.Module()
-    model.fc, model.other = nn.Linear(784, 5, bias=False), nn.Linear(784, 5, bias=False)
-    model.forward = lambda x: model.fc(x.flatten(1))
-    cfg = TrainConfig(epochs=1, batch_size=8, limit=8, lr=1e-2, min_lr=1e-2, warmup_epochs=0, weight_decay=0,
-                      grad_clip=0, progress=False, augment=False, weight_noise=eta, weight_noise_on="fc.weight",
-                      log_every=1)
+    model, cfg = seen_setup(eta, limit=8, log_every=1)
     task = SeenClean(model, cfg)
     start = model.fc.weight.detach().clone()
     report = train(task, fashion_mnist("train", limit=8), None, cfg, setup_distributed("cpu"))
