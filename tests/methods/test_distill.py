@@ -2,6 +2,7 @@
 trains only the new modules, isolated stage 1 == each block trained alone on cached teacher activations,
 label-free distillation, and the whole command end to end on a tiny model."""
 import copy
+import json
 
 import pytest
 import torch
@@ -176,6 +177,24 @@ def test_clean_block_loss_moves_the_block_terms_to_the_clean_pass():
         assert (any(k.startswith("cos_b") for k in t.loss(student, x, y))) == (off is not noisy)
     for t in (task, plain):
         t.remove_hooks()
+
+
+def test_clean_block_loss_runs_an_isolated_stage1_without_noise(tmp_path):
+    """Stage 1 isolated has block losses only: with clean_block_loss it trains at the clean weights (no noise in
+    its run identity), and stage 2 carries both the noise and the option."""
+    teacher = tiny_teacher()
+    cfg = TrainConfig(epochs=0.5, batch_size=32, progress=False, out_dir=str(tmp_path / "run"), weight_noise=0.05,
+                      weight_noise_on="*weight,w_ih,w_hh")
+    student = far.distill(teacher, _data(64)[0], config=cfg, stage2_epochs=0.5, clean_block_loss=True)
+    assert student.far_metadata["distill"]["clean_block_loss"] is True
+
+    def identity(stage):
+        state = torch.load(tmp_path / "run" / stage / "last.pt", map_location="cpu", weights_only=False)
+        return json.loads(state["identity"]["json"])
+
+    one, two = identity("stage1"), identity("stage2")
+    assert "weight_noise" not in one and one["clean_block_loss"] is True
+    assert two["weight_noise"] == 0.05 and two["clean_block_loss"] is True
 
 
 def test_clean_block_loss_needs_weight_noise(tmp_path):
