@@ -302,8 +302,8 @@ def cmd_distill(args) -> int:
                         kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
                         stage2_block_weight=args.stage2_block_weight, labels=labels, blocks=blocks,
                         pre_proj_init=args.pre_proj_init, joint_lr=args.joint_lr,
-                        clean_block_loss=args.clean_block_loss, hidden_sizes=args.hidden_size, device=args.device, identity=identity,
-                        recipe=args.recipe, explicit=explicit)
+                        clean_block_loss=args.clean_block_loss, hidden_sizes=args.hidden_size, device=args.device,
+                        identity=identity, recipe=args.recipe, explicit=explicit)
     return finish(args, model, f"FAR student of {teacher_spec(args)}")
 
 

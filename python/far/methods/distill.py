@@ -222,18 +222,23 @@ class DistillTask(Task):
         self.s_taps = MixerTaps(student, inputs=False)
         self.t_taps = MixerTaps(teacher, inputs=False)
 
+    def _forward(self, model: nn.Module, x: torch.Tensor, with_teacher: bool) -> tuple:
+        """(student logits, its FAR blocks' outputs, and with_teacher: the teacher's logits and the same blocks'
+        attention outputs, else None, None)."""
+        t_logits = t_feats = None
+        if with_teacher:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            _, t_all = self.t_taps.take()
+            t_feats = [t_all[i] for i in self.far_idx]
+        logits = model(x)
+        _, s_all = self.s_taps.take()
+        return logits, [s_all[i] for i in self.far_idx], t_logits, t_feats
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
         need_blocks = self.block_weight > 0 and not self.clean_blocks
-        if need_blocks or self.kd_weight > 0:
-            with torch.no_grad():
-                t_logits = self.teacher(x)
-            _, t_feats = self.t_taps.take()
-        logits = model(x)
-        _, s_feats = self.s_taps.take()
-        if need_blocks or self.kd_weight > 0:
-            t_feats = [t_feats[i] for i in self.far_idx]
-        s_feats = [s_feats[i] for i in self.far_idx]
+        logits, s_feats, t_logits, t_feats = self._forward(model, x, need_blocks or self.kd_weight > 0)
         loss = 0.0
         if self.ce_weight > 0:
             ce = classification_loss(logits, y, self.cfg.label_smoothing)  # soft targets under mixup
@@ -253,15 +258,9 @@ class DistillTask(Task):
         calls this after the noisy forward and backward, the noise removed)."""
         if not self.clean_blocks:
             return None
-        with torch.no_grad():
-            self.teacher(x)
-        _, t_feats = self.t_taps.take()
-        model(x)
-        _, s_feats = self.s_taps.take()
+        _, s_feats, _, t_feats = self._forward(model, x, with_teacher=True)
         out: Dict[str, torch.Tensor] = {}
-        terms = _add_block_terms(out, [s_feats[i] for i in self.far_idx], [t_feats[i] for i in self.far_idx],
-                                 self.kind)
-        out["loss"] = self.block_weight * terms
+        out["loss"] = self.block_weight * _add_block_terms(out, s_feats, t_feats, self.kind)
         return out
 
     def remove_hooks(self) -> None:
@@ -370,7 +369,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             block_weight: float = 1.0, kd_weight: float = 1.0, kd_temperature: float = 2.0,
             stage2_block_weight: float = 1.0, labels: bool = True, hidden_sizes=None, device: Optional[str] = None,
             blocks=None, pre_proj_init: str = "v", joint_lr: Optional[float] = None,
-            clean_block_loss: bool = False, identity: Optional[dict] = None, recipe: str = "far", explicit=None) -> nn.Module:
+            clean_block_loss: bool = False, identity: Optional[dict] = None, recipe: str = "far",
+            explicit=None) -> nn.Module:
     """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
     teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
     train/eval mode and requires_grad flags are restored afterwards.
