@@ -2,21 +2,22 @@
 # One short GPU lease, used twice: the GPU suite (bench/gpu_suite.sh: build, cuda tests, benchmarks) runs
 # while the zoo trains beside it, and the benchmarks wait for the training (BENCH_WAIT_FILE) so their
 # timings are taken alone. Training: two lineages in parallel (a small ViT leaves an H100 mostly idle):
-#   A: teacher from scratch (EA epochs) -> distill (S1 + S2 epochs: the zoo recipe, scripts/train_zoo.sh) -> prune (PH + PF epochs) -> prune to the xs budget
-#   C: the bundled teacher continued (EC epochs) -> distill -> prune -> xs
+#   A: teacher from scratch (EA epochs) -> distill (S1 + S2 epochs: the zoo recipe, scripts/train_zoo.sh)
+#      -> prune (PH + PF epochs) -> distill it (P1 + P2); and from the same student: prune to the xs budget -> distill it (XS1 + XS2)
+#   C: the bundled teacher continued (EC epochs) -> distill -> prune -> distill -> xs -> distill
 # Checkpoints land in $OUT (the device tool's folder) as each step ends, logs in $OUT/logs.tgz; training
 # is stopped at TRAIN_DEADLINE seconds. Data: FAR_FASHION_MNIST, default .data/fashion-mnist, which the
 # device has not: here, `mkdir -p .data && cp -r /usr/share/datasets/fashion-mnist .data/ && echo /.data/ >>.git/info/exclude`
 # once, then carry .data in the call.
 #   bash scripts/gpu_zoo_session.sh                              # on the device (~10 min)
-#   R=/tmp/zt NO_SUITE=1 LIMIT=300 AMP=bf16 EA=1 EC=1 S1=1 S2=1 PH=1 PF=1 bash scripts/gpu_zoo_session.sh  # CPU check
+#   R=/tmp/zt NO_SUITE=1 LIMIT=300 AMP=bf16 EA=1 EC=1 S1=1 S2=1 PH=1 PF=1 P1=1 P2=1 XS1=1 XS2=1 bash scripts/gpu_zoo_session.sh  # CPU check
 set -u
 t0=$(date +%s); el() { echo $(( $(date +%s) - t0 )); }
 R=${R:-/tmp/zoo}; mkdir -p "$R"; OUTD=${OUT:-$R/out}; mkdir -p "$OUTD"
 export FAR_FASHION_MNIST=${FAR_FASHION_MNIST:-$PWD/.data/fashion-mnist} PYTHONUNBUFFERED=1
 TRAIN_DEADLINE=${TRAIN_DEADLINE:-400}
 L="${LIMIT:+--limit $LIMIT --eval-limit $LIMIT} ${AMP:+--amp $AMP}"
-EA=${EA:-60}; EC=${EC:-24}; S1=${S1:-8}; S2=${S2:-4}; PH=${PH:-1}; PF=${PF:-2}
+EA=${EA:-60}; EC=${EC:-24}; S1=${S1:-8}; S2=${S2:-4}; PH=${PH:-1}; PF=${PF:-2}; P1=${P1:-4}; P2=${P2:-3}; XS1=${XS1:-4}; XS2=${XS2:-10}
 far() { FAR_BACKEND=torch PYTHONPATH=$PWD/python:$PWD python3 -m far.cli "$@" --data fashion-mnist --seed 0 --threads 2 -q --ckpt-every 2000 $L; }
 stage() { local name=$1; shift; echo "[$(el)s] start $name" >>"$R/stages.log"; "$@" >"$R/$name.log" 2>&1; local rc=$?
           echo "[$(el)s] end $name rc=$rc" >>"$R/stages.log"; [ $rc = 0 ] && cp "$R/$name.safetensors" "$OUTD/" 2>/dev/null; return $rc; }
@@ -31,12 +32,18 @@ lineage() {
   fi
   stage far_$x far distill "$R/teacher_$x.safetensors" --epochs "$S1" --lr 1e-2 --warmup-epochs 0.1 --stage2-epochs "$S2" \
     --stage2-lr 2e-4 --ema 0.999 --batch-size 64 --out-dir "$R/run_far_$x" -o "$R/far_$x.safetensors" || return
-  stage pruned_$x far prune "$R/far_$x.safetensors" --hoyer 5e-4 --epochs "$PH" --lr 3e-4 --warmup-epochs 0.1 --prune-ratio 0.3 \
-    --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 --out-dir "$R/run_pruned_$x" -o "$R/pruned_$x.safetensors" || return
+  stage prunedft_$x far prune "$R/far_$x.safetensors" --hoyer 5e-4 --epochs "$PH" --lr 3e-4 --warmup-epochs 0.1 --prune-ratio 0.3 \
+    --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 --out-dir "$R/run_prunedft_$x" -o "$R/prunedft_$x.safetensors" || return
+  stage pruned_$x far distill "$R/teacher_$x.safetensors" --student "$R/prunedft_$x.safetensors" --epochs "$P1" --lr 1e-2 \
+    --warmup-epochs 0.1 --stage2-epochs "$P2" --stage2-lr 2e-4 --ema 0.999 --batch-size 64 --out-dir "$R/run_pruned_$x" \
+    -o "$R/pruned_$x.safetensors" || return
   # the extra-small student (zoo fmnist_far_tiny_xs): token mixers <= 0.78x the teacher attention's parameters
-  stage xs_$x far prune "$R/far_$x.safetensors" --hoyer 5e-4 --epochs "$PH" --lr 3e-4 --warmup-epochs 0.05 \
+  stage xsft_$x far prune "$R/far_$x.safetensors" --hoyer 5e-4 --epochs "$PH" --lr 3e-4 --warmup-epochs 0.05 \
     --budget mixer-params=116213 --balance --rounds 3 --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 \
-    --out-dir "$R/run_xs_$x" -o "$R/xs_$x.safetensors"
+    --out-dir "$R/run_xsft_$x" -o "$R/xsft_$x.safetensors" || return
+  stage xs_$x far distill "$R/teacher_$x.safetensors" --student "$R/xsft_$x.safetensors" --epochs "$XS1" --lr 1e-2 \
+    --warmup-epochs 0.1 --stage2-epochs "$XS2" --stage2-lr 2e-4 --ema 0.999 --batch-size 64 --out-dir "$R/run_xs_$x" \
+    -o "$R/xs_$x.safetensors"
 }
 ( lineage A ) & pa=$!
 ( lineage C ) & pc=$!
