@@ -101,6 +101,52 @@ def test_budget_is_met_tightly_and_counted_like_the_compacted_model(spec, hw, al
     assert measure({}) == pytest.approx(counted(model, b)) == pytest.approx(plan.before)
 
 
+@pytest.mark.parametrize("spec", ["energy=3.9e6", "latency=420000", "mixer-arrays=40"])
+@pytest.mark.parametrize("min_units,align", [(3, 1), (4, 4), (8, 4)])
+def test_min_units_floor_holds_and_the_budget_is_still_met_tightly(spec, min_units, align):
+    model = tiny()
+    b = Budget.parse(spec)
+    named = far.far_modules(model)
+    plan = plan_budget(named, model, b, align=align, min_units=min_units)
+    assert plan.met and plan.achieved <= b.value
+    if plan.next_up is not None:
+        assert plan.next_up > b.value
+    result = pruned_copy(model, plan.masks)
+    assert counted(result, b) == pytest.approx(plan.achieved)
+    sizes = torch.cat([m.hidden_sizes.flatten() for _, m in far.far_modules(result)])
+    assert ((sizes == 0) | (sizes >= min_units)).all() and sizes.sum() > 0, sizes
+    assert f"0 or at least {min_units} units" in plan.summary()
+
+
+def test_min_units_floor_changes_what_a_budget_keeps():
+    # energy=3.9e6 leaves (head, direction)s with 1 and 2 units without a floor; the floor must lift or empty them
+    model = tiny()
+    named = far.far_modules(model)
+    b = Budget.parse("energy=3.9e6")
+    plain = torch.stack([k.sum(-1) for k in plan_budget(named, model, b).masks])
+    assert ((plain > 0) & (plain < 3)).any(), plain
+    floored = torch.stack([k.sum(-1) for k in plan_budget(named, model, b, min_units=3).masks])
+    assert not ((floored > 0) & (floored < 3)).any(), floored
+
+
+def test_floor_keeps_the_strongest_alive_units_by_hand():
+    from far.methods.prune import _floor
+
+    norms = torch.tensor([[[0.5, 0.9, 0.1, 0.7, 0.0], [0.3, 0.2, 0.8, 0.6, 0.4]]])  # [H=1, 2, n=5]
+    alive = torch.tensor([[[True, True, True, True, False], [True, True, False, False, False]]])
+    keep = torch.tensor([[[False, False, True, False, False], [True, True, False, False, False]]])
+    out = _floor(keep, norms, alive, 3)
+    # forward kept 1 (< 3): its 3 strongest alive units (0.9, 0.7, 0.5), the weak kept one dropped;
+    # backward kept 2 with only 2 alive: unchanged
+    assert out[0, 0].tolist() == [True, True, False, True, False]
+    assert out[0, 1].tolist() == keep[0, 1].tolist()
+    assert torch.equal(_floor(keep & False, norms, alive, 3), keep & False)  # nothing kept stays nothing
+    for bad, align in ((-1, 1), (2.0, 1), (True, 1), (6, 4)):
+        with pytest.raises(ConfigError, match="min_units"):
+            plan_budget(far.far_modules(tiny()), tiny(), Budget.parse("mixer-params=30000"), align=align,
+                        min_units=bad)
+
+
 def test_impossible_budget_says_by_how_much_and_why():
     model = tiny()
     with pytest.raises(ConfigError, match=r"cannot be met.*over.*pre_proj and proj"):

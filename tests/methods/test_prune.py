@@ -173,3 +173,31 @@ def test_prune_command_end_to_end(tmp_path, capsys):
     assert meta["lstm_params_after"] < 0.75 * meta["lstm_params_before"]
     assert (tmp_path / "run" / "kept_units.png").is_file()
     assert out.stat().st_size < (tmp_path / "s.safetensors").stat().st_size
+
+
+def test_prune_command_min_units_floor_with_a_ratio(tmp_path, capsys):
+    from far.cli import main
+
+    torch.manual_seed(0)
+    model = far.create_model("fmnist_deit_tiny", embed_dim=48, depth=2, num_heads=2)
+    far.save(model, tmp_path / "s.safetensors")
+    common = [str(tmp_path / "s.safetensors"), "--limit", "32", "--eval-limit", "32", "--batch-size", "32",
+              "--epochs", "0", "--finetune-epochs", "0", "-q"]
+    sizes = {}
+    for floor in (0, 4):
+        out = tmp_path / f"p{floor}.safetensors"
+        code = main(["prune", *common, "--prune-ratio", "0.9", "--min-units", str(floor), "-o", str(out)])
+        assert code == 0, capsys.readouterr()
+        pruned = far.load(out)
+        sizes[floor] = torch.cat([m.hidden_sizes.flatten() for _, m in far.far_modules(pruned)])
+        assert pruned.far_checkpoint["metadata"]["pruning"]["min_units"] == floor
+    assert ((sizes[0] > 0) & (sizes[0] < 4)).any(), sizes[0]  # the ratio alone leaves short (head, direction)s
+    assert ((sizes[4] == 0) | (sizes[4] >= 4)).all(), sizes[4]
+    assert ((sizes[4] > 0) == (sizes[0] > 0)).all()  # the floor lifts, it does not empty
+    capsys.readouterr()
+    for extra, match in ((["--min-units", "-1"], "--min-units must be >= 0"),
+                         (["--min-units", "6", "--budget", "mixer-params=30k", "--align", "arrays"], "multiple of --align")):
+        code = main(["prune", *common, *extra, "-o", str(tmp_path / "never.safetensors")])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err, (extra, err)
+        assert not (tmp_path / "never.safetensors").exists()

@@ -338,6 +338,11 @@ def cmd_prune(args) -> int:
             raise ConfigError(f"--align takes a number of units or 'arrays', got {args.align!r}") from None
         if align < 1:
             raise ConfigError(f"--align must be >= 1, got {align}")
+    if args.min_units < 0:
+        raise ConfigError(f"--min-units must be >= 0, got {args.min_units}")
+    if align > 1 and args.min_units % align:
+        raise ConfigError(f"--min-units {args.min_units} must be a multiple of --align ({align} units): rounding down "
+                          "to whole column blocks would undercut the floor")
     if (args.align is not None or args.balance) and budget is None:
         raise ConfigError("--align and --balance shape what a --budget keeps; give --budget")
     model, _ = load_model(ref)
@@ -345,7 +350,7 @@ def cmd_prune(args) -> int:
     model = far.prune(model, train_set, eval_data=eval_set, config=cfg, hoyer=args.hoyer, prune_ratio=ratio,
                       threshold=args.threshold, budget=budget, align=align, balance=args.balance, rounds=args.rounds,
                       hoyer_scope=args.hoyer_scope, groups="public" if args.public_groups else "far",
-                      finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                      min_units=args.min_units, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                       device=args.device, identity={"student": _abs(ref), "data": str(args.data)}, inplace=True)
     if not args.balance:  # one global threshold can all but empty a block whose weights are small overall
         before = getattr(model, "far_pruned_from", {})
@@ -549,6 +554,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--balance", action="store_true",
                    help="with --budget: rank each group by its norm relative to its block's (RMS), so that no "
                         "block is emptied because its weights are small overall")
+    p.add_argument("--min-units", type=int, default=0, metavar="K",
+                   help="every (head, direction) that keeps a unit keeps at least K, its strongest (a budget is "
+                        "still met by removing more elsewhere): no crossbar product of one or two rows, which a "
+                        "full-range ADC resolves to a few levels; with --align, a multiple of it (default 0: no floor)")
     p.add_argument("--rounds", type=int, default=1, metavar="N",
                    help="gradual pruning: N rounds of Hoyer training, pruning and masked fine-tune, the budget (or "
                         "ratio) shrinking geometrically to the target; --epochs and --finetune-epochs are per round")

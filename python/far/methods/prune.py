@@ -21,7 +21,10 @@ the sorted group norms; the quantity is counted for each candidate by the parame
 far.imc.cost's chip model), and `align` rounds every (head, direction) down to whole crossbar column
 blocks (4 units at the default 8-bit weights in 2-bit differential cells, 128 columns: 4k gate rows x 8
 columns per unit). `rounds` > 1 repeats steps 1-3 with budgets shrinking geometrically to the target
-(gradual pruning).
+(gradual pruning). `min_units` (with a budget, a ratio or a threshold) puts a floor under every (head,
+direction) that keeps anything: it keeps at least that many units (its strongest), so no crossbar product is
+left with one or two rows — a full-range ADC, sized for a whole tile, resolves such a product to a handful of
+levels (README, "Why `fmnist_far_tiny_xs` is not re-made in one run").
 
 What can be removed physically: a unit (its W_ih and W_hh gate rows, its W_hh column, its biases, its
 head_proj column). Not pruned: pre_proj rows and W_ih columns (a head's LSTM input width d is shared by
@@ -288,6 +291,7 @@ class BudgetPlan:
     pruned_groups: int
     groups: int
     align: int
+    min_units: int = 0
 
     @property
     def met(self) -> bool:
@@ -297,6 +301,8 @@ class BudgetPlan:
         b = self.budget
         head = (f"budget {b}: achieved {b.format(self.achieved)} ({100 * self.achieved / b.value:.1f}% of the budget; "
                 f"{b.format(self.before)} before), {self.pruned_groups} of {self.groups} unit groups removed")
+        if self.min_units > 1:
+            head += f", every (head, direction) 0 or at least {self.min_units} units"
         if self.align > 1:
             head += f", every (head, direction) a multiple of {self.align} units"
         if self.next_up is not None:
@@ -326,15 +332,18 @@ def check_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budge
 
 
 def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget: Budget, align: int = 1,
-                groups: str = "far", balance: bool = False) -> BudgetPlan:
+                groups: str = "far", balance: bool = False, min_units: int = 0) -> BudgetPlan:
     """The fewest removed unit groups (weakest group norm first, over every block, head and direction; with
     `align` > 1 every (head, direction) then rounded down to a multiple of `align` kept units) whose model
     meets `budget`. balance=True ranks each group by its norm over the root-mean-square norm of its block's
     kept groups, so that a block whose weights are small overall is not emptied first (every block keeps
-    units to reproduce its attention block with). Raises ConfigError, saying by how much and why, when even
+    units to reproduce its attention block with). min_units > 0: every (head, direction) left with fewer kept
+    units than that, but some, keeps its `min_units` strongest (all it has, if fewer) before `align` rounds;
+    the search then removes more elsewhere. Raises ConfigError, saying by how much and why, when even
     removing every unit cannot."""
     if align < 1:
         raise ConfigError(f"align must be >= 1, got {align}")
+    check_min_units(min_units, align)
     measure = budget_measure(model, budget)
     alive = [m.unit_mask().contiguous() for _, m in models]
     with torch.no_grad():
@@ -355,6 +364,8 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
         keep = [a.clone() for a in alive]
         for i, idx in where[:j]:
             keep[i].view(-1)[idx] = False
+        if min_units > 1:
+            keep = [_floor(k, n, a, min_units) for k, n, a in zip(keep, norms, alive)]
         if align > 1:
             keep = [_align(k, n, align) for k, n in zip(keep, norms)]
         return keep
@@ -366,7 +377,7 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
     before = measure({})
     check_budget(models, model, budget, measure)
     lo, hi = 0, G  # value(hi) <= budget; find the smallest such j
-    if before <= budget.value and align == 1:
+    if before <= budget.value and align == 1 and min_units <= 1:
         hi = 0
     while lo < hi:
         mid = (lo + hi) // 2
@@ -377,7 +388,30 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
     j = hi
     masks = masks_for(j)
     thr = float((order[j - 1] + order[j]) / 2) if 0 < j < G else (float(order[-1]) + 1.0 if j == G else 0.0)
-    return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align)
+    return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align, min_units)
+
+
+def check_min_units(min_units, align: int = 1) -> None:
+    """ConfigError unless `min_units` is an int >= 0 that `align` (> 1) divides."""
+    if isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 0:
+        raise ConfigError(f"min_units must be an int >= 0, got {min_units!r}")
+    if align > 1 and min_units % align:
+        raise ConfigError(f"min_units ({min_units}) must be a multiple of align ({align}): rounding down to whole "
+                          "column blocks would undercut the floor")
+
+
+def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_units: int) -> torch.Tensor:
+    """Every (head, direction) keeping between 1 and min_units - 1 units keeps its min_units strongest alive
+    units instead (all of them, if it has fewer); one keeping none or enough is unchanged."""
+    out = keep.detach().cpu().clone()
+    alive, norms = alive.detach().cpu(), norms.detach().cpu().double()
+    count = out.sum(-1)
+    for h, r in ((count > 0) & (count < min_units)).nonzero().tolist():
+        k = min(min_units, int(alive[h, r].sum()))
+        cand = torch.where(alive[h, r], norms[h, r], torch.full_like(norms[h, r], -1.0))
+        out[h, r] = False
+        out[h, r, torch.topk(cand, k).indices] = True
+    return out.to(keep.device)
 
 
 def _align(keep: torch.Tensor, norms: torch.Tensor, align: int) -> torch.Tensor:
@@ -453,7 +487,7 @@ def lstm_param_count(model: nn.Module) -> Tuple[int, int]:
 def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[TrainConfig] = None,
           hoyer: float = 1e-3, prune_ratio: Optional[float] = 0.3, threshold: Optional[float] = None,
           budget=None, align: int = 1, balance: bool = False, rounds: int = 1, hoyer_scope: str = "block",
-          groups: str = "far",
+          groups: str = "far", min_units: int = 0,
           finetune_epochs: float = 1.0, finetune_lr: float = 2e-4, device: Optional[str] = None,
           identity: Optional[dict] = None, inplace: bool = False) -> nn.Module:
     """A pruned, compacted copy of the FAR model `model` (inplace=True prunes `model` itself), in padded
@@ -464,7 +498,9 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     that meets `budget`: a Budget or its 'KIND=VALUE' text) -> masked fine-tune (finetune_epochs at
     finetune_lr; 0 skips it) -> compaction (kept units only). align: with a budget, round every (head,
     direction) down to a multiple of this many units (array_units(budget): whole crossbar column blocks);
-    balance: rank groups by their norm relative to their block's (plan_budget).
+    balance: rank groups by their norm relative to their block's (plan_budget). min_units: every (head,
+    direction) that keeps a unit keeps at least this many, its strongest (a budget is still met: more is
+    removed elsewhere; a ratio or threshold then removes a little less than it says).
     rounds > 1 (with a budget or a ratio): steps 1-3 that many times, each round's budget (or ratio)
     shrinking geometrically to the target, each round with config.epochs and finetune_epochs of its own.
     hoyer_scope ("block" | "head-direction") and groups ("far" | "public"): module docstring and
@@ -484,6 +520,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         budget = Budget.parse(budget)
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
         raise ConfigError(f"align must be an int >= 1, got {align!r}")
+    check_min_units(min_units, align)
     if budget is not None:
         if threshold is not None:
             raise ConfigError("give one of a budget and a threshold, not both")
@@ -507,6 +544,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     params_before = lstm_param_count(model)
     ident = {**(identity or {}), "hoyer": hoyer, "hoyer_scope": hoyer_scope, "groups": groups,
              "budget": None if budget is None else str(budget), "align": align, "balance": balance, "rounds": rounds}
+    if min_units > 1:  # only when set, so that runs started before the option existed still resume
+        ident["min_units"] = min_units
     start = budget_measure(model, budget)({}) if budget is not None else None
     histories: list = []
     seconds, steps = 0.0, 0
@@ -525,7 +564,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
             continue
         model, res, thr, plan, info = _prune_round(
             model, train_data, eval_data, rc, d, ident, hoyer, hoyer_scope, groups, round_ratio, threshold,
-            round_budget, align, balance, finetune_epochs, finetune_lr, desc="" if rounds == 1 else f" (round {r}/{rounds})")
+            round_budget, align, balance, finetune_epochs, finetune_lr, desc="" if rounds == 1 else f" (round {r}/{rounds})",
+            min_units=min_units)
         result = res
         seconds += res.seconds
         steps += res.steps
@@ -558,7 +598,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
                "head_proj_params_before": params_before[1], "head_proj_params_after": params_after[1],
                "params_kept": counts["kept"], "params_stored": counts["stored"],
                "mixer_params_kept": counts["mixer_kept"], "mixer_params_stored": counts["mixer_stored"],
-               "rounds": rounds, "align": align, "balance": balance, "per_round": record}
+               "rounds": rounds, "align": align, "balance": balance, "min_units": min_units, "per_round": record}
     if budget is not None:
         pruning["budget"] = {"kind": budget.kind, "value": budget.value, "text": str(budget),
                              "achieved": last.get("achieved"), "before": start, "met": bool(completed and last.get("met")),
@@ -585,7 +625,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
 
 
 def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, groups, prune_ratio, threshold,
-                 budget, align, balance, finetune_epochs, finetune_lr, desc=""):
+                 budget, align, balance, finetune_epochs, finetune_lr, desc="", min_units=0):
     """One Hoyer -> threshold -> masked fine-tune round (not compacted). Returns (model, last TrainResult,
     threshold, BudgetPlan or None, record)."""
     histories: list = []
@@ -610,13 +650,17 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
             named = far_modules(model)
             mods = [m for _, m in named]
             if budget is not None:
-                plan = plan_budget(named, model, budget, align, groups, balance)
+                plan = plan_budget(named, model, budget, align, groups, balance, min_units)
                 thr, masks = plan.threshold, plan.masks
                 info.update(budget=str(budget), achieved=plan.achieved, met=plan.met, next_group=plan.next_up,
                             budget_summary=plan.summary())
             else:
                 thr = global_threshold(mods, prune_ratio, threshold, groups)
                 masks = keep_masks(mods, thr, groups)
+                if min_units > 1:
+                    with torch.no_grad():
+                        masks = [_floor(k, group_norms(m, groups), m.unit_mask().to(k.device), min_units)
+                                 for k, m in zip(masks, mods)]
             for m, keep in zip(mods, masks):
                 apply_keep_mask(m, keep)
             info["hidden_sizes"] = {n: m.hidden_sizes.tolist() for n, m in named}
