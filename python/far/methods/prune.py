@@ -617,6 +617,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
                 rows.append((f"budget{tag}", rec["budget_summary"]))
             acc = rec.get("masked_test_accuracy")
             rows.append((f"after masking{tag}", f"{100 * acc:.2f}%" if acc is not None else "n/a"))
+        if min_units > 1 and budget is None:  # a budget's summary says it already
+            rows.append(("floor", f"every (head, direction) keeps 0 or at least {min_units} units"))
     model.far_run = RunReport("prune", done.history, done.final_accuracy, seconds, steps, done.completed,
                               cfg.out_dir, rows=rows)
     model.far_pruned_from = before  # {block: hidden sizes before pruning}, for reports
