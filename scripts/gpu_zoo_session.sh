@@ -37,10 +37,10 @@ lineage() {
   stage pruned_$x far distill "$R/teacher_$x.safetensors" --student "$R/prunedft_$x.safetensors" --epochs "$P1" --lr 1e-2 \
     --warmup-epochs 0.1 --stage2-epochs "$P2" --stage2-lr 2e-4 --ema 0.999 --batch-size 64 --out-dir "$R/run_pruned_$x" \
     -o "$R/pruned_$x.safetensors" || return
-  # the extra-small student (zoo fmnist_far_tiny_xs): token mixers <= 0.78x the teacher attention's parameters, distilled
-  # in one run (the zoo's took three: README "Why fmnist_far_tiny_xs is not re-made in one run")
+  # the extra-small student (zoo fmnist_far_tiny_xs): token mixers <= 0.78x the teacher attention's parameters, no
+  # (head, direction) with 1-3 units, distilled again in one run (scripts/train_zoo.sh step 3b)
   stage xsft_$x far prune "$R/far_$x.safetensors" --hoyer 5e-4 --epochs "$PH" --lr 3e-4 --warmup-epochs 0.05 \
-    --budget mixer-params=116213 --balance --rounds 3 --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 \
+    --budget mixer-params=116213 --balance --min-units 4 --rounds 3 --finetune-epochs "$PF" --finetune-lr 3e-4 --batch-size 128 \
     --out-dir "$R/run_xsft_$x" -o "$R/xsft_$x.safetensors" || return
   stage xs_$x far distill "$R/teacher_$x.safetensors" --student "$R/xsft_$x.safetensors" --epochs "$XS1" --lr 1e-2 \
     --warmup-epochs 0.1 --stage2-epochs "$XS2" --stage2-lr 2e-4 --ema 0.999 --batch-size 64 --out-dir "$R/run_xs_$x" \

@@ -55,24 +55,19 @@ python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fm
     --stage2-lr 2e-4 --ema 0.999 --threads 2 --seed 0 --out-dir "$run/distill_pruned" \
     -o "$run/fmnist_far_tiny_pruned.safetensors" --force
 
-# 3b. the extra-small FAR student: pruned to a budget. The bundled fmnist_far_tiny_xs was pruned from the previous
-#     fmnist_far_tiny (6 + 3 epochs, no EMA; `git show a3d5a76:python/far/zoo/fmnist_far_tiny.safetensors`), not from
-#     the one step 2 makes now — token mixers at most 0.78x the teacher attention's 148,992
+# 3b. the extra-small FAR student: pruned to a budget — token mixers at most 0.78x the teacher attention's 148,992
 #     parameters (116,213), in 3 rounds of Hoyer training + pruning + masked fine-tune (budgets shrinking
-#     geometrically; --balance ranks units within their block, so no block is emptied), then distilled again
+#     geometrically; --balance ranks units within their block, so no block is emptied; --min-units 4 leaves no
+#     (head, direction) with 1-3 units, whose few-row products a full-range ADC resolves badly), then distilled
+#     again in one run with a longer stage 2
 python -m far.cli prune "$run/fmnist_far_tiny.safetensors" --data fashion-mnist --hoyer 5e-4 --epochs 0.5 --lr 3e-4 \
-    --warmup-epochs 0.05 --budget mixer-params=116213 --balance --rounds 3 --finetune-epochs 0.5 --finetune-lr 3e-4 \
-    --batch-size 128 --threads 1 --seed 0 --out-dir "$run/prune_xs" -o "$run/fmnist_far_tiny_xs_ft.safetensors" --force
+    --warmup-epochs 0.05 --budget mixer-params=116213 --balance --min-units 4 --rounds 3 --finetune-epochs 0.5 \
+    --finetune-lr 3e-4 --batch-size 128 --threads 2 --seed 0 --out-dir "$run/prune_xs" \
+    -o "$run/fmnist_far_tiny_xs_ft.safetensors" --force
 python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fmnist_far_tiny_xs_ft.safetensors" \
-    --data fashion-mnist --epochs 3 --lr 1e-3 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 3 \
-    --stage2-lr 2e-4 --threads 1 --seed 0 --out-dir "$run/distill_xs" -o "$run/fmnist_far_tiny_xs_d.safetensors" --force
-# ... stage 2 continued twice (89.24% -> 90.03% -> 90.20%), with an EMA of the weights
-python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fmnist_far_tiny_xs_d.safetensors" \
-    --data fashion-mnist --epochs 0 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 8 --stage2-lr 2e-4 --ema 0.999 \
-    --threads 1 --seed 1 --out-dir "$run/distill_xs2" -o "$run/fmnist_far_tiny_xs_d2.safetensors" --force
-python -m far.cli distill "$run/fmnist_deit_tiny.safetensors" --student "$run/fmnist_far_tiny_xs_d2.safetensors" \
-    --data fashion-mnist --epochs 0 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 5 --stage2-lr 1e-4 --ema 0.999 \
-    --threads 1 --seed 2 --out-dir "$run/distill_xs3" -o "$run/fmnist_far_tiny_xs.safetensors" --force
+    --data fashion-mnist --epochs 4 --lr 1e-2 --batch-size 64 --warmup-epochs 0.1 --stage2-epochs 10 \
+    --stage2-lr 2e-4 --ema 0.999 --threads 2 --seed 0 --out-dir "$run/distill_xs" \
+    -o "$run/fmnist_far_tiny_xs.safetensors" --force
 
 # 4. TReX-style attention reuse (the rival method): the cost model picks the reusing encoders for an 850 us
 #    latency budget (one encoder reuses its predecessor's attention), then transformation block + fine-tune

@@ -24,7 +24,7 @@ columns per unit). `rounds` > 1 repeats steps 1-3 with budgets shrinking geometr
 (gradual pruning). `min_units` (with a budget, a ratio or a threshold) puts a floor under every (head,
 direction) that keeps anything: it keeps at least that many units (its strongest), so no crossbar product is
 left with one or two rows — a full-range ADC, sized for a whole tile, resolves such a product to a handful of
-levels (README, "Why `fmnist_far_tiny_xs` is not re-made in one run").
+levels (README, "How `fmnist_far_tiny_xs` came to be made in one run").
 
 What can be removed physically: a unit (its W_ih and W_hh gate rows, its W_hh column, its biases, its
 head_proj column). Not pruned: pre_proj rows and W_ih columns (a head's LSTM input width d is shared by
