@@ -195,8 +195,8 @@ def test_prune_command_min_units_floor_with_a_ratio(tmp_path, capsys):
     assert ((sizes[4] == 0) | (sizes[4] >= 4)).all(), sizes[4]
     assert ((sizes[4] > 0) == (sizes[0] > 0)).all()  # the floor lifts, it does not empty
     capsys.readouterr()
-    for extra, match in ((["--min-units", "-1"], "--min-units must be >= 0"),
-                         (["--min-units", "6", "--budget", "mixer-params=30k", "--align", "arrays"], "multiple of --align")):
+    for extra, match in ((["--min-units", "-1"], "--min-units must be an int >= 0"),
+                         (["--min-units", "6", "--budget", "mixer-params=30k", "--align", "arrays"], "multiple of --align (4 units)")):
         code = main(["prune", *common, *extra, "-o", str(tmp_path / "never.safetensors")])
         err = capsys.readouterr().err
         assert code == 2 and match in err, (extra, err)

@@ -338,11 +338,9 @@ def cmd_prune(args) -> int:
             raise ConfigError(f"--align takes a number of units or 'arrays', got {args.align!r}") from None
         if align < 1:
             raise ConfigError(f"--align must be >= 1, got {align}")
-    if args.min_units < 0:
-        raise ConfigError(f"--min-units must be >= 0, got {args.min_units}")
-    if align > 1 and args.min_units % align:
-        raise ConfigError(f"--min-units {args.min_units} must be a multiple of --align ({align} units): rounding down "
-                          "to whole column blocks would undercut the floor")
+    from far.methods.prune import check_min_units
+
+    check_min_units(args.min_units, align, names=("--min-units", "--align"))
     if (args.align is not None or args.balance) and budget is None:
         raise ConfigError("--align and --balance shape what a --budget keeps; give --budget")
     model, _ = load_model(ref)

@@ -391,13 +391,14 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
     return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align, min_units)
 
 
-def check_min_units(min_units, align: int = 1) -> None:
-    """ConfigError unless `min_units` is an int >= 0 that `align` (> 1) divides."""
+def check_min_units(min_units, align: int = 1, names: Tuple[str, str] = ("min_units", "align")) -> None:
+    """ConfigError unless `min_units` is an int >= 0 that `align` (> 1) divides; `names` are what the message
+    calls the two (the command line passes its flags)."""
     if isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 0:
-        raise ConfigError(f"min_units must be an int >= 0, got {min_units!r}")
+        raise ConfigError(f"{names[0]} must be an int >= 0, got {min_units!r}")
     if align > 1 and min_units % align:
-        raise ConfigError(f"min_units ({min_units}) must be a multiple of align ({align}): rounding down to whole "
-                          "column blocks would undercut the floor")
+        raise ConfigError(f"{names[0]} ({min_units}) must be a multiple of {names[1]} ({align} units): rounding down "
+                          "to whole column blocks would undercut the floor")
 
 
 def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_units: int) -> torch.Tensor:
@@ -661,8 +662,7 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
                 masks = keep_masks(mods, thr, groups)
                 if min_units > 1:
                     with torch.no_grad():
-                        masks = [_floor(k, group_norms(m, groups), m.unit_mask().to(k.device), min_units)
-                                 for k, m in zip(masks, mods)]
+                        masks = [_floor(k, group_norms(m, groups), m.unit_mask(), min_units) for k, m in zip(masks, mods)]
             for m, keep in zip(mods, masks):
                 apply_keep_mask(m, keep)
             info["hidden_sizes"] = {n: m.hidden_sizes.tolist() for n, m in named}
