@@ -401,6 +401,14 @@ def check_min_units(min_units, align: int = 1, names: Tuple[str, str] = ("min_un
                           "to whole column blocks would undercut the floor")
 
 
+def _strongest(among: torch.Tensor, norms: torch.Tensor, k: int) -> torch.Tensor:
+    """[n] bool: the k units of `among` (one (head, direction)'s mask) with the largest norms."""
+    out = torch.zeros_like(among)
+    if k:
+        out[torch.topk(torch.where(among, norms, torch.full_like(norms, -1.0)), k).indices] = True
+    return out
+
+
 def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_units: int) -> torch.Tensor:
     """Every (head, direction) keeping between 1 and min_units - 1 units keeps its min_units strongest alive
     units instead (all of them, if it has fewer); one keeping none or enough is unchanged."""
@@ -408,23 +416,16 @@ def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_uni
     alive, norms = alive.detach().cpu(), norms.detach().cpu().double()
     count = out.sum(-1)
     for h, r in ((count > 0) & (count < min_units)).nonzero().tolist():
-        k = min(min_units, int(alive[h, r].sum()))
-        cand = torch.where(alive[h, r], norms[h, r], torch.full_like(norms[h, r], -1.0))
-        out[h, r] = False
-        out[h, r, torch.topk(cand, k).indices] = True
+        out[h, r] = _strongest(alive[h, r], norms[h, r], min(min_units, int(alive[h, r].sum())))
     return out.to(keep.device)
 
 
 def _align(keep: torch.Tensor, norms: torch.Tensor, align: int) -> torch.Tensor:
     """Round each (head, direction)'s kept units down to a multiple of `align`, keeping the strongest."""
     out = torch.zeros_like(keep)
-    H = keep.shape[0]
-    for h in range(H):
+    for h in range(keep.shape[0]):
         for r in (0, 1):
-            k = int(keep[h, r].sum()) // align * align
-            if k:
-                cand = torch.where(keep[h, r], norms[h, r], torch.full_like(norms[h, r], -1.0))
-                out[h, r, torch.topk(cand, k).indices] = True
+            out[h, r] = _strongest(keep[h, r], norms[h, r], int(keep[h, r].sum()) // align * align)
     return out
 
 
