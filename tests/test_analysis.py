@@ -64,6 +64,52 @@ def test_block_metrics_by_hand():
     assert r["scale"] == pytest.approx(math.sqrt(6 / 2), abs=1e-12)  # ||s||^2 = 4 + 1 + 1
 
 
+def test_head_cos_by_hand():
+    """Two heads of two channels each, two tokens: head 0 reproduced exactly, head 1's first channel negated
+    and its second orthogonal, so head_cos = [1, (-1 + 0) / 2] and cos is their mean."""
+    t = torch.tensor([[[1.0, 2.0, 1.0, 1.0], [3.0, 1.0, 2.0, -1.0]]])
+    s = torch.tensor([[[1.0, 2.0, -1.0, 1.0], [3.0, 1.0, -2.0, 1.0]]])
+    st = BlockStats(heads=2)
+    st.add(s, t)
+    st.add(s, t)  # a second batch: the per-head figures are means over images, not sums
+    r = st.result()
+    assert r["head_cos"] == pytest.approx([1.0, -0.5], abs=1e-12)
+    assert r["cos"] == pytest.approx(sum(r["head_cos"]) / 2, abs=1e-12)
+    assert BlockStats().result()["head_cos"] == [0.0]  # nothing added yet
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        BlockStats(heads=3).add(s, t)
+    with pytest.raises(ConfigError, match="one shape"):
+        st.add(s, t[:, :1])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="heads must be"):
+            BlockStats(heads=bad)
+
+
+class OneHeadWrong(TeacherFunctionFAR):
+    """The teacher attention's output before W_O with head `head`'s channels negated."""
+
+    def __init__(self, attn, head):
+        super().__init__(attn)
+        self.head = head
+
+    def token_mix(self, x, backend=None):
+        out = super().token_mix(x).clone()
+        d = out.shape[-1] // self.num_heads
+        out[..., self.head * d:(self.head + 1) * d] *= -1
+        return out
+
+
+def test_head_cos_finds_the_wrong_head():
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    student.blocks[1].attn = OneHeadWrong(copy.deepcopy(teacher.blocks[1].attn), head=2)
+    r = analyze(teacher, student, tiny_data(), batch_size=4, map_images=0)
+    iso = r["blocks"][1]["isolated"]
+    assert iso["head_cos"] == pytest.approx([1, 1, -1], abs=1e-6) and iso["cos"] == pytest.approx(1 / 3, abs=1e-6)
+    assert r["blocks"][0]["isolated"] is None and r["blocks"][0]["in_model"]["head_cos"] == pytest.approx([1] * 3)
+    assert "block 0 (in model) 1.000 1.000 1.000 | block 1 1.000 1.000 -1.000" in format_analysis(r)
+
+
 def test_student_equal_to_the_teacher_function():
     teacher = tiny_vit()
     r = analyze(teacher, student_of(teacher), tiny_data(), batch_size=4, map_images=0)

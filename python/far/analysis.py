@@ -6,7 +6,8 @@ the input of `proj`, as in distillation and far.fidelity):
   1. per block, on the teacher's own block input (far.fidelity.block_fidelity, "isolated"): cosine along
      tokens per channel ("cos", the paper's; mean over channels and images), cosine along channels per
      token ("token_cos"; mean over tokens and images), relative MSE sum (s - t)^2 / sum t^2 and the scale
-     ||s|| / ||t||; the same in the student's own forward pass ("in_model", earlier errors included).
+     ||s|| / ||t||, "cos" over each head's channels alone ("head_cos", one per head); the same in the
+     student's own forward pass ("in_model", earlier errors included).
   2. partial replacement, k = 0..L-1: the teacher with blocks 0..k replaced by the student's, the rest
      attention, in two readings: part "mixer" swaps only the token mixers (attention -> FAR block, the
      teacher's norms, MLPs and head kept); part "block" swaps whole transformer blocks (the student's
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from far.data import iterate_batches
 from far.errors import ConfigError, DataError
-from far.fidelity import block_fidelity
+from far.fidelity import block_fidelity, head_cos_line
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.utils.env import model_device
 from far.utils.fs import atomic_write
@@ -355,6 +356,7 @@ def format_analysis(report: dict) -> str:
         lines.append(f"{blk['block']:>5}  {cells(blk['isolated'])}   {cells(blk['in_model'])}")
     lines.append(f"{'mean':>5}  {cells(report['mean']['isolated'])}   {cells(report['mean']['in_model'])}")
     lines.append("('cos tok': cosine along tokens per channel, the paper's; 'cos chan': along channels per token)")
+    lines.append(head_cos_line(report))
     lines.append("")
     parts = list(report["partial"])
     lines.append("partial replacement: blocks 0..k of the teacher replaced by the student's ("

@@ -10,6 +10,7 @@ and for each, over every image of the data:
   token_cos  cosine along the channel axis, per (image, token)
   rel_mse    sum (s - t)^2 / sum t^2 (0 = equal; sees magnitude, unlike the cosines)
   scale      ||s|| / ||t|| over all entries (1 = same magnitude)
+  head_cos   cos of each attention head's channels alone (a list, one per head): which head a block misses
 plus top-1 agreement of student and teacher and both accuracies.
 
     report = block_fidelity(teacher, student, test_set)
@@ -32,17 +33,28 @@ KINDS = ("isolated", "in_model")
 
 
 class BlockStats:
-    """Running sums of one block's statistics (cos, token_cos, rel_mse, scale of the module docstring):
-    `add(s, t)` for every batch of outputs [B, N, C], then `result()`. Used by far.analysis's tests."""
+    """Running sums of one block's statistics (cos, token_cos, rel_mse, scale, head_cos of the module
+    docstring): `add(s, t)` for every batch of outputs [B, N, C], then `result()`. The C channels are `heads`
+    equal groups (attention's head layout); head_cos is cos over each group's channels."""
 
-    def __init__(self):
+    def __init__(self, heads: int = 1):
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ConfigError(f"heads must be a positive int, got {heads!r}")
+        self.heads = heads
         self.cos = self.n_cos = self.tcos = self.n_tcos = 0.0
         self.err = self.ref = self.own = 0.0
+        self.images = 0
+        self.head_cos = torch.zeros(heads, dtype=torch.float64)
 
     @torch.no_grad()
     def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
+        if s.shape != t.shape or s.dim() != 3 or s.shape[2] % self.heads:
+            raise ConfigError(f"block outputs must be [B, N, C] of one shape with C a multiple of {self.heads} "
+                              f"heads, got {list(s.shape)} and {list(t.shape)}")
         s, t = s.double(), t.double()
         c = F.cosine_similarity(s, t, dim=1, eps=1e-12)  # [B, C]: along tokens
+        self.head_cos += c.reshape(c.shape[0], self.heads, -1).mean(2).sum(0).cpu()
+        self.images += c.shape[0]
         tc = F.cosine_similarity(s, t, dim=2, eps=1e-12)  # [B, N]: along channels
         self.cos += float(c.sum())
         self.n_cos += c.numel()
@@ -54,7 +66,8 @@ class BlockStats:
 
     def result(self) -> dict:
         return {"cos": self.cos / max(self.n_cos, 1), "token_cos": self.tcos / max(self.n_tcos, 1),
-                "rel_mse": self.err / max(self.ref, 1e-300), "scale": (self.own / max(self.ref, 1e-300)) ** 0.5}
+                "rel_mse": self.err / max(self.ref, 1e-300), "scale": (self.own / max(self.ref, 1e-300)) ** 0.5,
+                "head_cos": (self.head_cos / max(self.images, 1)).tolist()}
 
 
 @torch.no_grad()
@@ -70,7 +83,7 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
         raise ConfigError(f"teacher and student have {len(t_mix)} and {len(s_mix)} blocks")
     device = model_device(student, device)
     dtype = next(student.parameters()).dtype
-    sums = [{k: BlockStats() for k in KINDS} for _ in s_mix]
+    sums = [{k: BlockStats(getattr(m, "num_heads", 1)) for k in KINDS} for m in t_mix]
     agree = t_correct = s_correct = seen = labelled = 0
     modes = (teacher.training, student.training)
     teacher.eval()
@@ -116,7 +129,7 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
     mean = {}
     for kind in KINDS:
         rows = [blk[kind] for blk in blocks if blk[kind] is not None]
-        mean[kind] = {m: sum(r[m] for r in rows) / len(rows) for m in rows[0]} if rows else None
+        mean[kind] = {m: sum(r[m] for r in rows) / len(rows) for m in rows[0] if m != "head_cos"} if rows else None
     return {"num_images": seen, "agreement": agree / seen,
             "teacher_accuracy": t_correct / labelled if labelled else None,
             "student_accuracy": s_correct / labelled if labelled else None, "blocks": blocks, "mean": mean}
@@ -135,8 +148,20 @@ def format_fidelity(report: dict) -> str:
     for blk in report["blocks"]:
         lines.append(f"{blk['block']:>5}  {cells(blk['isolated'])}   {cells(blk['in_model'])}")
     lines.append(f"{'mean':>5}  {cells(report['mean']['isolated'])}   {cells(report['mean']['in_model'])}")
+    lines.append(head_cos_line(report))
     acc = report["teacher_accuracy"]
     lines.append(f"top-1 agreement with the teacher {100 * report['agreement']:.2f}% on {report['num_images']} images"
                  + (f"; accuracy teacher {100 * acc:.2f}%, student {100 * report['student_accuracy']:.2f}%"
                     if acc is not None else ""))
     return "\n".join(lines)
+
+
+def head_cos_line(report: dict) -> str:
+    """'isolated cos per head: block 0 0.944 0.960 0.968 | block 1 ...' (in-model where a block is not FAR):
+    whether a block misses its attention in one head or in all of them."""
+    cells = []
+    for blk in report["blocks"]:
+        r = blk["isolated"] or blk["in_model"]
+        mark = "" if blk["isolated"] else " (in model)"
+        cells.append(f"block {blk['block']}{mark} " + " ".join(f"{c:.3f}" for c in r.get("head_cos", [])))
+    return "isolated cos per head (tokens, over each head's channels): " + " | ".join(cells)
