@@ -99,7 +99,7 @@ class OneHeadWrong(TeacherFunctionFAR):
         return out
 
 
-def test_head_cos_finds_the_wrong_head():
+def test_head_cos_finds_the_wrong_head(tmp_path, monkeypatch):
     teacher = tiny_vit()
     student = copy.deepcopy(teacher)
     student.blocks[1].attn = OneHeadWrong(copy.deepcopy(teacher.blocks[1].attn), head=2)
@@ -108,6 +108,26 @@ def test_head_cos_finds_the_wrong_head():
     assert iso["head_cos"] == pytest.approx([1, 1, -1], abs=1e-6) and iso["cos"] == pytest.approx(1 / 3, abs=1e-6)
     assert r["blocks"][0]["isolated"] is None and r["blocks"][0]["in_model"]["head_cos"] == pytest.approx([1] * 3)
     assert "block 0 (in model) 1.000 1.000 1.000 | block 1 1.000 1.000 -1.000" in format_analysis(r)
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):  # what the per-block plot shows, read as it is saved
+        ax = fig.axes[0]
+        shown.setdefault("ylim", ax.get_ylim())
+        shown.setdefault("dots", [list(line.get_ydata()) for line in ax.get_lines() if line.get_marker() == "."])
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    assert len(plot_analysis(r, tmp_path / "new")) == 2
+    assert shown["dots"] == [pytest.approx([1, 1, -1], abs=1e-6)] and shown["ylim"][0] < -1  # the wrong head shows
+    for blk in r["blocks"]:  # a report written before head_cos existed still plots, without the dots
+        for kind in ("isolated", "in_model"):
+            if blk[kind]:
+                del blk[kind]["head_cos"]
+    assert len(plot_analysis(r, tmp_path / "old")) == 2
 
 
 def test_student_equal_to_the_teacher_function():

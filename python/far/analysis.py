@@ -419,7 +419,6 @@ def plot_analysis(report: dict, out_dir, *, image: int = 0, head: int = 0, force
     fig, ax = plt.subplots(figsize=(max(6.5, 1.5 * L + 2), 4.2))
     width = 0.8 / len(series)
     vals = [v for vs in series.values() for v in vs if v is not None]
-    lo = max(0.0, min(vals) - 0.05) if vals else 0.0
     for i, (name, vs) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(L)]
         bars = ax.bar(xs, [v if v is not None else 0 for v in vs], width, label=name)
@@ -427,6 +426,12 @@ def plot_analysis(report: dict, out_dir, *, image: int = 0, head: int = 0, force
             if v is not None:
                 ax.text(bar_.get_x() + bar_.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=6,
                         rotation=90)
+        if i == 0:  # each head's share of the paper's cosine, as dots on its bar (reports before head_cos: none)
+            heads = [(x, c) for x, b in zip(xs, blocks) if b["isolated"] for c in b["isolated"].get("head_cos", [])]
+            if heads:
+                ax.plot([x for x, _ in heads], [c for _, c in heads], "k.", ms=4, label="isolated, one head each")
+                vals += [c for _, c in heads]
+    lo = 0.0 if not vals else min(vals) - 0.05 if min(vals) < 0 else max(0.0, min(vals) - 0.05)
     ax.set_xticks(range(L))
     ax.set_xticklabels([f"block {b['block']}" for b in blocks])
     ax.set_ylim(lo, 1.0 + (1.0 - lo) * 0.12)
