@@ -427,9 +427,11 @@ def plot_analysis(report: dict, out_dir, *, image: int = 0, head: int = 0, force
                 ax.text(bar_.get_x() + bar_.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=6,
                         rotation=90)
         if i == 0:  # each head's share of the paper's cosine, as dots on its bar (reports before head_cos: none)
-            heads = [(x, c) for x, b in zip(xs, blocks) if b["isolated"] for c in b["isolated"].get("head_cos", [])]
+            heads = [(x + (h - (len(hc) - 1) / 2) * width / (len(hc) + 1), c)  # spread over the bar, head 0 left
+                     for x, b in zip(xs, blocks) if b["isolated"]
+                     for hc in [b["isolated"].get("head_cos", [])] for h, c in enumerate(hc)]
             if heads:
-                ax.plot([x for x, _ in heads], [c for _, c in heads], "k.", ms=4, label="isolated, one head each")
+                ax.plot([x for x, _ in heads], [c for _, c in heads], "k.", ms=4, label="isolated, per head (0, 1, ... left to right)")
                 vals += [c for _, c in heads]
     lo = 0.0 if not vals else min(vals) - 0.05 if min(vals) < 0 else max(0.0, min(vals) - 0.05)
     ax.set_xticks(range(L))
