@@ -431,7 +431,8 @@ def plot_analysis(report: dict, out_dir, *, image: int = 0, head: int = 0, force
                      for x, b in zip(xs, blocks) if b["isolated"]
                      for hc in [b["isolated"].get("head_cos", [])] for h, c in enumerate(hc)]
             if heads:
-                ax.plot([x for x, _ in heads], [c for _, c in heads], "k.", ms=4, label="isolated, per head (0, 1, ... left to right)")
+                ax.plot([x for x, _ in heads], [c for _, c in heads], "k.", ms=4,
+                        label="isolated, per head (0, 1, ... left to right)")
                 vals += [c for _, c in heads]
     lo = 0.0 if not vals else min(vals) - 0.05 if min(vals) < 0 else max(0.0, min(vals) - 0.05)
     ax.set_xticks(range(L))
