@@ -135,27 +135,6 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
             "student_accuracy": s_correct / labelled if labelled else None, "blocks": blocks, "mean": mean}
 
 
-def format_fidelity(report: dict) -> str:
-    """The report as a text table: a row per block, isolated and in-model columns."""
-    lines = [f"{'block':>5}  {'iso cos':>8} {'iso tok':>8} {'iso rMSE':>9} {'iso scale':>9}   "
-             f"{'in cos':>8} {'in tok':>8} {'in rMSE':>9} {'in scale':>9}"]
-
-    def cells(r):
-        if r is None:
-            return f"{'-':>8} {'-':>8} {'-':>9} {'-':>9}"
-        return f"{r['cos']:>8.4f} {r['token_cos']:>8.4f} {r['rel_mse']:>9.4f} {r['scale']:>9.3f}"
-
-    for blk in report["blocks"]:
-        lines.append(f"{blk['block']:>5}  {cells(blk['isolated'])}   {cells(blk['in_model'])}")
-    lines.append(f"{'mean':>5}  {cells(report['mean']['isolated'])}   {cells(report['mean']['in_model'])}")
-    lines.append(head_cos_line(report))
-    acc = report["teacher_accuracy"]
-    lines.append(f"top-1 agreement with the teacher {100 * report['agreement']:.2f}% on {report['num_images']} images"
-                 + (f"; accuracy teacher {100 * acc:.2f}%, student {100 * report['student_accuracy']:.2f}%"
-                    if acc is not None else ""))
-    return "\n".join(lines)
-
-
 def head_cos_line(report: dict) -> str:
     """'isolated cos per head: block 0 0.944 0.960 0.968 | block 1 ...' (in-model where a block is not FAR):
     whether a block misses its attention in one head or in all of them."""
