@@ -434,7 +434,8 @@ def plot_analysis(report: dict, out_dir, *, image: int = 0, head: int = 0, force
                 ax.plot([x for x, _ in heads], [c for _, c in heads], "k.", ms=4,
                         label="isolated, per head (0, 1, ... left to right)")
                 vals += [c for _, c in heads]
-    lo = 0.0 if not vals else min(vals) - 0.05 if min(vals) < 0 else max(0.0, min(vals) - 0.05)
+    low = min(vals, default=0.0)
+    lo = low - 0.05 if low < 0 else max(0.0, low - 0.05)  # down to 0 at most, unless a cosine is negative
     ax.set_xticks(range(L))
     ax.set_xticklabels([f"block {b['block']}" for b in blocks])
     ax.set_ylim(lo, 1.0 + (1.0 - lo) * 0.12)

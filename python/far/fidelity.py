@@ -41,10 +41,10 @@ class BlockStats:
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
             raise ConfigError(f"heads must be a positive int, got {heads!r}")
         self.heads = heads
-        self.cos = self.n_cos = self.tcos = self.n_tcos = 0.0
+        self.tcos = self.n_tcos = 0.0
         self.err = self.ref = self.own = 0.0
         self.images = 0
-        self.head_cos = torch.zeros(heads, dtype=torch.float64)
+        self.head_cos = torch.zeros(heads, dtype=torch.float64)  # summed over images; cos is their mean
 
     @torch.no_grad()
     def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
@@ -56,8 +56,6 @@ class BlockStats:
         self.head_cos += c.reshape(c.shape[0], self.heads, -1).mean(2).sum(0).cpu()
         self.images += c.shape[0]
         tc = F.cosine_similarity(s, t, dim=2, eps=1e-12)  # [B, N]: along channels
-        self.cos += float(c.sum())
-        self.n_cos += c.numel()
         self.tcos += float(tc.sum())
         self.n_tcos += tc.numel()
         self.err += float((s - t).square().sum())
@@ -65,9 +63,10 @@ class BlockStats:
         self.own += float(s.square().sum())
 
     def result(self) -> dict:
-        return {"cos": self.cos / max(self.n_cos, 1), "token_cos": self.tcos / max(self.n_tcos, 1),
+        head_cos = self.head_cos / max(self.images, 1)  # every head has C / heads channels: cos is their mean
+        return {"cos": float(head_cos.mean()), "token_cos": self.tcos / max(self.n_tcos, 1),
                 "rel_mse": self.err / max(self.ref, 1e-300), "scale": (self.own / max(self.ref, 1e-300)) ** 0.5,
-                "head_cos": (self.head_cos / max(self.images, 1)).tolist()}
+                "head_cos": head_cos.tolist()}
 
 
 @torch.no_grad()
@@ -136,7 +135,7 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
 
 
 def head_cos_line(report: dict) -> str:
-    """'isolated cos per head: block 0 0.944 0.960 0.968 | block 1 ...' (in-model where a block is not FAR):
+    """'isolated cos per head (...): block 0 0.944 0.960 0.968 | block 1 ...' (in-model where a block is not FAR):
     whether a block misses its attention in one head or in all of them."""
     cells = []
     for blk in report["blocks"]:
