@@ -147,6 +147,69 @@ def test_floor_keeps_the_strongest_alive_units_by_hand():
                         min_units=bad)
 
 
+def weak_heads():
+    """tiny() with block 0's head 1 and block 1's head 0 scaled down 20x: a budget's threshold empties them."""
+    model = tiny()
+    with torch.no_grad():
+        for (_, m), h in zip(far.far_modules(model), (1, 0)):
+            for t in (m.w_ih, m.w_hh, m.b_ih, m.b_hh, m.head_proj_weight):
+                t[h].mul_(0.05)
+    return model
+
+
+@pytest.mark.parametrize("spec", ["mixer-params=17000", "mixer-arrays=30", "energy=3.9e6"])
+@pytest.mark.parametrize("min_units,align", [(0, 1), (3, 1), (4, 4)])
+def test_keep_heads_keeps_every_head_and_the_budget_is_still_met_tightly(spec, min_units, align):
+    model = weak_heads()
+    b = Budget.parse(spec)
+    named = far.far_modules(model)
+    plan = plan_budget(named, model, b, align=align, min_units=min_units, keep_heads=True)
+    assert plan.met and plan.achieved <= b.value
+    if plan.next_up is not None:
+        assert plan.next_up > b.value
+    result = pruned_copy(model, plan.masks)
+    assert counted(result, b) == pytest.approx(plan.achieved)
+    k = max(min_units, align)
+    for _, m in far.far_modules(result):
+        per_head = m.hidden_sizes.sum(0)  # [H]: units over both directions
+        assert (per_head >= k).all(), m.hidden_sizes
+        assert ((m.hidden_sizes == 0) | (m.hidden_sizes >= max(min_units, 1))).all(), m.hidden_sizes
+    assert "no head removed" in plan.summary()
+
+
+def test_keep_heads_changes_what_a_budget_keeps():
+    model = weak_heads()
+    named = far.far_modules(model)
+    b = Budget.parse("mixer-params=20000")
+    plain = torch.stack([k.sum(-1) for k in plan_budget(named, model, b).masks])  # [blocks, H, 2]
+    assert plain[0, 1].sum() == 0 and plain[1, 0].sum() == 0, plain  # the weak heads go without the option
+    kept = torch.stack([k.sum(-1) for k in plan_budget(named, model, b, min_units=4, keep_heads=True).masks])
+    assert kept[0, 1].sum() == 4 and kept[1, 0].sum() == 4 and (kept.sum(-1) > 0).all(), kept
+    assert kept.sum() < plain.sum() + 8  # the revived heads' units are paid for by the others
+
+
+def test_keep_heads_revives_the_strongest_direction_by_hand():
+    from far.methods.prune import _floor
+
+    norms = torch.tensor([[[0.5, 0.9, 0.1, 0.7], [0.3, 0.95, 0.8, 0.6]],
+                          [[0.2, 0.1, 0.4, 0.3], [0.6, 0.5, 0.0, 0.0]]])  # [H=2, 2, n=4]
+    alive = torch.tensor([[[True] * 4, [True, False, True, True]],  # head 0's strongest unit (0.95) is dead
+                          [[True] * 4, [True, True, False, False]]])
+    none = torch.zeros(2, 2, 4, dtype=torch.bool)
+    out = _floor(none, norms, alive, 0, heads=True)  # one unit per head: its strongest alive one
+    assert out[0].tolist() == [[False, True, False, False], [False] * 4]  # 0.9 forward beats 0.8 backward
+    assert out[1].tolist() == [[False] * 4, [True, False, False, False]]  # 0.6 backward
+    out = _floor(none, norms, alive, 3, heads=True)  # min_units 3: the 3 strongest of that direction
+    assert out[0, 0].tolist() == [True, True, False, True] and not out[0, 1].any()
+    assert out[1, 1].tolist() == [True, True, False, False] and not out[1, 0].any()  # only 2 alive there
+    assert _floor(none, norms, alive, 0, heads=True, align=2)[0, 0].tolist() == [False, True, False, True]
+    keep = none.clone()
+    keep[0, 1, 3] = True  # head 0 keeps a unit: untouched by the head floor
+    out = _floor(keep, norms, alive, 0, heads=True)
+    assert torch.equal(out[0], keep[0]) and out[1].any()
+    assert torch.equal(_floor(none, norms, alive & False, 3, heads=True), none)  # nothing alive: nothing to keep
+
+
 def test_impossible_budget_says_by_how_much_and_why():
     model = tiny()
     with pytest.raises(ConfigError, match=r"cannot be met.*over.*pre_proj and proj"):
@@ -155,6 +218,14 @@ def test_impossible_budget_says_by_how_much_and_why():
         plan_budget(far.far_modules(model), model, Budget.parse("latency=1000"))
     with pytest.raises(ConfigError, match="cannot be met"):  # before any training
         far.prune(model, None, budget="mixer-params=1000")
+    # every head keeping 4 units costs more than emptying the model: said so, before any training too
+    with pytest.raises(ConfigError, match=r"cannot be met with every head kept: with 4 units per head.*over"):
+        plan_budget(far.far_modules(model), model, Budget.parse("energy=3.2e6"), min_units=4, keep_heads=True)
+    with pytest.raises(ConfigError, match="cannot be met with every head kept"):
+        far.prune(model, None, budget="energy=3.2e6", min_units=4, keep_heads=True)
+    plan_budget(far.far_modules(model), model, Budget.parse("energy=3.2e6"))  # without the option it can
+    with pytest.raises(ConfigError, match="keep_heads must be True or False"):
+        far.prune(model, None, budget="energy=3.5e6", keep_heads=1)
 
 
 def test_array_units_fill_a_column_block():

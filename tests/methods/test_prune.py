@@ -195,6 +195,16 @@ def test_prune_command_min_units_floor_with_a_ratio(tmp_path, capsys):
     assert ((sizes[4] == 0) | (sizes[4] >= 4)).all(), sizes[4]
     assert ((sizes[4] > 0) == (sizes[0] > 0)).all()  # the floor lifts, it does not empty
     capsys.readouterr()
+    # --keep-heads: no head goes outright (the ratio alone removes some), with the floor under the revived ones too
+    heads = {}
+    for extra in ([], ["--keep-heads"]):
+        out = tmp_path / f"h{len(extra)}.safetensors"
+        assert main(["prune", *common, "--prune-ratio", "0.97", "--min-units", "4", *extra, "-o", str(out)]) == 0
+        pruned = far.load(out)
+        heads[bool(extra)] = torch.cat([m.hidden_sizes.sum(0) for _, m in far.far_modules(pruned)])
+        assert pruned.far_checkpoint["metadata"]["pruning"]["keep_heads"] is bool(extra)
+        assert ("no head removed" in capsys.readouterr().out) is bool(extra)
+    assert (heads[False] == 0).any() and (heads[True] >= 4).all(), heads
     for extra, match in ((["--min-units", "-1"], "--min-units must be an int >= 0"),
                          (["--min-units", "6", "--budget", "mixer-params=30k", "--align", "arrays"], "multiple of --align (4 units)")):
         code = main(["prune", *common, *extra, "-o", str(tmp_path / "never.safetensors")])

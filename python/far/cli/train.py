@@ -348,7 +348,8 @@ def cmd_prune(args) -> int:
     model = far.prune(model, train_set, eval_data=eval_set, config=cfg, hoyer=args.hoyer, prune_ratio=ratio,
                       threshold=args.threshold, budget=budget, align=align, balance=args.balance, rounds=args.rounds,
                       hoyer_scope=args.hoyer_scope, groups="public" if args.public_groups else "far",
-                      min_units=args.min_units, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                      min_units=args.min_units, keep_heads=args.keep_heads, finetune_epochs=args.finetune_epochs,
+                      finetune_lr=args.finetune_lr,
                       device=args.device, identity={"student": _abs(ref), "data": str(args.data)}, inplace=True)
     if not args.balance:  # one global threshold can all but empty a block whose weights are small overall
         before = getattr(model, "far_pruned_from", {})
@@ -556,6 +557,10 @@ def add_parsers(sub) -> None:
                    help="every (head, direction) that keeps a unit keeps at least K, its strongest (a budget is "
                         "still met by removing more elsewhere): no crossbar product of one or two rows, which a "
                         "full-range ADC resolves to a few levels; with --align, a multiple of it (default 0: no floor)")
+    p.add_argument("--keep-heads", action="store_true",
+                   help="remove no head outright: a head the threshold would empty keeps its strongest max(K, align) "
+                        "units (at least 1) in the direction of its strongest unit; a removed head's channels carry "
+                        "head_proj's bias alone, so its block can no longer reproduce that attention head")
     p.add_argument("--rounds", type=int, default=1, metavar="N",
                    help="gradual pruning: N rounds of Hoyer training, pruning and masked fine-tune, the budget (or "
                         "ratio) shrinking geometrically to the target; --epochs and --finetune-epochs are per round")

@@ -24,7 +24,9 @@ columns per unit). `rounds` > 1 repeats steps 1-3 with budgets shrinking geometr
 (gradual pruning). `min_units` (with a budget, a ratio or a threshold) puts a floor under every (head,
 direction) that keeps anything: it keeps at least that many units (its strongest), so no crossbar product is
 left with one or two rows — a full-range ADC, sized for a whole tile, resolves such a product to a handful of
-levels (README, "How `fmnist_far_tiny_xs` came to be made in one run").
+levels (README, "How `fmnist_far_tiny_xs` came to be made in one run"). `keep_heads` keeps every head: one the
+threshold would empty in both directions keeps its max(min_units, align) strongest units in the direction of its
+strongest unit instead (a removed head's channels carry head_proj's bias alone, cosine to its attention head ~0.2).
 
 What can be removed physically: a unit (its W_ih and W_hh gate rows, its W_hh column, its biases, its
 head_proj column). Not pruned: pre_proj rows and W_ih columns (a head's LSTM input width d is shared by
@@ -292,6 +294,7 @@ class BudgetPlan:
     groups: int
     align: int
     min_units: int = 0
+    keep_heads: bool = False
 
     @property
     def met(self) -> bool:
@@ -303,6 +306,8 @@ class BudgetPlan:
                 f"{b.format(self.before)} before), {self.pruned_groups} of {self.groups} unit groups removed")
         if self.min_units > 1:
             head += f", every (head, direction) 0 or at least {self.min_units} units"
+        if self.keep_heads:
+            head += ", no head removed"
         if self.align > 1:
             head += f", every (head, direction) a multiple of {self.align} units"
         if self.next_up is not None:
@@ -311,11 +316,21 @@ class BudgetPlan:
 
 
 def check_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget: Budget,
-                 measure: Optional[Callable] = None) -> float:
+                 measure: Optional[Callable] = None, head_units: int = 0) -> float:
     """The budget's quantity with every unit of `models` removed (the least pruning can reach); ConfigError,
-    saying by how much and why, when even that exceeds the budget."""
+    saying by how much and why, when even that exceeds the budget. head_units > 0: every head keeps that many
+    units in one direction (keep_heads' least; every measure counts the two directions alike)."""
     measure = measure or budget_measure(model, budget)
-    lowest = measure({name: torch.zeros(2, m.num_heads, dtype=torch.int64) for name, m in models})
+    least = {}
+    for name, m in models:
+        sizes = torch.zeros(2, m.num_heads, dtype=torch.int64)
+        sizes[0] = torch.clamp(m.hidden_sizes.max(0).values, max=head_units)
+        least[name] = sizes
+    lowest = measure(least)
+    if lowest > budget.value and head_units:
+        raise ConfigError(f"budget {budget} cannot be met with every head kept: with {head_units} units per head "
+                          f"the model has {budget.format(lowest)} ({budget.format(lowest - budget.value)} over); "
+                          "drop keep_heads (--keep-heads) or raise the budget")
     if lowest > budget.value:
         b = budget
         why = {"params": "the parameters outside the LSTMs (patch embedding, MLPs, norms, pre_proj, proj, head)",
@@ -332,15 +347,16 @@ def check_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budge
 
 
 def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget: Budget, align: int = 1,
-                groups: str = "far", balance: bool = False, min_units: int = 0) -> BudgetPlan:
+                groups: str = "far", balance: bool = False, min_units: int = 0,
+                keep_heads: bool = False) -> BudgetPlan:
     """The fewest removed unit groups (weakest group norm first, over every block, head and direction; with
     `align` > 1 every (head, direction) then rounded down to a multiple of `align` kept units) whose model
     meets `budget`. balance=True ranks each group by its norm over the root-mean-square norm of its block's
     kept groups, so that a block whose weights are small overall is not emptied first (every block keeps
     units to reproduce its attention block with). min_units > 0: every (head, direction) left with fewer kept
     units than that, but some, keeps its `min_units` strongest (all it has, if fewer) before `align` rounds;
-    the search then removes more elsewhere. Raises ConfigError, saying by how much and why, when even
-    removing every unit cannot."""
+    the search then removes more elsewhere. keep_heads: no head loses all its units (_floor). Raises
+    ConfigError, saying by how much and why, when even removing every unit cannot."""
     if align < 1:
         raise ConfigError(f"align must be >= 1, got {align}")
     check_min_units(min_units, align)
@@ -364,8 +380,8 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
         keep = [a.clone() for a in alive]
         for i, idx in where[:j]:
             keep[i].view(-1)[idx] = False
-        if min_units > 1:
-            keep = [_floor(k, n, a, min_units) for k, n, a in zip(keep, norms, alive)]
+        if min_units > 1 or keep_heads:
+            keep = [_floor(k, n, a, min_units, keep_heads, align) for k, n, a in zip(keep, norms, alive)]
         if align > 1:
             keep = [_align(k, n, align) for k, n in zip(keep, norms)]
         return keep
@@ -375,9 +391,9 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
         return measure({name: mk.sum(-1).T.contiguous() for (name, _), mk in zip(models, masks)})
 
     before = measure({})
-    check_budget(models, model, budget, measure)
+    check_budget(models, model, budget, measure, max(min_units, align, 1) if keep_heads else 0)
     lo, hi = 0, G  # value(hi) <= budget; find the smallest such j
-    if before <= budget.value and align == 1 and min_units <= 1:
+    if before <= budget.value and align == 1 and min_units <= 1 and not keep_heads:
         hi = 0
     while lo < hi:
         mid = (lo + hi) // 2
@@ -388,7 +404,8 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
     j = hi
     masks = masks_for(j)
     thr = float((order[j - 1] + order[j]) / 2) if 0 < j < G else (float(order[-1]) + 1.0 if j == G else 0.0)
-    return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align, min_units)
+    return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align, min_units,
+                      keep_heads)
 
 
 def check_min_units(min_units, align: int = 1, names: Tuple[str, str] = ("min_units", "align")) -> None:
@@ -409,14 +426,26 @@ def _strongest(among: torch.Tensor, norms: torch.Tensor, k: int) -> torch.Tensor
     return out
 
 
-def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_units: int) -> torch.Tensor:
+def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_units: int, heads: bool = False,
+           align: int = 1) -> torch.Tensor:
     """Every (head, direction) keeping between 1 and min_units - 1 units keeps its min_units strongest alive
-    units instead (all of them, if it has fewer); one keeping none or enough is unchanged."""
+    units instead (all of them, if it has fewer); one keeping none or enough is unchanged. heads=True: a head
+    that keeps no unit in either direction (but has alive units) keeps its max(min_units, align) strongest alive
+    units in the direction of its strongest alive unit.
+
+    Removing groups weakest first, the kept count of every (head, direction) stays monotone (never rises)
+    under both floors: a head's last alive unit is its strongest, so the revived units are the ones it
+    already kept — which keeps plan_budget's binary search exact."""
     out = keep.detach().cpu().clone()
     alive, norms = alive.detach().cpu(), norms.detach().cpu().double()
     count = out.sum(-1)
     for h, r in ((count > 0) & (count < min_units)).nonzero().tolist():
         out[h, r] = _strongest(alive[h, r], norms[h, r], min(min_units, int(alive[h, r].sum())))
+    if heads:
+        k = max(min_units, align, 1)
+        for h in ((out.sum((1, 2)) == 0) & alive.any(-1).any(-1)).nonzero().flatten().tolist():
+            r = int(torch.where(alive[h], norms[h], torch.full_like(norms[h], -1.0)).amax(-1).argmax())
+            out[h, r] = _strongest(alive[h, r], norms[h, r], min(k, int(alive[h, r].sum())))
     return out.to(keep.device)
 
 
@@ -489,7 +518,7 @@ def lstm_param_count(model: nn.Module) -> Tuple[int, int]:
 def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[TrainConfig] = None,
           hoyer: float = 1e-3, prune_ratio: Optional[float] = 0.3, threshold: Optional[float] = None,
           budget=None, align: int = 1, balance: bool = False, rounds: int = 1, hoyer_scope: str = "block",
-          groups: str = "far", min_units: int = 0,
+          groups: str = "far", min_units: int = 0, keep_heads: bool = False,
           finetune_epochs: float = 1.0, finetune_lr: float = 2e-4, device: Optional[str] = None,
           identity: Optional[dict] = None, inplace: bool = False) -> nn.Module:
     """A pruned, compacted copy of the FAR model `model` (inplace=True prunes `model` itself), in padded
@@ -502,7 +531,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     direction) down to a multiple of this many units (array_units(budget): whole crossbar column blocks);
     balance: rank groups by their norm relative to their block's (plan_budget). min_units: every (head,
     direction) that keeps a unit keeps at least this many, its strongest (a budget is still met: more is
-    removed elsewhere; a ratio or threshold then removes a little less than it says).
+    removed elsewhere; a ratio or threshold then removes a little less than it says). keep_heads: no head
+    loses every unit (its strongest max(min_units, align) kept instead; module docstring).
     rounds > 1 (with a budget or a ratio): steps 1-3 that many times, each round's budget (or ratio)
     shrinking geometrically to the target, each round with config.epochs and finetune_epochs of its own.
     hoyer_scope ("block" | "head-direction") and groups ("far" | "public"): module docstring and
@@ -523,6 +553,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
         raise ConfigError(f"align must be an int >= 1, got {align!r}")
     check_min_units(min_units, align)
+    if not isinstance(keep_heads, bool):
+        raise ConfigError(f"keep_heads must be True or False, got {keep_heads!r}")
     if budget is not None:
         if threshold is not None:
             raise ConfigError("give one of a budget and a threshold, not both")
@@ -539,7 +571,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     if not named:
         raise ConfigError("the model has no FAR blocks: prune a FAR student (far.distill makes one)")
     if budget is not None:  # an impossible budget fails here, before any training
-        check_budget(named, model, budget)
+        check_budget(named, model, budget, head_units=max(min_units, align, 1) if keep_heads else 0)
     d = setup_distributed(device)
     model = set_storage((model if inplace else copy.deepcopy(model)).to(d.device), "padded")  # masks need padding
     before = {name: m.hidden_sizes.clone() for name, m in far_modules(model)}
@@ -548,6 +580,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
              "budget": None if budget is None else str(budget), "align": align, "balance": balance, "rounds": rounds}
     if min_units > 1:  # only when set, so that runs started before the option existed still resume
         ident["min_units"] = min_units
+    if keep_heads:
+        ident["keep_heads"] = True
     start = budget_measure(model, budget)({}) if budget is not None else None
     histories: list = []
     seconds, steps = 0.0, 0
@@ -567,7 +601,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         model, res, thr, plan, info = _prune_round(
             model, train_data, eval_data, rc, d, ident, hoyer, hoyer_scope, groups, round_ratio, threshold,
             round_budget, align, balance, finetune_epochs, finetune_lr, desc="" if rounds == 1 else f" (round {r}/{rounds})",
-            min_units=min_units)
+            min_units=min_units, keep_heads=keep_heads)
         result = res
         seconds += res.seconds
         steps += res.steps
@@ -600,7 +634,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
                "head_proj_params_before": params_before[1], "head_proj_params_after": params_after[1],
                "params_kept": counts["kept"], "params_stored": counts["stored"],
                "mixer_params_kept": counts["mixer_kept"], "mixer_params_stored": counts["mixer_stored"],
-               "rounds": rounds, "align": align, "balance": balance, "min_units": min_units, "per_round": record}
+               "rounds": rounds, "align": align, "balance": balance, "min_units": min_units,
+               "keep_heads": keep_heads, "per_round": record}
     if budget is not None:
         pruning["budget"] = {"kind": budget.kind, "value": budget.value, "text": str(budget),
                              "achieved": last.get("achieved"), "before": start, "met": bool(completed and last.get("met")),
@@ -619,8 +654,10 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
                 rows.append((f"budget{tag}", rec["budget_summary"]))
             acc = rec.get("masked_test_accuracy")
             rows.append((f"after masking{tag}", f"{100 * acc:.2f}%" if acc is not None else "n/a"))
-        if min_units > 1 and budget is None:  # a budget's summary says it already
-            rows.append(("floor", f"every (head, direction) keeps 0 or at least {min_units} units"))
+        if (min_units > 1 or keep_heads) and budget is None:  # a budget's summary says it already
+            rows.append(("floor", ", ".join(
+                ([f"every (head, direction) keeps 0 or at least {min_units} units"] if min_units > 1 else [])
+                + (["no head removed"] if keep_heads else []))))
     model.far_run = RunReport("prune", done.history, done.final_accuracy, seconds, steps, done.completed,
                               cfg.out_dir, rows=rows)
     model.far_pruned_from = before  # {block: hidden sizes before pruning}, for reports
@@ -629,7 +666,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
 
 
 def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, groups, prune_ratio, threshold,
-                 budget, align, balance, finetune_epochs, finetune_lr, desc="", min_units=0):
+                 budget, align, balance, finetune_epochs, finetune_lr, desc="", min_units=0, keep_heads=False):
     """One Hoyer -> threshold -> masked fine-tune round (not compacted). Returns (model, last TrainResult,
     threshold, BudgetPlan or None, record)."""
     histories: list = []
@@ -654,16 +691,17 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
             named = far_modules(model)
             mods = [m for _, m in named]
             if budget is not None:
-                plan = plan_budget(named, model, budget, align, groups, balance, min_units)
+                plan = plan_budget(named, model, budget, align, groups, balance, min_units, keep_heads)
                 thr, masks = plan.threshold, plan.masks
                 info.update(budget=str(budget), achieved=plan.achieved, met=plan.met, next_group=plan.next_up,
                             budget_summary=plan.summary())
             else:
                 thr = global_threshold(mods, prune_ratio, threshold, groups)
                 masks = keep_masks(mods, thr, groups)
-                if min_units > 1:
+                if min_units > 1 or keep_heads:
                     with torch.no_grad():
-                        masks = [_floor(k, group_norms(m, groups), m.unit_mask(), min_units) for k, m in zip(masks, mods)]
+                        masks = [_floor(k, group_norms(m, groups), m.unit_mask(), min_units, keep_heads)
+                                 for k, m in zip(masks, mods)]
             for m, keep in zip(mods, masks):
                 apply_keep_mask(m, keep)
             info["hidden_sizes"] = {n: m.hidden_sizes.tolist() for n, m in named}
