@@ -101,18 +101,23 @@ def test_budget_is_met_tightly_and_counted_like_the_compacted_model(spec, hw, al
     assert measure({}) == pytest.approx(counted(model, b)) == pytest.approx(plan.before)
 
 
-@pytest.mark.parametrize("spec", ["energy=3.9e6", "latency=420000", "mixer-arrays=40"])
-@pytest.mark.parametrize("min_units,align", [(3, 1), (4, 4), (8, 4)])
-def test_min_units_floor_holds_and_the_budget_is_still_met_tightly(spec, min_units, align):
-    model = tiny()
+def tight_plan(model, spec, **options):
+    """plan_budget(spec, **options), checked met, tight (one group fewer removed would exceed it) and counted like
+    the compacted model; returns (plan, compacted model)."""
     b = Budget.parse(spec)
-    named = far.far_modules(model)
-    plan = plan_budget(named, model, b, align=align, min_units=min_units)
+    plan = plan_budget(far.far_modules(model), model, b, **options)
     assert plan.met and plan.achieved <= b.value
     if plan.next_up is not None:
         assert plan.next_up > b.value
     result = pruned_copy(model, plan.masks)
     assert counted(result, b) == pytest.approx(plan.achieved)
+    return plan, result
+
+
+@pytest.mark.parametrize("spec", ["energy=3.9e6", "latency=420000", "mixer-arrays=40"])
+@pytest.mark.parametrize("min_units,align", [(3, 1), (4, 4), (8, 4)])
+def test_min_units_floor_holds_and_the_budget_is_still_met_tightly(spec, min_units, align):
+    plan, result = tight_plan(tiny(), spec, align=align, min_units=min_units)
     sizes = torch.cat([m.hidden_sizes.flatten() for _, m in far.far_modules(result)])
     assert ((sizes == 0) | (sizes >= min_units)).all() and sizes.sum() > 0, sizes
     assert f"0 or at least {min_units} units" in plan.summary()
@@ -160,15 +165,7 @@ def weak_heads():
 @pytest.mark.parametrize("spec", ["mixer-params=17000", "mixer-arrays=30", "energy=3.9e6"])
 @pytest.mark.parametrize("min_units,align", [(0, 1), (3, 1), (4, 4)])
 def test_keep_heads_keeps_every_head_and_the_budget_is_still_met_tightly(spec, min_units, align):
-    model = weak_heads()
-    b = Budget.parse(spec)
-    named = far.far_modules(model)
-    plan = plan_budget(named, model, b, align=align, min_units=min_units, keep_heads=True)
-    assert plan.met and plan.achieved <= b.value
-    if plan.next_up is not None:
-        assert plan.next_up > b.value
-    result = pruned_copy(model, plan.masks)
-    assert counted(result, b) == pytest.approx(plan.achieved)
+    plan, result = tight_plan(weak_heads(), spec, align=align, min_units=min_units, keep_heads=True)
     k = max(min_units, align)
     for _, m in far.far_modules(result):
         per_head = m.hidden_sizes.sum(0)  # [H]: units over both directions
