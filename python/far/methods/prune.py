@@ -391,7 +391,7 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
         return measure({name: mk.sum(-1).T.contiguous() for (name, _), mk in zip(models, masks)})
 
     before = measure({})
-    check_budget(models, model, budget, measure, max(min_units, align, 1) if keep_heads else 0)
+    check_budget(models, model, budget, measure, head_floor(min_units, align) if keep_heads else 0)
     lo, hi = 0, G  # value(hi) <= budget; find the smallest such j
     if before <= budget.value and align == 1 and min_units <= 1 and not keep_heads:
         hi = 0
@@ -426,6 +426,11 @@ def _strongest(among: torch.Tensor, norms: torch.Tensor, k: int) -> torch.Tensor
     return out
 
 
+def head_floor(min_units: int, align: int = 1) -> int:
+    """The units keep_heads leaves a head it revives: min_units, at least one column block (align), at least 1."""
+    return max(min_units, align, 1)
+
+
 def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_units: int, heads: bool = False,
            align: int = 1) -> torch.Tensor:
     """Every (head, direction) keeping between 1 and min_units - 1 units keeps its min_units strongest alive
@@ -442,7 +447,7 @@ def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_uni
     for h, r in ((count > 0) & (count < min_units)).nonzero().tolist():
         out[h, r] = _strongest(alive[h, r], norms[h, r], min(min_units, int(alive[h, r].sum())))
     if heads:
-        k = max(min_units, align, 1)
+        k = head_floor(min_units, align)
         for h in ((out.sum((1, 2)) == 0) & alive.any(-1).any(-1)).nonzero().flatten().tolist():
             r = int(torch.where(alive[h], norms[h], torch.full_like(norms[h], -1.0)).amax(-1).argmax())
             out[h, r] = _strongest(alive[h, r], norms[h, r], min(k, int(alive[h, r].sum())))
@@ -571,7 +576,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     if not named:
         raise ConfigError("the model has no FAR blocks: prune a FAR student (far.distill makes one)")
     if budget is not None:  # an impossible budget fails here, before any training
-        check_budget(named, model, budget, head_units=max(min_units, align, 1) if keep_heads else 0)
+        check_budget(named, model, budget, head_units=head_floor(min_units, align) if keep_heads else 0)
     d = setup_distributed(device)
     model = set_storage((model if inplace else copy.deepcopy(model)).to(d.device), "padded")  # masks need padding
     before = {name: m.hidden_sizes.clone() for name, m in far_modules(model)}
