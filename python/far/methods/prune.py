@@ -304,10 +304,9 @@ class BudgetPlan:
         b = self.budget
         head = (f"budget {b}: achieved {b.format(self.achieved)} ({100 * self.achieved / b.value:.1f}% of the budget; "
                 f"{b.format(self.before)} before), {self.pruned_groups} of {self.groups} unit groups removed")
-        if self.min_units > 1:
-            head += f", every (head, direction) 0 or at least {self.min_units} units"
-        if self.keep_heads:
-            head += ", no head removed"
+        floor = floor_text(self.min_units, self.keep_heads)
+        if floor:
+            head += f", {floor}"
         if self.align > 1:
             head += f", every (head, direction) a multiple of {self.align} units"
         if self.next_up is not None:
@@ -406,6 +405,12 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
     thr = float((order[j - 1] + order[j]) / 2) if 0 < j < G else (float(order[-1]) + 1.0 if j == G else 0.0)
     return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align, min_units,
                       keep_heads)
+
+
+def floor_text(min_units: int, keep_heads: bool) -> str:
+    """The floors a prune keeps, in words: the one wording of the budget summary and the prune report ('' if none)."""
+    return ", ".join(([f"every (head, direction) keeps 0 or at least {min_units} units"] if min_units > 1 else [])
+                     + (["no head removed"] if keep_heads else []))
 
 
 def check_min_units(min_units, align: int = 1, names: Tuple[str, str] = ("min_units", "align")) -> None:
@@ -660,9 +665,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
             acc = rec.get("masked_test_accuracy")
             rows.append((f"after masking{tag}", f"{100 * acc:.2f}%" if acc is not None else "n/a"))
         if (min_units > 1 or keep_heads) and budget is None:  # a budget's summary says it already
-            rows.append(("floor", ", ".join(
-                ([f"every (head, direction) keeps 0 or at least {min_units} units"] if min_units > 1 else [])
-                + (["no head removed"] if keep_heads else []))))
+            rows.append(("floor", floor_text(min_units, keep_heads)))
     model.far_run = RunReport("prune", done.history, done.final_accuracy, seconds, steps, done.completed,
                               cfg.out_dir, rows=rows)
     model.far_pruned_from = before  # {block: hidden sizes before pruning}, for reports
