@@ -211,6 +211,7 @@ at::Tensor scan_cuda(const at::Tensor& gx, const at::Tensor& w_hh, const at::Ten
   }
   const c10::cuda::CUDAGuard guard(gx.device());
   auto out = make_out(gx, n, out_opt);
+  check_no_overlap(out, {&gx, &w_hh}, "bilstm_scan_cuda");
   // hidden stays on the host: the launcher passes it to the kernel by value (no copy, no sync)
   const char* err = far::bilstm_scan_cuda(code, gx.data_ptr(), w_hh.data_ptr<float>(), hidden.data_ptr<int64_t>(),
                                           out.data_ptr(), gx.size(0), gx.size(1), gx.size(2), n,

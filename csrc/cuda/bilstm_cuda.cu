@@ -88,6 +88,7 @@ struct Params {
   int items;          // 2 * H * ntiles, dh-major: item = (dir * H + head) * ntiles + tile
   int per_block;      // items per block (contiguous range)
   int fast;           // tanh.approx activations
+  int kmax;           // largest kept size over (dir, head); the wide kernel's shared memory is 6 * kmax floats
   uint16_t hid[2 * kMaxHeads];  // kept units, index dir * H + head
 };
 
@@ -387,9 +388,9 @@ __global__ void bilstm_wide_kernel(const __grid_constant__ Params p) {
   write_pruned_zeros<T>(p, head, dir, b, 1, k);
   if (k == 0) return;
   extern __shared__ float smem[];
-  float* hs = smem;          // [k]
-  float* gs = smem + p.n;    // [4k]
-  float* cs = smem + 5 * p.n;  // [k]
+  float* hs = smem;             // [k]
+  float* gs = smem + p.kmax;     // [4k]
+  float* cs = smem + 5 * p.kmax;  // [k]
   for (int i = threadIdx.x; i < k; i += blockDim.x) hs[i] = cs[i] = 0.f;
   const float* w = p.w + (static_cast<int64_t>(head) * 2 + dir) * 4 * p.n * p.n;
   for (int step = 0; step < p.T; ++step) {
@@ -513,6 +514,10 @@ cudaError_t launch_mma(Params& p, int threads, cudaStream_t s) {
   return launch_persistent(bilstm_mma_kernel<T, KT, 4>, p, 32, threads, s);
 }
 
+// Shared memory of the wide kernel: h, c and the 4 gates of the widest kept (head, direction), not of the
+// padded width n (a masked model's n can be far wider than what it keeps).
+inline size_t wide_shmem(int kmax) { return static_cast<size_t>(6) * kmax * sizeof(float); }
+
 template <typename T>
 cudaError_t launch_wide(Params& p, cudaStream_t s) {
   p.ntiles = p.B;
@@ -520,8 +525,9 @@ cudaError_t launch_wide(Params& p, cudaStream_t s) {
   p.per_block = 1;
   int kmax = 0;
   for (int i = 0; i < 2 * p.H; ++i) kmax = std::max<int>(kmax, p.hid[i]);
+  p.kmax = kmax;
   const int threads = std::min(1024, (4 * kmax + 31) / 32 * 32);
-  const size_t shmem = static_cast<size_t>(6 * p.n) * sizeof(float);
+  const size_t shmem = wide_shmem(kmax);
   if (shmem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(bilstm_wide_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(shmem));
@@ -537,7 +543,18 @@ const char* dispatch(Params& p, int kmax, int path, cudaStream_t s) {
   if (path == kPathMma && !is_half) return "the mma path needs float16 or bfloat16 inputs (float32 uses the fma path)";
   if (kmax > kFastMaxHidden) {
     if (path != kPathAuto) return "hidden sizes above 64 run only the simple kernel (path auto)";
-    const cudaError_t err = launch_wide<T>(p, s);
+    int device = 0, optin = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+    if (wide_shmem(kmax) > static_cast<size_t>(optin)) {
+      static thread_local std::string msg;
+      msg = "a kept hidden size of " + std::to_string(kmax) + " needs " + std::to_string(wide_shmem(kmax)) +
+            " bytes of shared memory per block, above this GPU's " + std::to_string(optin) +
+            "; use backend='torch' for such widths";
+      return msg.c_str();
+    }
+    err = launch_wide<T>(p, s);
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
   }
   const int threads = 32 * ((kmax + 7) / 8);  // one warp per 8 kept units
@@ -560,6 +577,7 @@ const char* bilstm_scan_cuda(int dtype, const void* gx, const float* w_hh, const
   if (H > kMaxHeads) return "at most 256 heads are supported";
   if (n > 65535 || B > INT32_MAX || T > INT32_MAX) return "sizes out of range (n <= 65535, B and T < 2^31)";
   if (path != kPathAuto && path != kPathFma && path != kPathMma) return "unknown path (0 auto, 1 fma, 2 mma)";
+  if (2 * H * B > INT32_MAX) return "2 * heads * batch must stay below 2^31 (split the batch)";
   if (H == 0 || B == 0 || T == 0 || n == 0) return nullptr;
   Params p{};
   p.gx = gx;
@@ -581,9 +599,10 @@ const char* bilstm_scan_cuda(int dtype, const void* gx, const float* w_hh, const
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (kmax == 0) path = kPathAuto;  // only zeros to write: any kernel will do
   // An error left by earlier work (another library's launch, an earlier failed kernel) would otherwise
-  // be read by this call's cudaGetLastError() after the launch and reported as this launch's.
+  // be read by this call's cudaGetLastError() after the launch and reported as this launch's. Not-ready is
+  // a status, not an error: a query of an unfinished event or stream leaves it behind (cleared by this read).
   const cudaError_t earlier = cudaGetLastError();
-  if (earlier != cudaSuccess) {
+  if (earlier != cudaSuccess && earlier != cudaErrorNotReady) {
     static thread_local std::string msg;
     msg = std::string("a CUDA error was pending from earlier work, before this launch: ") + cudaGetErrorString(earlier);
     return msg.c_str();

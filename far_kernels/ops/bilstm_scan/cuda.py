@@ -43,10 +43,21 @@ def uses_tensor_cores(dtype: torch.dtype, batch: int, max_hidden: int = 64) -> b
     return half and max_hidden <= 64 and (path == PATHS["mma"] or (path == PATHS["auto"] and batch >= 16))
 
 
-# fp32 copies of non-fp32 / non-contiguous W_hh, one per source tensor, remade when it changes (its version
-# counter moves; a write through .data moves no counter and is not seen): a fp16 model would otherwise convert
-# W_hh on every call. Weak keys: no tensor is kept alive.
+# fp32 copies of non-fp32 / non-contiguous W_hh, one per source tensor and CUDA stream, remade when it changes
+# (its version counter moves; a write through .data moves no counter and is not seen): a fp16 model would
+# otherwise convert W_hh on every call. Per stream: a copy is made on the stream that reads it, so no kernel
+# reads a copy still being written on another stream, and no copy is freed (entry replaced) while another
+# stream's kernel reads it. None is stored while a CUDA graph is being captured (its copy would exist only on
+# replay). Weak keys: no tensor is kept alive.
 _W32 = WeakTensorKeyDictionary()
+
+
+def _stream_of(device: torch.device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _w_hh_fp32(w_hh: torch.Tensor) -> torch.Tensor:
@@ -57,11 +68,16 @@ def _w_hh_fp32(w_hh: torch.Tensor) -> torch.Tensor:
     except RuntimeError:  # an inference tensor has no version counter: cannot tell a change, no cache
         return w_hh.float().contiguous()
     key = (version, w_hh.data_ptr(), w_hh.dtype, tuple(w_hh.shape), w_hh.stride(), w_hh.device)
-    hit = _W32.get(w_hh)
+    stream = _stream_of(w_hh.device)
+    per_stream = _W32.get(w_hh)
+    hit = per_stream.get(stream) if per_stream is not None else None
     if hit is not None and hit[0] == key:
         return hit[1]
     w32 = w_hh.detach().float().contiguous()
-    _W32[w_hh] = (key, w32)
+    if not _capturing(w_hh.device):
+        if per_stream is None:
+            per_stream = _W32[w_hh] = {}
+        per_stream[stream] = (key, w32)
     return w32
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from far_kernels import bilstm_scan, bilstm_scan_ref
+from far_kernels.dispatch import BackendUnavailable
 from far_kernels.testing import behind_a_busy_side_stream
 from conftest import assert_close_derived, require_backend
 
@@ -212,6 +213,28 @@ def test_converted_weights_follow_in_place_changes(path_env):
                          "after an in-place change", tiny=ACT_SLACK)
 
 
+def test_wide_kernel_shared_memory_follows_the_kept_sizes_not_n(path_env):
+    """The wide kernel sizes its shared memory by the widest kept (head, direction), not the padded width: at
+    n = 10,000 (6n floats would be 240 KB, above any GPU's per-block maximum) a head keeping 96 units runs, equal
+    bit for bit to the same problem at n = 96; a kept size too wide for shared memory is refused in words."""
+    path_env("auto")
+    H, B, T, k, n = 1, 3, 6, 96, 10_000
+    hs = torch.tensor([[96], [64]])
+    gx_s, w_s = make_inputs(H, B, T, k, seed=int.from_bytes(os.urandom(4), "little"), dtype=torch.float32)
+    small = run_cuda(gx_s, w_s, hs)
+    gx = torch.zeros(H, B, T, 2, 4, n, device="cuda")
+    gx[..., :k] = gx_s.view(H, B, T, 2, 4, k).cuda()
+    w = torch.zeros(H, 2, 4, n, n, device="cuda")  # 3.2 GB: only the kept rows and columns are nonzero
+    w[..., :k, :k] = w_s.view(H, 2, 4, k, k).cuda()
+    gx, w = gx.view(H, B, T, 2, 4 * n), w.view(H, 2, 4 * n, n)
+    big = bilstm_scan(gx, w, hs, backend="cuda").cpu()
+    assert torch.equal(big[..., :k], small) and (big[..., k:] == 0).all()
+    with pytest.raises(RuntimeError, match="shared memory"):
+        bilstm_scan(gx, w, torch.tensor([[n], [64]]), backend="cuda")
+    del gx, w
+    torch.cuda.empty_cache()
+
+
 def test_bad_requests_raise_clear_errors(path_env):
     gx, w = make_inputs(1, 2, 3, 96, seed=0, dtype=torch.float32)
     hs = torch.full((2, 1), 8)
@@ -227,7 +250,7 @@ def test_bad_requests_raise_clear_errors(path_env):
     path_env("auto")
     with pytest.raises(ValueError, match="gx is on"):
         bilstm_scan(gx.cuda(), w, hs, backend="cuda")
-    with pytest.raises(TypeError, match="fp32"):
+    with pytest.raises(BackendUnavailable, match="computes in fp32"):
         bilstm_scan(gx.cuda().double(), w.cuda().double(), hs, backend="cuda")
     with pytest.raises(ValueError, match="out must be"):
         bilstm_scan(gx.cuda(), w.cuda(), hs, backend="cuda", out=torch.empty(1, 2, 3, 2, 96, device="cuda").half())

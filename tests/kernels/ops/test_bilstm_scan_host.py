@@ -45,6 +45,29 @@ def test_w_hh_fp32_copy_is_cached_and_follows_in_place_changes():
         assert torch.equal(cuda_wrapper._w_hh_fp32(wi), wi.float())
 
 
+def test_w_hh_fp32_copy_is_per_stream_and_not_cached_while_capturing(monkeypatch):
+    """A copy is read only on the stream that made it (no cross-stream read of a copy in flight, no copy freed
+    under another stream's kernel), and none is stored during CUDA graph capture (it would exist only on replay)."""
+    _, w = inputs(2)
+    wb = w.to(torch.float16)
+    stream = {"id": 1}
+    monkeypatch.setattr(cuda_wrapper, "_stream_of", lambda device: stream["id"])
+    on1 = cuda_wrapper._w_hh_fp32(wb)
+    stream["id"] = 2
+    on2 = cuda_wrapper._w_hh_fp32(wb)
+    assert on2 is not on1 and torch.equal(on2, on1)  # stream 2 converts its own
+    assert cuda_wrapper._w_hh_fp32(wb) is on2
+    stream["id"] = 1
+    assert cuda_wrapper._w_hh_fp32(wb) is on1  # stream 1's copy was kept, not replaced
+    monkeypatch.setattr(cuda_wrapper, "_capturing", lambda device: True)
+    stream["id"] = 3
+    captured = cuda_wrapper._w_hh_fp32(wb)
+    assert torch.equal(captured, wb.float()) and cuda_wrapper._w_hh_fp32(wb) is not captured  # not stored
+    monkeypatch.setattr(cuda_wrapper, "_capturing", lambda device: False)
+    stream["id"] = 1
+    assert cuda_wrapper._w_hh_fp32(wb) is on1
+
+
 def test_uses_tensor_cores_follows_the_kernels_rule(monkeypatch):
     """The launcher's rule (csrc/cuda/bilstm_cuda.cu dispatch): mma for 16-bit inputs when forced or, under
     auto, from B = 16 on; float32 and kept sizes above 64 never."""
