@@ -540,6 +540,26 @@ def test_emulated_far_model_runs():
     assert (y - y_float).abs().max() < 10 * y_float.abs().max()  # same ballpark, not garbage
 
 
+def test_identical_far_blocks_read_independent_noise():
+    """Two copies of one FAR block, emulated with read noise on their grouped products only (W_ih, W_hh,
+    head_proj): each group reads its own draws (once every group keyed its noise by the model's seed alone, so
+    W_hh at step t drew the same numbers in every block); the same seed reproduces them."""
+    torch.manual_seed(3)
+    a = far_block([[4, 3], [2, 4]], seed=2)
+    model = nn.Sequential(a, copy.deepcopy(a))
+    x = torch.randn(2, 5, 8)
+    cfg = CrossbarConfig(adc_bits=8, adc_range="granular", read_noise=0.01, **FAST)
+    grouped = ["*.w_ih.*", "*.w_hh.*", "*.head_proj.*"]
+    emu = emulate(model, cfg, include=grouped)
+    with torch.no_grad():
+        clean = emulate(model, cfg.replace(read_noise=0.0), include=grouped)[0](x)
+        y0, y1 = emu[0](x), emu[1](x)
+        again = emulate(model, cfg, include=grouped)[0](x)
+    assert not torch.equal(y0, clean) and not torch.equal(y1, clean)
+    assert not torch.equal(y0, y1)
+    assert torch.equal(again, y0)
+
+
 # ---------------------------------------------------------------- calibrate
 def test_calibrate_records_partial_sum_maxima():
     torch.manual_seed(7)

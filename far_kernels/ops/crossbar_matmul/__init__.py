@@ -38,7 +38,8 @@ from far_kernels.ops.crossbar_matmul.group import (CrossbarGroup, group_call_mem
                                                    program_group, program_stacked)
 from far_kernels.ops.crossbar_matmul.reference import crossbar_matmul_loop, crossbar_matmul_ref
 from far_kernels.ops.crossbar_matmul.program import (ProgrammedCrossbar, prepare_call, program_crossbar,
-                                                     quantize_inputs, quantize_weights, triton_unsupported)
+                                                     quantize_inputs, quantize_weights, read_noise_key,
+                                                     triton_unsupported)
 
 
 def crossbar_matmul_triton(call, out=None):
@@ -120,8 +121,8 @@ def _group_via_members(impl):
         for g, (x, prog, bias) in enumerate(group_call_members(call)):
             c = prepare_call(x, prog, call.cfg.replace(seed=prog.cfg.seed), bias, op="crossbar_matmul_group",
                              consume_read=False)
-            if call.read_key:
-                c.read_key = call.read_key ^ (g << 1)  # each member its own noise
+            if call.read_key:  # each member its own stream (a hash: keys a few apart would overlap Philox counters)
+                c.read_key = read_noise_key(call.read_key, g)
             y[g, :, :prog.N] = impl(c)
         return y if out is None else out.copy_(y)
     return run
@@ -152,7 +153,8 @@ def crossbar_matmul_group(x: torch.Tensor, group: CrossbarGroup, cfg: Optional[C
     """G independent crossbar products in one call: y[g] = crossbar_matmul(x[g, :, :K_g], member g) + bias[g].
 
     Args:
-        x: [G, M, K] (K the group's largest input size; a member's columns beyond its K_g are ignored).
+        x: [G, M, K] (K the group's largest input size; a member's columns beyond its K_g must be 0: the
+            input scale and the offset correction are taken over all K columns).
         group: a CrossbarGroup (far_kernels.program_group): the members' programmed cells, stacked.
         cfg: the read-side config (default the members'); programming fields must match.
         bias: optional [G, N], added digitally.

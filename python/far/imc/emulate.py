@@ -183,7 +183,7 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
                 if not any(chosen_here):
                     continue
                 xg = CrossbarGroupLinear(glin, cfg, chosen_here, [layer_seed(cfg.seed, n) for n in full],
-                                         backend=backend)
+                                         backend=backend, read_seed=layer_seed(cfg.seed, f"{name}.{part}"))
                 xg.member_names = full
                 xg.layer_name = f"{name}.{part}"
                 xg.train(glin.training)

@@ -7,6 +7,7 @@ emulation"); these modules only hold programmed weights and route calls.
 from __future__ import annotations
 
 import itertools
+import zlib
 from typing import Optional
 
 import torch
@@ -363,13 +364,18 @@ class CrossbarGroupLinear(nn.Module):
     far_kernels.crossbar_matmul_group call), the others digitally. Same contract: x [G, M, K] -> [G, M, N].
 
     Each emulated member is programmed once with its own seed (`seeds`), so members get independent
-    programming noise and faults. With cfg.adc_range == "calibrated" every member has its own range."""
+    programming noise and faults. Read noise is keyed by `read_seed` (default: derived from `seeds`), one per
+    group, so no two groups of a model (W_hh of two blocks, say) read the same draws. With cfg.adc_range ==
+    "calibrated" every member has its own range."""
 
-    def __init__(self, glinear: GroupLinear, cfg, emulated, seeds, backend: Optional[str] = None):
+    def __init__(self, glinear: GroupLinear, cfg, emulated, seeds, backend: Optional[str] = None,
+                 read_seed: Optional[int] = None):
         super().__init__()
         if not isinstance(cfg, far_kernels.CrossbarConfig):
             raise TypeError(f"cfg must be a far_kernels.CrossbarConfig, got {type(cfg).__name__}")
-        self.cfg, self.backend = cfg, backend
+        if read_seed is None:
+            read_seed = read_noise_key(cfg.seed, zlib.crc32(",".join(map(str, seeds)).encode()))
+        self.cfg, self.backend = cfg.replace(seed=int(read_seed)), backend
         self.member_names = list(glinear.member_names)
         self.sizes = list(glinear.sizes)
         self.emulated = [bool(e) for e in emulated]

@@ -250,6 +250,24 @@ def test_triton_group_ties_round_half_to_even():
     assert torch.equal(y, crossbar_matmul_group_ref(x, grp))
 
 
+@needs_interpreter
+def test_triton_group_members_draw_independent_read_noise():
+    """Identical members of one group (the images and heads of CrossbarAttention, the heads of a FAR block) get
+    independent read noise: member keys a few apart once made their Philox streams overlap (corr 0.24-0.29)."""
+    cfg = CrossbarConfig(adc_bits=12, adc_range="granular", read_noise=0.01, tile_rows=64, seed=3)
+    g = torch.Generator().manual_seed(8)  # rows of one scale: make_xw's spread of row scales (the noise's too)
+    x, w = torch.randn(256, 64, generator=g), torch.randn(32, 64, generator=g)  # would swamp the estimate
+    x3 = x.expand(3, -1, -1).contiguous()
+    grp = program_group([w, w, w], cfg, seeds=[1, 1, 1])
+    clean = crossbar_matmul_group(x3, grp, cfg.replace(read_noise=0.0), backend="torch")
+    e = (crossbar_matmul_group(x3, grp, backend="triton") - clean).reshape(3, -1).double()
+    assert (e.std(1) > 0).all()
+    corr = torch.corrcoef(e)
+    bound = 6 / math.sqrt(e.shape[1])
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert abs(corr[a, b].item()) <= bound, (a, b, corr)
+
+
 # ---- compiled on a GPU (cuda-marked; the GPU suite runs them) ----
 CUDA_GRID = [
     pytest.param(dict(), 4096, 768, 768, id="isaac-M4096-K768-N768"),
