@@ -17,7 +17,8 @@ overrides any of them from a JSON or YAML file):
   output, weight slice) pair is converted by an ADC of cfg.adc_bits and shifted and added. The input is
   read from and the output written to the tile's eDRAM over its bus (input_bits per input, 16 bits per
   output). One MVM takes J crossbar cycles; a cycle is the longer of the read (100 ns) and the ADC's
-  conversions of the columns it serves (cols_per_adc at its rate).
+  conversions of the outputs it serves (cols_per_adc columns: cols_per_adc / 2 differential pairs, or
+  cols_per_adc offset-encoded columns, at its rate). A read also charges the columns' sample-and-hold.
 - Dynamic products (attention's QKᵀ and S·V, per head) have no static weights:
   dynamic="write": K (as Kᵀ, d rows x T columns) and V (T rows x d columns) are written into dedicated
   crossbars for every image (cell_write energy per cell, rows written one after another within an array
@@ -160,10 +161,15 @@ class _Chip:
         self.S, self.J, self.rows = cfg.n_weight_slices, cfg.n_input_slices, cfg.tile_rows
         self.pair = 2 if cfg.encoding == "differential" else 1
         adc = c[adc_key]
-        self.e_read, self.e_adc, self.e_dac = c["crossbar_read"]["energy_pj"], adc["energy_pj"], c["dac_1b"]["energy_pj"]
+        # an array read: the cells' currents and the columns' sample-and-hold (ISAAC charges both per read)
+        self.e_read = c["crossbar_read"]["energy_pj"] + c["sample_hold"]["energy_pj"]
+        self.e_adc, self.e_dac = adc["energy_pj"], c["dac_1b"]["energy_pj"]
         self.e_sa = c["shift_add"]["energy_pj"]
         self.e_bit = (c["edram_access_256b"]["energy_pj"] + c["bus_256b"]["energy_pj"]) / 256
-        self.cycle_ns = max(c["crossbar_read"]["latency_ns"], hw.cols_per_adc * adc["latency_ns"])
+        # one conversion per output (a differential pair's two columns are subtracted before the ADC, as the
+        # energy counts them): an ADC serving cols_per_adc columns converts cols_per_adc / pair outputs a cycle
+        self.conversions_per_cycle = math.ceil(hw.cols_per_adc / self.pair)
+        self.cycle_ns = max(c["crossbar_read"]["latency_ns"], self.conversions_per_cycle * adc["latency_ns"])
         self.clock_ghz = c["clock"]["ghz"]
         self.e_write = c["cell_write"]["energy_pj"] * hw.write_verify
         self.t_write = c["cell_write"]["latency_ns"] * hw.write_verify
