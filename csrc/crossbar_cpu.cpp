@@ -100,7 +100,8 @@ inline void sincos_pi(float t, float& s, float& c) {
 
 // Standard normals for the n partial sums whose call-wide indices start at idx0, by Box-Muller: pair q (counter
 // idx0 + q) gives u1 in (0, 1) and t in [-1, 1) from two hashes, r = sqrt(-2 ln u1), and z[q] = r cos(pi t),
-// z[q + h] = r sin(pi t) (h = ceil(n / 2)). |z| <= 5.8. Branch-free and contiguous, so the loop vectorizes.
+// z[q + h] = r sin(pi t) (h = ceil(n / 2)). |z| <= 5.89 (u1 >= 2^-25). Branch-free and contiguous, so the loop
+// vectorizes.
 inline void standard_normals(float* __restrict__ z, int64_t n, uint64_t idx0, uint32_t k1, uint32_t k2) {
   const int64_t h = (n + 1) / 2;
   const uint32_t lo0 = static_cast<uint32_t>(idx0), hi0 = static_cast<uint32_t>(idx0 >> 32);

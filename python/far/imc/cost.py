@@ -78,7 +78,8 @@ class HardwareSpec:
     (each LSTM's [W_ih | W_hh] in one matrix read once per step with input [x_t; h_{t-1}], the usual
     crossbar mapping of an LSTM) or "separate" (W_ih over all tokens first, then W_hh per step, as
     far.imc's emulation computes it); write_verify: the
-    program-and-verify factor on write energy and time (1 = a single pulse); endurance_cycles: writes a
+    program-and-verify factor on write energy and time (1 = a single pulse; the lifetime still counts one
+    write per cell per image, the verify pulses are not counted as wear); endurance_cycles: writes a
     cell survives (None: the constants table's); constants: a JSON or YAML file of constants overriding
     the table, e.g. {"cell_write": {"energy_pj": 20}}; packing: "none" or "diagonal" (module docstring:
     Mapping)."""

@@ -7,8 +7,9 @@ h_{t-1} W_hh^T is read once per time step, the previous step's h as input. This 
     pre_proj                    Linear(C, H*d)
     w_ih                        GroupLinear, member "<head>.<direction>": (d -> 4k), bias b_ih + b_hh (digital)
     w_hh                        GroupLinear, member "<head>.<direction>": (k -> 4k), no bias, read once per
-                                time step (t = 0 included: a real read of h_{-1} = 0 still meets read noise
-                                and the ADC) with every head and direction in one grouped call
+                                time step (t = 0 included and counted as a read; its output is exactly 0,
+                                noise included, since a zero row's dynamic input scale is 0) with every
+                                head and direction in one grouped call
     head_proj                   GroupLinear, member "<head>": (k_fwd + k_bwd -> d)
     proj                        the block's W_O
 
