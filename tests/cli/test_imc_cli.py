@@ -237,6 +237,12 @@ def test_imc_cost_table_json_plot_emulate(capsys, teacher_ckpt, far_ckpt, tmp_pa
     assert far_row["top1_emulated"]["write"] == far_row["top1_emulated"]["digital"]
     assert "attention's dynamic products: write" in out and "attention's dynamic products: digital" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the emulator's LSTM mapping (W_ih and W_hh separate) is not the cost's default (fused): said, and recorded
+    assert "lstm_mapping=separate costs what was emulated" in out and res["emulated_lstm_mapping"] == "separate"
+    code, out, err = run(capsys, "imc-cost", far_ckpt, "--data", "fashion-mnist", "--limit", 4, "--batch-size", 4,
+                         "--emulate", *FASTEST, "--hw", "lstm_mapping=separate", "-q")
+    assert code == 0, err
+    assert "costs what was emulated" not in out
 
 
 @pytest.mark.parametrize("argv,fragments", [

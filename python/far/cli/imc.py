@@ -538,7 +538,7 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     import torch
 
     from far.evaluate import evaluate
-    from far.imc import emulate, emulation_targets
+    from far.imc import EMULATED_LSTM_MAPPING, emulate, emulation_targets
     from far.imc.cost import DYNAMIC_MODES, HardwareSpec, model_cost
     from far.models import stored_tensors
     from far.utils.env import environment, resolve_device
@@ -603,9 +603,16 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
             if args.emulate:
                 line += f" {100 * r['top1_emulated'][m]:>7.2f}%"
             print(line)
+    mismatch = args.emulate and any(r["kind"] == "FAR" for r in rows) and any(
+        h.lstm_mapping != EMULATED_LSTM_MAPPING for h in specs.values())
+    if mismatch:
+        print(f"\nnote: the emulator runs each LSTM's W_ih (all tokens) and W_hh (every step) as separate crossbar "
+              f"products, each with its own ADC conversions; the costs above use --hw lstm_mapping=fused (one "
+              f"[W_ih | W_hh] product per step). --hw lstm_mapping={EMULATED_LSTM_MAPPING} costs what was emulated.")
     result = {"benchmark": "imc_cost", "crossbar_config": dataclasses.asdict(cfg),
               "hardware": {m: dataclasses.asdict(h) for m, h in specs.items()}, "data": args.data,
-              "limit": args.limit, "environment": environment(), "models": rows}
+              "limit": args.limit, "environment": environment(), "models": rows,
+              **({"emulated_lstm_mapping": EMULATED_LSTM_MAPPING} if args.emulate else {})}
     if args.json:
         write_json(args.json, result, force=args.force, inputs=[r.path for _, _, r in models])
         note(args, f"wrote {args.json}")

@@ -16,13 +16,14 @@ input. See `emulate` for the full list.
 from far.imc.calibrate import calibrate
 from far.imc.emulate import (DYNAMIC_MODES, EmulationReport, crossbar_attentions, crossbar_groups, crossbar_layers,
                              crossbar_products, emulate, emulation_targets, layer_seed, select_targets)
-from far.imc.far_block import UnrolledFARAttention
+from far.imc.far_block import EMULATED_LSTM_MAPPING, UnrolledFARAttention
 from far.imc.layers import (CrossbarAttention, CrossbarGroupLinear, CrossbarLinear, GroupLinear, QuantizedAttention,
                             fake_quantize)
 
 __all__ = [
     "CrossbarAttention",
     "DYNAMIC_MODES",
+    "EMULATED_LSTM_MAPPING",
     "crossbar_attentions",
     "CrossbarGroupLinear",
     "CrossbarLinear",

@@ -29,6 +29,10 @@ import torch.nn as nn
 from far.imc.layers import GroupLinear
 from far.nn import FARAttention
 
+# How this module maps an LSTM, in far.imc.cost's terms (HardwareSpec.lstm_mapping): W_ih over all tokens and
+# W_hh at every step are separate products with their own ADC conversions, not one [W_ih | W_hh] per step.
+EMULATED_LSTM_MAPPING = "separate"
+
 
 class UnrolledFARAttention(nn.Module):
     """The FARAttention `far` with grouped weight products (see the module docstring). Same forward
