@@ -97,6 +97,17 @@ def test_far_model_calibrated_and_include(capsys, far_ckpt, tmp_path):
     assert [r["setting"] for r in res["results"]] == ["digital", "adc_range=max", "adc_range=calibrated"]
     assert res["results"][2]["calibration_images"] == 2 and res["include"] == ["*.w_hh.*"]
     assert "emulated: 4 crossbar products, include ['*.w_hh.*']: blocks.*.attn.w_hh.*.* x4" in out  # 2 heads x 2 dirs
+    assert res["lstm_mapping"] == "separate"
+    # the fused mapping: one [W_ih | W_hh] product per (head, direction), calibrated too; its names, not w_hh's
+    code, out, err = run(capsys, "imc-eval", far_ckpt, "--data", "fashion-mnist", "--limit", 2, "--batch-size", 2,
+                         "--set", "adc_range=calibrated", "--set", "adc_bits=6", *FASTEST, "--lstm-mapping", "fused",
+                         "--include", "*.lstm.*", "--calib-images", 2, "--json", js, "--force", "-q")
+    assert code == 0, err
+    assert json.loads(js.read_text())["lstm_mapping"] == "fused"
+    assert "emulated: 4 crossbar products, include ['*.lstm.*']: blocks.*.attn.lstm.*.* x4" in out
+    code, out, err = run(capsys, "imc-eval", far_ckpt, "--data", "fashion-mnist", "--limit", 2, "--lstm-mapping",
+                         "fused", "--include", "*.w_hh.*", "-q")
+    assert code != 0 and "matches no emulatable layer" in err and "products are X.lstm.<head>.<dir>" in err
 
 
 @needs_fmnist
@@ -237,12 +248,15 @@ def test_imc_cost_table_json_plot_emulate(capsys, teacher_ckpt, far_ckpt, tmp_pa
     assert far_row["top1_emulated"]["write"] == far_row["top1_emulated"]["digital"]
     assert "attention's dynamic products: write" in out and "attention's dynamic products: digital" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the emulator's LSTM mapping (W_ih and W_hh separate) is not the cost's default (fused): said, and recorded
-    assert "lstm_mapping=separate costs what was emulated" in out and res["emulated_lstm_mapping"] == "separate"
+    # FAR blocks are emulated with the LSTM mapping they are costed with (default fused), said and recorded
+    assert "same LSTM mapping: fused" in out and res["emulated_lstm_mapping"] == "fused"
+    js2 = tmp_path / "cost_separate.json"
     code, out, err = run(capsys, "imc-cost", far_ckpt, "--data", "fashion-mnist", "--limit", 4, "--batch-size", 4,
-                         "--emulate", *FASTEST, "--hw", "lstm_mapping=separate", "-q")
+                         "--emulate", *FASTEST, "--hw", "lstm_mapping=separate", "--json", js2, "-q")
     assert code == 0, err
-    assert "costs what was emulated" not in out
+    sep = json.loads(js2.read_text())
+    assert "same LSTM mapping: separate" in out and sep["emulated_lstm_mapping"] == "separate"
+    assert sep["models"][0]["cost"]["write"]["totals"]["energy_uj"] > far_row["cost"]["write"]["totals"]["energy_uj"]
 
 
 @pytest.mark.parametrize("argv,fragments", [

@@ -329,14 +329,16 @@ def far_block(hidden_sizes, seed=0, dim=8, heads=2):
 HIDDEN = [pytest.param(None, id="full"), pytest.param([[4, 3], [0, 2]], id="pruned-with-empty-direction")]
 
 
+@pytest.mark.parametrize("mapping", ["separate", "fused"])
 @pytest.mark.parametrize("hs", HIDDEN)
-def test_unrolled_far_block_equals_far_block(hs):
-    """The per-product module form (before any crossbar) is the same function as FARAttention."""
+def test_unrolled_far_block_equals_far_block(hs, mapping):
+    """The per-product module form (before any crossbar) is the same function as FARAttention, under either
+    LSTM mapping."""
     m = far_block(hs)
     x = torch.randn(2, 5, 8)
-    u = UnrolledFARAttention(m)
+    u = UnrolledFARAttention(m, mapping)
     with torch.no_grad():
-        ref64 = UnrolledFARAttention(copy.deepcopy(m).double())(x.double())
+        ref64 = UnrolledFARAttention(copy.deepcopy(m).double(), mapping)(x.double())
         out = u(x)
         out_far = m(x)
     assert torch.allclose(ref64, m.double().forward_reference(x.double()), atol=1e-12, rtol=0)
@@ -344,10 +346,14 @@ def test_unrolled_far_block_equals_far_block(hs):
     assert err <= 2 * err_far + 1e-6, (err, err_far)
     kept = far.FARAttention(8, 2, hidden_sizes=hs).hidden_sizes
     live = [(h, d) for h in range(2) for d in range(2) if int(kept[d, h]) > 0]
-    assert u.w_ih.member_names == u.w_hh.member_names == [f"{h}.{d}" for h, d in live]
-    for g, (h, d) in enumerate(live):
-        k = int(kept[d, h])
-        assert u.w_ih.sizes[g] == (4 * k, 4) and u.w_hh.sizes[g] == (4 * k, k)
+    if mapping == "fused":
+        assert u.lstm.member_names == [f"{h}.{d}" for h, d in live] and not hasattr(u, "w_ih")
+        assert u.lstm.sizes == [(4 * int(kept[d, h]), 4 + int(kept[d, h])) for h, d in live]
+    else:
+        assert u.w_ih.member_names == u.w_hh.member_names == [f"{h}.{d}" for h, d in live]
+        for g, (h, d) in enumerate(live):
+            k = int(kept[d, h])
+            assert u.w_ih.sizes[g] == (4 * k, 4) and u.w_hh.sizes[g] == (4 * k, k)
     assert u.head_proj.member_names == [str(h) for h in range(2) if int(kept[:, h].sum()) > 0]
     assert type(u.pre_proj) is nn.Linear and type(u.proj) is nn.Linear
 
@@ -509,7 +515,58 @@ def test_emulated_far_block_products_and_recurrence(hs, kw):
     assert torch.equal(inp, torch.cat(heads, dim=-1)) and torch.equal(out, y)
 
 
-def test_emulated_far_block_approaches_float():
+@pytest.mark.parametrize("hs", HIDDEN)
+def test_emulated_fused_far_block_reads_x_and_h_in_one_product(hs):
+    """lstm_mapping="fused": per (head, direction) one crossbar call per time step, on [x_t; h_{t-1}] (x_t the
+    head's pre_proj slice in the direction's time order, h_{-1} = 0) against [W_ih | W_hh] with bias
+    b_ih + b_hh, equal to s_x s_w (x_q @ w_q.T) + bias on its actual input; its gates give the next call's h."""
+    m = far_block(hs, seed=5)
+    cfg = exact_cfg(weight_bits=8, input_bits=8, cell_bits=4, dac_bits=4)
+    B, N, d = 2, 5, m.head_dim
+    x = torch.randn(B, N, 8)
+    emu = emulate(nn.ModuleDict({"attn": m}), cfg, backend="torch", lstm_mapping="fused")
+    assert emu.imc_emulation.lstm_mapping == "fused"
+    assert not any(".w_ih." in n or ".w_hh." in n for n in crossbar_products(emu))
+    calls, handles = record_calls(emu)
+    with torch.no_grad():
+        emu["attn"](x)
+    for hd in handles:
+        hd.remove()
+    xh = calls["attn.pre_proj"][0][1].view(B, N, -1)
+    hsz = m.hidden_sizes
+    for h in range(2):
+        for dr in range(2):
+            k = int(hsz[dr, h])
+            name = f"attn.lstm.{h}.{dr}"
+            if k == 0:
+                assert name not in calls
+                continue
+            w_ih, w_hh, b_ih, b_hh = m.lstm_params(dr, h)
+            w, b = torch.cat((w_ih, w_hh), dim=1), b_ih + b_hh
+            seq = calls[name]
+            assert len(seq) == N
+            order = list(range(N)) if dr == 0 else list(range(N - 1, -1, -1))
+            c = None
+            for s, t in enumerate(order):
+                inp, out = seq[s]
+                assert inp.shape == (B, d + k)
+                assert torch.equal(inp[:, :d], xh[:, t, h * d:(h + 1) * d])
+                if s == 0:
+                    assert (inp[:, d:] == 0).all()
+                ref = exact_product(inp, w, cfg, b)
+                tol = 4 * EPS32 * (exact_product(inp, w, cfg).abs() + ref.abs()) + 1e-30
+                assert ((out.double() - ref).abs() <= tol).all(), (name, s)
+                hh, c = lstm_step(out, c)
+                if s < N - 1:
+                    assert (seq[s + 1][0][:, d:].double() - hh).abs().max() <= H_TOL, (name, s)
+    with pytest.raises(ValueError, match="lstm_mapping must be one of"):
+        emulate(nn.ModuleDict({"attn": m}), cfg, lstm_mapping="stacked")
+    with pytest.raises(ValueError, match="matches no emulatable layer"):
+        emulate(nn.ModuleDict({"attn": m}), cfg, include="*.w_hh.*", lstm_mapping="fused")
+
+
+@pytest.mark.parametrize("mapping", ["separate", "fused"])
+def test_emulated_far_block_approaches_float(mapping):
     """Exact ADC, more bits: the emulated block converges to the float block (error ~ 2^-bits)."""
     m = far_block([[4, 3], [0, 2]], seed=6)
     wrapper = nn.ModuleDict({"attn": m})
@@ -519,7 +576,7 @@ def test_emulated_far_block_approaches_float():
         errs = {}
         for b in (6, 10, 14):
             cfg = exact_cfg(weight_bits=b, input_bits=b, cell_bits=5, dac_bits=5)
-            errs[b] = (emulate(wrapper, cfg)["attn"](x).double() - ref).abs().max().item()
+            errs[b] = (emulate(wrapper, cfg, lstm_mapping=mapping)["attn"](x).double() - ref).abs().max().item()
     scale = ref.abs().max().item()
     assert errs[6] > errs[10] > errs[14], errs
     assert errs[10] < errs[6] * 2.0 ** -2 and errs[14] < errs[10] * 2.0 ** -2, errs

@@ -13,6 +13,7 @@ from far.cli.evaluate import eval_dataset, eval_workers
 from far.cli.options import (BACKEND_CHOICES, FMNIST_NOTE, MODEL_HELP, Formatter, add_common, add_data, add_device,
                              add_model, at_least, note, output_checks, set_threads, warn)
 from far.errors import ConfigError
+from far.imc import EMULATED_LSTM_MAPPING, LSTM_MAPPINGS
 
 
 # ---------------------------------------------------------------- config values from the command line
@@ -225,7 +226,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     model_label = str(ref.path) if ref.kind == "file" else ref.name
     origin = "random init" if ref.kind == "timm" else ref.origin
     inc, exc = args.include or None, args.exclude or None
-    select_targets(model, inc, exc)  # a pattern that matches nothing: error before any evaluation
+    select_targets(model, inc, exc, args.lstm_mapping)  # a pattern that matches nothing: error before any evaluation
     if any(m == "crossbar" for *_, m in settings) and not any(
             k == "digital-quantized" for _, k in emulation_targets(model)):
         warn("--dynamic crossbar: the model has no attention (a FAR model?), so it changes nothing")
@@ -245,7 +246,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "base_config": dataclasses.asdict(base),
         "sweeps": [{"key": k, "values": list(dict.fromkeys(v[k] for _, v, _, _ in settings))} for k in sweep_keys],
         "dynamic": args.dynamic.split(","), "seeds": args.seeds,
-        "include": inc, "exclude": exc, "calibration_data": (args.calib_data or str(args.data)) if needs_calib else None,
+        "include": inc, "exclude": exc, "lstm_mapping": args.lstm_mapping, "calibration_data": (args.calib_data or str(args.data)) if needs_calib else None,
         "emulated": None, "results": [], "complete": False, "far_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -271,7 +272,8 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
         for seed in seeds:
             c = cfg.replace(seed=seed)
             tag = f"[{i}/{len(settings)}] {label}" + (f" seed {seed}" if len(seeds) > 1 else "")
-            emu = emulate(model, c, include=inc, exclude=exc, backend=args.backend, dynamic=dyn)
+            emu = emulate(model, c, include=inc, exclude=exc, backend=args.backend, dynamic=dyn,
+                          lstm_mapping=args.lstm_mapping)
             emu.eval()
             if result["emulated"] is None:
                 result["emulated"] = crossbar_products(emu)
@@ -406,6 +408,11 @@ def add_parsers(sub) -> None:
                         "bars in the plot")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a crossbar setting for every run (repeatable), e.g. --set adc_range=calibrated")
+    p.add_argument("--lstm-mapping", choices=LSTM_MAPPINGS, default=EMULATED_LSTM_MAPPING,
+                   help="how a FAR block's LSTMs sit on crossbars: separate (W_ih over all tokens, then W_hh at every "
+                        "step, each its own ADC conversions; names *.w_ih.*, *.w_hh.*) or fused (one [W_ih | W_hh] "
+                        "product per step on [x_t; h_t-1], the cost model's default; names *.lstm.*) "
+                        "(default: %(default)s)")
     p.add_argument("--include", action="append", metavar="GLOB",
                    help="emulate only layers whose name matches (repeatable; e.g. '*.w_hh.*', 'blocks.0.*')")
     p.add_argument("--exclude", action="append", metavar="GLOB",
@@ -538,7 +545,7 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     import torch
 
     from far.evaluate import evaluate
-    from far.imc import EMULATED_LSTM_MAPPING, emulate, emulation_targets
+    from far.imc import emulate, emulation_targets
     from far.imc.cost import DYNAMIC_MODES, HardwareSpec, model_cost
     from far.models import stored_tensors
     from far.utils.env import environment, resolve_device
@@ -552,6 +559,7 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     if "dynamic" in hw_values:
         raise ConfigError("give the dynamic mode with --dynamic, not --hw dynamic=")
     specs = {m: _make_config({**hw_values, "dynamic": m}, "--hw", HardwareSpec) for m in modes}
+    mapping = next(iter(specs.values())).lstm_mapping  # the emulator maps the LSTMs as the costs do
     if args.emulate and not args.data:
         raise ConfigError("--emulate measures accuracy: give --data")
     models = _cost_models(args, torch.device("cpu") if args.device is None else resolve_device(args.device, "--device"))
@@ -576,8 +584,8 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
                     dyn = "crossbar" if m == "write" else "digital"
                     what = f", attention products {dyn}" if has_attention else ""
                     note(args, f"{label}: emulated accuracy (crossbars, this config{what}) ...")
-                    row["top1_emulated"][m] = evaluate(emulate(model, cfg, dynamic=dyn).eval(), data,
-                                                       batch_size=args.batch_size, device=device,
+                    emu = emulate(model, cfg, dynamic=dyn, lstm_mapping=mapping).eval()
+                    row["top1_emulated"][m] = evaluate(emu, data, batch_size=args.batch_size, device=device,
                                                        workers=eval_workers(args), progress=not args.quiet)["accuracy"]
                 for m in modes:  # a FAR model has no dynamic products: one figure serves every mode
                     row["top1_emulated"].setdefault(m, row["top1_emulated"][modes[0]])
@@ -603,16 +611,12 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
             if args.emulate:
                 line += f" {100 * r['top1_emulated'][m]:>7.2f}%"
             print(line)
-    mismatch = args.emulate and any(r["kind"] == "FAR" for r in rows) and any(
-        h.lstm_mapping != EMULATED_LSTM_MAPPING for h in specs.values())
-    if mismatch:
-        print(f"\nnote: the emulator runs each LSTM's W_ih (all tokens) and W_hh (every step) as separate crossbar "
-              f"products, each with its own ADC conversions; the costs above use --hw lstm_mapping=fused (one "
-              f"[W_ih | W_hh] product per step). --hw lstm_mapping={EMULATED_LSTM_MAPPING} costs what was emulated.")
+    if args.emulate and any(r["kind"] == "FAR" for r in rows):
+        print(f"\nFAR blocks emulated and costed with the same LSTM mapping: {mapping} (--hw lstm_mapping=)")
     result = {"benchmark": "imc_cost", "crossbar_config": dataclasses.asdict(cfg),
               "hardware": {m: dataclasses.asdict(h) for m, h in specs.items()}, "data": args.data,
               "limit": args.limit, "environment": environment(), "models": rows,
-              **({"emulated_lstm_mapping": EMULATED_LSTM_MAPPING} if args.emulate else {})}
+              **({"emulated_lstm_mapping": mapping} if args.emulate else {})}
     if args.json:
         write_json(args.json, result, force=args.force, inputs=[r.path for _, _, r in models])
         note(args, f"wrote {args.json}")

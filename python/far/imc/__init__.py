@@ -16,7 +16,7 @@ input. See `emulate` for the full list.
 from far.imc.calibrate import calibrate
 from far.imc.emulate import (DYNAMIC_MODES, EmulationReport, crossbar_attentions, crossbar_groups, crossbar_layers,
                              crossbar_products, emulate, emulation_targets, layer_seed, select_targets)
-from far.imc.far_block import EMULATED_LSTM_MAPPING, UnrolledFARAttention
+from far.imc.far_block import EMULATED_LSTM_MAPPING, LSTM_MAPPINGS, UnrolledFARAttention
 from far.imc.layers import (CrossbarAttention, CrossbarGroupLinear, CrossbarLinear, GroupLinear, QuantizedAttention,
                             fake_quantize)
 
@@ -24,6 +24,7 @@ __all__ = [
     "CrossbarAttention",
     "DYNAMIC_MODES",
     "EMULATED_LSTM_MAPPING",
+    "LSTM_MAPPINGS",
     "crossbar_attentions",
     "CrossbarGroupLinear",
     "CrossbarLinear",

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 import torch.nn as nn
 
 import far_kernels
-from far.imc.far_block import UnrolledFARAttention
+from far.imc.far_block import EMULATED_LSTM_MAPPING, LSTM_MAPPINGS, UnrolledFARAttention
 from far.imc.layers import CrossbarAttention, CrossbarGroupLinear, CrossbarLinear, QuantizedAttention
 from far.models import attention_classes
 from far.nn import FARAttention
@@ -32,29 +32,41 @@ def _patterns(p: Patterns, what: str) -> Optional[list]:
     return pats
 
 
-def _far_product_names(name: str, m: FARAttention) -> list:
+def _check_mapping(lstm_mapping: str) -> None:
+    if lstm_mapping not in LSTM_MAPPINGS:
+        raise ValueError(f"lstm_mapping must be one of {', '.join(LSTM_MAPPINGS)}, got {lstm_mapping!r}")
+
+
+def _far_parts(lstm_mapping: str) -> tuple:
+    return ("lstm", "head_proj") if lstm_mapping == "fused" else ("w_ih", "w_hh", "head_proj")
+
+
+def _far_product_names(name: str, m: FARAttention, lstm_mapping: str = EMULATED_LSTM_MAPPING) -> list:
     """Names UnrolledFARAttention will give the products of FAR block `name` (non-empty ones only)."""
     out = []
+    lstm_parts = _far_parts(lstm_mapping)[:-1]
     for head in range(m.num_heads):
         for direction in (0, 1):
             if int(m.hidden_sizes[direction, head]) > 0:
-                out += [f"{name}.w_ih.{head}.{direction}", f"{name}.w_hh.{head}.{direction}"]
+                out += [f"{name}.{part}.{head}.{direction}" for part in lstm_parts]
         if int(m.hidden_sizes[:, head].sum()) > 0:
             out.append(f"{name}.head_proj.{head}")
     return out
 
 
-def emulation_targets(model: nn.Module) -> list:
+def emulation_targets(model: nn.Module, lstm_mapping: str = EMULATED_LSTM_MAPPING) -> list:
     """[(name, kind)] of everything far.imc.emulate can convert in `model`, in model order:
     every nn.Linear by module name (kind "crossbar"); inside a FARAttention `X` also its LSTM and
-    head_proj products `X.w_ih.<head>.<dir>`, `X.w_hh.<head>.<dir>`, `X.head_proj.<head>` ("crossbar");
-    every timm Attention `X` itself ("digital-quantized": its q@k^T and attn@v). These are the
-    names that emulate's include/exclude patterns match."""
+    head_proj products `X.w_ih.<head>.<dir>`, `X.w_hh.<head>.<dir>` (lstm_mapping "separate") or
+    `X.lstm.<head>.<dir>` ("fused"), `X.head_proj.<head>` ("crossbar"); every timm Attention `X` itself
+    ("digital-quantized": its q@k^T and attn@v). These are the names that emulate's include/exclude
+    patterns match."""
+    _check_mapping(lstm_mapping)
     attn_classes = attention_classes()
     out = []
     for name, m in model.named_modules():
         if isinstance(m, FARAttention):
-            out += [(n, KIND_LINEAR) for n in _far_product_names(name, m)]
+            out += [(n, KIND_LINEAR) for n in _far_product_names(name, m, lstm_mapping)]
         elif isinstance(m, attn_classes):
             out.append((name, KIND_ATTENTION))
         elif type(m) is nn.Linear and m.in_features > 0 and m.out_features > 0:
@@ -64,11 +76,12 @@ def emulation_targets(model: nn.Module) -> list:
     return out
 
 
-def select_targets(model: nn.Module, include: Patterns = None, exclude: Patterns = None) -> tuple:
-    """(chosen [(name, kind)], skipped [name]) of emulation_targets(model) under include/exclude glob
-    patterns (see emulate). Raises ValueError for a pattern that matches no target, or an empty choice."""
+def select_targets(model: nn.Module, include: Patterns = None, exclude: Patterns = None,
+                   lstm_mapping: str = EMULATED_LSTM_MAPPING) -> tuple:
+    """(chosen [(name, kind)], skipped [name]) of emulation_targets(model, lstm_mapping) under include/exclude
+    glob patterns (see emulate). Raises ValueError for a pattern that matches no target, or an empty choice."""
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    targets = emulation_targets(model)
+    targets = emulation_targets(model, lstm_mapping)
     if not targets:
         raise ValueError(f"{type(model).__name__} has nothing to emulate (no nn.Linear, FAR block or attention)")
     names = [n for n, _ in targets]
@@ -76,8 +89,12 @@ def select_targets(model: nn.Module, include: Patterns = None, exclude: Patterns
         for p in pats or ():
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 examples = ", ".join(names[:4] + (["..."] if len(names) > 4 else []))
+                other = [part for part in _far_parts("fused" if lstm_mapping == "separate" else "separate")[:-1]
+                         if part in p]
+                hint = (f"; with lstm_mapping={lstm_mapping!r} an LSTM's products are "
+                        + " and ".join(f"X.{q}.<head>.<dir>" for q in _far_parts(lstm_mapping)[:-1])) if other else ""
                 raise ValueError(f"{what} pattern {p!r} matches no emulatable layer (names look like {examples}; "
-                                 "list them with far.imc.emulation_targets(model))")
+                                 f"list them with far.imc.emulation_targets(model){hint})")
 
     def selected(n: str) -> bool:
         return ((inc is None or any(fnmatch.fnmatchcase(n, p) for p in inc))
@@ -96,6 +113,7 @@ class EmulationReport:
     cfg: object
     rows: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # names matched by no include / by an exclude
+    lstm_mapping: str = EMULATED_LSTM_MAPPING  # how FAR blocks' LSTMs were mapped (far.imc.far_block)
 
     def table(self) -> str:
         w = max([len(r[0]) for r in self.rows] + [5])
@@ -119,7 +137,8 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns = None, *,
-            inplace: bool = False, backend: Optional[str] = None, dynamic: str = "digital") -> nn.Module:
+            inplace: bool = False, backend: Optional[str] = None, dynamic: str = "digital",
+            lstm_mapping: str = EMULATED_LSTM_MAPPING) -> nn.Module:
     """A copy of `model` (the input is left untouched unless inplace=True) whose weight products run
     on emulated ReRAM crossbars with the far_kernels.CrossbarConfig `cfg`.
 
@@ -128,6 +147,8 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
       - in FAR blocks: the LSTMs' input products W_ih x (per head and direction), the recurrent
         product h_{t-1} W_hh^T (evaluated per time step through the crossbar, the previous step's h
         as input), and head_proj (per head). Such a block becomes an UnrolledFARAttention.
+        lstm_mapping="fused" instead reads one product [W_ih | W_hh] per step on [x_t; h_{t-1}] (one input
+        scale, one ADC conversion per output for both: far.imc.cost's default mapping; names X.lstm.*).
     Attention's activation x activation products q@k^T and attn@v (`dynamic`):
       - "digital" (default): on a digital unit, quantized symmetrically to cfg.input_bits
         (QuantizedAttention; cfg.input_scale chooses per-row or per-tensor scales);
@@ -154,6 +175,7 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if dynamic not in DYNAMIC_MODES:
         raise ValueError(f"dynamic must be one of {', '.join(DYNAMIC_MODES)}, got {dynamic!r}")
+    _check_mapping(lstm_mapping)
     already = [n for n, m in model.named_modules() if isinstance(m, (CrossbarLinear, CrossbarGroupLinear,
                                                                       QuantizedAttention, UnrolledFARAttention))]
     if already:
@@ -162,18 +184,18 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
     if type(model) is nn.Linear:
         raise ValueError("emulate converts the layers inside a model; for a single nn.Linear use "
                          "far.imc.CrossbarLinear.from_linear(linear, cfg)")
-    chosen, skipped = select_targets(model, include, exclude)
+    chosen, skipped = select_targets(model, include, exclude, lstm_mapping)
     if not inplace:
         model = copy.deepcopy(model)
-    report = EmulationReport(cfg=cfg, skipped=skipped)
+    report = EmulationReport(cfg=cfg, skipped=skipped, lstm_mapping=lstm_mapping)
     chosen_names = {n for n, _ in chosen}
     grouped: set = set()  # product names that live inside a group (not modules of their own)
     # 1. FAR blocks with a selected inner product -> grouped products; selected members of each group on crossbars
     for name, m in list(model.named_modules()):
-        if isinstance(m, FARAttention) and chosen_names.intersection(_far_product_names(name, m)):
-            u = UnrolledFARAttention(m)
+        if isinstance(m, FARAttention) and chosen_names.intersection(_far_product_names(name, m, lstm_mapping)):
+            u = UnrolledFARAttention(m, lstm_mapping)
             _set(model, name, u)
-            for part in ("w_ih", "w_hh", "head_proj"):
+            for part in _far_parts(lstm_mapping):
                 glin = getattr(u, part, None)
                 if glin is None:
                     continue

@@ -13,11 +13,19 @@ h_{t-1} W_hh^T is read once per time step, the previous step's h as input. This 
     head_proj                   GroupLinear, member "<head>": (k_fwd + k_bwd -> d)
     proj                        the block's W_O
 
+That is the "separate" LSTM mapping. With mapping="fused" (the usual crossbar mapping of an LSTM, and
+far.imc.cost's default) w_ih and w_hh are one product instead:
+
+    lstm                        GroupLinear, member "<head>.<direction>": ([x_t; h_{t-1}] -> 4k) =
+                                [W_ih | W_hh], bias b_ih + b_hh (digital), read once per time step: one input
+                                (one input scale) and one ADC conversion per output for both products
+
 k = kept units of that (direction, head): pruned units take no crossbar rows or columns; a
 (direction, head) with none has no member. Direction 0 = forward, 1 = backward. far.imc.emulate turns
 pre_proj and proj into CrossbarLinear and the groups into CrossbarGroupLinear (each member selectable
-by name: X.w_ih.<head>.<direction>, X.w_hh.<head>.<direction>, X.head_proj.<head>). Gates (sigmoid,
-tanh), the cell update and every bias add are digital, in the activations' dtype.
+by name: X.w_ih.<head>.<direction>, X.w_hh.<head>.<direction> or X.lstm.<head>.<direction>,
+X.head_proj.<head>). Gates (sigmoid, tanh), the cell update and every bias add are digital, in the
+activations' dtype.
 """
 from __future__ import annotations
 
@@ -29,19 +37,24 @@ import torch.nn as nn
 from far.imc.layers import GroupLinear
 from far.nn import FARAttention
 
-# How this module maps an LSTM, in far.imc.cost's terms (HardwareSpec.lstm_mapping): W_ih over all tokens and
-# W_hh at every step are separate products with their own ADC conversions, not one [W_ih | W_hh] per step.
-EMULATED_LSTM_MAPPING = "separate"
+# How an LSTM maps onto crossbars, in far.imc.cost's terms (HardwareSpec.lstm_mapping): "separate" = W_ih over all
+# tokens and W_hh at every step, each with its own ADC conversions; "fused" = one [W_ih | W_hh] product per step.
+LSTM_MAPPINGS = ("separate", "fused")
+EMULATED_LSTM_MAPPING = "separate"  # far.imc.emulate's default
 
 
 class UnrolledFARAttention(nn.Module):
     """The FARAttention `far` with grouped weight products (see the module docstring). Same forward
-    contract: x [B, N, C] -> [B, N, dim_out]; shares pre_proj, proj and proj_drop with `far`."""
+    contract: x [B, N, C] -> [B, N, dim_out]; shares pre_proj, proj and proj_drop with `far`. `mapping`:
+    "separate" (w_ih, w_hh) or "fused" (lstm), see the module docstring."""
 
-    def __init__(self, far: FARAttention) -> None:
+    def __init__(self, far: FARAttention, mapping: str = EMULATED_LSTM_MAPPING) -> None:
         super().__init__()
         if not isinstance(far, FARAttention):
             raise TypeError(f"UnrolledFARAttention expects a FARAttention, got {type(far).__name__}")
+        if mapping not in LSTM_MAPPINGS:
+            raise ValueError(f"mapping must be one of {', '.join(LSTM_MAPPINGS)}, got {mapping!r}")
+        self.mapping = mapping
         self.dim, self.num_heads, self.head_dim = far.dim, far.num_heads, far.head_dim
         self.hidden_sizes = far.hidden_sizes.clone()  # CPU int64 [2, H]
         hs = self.hidden_sizes
@@ -56,8 +69,12 @@ class UnrolledFARAttention(nn.Module):
             if self.lstms:
                 params = [far.lstm_params(r, h) for h, r, _ in self.lstms]
                 names = [f"{h}.{r}" for h, r, _ in self.lstms]
-                self.w_ih = GroupLinear(names, [p[0] for p in params], [p[2] + p[3] for p in params])
-                self.w_hh = GroupLinear(names, [p[1] for p in params])
+                if mapping == "fused":  # member input [x_t (d) | h (k)]: padded h columns beyond k are 0
+                    self.lstm = GroupLinear(names, [torch.cat((p[0], p[1]), dim=1) for p in params],
+                                            [p[2] + p[3] for p in params])
+                else:
+                    self.w_ih = GroupLinear(names, [p[0] for p in params], [p[2] + p[3] for p in params])
+                    self.w_hh = GroupLinear(names, [p[1] for p in params])
             if self.heads:
                 hp = [far.head_proj_params(h) for h in self.heads]
                 self.head_proj = GroupLinear([str(h) for h in self.heads], [w for w, _ in hp], [b for _, b in hp])
@@ -77,7 +94,8 @@ class UnrolledFARAttention(nn.Module):
         self.train(far.training)
 
     def _recurrence(self, gx: torch.Tensor, N: int) -> torch.Tensor:
-        """gx [G, B, N, 4k_max] (members' own gate layout) -> h [G, B, N, n] (padded unit layout, 0 beyond k)."""
+        """gx [G, B, N, 4k_max] (members' own gate layout; "fused": the members' inputs x [G, B, N, d]) -> h [G, B, N, n]
+        (padded unit layout, 0 beyond k)."""
         G, B = gx.shape[0], gx.shape[1]
         n = self.width
         idx = self._gate_index.view(G, 1, 4 * n)
@@ -88,8 +106,11 @@ class UnrolledFARAttention(nn.Module):
         out = gx.new_zeros(G, B, N, n)
         for s in range(N):
             t_f, t_b = s, N - 1 - s
-            x_t = torch.where(fwd.view(G, 1, 1), gx[:, :, t_f], gx[:, :, t_b])  # [G, B, 4k_max]
-            g = x_t + self.w_hh(h[:, :, :self.w_hh.in_features])  # the recurrent read, every step
+            x_t = torch.where(fwd.view(G, 1, 1), gx[:, :, t_f], gx[:, :, t_b])  # [G, B, 4k_max] ("fused": [G, B, d])
+            if self.mapping == "fused":  # one read of [x_t; h_{t-1}] per step
+                g = self.lstm(torch.cat((x_t, h), dim=-1)[:, :, :self.lstm.in_features])
+            else:
+                g = x_t + self.w_hh(h[:, :, :self.w_hh.in_features])  # the recurrent read, every step
             g = g.gather(2, idx.expand(G, B, 4 * n))  # [G, B, 4n]: (i, f, g, o) in the padded unit layout
             i, f, z, o = g.chunk(4, dim=-1)
             c = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z)) * mask
@@ -110,7 +131,10 @@ class UnrolledFARAttention(nn.Module):
         if self.lstms:
             heads = xh.view(B * N, H, d)
             xin = torch.stack([heads[:, h] for h, _, _ in self.lstms])  # [G, B*N, d]
-            gx = self.w_ih(xin).view(len(self.lstms), B, N, -1)
+            if self.mapping == "fused":
+                gx = xin.view(len(self.lstms), B, N, d)  # the products happen inside the recurrence
+            else:
+                gx = self.w_ih(xin).view(len(self.lstms), B, N, -1)
             hseq = self._recurrence(gx, N)  # [G, B, N, n]
             pos = {(h, r): g for g, (h, r, _) in enumerate(self.lstms)}
             parts = []
@@ -130,4 +154,4 @@ class UnrolledFARAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"hidden_sizes={self.hidden_sizes.tolist()}")
+                f"hidden_sizes={self.hidden_sizes.tolist()}, mapping={self.mapping}")
