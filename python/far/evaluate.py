@@ -47,6 +47,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
         data = shard(data, dist.get_rank(), world)
     dtype = _param_dtype(model)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    bad_labels = torch.zeros((), dtype=torch.int64, device=device)  # outside [0, classes): checked once, at the end
     seen, timed_images, e2e_images = 0, 0, 0
     model_time = Stopwatch(device)
     logits_all = []
@@ -69,6 +70,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
                 with model_time:
                     logits = model(x)
                     correct += (logits.argmax(dim=-1) == y).sum()
+                    bad_labels += ((y < 0) | (y >= logits.shape[-1])).sum()
                 if i == 0:  # warm-up: not timed
                     model_time.seconds = warm
                     e2e_start = time.perf_counter()
@@ -92,6 +94,9 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
     n_correct, n_seen = int(total[0]), int(total[1])
     if n_seen == 0:
         raise DataError("the dataset is empty")
+    if int(bad_labels):
+        raise DataError(f"{int(bad_labels)} label(s) outside the model's {logits.shape[-1]} classes [0, "
+                        f"{logits.shape[-1] - 1}]: top-1 would count them as errors")
     if timed_images == 0:  # one batch only: nothing left after warm-up, report it (warm-up included)
         ips = e2e_ips = seen / max(t_end - t_all, 1e-9)
     else:

@@ -266,6 +266,11 @@ def test_missing_fashion_mnist(capsys, ckpt, tmp_path, monkeypatch):
     (["convert", "fmnist_deit_tiny", "--hidden-size", "32,0", "-o", "{tmp}/x.safetensors"], "every size must be >= 1"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--batch-size", "0"], "--batch-size"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--device", "tpu"], "--device"),
+    # a folder no file can be created in (even by root): refused before any work, naming the destination
+    (["eval", "{ckpt}", "--data", "fashion-mnist", "--json", "/proc/x.json"],
+     "--json /proc/x.json: cannot write in its folder /proc"),
+    (["convert", "fmnist_deit_tiny", "-o", "/proc/x.safetensors"], "-o/--output /proc/x.safetensors: cannot write"),
+    (["eval", "{ckpt}", "--data", "fashion-mnist", "--json", "{ckpt}/x.json"], "not a folder for --json x.json"),
 ])
 def test_argument_errors(capsys, ckpt, tmp_path, argv, fragment):
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
@@ -286,13 +291,15 @@ def test_demo_runs_on_the_zoo(tmp_path, capsys):
 
     from far.cli import main
 
-    rc = main(["demo", "--num-images", "300", "--bench-images", "16", "--batch-size", "32", "--threads", "1",
+    # more speed images than test images: the speed subset is the test set (it was a shape error)
+    rc = main(["demo", "--num-images", "24", "--bench-images", "40", "--batch-size", "32", "--threads", "1",
                "--out-dir", str(tmp_path), "-q"])
     out = capsys.readouterr().out
     assert rc == 0, out
     for name in ("teacher (attention)", "FAR pruned", "FAR xs", "TReX reuse", "torch", "cpp", "EDAP", "in memory"):
         assert name in out
     res = json.loads((tmp_path / "demo.json").read_text())
+    assert res["num_images"] == res["bench_images"] == 24
     assert {r["name"] for r in res["rows"]} == {"fmnist_deit_tiny", "fmnist_far_tiny", "fmnist_far_tiny_pruned",
                                                  "fmnist_far_tiny_xs", "fmnist_trex_tiny"}
     xs = next(r for r in res["rows"] if r["name"] == "fmnist_far_tiny_xs")
@@ -313,7 +320,7 @@ def test_demo_runs_on_the_zoo(tmp_path, capsys):
     assert all(r.get("interpreted") for r in interpreted) and not any(r.get("interpreted") for r in ok
                                                                        if r["backend"] != "triton")
     assert ("not a kernel speed" in out) == bool(interpreted)
-    assert all(0 <= r["top1"] <= 1 and r["num_images"] == 300 for r in res["rows"])
+    assert all(0 <= r["top1"] <= 1 and r["num_images"] == 24 for r in res["rows"])
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert main(["demo", "--num-images", "0"]) == 2
     assert "--num-images must be >= 1" in capsys.readouterr().err

@@ -86,3 +86,22 @@ def test_evaluate_refuses_images_that_do_not_fit_the_model():
     assert far.evaluate(model, ImageSet(4, seed=1))["num_images"] == 4
     plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 2))  # no patch embedding: not checked
     assert far.evaluate(plain, ImageSet(4, seed=1))["num_images"] == 4
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, 0], [0, -1, 1, 1]], ids=["beyond-classes", "negative"])
+def test_evaluate_refuses_labels_outside_the_classes(labels):
+    """A label the model cannot predict (a 3rd class for 2 outputs, -1 for "unlabelled") used to count as a wrong
+    answer silently; it is a DataError, found in any batch."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 2))
+    data = torch.utils.data.TensorDataset(torch.randn(4, 1, 28, 28), torch.tensor(labels))
+    with pytest.raises(far.DataError, match="1 label\\(s\\) outside the model's 2 classes"):
+        far.evaluate(model, data, batch_size=1)
+
+
+@pytest.mark.parametrize("device,match", [("cuda:7" if torch.cuda.is_available() else "cuda", "device cuda"),
+                                          ("foo", "device 'foo'"), ("mps", "device must be cpu or cuda")])
+def test_evaluate_refuses_a_device_it_cannot_use(device, match):
+    """As the CLI's --device: a ConfigError, not torch's driver error."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 2))
+    with pytest.raises(far.ConfigError, match=match):
+        far.evaluate(model, ImageSet(4, seed=1), device=device)

@@ -37,7 +37,8 @@ SPEED_PASSES = 3  # images/s is the median of this many passes over the speed su
 def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int = 250, out_dir: str = "far-demo",
              data_root: Optional[str] = None, plot: bool = True, progress: bool = True) -> dict:
     test = fashion_mnist("test", root=data_root, limit=num_images)
-    bench = fashion_mnist("test", root=data_root, limit=bench_images)
+    # the speed subset is the first images of the test set (their logits are compared): never more than it
+    bench = fashion_mnist("test", root=data_root, limit=min(bench_images, len(test)))
     y = test.targets
     models = [(label, name, load(zoo_path(name))) for label, name in MODELS]
     steps = sum(2 if is_far(m) else 1 for _, _, m in models)

@@ -60,11 +60,15 @@ def resolve_device(name: Optional[str] = None, what: str = "device") -> torch.de
 
 def model_device(model: torch.nn.Module, device=None) -> torch.device:
     """`device` as a torch.device, or (None) where the model's first parameter lives (CPU for a model
-    without parameters)."""
+    without parameters). A device this machine cannot use is a ConfigError (as the CLI's --device)."""
     if device is None:
         p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    return torch.device(device)
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r}: {e}") from None
+    return resolve_device(str(dev), "device")
 
 
 def loadavg() -> Optional[list]:
