@@ -5,7 +5,9 @@ For each model it times, under torch.inference_mode on random inputs (speed does
 the digital forward pass and the emulated one (far.imc.emulate, ISAAC defaults: 8-bit weights in 2-bit
 cells, 1-bit DAC, 8-bit ADC, 128-row tiles) on every crossbar backend that runs on --device (CPU: torch,
 cpp; CUDA: torch, triton), without and with read noise, and reports images/s, the slowdown vs digital
-(emulated time / digital time, same batch, same run) and the seconds a 10k-image test set would take.
+(emulated time / digital time, same batch, same run) and the seconds a 10k-image test set would take. FAR models
+are timed with the LSTM mapping(s) of --lstm-mappings (separate: W_ih over all tokens + W_hh per step; fused: one
+[W_ih | W_hh] product per step).
 Times are medians (CUDA events on a GPU). Models:
 
   fmnist_deit_tiny, fmnist_far_tiny, fmnist_far_tiny_pruned   the bundled zoo (28x28 Fashion-MNIST)
@@ -36,7 +38,8 @@ import torch.nn as nn
 
 import far
 import far_kernels
-from far.imc import emulate
+from far.imc import EMULATED_LSTM_MAPPING, LSTM_MAPPINGS, emulate
+from far.models import is_far
 from far.models import load_model, resolve
 from far.utils.env import device_name, environment, loadavg, resolve_device, result_filename
 from far.utils.fs import write_json
@@ -114,26 +117,28 @@ def run(args) -> dict:
         row = {"model": name, "batch": B, "input": list(x.shape), "dynamic": dynamic,
                "digital_ms": dig["ms"], "digital_images_per_s": B / dig["ms"] * 1e3, "emulated": []}
         print(f"{name}: digital {row['digital_images_per_s']:.1f} images/s (batch {B})", flush=True)
-        for label, cfg in settings:
-            for be in backends(device):
-                try:
-                    emu = emulate(model, cfg, backend=be, dynamic=dynamic).eval()
-                except ValueError as e:  # e.g. nothing emulatable
-                    print(f"  skip {label} {be}: {e}")
-                    continue
-                with torch.inference_mode():
-                    st = time_fn(lambda: emu(x), device=device, min_reps=args.reps, min_time_s=0.0, warmup=1,
-                                 warmup_s=0.0)
-                ips = B / st["ms"] * 1e3
-                e = {"setting": label, "backend": be, "ms": st["ms"], "ms_p10": st["ms_p10"], "ms_p90": st["ms_p90"],
-                     "runs": st["runs"], "images_per_s": ips, "slowdown_vs_digital": st["ms"] / dig["ms"],
-                     "seconds_per_10k_images": 1e4 / ips, "minutes_per_10k_images": 1e4 / ips / 60}
-                row["emulated"].append(e)
-                print(f"  {label:<16} {be:<6} {ips:8.2f} images/s  {e['slowdown_vs_digital']:7.1f}x digital  "
-                      f"{e['seconds_per_10k_images']:8.1f} s / 10k", flush=True)
-                del emu
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        far_model = is_far(model)
+        mappings = args.lstm_mappings if far_model else [None]  # attention: no LSTM to map
+        for (label, cfg), mapping, be in ((st, m, b) for st in settings for m in mappings for b in backends(device)):
+            try:
+                emu = emulate(model, cfg, backend=be, dynamic=dynamic,
+                              lstm_mapping=mapping or EMULATED_LSTM_MAPPING).eval()
+            except ValueError as e:  # e.g. nothing emulatable
+                print(f"  skip {label} {be}: {e}")
+                continue
+            with torch.inference_mode():
+                st = time_fn(lambda: emu(x), device=device, min_reps=args.reps, min_time_s=0.0, warmup=1,
+                             warmup_s=0.0)
+            ips = B / st["ms"] * 1e3
+            e = {"setting": label, "backend": be, "lstm_mapping": mapping, "ms": st["ms"], "ms_p10": st["ms_p10"],
+                 "ms_p90": st["ms_p90"], "runs": st["runs"], "images_per_s": ips, "slowdown_vs_digital": st["ms"] / dig["ms"],
+                 "seconds_per_10k_images": 1e4 / ips, "minutes_per_10k_images": 1e4 / ips / 60}
+            row["emulated"].append(e)
+            print(f"  {label:<16} {be:<6} {mapping or '':<8} {ips:8.2f} images/s  "
+                  f"{e['slowdown_vs_digital']:7.1f}x digital  {e['seconds_per_10k_images']:8.1f} s / 10k", flush=True)
+            del emu
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
         if args.out_partial is not None:  # a run cut short keeps the models it finished
             write_json(args.out_partial, _result(args, device, rows, partial=True))
@@ -153,19 +158,21 @@ def plot(result: dict, path: Path) -> None:
         print("matplotlib missing: no plot", file=sys.stderr)
         return
     rows = result["results"]
-    labels = sorted({(e["setting"], e["backend"]) for r in rows for e in r["emulated"]})
+    labels = sorted({(e["setting"], e["backend"], e.get("lstm_mapping") or "") for r in rows for e in r["emulated"]})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(1, len(labels))
-    for k, (setting, be) in enumerate(labels):
+    for k, (setting, be, mapping) in enumerate(labels):
         xs, ips, slow = [], [], []
         for i, r in enumerate(rows):
-            e = next((e for e in r["emulated"] if (e["setting"], e["backend"]) == (setting, be)), None)
+            e = next((e for e in r["emulated"] if (e["setting"], e["backend"], e.get("lstm_mapping") or "")
+                      == (setting, be, mapping)), None)
             if e is not None:
                 xs.append(i + (k - (len(labels) - 1) / 2) * width)
                 ips.append(e["images_per_s"])
                 slow.append(e["slowdown_vs_digital"])
-        axes[0].bar(xs, ips, width, label=f"{be}, {setting}")
-        axes[1].bar(xs, slow, width, label=f"{be}, {setting}")
+        tag = f"{be}, {setting}" + (f", {mapping} LSTM" if mapping else "")
+        axes[0].bar(xs, ips, width, label=tag)
+        axes[1].bar(xs, slow, width, label=tag)
     for ax in axes:
         ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=20, ha="right", fontsize=7)
         ax.set_yscale("log")
@@ -192,6 +199,9 @@ def main(argv=None) -> int:
                                                 "deit_small_attention_block)")
     ap.add_argument("--no-noise", action="store_true", help="skip the read-noise setting")
     ap.add_argument("--quick", action="store_true", help="small batches, written to a temporary folder")
+    ap.add_argument("--lstm-mappings", default=EMULATED_LSTM_MAPPING, metavar="M[,M]",
+                    help=f"FAR models' LSTM mappings to time, comma-separated ({', '.join(LSTM_MAPPINGS)}; "
+                         "default %(default)s)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     ap.add_argument("--batch", type=int, help="zoo models' batch (default 100 on a CPU, 1000 on a GPU, 20 quick)")
     ap.add_argument("--block-batch", type=int, help="DeiT-small block cases' batch (default 8 CPU, 64 GPU, 2 quick)")
@@ -206,6 +216,9 @@ def main(argv=None) -> int:
                     ("--threads", args.threads)):
         if v is not None and v < 1:
             ap.error(f"{flag} must be >= 1, got {v}")
+    args.lstm_mappings = [m.strip() for m in args.lstm_mappings.split(",") if m.strip()]
+    if not args.lstm_mappings or any(m not in LSTM_MAPPINGS for m in args.lstm_mappings):
+        ap.error(f"--lstm-mappings takes a comma-separated list of {', '.join(LSTM_MAPPINGS)}")
     args.device = str(device)
     out = args.out or (Path(tempfile.mkdtemp()) / "imc_eval_speed.json" if args.quick
                        else RESULTS / result_filename("imc_eval_speed"))

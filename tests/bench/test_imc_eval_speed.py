@@ -29,6 +29,19 @@ def test_quick_run_writes_every_backend_row(tmp_path):
         assert e["slowdown_vs_digital"] == pytest.approx(e["ms"] / row["digital_ms"])
 
 
+def test_both_lstm_mappings_are_timed_for_far_models_only(tmp_path):
+    mod = _load()
+    out = tmp_path / "speed.json"
+    assert mod.main(["--quick", "--models", "fmnist_far_tiny_pruned", "fmnist_deit_tiny", "--no-noise", "--reps", "1",
+                     "--batch", "2", "--threads", "1", "--lstm-mappings", "separate,fused", "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    n = len(mod.backends(torch.device("cpu")))
+    far_rows = rows["fmnist_far_tiny_pruned"]["emulated"]
+    assert sorted(e["lstm_mapping"] for e in far_rows) == ["fused"] * n + ["separate"] * n
+    assert [e["lstm_mapping"] for e in rows["fmnist_deit_tiny"]["emulated"]] == [None] * n
+    assert out.with_suffix(".png").exists()
+
+
 def test_gpu_backends_are_torch_and_triton_only():
     mod = _load()
     assert set(mod.backends(torch.device("cpu"))) <= {"torch", "cpp"}
@@ -36,7 +49,8 @@ def test_gpu_backends_are_torch_and_triton_only():
         assert set(mod.backends(torch.device("cuda"))) <= {"torch", "triton"}
 
 
-@pytest.mark.parametrize("argv, msg", [(["--device", "tpu"], "--device"), (["--batch", "0"], "--batch")])
+@pytest.mark.parametrize("argv, msg", [(["--device", "tpu"], "--device"), (["--batch", "0"], "--batch"),
+                                       (["--lstm-mappings", "fused,stacked"], "--lstm-mappings")])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, argv, msg):
     out = tmp_path / "speed.json"
     with pytest.raises(SystemExit) as e:
