@@ -160,6 +160,16 @@ def test_load_to_cuda(saved):
     _assert_same_model(model, loaded.cpu())
 
 
+def test_load_refuses_a_device_it_cannot_use(saved):
+    """Before the file is read, in words (as the CLI's --device), not torch's driver error."""
+    path, _ = saved
+    cases = [("foo", "device 'foo'"), ("mps", "device must be cpu or cuda")]
+    cases.append(("cuda:99", "CUDA device") if torch.cuda.is_available() else ("cuda", "no CUDA device is available"))
+    for device, match in cases:
+        with pytest.raises(far.ConfigError, match=match):
+            far.load(path, device=device)
+
+
 # ---- bad files ----
 def _raises(path, *needles):
     with pytest.raises(CheckpointError) as e:

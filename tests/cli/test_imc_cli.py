@@ -217,6 +217,26 @@ def test_user_errors(capsys, teacher_ckpt, argv, fragments):
     assert_user_error(code, err, *fragments)
 
 
+@pytest.mark.parametrize("command", ["imc-eval", "imc-cost"])
+@pytest.mark.parametrize("outputs,fragment", [
+    (["--json", "{tmp}/same.png", "--plot", "{tmp}/same.png"], "--plot {tmp}/same.png: --json writes the same file"),
+    (["--json", "{tmp}/same.png", "--plot", "{tmp}/sub/../same.png", "-f"], "--json writes the same file"),
+    (["--json", "{tmp}/a", "--plot", "{tmp}/a"], "--plot {tmp}/a: --json writes the same file"),
+    (["--plot", "{tmp}/x.txt"], "--plot {tmp}/x.txt: matplotlib cannot write .txt files; give one of"),
+    (["--json", "{tmp}/r.json", "--plot", "{tmp}/x.TXT"], "matplotlib cannot write .txt files"),
+], ids=["same", "same-aliased-forced", "no-suffix", "txt", "txt-with-json"])
+def test_outputs_are_checked_together_before_any_work(capsys, teacher_ckpt, tmp_path, command, outputs, fragment):
+    """Two outputs that are one file, or a --plot format matplotlib cannot write: refused before the sweep or
+    the costing, so nothing is written (it used to write the JSON, then fail, or with -f overwrite it)."""
+    (tmp_path / "sub").mkdir()
+    outputs = [o.format(tmp=tmp_path) for o in outputs]
+    data = ["--data", "fashion-mnist"] if command == "imc-eval" else []
+    code, _, err = run(capsys, command, teacher_ckpt, *data, "--limit", 4, "--batch-size", 4, *FASTEST, *outputs,
+                       "-q")
+    assert_user_error(code, err, fragment.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"] and not list((tmp_path / "sub").iterdir())
+
+
 def test_missing_model(capsys, tmp_path):
     code, _, err = run(capsys, "imc-eval", tmp_path / "nope.safetensors", "--data", "fashion-mnist")
     assert_user_error(code, err, "nope.safetensors: no such checkpoint file, zoo name")
@@ -264,7 +284,11 @@ def test_imc_cost_table_json_plot_emulate(capsys, teacher_ckpt, far_ckpt, tmp_pa
     (["--hw", "dynamic=write"], ["give the dynamic mode with --dynamic"]),
     (["--emulate"], ["--emulate measures accuracy: give --data"]),
     (["--hw", "cols_per_adc=0"], ["--hw"]),
-], ids=["dynamic", "hw-dynamic", "emulate-no-data", "bad-hw"])
+    (["--input-size", "3", "224", "224"], ["input_size 3 224 224 has 224x224x3 images but", "takes 28x28x1"]),
+    (["--input-size", "1", "0", "28"], ["input_size must be 3 ints (C, H, W) >= 1, got 1 0 28"]),
+    (["--input-size", "-1", "28", "28"], ["input_size must be 3 ints (C, H, W) >= 1, got -1 28 28"]),
+], ids=["dynamic", "hw-dynamic", "emulate-no-data", "bad-hw", "input-size-mismatch", "input-size-zero",
+        "input-size-negative"])
 def test_imc_cost_user_errors(capsys, teacher_ckpt, argv, fragments):
     code, _, err = run(capsys, "imc-cost", teacher_ckpt, *argv)
     assert_user_error(code, err, *fragments)

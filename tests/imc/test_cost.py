@@ -193,3 +193,20 @@ def test_far_cost_with_kept_units_override_and_packing():
     assert diag.totals["latency_us"] == none.totals["latency_us"]
     with pytest.raises(ConfigError, match="packing"):
         HardwareSpec(packing="dense")
+
+
+@pytest.mark.parametrize("size,needle", [
+    ((3, 224, 224), "input_size 3 224 224 has 224x224x3 images but fmnist_deit_tiny takes 28x28x1"),
+    ((1, 0, 28), r"input_size must be 3 ints \(C, H, W\) >= 1, got 1 0 28"),
+    ((-1, 28, 28), r"input_size must be 3 ints \(C, H, W\) >= 1, got -1 28 28"),
+    ((28, 28), r"input_size must be 3 ints \(C, H, W\) >= 1, got 28 28"),
+])
+def test_input_size_that_does_not_fit_the_model(size, needle):
+    from far.imc.cost import trace
+
+    vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=16, depth=1, num_heads=2)
+    with pytest.raises(ConfigError, match=needle):  # was timm's AssertionError / torch's RuntimeError
+        model_cost(vit, input_size=size)
+    with pytest.raises(ConfigError, match=needle):
+        trace(vit, size)
+    assert model_cost(vit, input_size=(1, 28, 28)).totals == model_cost(vit).totals

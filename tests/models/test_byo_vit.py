@@ -97,6 +97,49 @@ def test_pretrained_cfg_follows_the_img_size_the_model_was_built_at(tmp_path):
     assert far.load(tmp_path / "m.safetensors").pretrained_cfg["input_size"] == (3, 28, 28)
 
 
+def test_mean_and_std_follow_the_in_chans_the_model_was_built_with(tmp_path):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from far.data import make_dataset
+
+    model = timm.create_model(DINO, pretrained=False, **DINO_KW, in_chans=1)
+    assert tuple(model.pretrained_cfg["mean"]) == IMAGENET_DEFAULT_MEAN  # timm keeps the default cfg's RGB values
+    gray = (pytest.approx([sum(IMAGENET_DEFAULT_MEAN) / 3]), pytest.approx([sum(IMAGENET_DEFAULT_STD) / 3]))
+    dcfg = far.models.data_config(model)
+    assert (list(dcfg["mean"]), list(dcfg["std"])) == gray  # adapt_input_conv sums RGB filters: gray = mean
+    far.save(model, tmp_path / "gray.safetensors")  # was: pretrained_cfg.mean has 3 values for 1 input channel(s)
+    pcfg = far.read_config(tmp_path / "gray.safetensors")["pretrained_cfg"]
+    assert (pcfg["mean"], pcfg["std"], pcfg["input_size"]) == (*gray, [1, 28, 28])
+    far.save(far.load(tmp_path / "gray.safetensors"), tmp_path / "again.safetensors")
+    assert far.read_config(tmp_path / "again.safetensors")["pretrained_cfg"] == pcfg
+    ds = make_dataset(_images(tmp_path / "imgs"), "train", dcfg, labels=False)  # was: 3 values for 1 channel
+    assert ds[0][0].shape == (1, 28, 28)
+    # more channels repeat the values in turn (timm repeats the filters); one value is repeated (resolve_data_config)
+    assert far.models.data_config(timm.create_model(DINO, **DINO_KW, in_chans=4))["mean"] == \
+        (*IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_MEAN[0])
+    fm3 = far.create_model("fmnist_deit_tiny", far=False, in_chans=3, depth=1)
+    assert far.models.data_config(fm3)["mean"] == (far.data.FMNIST_MEAN[0],) * 3
+    rc, _, err = _cli(["convert", f"timm:{DINO}", "--model-kwargs",
+                       "img_size=28,patch_size=7,embed_dim=48,depth=1,num_heads=3,num_classes=0,in_chans=1",
+                       "-o", tmp_path / "cli.safetensors", "-q"])
+    assert rc == 0, err
+    assert far.read_config(tmp_path / "cli.safetensors")["pretrained_cfg"]["mean"] == gray[0]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(depth=100000), r"cannot build vit_small_patch14_dinov2: depth must be an int in \[0, 64\], got 100000"),
+    (dict(embed_dim=-1), r"embed_dim must be an int in \[1, 16384\], got -1"),
+    (dict(img_size=(28, 0)), r"img_size must be an int in \[1, 16384\], got \(28, 0\)"),
+    (dict(mlp_ratio=float("nan")), r"mlp_ratio must be a number in \[0, 64\], got nan"),
+    (dict(num_heads=5), r"cannot build vit_small_patch14_dinov2 with \{.*'num_heads': 5.*\}: "
+                        r"dim should be divisible by num_heads"),  # timm's AssertionError
+    (dict(no_such_kwarg=1), r"cannot build .*unexpected keyword argument 'no_such_kwarg'"),  # TypeError
+], ids=["depth", "embed_dim", "img_size", "mlp_ratio", "num_heads", "unknown"])
+def test_create_model_refuses_kwargs_timm_cannot_build(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        far.create_model(DINO, far=False, **{**DINO_KW, **kwargs})
+
+
 class Doubled(torch.nn.Module):
     def __init__(self, mlp):
         super().__init__()
@@ -306,6 +349,16 @@ def test_far_distill_partial_replacement_trains_only_the_replaced_blocks(tmp_pat
     (["distill", "fmnist_deit_tiny", "--replace", "9", "--epochs", "0.01"], "block 9 does not exist"),
     (["convert", f"timm:{DINO}", "--weights", "missing.pth", "-o", "x.safetensors"], "no such weights file"),
     (["convert", f"timm:{DINO}", "--model-kwargs", "no_such_kwarg=1", "-o", "x.safetensors"], "cannot build"),
+    (["convert", f"timm:{DINO}", "--model-kwargs", "img_size=28,pretrained=true", "-o", "x.safetensors"],
+     "--model-kwargs: pretrained is set by far (timm's loader arguments)"),
+    (["distill", f"timm:{DINO}", "--model-kwargs", '{"checkpoint_path": "w.pth", "cache_dir": "."}'],
+     "--model-kwargs: cache_dir, checkpoint_path are set by far"),
+    (["convert", f"timm:{DINO}", "--model-kwargs", "img_size=28,patch_size=7,embed_dim=-1", "-o", "x.safetensors"],
+     "embed_dim must be an int in [1, 16384], got -1"),
+    (["convert", f"timm:{DINO}", "--model-kwargs", "img_size=28,patch_size=7,embed_dim=48,num_heads=5", "-o",
+      "x.safetensors"], "dim should be divisible by num_heads"),
+    (["distill", f"timm:{DINO}", "--model-kwargs", "img_size=28,patch_size=7,depth=100000"],
+     "depth must be an int in [0, 64], got 100000"),
 ])
 def test_cli_errors(tmp_path, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)

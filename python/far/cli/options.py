@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 from typing import Iterable, Optional
 
 from far.errors import ConfigError
@@ -130,16 +131,40 @@ def add_data(p, required: bool = True, eval_only: bool = True) -> None:
                    help="DataLoader workers for image folders (default: min(8, CPU cores) to evaluate, 0 to train)")
 
 
-def output_checks(args: argparse.Namespace, inputs: Iterable = (), *names: str) -> None:
-    """Check every output option in `names` (e.g. "output", "json") before any work: a file name in an
-    existing folder, not one of `inputs`, not existing unless --force."""
+def output_checks(args: argparse.Namespace, inputs: Iterable = (), *names: str, also: Iterable = ()) -> None:
+    """Check every output option in `names` (e.g. "output", "json", "plot") before any work: a file name in
+    a writable existing folder, not one of `inputs`, not existing unless --force; no two outputs the same
+    file, nor any of `also` ((option, path) pairs: other files the command writes, e.g. those of its
+    --out-dir); a --plot in a format matplotlib writes (from the suffix: far.utils.plot.save_figure)."""
     from far.utils.fs import check_output
 
+    seen = {}  # resolved path -> the option that writes it
+    for what, path in also:
+        seen.setdefault(Path(path).resolve(), what)
     for name in names:
         path = getattr(args, name, None)
         if path:
-            check_output(path, force=getattr(args, "force", False), inputs=inputs,
-                         what=f"--{name.replace('_', '-')}" if name != "output" else "-o/--output")
+            what = f"--{name.replace('_', '-')}" if name != "output" else "-o/--output"
+            other = seen.setdefault(Path(path).resolve(), what)
+            if other != what:
+                raise ConfigError(f"{what} {path}: {other} writes the same file; give each output its own file")
+            check_output(path, force=getattr(args, "force", False), inputs=inputs, what=what)
+            if name == "plot":
+                _check_figure_format(path)
+
+
+def _check_figure_format(path) -> None:
+    """ConfigError unless matplotlib writes the format of `path`'s suffix (PNG without one); nothing to
+    check without matplotlib (the command says so itself)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return
+    fmt = Path(path).suffix[1:].lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise ConfigError(f"--plot {path}: matplotlib cannot write .{fmt} files; give one of "
+                          + ", ".join(f".{k}" for k in sorted(formats)))
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -198,25 +223,33 @@ def _kwarg_value(text: str):
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
-    """--model-kwargs parsed: 'img_size=224,num_classes=0' or a JSON object."""
+    """--model-kwargs parsed: 'img_size=224,num_classes=0' or a JSON object; architecture arguments only (timm's
+    loader arguments, far.checkpoint.LOADER_KWARGS, are far's to set). Sizes are checked by far.create_model."""
     import json
+
+    from far.checkpoint import LOADER_KWARGS
 
     text = getattr(args, "model_kwargs", None)
     if not text:
         return {}
     if text.strip().startswith("{"):
         try:
-            value = json.loads(text)
+            out = json.loads(text)
         except ValueError as e:
             raise ConfigError(f"--model-kwargs: not valid JSON ({e})") from None
-        if not isinstance(value, dict):
+        if not isinstance(out, dict):
             raise ConfigError("--model-kwargs: a JSON object {\"img_size\": 224, ...} or K=V pairs")
-        return value
-    out = {}
-    for item in text.split(","):
-        key, sep, val = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"--model-kwargs takes K=V pairs like img_size=224,num_classes=0, got {item!r}")
-        out[key] = _kwarg_value(val)
+    else:
+        out = {}
+        for item in text.split(","):
+            key, sep, val = item.partition("=")
+            key = key.strip()
+            if not sep or not key.isidentifier():
+                raise ConfigError(f"--model-kwargs takes K=V pairs like img_size=224,num_classes=0, got {item!r}")
+            out[key] = _kwarg_value(val)
+    bad = sorted(set(out) & LOADER_KWARGS)
+    if bad:
+        raise ConfigError(f"--model-kwargs: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} set by far (timm's "
+                          "loader arguments); give architecture arguments only (weights: --weights FILE, or timm's "
+                          "download)")
     return out

@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -58,7 +59,7 @@ import torch
 import torch.nn as nn
 
 from far.errors import ConfigError
-from far.models import attention_classes
+from far.models import attention_classes, check_input
 from far.nn import FARAttention, ReuseAttention
 
 CONSTANTS_FILE = Path(__file__).resolve().parent / "cost_constants.json"
@@ -421,8 +422,15 @@ class CostReport:
 
 
 def _input_size(model: nn.Module, input_size) -> tuple:
-    if input_size is not None:
-        return tuple(int(v) for v in input_size)
+    if input_size is not None:  # checked before the forward pass (timm's own errors are assertions)
+        size = tuple(input_size)
+        if len(size) != 3 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                                     for v in size):
+            raise ConfigError(f"input_size must be 3 ints (C, H, W) >= 1, got {' '.join(map(str, size))}")
+        size = tuple(int(v) for v in size)
+        check_input(model, size, f"input_size {' '.join(map(str, size))}",
+                    hint="leave input_size unset to use the model's")
+        return size
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
         return tuple(int(v) for v in cfg["input_size"])

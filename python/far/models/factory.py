@@ -15,6 +15,7 @@ far.load rebuilds models from timm.create_model, converted in full or in part (f
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 import far_kernels
 from far import checkpoint
-from far.errors import ConfigError
+from far.errors import ConfigError, FarError
 from far.models import arch as archs
 from far.models import registry  # noqa: F401 - registers the fmnist_* architectures with timm
 from far.models.convert import convert, far_modules, set_backend, set_storage
@@ -33,6 +34,7 @@ from far.models.weights import load_weights
 from far.models.pretrained import ZOO, zoo_path
 from far.nn import FARAttention, apply_reuse, reuse_plan
 from far.nn.far_attention import STORAGES
+from far.utils.env import model_device
 from far.version import __version__
 
 
@@ -54,19 +56,36 @@ def data_config(model: nn.Module) -> dict:
     """What `model` expects of its data (for far.data.make_dataset): its pretrained_cfg (input_size,
     mean, std, interpolation, crop_pct, architecture) with num_classes and input_size taken from the model
     itself (timm keeps a model's default pretrained_cfg when it is built at another img_size: a DINOv2
-    built at 224 still says 518)."""
+    built at 224 still says 518), and mean/std fitted to its input channels (_fit_channels)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if getattr(model, "num_classes", None) is not None:
         cfg["num_classes"] = int(model.num_classes)
     size = archs.input_size(unwrap(model))
     if size is not None:
         cfg["input_size"] = size
+        _fit_channels(cfg, size[0])
     return cfg
 
 
-def check_input(model: nn.Module, shape, what: str = "the data") -> None:
+def _fit_channels(cfg: dict, chans: int) -> dict:
+    """`cfg`'s mean/std (a pretrained_cfg) fitted in place to `chans` input channels, as timm adapts pretrained
+    weights to another in_chans (timm.models.adapt_input_conv): one channel sums the filters of all of them
+    (a gray image seen as R = G = B), so it takes the mean of the values; more channels repeat them in turn,
+    as a single value is repeated (timm.data.resolve_data_config). A timm ViT built with in_chans=1 keeps
+    its default cfg's 3 ImageNet values otherwise."""
+    for key in ("mean", "std"):
+        v = cfg.get(key)
+        if (isinstance(v, (tuple, list)) and v and len(v) != chans
+                and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)):
+            v = tuple(float(x) for x in v)
+            cfg[key] = (sum(v) / len(v),) if chans == 1 else tuple(v[i % len(v)] for i in range(chans))
+    return cfg
+
+
+def check_input(model: nn.Module, shape, what: str = "the data", hint: Optional[str] = None) -> None:
     """ConfigError unless images of `shape` ([C, H, W] or [B, C, H, W]) fit `model`'s patch embedding
-    (the clear form of timm's AssertionError 'Input height (518) doesn't match model (224)')."""
+    (the clear form of timm's AssertionError 'Input height (518) doesn't match model (224)'); `hint` ends
+    the message (default: how to load data that fits)."""
     want = archs.input_size(unwrap(model))
     got = tuple(int(v) for v in shape)[-3:]
     if want is None or len(got) != 3:
@@ -79,8 +98,8 @@ def check_input(model: nn.Module, shape, what: str = "the data") -> None:
             (getattr(m, "pretrained_cfg", None) or {}).get("architecture") or type(m).__name__
         raise ConfigError(f"{what} has {got[1]}x{got[2]}x{got[0]} images but {name} takes "
                           f"{want[1]}x{want[2]}x{want[0]} "
-                          "(its img_size and in_chans); load the data with far.data.make_dataset(..., "
-                          "far.models.data_config(model)) or build the model with img_size / in_chans that fit")
+                          "(its img_size and in_chans); " + (hint or "load the data with far.data.make_dataset(..., "
+                          "far.models.data_config(model)) or build the model with img_size / in_chans that fit"))
 
 
 def is_far(model: nn.Module) -> bool:
@@ -89,6 +108,20 @@ def is_far(model: nn.Module) -> bool:
 
 
 # ---- create ----
+def _check_sizes(name: str, kwargs: dict) -> None:
+    """ConfigError for a timm kwarg outside checkpoint.ARCH_LIMITS (depth, embed_dim, num_heads, img_size, ...),
+    before timm allocates anything: depth=100000 would run away, embed_dim=-1 fail deep inside torch."""
+    for key, (lo, hi) in checkpoint.ARCH_LIMITS.items():
+        v = kwargs.get(key)
+        if v is None:
+            continue
+        kind = numbers.Real if key == "mlp_ratio" else numbers.Integral
+        values = v if key in ("img_size", "patch_size") and isinstance(v, (tuple, list)) and len(v) == 2 else [v]
+        if not all(isinstance(x, kind) and not isinstance(x, bool) and lo <= x <= hi for x in values):
+            raise ConfigError(f"cannot build {name}: {key} must be {'a number' if key == 'mlp_ratio' else 'an int'} "
+                              f"in [{lo}, {hi}], got {v!r}")
+
+
 def create_model(name: str, pretrained: bool = False, far: Optional[bool] = None, hidden_sizes=None,
                  backend: Optional[str] = None, *, weights=None, blocks=None, pre_proj_init: str = "v",
                  **kwargs) -> nn.Module:
@@ -134,10 +167,14 @@ def create_model(name: str, pretrained: bool = False, far: Optional[bool] = None
     bad = sorted(set(kwargs) & checkpoint.LOADER_KWARGS) if weights is not None else []
     if bad:
         raise ConfigError(f"model kwargs {', '.join(bad)} make timm read files; with weights=FILE give none")
+    _check_sizes(name, kwargs)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:  # a kwarg the architecture does not take
-        raise ConfigError(f"cannot build {name} with {kwargs}: {e}") from None
+    except FarError:
+        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:  # kwargs timm's constructor refuses
+        raise ConfigError(f"cannot build {name} with {kwargs}: {' '.join(str(e).split()) or type(e).__name__}") \
+            from None
     model.far_arch = {"timm_name": name, "kwargs": dict(kwargs)}
     if weights is not None:
         load_weights(model, weights)
@@ -221,6 +258,7 @@ def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
     size = archs.input_size(model)
     if size is not None:  # what the rebuilt model takes, whatever timm's default cfg said
         pcfg["input_size"] = size
+        _fit_channels(pcfg, size[0])
     if isinstance(getattr(model, "num_classes", None), int):
         pcfg["num_classes"] = model.num_classes
     plan = reuse_plan(model)
@@ -338,6 +376,7 @@ def load(path, device="cpu", backend: Optional[str] = None, storage: str = "padd
     path = os.fspath(path)
     if storage not in STORAGES:
         raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    device = model_device(nn.Identity(), device)  # a device this machine cannot use: a ConfigError, before reading
     if backend is not None:  # a typo, or a backend that cannot run on `device`, fails before the file is read
         far_kernels.dispatch.select(far_kernels.ops.bilstm_fused_scan.OP, backend, device)
     config, tensors = checkpoint.read(path, precheck=_size_check(path))

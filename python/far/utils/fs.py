@@ -9,7 +9,9 @@ that was killed is removed by the next write to the same destination.
 Inside `command_inputs()` (the `far` command runs in one), every file opened with open_input
 (checkpoints, data files) is remembered by inode, and atomic_write refuses to replace any of them:
 no command overwrites what it read, under whatever name. Destinations that exist must be regular
-files (never a device, FIFO or socket), and exist only with force=True."""
+files (never a device, FIFO or socket), and exist only with force=True. Every file written gets the
+permissions of a newly created file (0o666 less the umask), whatever the function that wrote the
+content chose (safetensors creates its files 0600)."""
 from __future__ import annotations
 
 import contextlib
@@ -108,17 +110,41 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(path: PathLike, *, force: bool = True, inputs: Iterable[PathLike] = (), what: str = "output") -> Path:
+def _temp_name(directory: Path, name: str) -> Path:
+    """A temporary file of destination `name` in `directory` (pid and a random part: see _remove_stale_temps)."""
+    return directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _check_writable(p: Path, what: str) -> None:
+    """ConfigError naming `p` unless a file can be created in its folder: the folder's permissions
+    (os.access), then a temporary file created and removed (root passes os.access everywhere, yet
+    cannot create files in /proc or on a read-only mount)."""
+    directory = p.resolve().parent
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {p}: cannot write in its folder {directory} (permission denied)")
+    probe = _temp_name(directory, p.name)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: cannot write in its folder {directory} ({e.strerror or e})") from None
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+def check_output(path: PathLike, *, force: bool = True, inputs: Iterable[PathLike] = (), what: str = "output",
+                 writable: bool = True) -> Path:
     """Checks before anything is computed: `path` is not a folder, device, FIFO or socket, its folder
-    exists, it is not one of `inputs` nor a file this command has read (command_inputs; the same file
-    under any name), and it does not exist unless `force`. Returns Path."""
+    exists and a file can be created in it (unless writable=False), it is not one of `inputs` nor a file
+    this command has read (command_inputs; the same file under any name), and it does not exist unless
+    `force`. Returns Path."""
     p = Path(path)
     if not os.fspath(p) or p.name in ("", ".", ".."):
         raise ConfigError(f"{what} {os.fspath(path)!r}: not a file name")
     if p.is_dir():
         raise ConfigError(f"{what} {p}: is a folder; give a file name")
     if not p.resolve().parent.is_dir():
-        raise ConfigError(f"{p.parent}: no such folder for {what} {p.name}")
+        raise ConfigError(f"{p.parent}: " + ("not a folder" if p.parent.exists() else "no such folder")
+                          + f" for {what} {p.name}")
     try:
         st = os.stat(p)
     except OSError:
@@ -134,6 +160,8 @@ def check_output(path: PathLike, *, force: bool = True, inputs: Iterable[PathLik
                           "write somewhere else")
     if st is not None and not force:
         raise ConfigError(f"{what} {p}: exists; pass --force to overwrite it")
+    if writable:
+        _check_writable(p, what)
     return p
 
 
@@ -169,25 +197,36 @@ def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]
     `lambda tmp: torch.save(obj, tmp)`). force=False refuses an existing `path`; `inputs` are files
     that must not be overwritten (check_output; nor is any file read inside command_inputs()). An
     existing destination must be a regular file. The temporary file is created with the umask's
-    permissions, fsynced, renamed over `path`; the folder is fsynced where the OS allows."""
-    p = check_output(path, force=force, inputs=inputs)
+    permissions (given back to it after `content` ran: a writer may have replaced the file with one of
+    its own mode), fsynced, renamed over `path`; the folder is fsynced where the OS allows. An OSError
+    about the temporary file names `path` instead."""
+    p = check_output(path, force=force, inputs=inputs, writable=False)  # creating the temp file checks that
     directory = p.resolve().parent
     _remove_stale_temps(directory, p.name)
-    tmp = directory / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = _temp_name(directory, p.name)
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask-respecting mode
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask-respecting mode
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
         if callable(content):
             content(str(tmp))
         else:
             data = content.encode("utf-8") if isinstance(content, str) else content
             with open(tmp, "wb") as f:
                 f.write(data)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # e.g. safetensors' 0600
+            with contextlib.suppress(OSError):  # some file systems have no modes to change
+                os.chmod(tmp, mode)
         _fsync(tmp)
-        check_output(p, force=force, inputs=inputs)  # again: the destination may have changed meanwhile
+        check_output(p, force=force, inputs=inputs, writable=False)  # again: the destination may have changed
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp), tmp):
+            raise OSError(e.errno, f"cannot write ({e.strerror or e})", os.fspath(p)) from e
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
         _fsync(directory)
