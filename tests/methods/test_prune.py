@@ -211,3 +211,40 @@ def test_prune_command_min_units_floor_with_a_ratio(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and match in err, (extra, err)
         assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_min_units_above_every_head_is_refused():
+    """A floor above every (head, direction)'s units would leave each all or nothing (a ratio then prunes next
+    to nothing): refused, naming the largest; up to the largest size is allowed, even above some heads' sizes."""
+    from far.errors import ConfigError
+    from far.methods.prune import check_min_units
+
+    mods = [block(0, hidden_sizes=[[8, 24], [16, 4]]), block(1, hidden_sizes=[[6, 6], [6, 6]])]
+    for ok in (0, 1, 4, 16, 24):
+        check_min_units(ok, models=mods)
+    with pytest.raises(ConfigError, match=r"min_units \(25\) exceeds .*the largest has 24"):
+        check_min_units(25, models=mods)
+    check_min_units(25)  # without the blocks only the number itself is checked
+    model = far.create_model("fmnist_deit_tiny", embed_dim=48, depth=2, num_heads=2)  # 24 units per (head, direction)
+    with pytest.raises(ConfigError, match="the largest has 24"):
+        far.prune(model, None, min_units=100)  # before any training (no data needed)
+    with pytest.raises(ConfigError, match="the largest has 24"):
+        far.prune(model, None, budget="mixer-params=30k", min_units=28, align=4)
+
+
+def test_prune_command_refuses_a_floor_above_every_head_and_a_repeated_budget(tmp_path, capsys):
+    from far.cli import main
+
+    torch.manual_seed(0)
+    far.save(far.create_model("fmnist_deit_tiny", embed_dim=48, depth=2, num_heads=2), tmp_path / "s.safetensors")
+    common = [str(tmp_path / "s.safetensors"), "--limit", "32", "--eval-limit", "32", "--batch-size", "32",
+              "--epochs", "0", "--finetune-epochs", "0", "-q", "-o", str(tmp_path / "never.safetensors")]
+    for extra, match in ((["--min-units", "100"], "far: error: min_units (100) exceeds the units of every (head, "
+                                                  "direction) (the largest has 24)"),
+                         (["--min-units", "25"], "the largest has 24"),
+                         (["--budget", "mixer-params=200k", "--budget", "params=500k"],
+                          "argument --budget: given twice (mixer-params=200k and params=500k)")):
+        code = main(["prune", *common, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err, (extra, err)
+        assert not (tmp_path / "never.safetensors").exists()

@@ -1,6 +1,7 @@
 """Attention reuse (TReX-style): the module's forward by hand, plans and their errors, checkpoints, the
 latency-budget search, the least-squares warm start and the method end to end."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -85,6 +86,40 @@ def test_search_meets_the_budget_most_similar_first():
     assert (best[1], best[2]) in res["plan"].items()
     impossible = search_reuse(m, data, latency_budget_us=1.0, similarity=sim)
     assert not impossible["met"] and impossible["plan"]
+
+
+def test_unreachable_latency_budget_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """search_reuse reports met=False; far.reuse and far reuse refuse it before any training, with the least
+    latency reuse reaches (every later block reusing block 0), or that plan when the greedy search stopped short."""
+    teacher = tiny()
+    data = ImageSet(32, seed=5)
+    cfg = far.TrainConfig(epochs=1, batch_size=16, progress=False, augment=False)
+    lowest = model_cost(apply_reuse(copy.deepcopy(teacher), {1: 0, 2: 0})).totals["latency_us"]
+
+    def no_training(*a, **k):
+        raise AssertionError("trained despite an unmet budget")
+
+    reuse_module = sys.modules["far.methods.reuse"]  # far.methods.reuse is also the function's name
+    monkeypatch.setattr(reuse_module, "fit_transforms", no_training)
+    monkeypatch.setattr(reuse_module, "train", no_training)
+    with pytest.raises(ConfigError, match=rf"cannot be met.*smallest latency reachable by reuse is {lowest:.1f} us"):
+        far.reuse(teacher, data, latency_budget_us=10.0, config=cfg)
+    # blocks 2 and 1 most alike: the greedy search takes 2 <- 1 and can go no further, 1 <- 0 and 2 <- 0 goes lower
+    sim = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.9], [0.1, 0.9, 1.0]], dtype=torch.float64)
+    monkeypatch.setattr(reuse_module, "attention_similarity", lambda *a, **k: sim)
+    greedy = model_cost(apply_reuse(copy.deepcopy(teacher), {2: 1})).totals["latency_us"]
+    assert lowest < greedy
+    with pytest.raises(ConfigError, match=r"blocks 2 <- 1\) reaches .* give it \(--plan 1:0,2:0\)"):
+        far.reuse(teacher, data, latency_budget_us=(lowest + greedy) / 2, config=cfg)
+    tpath, out = tmp_path / "t.safetensors", tmp_path / "trex.safetensors"
+    far.save(teacher, tpath)
+    common = ["--epochs", "0.5", "--limit", "32", "--eval-limit", "16", "--batch-size", "16", "--out-dir",
+              str(tmp_path / "run"), "-q", "-o", str(out)]
+    assert main(["reuse", str(tpath), "--latency-budget", "10", *common]) == 2
+    assert "far: error: the latency budget 10.0 us cannot be met" in capsys.readouterr().err
+    assert main(["reuse", str(tpath), "--plan", "2:1,2:0", *common]) == 2
+    assert "--plan lists block 2 twice" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_least_squares_start_fits_the_replaced_attention():

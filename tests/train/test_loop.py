@@ -87,6 +87,77 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
         train_teacher(TrainConfig(out_dir=str(tmp_path / "none"), resume=True, **base))
 
 
+def test_new_run_refuses_an_unfinished_runs_state(tmp_path):
+    """A run stopped early (or killed) leaves last.pt and metrics.jsonl; a new run in the same folder without
+    resume must not silently replace them: refused unless force, which starts over. A finished run's folder
+    is reused as before."""
+    torch.set_num_threads(1)
+    run = tmp_path / "r"
+    base = dict(epochs=1, batch_size=16, limit=32, eval_limit=16, progress=False, log_every=1)
+    part = train_teacher(TrainConfig(out_dir=str(run), max_steps=1, **base))
+    assert not part.completed and part.steps == 1
+    state, metrics = (run / "last.pt").read_bytes(), (run / "metrics.jsonl").read_text()
+    for changes in ({}, {"lr": 5e-4}):  # the same settings or another run's: either would lose the state
+        with pytest.raises(TrainError, match=r"last\.pt: an unfinished run's state \(stopped at step 1 of 2\); "
+                                             r"continue it with --resume.*-f/--force to start over"):
+            train_teacher(TrainConfig(out_dir=str(run), **{**base, **changes}))
+        assert (run / "last.pt").read_bytes() == state and (run / "metrics.jsonl").read_text() == metrics
+    fresh = train_teacher(TrainConfig(out_dir=str(run), force=True, **base))  # -f: start over
+    assert fresh.completed and fresh.steps == 2
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2]  # a fresh log, not appended to the old
+    again = train_teacher(TrainConfig(out_dir=str(run), **base))  # a finished run's folder: reused as before
+    assert again.completed and torch.load(run / "last.pt", weights_only=True)["total"] == 2
+
+
+@pytest.mark.parametrize("state,why", [
+    ({"step": 2, "total": 2}, None),
+    ({"step": 1, "total": 2}, "stopped at step 1 of 2"),
+    ({"step": 2}, "at step 2; this state does not say whether the run finished"),  # written before "total"
+    (b"garbage", "state that cannot be read"),
+], ids=["finished", "unfinished", "no-total", "garbage"])
+def test_fresh_run_check_looks_into_stage_folders(tmp_path, state, why):
+    """The command line checks the run folder and the stage folders of multi-stage methods (distill's
+    stage1/stage2, prune's round1/reg) before any work; force or resume skip the check."""
+    from far.train.loop import check_fresh_run
+
+    for where in ("last.pt", "stage2/last.pt", "round1/finetune/last.pt"):
+        run = tmp_path / where.replace("/", "_")
+        (run / where).parent.mkdir(parents=True)
+        if isinstance(state, bytes):
+            (run / where).write_bytes(state)
+        else:
+            torch.save({"version": 1, **state}, run / where)
+        cfg = TrainConfig(out_dir=str(run))
+        if why is None:
+            check_fresh_run(cfg)
+        else:
+            with pytest.raises(TrainError, match=f"{run / where}: an unfinished run's state \\({why}\\)"):
+                check_fresh_run(cfg)
+        check_fresh_run(TrainConfig(out_dir=str(run), force=True))
+        check_fresh_run(TrainConfig(out_dir=str(run), resume=True))
+        if where != "last.pt":  # train() itself checks its own folder only (a stage's)
+            check_fresh_run(cfg, stages=False)
+
+
+def test_train_teacher_cli_refuses_to_start_over_an_unfinished_run(tmp_path, capsys):
+    from far.cli import main
+
+    args = ["train-teacher", "--epochs", "1", "--batch-size", "16", "--limit", "32", "--eval-limit", "16", "-q",
+            "--threads", "1", "--out-dir", str(tmp_path / "r")]
+    assert main([*args, "--max-steps", "1"]) == 0
+    assert "resume with --resume" in capsys.readouterr().out
+    state = (tmp_path / "r" / "last.pt").read_bytes()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("far: error: ") and err.count("\n") == 1, err
+    assert "unfinished run's state (stopped at step 1 of 2)" in err and "--resume" in err and "-f/--force" in err
+    assert (tmp_path / "r" / "last.pt").read_bytes() == state and not (tmp_path / "r" / "summary.json").exists()
+    assert main([*args, "-f"]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 2
+    assert main(args) == 0  # the run is finished: a new one may reuse its folder
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     """SIGKILL a real `far train-teacher` process mid-epoch, resume it, compare with an uninterrupted run."""
     args = ["train-teacher", "--epochs", "2", "--batch-size", "8", "--ckpt-every", "2", "--log-every", "1", *SMALL]

@@ -1,6 +1,8 @@
-"""Reports of a pruning run: kept units per block, direction and head, as text and as a heatmap."""
+"""Reports of a pruning run: kept units per block, direction and head, as text and as a heatmap; the
+argument handling of `far prune` that needs more than argparse's defaults."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -9,6 +11,17 @@ import torch.nn as nn
 
 from far.models import far_modules
 from far.utils.plot import pyplot, save_figure
+
+
+class Once(argparse.Action):
+    """An option given at most once (`far prune --budget`): a second one is a usage error (exit 2) instead of
+    silently replacing the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, self.dest, None)
+        if seen is not None and seen is not self.default:
+            raise argparse.ArgumentError(self, f"given twice ({seen} and {values}): give one")
+        setattr(namespace, self.dest, values)
 
 
 def format_kept(model: nn.Module, before: Optional[Dict[str, torch.Tensor]] = None) -> str:

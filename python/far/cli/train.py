@@ -63,7 +63,9 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir
                    help="run folder: last.pt (resumable state), metrics.jsonl, curves.png, summary.json")
     r.add_argument("--ckpt-every", type=int, default=200, metavar="STEPS", help="save the resumable state this often")
     r.add_argument("--log-every", type=int, default=20, metavar="STEPS", help="metrics.jsonl row every STEPS")
-    r.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out-dir (a new run there is refused while that run is "
+                        "unfinished; -f/--force starts over)")
     r.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop after this many steps (state saved; --resume continues)")
     add_output(r, help="where to save the trained model (.safetensors)")
@@ -122,12 +124,17 @@ def resolve_recipe(args: argparse.Namespace) -> list:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of the parsed options (validated by the method)."""
+    """The TrainConfig of the parsed options (validated by the method; -f/--force also lets a new run start
+    over in an --out-dir that holds an unfinished run, which is refused here, before any work, otherwise)."""
+    from far.train.loop import check_fresh_run
+
     set_threads(args)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["progress"] = not args.quiet
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    check_fresh_run(cfg)
+    return cfg
 
 
 def datasets(args: argparse.Namespace, model, cfg: TrainConfig, num_classes: Optional[int] = None,
@@ -370,6 +377,9 @@ def _plan(text: str) -> dict:
         a, sep, b = item.partition(":")
         if not sep or not a.strip().isdigit() or not b.strip().isdigit():
             raise ConfigError(f"--plan takes BLOCK:SOURCE pairs like 2:1,3:1, got {item!r}")
+        if int(a) in plan:
+            raise ConfigError(f"--plan lists block {int(a)} twice ({a.strip()}:{plan[int(a)]} and {item.strip()}): "
+                              "a block reuses one source")
         plan[int(a)] = int(b)
     return plan
 
@@ -544,7 +554,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--prune-ratio", type=float, default=None, metavar="R", help="fraction of all groups to remove (default 0.3)")
     p.add_argument("--threshold", type=float, default=None, metavar="X",
                    help="explicit global group-norm threshold (instead of --prune-ratio)")
-    p.add_argument("--budget", default=None, metavar="KIND=VALUE",
+    from far.cli.pruning import Once
+
+    p.add_argument("--budget", default=None, metavar="KIND=VALUE", action=Once,
                    help="prune to a budget instead of a ratio: params, mixer-params, arrays, mixer-arrays, latency "
                         "(ns), energy (pJ); VALUE may end in k/M/G, e.g. mixer-params=116k")
     p.add_argument("--align", default=None, metavar="N|arrays",

@@ -413,14 +413,23 @@ def floor_text(min_units: int, keep_heads: bool) -> str:
                      + (["no head removed"] if keep_heads else []))
 
 
-def check_min_units(min_units, align: int = 1, names: Tuple[str, str] = ("min_units", "align")) -> None:
+def check_min_units(min_units, align: int = 1, names: Tuple[str, str] = ("min_units", "align"),
+                    models: Optional[List[FARAttention]] = None) -> None:
     """ConfigError unless `min_units` is an int >= 0 that `align` (> 1) divides; `names` are what the message
-    calls the two (the command line passes its flags)."""
+    calls the two (the command line passes its flags). With `models` (the FAR blocks to prune), also unless some
+    (head, direction) has at least `min_units` units: a floor above every one's size would leave each (head,
+    direction) all or nothing — what min_units = the largest size asks for plainly — and a ratio or threshold
+    would then remove next to nothing (any (head, direction) keeping a unit keeps every unit)."""
     if isinstance(min_units, bool) or not isinstance(min_units, int) or min_units < 0:
         raise ConfigError(f"{names[0]} must be an int >= 0, got {min_units!r}")
     if align > 1 and min_units % align:
         raise ConfigError(f"{names[0]} ({min_units}) must be a multiple of {names[1]} ({align} units): rounding down "
                           "to whole column blocks would undercut the floor")
+    largest = max((int(m.hidden_sizes.max()) for m in models or [] if m.hidden_sizes.numel()), default=None)
+    if min_units > 1 and largest is not None and min_units > largest:
+        raise ConfigError(f"{names[0]} ({min_units}) exceeds the units of every (head, direction) (the largest has "
+                          f"{largest}): every one that kept a unit would keep all of them; give at most {largest} "
+                          f"({largest}: each (head, direction) kept whole or removed)")
 
 
 def _strongest(among: torch.Tensor, norms: torch.Tensor, k: int) -> torch.Tensor:
@@ -580,6 +589,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     named = far_modules(model)
     if not named:
         raise ConfigError("the model has no FAR blocks: prune a FAR student (far.distill makes one)")
+    check_min_units(min_units, align, models=[m for _, m in named])
     if budget is not None:  # an impossible budget fails here, before any training
         check_budget(named, model, budget, head_units=head_floor(min_units, align) if keep_heads else 0)
     d = setup_distributed(device)

@@ -219,6 +219,26 @@ def fit_transforms(student: nn.Module, teacher: nn.Module, data, limit: int = 51
         transform.center_()
 
 
+def _unmet_budget(teacher: nn.Module, search: dict, budget_us: float, cfg, hw) -> str:
+    """Why search_reuse's plan misses `budget_us`: the search's most reuse and the least latency any plan reaches
+    (latency is a sum over layers and a transformation block costs the same whatever its source, so that is every
+    later block reusing block 0)."""
+    every = {i: 0 for i in range(1, len(search["similarity"]))}
+    least = min(search["latency_us"], search["baseline_latency_us"],
+                model_cost(apply_reuse(copy.deepcopy(teacher), every), cfg, hw).totals["latency_us"])
+    found = ", ".join(f"{i} <- {j}" for i, j in sorted(search["plan"].items())) or "none"
+    text = (f"the latency budget {_us(budget_us)} cannot be met: the search's most reuse (blocks {found}) "
+            f"reaches {_us(search['latency_us'])} (teacher {_us(search['baseline_latency_us'])}); ")
+    if least <= budget_us:  # the greedy search stopped short of a plan that meets it
+        return text + (f"the plan of every later block reusing block 0 reaches {_us(least)}: give it "
+                       f"(--plan {','.join(f'{i}:0' for i in every)})")
+    return text + f"the smallest latency reachable by reuse is {_us(least)}"
+
+
+def _us(us: float) -> str:
+    return f"{us:.1f} us"
+
+
 def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = None,
           latency_budget_us: Optional[float] = None, eval_data=None, config: Optional[TrainConfig] = None,
           stage2_epochs: float = 1.0, stage2_lr: float = 2e-4, ce_weight: float = 1.0, kd_weight: float = 1.0,
@@ -231,7 +251,8 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
     ridge-regression warm start, fit_transforms); stage 2 (stage2_epochs at stage2_lr) fine-tunes everything with CE + KD. The
     transformation blocks' weights are then centred (Transform.center_: same function, no component that
     cancels only in exact arithmetic).
-    Returns the model (eval mode) with `far_metadata` and `far_run` (see far.distill); the search's
+    A budget the search does not meet is a ConfigError before any training, with the least latency reuse
+    reaches. Returns the model (eval mode) with `far_metadata` and `far_run` (see far.distill); the search's
     record is in far_metadata["reuse"]."""
     cfg = config or TrainConfig()
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
@@ -245,6 +266,8 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
     if plan is None:
         search = search_reuse(teacher, train_data, latency_budget_us=latency_budget_us, cfg=cost_config, hw=hardware)
         plan = search["plan"]
+        if not search["met"]:
+            raise ConfigError(_unmet_budget(teacher, search, latency_budget_us, cost_config, hardware))
         if not plan:
             raise ConfigError(f"the teacher already meets the latency budget ({search['baseline_latency_us']:.1f} us "
                               f"<= {latency_budget_us} us): nothing to reuse")

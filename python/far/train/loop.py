@@ -56,7 +56,8 @@ class TrainConfig:
 
     epochs may be fractional (e.g. 0.5 = half an epoch); warmup_epochs likewise. max_steps stops
     the run early after that many optimizer steps (its state is saved: useful to split a run).
-    out_dir None writes nothing (no resumable state, no metrics file)."""
+    out_dir None writes nothing (no resumable state, no metrics file). A new run (resume False) refuses
+    an out_dir that holds an unfinished run's state unless force (then it starts over there)."""
     epochs: float = 10.0
     batch_size: int = 128
     lr: float = 1e-3
@@ -79,6 +80,7 @@ class TrainConfig:
     progress: bool = True
     out_dir: Optional[str] = None
     resume: bool = False
+    force: bool = False  # start over in an out_dir that holds an unfinished run (see check_fresh_run)
     # DeiT-style recipe options (0/None/False = off): see the module docstring and far.methods.recipes
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -611,6 +613,41 @@ def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch
     return step, history
 
 
+def _unfinished(ckpt: Path) -> Optional[str]:
+    """How far the run whose state `ckpt` (a last.pt) holds got ("step 2 of 8"), or None when that run
+    finished. State that cannot be read, or written before the state recorded its run's length, counts
+    as unfinished: only a run known to be done is replaced without being asked."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - whatever it is, it is not known to be finished
+        return "state that cannot be read"
+    step, total = (state.get("step"), state.get("total")) if isinstance(state, dict) else (None, None)
+    if not (isinstance(step, int) and not isinstance(step, bool)):
+        return "state that cannot be read"
+    if not (isinstance(total, int) and not isinstance(total, bool)):
+        return f"at step {step}; this state does not say whether the run finished"
+    return None if step >= total else f"stopped at step {step} of {total}"
+
+
+def check_fresh_run(cfg: TrainConfig, stages: bool = True) -> None:
+    """Before a new run (not cfg.resume, not cfg.force) starts in cfg.out_dir: ConfigError if the folder
+    holds the state (last.pt) of a run that did not finish, which starting over would replace (and its
+    metrics.jsonl with it). stages=True looks into the stage folders of multi-stage methods too
+    (<out>/stage1, <out>/round1/reg): a method's caller checks all of them before its first stage. A
+    finished run's folder is reused as before."""
+    if cfg.out_dir is None or cfg.resume or cfg.force:
+        return
+    out = Path(cfg.out_dir)
+    patterns = (CKPT_NAME, f"*/{CKPT_NAME}", f"*/*/{CKPT_NAME}") if stages else (CKPT_NAME,)
+    for pattern in patterns:
+        for ckpt in sorted(out.glob(pattern)):
+            why = _unfinished(ckpt) if ckpt.is_file() else None
+            if why is not None:
+                raise ConfigError(f"{ckpt}: an unfinished run's state ({why}); continue it with --resume "
+                                  f"(and its settings), or pass -f/--force to start over in {out} (its state and "
+                                  "metrics are replaced)")
+
+
 # ---------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
@@ -637,6 +674,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     epoch. With cfg.out_dir: writes <out_dir>/last.pt (resumable state) and metrics.jsonl. Returns the
     trained (EMA, if enabled) model, unwrapped."""
     cfg.validate()
+    check_fresh_run(cfg, stages=False)
     out = Path(cfg.out_dir) if cfg.out_dir is not None else None
     write = out is not None and d.main  # this process writes the run's files
     if write:
@@ -675,7 +713,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
             raise ConfigError(f"--resume: no checkpoint at {ckpt} (run without --resume to start)")
         step, history = load_state(ckpt, ident, total, model, opt, ema, task, d.device)
     elif write and metrics.exists():
-        metrics.unlink()  # a fresh run starts a fresh log
+        metrics.unlink()  # a fresh run starts a fresh log (check_fresh_run: not an unfinished run's)
     ddp = model
     if d.world > 1:
         ddp = nn.parallel.DistributedDataParallel(
@@ -687,7 +725,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     def save_state():
         if not write:
             return
-        state = {"version": STATE_VERSION, "identity": {"json": json.dumps(ident)}, "step": step,
+        state = {"version": STATE_VERSION, "identity": {"json": json.dumps(ident)}, "step": step, "total": total,
                  "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "ema": ema.shadow if ema is not None else {}, "task": task.state(),
                  "history": json.dumps(history)}
@@ -853,7 +891,8 @@ class RunReport:
 
 def run_metadata(command: str, cfg: TrainConfig, d: Dist, result: TrainResult, **extra) -> dict:
     """JSON metadata for the checkpoint of a trained model: how it was trained, on what, how long."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "resume", "out_dir")}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("progress", "resume", "force", "out_dir")}
     return {"training": {"command": command, "config": config, "processes": d.world,
                          "device": device_name(d.device), "threads": torch.get_num_threads(),
                          "seconds": round(result.seconds, 1), "steps": result.steps,
@@ -872,5 +911,5 @@ def stage_config(cfg: TrainConfig, name: str, **changes) -> TrainConfig:
 
 __all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "apply_mixup",
            "classification_loss", "cleanup_distributed", "drop_path", "effective_lr", "join_histories", "lr_at",
-           "make_mixup", "noise_patterns", "noisy_weights", "plot_history", "run_metadata", "setup_distributed",
-           "stage_config", "train", "weight_noise"]
+           "check_fresh_run", "make_mixup", "noise_patterns", "noisy_weights", "plot_history", "run_metadata",
+           "setup_distributed", "stage_config", "train", "weight_noise"]
