@@ -320,6 +320,23 @@ def test_maps_in_the_report_and_outputs(tmp_path):
         plot_analysis(r, tmp_path / "plots", head=3)
 
 
+def test_maps_cover_the_first_images_whatever_the_batch_size():
+    """The token maps are of the first map_images images, collected across batches smaller than that (all of
+    them when the data has fewer)."""
+    teacher = tiny_vit()
+    student = far.convert(copy.deepcopy(teacher))
+    data = tiny_data(n=5)
+    whole = analyze(teacher, student, data, batch_size=5, map_images=3)["maps"]
+    for batch_size in (1, 2):
+        maps = analyze(teacher, student, data, batch_size=batch_size, map_images=3)["maps"]
+        assert maps["images"] == 3
+        for key, arr in maps["arrays"].items():
+            np.testing.assert_allclose(arr, whole["arrays"][key], rtol=1e-5, atol=1e-6)
+        assert maps["blocks"][1]["heads"][2]["attn_vs_far"]["row_cos"] == pytest.approx(
+            whole["blocks"][1]["heads"][2]["attn_vs_far"]["row_cos"], abs=1e-5)
+    assert analyze(teacher, student, data, batch_size=2, map_images=9)["maps"]["images"] == 5
+
+
 def test_bad_pairs_are_refused():
     teacher = tiny_vit()
     student = far.convert(copy.deepcopy(teacher))

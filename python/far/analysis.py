@@ -254,8 +254,9 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
             map_images: int = 4, parts: Iterable[str] = PARTS, progress: bool = False) -> dict:
     """Everything in the module docstring for `student` (FAR) against `teacher` (attention) on `data`.
 
-    Both models run in eval mode (restored afterwards) on `device` (default: the student's); map_images=0
-    skips the token maps. Returns {"num_images", "agreement", "teacher_accuracy", "student_accuracy",
+    Both models run in eval mode (restored afterwards) on `device` (default: the student's); the token maps
+    are of the first `map_images` images of `data` whatever `batch_size` (all of them, if fewer); 0 skips them.
+    Returns {"num_images", "agreement", "teacher_accuracy", "student_accuracy",
     "blocks" and "mean" (far.fidelity.block_fidelity's), "full_student": {"feature_cos", "agreement", "accuracy"},
     "partial": {part: [{"k", "replaced": k + 1, "feature_cos", "agreement", "accuracy"}]},
     "outside_mixers": {...}, "maps": {"images", "tokens", "heads", "blocks": [{"block", "heads": [{"head",
@@ -285,11 +286,12 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
                    file=sys.stderr, dynamic_ncols=True, leave=False)
     maps = None
     try:
-        first = None
+        first, have = [], 0  # the first map_images images, from as many batches as that takes
         for x, y in iterate_batches(data, batch_size, device=device):
             x = x.to(dtype)
-            if first is None:
-                first = x[:map_images]
+            if have < map_images:
+                first.append(x[:map_images - have].clone())
+                have += first[-1].shape[0]
             t_feat, t_logits = _features_and_logits(teacher, x)
             t_pred = t_logits.argmax(-1)
             full.add(*_features_and_logits(student, x), t_feat, t_pred, y)
@@ -299,10 +301,10 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
                         partial[part][k].add(*_features_and_logits(teacher, x), t_feat, t_pred, y)
             if bar is not None:
                 bar.update(x.shape[0])
-        if map_images and first is not None:
+        if map_images and first:
             if bar is not None:
                 bar.set_description("token maps (per block)")
-            maps = _token_maps(teacher, student, t_mix, s_mix, first, bar)
+            maps = _token_maps(teacher, student, t_mix, s_mix, torch.cat(first), bar)
     finally:
         if bar is not None:
             bar.close()

@@ -75,6 +75,20 @@ def test_analyze_writes_tables_json_maps_and_plots(capsys, setup, tmp_path):
     assert json.loads((out_dir / "analysis.json").read_text())["maps"] is None and "A vs J" not in out
 
 
+def test_analyze_maps_span_batches(capsys, setup, tmp_path):
+    """--batch-size 1 --map-images 2 --map-image 1: two map images from two batches, every file written."""
+    out_dir = tmp_path / "an"
+    code, _, err = run(capsys, "analyze", setup / "t.safetensors", setup / "s.safetensors", "--data", setup / "data",
+                       "--limit", "2", "--batch-size", "1", "--map-images", "2", "--map-image", "1",
+                       "--out-dir", out_dir, "-q")
+    assert code == 0, err
+    assert json.loads((out_dir / "analysis.json").read_text())["maps"]["images"] == 2
+    with np.load(out_dir / "token_maps.npz") as z:
+        assert z["attention"].shape == (2, 2, 3, 5, 5)
+    if far.utils.plot.pyplot() is not None:
+        assert (out_dir / "token_maps.png").is_file()
+
+
 def test_analyze_without_matplotlib_still_writes_json(capsys, setup, tmp_path, monkeypatch):
     monkeypatch.setattr(far.utils.plot, "pyplot", lambda: None)
     code, _, err = run(capsys, "analyze", setup / "t.safetensors", setup / "s.safetensors", "--data", setup / "data",
@@ -88,6 +102,10 @@ def test_analyze_without_matplotlib_still_writes_json(capsys, setup, tmp_path, m
     (["s", "t"], "TEACHER"),  # swapped: the FAR model given as the teacher
     (["t", "s", "--map-head", "3"], "--map-head 3: the teacher has 3 heads"),
     (["t", "s", "--map-images", "2", "--map-image", "2"], "--map-image 2 is not one of the 2 map images"),
+    (["t", "s", "--limit", "2", "--map-images", "4", "--map-image", "2"],
+     "--map-image 2 is not one of the 2 map images (--limit 2) (0..1); lower --map-image"),
+    (["t", "s", "--map-images", "8", "--map-image", "6"], "--map-image 6 is not one of the 6 map images (the data has "
+                                                          "6 images)"),
     (["t", "s", "--limit", "0"], "--limit must be >= 1"),
     (["t", "no_such_model"], "no_such_model"),
 ])
@@ -98,6 +116,22 @@ def test_analyze_user_errors(capsys, setup, tmp_path, argv, fragment):
     assert code == 2 and err.startswith("far: error: ") and err.count("\n") == 1, err
     assert fragment in err, err
     assert not (tmp_path / "o").exists()  # refused before any work or output
+
+
+@pytest.mark.parametrize("exists", [False, True])
+@pytest.mark.parametrize("name", ["analysis.json", "token_maps.npz", "block_cosine.png"])
+def test_analyze_json_that_out_dir_writes_is_refused_up_front(capsys, setup, tmp_path, exists, name):
+    """--json naming a file that --out-dir gets too: refused before any work (it used to write the JSON,
+    then fail on the out-dir's file as existing, or with -f overwrite it)."""
+    out_dir = tmp_path / "o"
+    if exists:
+        out_dir.mkdir()
+    code, _, err = run(capsys, "analyze", setup / "t.safetensors", setup / "s.safetensors", "--data", setup / "data",
+                       "--out-dir", out_dir, "--json", out_dir / "sub" / ".." / name if exists else out_dir / name,
+                       "-f")
+    assert code == 2 and err.startswith("far: error: ") and err.count("\n") == 1, err
+    assert "--out-dir writes the same file" in err, err
+    assert not list(out_dir.iterdir()) if exists else not out_dir.exists()
 
 
 def test_help(capsys):

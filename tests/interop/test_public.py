@@ -185,3 +185,60 @@ def test_cli_import_public(tmp_path, capsys):
     assert "dropped live 2 (output change <= " in text
     assert far.load(out).blocks[0].attn.hidden_sizes.tolist() == [[16] * 3, [14, 16, 16]]
     assert main(["import-public", str(tmp_path / "missing.pth"), "-o", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_read_public_says_what_a_file_is(tmp_path, capsys):
+    """A file the safe loader refuses gets --allow-pickle advice only when it is a pickle: a safetensors file
+    (a far checkpoint: use it directly), a truncated torch.save zip or legacy stream, an empty or foreign file
+    say what they are, with or without allow_pickle."""
+    import argparse
+    import pathlib
+
+    import safetensors.torch
+
+    from far.cli.main import main
+
+    sd = public_vit(seed=3).state_dict()
+    zoo = pathlib.Path(far.__file__).parent / "zoo" / "fmnist_far_tiny.safetensors"
+    far.save(far.create_model("fmnist_deit_tiny", embed_dim=12, depth=1, num_heads=3), tmp_path / "far.safetensors")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "plain.safetensors")
+    torch.save(sd, tmp_path / "sd.pth")
+    zipped = (tmp_path / "sd.pth").read_bytes()
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = (tmp_path / "legacy.pth").read_bytes()
+    st = (tmp_path / "plain.safetensors").read_bytes()
+    files = {"far.safetensors": None, "plain.safetensors": None, "cut.pth": zipped[:len(zipped) // 2],
+             "cut_end.pth": zipped[:-10], "cut_legacy.pth": legacy[:len(legacy) // 2], "cut_legacy5.pth": legacy[:5],
+             "cut.safetensors": st[:len(st) // 2], "cut_header.safetensors": st[:40], "empty.pth": b"",
+             "text.pth": b"hello, world"}
+    for name, data in files.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    expect = {"far.safetensors": "already a far checkpoint",
+              "plain.safetensors": "a safetensors file, not a torch.save",
+              "cut.pth": "truncated or corrupt torch.save file (it starts as a zip archive",
+              "cut_end.pth": "truncated or corrupt torch.save",
+              "cut_legacy.pth": "truncated or corrupt torch.save file (legacy",
+              "cut_legacy5.pth": "truncated or corrupt",
+              "cut.safetensors": "a truncated safetensors file",
+              "cut_header.safetensors": "a truncated safetensors file",
+              "empty.pth": "an empty file", "text.pth": "neither a zip archive nor a pickle"}
+    for name, fragment in expect.items():
+        for allow in (False, True):
+            with pytest.raises(far.CheckpointError) as info:
+                read_public(tmp_path / name, allow_pickle=allow)
+            assert fragment in str(info.value) and "pickle" not in str(info.value).replace("nor a pickle", "") \
+                .replace("legacy pickle", ""), (name, allow, str(info.value))
+    with pytest.raises(far.CheckpointError, match="already a far checkpoint"):
+        read_public(zoo)
+    # a real pickle keeps the advice
+    torch.save({"model": sd, "args": argparse.Namespace(rep_by="multi-lstm")}, tmp_path / "ckpt.pth")
+    with pytest.raises(far.CheckpointError, match=r"allow_pickle=True \(far import-public: --allow-pickle\)"):
+        read_public(tmp_path / "ckpt.pth")
+    assert main(["import-public", str(zoo), "-o", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("far: error: ") and "already a far checkpoint" in err and "allow" not in err, err
+    assert main(["import-public", str(tmp_path / "cut.pth"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt torch.save file" in err and "allow" not in err, err
+    assert not (tmp_path / "x.safetensors").exists()

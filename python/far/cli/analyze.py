@@ -23,19 +23,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     at_least(args, 1, "batch_size", "limit")
     at_least(args, 0, "workers", "map_images", "map_image", "map_head")
-    if args.map_images and args.map_image >= args.map_images:
-        raise ConfigError(f"--map-image {args.map_image} is not one of the {args.map_images} map images "
-                          f"(0..{args.map_images - 1}); raise --map-images or lower --map-image")
+    _check_map_image(args, args.map_images, "")
+    if args.limit is not None:  # the maps are of the first images read: no more than --limit
+        _check_map_image(args, min(args.map_images, args.limit), f" (--limit {args.limit})")
     set_threads(args)
     device = resolve_device(args.device, "--device")
     t_ref, s_ref = resolve(args.teacher), resolve(args.student)
     inputs = [t_ref.path, s_ref.path]
-    output_checks(args, inputs, "json")
     out_dir = Path(args.out_dir) if args.out_dir else None
+    names = (["analysis.json", *PLOTS] + ([MAPS_FILE] if args.map_images else [])) if out_dir is not None else []
+    output_checks(args, inputs, "json", also=[("--out-dir", out_dir / name) for name in names])
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise ConfigError(f"--out-dir {out_dir}: not a folder")
-        names = ["analysis.json", *PLOTS] + ([MAPS_FILE] if args.map_images else [])
         if out_dir.is_dir():
             for name in names:
                 check_output(out_dir / name, force=args.force, inputs=inputs, what="--out-dir file")
@@ -57,6 +57,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.workers is not None and not is_fashion_mnist(args.data):
         warn("--workers has no effect: far analyze reads the images in its own process")
     dataset = eval_dataset(args, teacher)
+    if len(dataset):  # an empty one is analyze's error
+        _check_map_image(args, min(args.map_images, len(dataset)), f" (the data has {len(dataset)} images)")
     progress = not args.quiet
     report = analyze(teacher, student, dataset, batch_size=args.batch_size, device=device,
                      map_images=args.map_images, progress=progress)
@@ -85,6 +87,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if written:
         note(args, "wrote " + ", ".join(written))
     return 0
+
+
+def _check_map_image(args: argparse.Namespace, images: int, why: str) -> None:
+    """ConfigError unless --map-image is one of the `images` map images (`why`: what limits them), before any work."""
+    if args.map_images and args.map_image >= images:
+        raise ConfigError(f"--map-image {args.map_image} is not one of the {images} map images{why} "
+                          f"(0..{images - 1}); "
+                          + ("raise --map-images or lower --map-image" if images == args.map_images else
+                             "lower --map-image"))
 
 
 def _ints(v) -> tuple:

@@ -27,10 +27,13 @@ none of their code is used here):
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import pickle
 import re
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -102,11 +105,14 @@ def read_public(source, *, allow_pickle: bool = False) -> dict:
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any refusal of the safe loader
+            what = _not_a_pickle(data, e)
+            if what is not None:  # unpickling cannot help: say what the file is instead
+                raise CheckpointError(f"{path}: {what}") from e
             if not allow_pickle:
                 raise CheckpointError(
-                    f"{path}: not a plain tensor checkpoint ({' '.join(str(e).split())[:200]}); the public code "
+                    f"{path}: not a plain tensor checkpoint ({_short(e)}); the public code "
                     "saves whole pickled models (torch.save(model)): if you trust the file, pass "
-                    "allow_pickle=True (far import: --allow-pickle)") from e
+                    "allow_pickle=True (far import-public: --allow-pickle)") from e
             try:
                 obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_StubPickle)
             except Exception as e2:  # noqa: BLE001
@@ -129,6 +135,66 @@ def read_public(source, *, allow_pickle: bool = False) -> dict:
             continue
         sd[k[len("module."):] if k.startswith("module.") else k] = v.detach()
     return sd
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _not_a_pickle(data: bytes, error: Exception) -> Optional[str]:
+    """What a file torch.load(weights_only=True) refused is, when it is not a pickle that unpickling
+    (allow_pickle) could read: a safetensors file (a far checkpoint or not), a truncated or corrupt torch.save
+    file (a zip archive, or the legacy format: a pickle stream), an empty file, or neither a zip nor a pickle.
+    None: a whole pickle (an intact zip archive, or a pickle stream not cut short) that the safe loader refused."""
+    if not data:
+        return "an empty file, not a checkpoint"
+    if len(data) >= 9 and data[8:9] == b"{":  # safetensors: 8-byte little-endian header length, then JSON
+        return _safetensors_kind(data)
+    if data[:2] == b"PK":  # torch.save's format: a zip archive with data.pkl and the tensors' bytes
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            return (f"a truncated or corrupt torch.save file (it starts as a zip archive but does not open as one: "
+                    f"{_short(e)}); copy or save it again")
+        if bad is not None:
+            return f"a corrupt torch.save file (its zip member {bad} fails its CRC check); copy or save it again"
+        return None
+    if data[:1] == b"\x80":  # a pickle stream (protocol 2+: torch.save's legacy format)
+        if isinstance(error, (EOFError, struct.error)) or re.search(r"EOF|truncated", str(error)):
+            return (f"a truncated or corrupt torch.save file (legacy pickle format: {_short(error)}); copy or "
+                    "save it again")
+        return None
+    return f"not a torch.save checkpoint: neither a zip archive nor a pickle (it starts with {data[:8]!r})"
+
+
+def _safetensors_kind(data: bytes) -> str:
+    """What a file that looks like safetensors (header length, then '{') is: a far checkpoint, another
+    safetensors file, or a truncated / corrupt one."""
+    from far.checkpoint import CONFIG_KEY
+
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n > len(data):
+        return (f"a truncated safetensors file (its header length says {n} bytes, {len(data) - 8} follow); "
+                "not a torch.save checkpoint")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        return "a safetensors file with a corrupt header (not a JSON object); not a torch.save checkpoint"
+    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)
+            and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+            and isinstance(e["data_offsets"][1], int)]
+    if 8 + n + max(ends, default=0) > len(data):
+        return (f"a truncated safetensors file (its tensors need {8 + n + max(ends)} bytes, the file has "
+                f"{len(data)}); not a torch.save checkpoint")
+    meta = header.get("__metadata__")
+    if isinstance(meta, dict) and CONFIG_KEY in meta:
+        return ("already a far checkpoint (safetensors, written by far.save): use it directly (far eval / far info "
+                "FILE, far.load), there is nothing to import")
+    return ("a safetensors file, not a torch.save checkpoint of the public code: read its tensors with "
+            "safetensors.torch.load_file and pass that dict to far.import_public")
 
 
 # ---------------------------------------------------------------- one attention module
