@@ -156,6 +156,8 @@ def test_train_teacher_cli_refuses_to_start_over_an_unfinished_run(tmp_path, cap
     assert main([*args, "-f"]) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 2
     assert main(args) == 0  # the run is finished: a new one may reuse its folder
+    out = capsys.readouterr().out  # the summary names the metrics file it wrote (it printed a glob)
+    assert str(tmp_path / "r" / "metrics.jsonl") in out and "**" not in out
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):

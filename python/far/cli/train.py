@@ -206,7 +206,7 @@ def finish(args: argparse.Namespace, model, title: str) -> int:
     table = [("test top-1", f"{100 * run.accuracy:.2f}%" if run.accuracy is not None else "n/a"),
              ("steps", str(run.steps)), ("time", f"{run.seconds:.0f} s"), *run.rows,
              ("checkpoint", args.output or "(not saved: no -o)"),
-             ("metrics", os.fspath(out / "**" / "metrics.jsonl")),
+             ("metrics", ", ".join(os.fspath(f) for f in sorted(out.rglob("metrics.jsonl"))) or "none written"),
              ("curves", os.fspath(out / "curves.png") if why is None else f"not written: {why}")]
     print(f"\n{title}\n" + _summary_table(table), flush=True)
     if kept is not None:
