@@ -249,6 +249,20 @@ def test_digest_is_optional(tmp_path, saved):
     _assert_same_model(model, far.load(_rewrite(path, tmp_path / "nodigest.safetensors")))
 
 
+def test_info_verifies_the_checksum(tmp_path, saved, capsys):
+    """`far info` reads the tensors too: a damaged file is refused there as by far.load (it looked fine)."""
+    from far.cli import main
+
+    def edit(ts):
+        ts["head.bias"] = ts["head.bias"] + 1
+    assert main(["info", str(saved[0])]) == 0
+    assert "checksum     sha256 of the config and tensors verified" in capsys.readouterr().out
+    assert main(["info", str(_rewrite(saved[0], tmp_path / "e.safetensors", tensors=edit, keep_digest=True))]) == 2
+    assert "checksum" in capsys.readouterr().err
+    assert main(["info", str(_rewrite(saved[0], tmp_path / "nodigest.safetensors"))]) == 0
+    assert "checksum     none stored (not verified)" in capsys.readouterr().out
+
+
 def _drop(key):
     def edit(ts):
         del ts[key]

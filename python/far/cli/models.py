@@ -76,10 +76,17 @@ def _param_line(path, blocks) -> str:
 
 
 def checkpoint_summary(path) -> list:
-    """Lines describing a checkpoint's config (header only, validated)."""
-    from far.checkpoint import read_config
+    """Lines describing a checkpoint's config (validated), its checksum verified over the tensors (CheckpointError
+    for a damaged file: far eval would refuse it too)."""
+    from far.checkpoint import DIGEST_KEY, check_digest, read, read_config
 
     cfg = read_config(path)
+    if cfg.get(DIGEST_KEY) is not None:
+        config, tensors = read(path)
+        check_digest(path, config, tensors)
+        checksum = f"{DIGEST_KEY} of the config and tensors verified"
+    else:
+        checksum = "none stored (not verified)"
     arch = cfg["architecture"]
     pcfg = cfg.get("pretrained_cfg") or {}
     kwargs = arch.get("kwargs") or {}
@@ -101,6 +108,7 @@ def checkpoint_summary(path) -> list:
     if meta.get("teacher"):
         lines.append(f"teacher      {meta['teacher']}")
     lines.append(_param_line(path, blocks))
+    lines.append(f"checksum     {checksum}")
     if not blocks:
         lines.append("FAR blocks   none (attention; its reuse plan is below)" if meta.get("reuse") else
                      "FAR blocks   none (a plain timm model, e.g. a teacher)")
