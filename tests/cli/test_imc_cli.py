@@ -279,6 +279,15 @@ def test_imc_cost_table_json_plot_emulate(capsys, teacher_ckpt, far_ckpt, tmp_pa
     assert sep["models"][0]["cost"]["write"]["totals"]["energy_uj"] > far_row["cost"]["write"]["totals"]["energy_uj"]
 
 
+@needs_fmnist
+def test_options_without_effect_warn(capsys, teacher_ckpt):
+    """imc-cost --limit without --data, eval --no-far on a checkpoint: a far: warning, and the command runs."""
+    code, out, err = run(capsys, "imc-cost", teacher_ckpt, "--limit", 5, "-q")
+    assert code == 0 and "far: warning: --limit 5 has no effect without --data" in err, err
+    code, out, err = run(capsys, "eval", teacher_ckpt, "--no-far", "--data", "fashion-mnist", "--limit", 2, "-q")
+    assert code == 0 and "far: warning: --no-far has no effect" in err, err
+
+
 @pytest.mark.parametrize("argv,fragments", [
     (["--dynamic", "analog"], ["--dynamic takes a comma-separated list"]),
     (["--hw", "dynamic=write"], ["give the dynamic mode with --dynamic"]),

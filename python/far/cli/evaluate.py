@@ -43,6 +43,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     set_threads(args)
     device = resolve_device(args.device, "--device")
     ref = resolve(args.model)
+    if ref.kind != "timm" and args.no_far:
+        warn(f"--no-far has no effect: {args.model} is a checkpoint (the option keeps a timm name's attention)")
     output_checks(args, [ref.path], "json")
     op = far_kernels.ops.bilstm_fused_scan.OP
     used = far_kernels.dispatch.select(op, args.backend, device)  # unavailable: the reason, before loading

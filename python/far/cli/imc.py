@@ -552,6 +552,8 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     from far.utils.fs import write_json
 
     at_least(args, 1, "batch_size", "limit")
+    if args.limit is not None and not args.data:
+        warn(f"--limit {args.limit} has no effect without --data (nothing is evaluated)")
     cfg, hw_values = chip_settings(args)
     modes = [m.strip() for m in args.dynamic.split(",") if m.strip()]
     if not modes or any(m not in DYNAMIC_MODES for m in modes) or len(set(modes)) != len(modes):
