@@ -230,9 +230,8 @@ def test_outputs_are_checked_together_before_any_work(capsys, teacher_ckpt, tmp_
     the costing, so nothing is written (it used to write the JSON, then fail, or with -f overwrite it)."""
     (tmp_path / "sub").mkdir()
     outputs = [o.format(tmp=tmp_path) for o in outputs]
-    data = ["--data", "fashion-mnist"] if command == "imc-eval" else []
-    code, _, err = run(capsys, command, teacher_ckpt, *data, "--limit", 4, "--batch-size", 4, *FASTEST, *outputs,
-                       "-q")
+    data = ["--data", "fashion-mnist", "--limit", 4] if command == "imc-eval" else []  # imc-cost: no data to limit
+    code, _, err = run(capsys, command, teacher_ckpt, *data, "--batch-size", 4, *FASTEST, *outputs, "-q")
     assert_user_error(code, err, fragment.format(tmp=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"] and not list((tmp_path / "sub").iterdir())
 
