@@ -37,18 +37,20 @@ def _check_mapping(lstm_mapping: str) -> None:
         raise ValueError(f"lstm_mapping must be one of {', '.join(LSTM_MAPPINGS)}, got {lstm_mapping!r}")
 
 
+_LSTM_PARTS = {"separate": ("w_ih", "w_hh"), "fused": ("lstm",)}  # UnrolledFARAttention's LSTM products
+
+
 def _far_parts(lstm_mapping: str) -> tuple:
-    return ("lstm", "head_proj") if lstm_mapping == "fused" else ("w_ih", "w_hh", "head_proj")
+    return _LSTM_PARTS[lstm_mapping] + ("head_proj",)
 
 
 def _far_product_names(name: str, m: FARAttention, lstm_mapping: str = EMULATED_LSTM_MAPPING) -> list:
     """Names UnrolledFARAttention will give the products of FAR block `name` (non-empty ones only)."""
     out = []
-    lstm_parts = _far_parts(lstm_mapping)[:-1]
     for head in range(m.num_heads):
         for direction in (0, 1):
             if int(m.hidden_sizes[direction, head]) > 0:
-                out += [f"{name}.{part}.{head}.{direction}" for part in lstm_parts]
+                out += [f"{name}.{part}.{head}.{direction}" for part in _LSTM_PARTS[lstm_mapping]]
         if int(m.hidden_sizes[:, head].sum()) > 0:
             out.append(f"{name}.head_proj.{head}")
     return out
@@ -89,10 +91,9 @@ def select_targets(model: nn.Module, include: Patterns = None, exclude: Patterns
         for p in pats or ():
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 examples = ", ".join(names[:4] + (["..."] if len(names) > 4 else []))
-                other = [part for part in _far_parts("fused" if lstm_mapping == "separate" else "separate")[:-1]
-                         if part in p]
+                other = [part for m, parts in _LSTM_PARTS.items() if m != lstm_mapping for part in parts if part in p]
                 hint = (f"; with lstm_mapping={lstm_mapping!r} an LSTM's products are "
-                        + " and ".join(f"X.{q}.<head>.<dir>" for q in _far_parts(lstm_mapping)[:-1])) if other else ""
+                        + " and ".join(f"X.{q}.<head>.<dir>" for q in _LSTM_PARTS[lstm_mapping])) if other else ""
                 raise ValueError(f"{what} pattern {p!r} matches no emulatable layer (names look like {examples}; "
                                  f"list them with far.imc.emulation_targets(model){hint})")
 

@@ -34,7 +34,7 @@ from far.models.weights import load_weights
 from far.models.pretrained import ZOO, zoo_path
 from far.nn import FARAttention, apply_reuse, reuse_plan
 from far.nn.far_attention import STORAGES
-from far.utils.env import model_device
+from far.utils.env import as_device
 from far.version import __version__
 
 
@@ -376,7 +376,7 @@ def load(path, device="cpu", backend: Optional[str] = None, storage: str = "padd
     path = os.fspath(path)
     if storage not in STORAGES:
         raise ConfigError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
-    device = model_device(nn.Identity(), device)  # a device this machine cannot use: a ConfigError, before reading
+    device = as_device(device)  # a device this machine cannot use: a ConfigError, before reading
     if backend is not None:  # a typo, or a backend that cannot run on `device`, fails before the file is read
         far_kernels.dispatch.select(far_kernels.ops.bilstm_fused_scan.OP, backend, device)
     config, tensors = checkpoint.read(path, precheck=_size_check(path))

@@ -58,17 +58,23 @@ def resolve_device(name: Optional[str] = None, what: str = "device") -> torch.de
     return device
 
 
-def model_device(model: torch.nn.Module, device=None) -> torch.device:
-    """`device` as a torch.device, or (None) where the model's first parameter lives (CPU for a model
-    without parameters). A device this machine cannot use is a ConfigError (as the CLI's --device)."""
-    if device is None:
-        p = next(model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+def as_device(device) -> torch.device:
+    """An API caller's device (a string, torch.device or index) as a torch.device this machine can use;
+    ConfigError otherwise (as the CLI's --device)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"device {device!r}: {e}") from None
     return resolve_device(str(dev), "device")
+
+
+def model_device(model: torch.nn.Module, device=None) -> torch.device:
+    """`device` checked by as_device, or (None) where the model's first parameter lives (CPU for a model
+    without parameters)."""
+    if device is None:
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+    return as_device(device)
 
 
 def loadavg() -> Optional[list]:
