@@ -271,6 +271,13 @@ def test_missing_fashion_mnist(capsys, ckpt, tmp_path, monkeypatch):
      "--json /proc/x.json: cannot write in its folder /proc"),
     (["convert", "fmnist_deit_tiny", "-o", "/proc/x.safetensors"], "-o/--output /proc/x.safetensors: cannot write"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--json", "{ckpt}/x.json"], "not a folder for --json x.json"),
+    # an output named as another kind of file than the command writes
+    (["convert", "fmnist_deit_tiny", "-o", "{tmp}/x.onnx"],
+     "x.onnx: this command writes a far checkpoint, but the name's suffix says an ONNX graph; "
+     "name it .safetensors"),
+    (["prune", "{ckpt}", "--budget", "0.5", "-o", "{tmp}/x.json"], "the name's suffix says a JSON report"),
+    (["eval", "{ckpt}", "--data", "fashion-mnist", "--json", "{tmp}/x.safetensors"],
+     "this command writes a JSON report, but the name's suffix says a far checkpoint; name it .json"),
 ])
 def test_argument_errors(capsys, ckpt, tmp_path, argv, fragment):
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]

@@ -131,6 +131,11 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "fmnist_far_tiny_pruned", "-o", str(out)]) == 2  # exists: needs -f
     assert "exists" in capsys.readouterr().err
     assert main(["export", "fmnist_far_tiny_pruned", "-o", str(out), "-f", "-q", "--batch-size", "1"]) == 0
+    # ONNX under a checkpoint's name: refused before any work, nothing written
+    wrong = tmp_path / "p.safetensors"
+    assert main(["export", "fmnist_far_tiny_pruned", "-o", str(wrong)]) == 2
+    assert "writes an ONNX graph, but the name's suffix says a far checkpoint; name it .onnx" in capsys.readouterr().err
+    assert not wrong.exists()
 
 
 def test_cli_says_how_to_install(monkeypatch, tmp_path, capsys):

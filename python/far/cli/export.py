@@ -35,7 +35,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         at_least(args, 1, "batch_size")
     ref = resolve(args.model)
-    output_checks(args, [ref.path] if ref.path else [], "output")
+    output_checks(args, [ref.path] if ref.path else [], "output", output_kind="an ONNX graph")
     model, _ = load_model(ref, far=True)
     model = model.float().eval()
     proto = export_onnx(model, args.output, batch_size=args.batch_size, force=args.force)

@@ -131,11 +131,30 @@ def add_data(p, required: bool = True, eval_only: bool = True) -> None:
                    help="DataLoader workers for image folders (default: min(8, CPU cores) to evaluate, 0 to train)")
 
 
-def output_checks(args: argparse.Namespace, inputs: Iterable = (), *names: str, also: Iterable = ()) -> None:
+# suffix -> the kind of file it names; an output whose suffix names another kind than the one the
+# command writes is refused (`far export -o m.safetensors` would write ONNX under a checkpoint's name)
+SUFFIX_KINDS = {".onnx": "an ONNX graph", ".safetensors": "a far checkpoint", ".json": "a JSON report",
+                ".pt": "a torch.save file", ".pth": "a torch.save file", ".ckpt": "a torch.save file",
+                **{s: "a figure" for s in (".png", ".pdf", ".svg", ".jpg", ".jpeg")}}
+
+
+def check_suffix(path, kind: str, what: str) -> None:
+    """ConfigError if `path`'s suffix names another kind of file than `kind` (a value of SUFFIX_KINDS);
+    unknown suffixes and none pass."""
+    named = SUFFIX_KINDS.get(Path(path).suffix.lower())
+    if named is not None and named != kind:
+        good = ", ".join(s for s, k in SUFFIX_KINDS.items() if k == kind)
+        raise ConfigError(f"{what} {path}: this command writes {kind}, but the name's suffix says {named}; "
+                          f"name it {good}")
+
+
+def output_checks(args: argparse.Namespace, inputs: Iterable = (), *names: str, also: Iterable = (),
+                  output_kind: str = "a far checkpoint") -> None:
     """Check every output option in `names` (e.g. "output", "json", "plot") before any work: a file name in
     a writable existing folder, not one of `inputs`, not existing unless --force; no two outputs the same
     file, nor any of `also` ((option, path) pairs: other files the command writes, e.g. those of its
-    --out-dir); a --plot in a format matplotlib writes (from the suffix: far.utils.plot.save_figure)."""
+    --out-dir); a --plot in a format matplotlib writes (from the suffix: far.utils.plot.save_figure); -o and
+    --json not named as another kind of file (check_suffix; -o writes `output_kind`)."""
     from far.utils.fs import check_output
 
     seen = {}  # resolved path -> the option that writes it
@@ -151,6 +170,8 @@ def output_checks(args: argparse.Namespace, inputs: Iterable = (), *names: str, 
             check_output(path, force=getattr(args, "force", False), inputs=inputs, what=what)
             if name == "plot":
                 _check_figure_format(path)
+            elif name in ("output", "json"):
+                check_suffix(path, output_kind if name == "output" else "a JSON report", what)
 
 
 def _check_figure_format(path) -> None:
