@@ -49,6 +49,24 @@ def far_ckpt(tmp_path_factory):
     return path
 
 
+def test_wilson95_by_hand():
+    from far.cli.imc import wilson95
+
+    z = 1.959964
+    # 0 of 100 right: [0, z^2 / (n + z^2)], not the normal approximation's empty [0, 0]
+    lo, hi = wilson95(0.0, 100)
+    assert lo == 0.0 and abs(hi - z * z / (100 + z * z)) < 1e-12
+    lo, hi = wilson95(1.0, 100)
+    assert hi == 1.0 and abs(1 - lo - z * z / (100 + z * z)) < 1e-12
+    # p = 1/2: symmetric about 1/2, half-width z*sqrt(n/4 + z^2/4) / (n + z^2)
+    lo, hi = wilson95(0.5, 400)
+    assert abs((lo + hi) / 2 - 0.5) < 1e-12 and abs((hi - lo) / 2 - z * (100 + z * z / 4) ** 0.5 / (400 + z * z)) < 1e-12
+    # large n: close to the normal approximation
+    lo, hi = wilson95(0.9, 10**6)
+    assert abs((hi - lo) / 2 - z * (0.09 / 10**6) ** 0.5) < 1e-7
+    assert wilson95(0.3, 0) == (0.3, 0.3)
+
+
 def test_help(capsys):
     code, out, _ = run(capsys, "imc-eval", "--help")
     assert code == 0
@@ -142,7 +160,11 @@ def test_grid_seeds_and_incremental_json(capsys, far_ckpt, tmp_path, monkeypatch
         assert r["seeds"] == ([0, 1] if noisy else [0]) and len(r["accuracies"]) == len(r["seeds"])
         assert abs(r["accuracy"] - sum(r["accuracies"]) / len(r["accuracies"])) < 1e-12
         p = r["accuracy"]
-        assert abs(r["ci95_images"] - 1.959964 * (p * (1 - p) / 4) ** 0.5) < 1e-9
+        # Wilson score interval over the 4 images, by hand
+        z2n = 1.959964 ** 2 / 4
+        c, h = (p + z2n / 2) / (1 + z2n), 1.959964 / (1 + z2n) * (p * (1 - p) / 4 + z2n / 16) ** 0.5
+        assert abs(r["ci95_low"] - max(0.0, c - h)) < 1e-9 and abs(r["ci95_high"] - min(1.0, c + h)) < 1e-9
+        assert abs(r["ci95_images"] - (r["ci95_high"] - r["ci95_low"]) / 2) < 1e-12 and r["ci95_images"] > 0
     assert seen == [(1, False), (2, False), (3, False), (4, False), (5, False), (5, True)]
     assert "mean over 2 seeds" in out and "95% CI" in out and "left" in err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -219,12 +241,13 @@ def test_user_errors(capsys, teacher_ckpt, argv, fragments):
 
 @pytest.mark.parametrize("command", ["imc-eval", "imc-cost"])
 @pytest.mark.parametrize("outputs,fragment", [
-    (["--json", "{tmp}/same.png", "--plot", "{tmp}/same.png"], "--plot {tmp}/same.png: --json writes the same file"),
-    (["--json", "{tmp}/same.png", "--plot", "{tmp}/sub/../same.png", "-f"], "--json writes the same file"),
+    (["--json", "{tmp}/same.png", "--plot", "{tmp}/same.png"],
+     "--json {tmp}/same.png: this command writes a JSON report, but the name's suffix says a figure; name it .json"),
+    (["--json", "{tmp}/same", "--plot", "{tmp}/sub/../same", "-f"], "--json writes the same file"),
     (["--json", "{tmp}/a", "--plot", "{tmp}/a"], "--plot {tmp}/a: --json writes the same file"),
     (["--plot", "{tmp}/x.txt"], "--plot {tmp}/x.txt: matplotlib cannot write .txt files; give one of"),
     (["--json", "{tmp}/r.json", "--plot", "{tmp}/x.TXT"], "matplotlib cannot write .txt files"),
-], ids=["same", "same-aliased-forced", "no-suffix", "txt", "txt-with-json"])
+], ids=["json-named-png", "same-aliased-forced", "no-suffix", "txt", "txt-with-json"])
 def test_outputs_are_checked_together_before_any_work(capsys, teacher_ckpt, tmp_path, command, outputs, fragment):
     """Two outputs that are one file, or a --plot format matplotlib cannot write: refused before the sweep or
     the costing, so nothing is written (it used to write the JSON, then fail, or with -f overwrite it)."""

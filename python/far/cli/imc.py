@@ -165,16 +165,29 @@ def _settings(args, base_values: dict) -> tuple:
     return settings, [k for k, _ in axes]
 
 
+def wilson95(p: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval (low, high) of a proportion p observed over n trials: unlike the normal
+    approximation p ± z·sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at p = 0 or 1; (p, p) for n = 0."""
+    if n <= 0:
+        return p, p
+    z2n = Z95 * Z95 / n
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = Z95 / (1 + z2n) * (p * (1 - p) / n + z2n / (4 * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _summary(runs: list, n_images: int) -> dict:
-    """Mean, sample std over seeds, and the 95% half-width of the accuracy's sampling error over n_images
-    test images (normal approximation of the binomial) for one setting's runs."""
+    """Mean, sample std over seeds, and the 95% interval of the accuracy's sampling error over n_images
+    test images (Wilson score interval: ci95_low/ci95_high, and ci95_images, its half-width) for one
+    setting's runs."""
     import statistics
 
     accs = [r["accuracy"] for r in runs]
     mean = statistics.fmean(accs)
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    ci = Z95 * (mean * (1 - mean) / n_images) ** 0.5 if n_images else 0.0
-    return {"accuracy": mean, "accuracy_std": std, "ci95_images": ci, "seeds": [r["seed"] for r in runs],
+    lo, hi = wilson95(mean, n_images)
+    return {"accuracy": mean, "accuracy_std": std, "ci95_images": (hi - lo) / 2, "ci95_low": lo, "ci95_high": hi,
+            "seeds": [r["seed"] for r in runs],
             "accuracies": accs, "images_per_s": statistics.fmean(r["images_per_s"] for r in runs),
             "seconds": sum(r["seconds"] for r in runs), "num_images": n_images}
 
@@ -306,7 +319,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     multi = any(len(r["seeds"]) > 1 for r in rows[1:])
     if multi:
         print(f"noisy settings: mean over {args.seeds} seeds ± their std")
-    print(f"95% CI: sampling error of the accuracy over {len(dataset)} test images")
+    print(f"95% CI: sampling error of the accuracy over {len(dataset)} test images (Wilson interval's half-width)")
     w = max(len(r["setting"]) for r in rows)
     print(f"{'setting':<{w}}  {'accuracy':>8}  {'± std':>6}  {'95% CI':>7}  {'vs digital':>10}  {'images/s':>9}")
     for r in rows:
@@ -342,7 +355,9 @@ def _plot(result: dict, path: Path, force: bool) -> None:
         lines.setdefault(name, []).append((xv if numeric else ticks.index(_fmt(xv)), r))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, pts in lines.items():
-        err = [100 * (r["accuracy_std"] if len(r["seeds"]) > 1 else r["ci95_images"]) for _, r in pts]
+        # std over seeds (symmetric), else the images' Wilson interval (asymmetric near 0 and 100%)
+        err = [[100 * (r["accuracy_std"] if len(r["seeds"]) > 1 else r["accuracy"] - r["ci95_low"]) for _, r in pts],
+               [100 * (r["accuracy_std"] if len(r["seeds"]) > 1 else r["ci95_high"] - r["accuracy"]) for _, r in pts]]
         ax.errorbar([x for x, _ in pts], [100 * r["accuracy"] for _, r in pts], yerr=err, marker="o", capsize=3,
                     label=name)
     ax.axhline(100 * digital["accuracy"], color="#555", ls="--", label=f"digital ({100 * digital['accuracy']:.2f}%)")
