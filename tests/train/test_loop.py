@@ -87,6 +87,31 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
         train_teacher(TrainConfig(out_dir=str(tmp_path / "none"), resume=True, **base))
 
 
+def test_fp16_on_cpu_scales_its_loss_and_resumes_with_the_scale(tmp_path, recwarn):
+    """--amp fp16 on CPU: a CPU loss scaler (a "cuda" one disabled itself with a UserWarning), kept in last.pt
+    and loaded on resume (stop + resume == uninterrupted); a damaged scale is refused."""
+    torch.set_num_threads(1)
+    base = dict(epochs=1, batch_size=16, limit=48, eval_limit=16, progress=False, log_every=1, amp="fp16")
+    full = train_teacher(TrainConfig(out_dir=str(tmp_path / "a"), **base), tmp_path / "a.safetensors")
+    assert full.completed and full.steps == 3
+    assert not [w for w in recwarn if "GradScaler" in str(w.message)], [str(w.message) for w in recwarn]
+    state = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert 0 < state["scaler"]["scale"] <= 65536.0 and state["scaler"]["_growth_tracker"] >= 1
+    part = train_teacher(TrainConfig(out_dir=str(tmp_path / "b"), max_steps=2, **base))
+    assert not part.completed
+    bad = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    bad["scaler"]["scale"] = -1.0
+    torch.save(bad, tmp_path / "bad.pt")
+    good = (tmp_path / "b" / "last.pt").read_bytes()
+    (tmp_path / "b" / "last.pt").write_bytes((tmp_path / "bad.pt").read_bytes())
+    with pytest.raises(far.CheckpointError, match="loss scaler state is not a positive finite scale"):
+        train_teacher(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
+    (tmp_path / "b" / "last.pt").write_bytes(good)
+    rest = train_teacher(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base), tmp_path / "b.safetensors")
+    assert rest.completed and rest.steps == 3
+    assert_same_tensors(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
 def test_new_run_refuses_an_unfinished_runs_state(tmp_path):
     """A run stopped early (or killed) leaves last.pt and metrics.jsonl; a new run in the same folder without
     resume must not silently replace them: refused unless force, which starts over. A finished run's folder
@@ -146,7 +171,11 @@ def test_train_teacher_cli_refuses_to_start_over_an_unfinished_run(tmp_path, cap
     args = ["train-teacher", "--epochs", "1", "--batch-size", "16", "--limit", "32", "--eval-limit", "16", "-q",
             "--threads", "1", "--out-dir", str(tmp_path / "r")]
     assert main([*args, "--max-steps", "1"]) == 0
-    assert "resume with --resume" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert "resume with --resume" in cap.out
+    # said before the run starts: no -o saves nothing; a warm-up as long as the run never reaches --lr
+    assert "far: warning: no -o/--output: the trained model will not be saved" in cap.err
+    assert "--warmup-epochs 1 is not below --epochs 1: the learning rate rises for the whole run" in cap.err
     state = (tmp_path / "r" / "last.pt").read_bytes()
     assert main(args) == 2
     err = capsys.readouterr().err

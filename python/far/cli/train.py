@@ -137,13 +137,28 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def _warn_before_training(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """Options that would go unnoticed until the run ends, said once everything else is checked and
+    just before it starts (by the first process of a torchrun only)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if not getattr(args, "output", None):
+        warn(f"no -o/--output: the trained model will not be saved as a checkpoint (only the resumable training "
+             f"state in --out-dir {cfg.out_dir} is written); give -o FILE to keep it")
+    if 0 < cfg.epochs <= cfg.warmup_epochs:
+        warn(f"--warmup-epochs {cfg.warmup_epochs:g} is not below --epochs {cfg.epochs:g}: the learning rate "
+             f"rises for the whole run and never reaches --lr {cfg.lr:g}")
+
+
 def datasets(args: argparse.Namespace, model, cfg: TrainConfig, num_classes: Optional[int] = None,
              labels: bool = True):
     """(train set, test set or None) for --data / --val, checked against the model (with num_classes
-    classes, when it is going to get a new classifier); labels=False: any folder of images for training."""
+    classes, when it is going to get a new classifier); labels=False: any folder of images for training.
+    The last step before a training command starts: it also warns of options without effect."""
     from far.data import is_fashion_mnist, make_dataset
     from far.models import data_config
 
+    _warn_before_training(args, cfg)
     dcfg = data_config(model)
     if num_classes is not None:
         dcfg["num_classes"] = num_classes

@@ -529,9 +529,10 @@ def _tensor_problems(what: str, got, want: Dict[str, torch.Tensor]) -> List[str]
 
 
 def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch.optim.Optimizer,
-               ema: Optional[EMA], task: Task, device: torch.device) -> Tuple[int, List[dict]]:
+               ema: Optional[EMA], task: Task, device: torch.device,
+               scaler: Optional[torch.amp.GradScaler] = None) -> Tuple[int, List[dict]]:
     """Resume from `ckpt` (last.pt): validate all of it against this run, then load the model, optimizer,
-    EMA and task state in place and return (step, history). Every problem with the file is one
+    EMA, task and (fp16) loss-scaler state in place and return (step, history). Every problem with the file is one
     CheckpointError (ConfigError when it belongs to a different run); nothing is loaded unless all fits."""
     def bad(msg: str) -> CheckpointError:
         return CheckpointError(f"--resume: {ckpt}: {msg}; delete it (or run without --resume) to start over")
@@ -599,6 +600,12 @@ def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch
                     problems.append(f"optimizer state '{name}' of parameter {i} does not fit it "
                                     f"({list(t.shape)} vs {list(where[i].shape)})")
                     break
+    scaled = state.get("scaler")
+    if scaler is not None and scaled is not None:  # absent: written by a version before it was kept
+        scale, tracker = (scaled.get("scale"), scaled.get("_growth_tracker")) if isinstance(scaled, dict) else (None, None)
+        if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0
+                and isinstance(tracker, int) and not isinstance(tracker, bool) and tracker >= 0):
+            problems.append("its loss scaler state is not a positive finite scale and a count")
     if problems:
         raise bad("it does not fit this run: " + "; ".join(problems[:5])
                   + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
@@ -608,6 +615,8 @@ def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch
         if ema is not None:
             ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
         task.load_state(got_task)
+        if scaler is not None and scaled is not None:
+            scaler.load_state_dict(scaled)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise bad(f"cannot load it ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return step, history
@@ -705,13 +714,16 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     ident = _identity(task, cfg, identity or {})
     ident["world"] = d.world
+    amp = _amp_dtype(cfg, d.device)
+    # fp16 gradients need loss scaling on any device (a "cuda" scaler on CPU disables itself with a warning)
+    scaler = torch.amp.GradScaler(d.device.type) if amp == torch.float16 else None
     step, history = 0, []
     ckpt = out / CKPT_NAME if out is not None else None
     metrics = out / METRICS_NAME if out is not None else None
     if cfg.resume:
         if not ckpt.is_file():
             raise ConfigError(f"--resume: no checkpoint at {ckpt} (run without --resume to start)")
-        step, history = load_state(ckpt, ident, total, model, opt, ema, task, d.device)
+        step, history = load_state(ckpt, ident, total, model, opt, ema, task, d.device, scaler)
     elif write and metrics.exists():
         metrics.unlink()  # a fresh run starts a fresh log (check_fresh_run: not an unfinished run's)
     ddp = model
@@ -719,8 +731,6 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
             find_unused_parameters=False)
-    amp = _amp_dtype(cfg, d.device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     def save_state():
         if not write:
@@ -729,6 +739,8 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
                  "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "ema": ema.shadow if ema is not None else {}, "task": task.state(),
                  "history": json.dumps(history)}
+        if scaler is not None:  # fp16: the loss scale it has found (a resumed run goes on with it)
+            state["scaler"] = scaler.state_dict()
         atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
 
     bar = None
