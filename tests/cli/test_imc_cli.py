@@ -323,3 +323,22 @@ def test_options_without_effect_warn(capsys, teacher_ckpt):
 def test_imc_cost_user_errors(capsys, teacher_ckpt, argv, fragments):
     code, _, err = run(capsys, "imc-cost", teacher_ckpt, *argv)
     assert_user_error(code, err, *fragments)
+
+
+def test_calibrating_on_the_evaluated_folder_warns(capsys, far_ckpt, tmp_path):
+    # an image folder has no training split: without --calib-data the ADC ranges are fitted to the very
+    # images then evaluated, which the command says; a separate --calib-data is quiet about it
+    from PIL import Image
+
+    for root in ("test", "calib"):
+        for c in range(10):
+            (tmp_path / root / f"class{c}").mkdir(parents=True)
+            Image.new("L", (28, 28), 25 * c).save(tmp_path / root / f"class{c}" / "0.png")
+    args = ["imc-eval", far_ckpt, "--data", tmp_path / "test", "--workers", 0, *FASTEST, "--set",
+            "adc_range=calibrated", "--calib-images", 4, "-q"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert "adc_range=calibrated without --calib-data: the ADC ranges come from the first 4 images of" in err
+    code, out, err = run(capsys, *args, "--calib-data", tmp_path / "calib")
+    assert code == 0, err
+    assert "without --calib-data" not in err

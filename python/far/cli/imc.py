@@ -246,6 +246,10 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     dataset = eval_dataset(args, model)
     calib_set = None
     if needs_calib:
+        if not args.calib_data and not is_fashion_mnist(args.data):  # a folder has no training split
+            warn(f"adc_range=calibrated without --calib-data: the ADC ranges come from the first "
+                 f"{args.calib_images or 256} images of {args.data}, the folder it then evaluates; give --calib-data "
+                 "with other images for a figure not fitted to its own test images")
         calib_set = make_dataset(args.calib_data or args.data, "train", data_config(model),
                                  limit=args.calib_images or 256, train=False)
     progress = not args.quiet and sys.stderr.isatty()
