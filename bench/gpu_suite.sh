@@ -16,7 +16,8 @@
 # DeiT-S B=64 fp16, every row), cuda_scan_headline 60 (H=6 B=64 fp16/bf16 kernel variants), bilstm_tail 200
 # (the rest of the grid), cuda_scan_tail 120, crossbar 90, imc_eval 120 (bench_imc_eval --device cuda: emulated
 # images/s of the zoo and DeiT-small blocks on the torch and triton crossbar backends, and the seconds a 10k test set
-# takes: issue 16's GPU target), cuda_tests (every other cuda test: the rest).
+# takes: issue 16's GPU target; FAR models with both LSTM mappings, IMC_EVAL_MAPPINGS=separate for one), cuda_tests
+# (every other cuda test: the rest).
 # A stage starts only with at least its minimum left (else "skipped"); its limit is min(cap, budget left).
 # CAP_<stage>=s overrides a cap; SKIP_STAGES="a b" skips stages; OUT=dir (default bench/results/gpu_suite-<stamp>).
 # At the end the merge is also copied to gpu_suite-<device>-<stamp>.json in OUT and (not in a dry run) bench/results/.
@@ -134,7 +135,8 @@ else
   scan_head=(--H 6 --dtypes fp16,bf16 --B 64)
   scan_tail=(--B 1,16,256,8 --pruned)
   xbar=()
-  imc_eval=(--device cuda --reps 1)
+  # both LSTM mappings: imc-eval emulates separate by default, imc-cost --emulate fused (its costed mapping)
+  imc_eval=(--device cuda --reps 1 --lstm-mappings "${IMC_EVAL_MAPPINGS:-separate,fused}")
   if [ "${QUICK:-0}" = 1 ]; then
     bilstm_tail=(--skip small:fp16:64 --shapes small,base --dtypes fp16,bf16 --B 64,1)
     scan_tail=(--B 1,256 --dtypes fp16)
