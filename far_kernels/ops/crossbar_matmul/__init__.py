@@ -153,8 +153,8 @@ def crossbar_matmul_group(x: torch.Tensor, group: CrossbarGroup, cfg: Optional[C
     """G independent crossbar products in one call: y[g] = crossbar_matmul(x[g, :, :K_g], member g) + bias[g].
 
     Args:
-        x: [G, M, K] (K the group's largest input size; a member's columns beyond its K_g must be 0: the
-            input scale and the offset correction are taken over all K columns).
+        x: [G, M, K] (K the group's largest input size; a member's columns beyond its K_g are no input of it:
+            ignored, as the reference slices them off).
         group: a CrossbarGroup (far_kernels.program_group): the members' programmed cells, stacked.
         cfg: the read-side config (default the members'); programming fields must match.
         bias: optional [G, N], added digitally.

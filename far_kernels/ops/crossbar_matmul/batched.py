@@ -160,9 +160,7 @@ def run_single(call, fused_epilogue=None) -> torch.Tensor:
     from far_kernels.ops.crossbar_matmul.group import CrossbarGroup
 
     prog, plan = call.prog, call.adc
-    group = prog.__dict__.get("as_group")
-    if group is None:  # the stacked tiles are cached with the programmed cells (they never change)
-        group = prog.__dict__["as_group"] = CrossbarGroup([prog])
+    group = CrossbarGroup.of_one(prog)
     gplan = plan if plan.steps is None else type(plan)(plan.mode, plan.L, plan.step, plan.steps.view(1, -1),
                                                         plan.mults.view(1, -1))
     gcall = GroupCall(call.x2d[None], group, call.cfg, None if call.bias is None else call.bias[None], gplan,

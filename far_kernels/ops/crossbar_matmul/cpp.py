@@ -46,8 +46,7 @@ def cpp_limit_group(call: GroupCall) -> Optional[str]:
 def cpp_limit_single(call) -> Optional[str]:
     from far_kernels.ops.crossbar_matmul.group import CrossbarGroup
 
-    group = call.prog.__dict__.get("as_group") or CrossbarGroup([call.prog])
-    call.prog.__dict__["as_group"] = group
+    group = CrossbarGroup.of_one(call.prog)
     plan = call.adc
     gplan = plan if plan.steps is None else type(plan)(plan.mode, plan.L, plan.step, plan.steps.view(1, -1),
                                                         plan.mults.view(1, -1))

@@ -27,11 +27,18 @@ def _cells_key(cfg: CrossbarConfig) -> tuple:
     return tuple(getattr(cfg, f) for f in _CELL_FIELDS)
 
 
+def _version(t: torch.Tensor) -> int:
+    """t's in-place modification counter; -1 for an inference tensor, which keeps none (cells programmed inside
+    torch.inference_mode and modified in place inside it again are not seen by CrossbarGroup.of_one's cache)."""
+    return -1 if t.is_inference() else t._version
+
+
 class CrossbarGroup:
     """G ProgrammedCrossbars of one config (each may have its own programming seed), stacked for one read: levels [G, S, N, K] (N, K the largest
     member's; zero-padded; int8 without programming noise, float32 with), w_scale [G, N] (0 where padded),
     sizes [(N_g, K_g)]. Calibrated ADC ranges stay on the members (member.adc_range). `reads` counts the
-    group's read-noisy calls (keys its noise)."""
+    group's read-noisy calls (keys its noise). The members' cells are copied when the group is built: a member
+    reprogrammed later needs a new group."""
 
     def __init__(self, members: Sequence[ProgrammedCrossbar]):
         members = list(members)
@@ -63,9 +70,32 @@ class CrossbarGroup:
         self.reads = 0
         self._tiles_cache = None  # (tile_rows, [G*T, tr, S*N] fp32 levels, [G, T] tile validity)
 
+    @classmethod
+    def of_one(cls, prog: ProgrammedCrossbar) -> "CrossbarGroup":
+        """A group of `prog` alone (how the torch and cpp backends run one product), cached on `prog` while
+        its cells stay the same tensors, unmodified: cells reprogrammed in place (drift, faults) or replaced
+        are copied again, as every backend and the reference read them at each call."""
+        key = (prog.levels, _version(prog.levels), prog.w_scale, _version(prog.w_scale))
+        cached = prog.__dict__.get("_as_group")
+        if cached is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                      for a, b in zip(cached[0], key)):
+            return cached[1]
+        group = cls([prog])
+        prog.__dict__["_as_group"] = (key, group)
+        return group
+
     @property
     def G(self) -> int:
         return len(self.members)
+
+    def padded_inputs(self) -> torch.Tensor:
+        """[G, 1, K] bool: True at the input columns k >= K_g no member g reads (cached)."""
+        mask = self.__dict__.get("_padded_inputs")
+        if mask is None:
+            k = torch.arange(self.K, device=self.device)
+            mask = torch.stack([k >= kg for _, kg in self.sizes])[:, None, :]
+            self.__dict__["_padded_inputs"] = mask
+        return mask
 
     @property
     def device(self) -> torch.device:
@@ -210,7 +240,9 @@ def prepare_group_call(x, group, cfg=None, bias=None, op: str = "crossbar_matmul
     if x.device != group.device:
         raise ValueError(f"{op}: x is on {x.device} but the group is on {group.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (group.G, group.N) or bias.device != x.device:
+        if not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOATS:  # as crossbar_matmul
+            raise TypeError(f"{op}: bias must be a float tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+        if tuple(bias.shape) != (group.G, group.N) or bias.device != x.device:
             raise ValueError(f"{op}: bias must be a [G, N] = [{group.G}, {group.N}] tensor on {x.device}")
         bias = bias.detach().float().clone()
         for g, (n, _) in enumerate(group.sizes):
@@ -222,7 +254,10 @@ def prepare_group_call(x, group, cfg=None, bias=None, op: str = "crossbar_matmul
         plan = AdcPlan("calibrated", plans[0].L, plans[0].step, torch.stack([p.steps for p in plans]).view(-1, S),
                        torch.stack([p.mults for p in plans]).view(-1, S))
     key = read_noise_key(cfg.seed, group.reads) if cfg.read_noise > 0 else 0
-    return GroupCall(x.detach().contiguous(), group, cfg, bias, plan, key, group.noisy or cfg.read_noise > 0)
+    x = x.detach().contiguous()
+    if any(k < group.K for _, k in group.sizes):  # a member's padded input columns are no input of it: zeroed
+        x = x.masked_fill(group.padded_inputs(), 0)  # (the batched backends quantize whole rows)
+    return GroupCall(x, group, cfg, bias, plan, key, group.noisy or cfg.read_noise > 0)
 
 
 def group_call_members(call: GroupCall) -> List[tuple]:

@@ -214,10 +214,11 @@ def crossbar_matmul_triton(call: CrossbarCall, out: Optional[torch.Tensor] = Non
     steps = plan.steps if plan.steps is not None else plan.step.reshape(1)
     mults = plan.mults if plan.mults is not None else plan.step.reshape(1)
     bias = call.bias if call.bias is not None else s_x  # dummy pointer when there is no bias
-    levels = prog.levels
+    # the kernel addresses a level row and the scales with unit stride: a programmed crossbar may hold any layout
+    levels, w_scale = prog.levels.contiguous(), prog.w_scale.contiguous()
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _crossbar_kernel[grid](
-        x2d, sdiv, s_x, levels, prog.w_scale, bias, steps, mults, y,
+        x2d, sdiv, s_x, levels, w_scale, bias, steps, mults, y,
         M, N, K, T, x2d.stride(0), levels.stride(0), levels.stride(1), y.stride(0),
         float(plan.step), float(cfg.read_noise * cfg.p_max), call.read_key,
         TILE_ROWS=cfg.tile_rows, S=cfg.n_weight_slices, J=cfg.n_input_slices, CB=cfg.cell_bits, DB=cfg.dac_bits,

@@ -260,3 +260,21 @@ def test_program_stacked_noise_faults_and_nan():
         program_stacked(torch.randn(3, 4), cfg)
     with pytest.raises(TypeError, match="float tensor"):
         program_stacked(torch.ones(2, 3, 4, dtype=torch.int32), cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(adc_bits=6, tile_rows=8), dict(encoding="offset", adc_bits=5, tile_rows=16)],
+                         ids=["max", "offset"])
+def test_padded_input_columns_are_no_input(backend, kw):
+    """A member's columns beyond its K_g are ignored as the reference ignores them (the batched backends
+    quantized whole rows: a non-zero there changed the member's input scale and offset correction)."""
+    x, grp, bias, _ = make_group(CrossbarConfig(**kw), SIZES, seed=31)
+    dirty = x.clone()
+    for i, (_, k) in enumerate(SIZES):
+        dirty[i, :, k:] = 100.0 * (i + 1)
+    ref = crossbar_matmul_group_ref(x, grp, bias=bias)
+    assert torch.equal(crossbar_matmul_group_ref(dirty, grp, bias=bias), ref)
+    assert torch.equal(crossbar_matmul_group(dirty, grp, bias=bias, backend=backend), ref)
+    assert torch.equal(dirty[1, :, 20:], torch.full_like(dirty[1, :, 20:], 200.0))  # the caller's x untouched
+    with pytest.raises(TypeError, match="bias must be a float tensor"):
+        crossbar_matmul_group(x, grp, bias=torch.ones(3, 9, dtype=torch.int64), backend=backend)

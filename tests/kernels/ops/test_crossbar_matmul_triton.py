@@ -124,6 +124,15 @@ def test_triton_programming_noise_matches_reference():
     prog_adc = program_crossbar(w, cfg.replace(adc_bits=6))
     y, ref = crossbar_matmul(x, prog_adc, backend="triton"), crossbar_matmul(x, prog_adc, backend="torch")
     assert (y == ref).float().mean().item() >= 0.9
+    # and where a code flipped, by whole ADC steps: (y - ref) / (s_x s_w step) is a sum of a few +-2^(i*cb + j*db)
+    c = prog_adc.cfg
+    _, s_x = quantize_inputs(x, c)
+    step = c.p_max / c.adc_levels
+    units = (y - ref).double() / (s_x.double().reshape(-1, 1) * prog_adc.w_scale.double() * step)
+    T = -(-x.shape[1] // c.tile_rows)
+    most = T * sum(2 ** (i * c.cell_bits) for i in range(c.n_weight_slices)) * \
+        sum(2 ** (j * c.dac_bits) for j in range(c.n_input_slices))
+    assert (units - units.round()).abs().max().item() < 1e-3 and units.abs().max().item() <= most
 
 
 def _read_noise_check(device):
@@ -323,3 +332,27 @@ def test_group_cuda_bit_identical(backend):
         x[g, :, k:] = 0
     y = crossbar_matmul_group(x, grp, bias=bias, backend=backend)
     assert torch.equal(y.cpu(), crossbar_matmul_group_ref(x.cpu(), grp.to("cpu"), bias=bias.cpu()))
+
+
+@pytest.mark.parametrize("backend", TIE_BACKENDS[:1] + TIE_BACKENDS[2:])
+def test_cells_in_any_layout_and_reprogrammed_in_place(backend):
+    """A ProgrammedCrossbar may hold strided levels / scales (the triton kernel read them with unit strides), and
+    cells changed in place after a call (drift, faults) are read at the next call (the torch and cpp backends kept
+    a stale copy): every backend equals the reference."""
+    from far_kernels import ProgrammedCrossbar, crossbar_matmul_ref
+
+    cfg = CrossbarConfig(tile_rows=8)
+    x, w = make_xw(3, 20, 6, seed=11)
+    prog = program_crossbar(w, cfg)
+    levels = prog.levels.transpose(1, 2).contiguous().transpose(1, 2)  # K not unit-stride
+    wide = torch.full((2 * 6,), 123.0)
+    wide[::2] = prog.w_scale
+    strided = ProgrammedCrossbar(levels, wide[::2], cfg, 6, 20)
+    assert not strided.levels.is_contiguous() and not strided.w_scale.is_contiguous()
+    assert torch.equal(_run(backend, x, strided), crossbar_matmul_ref(x, prog))
+    for change in (lambda p: p.levels[0].zero_(), lambda p: p.w_scale.mul_(2),
+                   lambda p: setattr(p, "levels", -p.levels)):
+        before = _run(backend, x, prog)
+        change(prog)
+        after, ref = _run(backend, x, prog), crossbar_matmul_ref(x, prog)
+        assert torch.equal(after, ref) and not torch.equal(after, before)
