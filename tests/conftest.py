@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import far_kernels  # noqa: E402
-from far_kernels.testing import assert_close_derived, max_err, per_head_lstm, poisoned  # noqa: E402,F401
+from far_kernels.testing import (assert_close_derived, assert_same_rounding, max_err, per_head_lstm,  # noqa: E402,F401
+                                 poisoned)
 
 # The GPU suite's first test stage (bench/gpu_suite.sh, `pytest -m gpu_smoke`): one representative per
 # kernel path and dtype, the current-stream checks, memcheck on one small case. Every id must exist

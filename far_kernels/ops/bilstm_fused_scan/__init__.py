@@ -65,7 +65,8 @@ def bilstm_fused_scan(
 
     Args:
         x: [B, T, H*d] inputs (e.g. FAR's pre_proj output); head h reads columns h*d .. h*d+d-1.
-            float32/float16/bfloat16 (float64 on the torch backend).
+            float32/float16/bfloat16 (float64 on the torch backend). Weights of another float dtype are
+            cast to x's (outside autocast; under it the backends compute as autocast says, fp32 for training).
         w_ih: [H, 2, 4n, d] input weights, torch.nn.LSTM layout padded to n units, gates (i, f, g, o)
             at rows q*n + u, direction 0 = forward, 1 = backward.
         bias: [H, 2, 4n] = b_ih + b_hh.
@@ -91,6 +92,9 @@ def bilstm_fused_scan(
         check_out(_NAME, out, (H, B, T, 2, G // 4), x.dtype, x.device)
         _scan.check_no_overlap(_NAME, out, (("x", x), ("w_ih", w_ih), ("bias", bias), ("w_hh", w_hh),
                                             ("hidden_sizes", hidden_sizes)))
+    if any(t.dtype != x.dtype for t in (w_ih, bias, w_hh)) and not torch.is_autocast_enabled(x.device.type):
+        # one rule on every backend (they disagreed: cpp widened all to fp32, torch and triton raised)
+        w_ih, bias, w_hh = (t.to(x.dtype) for t in (w_ih, bias, w_hh))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_ih, bias, w_hh))
     return dispatch.run(OP, (x, w_ih, bias, w_hh, hs), backend=backend, device=x.device, dtype=x.dtype,
                         needs_grad=needs_grad, out=out)

@@ -25,8 +25,8 @@ def bilstm_fused_scan_ref(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tenso
                           hidden_sizes: torch.Tensor) -> torch.Tensor:
     """H bidirectional LSTMs over the heads of x (head h = columns h*d .. h*d+d-1), zero initial state.
 
-    Args: see far_kernels.bilstm_fused_scan. Returns [H, B, T, 2, n] in the dtype of the input gates
-    (x's dtype promoted with the weights'); units >= hidden size are 0."""
+    Args: see far_kernels.bilstm_fused_scan (which casts the weights to x's dtype first). Returns
+    [H, B, T, 2, n] in x's dtype; units >= hidden size are 0."""
     return bilstm_scan_ref(input_gates_ref(x, w_ih, bias), w_hh, hidden_sizes)
 
 
@@ -34,15 +34,23 @@ def bilstm_fused_scan_autograd(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.
                                hidden_sizes: torch.Tensor) -> torch.Tensor:
     """bilstm_fused_scan_ref through torch.lstm, one bidirectional call per head on the padded weights.
 
-    Padded units must have zero weights and biases (FARAttention keeps them so): their h is then
-    exactly 0 and every gradient that touches them is exactly 0. Under autocast the recurrence runs
-    in fp32. Returns [H, B, T, 2, n]."""
+    Padded units (>= hidden_sizes) are selected away before the call, whatever their stored weights hold:
+    their rows of W_ih, W_hh and the bias and their columns of W_hh read as 0, so their h is exactly 0, the
+    kept units never see them, and every gradient to a padded weight is exactly 0. Under autocast the
+    recurrence runs in fp32. Returns [H, B, T, 2, n]."""
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return bilstm_fused_scan_autograd(x.float(), w_ih.float(), bias.float(), w_hh.float(), hidden_sizes)
     B, T, _ = x.shape
     H, _, G, d = w_ih.shape
     n = G // 4
+    keep = torch.arange(n, device=x.device) < torch.as_tensor(hidden_sizes).to(x.device)[..., None]  # [2, H, n]
+    keep = keep.transpose(0, 1)  # [H, 2, n]
+    if not bool(keep.all()):
+        rows = keep.repeat(1, 1, 4)  # [H, 2, 4n]: gate q of unit u at q*n + u
+        w_ih = torch.where(rows[..., None], w_ih, 0.0)
+        bias = torch.where(rows, bias, 0.0)
+        w_hh = torch.where(rows[..., None] & keep[:, :, None, :], w_hh, 0.0)
     h0 = x.new_zeros(2, B, n)
     outs = []
     for head in range(H):

@@ -19,7 +19,8 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
             batch row, time step and direction (0 = forward, 1 = backward); gate order (i, f, g, o),
             gate q of unit u at column q*n + u (torch.nn.LSTM layout padded to n units).
         w_hh: [H, 2, 4n, n] recurrent weights in the same padded layout.
-        hidden_sizes: [2, H] int, kept units per (direction, head); units >= the size are ignored.
+        hidden_sizes: [2, H] ints (a tensor or nested lists), kept units per (direction, head); units >= the
+            size are ignored (their gates and W_hh rows and columns are never read, even NaN there).
         product_dtype: None, or a dtype that h_{t-1} and W_hh are rounded to before every recurrent
             product (state and accumulation stay fp32): the math of a tensor-core kernel with 16-bit
             operands (the cuda backend's mma path), as "the same math in plain PyTorch" for its tests.
@@ -33,8 +34,12 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
     g = gx.to(acc)
     w = w_hh.to(acc) if product_dtype is None else w_hh.to(product_dtype).to(acc)
     units = torch.arange(n, device=gx.device)
-    mask = (units < hidden_sizes.to(gx.device)[..., None]).to(acc)  # [2, H, n]
-    mask = mask.permute(1, 0, 2).unsqueeze(1)  # [H, 1, 2, n]
+    keep = (units < torch.as_tensor(hidden_sizes).to(gx.device)[..., None]).permute(1, 0, 2)  # [H, 2, n] bool
+    if not bool(keep.all()):  # padded units are ignored, whatever they hold (NaN included): selected away
+        rows = keep.repeat(1, 1, 4)  # [H, 2, 4n]: gate q of unit u at q*n + u
+        g = torch.where(rows[:, None, None], g, 0.0)
+        w = torch.where(rows[..., None] & keep[:, :, None, :], w, 0.0)
+    mask = keep.unsqueeze(1)  # [H, 1, 2, n]
     h = gx.new_zeros((H, B, 2, n), dtype=acc)
     c = torch.zeros_like(h)
     steps = []
@@ -43,8 +48,8 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
         hp = h if product_dtype is None else h.to(product_dtype).to(acc)
         gates = x_t + torch.einsum("hbdk,hdjk->hbdj", hp, w)
         i, f, z, o = gates.chunk(4, dim=-1)
-        c = (torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z)) * mask
-        h = torch.sigmoid(o) * torch.tanh(c) * mask
+        c = torch.where(mask, torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z), 0.0)
+        h = torch.where(mask, torch.sigmoid(o) * torch.tanh(c), 0.0)
         steps.append(h)
     if T == 0:
         return gx.new_zeros((H, B, 0, 2, n))

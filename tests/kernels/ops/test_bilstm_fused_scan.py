@@ -147,6 +147,44 @@ def test_torch_backend_is_differentiable_and_auto_picks_it():
         bilstm_fused_scan(*(t.float() for t in args), hs, backend="cpp")
 
 
+def test_gradient_path_ignores_padded_units():
+    """The training path (torch.lstm per head) honours hidden_sizes as inference does, whatever the padded weights
+    hold: the same outputs, padded units 0, and the gradients of the differentiable reference (0 on every padded
+    weight) under a random upstream gradient (before, it ran the padded units and sent gradient into them)."""
+    H, B, T, d, n = 2, 3, 5, 4, 6
+    hs = torch.tensor([[6, 2], [0, 4]])
+    x, w_ih, bias, w_hh = make_inputs(H, B, T, d, n, seed=8)
+    up = torch.randn(H, B, T, 2, n, generator=torch.Generator().manual_seed(9))
+    grads = []
+    for impl in (far_kernels.ops.bilstm_fused_scan.bilstm_fused_scan_autograd, bilstm_fused_scan_ref):
+        args = [t.clone().requires_grad_(True) for t in (x, w_ih, bias, w_hh)]
+        out = impl(*args, hs)
+        (out * up).sum().backward()
+        grads.append((out.detach(), [a.grad for a in args]))
+    (o_lstm, g_lstm), (o_ref, g_ref) = grads
+    torch.testing.assert_close(o_lstm, o_ref, rtol=0, atol=1e-6)
+    assert (o_lstm[1, :, :, 0, 2:] == 0).all() and (o_lstm[0, :, :, 1] == 0).all()
+    for name, a, b in zip(("x", "w_ih", "bias", "w_hh"), g_lstm, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert (g_lstm[1][0, 1] == 0).all() and (g_lstm[2][0, 1] == 0).all()  # head 0 backward: no unit
+    rows = torch.cat([torch.arange(q * n + 2, (q + 1) * n) for q in range(4)])  # head 1 forward keeps 2 units
+    assert (g_lstm[1][1, 0][rows] == 0).all() and (g_lstm[3][1, 0][:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_weights_of_another_dtype_are_cast_to_x(backend):
+    """fp16/fp32/fp64 mixes: every backend casts the weights to x's dtype (cpp ran them, torch and triton
+    raised from inside baddbmm)."""
+    require_backend(backend)
+    x, w_ih, bias, w_hh = make_inputs(2, 2, 4, 4, 8, seed=10)
+    hs = [[8, 5], [3, 8]]
+    for mixed in ((x, w_ih.bfloat16(), bias, w_hh), (x, w_ih, bias.double(), w_hh.half())):
+        same = (x,) + tuple(t.to(x.dtype) for t in mixed[1:])
+        out = bilstm_fused_scan(*mixed, hs, backend=backend)
+        assert out.dtype == x.dtype
+        assert torch.equal(out, bilstm_fused_scan(*same, hs, backend=backend))
+
+
 @pytest.mark.parametrize(
     "mutate,exc,match",
     [

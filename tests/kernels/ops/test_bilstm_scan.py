@@ -4,7 +4,7 @@ import torch
 
 import far_kernels
 from far_kernels import BackendUnavailable, bilstm_scan, bilstm_scan_ref
-from conftest import assert_close_derived, cpu_backends, per_head_lstm, require_backend
+from conftest import assert_close_derived, assert_same_rounding, cpu_backends, per_head_lstm, require_backend
 
 # (H, B, T, n, hidden sizes [2, H]) with awkward sizes: T = 1, 50, 197; B = 1, 3, 17; pruned 37 and 0
 GRID = [
@@ -61,6 +61,8 @@ def test_backend_matches_reference(backend, dtype, H, B, T, n, hs):
     res = bilstm_scan(gx, w, hs_t, backend=backend, out=out)
     assert res.data_ptr() == out.data_ptr() and res.dtype == dtype
     assert_close_derived(out, ref64, out_pt, f"{backend}/{dtype}")
+    if dtype != torch.float32:  # 16-bit: fp32 math rounded once (no operand rounded inside the recurrence)
+        assert_same_rounding(out, out_pt, f"{backend}/{dtype}")
     for d in (0, 1):
         for h in range(H):
             assert (out[h, :, :, d, hs[d][h]:] == 0).all(), "pruned units must be written as 0"
@@ -87,6 +89,26 @@ def test_nan_input_propagates(backend):
     gx[0, 0, 2, 0, 0] = float("nan")
     out = bilstm_scan(gx, w, torch.full((2, 1), 8), backend=backend)
     assert torch.isnan(out[0, 0, 2:, 0]).any() and torch.isfinite(out[0, 1]).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_padded_units_are_ignored_even_nan(backend):
+    """What padded units hold (their gates, their W_hh rows and columns) is never read: NaN there changes nothing
+    (the torch backend multiplied by a 0/1 mask, and NaN * 0 = NaN poisoned every kept unit)."""
+    require_backend(backend)
+    gx, w = make_inputs(2, 3, 6, 8, seed=6)
+    hs = [[8, 3], [5, 0]]  # a list, as bilstm_scan takes (the reference took tensors only)
+    clean = bilstm_scan_ref(gx, w, torch.tensor(hs))
+    gx_bad, w_bad = gx.clone(), w.clone()
+    for head, dr, k in ((1, 0, 3), (0, 1, 5), (1, 1, 0)):
+        for q in range(4):
+            gx_bad[head, :, :, dr, q * 8 + k:(q + 1) * 8] = float("nan")
+            w_bad[head, dr, q * 8 + k:(q + 1) * 8] = float("nan")
+        w_bad[head, dr, :, k:] = float("nan")
+    assert torch.equal(bilstm_scan_ref(gx_bad, w_bad, hs), clean)
+    out = bilstm_scan(gx_bad, w_bad, hs, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, clean, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
