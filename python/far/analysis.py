@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from far.data import iterate_batches
 from far.errors import ConfigError, DataError
 from far.fidelity import block_fidelity, head_cos_line
+from far.models.factory import check_input, check_labels
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.utils.env import model_device
 from far.utils.fs import atomic_write
@@ -262,6 +263,10 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
     "outside_mixers": {...}, "maps": {"images", "tokens", "heads", "blocks": [{"block", "heads": [{"head",
     pair: {"row_cos", "pearson"}}]}], "arrays": {"attention" | "jacobian_attention" | "jacobian_far":
     numpy [L, images, H, T, T]}} or None}. Only "maps"/"arrays" is not JSON (format_json drops it)."""
+    if student is teacher:  # replacing a model's mixers by its own would hook them into themselves
+        import copy
+
+        student = copy.deepcopy(student)
     t_mix, s_mix = _check_pair(teacher, student)
     parts = tuple(parts)
     for part in parts:
@@ -288,6 +293,8 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
     try:
         first, have = [], 0  # the first map_images images, from as many batches as that takes
         for x, y in iterate_batches(data, batch_size, device=device):
+            check_input(teacher, x.shape, "the data")
+            check_labels(teacher, y, "the data")
             x = x.to(dtype)
             if have < map_images:
                 first.append(x[:map_images - have].clone())

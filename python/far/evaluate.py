@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -38,9 +39,13 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
     counts are summed; speeds are per process.
     Returns {"num_images", "correct", "accuracy", "images_per_s" (model time, first batch excluded as
     warm-up unless it is the only one; CUDA synchronized), "end_to_end_images_per_s", "batches",
-    "seconds", "warmup_excluded"[, "logits"]}."""
+    "seconds", "warmup_excluded", "nonfinite" (images whose logits hold NaN/inf: counted as errors, with a
+    warning)[, "logits"]}."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(model, "num_classes", None) == 0:  # its "logits" are pooled features
+        raise ConfigError("the model has no classifier (num_classes 0): there is no top-1 to measure; compare "
+                          "features with far.analyze / far.fidelity, or give it a head (far finetune)")
     device = model_device(model, device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
@@ -48,6 +53,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
     dtype = _param_dtype(model)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad_labels = torch.zeros((), dtype=torch.int64, device=device)  # outside [0, classes): checked once, at the end
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # images with a NaN/inf logit: counted wrong
     seen, timed_images, e2e_images = 0, 0, 0
     model_time = Stopwatch(device)
     logits_all = []
@@ -69,7 +75,9 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
                 warm = model_time.seconds
                 with model_time:
                     logits = model(x)
-                    correct += (logits.argmax(dim=-1) == y).sum()
+                    finite = torch.isfinite(logits).all(dim=-1)  # a NaN row's argmax is a class, not an answer
+                    correct += ((logits.argmax(dim=-1) == y) & finite).sum()
+                    nonfinite += (~finite).sum()
                     bad_labels += ((y < 0) | (y >= logits.shape[-1])).sum()
                 if i == 0:  # warm-up: not timed
                     model_time.seconds = warm
@@ -88,15 +96,18 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
             bar.close()
         model.train(was_training)
     t_end = time.perf_counter()
-    total = torch.tensor([int(correct), seen], dtype=torch.float64, device=device)
+    total = torch.tensor([int(correct), seen, int(nonfinite)], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    n_correct, n_seen = int(total[0]), int(total[1])
+    n_correct, n_seen, n_nonfinite = int(total[0]), int(total[1]), int(total[2])
     if n_seen == 0:
         raise DataError("the dataset is empty")
     if int(bad_labels):
         raise DataError(f"{int(bad_labels)} label(s) outside the model's {logits.shape[-1]} classes [0, "
                         f"{logits.shape[-1] - 1}]: top-1 would count them as errors")
+    if n_nonfinite:
+        warnings.warn(f"{n_nonfinite} of {n_seen} images gave non-finite (NaN/inf) logits: counted as errors "
+                      "(a diverged or overflowing model? try float32)", stacklevel=2)
     if timed_images == 0:  # one batch only: nothing left after warm-up, report it (warm-up included)
         ips = e2e_ips = seen / max(t_end - t_all, 1e-9)
     else:
@@ -104,7 +115,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
         e2e_ips = e2e_images / max(t_end - e2e_start, 1e-9)
     res = {"num_images": n_seen, "correct": n_correct, "accuracy": n_correct / n_seen, "images_per_s": ips,
            "end_to_end_images_per_s": e2e_ips, "batches": num_batches(data, batch_size), "seconds": t_end - t_all,
-           "warmup_excluded": timed_images > 0}
+           "warmup_excluded": timed_images > 0, "nonfinite": n_nonfinite}
     if keep_logits:
         res["logits"] = torch.cat(logits_all) if logits_all else torch.zeros(0)
     return res

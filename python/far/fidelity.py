@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from far.data import iterate_batches
 from far.errors import ConfigError, DataError
+from far.models.factory import check_input, check_labels
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.utils.env import model_device
 
@@ -95,6 +96,8 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
     try:
         with MixerTaps(teacher) as t_taps, MixerTaps(student, inputs=False) as s_taps:
             for x, y in iterate_batches(data, batch_size, device=device):
+                check_input(teacher, x.shape, "the data")
+                check_labels(teacher, y, "the data")
                 x = x.to(dtype)
                 t_logits = teacher(x)
                 t_in, t_out = t_taps.take()

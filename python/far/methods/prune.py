@@ -534,8 +534,11 @@ def lstm_param_count(model: nn.Module) -> Tuple[int, int]:
 
 
 # ---------------------------------------------------------------- the method
+DEFAULT_PRUNE_RATIO = 0.3  # prune()'s ratio when neither a threshold nor a budget is given
+
+
 def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[TrainConfig] = None,
-          hoyer: float = 1e-3, prune_ratio: Optional[float] = 0.3, threshold: Optional[float] = None,
+          hoyer: float = 1e-3, prune_ratio: Optional[float] = None, threshold: Optional[float] = None,
           budget=None, align: int = 1, balance: bool = False, rounds: int = 1, hoyer_scope: str = "block",
           groups: str = "far", min_units: int = 0, keep_heads: bool = False,
           finetune_epochs: float = 1.0, finetune_lr: float = 2e-4, device: Optional[str] = None,
@@ -545,7 +548,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
 
     Steps: Hoyer-regularized training (config.epochs at config.lr; 0 epochs skips it) -> one global
     threshold (`threshold`, or the one that removes `prune_ratio` of all unit groups, or the weakest one
-    that meets `budget`: a Budget or its 'KIND=VALUE' text) -> masked fine-tune (finetune_epochs at
+    that meets `budget`: a Budget or its 'KIND=VALUE' text; give one of the three, none means
+    prune_ratio=DEFAULT_PRUNE_RATIO, 0.3) -> masked fine-tune (finetune_epochs at
     finetune_lr; 0 skips it) -> compaction (kept units only). align: with a budget, round every (head,
     direction) down to a multiple of this many units (array_units(budget): whole crossbar column blocks);
     balance: rank groups by their norm relative to their block's (plan_budget). min_units: every (head,
@@ -574,10 +578,18 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     check_min_units(min_units, align)
     if not isinstance(keep_heads, bool):
         raise ConfigError(f"keep_heads must be True or False, got {keep_heads!r}")
-    if budget is not None:
-        if threshold is not None:
-            raise ConfigError("give one of a budget and a threshold, not both")
-        prune_ratio = None
+    if sum(v is not None for v in (budget, threshold, prune_ratio)) > 1:
+        raise ConfigError("give one of prune_ratio, threshold and budget")
+    if budget is None and threshold is None and prune_ratio is None:
+        prune_ratio = DEFAULT_PRUNE_RATIO
+    for name, v in (("hoyer", hoyer), ("finetune_epochs", finetune_epochs), ("finetune_lr", finetune_lr),
+                    ("threshold", threshold), ("prune_ratio", prune_ratio)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ConfigError(f"{name} must be a finite number, got {v!r}")
+    if threshold is not None and threshold < 0:
+        raise ConfigError(f"threshold must be >= 0, got {threshold}")
+    if prune_ratio is not None and not 0 <= prune_ratio < 1:
+        raise ConfigError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds must be an int >= 1, got {rounds!r}")
     if rounds > 1 and threshold is not None:

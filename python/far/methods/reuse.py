@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from far.data import iterate_batches
 from far.errors import ConfigError
 from far.evaluate import accuracy
+from far.models.factory import check_input
 from far.imc.cost import HardwareSpec, model_cost
 from far.methods.distill import kd_loss, relative_mse
 from far.models import far_modules
@@ -53,6 +55,7 @@ def attention_similarity(model: nn.Module, data, batch_size: int = 256, limit: O
             for x, _ in iterate_batches(data, batch_size, device=device):
                 if limit is not None and count >= limit:
                     break
+                check_input(model, x.shape, "train_data")
                 model(x.to(next(model.parameters()).dtype))
                 outs = [o.double() for o in taps.take()[2]]
                 for i in range(L):
@@ -192,6 +195,7 @@ def fit_transforms(student: nn.Module, teacher: nn.Module, data, limit: int = 51
         for x, _ in iterate_batches(data, 256, device=dev):
             if count >= limit:
                 break
+            check_input(teacher, x.shape, "train_data")
             teacher(x)
             outs = taps.take()[2]
             for i, j in pairs:
@@ -258,6 +262,18 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
     if (plan is None) == (latency_budget_us is None):
         raise ConfigError("give exactly one of plan= and latency_budget_us=")
+    for name, v, low, strict in (("stage2_epochs", stage2_epochs, 0, False), ("stage2_lr", stage2_lr, 0, False),
+                                 ("ce_weight", ce_weight, 0, False), ("kd_weight", kd_weight, 0, False),
+                                 ("kd_temperature", kd_temperature, 0, True), ("ridge", ridge, 0, False),
+                                 ("latency_budget_us", latency_budget_us, 0, True)):
+        if v is None and name == "latency_budget_us":
+            continue
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and \
+            (v > low if strict else v >= low)
+        if not ok:
+            raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {v!r}")
+    if plan is not None and (not isinstance(plan, dict) or not plan):
+        raise ConfigError(f"plan must be a non-empty {{block: source block}} dict, got {plan!r}")
     if far_modules(teacher) or reuse_plan(teacher):
         raise ConfigError("the teacher must be a plain attention model (no FAR blocks, no reuse)")
     d = setup_distributed(device)

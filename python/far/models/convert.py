@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import far_kernels
+from far.checkpoint import ARCH_LIMITS
 from far.errors import ConfigError
 from far.nn import FARAttention
 
@@ -187,9 +188,26 @@ def convert(
         raise ConfigError(f"{type(model).__name__} has no timm Attention module to convert "
                          "(already converted, or not a timm ViT)")
     if hidden_sizes is not None and not isinstance(hidden_sizes, int):
+        if not isinstance(hidden_sizes, (list, tuple)):
+            raise ConfigError(f"hidden_sizes must be an int, a list of one per converted block (ints or [2, H] "
+                              f"nested lists) or None, got {type(hidden_sizes).__name__} {hidden_sizes!r}")
         if len(hidden_sizes) != len(targets):
             raise ConfigError(f"hidden_sizes has {len(hidden_sizes)} entries but {len(targets)} attention "
                               "block(s) are converted")
+    # every size checked before the first block is converted (an error half-way left a half-converted model)
+    lo, hi = ARCH_LIMITS["hidden_size"]
+    for idx, hs in enumerate([hidden_sizes] if hidden_sizes is None or isinstance(hidden_sizes, int)
+                             else hidden_sizes):
+        if hs is None:
+            continue
+        try:
+            t = torch.as_tensor(hs)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"hidden_sizes entry {idx}: {hs!r} is not a number or a [2, H] table ({e})") from None
+        if t.dtype == torch.bool or t.is_complex() or (t.is_floating_point() and not bool((t == t.round()).all())):
+            raise ConfigError(f"hidden_sizes entry {idx}: units must be whole numbers, got {hs!r}")
+        if t.numel() and not bool(((t >= lo) & (t <= hi)).all()):
+            raise ConfigError(f"hidden_sizes entry {idx}: units must lie in [{lo}, {hi}], got {hs!r}")
     report = ConversionReport()
     for idx, (name, attn) in enumerate(targets):
         if getattr(attn, "gate", None) is not None:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 import far_kernels
 from far import checkpoint
-from far.errors import ConfigError, FarError
+from far.errors import ConfigError, DataError, FarError
 from far.models import arch as archs
 from far.models import registry  # noqa: F401 - registers the fmnist_* architectures with timm
 from far.models.convert import convert, far_modules, set_backend, set_storage
@@ -100,6 +100,15 @@ def check_input(model: nn.Module, shape, what: str = "the data", hint: Optional[
                           f"{want[1]}x{want[2]}x{want[0]} "
                           "(its img_size and in_chans); " + (hint or "load the data with far.data.make_dataset(..., "
                           "far.models.data_config(model)) or build the model with img_size / in_chans that fit"))
+
+
+def check_labels(model: nn.Module, y: torch.Tensor, what: str = "the data") -> None:
+    """DataError if an integer label of `y` is at or beyond `model`'s num_classes (labels < 0 mark unlabeled
+    images and pass; so does a model without a classifier or soft float targets)."""
+    classes = getattr(unwrap(model), "num_classes", None)
+    if isinstance(classes, int) and classes > 0 and not y.is_floating_point() and bool((y >= classes).any()):
+        raise DataError(f"{what}: label {int(y.max())} is outside the model's {classes} classes "
+                        f"[0, {classes - 1}] (labels < 0 mark unlabeled images)")
 
 
 def is_far(model: nn.Module) -> bool:
@@ -232,15 +241,24 @@ def stored_tensors(model: nn.Module) -> dict:
 
 
 def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
+    emulated = next((name for name, m in model.named_modules() if type(m).__module__.startswith("far.imc.")), None)
+    if emulated is not None:
+        raise ConfigError(f"cannot save an emulated model (far.imc.emulate put '{emulated or '<root>'}' on "
+                          "crossbars; far.load rebuilds digital models only): save the model before emulating it, "
+                          "and emulate the loaded one")
     arch = getattr(model, "far_arch", None)
-    if arch is None:  # any timm ViT (timm.create_model, VisionTransformer(...)): read from its modules
+    described = arch is None
+    if described:  # any timm ViT (timm.create_model, VisionTransformer(...)): read from its modules
         arch = archs.describe(model)
-        archs.check_rebuilds(model, arch, type(model).__name__)
     if not (isinstance(arch, dict) and isinstance(arch.get("timm_name"), str)
             and isinstance(arch.get("kwargs", {}), dict)):
         raise ConfigError(f"cannot save {type(model).__name__}: its .far_arch is not valid. It must be "
                          "{'timm_name': <timm model name>, 'kwargs': {<timm.create_model kwargs>}} so that far.load "
                          "can rebuild the model (or delete it: far.save reads a timm ViT's architecture itself)")
+    # a recorded .far_arch is checked too: the model may have changed since (e.g. timm's reset_classifier)
+    archs.check_rebuilds(model, {"timm_name": arch["timm_name"], "kwargs": dict(arch.get("kwargs", {}))},
+                         type(model).__name__ + ("" if described else " (from its .far_arch; delete it to have far.save "
+                                                 "read the architecture from the model)"))
     kwargs = dict(arch.get("kwargs", {}))
     problem = checkpoint.json_problem(kwargs, "model.far_arch['kwargs']")
     if problem:
@@ -293,7 +311,16 @@ def save(model: nn.Module, path, metadata: Optional[dict] = None, *, force: bool
     model = unwrap(model)
     path = os.fspath(path)
     config = _config(model, metadata)  # validates before anything touches the disk
-    checkpoint.write(path, stored_tensors(model), config, force=force)
+    tensors = stored_tensors(model)
+    floats = {}
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            floats.setdefault(t.dtype, name)
+    if len(floats) > 1:  # far.load refuses such a file
+        raise ConfigError("cannot save a model of mixed floating dtypes (" + ", ".join(
+            f"{str(d).replace('torch.', '')}: e.g. {n}" for d, n in floats.items()) + "); a far checkpoint stores "
+            "every floating tensor in one dtype: cast the model first, e.g. model.float()")
+    checkpoint.write(path, tensors, config, force=force)
 
 
 # ---- load ----

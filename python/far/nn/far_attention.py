@@ -40,7 +40,10 @@ class RaggedParams(nn.Module):
 def _as_hidden_sizes(hidden_sizes, num_heads: int, head_dim: int) -> torch.Tensor:
     if hidden_sizes is None:
         return torch.full((2, num_heads), head_dim, dtype=torch.int64)
-    hs = torch.as_tensor(hidden_sizes, dtype=torch.int64).cpu()
+    raw = torch.as_tensor(hidden_sizes)
+    if raw.dtype == torch.bool or raw.is_complex() or (raw.is_floating_point() and not bool((raw == raw.round()).all())):
+        raise ValueError(f"hidden_sizes must be whole numbers of units, got {raw.tolist()}")  # 2.7 became 2
+    hs = raw.to(torch.int64).cpu()
     if hs.dim() == 0:
         hs = hs.expand(2, num_heads)
     if tuple(hs.shape) != (2, num_heads):

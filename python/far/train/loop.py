@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from far.errors import CheckpointError, ConfigError
 from far.evaluate import accuracy
+from far.models.factory import check_input, check_labels
 from far.utils.env import device_name
 from far.utils.fs import append_jsonl, atomic_write
 from far.utils.plot import pyplot, save_figure
@@ -95,6 +96,11 @@ class TrainConfig:
     weight_noise_on: str = "w_ih"
 
     def validate(self) -> "TrainConfig":
+        numbers = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), float)}
+        bad = [f"{k}={v}" for k, v in numbers.items() if not math.isfinite(v)]
+        if bad:  # nan passes every comparison below as False, inf most as True
+            raise ConfigError(f"training settings must be finite numbers, got {', '.join(bad)}")
         checks = [
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
@@ -163,7 +169,12 @@ def setup_distributed(device: Optional[str] = None) -> Dist:
     if device is None or device == "auto":
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"device {device!r}: {e}") from None
+        if dev.type not in ("cpu", "cuda"):  # before any model moves there (meta would drop its weights)
+            raise ConfigError(f"device must be cpu or cuda[:N] (or None/'auto'), got {device!r}")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local}")
     if dev.type == "cuda":
@@ -693,6 +704,9 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     data = TrainData(train_set, cfg.batch_size, d, cfg.seed, cfg.augment, cfg.workers,
                      rand_augment=cfg.rand_augment, reprob=cfg.reprob, repeated_aug=cfg.repeated_aug)
     mix = make_mixup(cfg, getattr(task.evaluated(), "num_classes", None))
+    param = next(model.parameters(), None)
+    x_dtype = param.dtype if param is not None and param.is_floating_point() else None  # as far.evaluate casts
+    checked_input = False
     peak_lr = effective_lr(cfg.lr, cfg, d.world)
     min_lr = min(cfg.min_lr, peak_lr)
     spe = data.steps_per_epoch
@@ -762,6 +776,12 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
         for x, y in data.epoch(epoch, start):
             torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
             lr = lr_at(step, total, warmup, peak_lr, min_lr)
+            if not checked_input:  # images that do not fit: the clear error, not a conv's shape error
+                check_input(task.evaluated(), x.shape, "the training data")
+                checked_input = True
+            if x_dtype is not None and x.is_floating_point() and x.dtype != x_dtype:
+                x = x.to(x_dtype)  # a bf16 / float64 model takes its own dtype
+            check_labels(task.evaluated(), y, f"{desc}, step {step}")
             if mix is not None:
                 x, y = apply_mixup(mix, x, y, _step_seed(cfg.seed, step, d.rank) + 3)
             for g in opt.param_groups:
