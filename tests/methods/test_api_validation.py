@@ -135,3 +135,12 @@ def test_analyze_a_model_against_itself():
     teacher = tiny(far_model=False)  # replacing its mixers by its own recursed forever
     res = far.analyze(teacher, teacher, data(), map_images=0)
     assert res["agreement"] == 1.0
+
+
+def test_backend_typos_are_refused_when_given_not_at_the_first_forward():
+    from far_kernels import CrossbarConfig
+
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        tiny(backend="nope")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        far.imc.emulate(tiny(), CrossbarConfig(), backend="nope")

@@ -44,9 +44,9 @@ def bilstm_fused_scan_autograd(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.
     B, T, _ = x.shape
     H, _, G, d = w_ih.shape
     n = G // 4
-    keep = torch.arange(n, device=x.device) < torch.as_tensor(hidden_sizes).to(x.device)[..., None]  # [2, H, n]
-    keep = keep.transpose(0, 1)  # [H, 2, n]
-    if not bool(keep.all()):
+    hs = torch.as_tensor(hidden_sizes).cpu()  # decided on the host: no device sync for an unpruned model
+    if not bool((hs >= n).all()):
+        keep = (torch.arange(n) < hs[..., None]).transpose(0, 1).to(x.device)  # [H, 2, n]
         rows = keep.repeat(1, 1, 4)  # [H, 2, 4n]: gate q of unit u at q*n + u
         w_ih = torch.where(rows[..., None], w_ih, 0.0)
         bias = torch.where(rows, bias, 0.0)

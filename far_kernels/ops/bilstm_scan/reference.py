@@ -33,9 +33,9 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
     acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
     g = gx.to(acc)
     w = w_hh.to(acc) if product_dtype is None else w_hh.to(product_dtype).to(acc)
-    units = torch.arange(n, device=gx.device)
-    keep = (units < torch.as_tensor(hidden_sizes).to(gx.device)[..., None]).permute(1, 0, 2)  # [H, 2, n] bool
-    if not bool(keep.all()):  # padded units are ignored, whatever they hold (NaN included): selected away
+    hs = torch.as_tensor(hidden_sizes).cpu()  # decided on the host: no device sync for an unpruned model
+    keep = (torch.arange(n) < hs[..., None]).permute(1, 0, 2).to(gx.device)  # [H, 2, n] bool
+    if not bool((hs >= n).all()):  # padded units are ignored, whatever they hold (NaN included): selected away
         rows = keep.repeat(1, 1, 4)  # [H, 2, 4n]: gate q of unit u at q*n + u
         g = torch.where(rows[:, None, None], g, 0.0)
         w = torch.where(rows[..., None] & keep[:, :, None, :], w, 0.0)

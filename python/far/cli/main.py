@@ -104,8 +104,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:  # main() may run in-process (tests, notebooks): leave torch's threads and process group as found
         torch.set_num_threads(threads)
         from far.train import cleanup_distributed
+        from far.train.loop import clear_before_first_run
 
         cleanup_distributed()
+        clear_before_first_run()  # notes of a run that never started
 
 
 if __name__ == "__main__":

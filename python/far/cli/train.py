@@ -138,16 +138,22 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _warn_before_training(args: argparse.Namespace, cfg: TrainConfig) -> None:
-    """Options that would go unnoticed until the run ends, said once everything else is checked and
-    just before it starts (by the first process of a torchrun only)."""
+    """Options that would go unnoticed until the run ends, said when the first training stage starts, once the
+    method's own checks have passed (a refused run prints its one error line only), by the first process of a
+    torchrun only."""
+    from far.train.loop import before_first_run
+
     if os.environ.get("RANK", "0") != "0":
         return
+    notes = []
     if not getattr(args, "output", None):
-        warn(f"no -o/--output: the trained model will not be saved as a checkpoint (only the resumable training "
-             f"state in --out-dir {cfg.out_dir} is written); give -o FILE to keep it")
+        notes.append(f"no -o/--output: the trained model will not be saved as a checkpoint (only the resumable "
+                     f"training state in --out-dir {cfg.out_dir} is written); give -o FILE to keep it")
     if 0 < cfg.epochs <= cfg.warmup_epochs:
-        warn(f"--warmup-epochs {cfg.warmup_epochs:g} is not below --epochs {cfg.epochs:g}: the learning rate "
-             f"rises for the whole run and never reaches --lr {cfg.lr:g}")
+        notes.append(f"--warmup-epochs {cfg.warmup_epochs:g} is not below --epochs {cfg.epochs:g}: the learning "
+                     f"rate rises for the whole run and never reaches --lr {cfg.lr:g}")
+    if notes:
+        before_first_run(lambda: [warn(n) for n in notes])
 
 
 def datasets(args: argparse.Namespace, model, cfg: TrainConfig, num_classes: Optional[int] = None,

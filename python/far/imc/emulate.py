@@ -177,6 +177,8 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
     if dynamic not in DYNAMIC_MODES:
         raise ValueError(f"dynamic must be one of {', '.join(DYNAMIC_MODES)}, got {dynamic!r}")
     _check_mapping(lstm_mapping)
+    if backend is not None:  # a typo is an error here, not at the first forward
+        far_kernels.dispatch.requested_backend(backend)
     already = [n for n, m in model.named_modules() if isinstance(m, (CrossbarLinear, CrossbarGroupLinear,
                                                                       QuantizedAttention, UnrolledFARAttention))]
     if already:

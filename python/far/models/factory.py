@@ -255,14 +255,16 @@ def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
         raise ConfigError(f"cannot save {type(model).__name__}: its .far_arch is not valid. It must be "
                          "{'timm_name': <timm model name>, 'kwargs': {<timm.create_model kwargs>}} so that far.load "
                          "can rebuild the model (or delete it: far.save reads a timm ViT's architecture itself)")
-    # a recorded .far_arch is checked too: the model may have changed since (e.g. timm's reset_classifier)
-    archs.check_rebuilds(model, {"timm_name": arch["timm_name"], "kwargs": dict(arch.get("kwargs", {}))},
-                         type(model).__name__ + ("" if described else " (from its .far_arch; delete it to have far.save "
-                                                 "read the architecture from the model)"))
     kwargs = dict(arch.get("kwargs", {}))
     problem = checkpoint.json_problem(kwargs, "model.far_arch['kwargs']")
     if problem:
         raise ConfigError(f"cannot save: {problem}; far.load rebuilds the model from these kwargs")
+    # a recorded .far_arch is checked too: the model may have changed since (e.g. timm's reset_classifier);
+    # a reuse (TReX) model is not: its taps on the source blocks are structure the architecture does not describe
+    if described or not reuse_plan(model):
+        archs.check_rebuilds(model, {"timm_name": arch["timm_name"], "kwargs": kwargs},
+                             type(model).__name__ + ("" if described else " (from its .far_arch; delete it to have "
+                                                     "far.save read the architecture from the model)"))
     if metadata is None:
         metadata = getattr(model, "far_metadata", None) or {}
     if not isinstance(metadata, dict):

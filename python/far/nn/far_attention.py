@@ -96,6 +96,8 @@ class FARAttention(nn.Module):
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
         self.hidden_sizes = _as_hidden_sizes(hidden_sizes, num_heads, head_dim)  # CPU int64 [2, H]
+        if backend is not None:  # a typo is an error now, not at the first forward
+            far_kernels.dispatch.requested_backend(backend)
         self.backend = backend
         self.storage = "padded"
         self.pre_proj = nn.Linear(dim, self.attn_dim, **dd)

@@ -688,6 +688,20 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16
 
 
+_BEFORE_FIRST_RUN: List = []  # callables for the next train() to call once its checks have passed
+
+
+def before_first_run(fn) -> None:
+    """Have the next train() call fn() once, after every check before its first step (the method's own checks
+    run before it): how the command line says what a user should know before a run, and nothing when the run
+    is refused instead. clear_before_first_run() drops what was not called."""
+    _BEFORE_FIRST_RUN.append(fn)
+
+
+def clear_before_first_run() -> None:
+    _BEFORE_FIRST_RUN.clear()
+
+
 def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: Optional[dict] = None,
           desc: str = "train") -> TrainResult:
     """Run `task` for cfg.epochs over `train_set`, evaluating on `eval_set` (may be None) after each
@@ -757,6 +771,8 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
             state["scaler"] = scaler.state_dict()
         atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
 
+    while _BEFORE_FIRST_RUN:
+        _BEFORE_FIRST_RUN.pop(0)()
     bar = None
     if d.main and cfg.progress:
         from tqdm import tqdm
