@@ -674,3 +674,10 @@ def test_calibrate_a_far_model_runs():
         assert all(m.adc_range is not None for m in grp.group.members)
     with torch.no_grad():
         assert torch.isfinite(emu(torch.randn(2, 1, 8, 8))).all()
+    # a Dataset of (image, label) is batched (its single images used to reach the model as batches)
+    images = torch.randn(5, 1, 8, 8)
+    again = emulate(model, CrossbarConfig(tile_rows=16, adc_bits=5, adc_range="calibrated", **FAST))
+    by_items = calibrate(again, torch.utils.data.TensorDataset(images, torch.zeros(5, dtype=torch.long)))
+    again2 = emulate(model, CrossbarConfig(tile_rows=16, adc_bits=5, adc_range="calibrated", **FAST))
+    by_batch = calibrate(again2, [images])
+    assert by_items.keys() == by_batch.keys() and all(torch.equal(by_items[k], by_batch[k]) for k in by_items)

@@ -148,6 +148,20 @@ def test_bad_construction():
         far.FARAttention(96, 3, hidden_sizes=[[1, 2], [3, 4]])
     with pytest.raises(ValueError, match=">= 0"):
         far.FARAttention(96, 3, hidden_sizes=[[1, 2, -3], [3, 4, 5]])
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1, got 0"):  # was a ZeroDivisionError
+        far.FARAttention(96, 0)
+    with pytest.raises(ValueError, match="whole numbers of units"):  # 2.7 became 2
+        far.FARAttention(96, 3, hidden_sizes=2.7)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        far.FARAttention(96, 3, backend="nope")
+
+
+def test_no_tokens():
+    m = make_block(96, 3, None, seed=6)
+    assert m(torch.randn(2, 0, 96)).shape == (2, 0, 96)
+    x = torch.randn(2, 0, 96, requires_grad=True)  # the training path (torch.lstm refuses empty sequences)
+    m(x).sum().backward()
+    assert x.grad.shape == (2, 0, 96)
 
 
 def test_training_gradients_and_padding_stay_zero():

@@ -112,6 +112,26 @@ def test_fp16_on_cpu_scales_its_loss_and_resumes_with_the_scale(tmp_path, recwar
     assert_same_tensors(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
 
 
+def test_resume_on_another_training_set_is_refused(tmp_path):
+    """The training set's size is part of a run's identity (it sets the steps and the LR schedule)."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+
+    def images(n):
+        return torch.utils.data.TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+    def run(n, **kw):
+        torch.manual_seed(0)
+        model = far.create_model("fmnist_deit_tiny", far=False, depth=1, embed_dim=16, num_heads=2)
+        cfg = TrainConfig(epochs=1, batch_size=8, progress=False, augment=False, out_dir=str(tmp_path / "r"), **kw)
+        return far.train_classifier(model, images(n), config=cfg).far_run
+
+    assert not run(32, max_steps=1).completed
+    with pytest.raises(TrainError, match="different run.*train_images=32 vs 48"):
+        run(48, resume=True)
+    assert run(32, resume=True).completed
+
+
 def test_new_run_refuses_an_unfinished_runs_state(tmp_path):
     """A run stopped early (or killed) leaves last.pt and metrics.jsonl; a new run in the same folder without
     resume must not silently replace them: refused unless force, which starts over. A finished run's folder

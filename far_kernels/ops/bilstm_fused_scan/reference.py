@@ -44,6 +44,8 @@ def bilstm_fused_scan_autograd(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.
     B, T, _ = x.shape
     H, _, G, d = w_ih.shape
     n = G // 4
+    if T == 0 or B == 0:  # torch.lstm refuses empty sequences; nothing to compute (still part of the graph)
+        return (x.sum() * 0 + w_ih.sum() * 0 + bias.sum() * 0 + w_hh.sum() * 0).expand(H, B, T, 2, n)
     hs = torch.as_tensor(hidden_sizes).cpu()  # decided on the host: no device sync for an unpruned model
     if not bool((hs >= n).all()):
         keep = (torch.arange(n) < hs[..., None]).transpose(0, 1).to(x.device)  # [H, 2, n]

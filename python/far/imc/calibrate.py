@@ -6,12 +6,17 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from far.data import iterate_batches
 from far.imc.emulate import crossbar_attentions, crossbar_groups, crossbar_layers
+
+CALIBRATION_BATCH = 64  # images per batch when calibrate() is given a Dataset
 
 
 def _batches(data, max_batches: Optional[int]) -> Iterable:
     if isinstance(data, torch.Tensor):
         data = [data]
+    elif isinstance(data, torch.utils.data.Dataset):  # (image, label) items: batched here
+        data = (x for x, _ in iterate_batches(data, CALIBRATION_BATCH))
     for i, b in enumerate(data):
         if max_batches is not None and i >= max_batches:
             return
@@ -28,8 +33,8 @@ def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_sli
     """Set the ADC ranges of an emulated model's crossbars from calibration data (for
     adc_range="calibrated"; other configs accept ranges too but do not use them).
 
-    Runs `data` (a tensor batch, or an iterable of tensors or (inputs, labels) batches, e.g. a
-    DataLoader; at most `max_batches`) through the model in eval mode. Every CrossbarLinear records
+    Runs `data` (a tensor batch, an iterable of tensors or (inputs, labels) batches, e.g. a
+    DataLoader, or a Dataset of (image, label), batched CALIBRATION_BATCH at a time; at most `max_batches`) through the model in eval mode. Every CrossbarLinear records
     the largest |partial sum| its reads produced per weight slice (far_kernels.crossbar_partial_sum_absmax)
     while running as an uncalibrated ADC would (range = p_max, i.e. adc_range "max"), so later layers
     see emulated activations. Then each layer gets r = that max (per_slice=True: one r per weight

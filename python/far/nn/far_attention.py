@@ -87,6 +87,9 @@ class FARAttention(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        for name, v in (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"FARAttention: {name} must be an int >= 1, got {v!r}")
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}; pass head_dim")

@@ -565,7 +565,9 @@ def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch
         raise bad("its identity or history is not valid JSON") from None
     if not isinstance(got, dict) or not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
         raise bad("its identity must be a JSON object and its history a list of objects")
-    diff = {k: (got.get(k), v) for k, v in ident.items() if got.get(k) != v}
+    # train_images joined the identity later: a state written before it still resumes
+    diff = {k: (got.get(k), v) for k, v in ident.items() if got.get(k) != v
+            and not (k in OPTIONAL_IDENTITY and k not in got)}
     if diff:
         raise ConfigError(f"--resume: {ckpt} belongs to a different run; differing settings (checkpoint, now): "
                           + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
@@ -688,6 +690,7 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16
 
 
+OPTIONAL_IDENTITY = ("train_images",)  # identity keys a state written by an older version may lack
 _BEFORE_FIRST_RUN: List = []  # callables for the next train() to call once its checks have passed
 
 
@@ -742,6 +745,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     ident = _identity(task, cfg, identity or {})
     ident["world"] = d.world
+    ident["train_images"] = len(train_set)  # another training set changes the steps and the schedule
     amp = _amp_dtype(cfg, d.device)
     # fp16 gradients need loss scaling on any device (a "cuda" scaler on CPU disables itself with a warning)
     scaler = torch.amp.GradScaler(d.device.type) if amp == torch.float16 else None

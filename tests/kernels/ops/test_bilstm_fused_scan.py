@@ -138,6 +138,16 @@ def test_zero_sizes():
         assert bilstm_fused_scan(x, w_ih, bias, w_hh, torch.full((2, 2), 8), backend=backend).shape == (2, 3, 0, 2, 8)
 
 
+def test_zero_sizes_on_the_gradient_path():
+    """torch.lstm refuses an empty sequence: the training path returns the empty result, differentiably."""
+    for B, T in ((2, 0), (0, 5)):
+        args = [t.requires_grad_(True) for t in make_inputs(2, B, T, 4, 8, seed=1)]
+        out = bilstm_fused_scan(*args, torch.full((2, 2), 8))
+        assert out.shape == (2, B, T, 2, 8) and out.requires_grad
+        out.sum().backward()
+        assert all(a.grad is not None and not a.grad.any() for a in args)
+
+
 def test_torch_backend_is_differentiable_and_auto_picks_it():
     args = [t.requires_grad_(True) for t in make_inputs(2, 2, 4, 3, 3, seed=2, dtype=torch.float64)]
     hs = torch.tensor([[3, 2], [1, 3]])
