@@ -1,6 +1,7 @@
 """Multi-head bidirectional LSTM scan over precomputed input gates (the recurrent core of FAR)."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -21,9 +22,28 @@ def bilstm_scan_triton(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch
     return impl(gx, w_hh, hidden_sizes, out)
 
 
+TRITON_MAX_UNITS = 64  # kept units per (head, direction) the compiled triton kernel holds on chip
+
+
+def triton_units_limit(hidden_sizes: torch.Tensor, device: torch.device) -> Optional[str]:
+    """None if the compiled triton scan can hold these hidden sizes, else why not. Above 64 units the padded
+    W_hh tile outgrows an SM: compiled ahead of time for sm_90 (bench/triton_scan_resources.py), 128 padded
+    units ask for 272,384 B (bf16) / 278,528 B (fp32) of dynamic shared memory, an H100 block gets at most
+    232,448 B. The interpreter (CPU) has no such limit."""
+    if torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    kmax = int(hidden_sizes.max()) if hidden_sizes.numel() else 0
+    if kmax > TRITON_MAX_UNITS:
+        return (f"the triton scan holds W_hh on chip for at most {TRITON_MAX_UNITS} units per head and direction "
+                f"(this call keeps {kmax}: its tile would need > 227 KiB of shared memory); the cuda backend "
+                "takes wider heads")
+    return None
+
+
 OP = dispatch.Op(
     "bilstm_scan",
     {"torch": bilstm_scan_ref, "cpp": bilstm_scan_cpp, "cuda": bilstm_scan_cuda, "triton": bilstm_scan_triton},
+    limits={"triton": lambda gx, w_hh, hidden_sizes, *_: triton_units_limit(hidden_sizes, gx.device)},
 )
 
 

@@ -304,4 +304,8 @@ def triton_unsupported(call: CrossbarCall) -> Optional[str]:
                 f"{acc_bound(call)} >= 2^31); use backend='torch'")
     if call.cfg.read_noise > 0 and call.x2d.shape[0] * call.prog.N >= INT32:
         return "read noise needs M * N < 2^31 (counter-based RNG offsets); use backend='torch' or split x"
+    M, N, K, S = call.x2d.shape[0], call.prog.N, call.prog.K, call.cfg.n_weight_slices
+    if max(M * max(call.x2d.stride(0), K), M * N, S * N * K) >= INT32:
+        return ("the kernel addresses x, y and the levels with int32 offsets, which M, N, K overflow (M*K, M*N or "
+                "S*N*K >= 2^31); use backend='torch' or split x")
     return None

@@ -222,3 +222,18 @@ def test_cuda_backend_matches_reference(dtype, H, B, T, n, hs):
     torch.cuda.synchronize()
     # the CUDA kernel uses __expf (fast-math) : allow that on top of the derived bound
     assert_close_derived(out.cpu(), ref64, out_pt, f"cuda/{dtype}", tiny=1e-5)
+
+
+def test_triton_refuses_heads_wider_than_it_holds_on_chip(monkeypatch):
+    """Compiled for sm_90, 128 padded units need 272 KB of shared memory (an H100 block gets 227 KiB): above 64
+    kept units the compiled triton scan is unavailable with the reason (auto goes on to another backend); the
+    interpreter and CPU devices are not limited."""
+    from far_kernels.ops.bilstm_scan import TRITON_MAX_UNITS, triton_units_limit
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    wide = torch.tensor([[TRITON_MAX_UNITS + 1, 3], [0, 8]])
+    assert "at most 64 units" in triton_units_limit(wide, torch.device("cuda"))
+    assert triton_units_limit(torch.tensor([[64, 3], [0, 64]]), torch.device("cuda")) is None
+    assert triton_units_limit(wide, torch.device("cpu")) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_units_limit(wide, torch.device("cuda")) is None

@@ -182,6 +182,22 @@ def test_triton_refuses_configs_that_overflow_int32():
     assert crossbar_matmul(x, w, cfg).shape == (2, 3)  # auto picks a backend that can
 
 
+
+def test_triton_refuses_shapes_beyond_int32_offsets():
+    """M*K, M*N or S*N*K >= 2^31 would overflow the kernel's int32 address arithmetic (shapes on the meta
+    device: nothing that large is allocated)."""
+    import dataclasses
+
+    from far_kernels.ops.crossbar_matmul.program import triton_unsupported
+
+    x, w = make_xw(2, 40, 3, seed=8)
+    call = prepare_call(x, program_crossbar(w, CrossbarConfig()), consume_read=False)
+    assert triton_unsupported(call) is None
+    big = dataclasses.replace(call, x2d=torch.empty(2 ** 26, 40, device="meta"))  # M*K = 2.7e9
+    assert "int32 offsets" in triton_unsupported(big)
+    assert triton_unsupported(dataclasses.replace(call, x2d=torch.empty(2 ** 24, 40, device="meta"))) is None
+
+
 # ---- ties: inputs built to land exactly on half steps, on every backend (random data almost never does) ----
 TIE_BACKENDS = ["torch", "reference", pytest.param("triton", marks=needs_interpreter),
                 pytest.param("cpp", marks=pytest.mark.skipif(OP.reason("cpp", "cpu") is not None,
