@@ -144,3 +144,17 @@ def test_backend_typos_are_refused_when_given_not_at_the_first_forward():
         tiny(backend="nope")
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         far.imc.emulate(tiny(), CrossbarConfig(), backend="nope")
+
+
+def test_empty_blocks_and_depth_0_say_which():
+    with pytest.raises(ConfigError, match="blocks is empty"):
+        far.create_model("fmnist_deit_tiny", blocks=[])
+    with pytest.raises(ConfigError, match="no blocks: depth 0"):
+        far.create_model("fmnist_deit_tiny", depth=0)
+
+
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        far.train_classifier(tiny(far_model=False), data(), config=TrainConfig(out_dir=str(tmp_path / "f")))
+    assert (tmp_path / "f").read_text() == "x"

@@ -122,6 +122,8 @@ def _targets(model: nn.Module, blocks) -> list:
         return every
     if isinstance(blocks, (str, int)):
         raise ConfigError(f"blocks must be a list of block indices or attention names, got {blocks!r}")
+    if not len(blocks):
+        raise ConfigError("blocks is empty: name at least one block to convert (None converts every one)")
     by_name = dict(every)
     seq = getattr(model, "blocks", None)
     out, seen = [], set()
@@ -185,8 +187,10 @@ def convert(
         raise ConfigError(f"pre_proj_init must be 'v' (from the value projection) or 'random', got {mode!r}")
     targets = _targets(model, blocks)
     if not targets:
+        depth = len(getattr(model, "blocks", ()) or ())
         raise ConfigError(f"{type(model).__name__} has no timm Attention module to convert "
-                         "(already converted, or not a timm ViT)")
+                          + ("(it has no blocks: depth 0)" if hasattr(model, "blocks") and depth == 0 else
+                             "(already converted, or not a timm ViT)"))
     if hidden_sizes is not None and not isinstance(hidden_sizes, int):
         if not isinstance(hidden_sizes, (list, tuple)):
             raise ConfigError(f"hidden_sizes must be an int, a list of one per converted block (ints or [2, H] "

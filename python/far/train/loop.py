@@ -119,6 +119,8 @@ class TrainConfig:
             (self.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto/bf16/fp16/off, got {self.amp!r}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (not self.resume or self.out_dir is not None, "resume needs an out_dir (the run folder to resume)"),
+            (self.out_dir is None or not os.path.exists(self.out_dir) or os.path.isdir(self.out_dir),
+             f"out_dir {self.out_dir} exists and is not a folder (the run folder holds last.pt, metrics.jsonl)"),
             (self.mixup >= 0 and self.cutmix >= 0, f"mixup/cutmix alphas must be >= 0, got {self.mixup}/{self.cutmix}"),
             (self.mixup + self.cutmix == 0 or self.batch_size % 2 == 0,
              f"mixup/cutmix pair images within a batch: the batch size must be even, got {self.batch_size}"),
