@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from far_kernels.ops.bilstm_scan.reference import bilstm_scan_ref
+from far_kernels.ops.bilstm_scan.reference import bilstm_scan_ref, padded_masks
 
 
 def input_gates_ref(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -46,10 +46,9 @@ def bilstm_fused_scan_autograd(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.
     n = G // 4
     if T == 0 or B == 0:  # torch.lstm refuses empty sequences; nothing to compute (still part of the graph)
         return (x.sum() * 0 + w_ih.sum() * 0 + bias.sum() * 0 + w_hh.sum() * 0).expand(H, B, T, 2, n)
-    hs = torch.as_tensor(hidden_sizes).cpu()  # decided on the host: no device sync for an unpruned model
-    if not bool((hs >= n).all()):
-        keep = (torch.arange(n) < hs[..., None]).transpose(0, 1).to(x.device)  # [H, 2, n]
-        rows = keep.repeat(1, 1, 4)  # [H, 2, 4n]: gate q of unit u at q*n + u
+    masks = padded_masks(hidden_sizes, n, x.device)
+    if masks is not None:
+        keep, rows = masks
         w_ih = torch.where(rows[..., None], w_ih, 0.0)
         bias = torch.where(rows, bias, 0.0)
         w_hh = torch.where(rows[..., None] & keep[:, :, None, :], w_hh, 0.0)

@@ -10,6 +10,17 @@ from typing import Optional
 import torch
 
 
+def padded_masks(hidden_sizes, n: int, device) -> Optional[tuple]:
+    """None when every (head, direction) keeps all n units, else (keep [H, 2, n], rows [H, 2, 4n]) bool masks
+    of the kept units and of their gate rows (gate q of unit u at q*n + u), on `device`. Decided on the host:
+    no device sync."""
+    hs = torch.as_tensor(hidden_sizes).cpu()
+    if bool((hs >= n).all()):
+        return None
+    keep = (torch.arange(n) < hs[..., None]).transpose(0, 1).to(device)
+    return keep, keep.repeat(1, 1, 4)
+
+
 def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Tensor,
                     product_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Run H independent bidirectional LSTMs (zero initial state) over precomputed input gates.
@@ -33,13 +44,13 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
     acc = torch.float64 if gx.dtype == torch.float64 else torch.float32
     g = gx.to(acc)
     w = w_hh.to(acc) if product_dtype is None else w_hh.to(product_dtype).to(acc)
-    hs = torch.as_tensor(hidden_sizes).cpu()  # decided on the host: no device sync for an unpruned model
-    keep = (torch.arange(n) < hs[..., None]).permute(1, 0, 2).to(gx.device)  # [H, 2, n] bool
-    if not bool((hs >= n).all()):  # padded units are ignored, whatever they hold (NaN included): selected away
-        rows = keep.repeat(1, 1, 4)  # [H, 2, 4n]: gate q of unit u at q*n + u
+    masks = padded_masks(hidden_sizes, n, gx.device)
+    mask = None
+    if masks is not None:  # padded units are ignored, whatever they hold (NaN included): selected away
+        keep, rows = masks
         g = torch.where(rows[:, None, None], g, 0.0)
         w = torch.where(rows[..., None] & keep[:, :, None, :], w, 0.0)
-    mask = keep.unsqueeze(1)  # [H, 1, 2, n]
+        mask = keep.unsqueeze(1)  # [H, 1, 2, n]
     h = gx.new_zeros((H, B, 2, n), dtype=acc)
     c = torch.zeros_like(h)
     steps = []
@@ -48,8 +59,10 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
         hp = h if product_dtype is None else h.to(product_dtype).to(acc)
         gates = x_t + torch.einsum("hbdk,hdjk->hbdj", hp, w)
         i, f, z, o = gates.chunk(4, dim=-1)
-        c = torch.where(mask, torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z), 0.0)
-        h = torch.where(mask, torch.sigmoid(o) * torch.tanh(c), 0.0)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(z)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if mask is not None:
+            c, h = torch.where(mask, c, 0.0), torch.where(mask, h, 0.0)
         steps.append(h)
     if T == 0:
         return gx.new_zeros((H, B, 0, 2, n))

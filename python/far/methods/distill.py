@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import inspect
 import os
 from typing import Dict, List, Optional
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from far.errors import ConfigError
+from far.utils.checks import finite_number
 from far.evaluate import accuracy
 from far.fidelity import block_fidelity
 from far.methods.recipes import STAGE1_LR
@@ -349,12 +349,10 @@ class DistillSettings:
         block_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), self.block_loss)
         for name in ("joint_epochs", "stage2_epochs", "stage2_lr", "ce_weight", "block_weight", "kd_weight",
                      "stage2_block_weight"):
-            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):  # nan, inf refused too
-                raise ConfigError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {getattr(self, name)}")
-        if not (self.kd_temperature > 0 and math.isfinite(self.kd_temperature)):
-            raise ConfigError(f"kd temperature must be > 0, got {self.kd_temperature}")
-        if self.joint_lr is not None and not (self.joint_lr > 0 and math.isfinite(self.joint_lr)):
-            raise ConfigError(f"joint lr must be > 0, got {self.joint_lr}")
+            finite_number(name.replace("_", " "), getattr(self, name), low=0)
+        finite_number("kd temperature", self.kd_temperature, low=0, strict=True)
+        if self.joint_lr is not None:
+            finite_number("joint lr", self.joint_lr, low=0, strict=True)
         if stage1_epochs == 0 and self.joint_epochs == 0 and self.stage2_epochs == 0:
             raise ConfigError("every stage has 0 epochs: nothing to train")
         ce = self.ce_weight if self.labels else 0.0

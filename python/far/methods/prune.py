@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from far.errors import ConfigError
+from far.utils.checks import finite_number
 from far.evaluate import accuracy
 from far.models import far_modules, load, save, set_storage
 from far.nn import FARAttention
@@ -584,8 +585,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         prune_ratio = DEFAULT_PRUNE_RATIO
     for name, v in (("hoyer", hoyer), ("finetune_epochs", finetune_epochs), ("finetune_lr", finetune_lr),
                     ("threshold", threshold), ("prune_ratio", prune_ratio)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        if v is not None:
+            finite_number(name, v)
     if threshold is not None and threshold < 0:
         raise ConfigError(f"threshold must be >= 0, got {threshold}")
     if prune_ratio is not None and not 0 <= prune_ratio < 1:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from typing import Dict, List, Optional
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from far.data import iterate_batches
 from far.errors import ConfigError
+from far.utils.checks import finite_number
 from far.evaluate import accuracy
 from far.models.factory import check_input
 from far.imc.cost import HardwareSpec, model_cost
@@ -262,16 +262,12 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
     if (plan is None) == (latency_budget_us is None):
         raise ConfigError("give exactly one of plan= and latency_budget_us=")
-    for name, v, low, strict in (("stage2_epochs", stage2_epochs, 0, False), ("stage2_lr", stage2_lr, 0, False),
-                                 ("ce_weight", ce_weight, 0, False), ("kd_weight", kd_weight, 0, False),
-                                 ("kd_temperature", kd_temperature, 0, True), ("ridge", ridge, 0, False),
-                                 ("latency_budget_us", latency_budget_us, 0, True)):
-        if v is None and name == "latency_budget_us":
-            continue
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and \
-            (v > low if strict else v >= low)
-        if not ok:
-            raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {v!r}")
+    for name, v in (("stage2_epochs", stage2_epochs), ("stage2_lr", stage2_lr), ("ce_weight", ce_weight),
+                    ("kd_weight", kd_weight), ("ridge", ridge)):
+        finite_number(name, v, low=0)
+    finite_number("kd_temperature", kd_temperature, low=0, strict=True)
+    if latency_budget_us is not None:
+        finite_number("latency_budget_us", latency_budget_us, low=0, strict=True)
     if plan is not None and (not isinstance(plan, dict) or not plan):
         raise ConfigError(f"plan must be a non-empty {{block: source block}} dict, got {plan!r}")
     if far_modules(teacher) or reuse_plan(teacher):
