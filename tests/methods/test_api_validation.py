@@ -1,6 +1,8 @@
 """The Python API refuses what it cannot do, before any work and without touching its inputs: devices it
 cannot use, settings that are not finite numbers, data that does not fit the model, models far.load could
 not read back; and it does what the README says where it failed (far.prune(threshold=...), analyze(t, t))."""
+import os
+
 import pytest
 import torch
 
@@ -157,4 +159,19 @@ def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not a folder"):
         far.train_classifier(tiny(far_model=False), data(), config=TrainConfig(out_dir=str(tmp_path / "f")))
+    assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+@pytest.mark.parametrize("where", ["/proc/far-run", "/proc/far-run/stage1"])
+def test_an_out_dir_that_cannot_be_written_is_refused_before_training(where):
+    # /proc refuses new files even to root; the run must say so before it trains (it wrote last.pt at its end)
+    with pytest.raises(ConfigError, match=r"out_dir .*cannot be created in /proc"):
+        far.train_classifier(tiny(far_model=False), data(), config=TrainConfig(out_dir=where))
+
+
+def test_an_out_dir_below_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot be created \(.*f is not a folder\)"):
+        far.train_classifier(tiny(far_model=False), data(), config=TrainConfig(out_dir=str(tmp_path / "f" / "run")))
     assert (tmp_path / "f").read_text() == "x"

@@ -144,7 +144,7 @@ def test_new_run_refuses_an_unfinished_runs_state(tmp_path):
     state, metrics = (run / "last.pt").read_bytes(), (run / "metrics.jsonl").read_text()
     for changes in ({}, {"lr": 5e-4}):  # the same settings or another run's: either would lose the state
         with pytest.raises(TrainError, match=r"last\.pt: an unfinished run's state \(stopped at step 1 of 2\); "
-                                             r"continue it with --resume.*-f/--force to start over"):
+                                             r"continue it with --resume.*-f/--force \(force=True in TrainConfig\) to start over"):
             train_teacher(TrainConfig(out_dir=str(run), **{**base, **changes}))
         assert (run / "last.pt").read_bytes() == state and (run / "metrics.jsonl").read_text() == metrics
     fresh = train_teacher(TrainConfig(out_dir=str(run), force=True, **base))  # -f: start over

@@ -43,7 +43,7 @@ from far.errors import CheckpointError, ConfigError
 from far.evaluate import accuracy
 from far.models.factory import check_input, check_labels
 from far.utils.env import device_name
-from far.utils.fs import append_jsonl, atomic_write
+from far.utils.fs import append_jsonl, atomic_write, check_folder, make_folder
 from far.utils.plot import pyplot, save_figure
 
 CKPT_NAME = "last.pt"
@@ -119,8 +119,6 @@ class TrainConfig:
             (self.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto/bf16/fp16/off, got {self.amp!r}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (not self.resume or self.out_dir is not None, "resume needs an out_dir (the run folder to resume)"),
-            (self.out_dir is None or not os.path.exists(self.out_dir) or os.path.isdir(self.out_dir),
-             f"out_dir {self.out_dir} exists and is not a folder (the run folder holds last.pt, metrics.jsonl)"),
             (self.mixup >= 0 and self.cutmix >= 0, f"mixup/cutmix alphas must be >= 0, got {self.mixup}/{self.cutmix}"),
             (self.mixup + self.cutmix == 0 or self.batch_size % 2 == 0,
              f"mixup/cutmix pair images within a batch: the batch size must be even, got {self.batch_size}"),
@@ -136,6 +134,8 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        if self.out_dir is not None:  # the run folder holds last.pt and metrics.jsonl: writable, before any work
+            check_folder(self.out_dir, "out_dir")
         return self
 
 
@@ -668,8 +668,8 @@ def check_fresh_run(cfg: TrainConfig, stages: bool = True) -> None:
             why = _unfinished(ckpt) if ckpt.is_file() else None
             if why is not None:
                 raise ConfigError(f"{ckpt}: an unfinished run's state ({why}); continue it with --resume "
-                                  f"(and its settings), or pass -f/--force to start over in {out} (its state and "
-                                  "metrics are replaced)")
+                                  f"(and its settings), or pass -f/--force (force=True in TrainConfig) to start over "
+                                  f"in {out} (its state and metrics are replaced)")
 
 
 # ---------------------------------------------------------------- the loop
@@ -717,7 +717,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     out = Path(cfg.out_dir) if cfg.out_dir is not None else None
     write = out is not None and d.main  # this process writes the run's files
     if write:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "out_dir")
     d.barrier()
     model = task.model.to(d.device)
     data = TrainData(train_set, cfg.batch_size, d, cfg.seed, cfg.augment, cfg.workers,

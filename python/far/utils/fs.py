@@ -115,20 +115,59 @@ def _temp_name(directory: Path, name: str) -> Path:
     return directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
 
 
-def _check_writable(p: Path, what: str) -> None:
-    """ConfigError naming `p` unless a file can be created in its folder: the folder's permissions
-    (os.access), then a temporary file created and removed (root passes os.access everywhere, yet
-    cannot create files in /proc or on a read-only mount)."""
-    directory = p.resolve().parent
+def _unwritable(directory: Path, name: str) -> Optional[str]:
+    """Why no file can be created in `directory` (None if one can): its permissions (os.access), then a
+    temporary file created and removed (root passes os.access everywhere, yet cannot create files in
+    /proc or on a read-only mount). `name`: the file the caller will write, for the temporary's name."""
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {p}: cannot write in its folder {directory} (permission denied)")
-    probe = _temp_name(directory, p.name)
+        return "permission denied"
+    probe = _temp_name(directory, name)
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as e:
-        raise ConfigError(f"{what} {p}: cannot write in its folder {directory} ({e.strerror or e})") from None
+        return str(e.strerror or e)
     with contextlib.suppress(OSError):
         os.unlink(probe)
+    return None
+
+
+def _check_writable(p: Path, what: str) -> None:
+    """ConfigError naming `p` unless a file can be created in its folder."""
+    directory = p.resolve().parent
+    why = _unwritable(directory, p.name)
+    if why is not None:
+        raise ConfigError(f"{what} {p}: cannot write in its folder {directory} ({why})")
+
+
+def check_folder(path: PathLike, what: str = "folder") -> Path:
+    """Checks, before any work, that `path` is (or can be made) a folder files can be created in, without
+    creating anything that is missing: ConfigError naming `what` if it, or the nearest part of it that
+    exists, is not a folder, or no file can be created there (permissions, a read-only mount, /proc)."""
+    p = Path(path)
+    if not os.fspath(p):
+        raise ConfigError(f"{what} {os.fspath(path)!r}: not a folder name")
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {p}: exists and is not a folder")
+    base = p.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"{what} {p}: cannot be created ({base} is not a folder)")
+    why = _unwritable(base.resolve(), "probe")
+    if why is not None:
+        raise ConfigError(f"{what} {p}: cannot " + ("write in it" if base == p.absolute() else f"be created in {base}")
+                          + f" ({why})")
+    return p
+
+
+def make_folder(path: PathLike, what: str = "folder") -> Path:
+    """check_folder, then create `path` and its missing parents."""
+    p = check_folder(path, what)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: cannot create it ({e.strerror or e})") from None
+    return p
 
 
 def check_output(path: PathLike, *, force: bool = True, inputs: Iterable[PathLike] = (), what: str = "output",
