@@ -47,7 +47,10 @@ def ckpt(tmp_path_factory):
                    "examples"]),
     (["eval"], ["MODEL", "--data", "--batch-size", "--limit", "--backend", "--device", "--threads", "--json",
                 "--quiet", "--split", "--workers", "examples", "dataset-fashion-mnist"]),
-], ids=["far", "info", "convert", "eval"])
+    (["export"], ["MODEL", "--output", "--batch-size", "--check", "--threads", "--force", "examples"]),
+    (["import-public"], ["MODEL", "--output", "--num-heads", "--pruned", "--allow-pickle", "--arch", "--threads",
+                         "examples"]),
+], ids=["far", "info", "convert", "eval", "export", "import-public"])
 def test_help(capsys, cmd, options):
     code, out, _ = run(capsys, *cmd, "--help")
     assert code == 0

@@ -121,7 +121,7 @@ def test_unsupported_model_refused():
         build_onnx(torch.nn.Linear(3, 3))
 
 
-def test_cli_export(tmp_path, capsys):
+def test_cli_export(tmp_path, capsys, monkeypatch):
     out = tmp_path / "p.onnx"
     assert main(["export", "fmnist_far_tiny_pruned", "-o", str(out), "--check"]) == 0
     text = capsys.readouterr().out
@@ -130,7 +130,11 @@ def test_cli_export(tmp_path, capsys):
     assert err < 1e-4
     assert main(["export", "fmnist_far_tiny_pruned", "-o", str(out)]) == 2  # exists: needs -f
     assert "exists" in capsys.readouterr().err
-    assert main(["export", "fmnist_far_tiny_pruned", "-o", str(out), "-f", "-q", "--batch-size", "1"]) == 0
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert main(["export", "fmnist_far_tiny_pruned", "-o", str(out), "-f", "-q", "--batch-size", "1",
+                 "--threads", "1"]) == 0
+    assert threads[:1] == [1]  # (main restores the previous count after)
     # ONNX under a checkpoint's name: refused before any work, nothing written
     wrong = tmp_path / "p.safetensors"
     assert main(["export", "fmnist_far_tiny_pruned", "-o", str(wrong)]) == 2

@@ -170,7 +170,7 @@ def test_partial_models_refused():
         import_public(m.state_dict())
 
 
-def test_cli_import_public(tmp_path, capsys):
+def test_cli_import_public(tmp_path, capsys, monkeypatch):
     from far.cli.main import main
 
     pub = public_vit(seed=7)
@@ -180,7 +180,11 @@ def test_cli_import_public(tmp_path, capsys):
     assert main(["import-public", str(tmp_path / "pub.pth"), "-o", str(out)]) == 0
     assert "kept live 2" in capsys.readouterr().out
     check_same(far.load(out), pub, torch.randn(2, 3, 32, 32))
-    assert main(["import-public", str(tmp_path / "pub.pth"), "-o", str(out), "-f", "--pruned", "mask"]) == 0
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert main(["import-public", str(tmp_path / "pub.pth"), "-o", str(out), "-f", "--pruned", "mask",
+                 "--threads", "1"]) == 0
+    assert threads[:1] == [1]  # (main restores the previous count after)
     text = capsys.readouterr().out
     assert "dropped live 2 (output change <= " in text
     assert far.load(out).blocks[0].attn.hidden_sizes.tolist() == [[16] * 3, [14, 16, 16]]

@@ -116,7 +116,7 @@ def _folder(root, classes=3, per_class=6, seed=0):
     return root
 
 
-def test_two_step_downstream_workflow_on_the_command_line(tmp_path):
+def test_two_step_downstream_workflow_on_the_command_line(tmp_path, capsys):
     """far finetune the attention teacher on a 3-class folder (--mode fc), then far distill its FAR student
     (10 classes) on the same folder with the paper recipe (RandAugment on the folder's grayscale images)."""
     data = _folder(tmp_path / "flowers")
@@ -126,7 +126,8 @@ def test_two_step_downstream_workflow_on_the_command_line(tmp_path):
     far.save(make_student(teacher), spath)
     tft, sft = tmp_path / "deit_flowers.safetensors", tmp_path / "far_flowers.safetensors"
     assert main(["finetune", str(tpath), "--data", str(data), "--mode", "fc", "--epochs", "1", "--batch-size", "6",
-                 "-q", "--out-dir", str(tmp_path / "ft"), "-o", str(tft)]) == 0
+                 "-q", "--out-dir", str(tmp_path / "ft"), "-o", str(tft), "--pretrained"]) == 0
+    assert "--pretrained has no effect: " + str(tpath) + " is a checkpoint (it has its own weights)" in capsys.readouterr().err
     ft = far.load(tft)
     assert ft.num_classes == 3 and ft.far_checkpoint["metadata"]["finetune_mode"] == "fc"
     for n, p in ft.named_parameters():  # fc: attention, norms and embeddings as they were

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from far.cli.options import Formatter, add_common, add_model, add_output, at_least, note, output_checks
+from far.cli.options import (Formatter, add_common, add_model, add_output, add_threads, at_least, note, output_checks,
+                              set_threads)
 from far.errors import ConfigError
 
 
@@ -32,6 +33,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from far.models import load_model, resolve
 
     require_onnx()  # before any work: say how to install it
+    set_threads(args)
     if args.batch_size is not None:
         at_least(args, 1, "batch_size")
     ref = resolve(args.model)
@@ -55,6 +57,7 @@ def cmd_import_public(args: argparse.Namespace) -> int:
     from far.models import save
 
     output_checks(args, [args.model], "output")
+    set_threads(args)
     if args.num_heads is not None:
         at_least(args, 1, "num_heads")
     model = import_public(args.model, num_heads=args.num_heads, pruned=args.pruned,
@@ -85,6 +88,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--check", action="store_true",
                    help="run the written file with onnxruntime on a random batch and print its max difference to "
                         "PyTorch")
+    add_threads(p)  # on the CPU: ONNX export traces the model there
     add_common(p, quiet="print nothing but the --check line")
     p.set_defaults(func=cmd_export)
 
@@ -109,5 +113,6 @@ def add_parsers(sub) -> None:
                    help="unpickle whole saved models (torch.save(model)); runs pickle: only for files you trust")
     p.add_argument("--arch", default="deit_base_patch16_224", metavar="TIMM_NAME",
                    help="the timm name recorded for rebuilding (its kwargs come from the checkpoint's shapes)")
+    add_threads(p)  # on the CPU: the conversion and its bound on each block's change
     add_common(p, quiet="print nothing on success")
     p.set_defaults(func=cmd_import_public)

@@ -217,7 +217,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             source = "random init"
     else:
         if args.pretrained:
-            warn(f"--pretrained has no effect: {args.model} is a checkpoint, converted with its own weights")
+            warn(f"--pretrained has no effect: {args.model} is a {ref.origin}, converted with its own weights")
         if args.num_classes is not None or kwargs or args.teacher_weights:
             raise ConfigError("--num-classes, --model-kwargs and --weights apply to timm model names; a checkpoint "
                               "keeps its architecture and weights (far finetune retargets its classifier)")

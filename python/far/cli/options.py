@@ -118,7 +118,11 @@ def add_device(p, threads: bool = True) -> None:
     p.add_argument("--device", metavar="cpu|cuda[:N]", default=None,
                    help="where to run (default: cuda if available, else cpu; under torchrun the process's GPU)")
     if threads:
-        p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
+        add_threads(p)
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
 
 
 def add_data(p, required: bool = True, eval_only: bool = True) -> None:

@@ -447,7 +447,8 @@ def cmd_finetune(args) -> int:
     at_least(args, 2, "num_classes")
     model, _ = load_model(ref, far=False, pretrained=args.pretrained)
     if ref.kind != "timm" and args.pretrained:
-        warn(f"--pretrained has no effect: {args.model} is a checkpoint")
+        warn(f"--pretrained has no effect: {args.model} is a {ref.origin} (it has its own weights); it applies to "
+             "timm names")
     k = args.num_classes if args.num_classes is not None else (10 if is_fashion_mnist(args.data)
                                                                else _folder_classes(args.data))
     train_set, eval_set = datasets(args, model, cfg, num_classes=k)
