@@ -25,6 +25,12 @@
 # CUDA_SCAN_TIMEOUT / XBAR_TIMEOUT / IMC_EVAL_TIMEOUT / TESTS_TIMEOUT (caps of bilstm_tail, cuda_scan_tail, crossbar,
 # imc_eval, cuda_tests),
 # BENCH_WAIT_FILE=F (a "wait" stage before the benchmarks: until F exists, at most BENCH_WAIT_MAX s, from the budget).
+# Provenance: every JSON records the git commit (far.utils.env.environment). A device machine gets the working tree
+# without .git, so pass the commit in the command, expanded where the checkout is (csrc/cuda/NOTES.md's runbook):
+#   FAR_GIT_COMMIT=$(git rev-parse HEAD) FAR_GIT_DIRTY=$(git status --porcelain | grep -q . && echo 1 || echo 0) \
+#     bash bench/gpu_suite.sh
+# (a command string sent to another machine must carry the hash itself, not the $(...)). Without either, the suite
+# warns and the results say git_commit null.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -43,6 +49,9 @@ if [ "${1:-}" != __stage ]; then
   if [ "$DRY" = 1 ]; then export CUDA_VISIBLE_DEVICES=""; fi  # the tests' conftest sets TRITON_INTERPRET=1 then
   t_start=$(date +%s)
   [ "${SKIP_BUILD:-0}" = 1 ] && export BUILD=skip
+  if [ -z "${FAR_GIT_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+    echo "gpu_suite: warning: no git checkout here and FAR_GIT_COMMIT unset: the results will say git_commit null" >&2
+  fi
   cat >"$OUTDIR/suite.json" <<EOF
 {"stamp": "$stamp", "budget_s": $BUDGET, "dry_run": $([ "$DRY" = 1 ] && echo true || echo false), "build_mode": "${WHEEL:+wheel:}${WHEEL:-${BUILD:-cached}}", "out": "$OUTDIR"}
 EOF

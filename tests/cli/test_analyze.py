@@ -75,6 +75,18 @@ def test_analyze_writes_tables_json_maps_and_plots(capsys, setup, tmp_path):
     assert json.loads((out_dir / "analysis.json").read_text())["maps"] is None and "A vs J" not in out
 
 
+def test_analyze_json_says_which_code_and_when(capsys, setup, tmp_path):
+    """--json carries the environment record the benchmarks write: git commit and dirty flag, date, host."""
+    from far.utils.env import git_state
+
+    code, _, err = run(capsys, "analyze", setup / "t.safetensors", setup / "s.safetensors", "--data", setup / "data",
+                       "--limit", "2", "--map-images", "0", "--json", tmp_path / "a.json", "-q")
+    assert code == 0, err
+    env = json.loads((tmp_path / "a.json").read_text())["environment"]
+    assert {k: env[k] for k in ("git_commit", "git_dirty", "git_source")}.keys() == git_state().keys()
+    assert env["git_commit"] == git_state()["git_commit"] and env["date_utc"] and env["versions"]["far"]
+
+
 def test_analyze_maps_span_batches(capsys, setup, tmp_path):
     """--batch-size 1 --map-images 2 --map-image 1: two map images from two batches, every file written."""
     out_dir = tmp_path / "an"

@@ -104,6 +104,20 @@ def test_sweep_table_json_plot(capsys, teacher_ckpt, tmp_path):
 
 
 @needs_fmnist
+def test_json_says_which_code_and_when(capsys, teacher_ckpt, tmp_path):
+    """--json carries the environment record the benchmarks write: git commit and dirty flag, date, host."""
+    from far.utils.env import git_state
+
+    js = tmp_path / "r.json"
+    code, _, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--limit", 2, "--batch-size", 2,
+                       *FASTEST, "--json", js, "-q")
+    assert code == 0, err
+    env = json.loads(js.read_text())["environment"]
+    assert env["git_commit"] == git_state()["git_commit"] and env["git_source"] == git_state()["git_source"]
+    assert env["date_utc"] and env["versions"]["far"] and "git_dirty" in env
+
+
+@needs_fmnist
 def test_far_model_calibrated_and_include(capsys, far_ckpt, tmp_path):
     """A FAR checkpoint: its recurrent products through crossbars, calibrated ADC ranges."""
     js = tmp_path / "far.json"

@@ -16,7 +16,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from far.cli.evaluate import eval_dataset
     from far.data import is_fashion_mnist
     from far.models import data_config, is_far, load_model, resolve
-    from far.utils.env import device_name, resolve_device
+    from far.utils.env import device_name, environment, resolve_device
     from far.utils.fs import check_output, write_json
     from far.utils.plot import pyplot
     from far.version import __version__
@@ -66,7 +66,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
               "split": args.split if is_fashion_mnist(args.data) else None, "limit": args.limit,
               "map_images": args.map_images, **report,
               "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-              "batch_size": args.batch_size, "far_version": __version__, "torch_version": torch.__version__}
+              "batch_size": args.batch_size, "far_version": __version__, "torch_version": torch.__version__,
+              "environment": environment()}  # commit, dirty flag, date, host: which code measured this
     print(format_analysis(report))
     data = format_json(report)
     written = []

@@ -202,7 +202,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     from far.evaluate import evaluate
     from far.imc import calibrate, crossbar_products, emulate, emulation_targets, select_targets
     from far.models import data_config, load_model, resolve
-    from far.utils.env import device_name, resolve_device
+    from far.utils.env import device_name, environment, resolve_device
     from far.utils.fs import write_json
     from far.version import __version__
 
@@ -266,6 +266,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
         "include": inc, "exclude": exc, "lstm_mapping": args.lstm_mapping, "calibration_data": (args.calib_data or str(args.data)) if needs_calib else None,
         "emulated": None, "results": [], "complete": False, "far_version": __version__,
         "torch_version": torch.__version__,
+        "environment": environment(),  # commit, dirty flag, date, host: which code measured this
     }
 
     def save(final: bool = False) -> None:

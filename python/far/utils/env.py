@@ -107,9 +107,27 @@ def _git(*args: str) -> Optional[str]:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+GIT_ENV = ("FAR_GIT_COMMIT", "FAR_GIT_DIRTY")  # the commit of a copy without .git (e.g. a device machine's)
+
+
+def git_state() -> dict:
+    """{"git_commit", "git_dirty", "git_source"}: from git in the source checkout, else (a copy without .git,
+    e.g. the working tree sent to a device machine) from env FAR_GIT_COMMIT / FAR_GIT_DIRTY (0/1, true/false)
+    as the sender recorded them (`FAR_GIT_COMMIT=$(git rev-parse HEAD)`), else None."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is not None:
+        status = _git("status", "--porcelain")
+        return {"git_commit": commit, "git_dirty": None if status is None else bool(status), "git_source": "git"}
+    commit = os.environ.get("FAR_GIT_COMMIT", "").strip() or None
+    dirty = os.environ.get("FAR_GIT_DIRTY", "").strip().lower()
+    return {"git_commit": commit,
+            "git_dirty": {"1": True, "true": True, "0": False, "false": False}.get(dirty) if commit else None,
+            "git_source": "env FAR_GIT_COMMIT" if commit else None}
+
+
 def environment(threads: Optional[int] = None) -> dict:
-    """Where and on what a result was measured: host, CPU, GPU, versions, git commit and dirty flag,
-    load average, UTC date."""
+    """Where and on what a result was measured: host, CPU, GPU, versions, git commit and dirty flag (and
+    where they came from: git_state), load average, UTC date."""
     import importlib
 
     from far.version import __version__
@@ -120,7 +138,6 @@ def environment(threads: Optional[int] = None) -> dict:
             versions[mod] = getattr(importlib.import_module(mod), "__version__", "unknown")
         except ImportError:
             versions[mod] = None
-    status = _git("status", "--porcelain")
     return {
         "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
@@ -128,8 +145,7 @@ def environment(threads: Optional[int] = None) -> dict:
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "threads": threads if threads is not None else torch.get_num_threads(),
         "versions": versions,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        **git_state(),
         "loadavg_start": loadavg(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cuda": {"device": torch.cuda.get_device_name(), "runtime": torch.version.cuda}
