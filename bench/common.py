@@ -6,7 +6,7 @@ host time, the check of a configuration's output before it is timed, and the att
     stats = time_variants({"a": fa, "b": fb}, device, rounds=3)   # medians and spread, interleaved rounds
     attn = timm_attention(C, H, device, dtype)      # timm Attention with SDPA (the block FAR replaces)
 
-GPU timing (time_call): the calls are captured in a CUDA graph (when capture fails, e.g. a host copy in
+GPU timing (GpuTimer): warmed up on a side stream, the calls are captured on that stream in a CUDA graph (when capture fails, e.g. a host copy in
 the call, they are launched one by one: "events") and timed with events around k calls, divided by k;
 before every timed rep a GPU sleep longer than the host's enqueue time keeps the GPU busy, so no host
 time or launch gap is counted. Two figures: "ms" with the caches warm (k back-to-back calls on the same
@@ -130,11 +130,12 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _FLUSH[idx]
 
 
-def _capture(fn: Callable[[], object], k: int) -> Optional[torch.cuda.CUDAGraph]:
-    """fn() k times in one CUDA graph, or None when the calls cannot be captured."""
+def _capture(fn: Callable[[], object], k: int, stream: torch.cuda.Stream) -> Optional[torch.cuda.CUDAGraph]:
+    """fn() k times in one CUDA graph captured on `stream` (the one fn was warmed up on), or None when the
+    calls cannot be captured."""
     g = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=stream):
             for _ in range(k):
                 fn()
     except Exception:  # e.g. a synchronizing or host copy inside fn: time launches instead
@@ -158,13 +159,26 @@ def _events(run: Callable[[], None], reps: int, pre: Callable[[], None]) -> list
 
 class GpuTimer:
     """Times one callable on the GPU (see the module docstring); graphs are captured once and reused
-    across rounds. target_ms: the GPU time one warm rep aims at (k = calls per rep)."""
+    across rounds. target_ms: the GPU time one warm rep aims at (k = calls per rep).
+
+    Warm-up runs on a side stream and the graphs are captured on that same stream (torch's recommended
+    pattern): a wrapper that caches per stream and stores nothing while capturing (the cuda scan's fp32 copy
+    of a 16-bit W_hh, far_kernels/ops/bilstm_scan/cuda.py) then hits its cache during capture, so a replay
+    holds the kernel alone, not the conversion. torch.cuda.graph's default is its own capture stream, which
+    no warm-up had run on: every replay of a fp16/bf16 cuda scan converted W_hh again. The current stream
+    is warmed too (it runs the calls when capture fails, "events")."""
 
     def __init__(self, fn: Callable[[], object], device, target_ms: float = 2.0, max_k: int = 20,
                  graphs: bool = True):
         self.fn, self.device = fn, torch.device(device)
-        for _ in range(3):  # warm-up: compilation, autotuning, caches of the wrappers
-            fn()
+        cur = torch.cuda.current_stream(self.device)
+        self.stream = torch.cuda.Stream(self.device)  # warm-up and capture stream
+        self.stream.wait_stream(cur)
+        with torch.cuda.stream(self.stream):
+            for _ in range(3):  # warm-up: compilation, autotuning, caches of the wrappers
+                fn()
+        cur.wait_stream(self.stream)
+        fn()  # the current stream's caches (the events fallback and the estimate below run there)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -176,8 +190,8 @@ class GpuTimer:
         e.synchronize()
         est = max(s.elapsed_time(e) / 3, 1e-3)
         self.k = int(min(max_k, max(1, math.ceil(target_ms / est))))
-        self.graph = _capture(fn, self.k) if graphs else None
-        self.graph1 = (self.graph if self.k == 1 else _capture(fn, 1)) if self.graph is not None else None
+        self.graph = _capture(fn, self.k, self.stream) if graphs else None
+        self.graph1 = (self.graph if self.k == 1 else _capture(fn, 1, self.stream)) if self.graph is not None else None
         self.method = "cuda_graph" if self.graph is not None else "events"
         self.cpms = _cycles_per_ms(self.device)
         self.flush = _flush_buffer(self.device)
