@@ -16,7 +16,9 @@ Timing (bench/common.py): CUDA graphs (or launches) between events with the GPU 
 time is counted; "ms" with warm caches, "ms_cold_l2" with the L2 flushed before each call; rounds
 interleaved over the rows, medians and spread recorded. TF32 is off unless --tf32 (fp32 rows are fp32).
 Floors per step: FLOPs and bytes per step over the measured matmul rate and copy bandwidth
-("ceilings"), and the dependent-chain latency (one head at B = 1). The JSON is rewritten after every
+("ceilings", for every dtype the run times), the rate of the unit each backend's product runs on (tensor
+cores for the cuda mma path and Triton's 16-bit dot, the fp32 rate with TF32 off for the fma paths: fp32,
+and fp16/bf16 at B < 16 on cuda), and the dependent-chain latency (one head at B = 1). The JSON is rewritten after every
 configuration (a killed run keeps what it measured); --first puts the headline case first.
 Runs on the CPU too (--device cpu --quick) to check the script itself.
 """
@@ -74,38 +76,82 @@ def build_lstms(m, C, H, d, device, dtype):
     return dense.to(device=device, dtype=dtype), heads
 
 
-def scan_floor(H, B, T, n, dtype_bytes, ceilings=None, dtype_name="fp32"):
+def scan_paths(dtype, B, backends) -> dict:
+    """The unit each GPU backend's recurrent product runs on: "matrix" (tensor cores: the cuda mma path, fp16/bf16
+    at B >= 16 under auto or FAR_CUDA_SCAN_PATH=mma; Triton's 16-bit dot) or "fma" (fp32 on the CUDA cores: the
+    cuda fma path, fp32 always and 16-bit at small B; Triton's fp32 "ieee" dot). CPU backends: none."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    out = {}
+    for be in backends:
+        if be == "cuda":
+            out[be] = "matrix" if uses_tensor_cores(dtype, B) else "fma"
+        elif be == "triton":
+            out[be] = "matrix" if half else "fma"
+    return out
+
+
+def scan_floor(H, B, T, n, dtype_bytes, ceilings=None, dtype_name="fp32", paths=None):
     """FLOPs and bytes of the scan (gates read once, h written once, W_hh read once), in total and per
-    time step, and the time floors per step from the measured ceilings when given."""
+    time step, and the time floors per step from the measured ceilings when given: one per unit the
+    product can run on ("matrix": the dtype's torch.mm rate, fp16/bf16 only; "fma": the fp32 rate with TF32
+    off), each max(flops term, bytes term). `paths` (scan_paths) says which unit each backend uses;
+    floor.us_per_step is the cuda backend's (else the first backend's), named by floor.us_per_step_path."""
     flops = 2 * 2 * H * B * T * 4 * n * n  # recurrent products (the input product is a GEMM before the scan)
     bytes_ = H * B * T * 2 * (4 * n + n) * dtype_bytes + H * 2 * 4 * n * n * dtype_bytes
     rec = {"dependent_steps": T, "scan_flops": flops, "scan_bytes": bytes_,
            "flops_per_step": flops / T, "bytes_per_step": bytes_ / T}
     if ceilings:
-        gflops = (ceilings.get("mm_gflops") or {}).get(dtype_name)
+        rates = {"fma": ceilings.get("fma_gflops")}
+        if dtype_name != "fp32":
+            rates["matrix"] = (ceilings.get("mm_gflops") or {}).get(dtype_name)
         gbps = ceilings.get("copy_GBps")
         fl = {}
-        if gflops:
-            fl["flops_us_per_step"] = flops / T / (gflops * 1e3)
         if gbps:
             fl["bytes_us_per_step"] = bytes_ / T / (gbps * 1e3)
-        if fl:
-            fl["us_per_step"] = max(fl.values())
+        for unit, gflops in rates.items():
+            if gflops:
+                fl[f"flops_us_per_step_{unit}"] = flops / T / (gflops * 1e3)
+                fl[f"us_per_step_{unit}"] = max(fl[f"flops_us_per_step_{unit}"], fl.get("bytes_us_per_step", 0.0))
+        fl["path"] = dict(paths or {})
+        main = fl["path"].get("cuda") or next(iter(fl["path"].values()), None)
+        if main is not None and f"us_per_step_{main}" in fl:
+            fl["us_per_step"], fl["us_per_step_path"] = fl[f"us_per_step_{main}"], main
+        elif "bytes_us_per_step" in fl and not any(k.startswith("flops_") for k in fl):
+            fl["us_per_step"], fl["us_per_step_path"] = fl["bytes_us_per_step"], "bytes only"
         rec["floor"] = fl
     return rec
 
 
+def backend_floor(floor: dict, backend: str):
+    """The floor (us per step) of `backend`'s own path, None when not measured."""
+    unit = (floor or {}).get("path", {}).get(backend)
+    return (floor or {}).get(f"us_per_step_{unit}") if unit else None
+
+
 def measure_ceilings(device, dtypes, args):
-    """Device-to-device copy bandwidth (bytes read + written) and torch.mm rate per dtype, measured."""
+    """Device-to-device copy bandwidth (bytes read + written), the torch.mm rate of every dtype of the run
+    ("mm_gflops"; fp32 as the run's TF32 setting has it) and the fp32 rate with TF32 off ("fma_gflops": the
+    CUDA cores, the unit of the scans' fma paths), measured."""
     if device.type != "cuda":
         return {}
     x = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)  # 256 MiB
     y = torch.empty_like(x)
     fns = {"copy": lambda: y.copy_(x)}
     mats = {d: (torch.randn(8192, 8192, device=device, dtype=DTYPES[d]),
-                torch.randn(8192, 8192, device=device, dtype=DTYPES[d])) for d in dtypes}
+                torch.randn(8192, 8192, device=device, dtype=DTYPES[d])) for d in dict.fromkeys(dtypes + ["fp32"])}
     for d, (a, b) in mats.items():
-        fns[f"mm_{d}"] = lambda a=a, b=b: torch.mm(a, b)
+        if d in dtypes:
+            fns[f"mm_{d}"] = lambda a=a, b=b: torch.mm(a, b)
+
+    def mm_fma(a=mats["fp32"][0], b=mats["fp32"][1]):
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # read when cuBLAS is called: also under graph capture
+        try:
+            return torch.mm(a, b)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+
+    fns["mm_fp32_fma"] = mm_fma
     t = time_variants(fns, device, rounds=1, reps=5, cold_l2=False, graphs=not args.no_graphs)
     out = {"copy_bytes": x.numel(), "mm_gflops": {}, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
     if "ms" in t["copy"]:
@@ -113,7 +159,14 @@ def measure_ceilings(device, dtypes, args):
     for d in dtypes:
         if "ms" in t[f"mm_{d}"]:
             out["mm_gflops"][d] = 2 * 8192 ** 3 / (t[f"mm_{d}"]["ms"] * 1e-3) / 1e9
+    if "ms" in t["mm_fp32_fma"]:
+        out["fma_gflops"] = 2 * 8192 ** 3 / (t["mm_fp32_fma"]["ms"] * 1e-3) / 1e9
     return out
+
+
+def run_dtypes(args) -> list:
+    """The dtypes of the cases this run times (--only-first empties the grid: its --first cases' dtypes)."""
+    return list(dict.fromkeys(d for _, d, _ in case_list(args)))
 
 
 def case_list(args):
@@ -158,7 +211,7 @@ def run_case(g: Group, shape, dname, B, T, device, backends, ceilings, args):
     hs = m.hidden_sizes
     half = None if dtype == torch.float32 else dtype
     rec = {"shape": shape, "C": C, "H": H, "n": d, "T": T, "B": B, "dtype": dname, "ms": {}, "checks": {},
-           **scan_floor(H, B, T, d, torch.finfo(dtype).bits // 8, ceilings, dname),
+           **scan_floor(H, B, T, d, torch.finfo(dtype).bits // 8, ceilings, dname, scan_paths(dtype, B, backends)),
            "chain_us_per_step": g.chain, "loadavg": loadavg()}
     torch.manual_seed(B)
     x = torch.randn(B, T, C, device=device, dtype=dtype)
@@ -222,8 +275,8 @@ def run_case(g: Group, shape, dname, B, T, device, backends, ceilings, args):
     for be in names:
         if ms.get(f"scan_{be}"):
             us = rec.setdefault("us_per_step", {})[be] = 1e3 * ms[f"scan_{be}"] / T
-            if rec.get("floor", {}).get("us_per_step"):
-                rec.setdefault("over_floor", {})[be] = us / rec["floor"]["us_per_step"]
+            if backend_floor(rec.get("floor"), be):
+                rec.setdefault("over_floor", {})[be] = us / backend_floor(rec["floor"], be)
             if isinstance(g.chain.get(be), float):
                 rec.setdefault("over_chain", {})[be] = us / g.chain[be]
         for base in ("dense_masked_lstm", "per_head_lstm"):
@@ -250,11 +303,14 @@ def run(args, out: Path):
               "backends": {b: avail.get(b) for b in wanted}, "args": {k: v for k, v in vars(args).items() if k != "out"},
               "note": "ms = median per call over rounds x reps (warm caches; ms_cold_l2: L2 flushed before each call); "
                       "LSTM baselines and lstm_* include the input projection, scan_* does not; checks: output vs "
-                      "float64 reference on the same shape before timing; floor.us_per_step = max(flops, bytes) "
-                      "per step over the measured ceilings; chain_us_per_step = one head at B=1",
+                      "float64 reference on the same shape before timing; floor.us_per_step_<unit> = max(flops, "
+                      "bytes) per step over the measured ceilings, unit matrix (mm_gflops of the dtype) or fma "
+                      "(fma_gflops: fp32, TF32 off); floor.path = each backend's unit, over_floor against its own; "
+                      "16-bit W_hh: the cuda wrapper's fp32 copy is made in the warm-up (cached per stream, graphs "
+                      "captured on the warm-up stream), not in the timed calls; chain_us_per_step = one head at B=1",
               "complete": False, "records": []}
     write_json(out, result)
-    result["ceilings"] = measure_ceilings(device, args.dtypes, args)
+    result["ceilings"] = measure_ceilings(device, run_dtypes(args), args)
     group, key = None, None
     for shape, dname, B in case_list(args):
         if (shape, dname) != key:
