@@ -9,8 +9,10 @@ that very shape against the float64 reference (bench/common.py check_output: at 
 the same math in plain PyTorch, h and W_hh rounded to the dtype for the mma path, plus the activations'
 slack); a variant that fails is marked failed and not timed, the run goes on. Then the variants and
 attention are timed in interleaved rounds (CUDA graphs between events, no host time; warm and L2-cold):
-median ms, spread, us per step, recurrent TFLOP/s (2 * 2H * B * 4n * n per step). The JSON is rewritten
-after every case. Needs a GPU; --device cpu runs the script itself with the reference standing in for
+median ms, spread, us per step, recurrent TFLOP/s (2 * B * 4k^2 per step and (direction, head) of k kept
+units: a pruned case counts what it computes). Per case, fastest_exact_variant (accurate activations: what
+auto runs, held against auto's rule in auto_is_fastest_exact) and fastest_any_variant (the opt-in
+tanh.approx variants too). The JSON is rewritten after every case. Needs a GPU; --device cpu runs the script itself with the reference standing in for
 the kernel (the suite's dry run).
 """
 from __future__ import annotations
@@ -41,6 +43,34 @@ def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def scan_flops(hs, B: int, T: int) -> int:
+    """Recurrent FLOPs the kernel does: 2 * B * T * 4 k^2 per (direction, head) of k kept units (pruned units are
+    never computed; a (direction, head) with none does no product)."""
+    return 2 * B * T * 4 * int((torch.as_tensor(hs).long() ** 2).sum())
+
+
+def fastest(records) -> dict:
+    """Per case (H, dtype, kept, B): the fastest exact variant ("exact": accurate activations, what auto runs; the
+    one to hold auto's rule against) and the fastest of all ("any": the opt-in tanh.approx variants too), each
+    {"variant", "ms"}; "auto_is_fastest_exact": whether auto's pick is the fastest exact one."""
+    best = {}
+    for r in records:
+        if "ms" not in r or r["variant"] == "attention_sdpa":
+            continue
+        key = f"H{r['H']}-{r['dtype']}-{r['kept']}-B{r['B']}"
+        b = best.setdefault(key, {})
+        kinds = ("any",) if r["variant"].endswith("_fasttanh") else ("any", "exact")
+        for kind in kinds:
+            if kind not in b or r["ms"] < b[kind]["ms"]:
+                b[kind] = {"variant": r["variant"], "ms": r["ms"]}
+        if r.get("auto_would_pick") and not r["variant"].endswith("_fasttanh"):
+            b["auto"] = r["variant"]
+    for b in best.values():
+        if "exact" in b and "auto" in b:
+            b["auto_is_fastest_exact"] = b["exact"]["variant"] == b["auto"]
+    return best
+
+
 def kernel(device, gx, w, hs, out, path, fast):
     """The variant's call: the cuda kernel, or on the CPU (dry run) the reference with its rounding."""
     if device.type == "cuda":
@@ -54,8 +84,9 @@ def run_case(H, dname, kept_name, hs, B, args, device, w):
     g = torch.Generator(device=device).manual_seed(H * 1000 + B)
     gx = torch.randn(H, B, T, 2, 4 * n, device=device, generator=g).to(dtype)
     out = torch.empty(H, B, T, 2, n, device=device, dtype=dtype)
-    flops = 2 * 2 * H * B * T * 4 * n * n
-    base = {"H": H, "n": n, "T": T, "B": B, "dtype": dname, "kept": kept_name, "loadavg": loadavg()}
+    flops = scan_flops(hs, B, T)  # from the kept sizes: a pruned case does fewer
+    base = {"H": H, "n": n, "T": T, "B": B, "dtype": dname, "kept": kept_name, "kept_sizes": hs.tolist(),
+            "flops": flops, "loadavg": loadavg()}
     ref64 = far_kernels.bilstm_scan_ref(gx.double(), w.double(), hs)
     pts = {"fma": far_kernels.bilstm_scan_ref(gx, w, hs)}
     if dtype != torch.float32:
@@ -115,7 +146,9 @@ def run(args, out_path: Path):
               "args": {k: v for k, v in vars(args).items() if k != "out"}, "records": [],
               "note": "ms = median per call of _C.bilstm_scan_cuda (out preallocated, w_hh fp32) over rounds x reps, "
                       "CUDA graphs between events; check = output vs float64 reference on the same shape before "
-                      "timing; attention_sdpa = timm Attention at C = 64 H; auto = mma for fp16/bf16 when B >= 16"
+                      "timing; attention_sdpa = timm Attention at C = 64 H; auto = mma for fp16/bf16 when B >= 16; "
+                      "tflops from the kept sizes (flops per record); fastest_exact_variant excludes the opt-in "
+                      "fast-tanh variants (auto never runs them), fastest_any_variant includes them"
                       + ("; DRY RUN: the torch reference stands in for the kernel" if device.type != "cuda" else "")}
     write_json(out_path, result)
     n = 64
@@ -130,13 +163,11 @@ def run(args, out_path: Path):
                         continue
                     result["records"] += run_case(H, dname, kept_name, hs, B, args, device, w)
                     write_json(out_path, result)
-    best = {}
-    for r in result["records"]:
-        if "ms" in r and r["variant"] != "attention_sdpa":
-            key = f"H{r['H']}-{r['dtype']}-{r['kept']}-B{r['B']}"
-            if key not in best or r["ms"] < best[key]["ms"]:
-                best[key] = {"variant": r["variant"], "ms": r["ms"]}
-    result.update(fastest_variant=best, complete=True)
+    best = fastest(result["records"])
+    result.update(fastest_exact_variant={k: b["exact"] for k, b in best.items() if "exact" in b},
+                  fastest_any_variant={k: b["any"] for k, b in best.items()},
+                  auto_is_fastest_exact={k: b["auto_is_fastest_exact"] for k, b in best.items()
+                                         if "auto_is_fastest_exact" in b}, complete=True)
     write_json(out_path, result)
     return result
 
