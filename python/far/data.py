@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from far.errors import DataError
+from far.errors import ConfigError, DataError
 from far.utils.fs import NotRegularFile, open_input
 
 FMNIST_MEAN = (0.2860,)
@@ -209,6 +209,16 @@ class FashionMNIST(torch.utils.data.Dataset):
         part = copy.copy(self)
         part.images = self.images[rank::world]
         part.targets = self.targets[rank::world]
+        part._device_images = {}
+        return part
+
+    def first(self, n: int) -> "FashionMNIST":
+        """The first n images (the in-memory fast path kept: a copy with sliced tensors)."""
+        import copy
+
+        part = copy.copy(self)
+        part.images = self.images[:n]
+        part.targets = self.targets[:n]
         part._device_images = {}
         return part
 
@@ -470,6 +480,18 @@ def num_batches(dataset, batch_size: int) -> int:
     return -(-len(dataset) // batch_size)
 
 
+def first(dataset, n: Optional[int]):
+    """The first n items of `dataset` (the dataset itself when n is None or it holds no more; its own
+    `first(n)` where it has one, keeping a fast path; else a torch Subset). None stays None."""
+    if dataset is None or n is None or len(dataset) <= n:
+        return dataset
+    if n < 1:
+        raise ConfigError(f"a limit must be >= 1 image, got {n}")
+    if hasattr(dataset, "first"):
+        return dataset.first(n)
+    return torch.utils.data.Subset(dataset, range(n))
+
+
 def shard(dataset, rank: int, world: int):
     """Every world-th item from `rank` (the dataset itself when world == 1): one process's share."""
     if world == 1:
@@ -611,6 +633,7 @@ __all__ = [
     "deit_view",
     "fashion_mnist",
     "fashion_mnist_root",
+    "first",
     "folder_config",
     "image_folder",
     "is_fashion_mnist",

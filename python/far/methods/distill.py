@@ -41,7 +41,7 @@ from far.models.convert import PRE_PROJ_INITS, parse_blocks
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
-from far.train.loop import classification_loss
+from far.train.loop import check_fresh_run, check_stage_file, classification_loss, limit_data, stage_identity
 
 FAR_OWN = ("pre_proj.", "w_ih", "w_hh", "b_ih", "b_hh", "head_proj_weight", "head_proj_bias",  # padded storage
            "lstm.", "head_proj.")  # ragged storage
@@ -444,6 +444,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
     if cfg.epochs < 0:
         raise ConfigError(f"stage 1 epochs must be >= 0, got {cfg.epochs}")
+    check_fresh_run(cfg)  # every stage's folder, before stage 1 could overwrite its own
+    train_data, eval_data = limit_data(cfg, train_data, eval_data)
     headless = getattr(teacher, "num_classes", None) == 0  # a backbone: no CE, KD on its pooled features
     if headless:
         eval_data = None
@@ -472,6 +474,15 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         _restore_teacher(teacher, saved)
 
 
+def _noise_for(c: TrainConfig, st: DistillSettings, ce: float, blocks_only: bool = False):
+    """(the stage's config, whether its block losses go in the clean pass). Under clean_block_loss a stage
+    with block losses only (an isolated stage 1; any stage with neither CE nor KD) has no term at the noisy
+    weights: it runs without weight noise and takes its block losses in its one, clean, pass."""
+    if st.clean_block_loss and (blocks_only or (ce == 0 and st.kd_weight == 0)):
+        return dataclasses.replace(c, weight_noise=0.0), False
+    return c, st.clean_block_loss
+
+
 def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: DistillSettings, hidden_sizes, device,
              identity, recipe_record: dict) -> nn.Module:
     d = setup_distributed(device)
@@ -493,59 +504,68 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
     # what the student went through before (a pruned student keeps its pruning record: `far info` shows it)
     carried = {k: prior[k] for k in ("pruning",) if continued and isinstance(prior, dict) and k in prior}
     ce = st.ce_weight if st.labels else 0.0
-    ident = {**(identity or {}), "ce_weight": ce, "block_weight": st.block_weight, "block_loss": st.block_loss,
-             "stage1": st.stage1}
+    ident = {**(identity or {}), "ce_weight": ce, "block_loss": st.block_loss, "stage1": st.stage1}
     if st.kd_weight > 0:
         ident.update(kd_weight=st.kd_weight, kd_temperature=st.kd_temperature)
     if st.clean_block_loss:
         ident.update(clean_block_loss=True)
     results: List[TrainResult] = []
+    made: Dict[str, object] = {}  # the settings of every stage so far: a finished stage's file records them
 
-    def stage(name: str, task: Task, c: TrainConfig, desc: str, keep: bool) -> bool:
-        """Run one stage (or load its finished model on resume); True if it completed."""
+    def stage(name: str, task: Task, c: TrainConfig, desc: str, keep: bool, block_weight: Optional[float]) -> bool:
+        """Run one stage (or load its finished model on resume, if the settings it was made with are this
+        run's); True if it completed. block_weight: the weight of the stage's block losses (None: the stage
+        has nothing else, an isolated stage 1)."""
         nonlocal student
+        sident = {**ident, "stage": name, **({} if block_weight is None else {"block_weight": block_weight})}
+        made.update({f"{name}.{k}": v for k, v in stage_identity(
+            task.name, c, {**sident, "world": d.world, "train_images": len(train_data)}).items()})
         done_file = None if c.out_dir is None else os.path.join(c.out_dir, "model.safetensors")
         if cfg.resume and done_file is not None and os.path.isfile(done_file):
             from far.models import load
 
-            student = load(done_file).to(d.device)  # finished in an earlier run
             task.remove_hooks()
+            done = load(done_file)  # finished in an earlier run
+            check_stage_file(done_file, done.far_checkpoint["metadata"].get("run_identity"), made)
+            student = done.to(d.device)
             return True
         try:
-            r = train(task, train_data, eval_data, c, d, identity={**ident, "stage": name}, desc=desc)
+            r = train(task, train_data, eval_data, c, d, identity=sident, desc=desc)
         finally:
             task.remove_hooks()
         results.append(r)
         if r.completed and keep and done_file is not None and d.main:
-            save(student, done_file, metadata={"stage": name})
+            save(student, done_file, metadata={"stage": name, "run_identity": dict(made)})
         d.barrier()
         return r.completed
 
     ok = True
     if cfg.epochs > 0:
         c1 = stage_config(cfg, "stage1", min_lr=min(cfg.min_lr, cfg.lr))
-        if st.clean_block_loss and st.stage1 == "isolated":  # block losses only: all at the clean weights
-            c1 = dataclasses.replace(c1, weight_noise=0.0)
+        c1, clean = _noise_for(c1, st, ce, blocks_only=st.stage1 == "isolated")
         task = (IsolatedTask(student, teacher, c1, st.block_loss) if st.stage1 == "isolated" else
                 DistillTask(student, teacher, c1, stage=1, ce_weight=ce, block_weight=st.block_weight,
                             kd_weight=st.kd_weight, kd_temperature=st.kd_temperature, kind=st.block_loss,
-                            clean_blocks=st.clean_block_loss))
-        ok = stage("stage1", task, c1, f"distill stage 1 ({st.stage1})", keep=True)
+                            clean_blocks=clean))
+        ok = stage("stage1", task, c1, f"distill stage 1 ({st.stage1})", keep=True,
+                   block_weight=None if st.stage1 == "isolated" else st.block_weight)
     if ok and st.joint_epochs > 0:
         joint_lr = st.joint_lr if st.joint_lr is not None else STAGE1_LR["joint"]
         cj = stage_config(cfg, "joint", epochs=st.joint_epochs, lr=joint_lr, min_lr=min(cfg.min_lr, joint_lr),
                           warmup_epochs=min(cfg.warmup_epochs, st.joint_epochs / 4))
+        cj, clean = _noise_for(cj, st, ce)
         task = DistillTask(student, teacher, cj, stage=1, ce_weight=ce, block_weight=st.block_weight,
                            kd_weight=st.kd_weight, kd_temperature=st.kd_temperature, kind=st.block_loss,
-                           clean_blocks=st.clean_block_loss)
-        ok = stage("joint", task, cj, "distill joint", keep=True)
+                           clean_blocks=clean)
+        ok = stage("joint", task, cj, "distill joint", keep=True, block_weight=st.block_weight)
     if ok and st.stage2_epochs > 0:
         c2 = stage_config(cfg, "stage2", epochs=st.stage2_epochs, lr=st.stage2_lr,
                           min_lr=min(cfg.min_lr, st.stage2_lr), warmup_epochs=min(cfg.warmup_epochs, st.stage2_epochs / 4))
+        c2, clean = _noise_for(c2, st, ce)
         task = DistillTask(student, teacher, c2, stage=2, ce_weight=ce, block_weight=st.stage2_block_weight,
                            kd_weight=st.kd_weight, kd_temperature=st.kd_temperature, kind=st.block_loss,
-                           clean_blocks=st.clean_block_loss)
-        ok = stage("stage2", task, c2, "distill stage 2", keep=False)
+                           clean_blocks=clean)
+        ok = stage("stage2", task, c2, "distill stage 2", keep=False, block_weight=st.stage2_block_weight)
     for p in student.parameters():
         p.requires_grad_(True)
     last_acc = results[-1].final_accuracy if results else None

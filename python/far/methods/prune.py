@@ -46,7 +46,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from far.errors import ConfigError
 from far.utils.checks import finite_number
@@ -55,6 +54,8 @@ from far.models import far_modules, load, save, set_storage
 from far.nn import FARAttention
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
+from far.train.loop import (check_fresh_run, check_stage_file, classification_loss, limit_data,
+                            stage_identity)
 
 
 # ---------------------------------------------------------------- groups
@@ -494,7 +495,7 @@ class HoyerTask(Task):
             p.requires_grad_(True)
 
     def loss(self, model, x, y):
-        ce = F.cross_entropy(model(x), y, label_smoothing=self.cfg.label_smoothing)
+        ce = classification_loss(model(x), y, self.cfg.label_smoothing)  # soft targets under mixup
         reg = torch.stack([hoyer_square(m, scope=self.scope, groups=self.groups) for m in self.mods]).sum()
         return {"loss": ce + self.hoyer * reg, "ce": ce.detach(), "hoyer": reg.detach()}
 
@@ -605,6 +606,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     check_min_units(min_units, align, models=[m for _, m in named])
     if budget is not None:  # an impossible budget fails here, before any training
         check_budget(named, model, budget, head_units=head_floor(min_units, align) if keep_heads else 0)
+    check_fresh_run(cfg)  # every round's and stage's folder, before the first stage could overwrite its own
+    train_data, eval_data = limit_data(cfg, train_data, eval_data)
     d = setup_distributed(device)
     model = set_storage((model if inplace else copy.deepcopy(model)).to(d.device), "padded")  # masks need padding
     before = {name: m.hidden_sizes.clone() for name, m in far_modules(model)}
@@ -615,6 +618,10 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         ident["min_units"] = min_units
     if keep_heads:
         ident["keep_heads"] = True
+    ident.update(prune_ratio=prune_ratio, threshold=threshold)
+    # what the masked model and each round's result were made with: a resumed run loads them only under these
+    made = stage_identity("prune", cfg, {**ident, "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr,
+                                         "world": d.world, "train_images": len(train_data)})
     start = budget_measure(model, budget)({}) if budget is not None else None
     histories: list = []
     seconds, steps = 0.0, 0
@@ -628,13 +635,16 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         rc = dataclasses.replace(cfg, out_dir=out)
         done_file = None if rounds == 1 or out is None else os.path.join(out, "done.safetensors")
         if cfg.resume and done_file is not None and os.path.isfile(done_file):
-            model = load(done_file).to(d.device)
+            done_round = load(done_file)
+            check_stage_file(done_file, done_round.far_checkpoint["metadata"].get("run_identity"), made)
+            model = done_round.to(d.device)
             record.append(model.far_checkpoint["metadata"]["round"])
+            thr = record[-1].get("threshold")  # older files lack it: the summary then says n/a
             continue
         model, res, thr, plan, info = _prune_round(
             model, train_data, eval_data, rc, d, ident, hoyer, hoyer_scope, groups, round_ratio, threshold,
             round_budget, align, balance, finetune_epochs, finetune_lr, desc="" if rounds == 1 else f" (round {r}/{rounds})",
-            min_units=min_units, keep_heads=keep_heads)
+            min_units=min_units, keep_heads=keep_heads, made=made)
         result = res
         seconds += res.seconds
         steps += res.steps
@@ -644,14 +654,14 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
             break
         if done_file is not None and d.main:
             os.makedirs(out, exist_ok=True)
-            save(model, done_file, metadata={"round": info})
+            save(model, done_file, metadata={"round": info, "run_identity": made})
         d.barrier()
     completed = result is None or result.completed
     if completed:
         with torch.no_grad():
             for _, m in far_modules(model):
                 compact_(m)
-    final_acc = result.final_accuracy if result is not None else None
+    final_acc = result.final_accuracy if result is not None else (record[-1].get("accuracy") if record else None)
     done = TrainResult(model, join_histories(*histories), final_acc, seconds, steps, None, completed)
     params_after = lstm_param_count(model)
     cut = 1 - params_after[0] / max(params_before[0], 1)
@@ -697,9 +707,12 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
 
 
 def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, groups, prune_ratio, threshold,
-                 budget, align, balance, finetune_epochs, finetune_lr, desc="", min_units=0, keep_heads=False):
-    """One Hoyer -> threshold -> masked fine-tune round (not compacted). Returns (model, last TrainResult,
-    threshold, BudgetPlan or None, record)."""
+                 budget, align, balance, finetune_epochs, finetune_lr, desc="", min_units=0, keep_heads=False,
+                 made=None):
+    """One Hoyer -> threshold -> masked fine-tune round; the masked model is compacted before its fine-tune
+    (as far.load gives back the masked file a resumed run continues from). made: the run's settings, recorded
+    with the masked file and checked when a resumed run loads it. Returns (model, last TrainResult, threshold,
+    BudgetPlan or None, record)."""
     histories: list = []
     seconds, steps = 0.0, 0
     masked_file = None if cfg.out_dir is None else os.path.join(cfg.out_dir, "masked.safetensors")
@@ -707,7 +720,9 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
     plan = None
     info: dict = {}
     if cfg.resume and masked_file is not None and os.path.isfile(masked_file):
-        model = load(masked_file).to(d.device)
+        masked = load(masked_file)
+        check_stage_file(masked_file, masked.far_checkpoint["metadata"].get("run_identity"), made or {})
+        model = masked.to(d.device)
         info = dict(model.far_checkpoint["metadata"].get("round_info", {}))
         thr = float(model.far_checkpoint["metadata"]["threshold"])
     else:
@@ -733,12 +748,16 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
                     with torch.no_grad():
                         masks = [_floor(k, group_norms(m, groups), m.unit_mask(), min_units, keep_heads)
                                  for k, m in zip(masks, mods)]
-            for m, keep in zip(mods, masks):
-                apply_keep_mask(m, keep)
+            with torch.no_grad():
+                for m, keep in zip(mods, masks):
+                    apply_keep_mask(m, keep)
+                    compact_(m)
             info["hidden_sizes"] = {n: m.hidden_sizes.tolist() for n, m in named}
+            info["threshold"] = thr
             if masked_file is not None and d.main:
                 os.makedirs(cfg.out_dir, exist_ok=True)  # no Hoyer epoch: nothing has made the folder yet
-                save(model, masked_file, metadata={"threshold": thr, "round_info": info})
+                save(model, masked_file, metadata={"threshold": thr, "round_info": info,
+                                                   **({"run_identity": made} if made else {})})
             d.barrier()
     if result is None or result.completed:
         masked_acc = accuracy(model, eval_data, batch_size=cfg.eval_batch_size, device=d.device)

@@ -35,6 +35,7 @@ from far.models import far_modules
 from far.nn import MixerTaps, apply_reuse, reuse_plan, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
+from far.train.loop import check_fresh_run, classification_loss, limit_data
 
 
 @torch.no_grad()
@@ -163,7 +164,7 @@ class FinetuneTask(Task):
         logits = model(x)
         out, loss = {}, 0.0
         if self.ce_weight > 0:
-            ce = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+            ce = classification_loss(logits, y, self.cfg.label_smoothing)  # soft targets under mixup
             loss, out["ce"] = loss + self.ce_weight * ce, ce.detach()
         if self.kd_weight > 0:
             with torch.no_grad():
@@ -270,6 +271,10 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
         finite_number("latency_budget_us", latency_budget_us, low=0, strict=True)
     if plan is not None and (not isinstance(plan, dict) or not plan):
         raise ConfigError(f"plan must be a non-empty {{block: source block}} dict, got {plan!r}")
+    if stage2_epochs > 0 and ce_weight + kd_weight == 0:
+        raise ConfigError("stage 2 needs a loss: ce_weight and kd_weight are both 0 (give one > 0, or stage2_epochs=0)")
+    check_fresh_run(cfg)  # both stages' folders, before stage 1 could overwrite its own
+    train_data, eval_data = limit_data(cfg, train_data, eval_data)
     if far_modules(teacher) or reuse_plan(teacher):
         raise ConfigError("the teacher must be a plain attention model (no FAR blocks, no reuse)")
     d = setup_distributed(device)
@@ -287,11 +292,12 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
     student = apply_reuse(copy.deepcopy(teacher), plan, kind=transform)
     fit_transforms(student, teacher, train_data, ridge=ridge)
     results: List[TrainResult] = []
+    ident = {**(identity or {}), "plan": plan, "transform": transform, "ridge": ridge}
     if cfg.epochs > 0:
         c1 = stage_config(cfg, "stage1")
         task = TransformTask(student, teacher, c1)
         try:
-            results.append(train(task, train_data, eval_data, c1, d, identity={**(identity or {}), "plan": plan},
+            results.append(train(task, train_data, eval_data, c1, d, identity=ident,
                                  desc="reuse stage 1"))
         finally:
             task.remove_hooks()
@@ -299,8 +305,9 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
         c2 = stage_config(cfg, "stage2", epochs=stage2_epochs, lr=stage2_lr, min_lr=min(cfg.min_lr, stage2_lr),
                           warmup_epochs=min(cfg.warmup_epochs, stage2_epochs / 4))
         task = FinetuneTask(student, teacher, c2, ce_weight, kd_weight, kd_temperature)
-        results.append(train(task, train_data, eval_data, c2, d, identity={**(identity or {}), "plan": plan,
-                                                                            "stage": 2}, desc="reuse stage 2"))
+        results.append(train(task, train_data, eval_data, c2, d, identity={
+            **ident, "stage": 2, "ce_weight": ce_weight, "kd_weight": kd_weight, "kd_temperature": kd_temperature},
+            desc="reuse stage 2"))
     for i in plan:  # training can drift along the LayerNorm's null direction too: taken out, function unchanged
         student.blocks[i].attn.transform.center_()
     ok = all(r.completed for r in results)

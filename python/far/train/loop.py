@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from far.errors import CheckpointError, ConfigError
 from far.evaluate import accuracy
 from far.models.factory import check_input, check_labels
 from far.utils.env import device_name
-from far.utils.fs import append_jsonl, atomic_write, check_folder, make_folder
+from far.utils.fs import append_jsonl, atomic_write, check_folder, make_folder, strict_json
 from far.utils.plot import pyplot, save_figure
 
 CKPT_NAME = "last.pt"
@@ -515,13 +515,51 @@ class Task:
 # ---------------------------------------------------------------- checkpoints
 def _identity(task: Task, cfg: TrainConfig, extra: dict) -> dict:
     """What must match for a resume to be the same run (anything else may change, e.g. --progress)."""
+    return stage_identity(task.name, cfg, extra)
+
+
+def stage_identity(task_name: str, cfg: TrainConfig, extra: dict) -> dict:
+    """The settings a training stage of task `task_name` under `cfg` records (in last.pt, and in the model
+    file a finished stage leaves for a resumed run to load) and a resume must match, as JSON reads them back
+    (int keys become strings, tuples lists)."""
     keep = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
             "grad_clip", "ema", "seed", "augment", "limit")
     recipe = ("mixup", "cutmix", "rand_augment", "reprob", "repeated_aug", "drop_path", "lr_scale_batch",
               "weight_noise", "weight_noise_on")
     base = TrainConfig()  # the DeiT options join only when set: runs saved before they existed still resume
-    return {"task": task.name, **{k: getattr(cfg, k) for k in keep},
-            **{k: getattr(cfg, k) for k in recipe if getattr(cfg, k) != getattr(base, k)}, **extra}
+    ident = {"task": task_name, **{k: getattr(cfg, k) for k in keep},
+             **{k: getattr(cfg, k) for k in recipe if getattr(cfg, k) != getattr(base, k)}, **extra}
+    return json.loads(json.dumps(ident))
+
+
+def identity_diff(got: dict, ident: dict) -> Dict[str, Tuple[Any, Any]]:
+    """{setting: (recorded, now)} for every setting of `ident` that `got` (a recorded identity) differs in;
+    keys of OPTIONAL_IDENTITY that `got` lacks (recorded by an older version) are not differences."""
+    ident = json.loads(json.dumps(ident))
+    return {k: (got.get(k), v) for k, v in ident.items() if got.get(k) != v
+            and not (k in OPTIONAL_IDENTITY and k not in got)}
+
+
+def check_stage_file(path, recorded, ident: dict) -> None:
+    """Before a resumed run loads the model a finished stage left at `path`: ConfigError unless the identity
+    recorded with it (its metadata's "run_identity"; files written before it was recorded have none and
+    pass) matches `ident`, the settings this run would have made it with."""
+    if recorded is None:
+        return
+    diff = identity_diff(recorded if isinstance(recorded, dict) else {}, ident)
+    if diff:
+        raise ConfigError(f"--resume: {path} was made by a different run; differing settings (file, now): "
+                          + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+                          + "; resume with that run's settings, or pass -f/--force (force=True in TrainConfig) "
+                            "to start over")
+
+
+def limit_data(cfg: TrainConfig, train_data, eval_data):
+    """(train_data, eval_data) cut to cfg.limit / cfg.eval_limit images (the first ones; far.data.first):
+    what a method trains and tests on, from the API as from the command line."""
+    from far.data import first
+
+    return first(train_data, cfg.limit), first(eval_data, cfg.eval_limit)
 
 
 def _tensor_problems(what: str, got, want: Dict[str, torch.Tensor]) -> List[str]:
@@ -567,9 +605,7 @@ def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch
         raise bad("its identity or history is not valid JSON") from None
     if not isinstance(got, dict) or not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
         raise bad("its identity must be a JSON object and its history a list of objects")
-    # train_images joined the identity later: a state written before it still resumes
-    diff = {k: (got.get(k), v) for k, v in ident.items() if got.get(k) != v
-            and not (k in OPTIONAL_IDENTITY and k not in got)}
+    diff = identity_diff(got, ident)  # train_images joined later: a state written before it still resumes
     if diff:
         raise ConfigError(f"--resume: {ckpt} belongs to a different run; differing settings (checkpoint, now): "
                           + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
@@ -684,6 +720,16 @@ class TrainResult:
     completed: bool  # False when stopped by max_steps
 
 
+NO_DECAY_SUFFIXES = ("bias", "b_ih", "b_hh", "head_proj_bias", "pos_embed", "cls_token")
+
+
+def _decays(name: str, p: nn.Parameter) -> bool:
+    """Weight decay for weight matrices only: not for 1-D parameters (norms), biases under any storage (a
+    padded FAR block keeps its LSTM and head_proj biases as [H, 2, 4n] / [H, d] tensors), position
+    embeddings or the class token."""
+    return p.dim() >= 2 and not name.endswith(NO_DECAY_SUFFIXES)
+
+
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
@@ -692,7 +738,9 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16
 
 
-OPTIONAL_IDENTITY = ("train_images",)  # identity keys a state written by an older version may lack
+# identity keys a state written by an older version may lack
+OPTIONAL_IDENTITY = ("train_images", "prune_ratio", "threshold", "transform", "ridge", "ce_weight", "kd_weight",
+                     "kd_temperature")
 _BEFORE_FIRST_RUN: List = []  # callables for the next train() to call once its checks have passed
 
 
@@ -714,6 +762,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     trained (EMA, if enabled) model, unwrapped."""
     cfg.validate()
     check_fresh_run(cfg, stages=False)
+    train_set, eval_set = limit_data(cfg, train_set, eval_set)
     out = Path(cfg.out_dir) if cfg.out_dir is not None else None
     write = out is not None and d.main  # this process writes the run's files
     if write:
@@ -740,8 +789,8 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     if not named:
         raise ConfigError(f"{desc}: nothing to train (no parameter requires a gradient)")
     noisy = noisy_weights(model, named, noise_patterns(cfg.weight_noise_on)) if cfg.weight_noise > 0 else []
-    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token"))]
-    no_decay = [p for n, p in named if not (p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token")))]
+    decay = [p for n, p in named if _decays(n, p)]
+    no_decay = [p for n, p in named if not _decays(n, p)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
@@ -758,6 +807,8 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
         if not ckpt.is_file():
             raise ConfigError(f"--resume: no checkpoint at {ckpt} (run without --resume to start)")
         step, history = load_state(ckpt, ident, total, model, opt, ema, task, d.device, scaler)
+        if write:  # rows logged after the state was saved would be logged again: the log is the state's history
+            atomic_write(metrics, "".join(json.dumps(strict_json(r)) + "\n" for r in history))
     elif write and metrics.exists():
         metrics.unlink()  # a fresh run starts a fresh log (check_fresh_run: not an unfinished run's)
     ddp = model
@@ -793,84 +844,86 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     regularized = contextlib.ExitStack()  # drop-path on the model's blocks for this run only
     regularized.enter_context(drop_path(model, cfg.drop_path))
     model.train()
-    while step < stop_at:
-        epoch, start = divmod(step, spe)
-        for x, y in data.epoch(epoch, start):
-            torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
-            lr = lr_at(step, total, warmup, peak_lr, min_lr)
-            if not checked_input:  # images that do not fit: the clear error, not a conv's shape error
-                check_input(task.evaluated(), x.shape, "the training data")
-                checked_input = True
-            if x_dtype is not None and x.is_floating_point() and x.dtype != x_dtype:
-                x = x.to(x_dtype)  # a bf16 / float64 model takes its own dtype
-            check_labels(task.evaluated(), y, f"{desc}, step {step}")
-            if mix is not None:
-                x, y = apply_mixup(mix, x, y, _step_seed(cfg.seed, step, d.rank) + 3)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            with weight_noise(noisy, cfg.weight_noise):  # forward and backward at the noisy weights
-                losses = _forward_backward(task.loss, ddp, x, y, d, amp, scaler, desc, step, lr)
-            if noisy:  # the clean weights are back: the terms a task takes at them (gradients add up)
-                clean = _forward_backward(task.clean_loss, ddp, x, y, d, amp, scaler, desc, step, lr)
-                if clean is not None:
-                    losses = {**losses, **{k: v for k, v in clean.items() if k != "loss"},
-                              "loss": losses["loss"].detach() + clean["loss"].detach()}
-            loss = losses["loss"]
-            if scaler is not None:
-                scaler.unscale_(opt)
-            if cfg.grad_clip > 0:
-                for group in clip_groups:
-                    nn.utils.clip_grad_norm_(group, cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            task.after_step(model)
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            count += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", refresh=False)
-            if step % cfg.log_every == 0 or step == stop_at:
-                row = {"kind": "step", "step": step, "epoch": step / spe, "lr": lr,
-                       **{k: v / count for k, v in sums.items()}}
-                history.append(row)
-                if write:
-                    append_jsonl(metrics, row)
-                sums, count = {}, 0
-            end_of_epoch = step % spe == 0 or step == total
-            if end_of_epoch:
-                seconds = time.perf_counter() - t_epoch
-                run_seconds += seconds
-                acc = None
-                if eval_set is not None:
-                    ctx = ema.applied(model) if ema is not None else contextlib.nullcontext(model)
-                    with ctx:
-                        acc = accuracy(task.evaluated(), eval_set, batch_size=cfg.eval_batch_size, device=d.device)
-                row = {"kind": "epoch", "step": step, "epoch": step / spe, "seconds": seconds,
-                       "accuracy": acc}
-                history.append(row)
-                if write:
-                    append_jsonl(metrics, row)
+    try:  # drop-path leaves the blocks and the bar closes however the run ends
+        while step < stop_at:
+            epoch, start = divmod(step, spe)
+            for x, y in data.epoch(epoch, start):
+                torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
+                lr = lr_at(step, total, warmup, peak_lr, min_lr)
+                if not checked_input:  # images that do not fit: the clear error, not a conv's shape error
+                    check_input(task.evaluated(), x.shape, "the training data")
+                    checked_input = True
+                if x_dtype is not None and x.is_floating_point() and x.dtype != x_dtype:
+                    x = x.to(x_dtype)  # a bf16 / float64 model takes its own dtype
+                check_labels(task.evaluated(), y, f"{desc}, step {step}")
+                if mix is not None:
+                    x, y = apply_mixup(mix, x, y, _step_seed(cfg.seed, step, d.rank) + 3)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                with weight_noise(noisy, cfg.weight_noise):  # forward and backward at the noisy weights
+                    losses = _forward_backward(task.loss, ddp, x, y, d, amp, scaler, desc, step, lr)
+                if noisy:  # the clean weights are back: the terms a task takes at them (gradients add up)
+                    clean = _forward_backward(task.clean_loss, ddp, x, y, d, amp, scaler, desc, step, lr)
+                    if clean is not None:
+                        losses = {**losses, **{k: v for k, v in clean.items() if k != "loss"},
+                                  "loss": losses["loss"].detach() + clean["loss"].detach()}
+                loss = losses["loss"]
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                if cfg.grad_clip > 0:
+                    for group in clip_groups:
+                        nn.utils.clip_grad_norm_(group, cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                task.after_step(model)
+                if ema is not None:
+                    ema.update(model)
+                step += 1
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                count += 1
                 if bar is not None:
-                    bar.write(f"{desc}: epoch {step / spe:.2f}  "
-                              + (f"test acc {100 * acc:.2f}%  " if acc is not None else "")
-                              + f"({seconds:.0f} s)")
-                t_epoch = time.perf_counter()
-            if step % cfg.ckpt_every == 0 or end_of_epoch or step == stop_at:
-                save_state()
-                d.barrier()
-            if step >= stop_at:
-                break
-    regularized.close()
-    if bar is not None:
-        bar.close()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", refresh=False)
+                if step % cfg.log_every == 0 or step == stop_at:
+                    row = {"kind": "step", "step": step, "epoch": step / spe, "lr": lr,
+                           **{k: v / count for k, v in sums.items()}}
+                    history.append(row)
+                    if write:
+                        append_jsonl(metrics, row)
+                    sums, count = {}, 0
+                end_of_epoch = step % spe == 0 or step == total
+                if end_of_epoch:
+                    seconds = time.perf_counter() - t_epoch
+                    run_seconds += seconds
+                    acc = None
+                    if eval_set is not None:
+                        ctx = ema.applied(model) if ema is not None else contextlib.nullcontext(model)
+                        with ctx:
+                            acc = accuracy(task.evaluated(), eval_set, batch_size=cfg.eval_batch_size, device=d.device)
+                    row = {"kind": "epoch", "step": step, "epoch": step / spe, "seconds": seconds,
+                           "accuracy": acc}
+                    history.append(row)
+                    if write:
+                        append_jsonl(metrics, row)
+                    if bar is not None:
+                        bar.write(f"{desc}: epoch {step / spe:.2f}  "
+                                  + (f"test acc {100 * acc:.2f}%  " if acc is not None else "")
+                                  + f"({seconds:.0f} s)")
+                    t_epoch = time.perf_counter()
+                if step % cfg.ckpt_every == 0 or end_of_epoch or step == stop_at:
+                    save_state()
+                    d.barrier()
+                if step >= stop_at:
+                    break
+    finally:
+        regularized.close()
+        if bar is not None:
+            bar.close()
     completed = step >= total
     if ema is not None and completed:
         model.load_state_dict(ema.shadow, strict=False)
@@ -964,6 +1017,7 @@ def stage_config(cfg: TrainConfig, name: str, **changes) -> TrainConfig:
 
 
 __all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "apply_mixup",
-           "classification_loss", "cleanup_distributed", "drop_path", "effective_lr", "join_histories", "lr_at",
-           "check_fresh_run", "make_mixup", "noise_patterns", "noisy_weights", "plot_history", "run_metadata",
-           "setup_distributed", "stage_config", "train", "weight_noise"]
+           "check_fresh_run", "check_stage_file", "classification_loss", "cleanup_distributed", "drop_path",
+           "effective_lr", "identity_diff", "join_histories", "limit_data", "lr_at", "make_mixup", "noise_patterns",
+           "noisy_weights", "plot_history", "run_metadata", "setup_distributed", "stage_config", "stage_identity",
+           "train", "weight_noise"]
