@@ -64,6 +64,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
         bar = tqdm(total=len(data), unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
     was_training = model.training
     model.eval()
+    classes = getattr(model, "num_classes", None)  # the logits' width once a batch has run (this process may have none)
     t_all = time.perf_counter()
     e2e_start = None
     try:
@@ -78,7 +79,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
                     finite = torch.isfinite(logits).all(dim=-1)  # a NaN row's argmax is a class, not an answer
                     correct += ((logits.argmax(dim=-1) == y) & finite).sum()
                     nonfinite += (~finite).sum()
-                    bad_labels += ((y < 0) | (y >= logits.shape[-1])).sum()
+                    classes = logits.shape[-1]
+                    bad_labels += ((y < 0) | (y >= classes)).sum()
                 if i == 0:  # warm-up: not timed
                     model_time.seconds = warm
                     e2e_start = time.perf_counter()
@@ -96,15 +98,17 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
             bar.close()
         model.train(was_training)
     t_end = time.perf_counter()
-    total = torch.tensor([int(correct), seen, int(nonfinite)], dtype=torch.float64, device=device)
+    # bad labels are summed over the processes too: every rank raises, none waits for the others in a collective
+    total = torch.tensor([int(correct), seen, int(nonfinite), int(bad_labels)], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    n_correct, n_seen, n_nonfinite = int(total[0]), int(total[1]), int(total[2])
+    n_correct, n_seen, n_nonfinite, n_bad = (int(v) for v in total.tolist())
     if n_seen == 0:
         raise DataError("the dataset is empty")
-    if int(bad_labels):
-        raise DataError(f"{int(bad_labels)} label(s) outside the model's {logits.shape[-1]} classes [0, "
-                        f"{logits.shape[-1] - 1}]: top-1 would count them as errors")
+    if n_bad:
+        raise DataError(f"{n_bad} label(s) outside the model's "
+                        + (f"{classes} classes [0, {classes - 1}]" if isinstance(classes, int) else "classes")
+                        + ": top-1 would count them as errors")
     if n_nonfinite:
         warnings.warn(f"{n_nonfinite} of {n_seen} images gave non-finite (NaN/inf) logits: counted as errors "
                       "(a diverged or overflowing model? try float32)", stacklevel=2)

@@ -315,3 +315,28 @@ def test_finetune_on_an_image_folder_with_new_classes(tmp_path, capsys):
     assert len(list(far.far_modules(m))) == 1
     assert main(["finetune", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path / "train")]) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_a_bad_label_on_one_process_stops_every_process(tmp_path):
+    """Under torchrun each process evaluates a strided share: a label outside the classes in one share raised on
+    that process alone, and the others went on into the next collective (a hang)."""
+    script = tmp_path / "bad_label.py"
+    script.write_text(
+        "import torch, torch.distributed as dist, far\n"
+        "dist.init_process_group('gloo')\n"
+        "torch.manual_seed(0)\n"
+        "m = far.create_model('fmnist_deit_tiny', far=False, embed_dim=32, depth=1, num_heads=2)\n"
+        "y = torch.zeros(8, dtype=torch.int64); y[5] = 10  # image 5: process 1's share\n"
+        "data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28), y)\n"
+        "try:\n"
+        "    far.evaluate(m, data, batch_size=4)\n"
+        "    print(f'rank {dist.get_rank()}: no error', flush=True)\n"
+        "except far.DataError as e:\n"
+        "    print(f'rank {dist.get_rank()}: DataError {e}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: DataError 1 label(s) outside the model's 10 classes [0, 9]" in run.stdout, run.stdout
