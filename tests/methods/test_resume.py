@@ -257,3 +257,12 @@ def test_mixup_targets_are_smoothed_once(method):
         out = task.loss(model, x, soft)
         want = -(soft * F.log_softmax(model(x), dim=1)).sum(1).mean()
     torch.testing.assert_close(out["ce"], want)
+
+
+@pytest.mark.parametrize("stage1", ["isolated", "joint"])
+def test_per_block_loss_terms_are_named_by_the_models_block_index(stage1):
+    # a partial student (block 1 of 2 replaced) logged block 1's terms as cos_b0 / mse_b0
+    out = far.distill(teacher(), Images(32), config=cfg(epochs=0.5, log_every=1), blocks=[1], stage1=stage1,
+                      stage2_epochs=0)
+    keys = {k for r in out.far_run.history if r["kind"] == "step" for k in r}
+    assert {"cos_b1", "mse_b1"} <= keys and not {k for k in keys if k.endswith("_b0")}, keys

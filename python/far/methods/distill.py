@@ -82,10 +82,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
-def _add_block_terms(out: Dict[str, torch.Tensor], s_feats, t_feats, kind: str) -> torch.Tensor:
-    """Sum of every block's loss terms; logs per-block terms (cos_b0, mse_b0, ...) and totals into `out`."""
+def _add_block_terms(out: Dict[str, torch.Tensor], s_feats, t_feats, kind: str, blocks: List[int]) -> torch.Tensor:
+    """Sum of every block's loss terms; logs per-block terms (cos_b<i>, mse_b<i>, ... with i the model's block
+    index, of `blocks`, the blocks the features come from) and totals into `out`."""
     total = 0.0
-    for i, (s, t) in enumerate(zip(s_feats, t_feats)):
+    for i, s, t in zip(blocks, s_feats, t_feats):
         for name, v in block_loss(s, t, kind).items():
             total = total + v
             out[f"{name}_b{i}"] = v.detach()
@@ -175,7 +176,7 @@ class IsolatedTask(Task):
         inputs, targets = [inputs[i] for i in self.far_idx], [targets[i] for i in self.far_idx]
         outs = model(inputs)
         out: Dict[str, torch.Tensor] = {}
-        out["loss"] = _add_block_terms(out, outs, targets, self.kind)
+        out["loss"] = _add_block_terms(out, outs, targets, self.kind, self.far_idx)
         return out
 
     def remove_hooks(self) -> None:
@@ -246,7 +247,7 @@ class DistillTask(Task):
             loss = loss + self.ce_weight * ce
             out["ce"] = ce.detach()
         if need_blocks:
-            loss = loss + self.block_weight * _add_block_terms(out, s_feats, t_feats, self.kind)
+            loss = loss + self.block_weight * _add_block_terms(out, s_feats, t_feats, self.kind, self.far_idx)
         if self.kd_weight > 0:
             kd = relative_mse(logits, t_logits) if self.features else kd_loss(logits, t_logits, self.kd_temperature)
             loss = loss + self.kd_weight * kd
@@ -261,7 +262,7 @@ class DistillTask(Task):
             return None
         _, s_feats, _, t_feats = self._forward(model, x, with_teacher=True)
         out: Dict[str, torch.Tensor] = {}
-        out["loss"] = self.block_weight * _add_block_terms(out, s_feats, t_feats, self.kind)
+        out["loss"] = self.block_weight * _add_block_terms(out, s_feats, t_feats, self.kind, self.far_idx)
         return out
 
     def remove_hooks(self) -> None:
