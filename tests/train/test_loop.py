@@ -253,6 +253,11 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert s_ddp["steps"] == s_one["steps"] == 4
     assert abs(s_ddp["test_accuracy"] - s_one["test_accuracy"]) <= 0.02  # same model, sharded evaluation
+    # the logged loss is the mean over both processes' halves of each batch (it was rank 0's half alone)
+    logged = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "step"] for run in ("ddp", "one")]
+    assert len(logged[0]) == len(logged[1]) >= 1
+    torch.testing.assert_close(torch.tensor(logged[0]), torch.tensor(logged[1]), rtol=1e-4, atol=1e-5)
 
 
 def test_train_teacher_cli_output_and_errors(tmp_path, capsys):

@@ -720,6 +720,17 @@ class TrainResult:
     completed: bool  # False when stopped by max_steps
 
 
+def _mean_over_processes(values: Dict[str, float], d: Dist) -> Dict[str, float]:
+    """The logged loss terms averaged over the processes of a torchrun (each saw its own share of the batch;
+    every process logs the same keys at the same steps); as they are with one process."""
+    if d.world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return {k: v / d.world for k, v in zip(keys, t.tolist())}
+
+
 NO_DECAY_SUFFIXES = ("bias", "b_ih", "b_hh", "head_proj_bias", "pos_embed", "cls_token")
 
 
@@ -890,8 +901,8 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}", refresh=False)
                 if step % cfg.log_every == 0 or step == stop_at:
-                    row = {"kind": "step", "step": step, "epoch": step / spe, "lr": lr,
-                           **{k: v / count for k, v in sums.items()}}
+                    means = _mean_over_processes({k: v / count for k, v in sums.items()}, d)
+                    row = {"kind": "step", "step": step, "epoch": step / spe, "lr": lr, **means}
                     history.append(row)
                     if write:
                         append_jsonl(metrics, row)
