@@ -5,7 +5,9 @@ For each model it times, under torch.inference_mode on random inputs (speed does
 the digital forward pass and the emulated one (far.imc.emulate, ISAAC defaults: 8-bit weights in 2-bit
 cells, 1-bit DAC, 8-bit ADC, 128-row tiles) on every crossbar backend that runs on --device (CPU: torch,
 cpp; CUDA: torch, triton), without and with read noise, and reports images/s, the slowdown vs digital
-(emulated time / digital time, same batch, same run) and the seconds a 10k-image test set would take. FAR models
+(emulated time / digital time, same batch, same run) and the seconds a 10k-image test set would take. Before a
+backend is timed its noiseless emulated output is checked against the torch backend's on the same input (they must be
+bit-identical; a backend that fails has its rows flagged and not timed). The JSON is rewritten after every row. FAR models
 are timed with the LSTM mapping(s) of --lstm-mappings (separate: W_ih over all tokens + W_hh per step; fused: one
 [W_ih | W_hh] product per step).
 Times are medians (CUDA events on a GPU). Models:
@@ -101,13 +103,36 @@ def backends(device: torch.device):
     return [b for b in names if op.reason(b, device) is None]
 
 
+def check_emulated(out: torch.Tensor, ref, reference: bool = False) -> dict:
+    """A backend's noiseless emulated output against the torch backend's (`ref`) on the same model and input: without
+    noise the crossbar backends compute the same integers and the same fp32 epilogue, so the outputs must be
+    bit-identical. reference=True: this is the torch backend itself; only finiteness is checked."""
+    finite = bool(torch.isfinite(out).all())
+    if reference:
+        return {"ok": finite, "finite": finite, "reference": True}
+    if ref is None:
+        return {"ok": False, "finite": finite, "error": "no finite torch-backend output to compare with"}
+    same = bool(torch.equal(out, ref))
+    diff = float((out.float() - ref.float()).abs().max()) if finite and out.shape == ref.shape else None
+    return {"ok": finite and same, "bit_identical_to_torch": same, "max_abs_diff": diff, "finite": finite}
+
+
 def run(args) -> dict:
+    """Per model: the digital time, then per LSTM mapping and backend the noiseless emulation, checked against the
+    torch backend's output (bit for bit) BEFORE it is timed, and the read-noise setting; a backend that fails its
+    check has its rows flagged and not timed. The JSON (args.out_partial) is rewritten after every row."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
-    settings = [("no noise", CrossbarConfig())]
+    clean = CrossbarConfig()
+    settings = [("no noise", clean)]
     if not args.no_noise:
         settings.append(("read_noise=0.02", CrossbarConfig(read_noise=0.02)))
+
+    def save():
+        if args.out_partial is not None:  # a run cut short keeps the rows it finished
+            write_json(args.out_partial, _result(args, device, rows, partial=True))
+
     for name, model, x, dynamic in cases(args.quick, device, args.batch, args.block_batch):
         if args.models and name not in args.models:
             continue
@@ -116,32 +141,58 @@ def run(args) -> dict:
             dig = time_fn(lambda: model(x), device=device, min_reps=3, min_time_s=1.0 if not args.quick else 0.2)
         row = {"model": name, "batch": B, "input": list(x.shape), "dynamic": dynamic,
                "digital_ms": dig["ms"], "digital_images_per_s": B / dig["ms"] * 1e3, "emulated": []}
+        rows.append(row)
+        save()
         print(f"{name}: digital {row['digital_images_per_s']:.1f} images/s (batch {B})", flush=True)
         far_model = is_far(model)
         mappings = args.lstm_mappings if far_model else [None]  # attention: no LSTM to map
-        for (label, cfg), mapping, be in ((st, m, b) for st in settings for m in mappings for b in backends(device)):
-            try:
-                emu = emulate(model, cfg, backend=be, dynamic=dynamic,
-                              lstm_mapping=mapping or EMULATED_LSTM_MAPPING).eval()
-            except ValueError as e:  # e.g. nothing emulatable
-                print(f"  skip {label} {be}: {e}")
-                continue
-            with torch.inference_mode():
-                st = time_fn(lambda: emu(x), device=device, min_reps=args.reps, min_time_s=0.0, warmup=1,
-                             warmup_s=0.0)
-            ips = B / st["ms"] * 1e3
-            e = {"setting": label, "backend": be, "lstm_mapping": mapping, "ms": st["ms"], "ms_p10": st["ms_p10"],
-                 "ms_p90": st["ms_p90"], "runs": st["runs"], "images_per_s": ips, "slowdown_vs_digital": st["ms"] / dig["ms"],
-                 "seconds_per_10k_images": 1e4 / ips, "minutes_per_10k_images": 1e4 / ips / 60}
-            row["emulated"].append(e)
-            print(f"  {label:<16} {be:<6} {mapping or '':<8} {ips:8.2f} images/s  "
-                  f"{e['slowdown_vs_digital']:7.1f}x digital  {e['seconds_per_10k_images']:8.1f} s / 10k", flush=True)
-            del emu
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        rows.append(row)
-        if args.out_partial is not None:  # a run cut short keeps the models it finished
-            write_json(args.out_partial, _result(args, device, rows, partial=True))
+        for mapping in mappings:
+            torch_out = None  # the torch backend's noiseless output: the others' check
+            for be in backends(device):
+                check = None
+                for label, cfg in settings:
+                    e = {"setting": label, "backend": be, "lstm_mapping": mapping}
+                    try:
+                        emu = emulate(model, cfg, backend=be, dynamic=dynamic,
+                                      lstm_mapping=mapping or EMULATED_LSTM_MAPPING).eval()
+                    except ValueError as err:  # e.g. nothing emulatable
+                        print(f"  skip {be}: {err}")
+                        break  # the same for every setting
+                    warmup = 1
+                    with torch.inference_mode():
+                        if check is None:  # the noiseless setting comes first: check, then time
+                            out = None
+                            try:
+                                out = emu(x)
+                                check = check_emulated(out, torch_out, reference=be == "torch")
+                                if be == "torch" and check["ok"]:
+                                    torch_out = out
+                                warmup = 0  # that call was the warm-up (compilation included)
+                            except Exception as err:  # a backend that cannot run the model: recorded, the run goes on
+                                check = {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
+                            del out
+                        e["check"] = check
+                        if not check["ok"]:
+                            e["failed"] = check.get("error") or (
+                                f"noiseless output differs from the torch backend's (max abs diff {check.get('max_abs_diff')})"
+                                if check.get("finite") else "non-finite output")
+                            print(f"  {label:<16} {be:<6} {mapping or '':<8} FAILED {e['failed']}", flush=True)
+                        else:
+                            st = time_fn(lambda: emu(x), device=device, reps=args.reps, min_time_s=0.0, warmup=warmup,
+                                         warmup_s=0.0)
+                    if check["ok"]:
+                        ips = B / st["ms"] * 1e3
+                        e.update(ms=st["ms"], ms_p10=st["ms_p10"], ms_p90=st["ms_p90"], runs=st["runs"], images_per_s=ips,
+                                 slowdown_vs_digital=st["ms"] / dig["ms"], seconds_per_10k_images=1e4 / ips,
+                                 minutes_per_10k_images=1e4 / ips / 60)
+                        print(f"  {label:<16} {be:<6} {mapping or '':<8} {ips:8.2f} images/s  "
+                              f"{e['slowdown_vs_digital']:7.1f}x digital  {e['seconds_per_10k_images']:8.1f} s / 10k",
+                              flush=True)
+                    row["emulated"].append(e)
+                    save()  # after every row
+                    del emu
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     return _result(args, device, rows)
 
 
@@ -149,6 +200,9 @@ def _result(args, device: torch.device, rows: list, partial: bool = False) -> di
     return {"benchmark": "imc_eval_speed", "device": str(device), "device_name": device_name(device),
             "threads": args.threads, "quick": args.quick, "partial": partial,
             "crossbar_config": "ISAAC defaults (CrossbarConfig())", "loadavg_after": loadavg(),
+            "note": "every (model, LSTM mapping, backend) is checked before it is timed: its noiseless emulated output "
+                    "equals the torch backend's bit for bit (check per row; a failing backend's rows are flagged "
+                    "'failed' and not timed); ms = median of --reps timed batches; the JSON is rewritten per row",
             "environment": environment(args.threads), "results": rows}
 
 
@@ -166,7 +220,7 @@ def plot(result: dict, path: Path) -> None:
         for i, r in enumerate(rows):
             e = next((e for e in r["emulated"] if (e["setting"], e["backend"], e.get("lstm_mapping") or "")
                       == (setting, be, mapping)), None)
-            if e is not None:
+            if e is not None and "images_per_s" in e:  # a row that failed its check has no time
                 xs.append(i + (k - (len(labels) - 1) / 2) * width)
                 ips.append(e["images_per_s"])
                 slow.append(e["slowdown_vs_digital"])
@@ -206,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, help="zoo models' batch (default 100 on a CPU, 1000 on a GPU, 20 quick)")
     ap.add_argument("--block-batch", type=int, help="DeiT-small block cases' batch (default 8 CPU, 64 GPU, 2 quick)")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/imc_eval_speed-<host>-<date>.json); "
-                                             "rewritten after each model")
+                                             "rewritten after each row")
     args = ap.parse_args(argv)
     try:
         device = resolve_device(args.device, "--device")

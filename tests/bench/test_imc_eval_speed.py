@@ -57,3 +57,57 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, argv, msg):
         _load().main(["--quick", "--out", str(out), *argv])
     assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not out.exists()
+
+
+QUICK = ["--quick", "--models", "fmnist_far_tiny_pruned", "--reps", "1", "--batch", "2", "--threads", "1"]
+
+
+def test_json_is_rewritten_after_every_row(tmp_path, monkeypatch):
+    """A run cut short keeps every emulated row it finished (the JSON was rewritten per model only)."""
+    mod = _load()
+    snapshots = []
+    real = mod.write_json
+    monkeypatch.setattr(mod, "write_json", lambda path, obj, **k: snapshots.append(json.loads(json.dumps(obj)))
+                        or real(path, obj, **k))
+    out = tmp_path / "speed.json"
+    assert mod.main(QUICK + ["--out", str(out)]) == 0
+    n = len(mod.backends(torch.device("cpu"))) * 2  # x (no noise, read noise)
+    partial = [len(s["results"][0]["emulated"]) for s in snapshots if s["partial"] and s["results"]]
+    assert partial == list(range(n + 1))  # the model's digital time alone, then one more row per write
+    assert snapshots[-1]["partial"] is False and len(snapshots[-1]["results"][0]["emulated"]) == n
+
+
+def test_backends_are_checked_against_torch_before_timing(tmp_path, monkeypatch):
+    """Every backend's noiseless emulated output equals the torch backend's bit for bit before it is timed; one that
+    differs has its rows (with and without noise) flagged and not timed, and the others are timed as before."""
+    mod = _load()
+    others = [b for b in mod.backends(torch.device("cpu")) if b != "torch"]
+    if not others:
+        pytest.skip("only the torch backend runs here (far_kernels._C not built)")
+    bad = others[0]
+    real = mod.emulate
+
+    class OneUlpOff(torch.nn.Module):
+        def __init__(self, emu):
+            super().__init__()
+            self.emu = emu
+
+        def forward(self, x):
+            y = self.emu(x)
+            return torch.nextafter(y, torch.full_like(y, float("inf")))
+
+    monkeypatch.setattr(mod, "emulate", lambda model, cfg, backend=None, **k:
+                        OneUlpOff(real(model, cfg, backend=backend, **k)) if backend == bad
+                        else real(model, cfg, backend=backend, **k))
+    out = tmp_path / "speed.json"
+    assert mod.main(QUICK + ["--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["results"]
+    by = {(e["backend"], e["setting"]): e for e in row["emulated"]}
+    assert set(by) == {(b, s) for b in mod.backends(torch.device("cpu")) for s in ("no noise", "read_noise=0.02")}
+    for (be, setting), e in by.items():
+        if be == bad:
+            assert e["check"]["ok"] is False and e["check"]["bit_identical_to_torch"] is False
+            assert "differs from the torch backend" in e["failed"] and "ms" not in e
+        else:
+            assert e["check"]["ok"] and "failed" not in e and e["ms"] > 0
+    assert by[("torch", "no noise")]["check"]["reference"] is True
