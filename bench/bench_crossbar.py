@@ -105,7 +105,8 @@ def crossbar_floor(M, K, N, prog, ceilings, bias=True) -> dict:
     levels = prog.levels
     bytes_ = (M * K * 4 + levels.numel() * levels.element_size() + prog.w_scale.numel() * 4 + (N * 4 if bias else 0)
               + M * N * 4)
-    fl = {"int_gemms": SJ, "int_ops": 2 * SJ * M * N * K, "bytes": bytes_, "level_dtype": str(levels.dtype).replace("torch.", "")}
+    fl = {"int_gemms": SJ, "int_ops": 2 * SJ * M * N * K, "bytes": bytes_,
+          "level_dtype": str(levels.dtype).replace("torch.", "")}
     unit, rate = ("int8", ceilings.get("mm_int8_tops")) if not levels.is_floating_point() else \
         ("fp32", ceilings.get("mm_fp32_tflops"))
     if not rate and ceilings.get("mm_bf16_tflops"):
@@ -281,7 +282,8 @@ def main(argv=None):
     p.add_argument("--max-torch-mk", type=int, default=2 ** 26, help="time the torch reference only up to M*K")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-noise", action="store_true", help="skip the read/programming-noise variants")
-    p.add_argument("--quick", action="store_true", help="small smoke run (M=256, K=N=192, B=1, T=20, 1 round of 3 reps)")
+    p.add_argument("--quick", action="store_true",
+                   help="small smoke run (M=256, K=N=192, B=1, T=20, 1 round of 3 reps)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/crossbar-<host>-<date>.json)")
     args = p.parse_args(argv)

@@ -12,8 +12,8 @@ attention are timed in interleaved rounds (CUDA graphs between events, no host t
 median ms, spread, us per step, recurrent TFLOP/s (2 * B * 4k^2 per step and (direction, head) of k kept
 units: a pruned case counts what it computes). Per case, fastest_exact_variant (accurate activations: what
 auto runs, held against auto's rule in auto_is_fastest_exact) and fastest_any_variant (the opt-in
-tanh.approx variants too). The JSON is rewritten after every case. Needs a GPU; --device cpu runs the script itself with the reference standing in for
-the kernel (the suite's dry run).
+tanh.approx variants too). The JSON is rewritten after every case. Needs a GPU; --device cpu runs the
+script itself with the reference standing in for the kernel (the suite's dry run).
 """
 from __future__ import annotations
 

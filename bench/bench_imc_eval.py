@@ -5,11 +5,11 @@ For each model it times, under torch.inference_mode on random inputs (speed does
 the digital forward pass and the emulated one (far.imc.emulate, ISAAC defaults: 8-bit weights in 2-bit
 cells, 1-bit DAC, 8-bit ADC, 128-row tiles) on every crossbar backend that runs on --device (CPU: torch,
 cpp; CUDA: torch, triton), without and with read noise, and reports images/s, the slowdown vs digital
-(emulated time / digital time, same batch, same run) and the seconds a 10k-image test set would take. Before a
-backend is timed its noiseless emulated output is checked against the torch backend's on the same input (they must be
-bit-identical; a backend that fails has its rows flagged and not timed). The JSON is rewritten after every row. FAR models
-are timed with the LSTM mapping(s) of --lstm-mappings (separate: W_ih over all tokens + W_hh per step; fused: one
-[W_ih | W_hh] product per step).
+(emulated time / digital time, same batch, same run) and the seconds a 10k-image test set would take.
+Before a backend is timed its noiseless emulated output is checked against the torch backend's on the same
+input (they must be bit-identical; a backend that fails has its rows flagged and not timed). The JSON is
+rewritten after every row. FAR models are timed with the LSTM mapping(s) of --lstm-mappings (separate: W_ih
+over all tokens + W_hh per step; fused: one [W_ih | W_hh] product per step).
 Times are medians (CUDA events on a GPU). Models:
 
   fmnist_deit_tiny, fmnist_far_tiny, fmnist_far_tiny_pruned   the bundled zoo (28x28 Fashion-MNIST)
@@ -174,7 +174,8 @@ def run(args) -> dict:
                         e["check"] = check
                         if not check["ok"]:
                             e["failed"] = check.get("error") or (
-                                f"noiseless output differs from the torch backend's (max abs diff {check.get('max_abs_diff')})"
+                                "noiseless output differs from the torch backend's "
+                                f"(max abs diff {check.get('max_abs_diff')})"
                                 if check.get("finite") else "non-finite output")
                             print(f"  {label:<16} {be:<6} {mapping or '':<8} FAILED {e['failed']}", flush=True)
                         else:
@@ -182,9 +183,9 @@ def run(args) -> dict:
                                          warmup_s=0.0)
                     if check["ok"]:
                         ips = B / st["ms"] * 1e3
-                        e.update(ms=st["ms"], ms_p10=st["ms_p10"], ms_p90=st["ms_p90"], runs=st["runs"], images_per_s=ips,
-                                 slowdown_vs_digital=st["ms"] / dig["ms"], seconds_per_10k_images=1e4 / ips,
-                                 minutes_per_10k_images=1e4 / ips / 60)
+                        e.update(ms=st["ms"], ms_p10=st["ms_p10"], ms_p90=st["ms_p90"], runs=st["runs"],
+                                 images_per_s=ips, slowdown_vs_digital=st["ms"] / dig["ms"],
+                                 seconds_per_10k_images=1e4 / ips, minutes_per_10k_images=1e4 / ips / 60)
                         print(f"  {label:<16} {be:<6} {mapping or '':<8} {ips:8.2f} images/s  "
                               f"{e['slowdown_vs_digital']:7.1f}x digital  {e['seconds_per_10k_images']:8.1f} s / 10k",
                               flush=True)

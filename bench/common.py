@@ -6,8 +6,9 @@ host time, the check of a configuration's output before it is timed, and the att
     stats = time_variants({"a": fa, "b": fb}, device, rounds=3)   # medians and spread, interleaved rounds
     attn = timm_attention(C, H, device, dtype)      # timm Attention with SDPA (the block FAR replaces)
 
-GPU timing (GpuTimer): warmed up on a side stream, the calls are captured on that stream in a CUDA graph (when capture fails, e.g. a host copy in
-the call, they are launched one by one: "events") and timed with events around k calls, divided by k;
+GPU timing (GpuTimer): warmed up on a side stream, the calls are captured on that stream in a CUDA graph
+(when capture fails, e.g. a host copy in the call, they are launched one by one: "events") and timed with
+events around k calls, divided by k;
 before every timed rep a GPU sleep longer than the host's enqueue time keeps the GPU busy, so no host
 time or launch gap is counted. Two figures: "ms" with the caches warm (k back-to-back calls on the same
 inputs) and "ms_cold_l2" with the L2 flushed (a buffer of twice its size zeroed) before each single
