@@ -94,6 +94,18 @@ def test_read_idx_corrupt_gzip(tmp_path, name, data):
         read_idx(path)
 
 
+@pytest.mark.parametrize("dims", [(65536,) * 4, (65536, 65536), (2 ** 32 - 1,) * 3],
+                         ids=["2^64-wraps-int64-to-0", "4GiB", "2^96"])
+def test_read_idx_header_too_large(tmp_path, dims):
+    """A header declaring more than MAX_IDX_BYTES is a DataError naming the file, never numpy's reshape error:
+    4 dims of 2^16 once multiplied to 0 in int64 and passed the size check on an empty payload."""
+    path = tmp_path / "huge.idx"
+    path.write_bytes(bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}I", *dims))
+    with pytest.raises(DatasetError, match=r"more than 2048 MiB") as e:
+        read_idx(path)
+    assert str(path) in str(e.value) and str(list(dims)) in str(e.value)
+
+
 def test_read_idx_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_idx(tmp_path / "nope.gz")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -44,7 +45,8 @@ def read_idx(path) -> np.ndarray:
 
     Raises FileNotFoundError if `path` does not exist and DataError (a ValueError) if it is not a
     regular file or not valid IDX: bad gzip stream, wrong magic, unknown dtype code, a size that does
-    not match the header (truncated or trailing bytes), or more than MAX_IDX_BYTES of data.
+    not match the header (truncated or trailing bytes), or more than MAX_IDX_BYTES of data (read, or declared
+    by the header's dims: their product is taken in Python ints, so no header wraps the size check).
     """
     path = Path(path)
     if not path.exists():
@@ -74,7 +76,10 @@ def read_idx(path) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header ({len(buf)} bytes, {head} needed for {ndim} dims)")
     dims = tuple(int(v) for v in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[code]
-    want = head + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    want = head + math.prod(dims) * dtype.itemsize  # Python ints: 4 dims of 2^16 wrap int64 to 0
+    if want > MAX_IDX_BYTES + head:
+        raise DataError(f"{path}: IDX header says shape {list(dims)} of {dtype.name} ({want - head} bytes of data), "
+                        f"more than {MAX_IDX_BYTES >> 20} MiB; not a dataset file this reads (file has {len(buf)} bytes)")
     if len(buf) != want:
         what = "truncated" if len(buf) < want else "has trailing bytes"
         raise DataError(f"{path}: IDX file {what}: header says shape {list(dims)} of {dtype.name} "
