@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from far.data import (FMNIST_MEAN, FMNIST_STD, FashionMNIST, RandomShiftFlip, fashion_mnist, image_folder,
-                      iterate_batches, make_dataset, read_idx)
+from far.data import (FMNIST_MEAN, FMNIST_STD, FashionMNIST, RandomShiftFlip, fashion_mnist, first, image_folder,
+                      iterate_batches, make_dataset, read_idx, shard)
+from far.errors import ConfigError
 from far.errors import DataError as DatasetError
 from far.models import data_config
 
@@ -195,6 +196,52 @@ def test_fashion_mnist_label_count_mismatch(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.full(4, 10, np.uint8), 0x08)))
     with pytest.raises(DatasetError, match=r"labels must be in \[0, 10\)"):
         fashion_mnist("test", root=tmp_path)
+
+
+def tiny_fmnist(root: Path, n: int = 10) -> FashionMNIST:
+    """A synthetic Fashion-MNIST test split of n images (image i filled with i, label i % 10)."""
+    root.mkdir(parents=True, exist_ok=True)
+    imgs = np.repeat(np.arange(n, dtype=np.uint8), 28 * 28).reshape(n, 28, 28)
+    (root / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(imgs, 0x08)))
+    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.arange(n, dtype=np.uint8) % 10,
+                                                                            0x08)))
+    return fashion_mnist("test", root=root)
+
+
+def test_shard_and_first(tmp_path):
+    fm = tiny_fmnist(tmp_path)
+    td = torch.utils.data.TensorDataset(torch.arange(10), torch.zeros(10, dtype=torch.long))
+    for ds in (fm, td):
+        parts = [shard(ds, r, 3) for r in range(3)]
+        assert [len(p) for p in parts] == [4, 3, 3]
+        assert shard(ds, 0, 1) is ds
+    assert fm.shard(1, 3).images[:, 0, 0].tolist() == [1, 4, 7]
+    assert len(first(fm, 4)) == 4 and first(fm, 10) is fm and first(None, 0) is None and first(fm, None) is fm
+    assert fm.first(3).images[:, 0, 0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("rank,world", [(0, 0), (0, -2), (-1, 2), (2, 2), (5, 3), (1, 1)],
+                         ids=["world0", "world-neg", "rank-neg", "rank=world", "rank>world", "rank1-of-1"])
+def test_shard_refuses_bad_rank_or_world(tmp_path, rank, world):
+    """A bad rank/world is a ConfigError naming both, on every path: FashionMNIST.shard, a generic dataset
+    (range), and world 1 (which returns the dataset itself). Before, (2, 2) gave an empty share silently and
+    world <= 0 numpy's / range's own ValueErrors."""
+    fm = tiny_fmnist(tmp_path)
+    td = torch.utils.data.TensorDataset(torch.zeros(10, 1), torch.zeros(10, dtype=torch.long))
+    for call in (lambda: shard(fm, rank, world), lambda: fm.shard(rank, world), lambda: shard(td, rank, world)):
+        with pytest.raises(ConfigError, match=f"rank {rank} of world {world}"):
+            call()
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_first_refuses_n_below_1(tmp_path, n):
+    """FashionMNIST.first(-3) kept 7 of 10 images (a negative slice); the module-level first skipped its
+    check on a dataset of no more than n images."""
+    fm = tiny_fmnist(tmp_path)
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1))
+    for call in (lambda: fm.first(n), lambda: first(fm, n), lambda: first(empty, n)):
+        with pytest.raises(ConfigError, match=f"got {n}"):
+            call()
 
 
 def test_random_shift_flip():

@@ -208,9 +208,11 @@ class FashionMNIST(torch.utils.data.Dataset):
             yield x, y
 
     def shard(self, rank: int, world: int) -> "FashionMNIST":
-        """Images rank, rank + world, rank + 2 world, ... (one process's share of an evaluation)."""
+        """Images rank, rank + world, rank + 2 world, ... (one process's share of an evaluation).
+        Raises ConfigError unless world >= 1 and 0 <= rank < world."""
         import copy
 
+        _check_shard(rank, world)
         part = copy.copy(self)
         part.images = self.images[rank::world]
         part.targets = self.targets[rank::world]
@@ -218,9 +220,11 @@ class FashionMNIST(torch.utils.data.Dataset):
         return part
 
     def first(self, n: int) -> "FashionMNIST":
-        """The first n images (the in-memory fast path kept: a copy with sliced tensors)."""
+        """The first n images (the in-memory fast path kept: a copy with sliced tensors); n >= 1 (ConfigError
+        otherwise: a negative n would slice off the last images instead)."""
         import copy
 
+        _check_limit(n)
         part = copy.copy(self)
         part.images = self.images[:n]
         part.targets = self.targets[:n]
@@ -485,20 +489,35 @@ def num_batches(dataset, batch_size: int) -> int:
     return -(-len(dataset) // batch_size)
 
 
-def first(dataset, n: Optional[int]):
-    """The first n items of `dataset` (the dataset itself when n is None or it holds no more; its own
-    `first(n)` where it has one, keeping a fast path; else a torch Subset). None stays None."""
-    if dataset is None or n is None or len(dataset) <= n:
-        return dataset
+def _check_limit(n: int) -> None:
     if n < 1:
         raise ConfigError(f"a limit must be >= 1 image, got {n}")
+
+
+def _check_shard(rank: int, world: int) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"shard: need world >= 1 processes and 0 <= rank < world, got rank {rank} of world {world}")
+
+
+def first(dataset, n: Optional[int]):
+    """The first n items of `dataset` (the dataset itself when n is None or it holds no more; its own
+    `first(n)` where it has one, keeping a fast path; else a torch Subset). None stays None; n < 1 is a
+    ConfigError."""
+    if dataset is None or n is None:
+        return dataset
+    _check_limit(n)
+    if len(dataset) <= n:
+        return dataset
     if hasattr(dataset, "first"):
         return dataset.first(n)
     return torch.utils.data.Subset(dataset, range(n))
 
 
 def shard(dataset, rank: int, world: int):
-    """Every world-th item from `rank` (the dataset itself when world == 1): one process's share."""
+    """Every world-th item from `rank` (the dataset itself when world == 1): one process's share.
+    Raises ConfigError unless world >= 1 and 0 <= rank < world (a rank past the end gave an empty share,
+    world 0 or below numpy's / range's own errors)."""
+    _check_shard(rank, world)
     if world == 1:
         return dataset
     if hasattr(dataset, "shard"):
