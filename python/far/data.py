@@ -283,10 +283,34 @@ class RandomShiftFlip(torch.nn.Module):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def _to_8_bits(im, path):
+    """A 16-bit grayscale PIL image as 8-bit "L" (the top 8 bits: value >> 8); others unchanged.
+
+    PIL's convert("L"/"RGB") clips these modes to 0..255 instead of rescaling (a full-range 16-bit ramp came
+    out 99.6% white). Modes "I;16*" (16-bit PNG / TIFF) and "I" holding 0..65535 (how PIL opens a 16-bit
+    PGM) are 16-bit. "I" with values outside 0..65535 and "F" (float) have no range that says what white
+    is: a DataError naming the file, not a guess."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise DataError(f"{path}: 32-bit float image (PIL mode F): no defined range to map to 8 bits; "
+                        "save it as an 8- or 16-bit image")
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im)
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise DataError(f"{path}: 32-bit integer image (PIL mode {im.mode}) with values {lo}..{hi}: only "
+                        "0..65535 (16-bit) is rescaled to 8 bits; save it as an 8- or 16-bit image")
+    return Image.fromarray((a.astype(np.uint16) >> 8).astype(np.uint8))
+
+
 def load_image(path, mode: str):
-    """The image file at `path` converted to PIL `mode` ("L" or "RGB"). Every failure is a DataError that
-    names the file: not a regular file (a FIFO is never waited on), unreadable, not an image, truncated,
-    or larger than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
+    """The image file at `path` converted to PIL `mode` ("L" or "RGB"). 16-bit grayscale (PNG, TIFF, PGM)
+    keeps its top 8 bits (value >> 8) rather than PIL's clipping; 32-bit float images and 32-bit integer
+    ones past 0..65535 are refused (`_to_8_bits`). Every failure is a DataError that names the file: not a
+    regular file (a FIFO is never waited on), unreadable, not an image, truncated, of such a mode, or larger
+    than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)."""
     import warnings
 
     from PIL import Image
@@ -294,9 +318,11 @@ def load_image(path, mode: str):
     try:
         with open_input(path, "image file") as f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(f).convert(mode)
+            return _to_8_bits(Image.open(f), path).convert(mode)
     except NotRegularFile as e:
         raise DataError(str(e)) from None
+    except DataError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{path}: image too large to decode safely ({e})") from None
     except Image.UnidentifiedImageError:
