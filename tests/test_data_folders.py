@@ -1,5 +1,6 @@
 """far.data's image folders on awkward files and layouts: 16-bit images, symlinked and looping folders, hidden
 files and folders, and DeiT's per-image view (deit_view) of folders built with eval or train transforms."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from far.data import image_folder, load_image
+from far.data import UnlabeledImages, image_folder, load_image, make_dataset
 from far.errors import DataError
 
 RAMP16 = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)  # full-range 16-bit ramp
@@ -57,3 +58,122 @@ def test_16_bit_through_an_image_folder(tmp_path):
     ds = image_folder(tmp_path / "f", (1, 64, 64), (0.0,), (1.0,), crop_pct=1.0)
     x, _ = ds[0]
     torch.testing.assert_close(x[0], torch.from_numpy((RAMP16 >> 8).astype(np.float32) / 255), rtol=0, atol=1e-6)
+
+
+# ---- walking folders: symlinks, loops, hidden names ----
+def img(path: Path, value: int = 0, size=(20, 20)) -> Path:
+    return save(path, np.full((size[1], size[0], 3), value, np.uint8))
+
+
+def rel(root: Path, paths) -> list:
+    return [os.path.relpath(str(p), root) for p in paths]
+
+
+def test_symlinked_class_folders_are_followed_by_both(tmp_path):
+    """Class folders that are links into a store: ImageFolder followed them, UnlabeledImages (Path.rglob,
+    which does not follow symlinked folders in Python 3.11) listed only the loose root image."""
+    store, root = tmp_path / "store", tmp_path / "ds"
+    for c in ("cat", "dog"):
+        for i in range(3):
+            img(store / c / f"{i}.png")
+    root.mkdir()
+    (root / "cat").symlink_to(store / "cat")
+    (root / "dog").symlink_to(store / "dog", target_is_directory=True)
+    img(root / "extra.png")
+    ds = image_folder(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    assert rel(root, (p for p, _ in ds.samples)) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
+    u = UnlabeledImages(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    assert rel(root, u.files) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)] + ["extra.png"]
+
+
+def test_symlink_loops_end_and_each_image_is_listed_once(tmp_path):
+    """cat/up -> .. made ImageFolder list the root's classes again under cat (82 samples for 2 files, 81 of
+    them labelled cat); dog/self -> . repeated dog's image 40 times. Now each is skipped with a warning."""
+    root = tmp_path / "f"
+    img(root / "cat" / "0.png")
+    img(root / "dog" / "0.png")
+    os.symlink("..", root / "cat" / "up")
+    os.symlink(".", root / "dog" / "self")
+    with pytest.warns(UserWarning, match=r"skipped 2 symlinked folder\(s\).*cat/up -> .*dog/self -> "):
+        ds = image_folder(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    assert [(os.path.relpath(p, root), y) for p, y in ds.samples] == [("cat/0.png", 0), ("dog/0.png", 1)]
+    with pytest.warns(UserWarning, match="symlink loop"):
+        u = UnlabeledImages(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    assert rel(root, u.files) == ["cat/0.png", "dog/0.png"]
+
+
+def test_two_loops_do_not_explode(tmp_path):
+    """Two links back to the root: os.walk(followlinks=True) without a visited set walks 2^40 paths."""
+    root = tmp_path / "f"
+    img(root / "cat" / "0.png")
+    img(root / "dog" / "0.png")
+    for name in ("a", "b"):
+        os.symlink("..", root / "cat" / name)
+    with pytest.warns(UserWarning, match="skipped 2"):
+        assert len(image_folder(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)) == 2
+    with pytest.warns(UserWarning, match="skipped 2"):
+        assert len(UnlabeledImages(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)) == 2
+
+
+def test_a_link_into_another_class_keeps_that_class_label(tmp_path):
+    root = tmp_path / "f"
+    img(root / "cat" / "0.png")
+    img(root / "dog" / "0.png")
+    os.symlink("../dog", root / "cat" / "dogs")
+    with pytest.warns(UserWarning, match="cat/dogs"):
+        ds = image_folder(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    assert [(os.path.relpath(p, root), y) for p, y in ds.samples] == [("cat/0.png", 0), ("dog/0.png", 1)]
+
+
+def test_hidden_files_and_folders_are_skipped_by_both(tmp_path):
+    """macOS AppleDouble "._0.png" files were listed and failed to load mid-run; a ".thumbnails" folder
+    became class 0 and shifted every label (cat 1, dog 2), and UnlabeledImages took its images."""
+    root = tmp_path / "f"
+    for c in ("cat", "dog"):
+        img(root / c / "0.png")
+        (root / c / "._0.png").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 80)
+        img(root / c / ".ipynb_checkpoints" / "1.png", 255)
+    img(root / ".thumbnails" / "0.png", 255)
+    img(root / "cat" / "sub" / "2.png")
+    img(root / "cat" / "sub" / ".hidden.png", 255)
+    ds = image_folder(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    assert ds.classes == ["cat", "dog"] and ds.class_to_idx == {"cat": 0, "dog": 1}
+    want = [("cat/0.png", 0), ("cat/sub/2.png", 0), ("dog/0.png", 1)]
+    assert [(os.path.relpath(p, root), y) for p, y in ds.samples] == want
+    assert all(x.max() < 0 for x, _ in ds)  # every item loads; no white (hidden) image among them
+    u = UnlabeledImages(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    assert rel(root, u.files) == [p for p, _ in want]
+    cfg = {"input_size": (3, 16, 16), "num_classes": 2, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    assert len(make_dataset(root, "test", cfg)) == 3  # 2 classes, not 3
+
+
+def test_class_folders_without_visible_images_are_refused(tmp_path):
+    root = tmp_path / "f"
+    img(root / "cat" / "0.png")
+    (root / "dog").mkdir()
+    (root / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(DataError, match=r"no images .* in class folder\(s\) dog") as e:
+        image_folder(root, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    assert str(root) in str(e.value)
+    only_hidden = tmp_path / "g"
+    img(only_hidden / ".cache" / "0.png")
+    with pytest.raises(DataError, match="no class subfolders"):
+        image_folder(only_hidden, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(DataError, match="no images"):
+        UnlabeledImages(only_hidden, (3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+
+
+def test_order_is_unchanged_on_plain_folders(tmp_path):
+    """Without hidden names or links, image_folder lists what torchvision's ImageFolder lists, in its order
+    (labels and `limit`'s first images stay what they were), and UnlabeledImages its sorted paths."""
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "f"
+    for c in ("b", "a", "a-x"):
+        for p in ("z.png", "b.png", "b/1.png", "b-x/0.png", "b.JPG", "b/c/2.png", "notes.txt"):
+            save(root / c / p, np.zeros((4, 4), np.uint8)) if p.endswith("png") else (root / c / p).write_bytes(b"")
+    ours = image_folder(root, (1, 8, 8), (0.5,), (0.5,))
+    theirs = ImageFolder(str(root))
+    assert ours.samples == theirs.samples and ours.classes == theirs.classes
+    u = UnlabeledImages(root, (1, 8, 8), (0.5,), (0.5,))
+    assert u.files == sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg"))

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torchvision.datasets import ImageFolder
 
 from far.errors import ConfigError, DataError
 from far.utils.fs import NotRegularFile, open_input
@@ -356,6 +357,99 @@ def _image_pipeline(path, input_size: Sequence[int], mean, std, train: bool, int
     return path, loader, tf
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".")  # .thumbnails/, .ipynb_checkpoints/, macOS AppleDouble ._x.png, .DS_Store
+
+
+def _stat_key(path) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)  # follows symlinks: the folder a link leads to
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk_images(top, seen: set, skipped: list) -> list:
+    """Paths (str) of the image files under folder `top`, any depth, symlinked folders followed (as
+    os.walk(followlinks=True)), in torchvision's order: folders by sorted path, then files by sorted name.
+
+    Skipped: names starting with "." (hidden folders and files: `_hidden`), files that are not regular
+    files (broken links, FIFOs), and folders whose (st_dev, st_ino) is in `seen` (a symlink loop such as
+    cat/up -> .., or a second link to a folder already walked: its images stay listed once), which are
+    appended to `skipped`. `seen` gets every folder walked; seed it with `top`'s key so loops end."""
+    found = []  # (folder, sorted image names)
+    stack = [os.fspath(top)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise DataError(f"{folder}: cannot list folder ({e.strerror or e})") from None
+        names, subdirs = [], []
+        for e in entries:
+            if _hidden(e.name):
+                continue
+            try:
+                if e.is_dir():
+                    key = _stat_key(e.path)
+                    if key is None:  # gone since scandir listed it
+                        continue
+                    if key in seen:
+                        skipped.append(e.path)
+                        continue
+                    seen.add(key)
+                    subdirs.append(e.path)
+                elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                    names.append(e.name)
+            except OSError:  # vanished or unreadable entry: not an image we can list
+                continue
+        found.append((folder, names))
+        stack.extend(reversed(subdirs))
+    found.sort(key=lambda t: t[0])
+    return [os.path.join(d, n) for d, names in found for n in names]
+
+
+def _warn_skipped(root: Path, skipped: list, stacklevel: int) -> None:
+    if skipped:
+        import warnings
+
+        shown = ", ".join(f"{os.path.relpath(p, root)} -> {os.path.realpath(p)}" for p in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(f"{root}: skipped {len(skipped)} symlinked folder(s) leading to a folder already listed "
+                      f"(a symlink loop or a second link; its images are listed once): {shown}{more}", stacklevel=stacklevel + 1)
+
+
+class _ImageFolder(ImageFolder):
+    """torchvision's ImageFolder with far's folder walk: class folders are the sorted names of the root's
+    non-hidden subfolders, and each class lists `_walk_images` of its folder (hidden names skipped, symlink
+    loops ending, never re-entering the root or another class's folder)."""
+
+    def find_classes(self, directory):
+        with os.scandir(directory) as it:
+            classes = sorted(e.name for e in it if not _hidden(e.name) and e.is_dir())
+        if not classes:
+            raise DataError(f"{directory}: has no class subfolders (expected {directory}/<class>/<image>.png ...; "
+                            "folders whose names start with '.' are hidden and skipped)")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        directory = os.fspath(directory)
+        keys = {_stat_key(directory)} | {_stat_key(os.path.join(directory, c)) for c in class_to_idx}
+        samples, empty, skipped = [], [], []
+        for c in sorted(class_to_idx, key=class_to_idx.get):
+            files = _walk_images(os.path.join(directory, c), set(keys), skipped)
+            if not files:
+                empty.append(c)
+            samples.extend((f, class_to_idx[c]) for f in files)
+        if empty and not allow_empty:
+            raise DataError(f"{directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class folder(s) "
+                            f"{', '.join(empty)}")
+        _warn_skipped(Path(directory), skipped, stacklevel=5)  # -> DatasetFolder -> ImageFolder -> image_folder
+        return samples
+
+
 def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                  train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None):
     """An ImageNet-style folder (one subfolder per class, sorted names = labels 0..K-1) as a
@@ -363,28 +457,29 @@ def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Se
 
     Eval (train=False): resize to size / crop_pct (default 0.875), center crop, normalize; train:
     random resized crop + flip. C == 1 loads images as grayscale, C == 3 as RGB.
-    """
-    from torchvision.datasets import ImageFolder
 
+    Walked as UnlabeledImages is (`_walk_images`): names starting with "." are skipped at every depth (a
+    ".thumbnails" folder is no class, "._x.png" AppleDouble files are no images), symlinked folders are
+    followed, and a link back into a folder already listed (a loop, the root, another class) is skipped
+    with a warning. A class folder without images is a DataError.
+    """
     path, loader, tf = _image_pipeline(path, input_size, mean, std, train, interpolation, crop_pct)
-    if not any(p.is_dir() for p in path.iterdir()):
-        raise DataError(f"{path}: has no class subfolders (expected {path}/<class>/<image>.png ...)")
-    try:
-        return ImageFolder(str(path), transform=tf, loader=loader)
-    except FileNotFoundError as e:  # torchvision: a class folder without images, or no class folders
-        raise DataError(f"{path}: {e}") from None
+    return _ImageFolder(str(path), transform=tf, loader=loader)
 
 
 class UnlabeledImages(torch.utils.data.Dataset):
     """Every image under a folder (any depth, sorted paths) with timm's transforms; items are
-    (image, -1): for methods that need no labels (label-free distillation)."""
+    (image, -1): for methods that need no labels (label-free distillation). Walked as image_folder is:
+    hidden names skipped, symlinked folders followed, each folder listed once (loops end)."""
 
     def __init__(self, path, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                  train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None):
         root, self.loader, self.transform = _image_pipeline(path, input_size, mean, std, train, interpolation,
                                                             crop_pct)
         self.root = root
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        skipped: list = []
+        self.files = sorted(Path(p) for p in _walk_images(root, {_stat_key(root)}, skipped))
+        _warn_skipped(root, skipped, stacklevel=2)
         if not self.files:
             raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
 
