@@ -347,3 +347,51 @@ def test_bad_pairs_are_refused():
     with pytest.raises(ConfigError, match="part must be"):
         analyze(teacher, student, tiny_data(), parts=["mlp"])
     assert far.analyze is analyze
+
+
+def test_nan_logits_agree_with_nothing_and_count_as_wrong():
+    # argmax of a NaN row is a class: fidelity and analyze counted a diverged student as agreeing and correct
+    from far.fidelity import block_fidelity
+
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.head.bias.fill_(float("nan"))
+    x = torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        data = torch.utils.data.TensorDataset(x, teacher(x).argmax(-1))  # the teacher is right on every image
+    with pytest.warns(UserWarning, match=r"student: 12 of 12 images gave non-finite"):
+        fid = block_fidelity(teacher, student, data, batch_size=5)
+    assert fid["agreement"] == 0 and fid["student_accuracy"] == 0 and fid["teacher_accuracy"] == 1
+    assert fid["nonfinite"] == {"teacher": 0, "student": 12}
+    with pytest.warns(UserWarning, match="non-finite"):
+        report = analyze(teacher, student, data, batch_size=5, map_images=0, parts=("mixer",))
+    assert report["full_student"]["agreement"] == 0 and report["full_student"]["accuracy"] == 0
+    assert far.evaluate(teacher, data, batch_size=5)["accuracy"] == 1
+
+
+def test_every_module_keeps_its_own_mode():
+    # a model fine-tuning with frozen parts in eval mode: model.train(was) afterwards set them all to train
+    from far.fidelity import block_fidelity
+    from far.imc.cost import model_cost
+
+    def frozen_parts(m):
+        m.train()
+        m.patch_embed.eval()
+        m.blocks[0].eval()
+        return m
+
+    def modes(m):
+        return [mod.training for mod in m.modules()]
+
+    teacher = tiny_vit()
+    data = tiny_data()
+    for run in (lambda t, s: far.evaluate(s, data, batch_size=4),
+                lambda t, s: block_fidelity(t, s, data, batch_size=4),
+                lambda t, s: analyze(t, s, data, batch_size=4, map_images=0, parts=()),
+                lambda t, s: model_cost(s, input_size=(1, 16, 16))):
+        t, s = frozen_parts(copy.deepcopy(teacher)), frozen_parts(student_of(teacher))
+        before = (modes(t), modes(s))
+        assert not all(before[1]) and any(before[1])
+        run(t, s)
+        assert (modes(t), modes(s)) == before

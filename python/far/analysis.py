@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from far.data import iterate_batches
 from far.errors import ConfigError, DataError
 from far.fidelity import block_fidelity, head_cos_line
-from far.models.factory import check_input, check_labels
+from far.models.factory import check_input, check_labels, top1
 from far.nn import FARAttention, MixerTaps, token_mixers
-from far.utils.env import model_device
+from far.utils.env import eval_mode, model_device
 from far.utils.fs import atomic_write
 from far.utils.plot import pyplot, save_figure
 
@@ -180,8 +180,8 @@ class _Agreement:
 
     def add(self, feat, logits, t_feat, t_pred, y) -> None:
         self.cos += float(F.cosine_similarity(feat.double(), t_feat.double(), dim=-1, eps=1e-12).sum())
-        pred = logits.argmax(-1)
-        self.agree += int((pred == t_pred).sum())
+        pred = top1(logits)  # -1 for a NaN/inf row: agrees with nothing, matches no label
+        self.agree += int(((pred == t_pred) & (pred >= 0)).sum())
         valid = y >= 0
         self.labelled += int(valid.sum())
         self.correct += int((pred == y)[valid].sum())
@@ -280,9 +280,8 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
     L = len(t_mix)
     full = _Agreement()
     partial = {part: [_Agreement() for _ in range(L)] for part in parts}
-    modes = (teacher.training, student.training)
-    teacher.eval()
-    student.eval()
+    modes = contextlib.ExitStack()
+    modes.enter_context(eval_mode(teacher, student))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -300,7 +299,7 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
                 first.append(x[:map_images - have].clone())
                 have += first[-1].shape[0]
             t_feat, t_logits = _features_and_logits(teacher, x)
-            t_pred = t_logits.argmax(-1)
+            t_pred = top1(t_logits)
             full.add(*_features_and_logits(student, x), t_feat, t_pred, y)
             for part in parts:
                 for k in range(L):
@@ -315,8 +314,7 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
     finally:
         if bar is not None:
             bar.close()
-        teacher.train(modes[0])
-        student.train(modes[1])
+        modes.close()
     if full.seen == 0:
         raise DataError("the dataset is empty")
     return {**fid, "full_student": full.result(),

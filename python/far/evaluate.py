@@ -2,6 +2,7 @@
 (the eval and imc-eval commands, the demo and the training loop's per-epoch test all use it)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -15,7 +16,8 @@ from far_kernels.benchmark import Stopwatch
 from far.data import iterate_batches, num_batches, shard
 from far.errors import ConfigError, DataError
 from far.models import check_input
-from far.utils.env import model_device
+from far.models.factory import top1
+from far.utils.env import eval_mode, model_device
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -25,7 +27,7 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
 
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, workers: int = 0,
              progress: bool = False, desc: str = "eval", keep_logits: bool = False) -> dict:
-    """Top-1 accuracy of `model` on `data` under torch.inference_mode, in eval mode (the model's mode
+    """Top-1 accuracy of `model` on `data` under torch.inference_mode, in eval mode (every module's own mode
     is restored afterwards), with its speed.
 
     Args:
@@ -34,7 +36,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
         device: where the batches go (default: the model's device).
         workers: DataLoader workers for generic datasets.
         progress: a tqdm bar on stderr with the running accuracy.
-        keep_logits: also return every logit ("logits", [N, K] on the CPU, in data order).
+        keep_logits: also return every logit ("logits", [N, K] on the CPU, in data order; under
+            torch.distributed gathered from every process, on every process).
     Under torch.distributed (initialized, world > 1) every process takes a strided share and the
     counts are summed; speeds are per process.
     Returns {"num_images", "correct", "accuracy", "images_per_s" (model time, first batch excluded as
@@ -62,8 +65,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
         from tqdm import tqdm
 
         bar = tqdm(total=len(data), unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
-    was_training = model.training
-    model.eval()
+    modes = contextlib.ExitStack()
+    modes.enter_context(eval_mode(model))
     classes = getattr(model, "num_classes", None)  # the logits' width once a batch has run (this process may have none)
     t_all = time.perf_counter()
     e2e_start = None
@@ -76,9 +79,9 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
                 warm = model_time.seconds
                 with model_time:
                     logits = model(x)
-                    finite = torch.isfinite(logits).all(dim=-1)  # a NaN row's argmax is a class, not an answer
-                    correct += ((logits.argmax(dim=-1) == y) & finite).sum()
-                    nonfinite += (~finite).sum()
+                    pred = top1(logits)
+                    correct += (pred == y).sum()
+                    nonfinite += (pred < 0).sum()
                     classes = logits.shape[-1]
                     bad_labels += ((y < 0) | (y >= classes)).sum()
                 if i == 0:  # warm-up: not timed
@@ -96,7 +99,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
+        modes.close()
     t_end = time.perf_counter()
     # bad labels are summed over the processes too: every rank raises, none waits for the others in a collective
     total = torch.tensor([int(correct), seen, int(nonfinite), int(bad_labels)], dtype=torch.float64, device=device)
@@ -121,8 +124,21 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
            "end_to_end_images_per_s": e2e_ips, "batches": num_batches(data, batch_size), "seconds": t_end - t_all,
            "warmup_excluded": timed_images > 0, "nonfinite": n_nonfinite}
     if keep_logits:
-        res["logits"] = torch.cat(logits_all) if logits_all else torch.zeros(0)
+        mine = torch.cat(logits_all) if logits_all else torch.zeros(0, classes or 0)
+        res["logits"] = _gathered(mine, n_seen, world) if world > 1 else mine
     return res
+
+
+def _gathered(mine: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Every process's logits of its strided share (far.data.shard: items rank, rank + world, ...) put back
+    in data order, on every process."""
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    width = next((p.shape[-1] for p in parts if p.numel()), mine.shape[-1])
+    out = torch.zeros(n, width)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out
 
 
 def accuracy(model: nn.Module, data, *, batch_size: int = 500, device=None) -> Optional[float]:

@@ -18,7 +18,9 @@ plus top-1 agreement of student and teacher and both accuracies.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
@@ -26,9 +28,9 @@ import torch.nn.functional as F
 
 from far.data import iterate_batches
 from far.errors import ConfigError, DataError
-from far.models.factory import check_input, check_labels
+from far.models.factory import check_input, check_labels, top1
 from far.nn import FARAttention, MixerTaps, token_mixers
-from far.utils.env import model_device
+from far.utils.env import eval_mode, model_device
 
 KINDS = ("isolated", "in_model")
 
@@ -84,10 +86,9 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
     device = model_device(student, device)
     dtype = next(student.parameters()).dtype
     sums = [{k: BlockStats(getattr(m, "num_heads", 1)) for k in KINDS} for m in t_mix]
-    agree = t_correct = s_correct = seen = labelled = 0
-    modes = (teacher.training, student.training)
-    teacher.eval()
-    student.eval()
+    agree = t_correct = s_correct = seen = labelled = t_nonfinite = s_nonfinite = 0
+    modes = contextlib.ExitStack()
+    modes.enter_context(eval_mode(teacher, student))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -107,8 +108,10 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
                     if isinstance(mix, FARAttention):
                         sums[b]["isolated"].add(mix.token_mix(a), t)
                     sums[b]["in_model"].add(s, t)
-                tp, sp = t_logits.argmax(-1), s_logits.argmax(-1)
-                agree += int((tp == sp).sum())
+                tp, sp = top1(t_logits), top1(s_logits)  # -1 for a NaN/inf row: agrees with nothing
+                agree += int(((tp == sp) & (sp >= 0)).sum())
+                t_nonfinite += int((tp < 0).sum())
+                s_nonfinite += int((sp < 0).sum())
                 valid = y >= 0
                 labelled += int(valid.sum())
                 t_correct += int((tp == y)[valid].sum())
@@ -119,10 +122,10 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
     finally:
         if bar is not None:
             bar.close()
-        teacher.train(modes[0])
-        student.train(modes[1])
+        modes.close()
     if seen == 0:
         raise DataError("the dataset is empty")
+    warn_nonfinite({"teacher": t_nonfinite, "student": s_nonfinite}, seen)
     blocks = []
     for b, mix in enumerate(s_mix):
         far = isinstance(mix, FARAttention)
@@ -134,7 +137,17 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
         mean[kind] = {m: sum(r[m] for r in rows) / len(rows) for m in rows[0] if m != "head_cos"} if rows else None
     return {"num_images": seen, "agreement": agree / seen,
             "teacher_accuracy": t_correct / labelled if labelled else None,
-            "student_accuracy": s_correct / labelled if labelled else None, "blocks": blocks, "mean": mean}
+            "student_accuracy": s_correct / labelled if labelled else None, "blocks": blocks, "mean": mean,
+            "nonfinite": {"teacher": t_nonfinite, "student": s_nonfinite}}
+
+
+def warn_nonfinite(counts: dict, seen: int) -> None:
+    """A warning naming each model whose logits held NaN/inf on some images (counted as wrong and as agreeing
+    with nothing, as far.evaluate counts them)."""
+    bad = {k: v for k, v in counts.items() if v}
+    if bad:
+        warnings.warn(", ".join(f"{k}: {v} of {seen}" for k, v in bad.items()) + " images gave non-finite (NaN/inf) "
+                      "logits: counted as wrong and as agreeing with nothing", stacklevel=3)
 
 
 def head_cos_line(report: dict) -> str:

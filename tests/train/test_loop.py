@@ -322,9 +322,10 @@ def test_finetune_on_an_image_folder_with_new_classes(tmp_path, capsys):
     assert "no such checkpoint file" in capsys.readouterr().err
 
 
-def test_a_bad_label_on_one_process_stops_every_process(tmp_path):
+def test_evaluate_under_torchrun_raises_everywhere_and_gathers_logits(tmp_path):
     """Under torchrun each process evaluates a strided share: a label outside the classes in one share raised on
-    that process alone, and the others went on into the next collective (a hang)."""
+    that process alone, and the others went on into the next collective (a hang); keep_logits returned the
+    process's own share."""
     script = tmp_path / "bad_label.py"
     script.write_text(
         "import torch, torch.distributed as dist, far\n"
@@ -338,6 +339,13 @@ def test_a_bad_label_on_one_process_stops_every_process(tmp_path):
         "    print(f'rank {dist.get_rank()}: no error', flush=True)\n"
         "except far.DataError as e:\n"
         "    print(f'rank {dist.get_rank()}: DataError {e}', flush=True)\n"
+        "x = torch.randn(9, 1, 28, 28, generator=torch.Generator().manual_seed(1))\n"
+        "res = far.evaluate(m, torch.utils.data.TensorDataset(x, torch.zeros(9, dtype=torch.int64)), batch_size=2,\n"
+        "                   keep_logits=True)\n"
+        "with torch.no_grad():\n"
+        "    want = m.eval()(x)\n"
+        "ok = res['num_images'] == 9 and torch.allclose(res['logits'], want, atol=1e-5)\n"
+        "print(f'rank {dist.get_rank()}: logits in data order {ok}', flush=True)\n"
         "dist.destroy_process_group()\n")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script)], capture_output=True, text=True, timeout=300,
@@ -345,3 +353,5 @@ def test_a_bad_label_on_one_process_stops_every_process(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     for rank in (0, 1):
         assert f"rank {rank}: DataError 1 label(s) outside the model's 10 classes [0, 9]" in run.stdout, run.stdout
+        # keep_logits: every process's strided share, put back in data order (it returned this process's share)
+        assert f"rank {rank}: logits in data order True" in run.stdout, run.stdout

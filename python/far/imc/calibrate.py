@@ -1,6 +1,7 @@
 """far.imc.calibrate: ADC ranges of an emulated model's crossbars from calibration data."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn as nn
 
 from far.data import iterate_batches
 from far.imc.emulate import crossbar_attentions, crossbar_groups, crossbar_layers
+from far.utils.env import eval_mode
 
 CALIBRATION_BATCH = 64  # images per batch when calibrate() is given a Dataset
 
@@ -44,8 +46,8 @@ def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_sli
     layers = crossbar_layers(model) + crossbar_groups(model) + crossbar_attentions(model)
     if not layers:
         raise ValueError("calibrate: the model has no CrossbarLinear; emulate it first (far.imc.emulate)")
-    was_training = model.training
-    model.eval()
+    modes = contextlib.ExitStack()
+    modes.enter_context(eval_mode(model))
     dev = layers[0][1].device
     for _, m in layers:
         m.begin_calibration()
@@ -69,4 +71,4 @@ def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_sli
     finally:
         for _, m in layers:
             m.end_calibration(None)  # no-op for the layers already done
-        model.train(was_training)
+        modes.close()

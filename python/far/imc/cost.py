@@ -61,6 +61,7 @@ import torch.nn as nn
 from far.errors import ConfigError
 from far.models import attention_classes, check_input
 from far.nn import FARAttention, ReuseAttention
+from far.utils.env import eval_mode
 
 CONSTANTS_FILE = Path(__file__).resolve().parent / "cost_constants.json"
 COMPONENTS = ("crossbar", "adc", "dac", "shift_add", "buffer", "writes", "digital")
@@ -449,16 +450,13 @@ def trace(model: nn.Module, input_size=None) -> list:
         if isinstance(m, kinds) or type(m).__name__ == "Block":
             handles.append(m.register_forward_pre_hook(
                 lambda mod, args: calls.append((names[id(mod)], mod, tuple(args[0].shape)))))
-    was = model.training
-    model.eval()
     try:
         p = next(model.parameters())
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             model(torch.zeros((1, *input_size), dtype=p.dtype, device=p.device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return calls
 
 

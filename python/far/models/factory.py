@@ -102,6 +102,13 @@ def check_input(model: nn.Module, shape, what: str = "the data", hint: Optional[
                           "far.models.data_config(model)) or build the model with img_size / in_chans that fit"))
 
 
+def top1(logits: torch.Tensor) -> torch.Tensor:
+    """The predicted class of each row of `logits` [..., K]; -1 where the row holds NaN/inf (its argmax would
+    name a class, not an answer): such a row agrees with no label and no other prediction."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    return torch.where(finite, logits.argmax(dim=-1), torch.full_like(finite, -1, dtype=torch.int64))
+
+
 def check_labels(model: nn.Module, y: torch.Tensor, what: str = "the data") -> None:
     """DataError if an integer label of `y` is at or beyond `model`'s num_classes (labels < 0 mark unlabeled
     images and pass; so does a model without a classifier or soft float targets)."""

@@ -2,6 +2,7 @@
 (host, versions, commit, load) that every benchmark or evaluation JSON carries."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -75,6 +76,20 @@ def model_device(model: torch.nn.Module, device=None) -> torch.device:
         p = next(model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
     return as_device(device)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module):
+    """Every module of `models` in eval mode inside; afterwards each module back in its own mode (a model
+    training with some parts frozen in eval mode keeps them so; model.train(was) would set them all)."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield models[0] if len(models) == 1 else models
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 def loadavg() -> Optional[list]:
