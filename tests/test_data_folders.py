@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from far.data import UnlabeledImages, image_folder, load_image, make_dataset
+from far.data import UnlabeledImages, deit_view, image_folder, load_image, make_dataset
 from far.errors import DataError
 
 RAMP16 = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)  # full-range 16-bit ramp
@@ -177,3 +177,81 @@ def test_order_is_unchanged_on_plain_folders(tmp_path):
     assert ours.samples == theirs.samples and ours.classes == theirs.classes
     u = UnlabeledImages(root, (1, 8, 8), (0.5,), (0.5,))
     assert u.files == sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg"))
+
+
+# ---- deit_view of image folders ----
+def half_and_half(root: Path) -> Path:
+    """Class a: a 200x200 image, left half black, right half white; class b: a 12x12 gray image."""
+    arr = np.zeros((200, 200), np.uint8)
+    arr[:, 100:] = 255
+    save(root / "a" / "big.png", arr)
+    save(root / "b" / "small.png", np.full((12, 12), 128, np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval-tf", "train-tf"])
+@pytest.mark.parametrize("size", [(1, 32, 32), (3, 224, 224), (1, 28, 40)], ids=["32", "224", "28x40"])
+def test_deit_view_of_a_folder_gives_the_model_s_input_size(tmp_path, train, size):
+    """The size came from the first step with one: eval's Resize (size / crop_pct), so a 32-pixel model got
+    36x36 images and a 224 one 256x256."""
+    root = half_and_half(tmp_path / "f")
+    C, H, W = size
+    kw = dict(train=train, crop_pct=0.875)
+    for ds in (image_folder(root, size, (0.5,) * C, (0.5,) * C, **kw),
+               UnlabeledImages(root, size, (0.5,) * C, (0.5,) * C, **kw),
+               torch.utils.data.Subset(image_folder(root, size, (0.5,) * C, (0.5,) * C, **kw), [1])):
+        view, why = deit_view(ds, rand_augment=None, reprob=0.0)
+        assert why is None
+        for i in range(len(view)):
+            assert view[(i, 0)][0].shape == size
+
+
+def test_deit_view_size_from_the_crop_of_a_foreign_folder(tmp_path):
+    """A torchvision ImageFolder with timm's eval transform (no recorded input size): the CenterCrop's size."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    root = half_and_half(tmp_path / "f")
+    ds = ImageFolder(str(root), transform=create_transform((1, 32, 32), crop_pct=0.875, mean=(0.5,), std=(0.5,)),
+                     loader=lambda p: load_image(p, "L"))
+    assert [type(t).__name__ for t in ds.transform.transforms][:2] == ["Resize", "CenterCrop"]
+    view, why = deit_view(ds, rand_augment=None, reprob=0.0)
+    assert why is None and view[(0, 0)][0].shape == (1, 32, 32)
+
+
+def test_deit_view_of_a_small_input_folder_resizes_its_crops(tmp_path):
+    """Inputs <= 32 pixels got RandomCrop((h, w), padding=4) of the unresized image: 28x28 windows of a
+    200x200 photo (82% of them one colour here), and a 12x12 image crashed. Folders keep the random resized
+    crop (a crop of 8-100% of the image, resized); only Fashion-MNIST, stored 28x28, gets the padded crop."""
+    from torchvision import transforms
+
+    root = half_and_half(tmp_path / "f")
+    view, _ = deit_view(image_folder(root, (1, 28, 28), (0.5,), (0.5,), train=True), rand_augment=None, reprob=0.0)
+    assert not isinstance(view.transform.transforms[0], transforms.RandomCrop)
+    crops = torch.stack([view[(0, s)][0] for s in range(100)])
+    single = ((crops > 0).flatten(1).all(1) | (crops <= 0).flatten(1).all(1)).float().mean()
+    assert single < 0.5  # a resized crop spans 8-100% of the image: mostly both halves
+    assert view[(1, 0)][0].shape == (1, 28, 28)  # the 12x12 image is resized, not refused
+
+
+def test_deit_view_of_fashion_mnist_keeps_the_padded_crop(tmp_path):
+    import gzip
+    import struct
+
+    from torchvision import transforms
+
+    from far.data import deit_train_transform, fashion_mnist
+
+    def idx(arr):
+        return gzip.compress(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
+
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(idx(np.zeros((3, 28, 28), np.uint8)))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(idx(np.zeros(3, np.uint8)))
+    view, _ = deit_view(fashion_mnist("test", root=tmp_path), rand_augment=None, reprob=0.0)
+    crop = view.transform.transforms[0]
+    assert isinstance(crop, transforms.RandomCrop) and crop.size == (28, 28) and crop.padding == 4
+    assert view[(0, 0)][0].shape == (1, 28, 28)
+    # deit_train_transform's default: images of unknown size, the resized crop
+    assert not isinstance(deit_train_transform((1, 28, 28), (0.5,), (0.5,)).transforms[0], transforms.RandomCrop)
+    assert isinstance(deit_train_transform((1, 28, 28), (0.5,), (0.5,), images_at_size=True).transforms[0],
+                      transforms.RandomCrop)

@@ -4,6 +4,12 @@
     >>> x, y = ds[0]                                      # [1, 28, 28] float32 (normalized), int
     >>> for xb, yb in ds.batches(256): ...                # [B, 1, 28, 28], [B] int64: no per-item Python
     >>> ds = make_dataset("fashion-mnist", "test", far.models.data_config(model))  # checks the model fits
+    >>> ds = image_folder("imgs/", (3, 224, 224), mean, std)  # imgs/<class>/<image>.png, labels = sorted classes
+    >>> view, why = deit_view(ds)                         # DeiT's per-image augmentation, at 224x224
+
+Image folders (image_folder, UnlabeledImages) skip names starting with "." at every depth (.thumbnails/,
+AppleDouble ._x.png), follow symlinked folders and list each folder once (a symlink loop is skipped with a
+warning). 16-bit grayscale images keep their top 8 bits; float images are refused (load_image).
 """
 from __future__ import annotations
 
@@ -464,7 +470,9 @@ def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Se
     with a warning. A class folder without images is a DataError.
     """
     path, loader, tf = _image_pipeline(path, input_size, mean, std, train, interpolation, crop_pct)
-    return _ImageFolder(str(path), transform=tf, loader=loader)
+    ds = _ImageFolder(str(path), transform=tf, loader=loader)
+    ds.input_size = tuple(int(v) for v in input_size)  # for deit_view: the size the images are made
+    return ds
 
 
 class UnlabeledImages(torch.utils.data.Dataset):
@@ -477,6 +485,7 @@ class UnlabeledImages(torch.utils.data.Dataset):
         root, self.loader, self.transform = _image_pipeline(path, input_size, mean, std, train, interpolation,
                                                             crop_pct)
         self.root = root
+        self.input_size = tuple(int(v) for v in input_size)
         skipped: list = []
         self.files = sorted(Path(p) for p in _walk_images(root, {_stat_key(root)}, skipped))
         _warn_skipped(root, skipped, stacklevel=2)
@@ -649,12 +658,15 @@ def shard(dataset, rank: int, world: int):
 # ---- DeiT's per-image training augmentation (far distill --recipe paper) ----
 def deit_train_transform(input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                          rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-                         interpolation: str = "bicubic"):
+                         interpolation: str = "bicubic", images_at_size: bool = False):
     """DeiT's training transform of a PIL image (timm create_transform, as the FAR authors' modeling/data.py
     build_transform): random resized crop + flip + RandAugment (`rand_augment`, None = off) + normalize +
-    random erasing (probability `reprob`, per-pixel noise, one box). Images of 32 pixels or less get a
-    4-pixel-padded random crop instead of the resized crop (as there). Grayscale (C = 1) works: PIL's ops
-    accept mode "L"; colour jitter is off (timm turns it off under RandAugment anyway)."""
+    random erasing (probability `reprob`, per-pixel noise, one box). With `images_at_size` (every image is
+    stored at input_size's H x W already, as Fashion-MNIST's 28x28 or CIFAR's 32x32), inputs of 32 pixels or
+    less get a 4-pixel-padded random crop instead of the resized crop (as there); images of any other size
+    (a folder of photos) keep the resized crop, which sees the whole image and never needs it to be H x W.
+    Grayscale (C = 1) works: PIL's ops accept mode "L"; colour jitter is off (timm turns it off under
+    RandAugment anyway)."""
     from timm.data import create_transform
     from torchvision import transforms
 
@@ -662,7 +674,7 @@ def deit_train_transform(input_size: Sequence[int], mean: Sequence[float], std: 
     tf = create_transform(input_size=(c, h, w), is_training=True, mean=tuple(mean), std=tuple(std),
                           interpolation=interpolation, auto_augment=rand_augment, re_prob=reprob,
                           re_mode="pixel", re_count=1, color_jitter=0.0 if c == 1 else 0.3)
-    if max(h, w) <= 32:
+    if images_at_size and max(h, w) <= 32:
         tf.transforms[0] = transforms.RandomCrop((h, w), padding=4)
     for t in tf.transforms:  # timm's posterize asks Pillow for 0 bits at top magnitude: Pillow >= 10 refuses
         for op in getattr(t, "ops", []):
@@ -710,18 +722,39 @@ class DeiTView(torch.utils.data.Dataset):
             np.random.set_state(npy)
 
 
+def _output_size(steps) -> Optional[Tuple[int, int]]:
+    """(H, W) a transform's steps produce: the size of its crop (eval's CenterCrop, train's random resized
+    crop), else of a Resize to a fixed (H, W); None when neither says. Not the first step with a size: eval's
+    Resize has size / crop_pct (36 for a 32-pixel model, 256 for 224) and only sets the shorter side."""
+    from timm.data import transforms as timm_tf
+    from torchvision import transforms
+
+    crops = (transforms.CenterCrop, transforms.RandomCrop, transforms.RandomResizedCrop,
+             *(getattr(timm_tf, n) for n in ("RandomResizedCropAndInterpolation", "CenterCropOrPad",
+                                             "RandomCropOrPad") if hasattr(timm_tf, n)))
+
+    def pair(size):
+        size = (size,) if isinstance(size, int) else tuple(size)
+        return (int(size[0]), int(size[-1])) if len(size) in (1, 2) else None
+
+    for t in steps:
+        if isinstance(t, crops):
+            return pair(t.size)
+    for t in steps:
+        if isinstance(t, transforms.Resize) and isinstance(t.size, (tuple, list)) and len(t.size) == 2:
+            return pair(t.size)
+    return None
+
+
 def _normalize_of(transform):
-    """(mean, std, (H, W)) of a timm/torchvision Compose (its Normalize and its crop/resize size), or None."""
+    """(mean, std, (H, W)) of a timm/torchvision Compose (its Normalize and `_output_size`), or None."""
     from torchvision import transforms
 
     steps = getattr(transform, "transforms", None) or []
     norm = next((t for t in steps if isinstance(t, transforms.Normalize)), None)
-    size = next((t.size for t in steps if isinstance(getattr(t, "size", None), (tuple, list, int))), None)
+    size = _output_size(steps)
     if norm is None or size is None:
         return None
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if len(size) == 1:
-        size = (size[0], size[0])
     mean, std = tuple(float(m) for m in norm.mean), tuple(float(s) for s in norm.std)
     return mean, std, size
 
@@ -729,9 +762,11 @@ def _normalize_of(transform):
 def deit_view(dataset, rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1", reprob: float = 0.25):
     """(DeiTView of `dataset`, None), or (None, why not) when its images cannot be had as PIL images.
 
-    Works on Fashion-MNIST (uint8 28x28 -> PIL "L", normalized with its mean/std), image folders
-    (ImageFolder / UnlabeledImages from far.data: the file through their loader, size and normalization
-    from their own transform) and torch Subsets of them. Other datasets (tensors) are refused."""
+    Works on Fashion-MNIST (uint8 28x28 -> PIL "L", normalized with its mean/std; 4-pixel-padded random
+    crops, its images being 28x28 already), image folders (ImageFolder / UnlabeledImages from far.data: the
+    file through their loader, random resized crops to the input size they were made for, normalization
+    from their own transform, eval or train) and torch Subsets of them. Other datasets (tensors) are
+    refused."""
     from PIL import Image
 
     indices = None
@@ -747,7 +782,8 @@ def deit_view(dataset, rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1", rep
             j = at(i)
             return Image.fromarray(base.images[j].numpy(), mode="L"), int(base.targets[j])
 
-        tf = deit_train_transform((1, 28, 28), base.mean, base.std, rand_augment, reprob)
+        tf = deit_train_transform(FASHION_MNIST_INPUT_SIZE, base.mean, base.std, rand_augment, reprob,
+                                  images_at_size=True)
         return DeiTView(pil, n, tf), None
     loader = getattr(base, "loader", None)
     files = getattr(base, "samples", None) or ([(str(f), -1) for f in base.files] if isinstance(base, UnlabeledImages)
@@ -757,6 +793,9 @@ def deit_view(dataset, rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1", rep
         return None, (f"{type(base).__name__} does not give PIL images (DeiT's augmentation needs Fashion-MNIST "
                       "or an image folder)")
     mean, std, (h, w) = found
+    recorded = getattr(base, "input_size", None)  # (C, H, W) image_folder / UnlabeledImages were made for
+    if recorded is not None:
+        h, w = (int(v) for v in recorded[1:])
 
     def pil(i):
         path, y = files[at(i)]
