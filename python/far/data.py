@@ -85,8 +85,9 @@ def read_idx(path) -> np.ndarray:
     dtype = _IDX_DTYPES[code]
     want = head + math.prod(dims) * dtype.itemsize  # Python ints: 4 dims of 2^16 wrap int64 to 0
     if want > MAX_IDX_BYTES + head:
-        raise DataError(f"{path}: IDX header says shape {list(dims)} of {dtype.name} ({want - head} bytes of data), "
-                        f"more than {MAX_IDX_BYTES >> 20} MiB; not a dataset file this reads (file has {len(buf)} bytes)")
+        raise DataError(f"{path}: IDX header says shape {list(dims)} of {dtype.name} ({want - head} bytes of "
+                        f"data), more than {MAX_IDX_BYTES >> 20} MiB; not a dataset file this reads "
+                        f"(file has {len(buf)} bytes)")
     if len(buf) != want:
         what = "truncated" if len(buf) < want else "has trailing bytes"
         raise DataError(f"{path}: IDX file {what}: header says shape {list(dims)} of {dtype.name} "
@@ -423,7 +424,8 @@ def _warn_skipped(root: Path, skipped: list, stacklevel: int) -> None:
         shown = ", ".join(f"{os.path.relpath(p, root)} -> {os.path.realpath(p)}" for p in skipped[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         warnings.warn(f"{root}: skipped {len(skipped)} symlinked folder(s) leading to a folder already listed "
-                      f"(a symlink loop or a second link; its images are listed once): {shown}{more}", stacklevel=stacklevel + 1)
+                      f"(a symlink loop or a second link; its images are listed once): {shown}{more}",
+                      stacklevel=stacklevel + 1)
 
 
 class _ImageFolder(ImageFolder):
@@ -435,8 +437,8 @@ class _ImageFolder(ImageFolder):
         with os.scandir(directory) as it:
             classes = sorted(e.name for e in it if not _hidden(e.name) and e.is_dir())
         if not classes:
-            raise DataError(f"{directory}: has no class subfolders (expected {directory}/<class>/<image>.png ...; "
-                            "folders whose names start with '.' are hidden and skipped)")
+            raise DataError(f"{directory}: has no class subfolders (expected {directory}/<class>/<image>.png "
+                            "...; folders whose names start with '.' are hidden and skipped)")
         return classes, {c: i for i, c in enumerate(classes)}
 
     @staticmethod
