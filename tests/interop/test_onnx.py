@@ -121,6 +121,46 @@ def test_unsupported_model_refused():
         build_onnx(torch.nn.Linear(3, 3))
 
 
+def _randomized(m, seed=1):
+    """Tokens and position embeddings away from their zero init (a wrong token order or pooling shows)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.split(".")[-1] in ("cls_token", "dist_token", "reg_token", "pos_embed", "head_proj_bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("variant", ["distilled", "pool_include_prefix", "no_pos_embed"])
+def test_vit_variants_export_what_torch_computes(tmp_path, variant):
+    # a distilled DeiT wrote a graph onnxruntime could not run (17 tokens against an 18-row pos_embed);
+    # pool_include_prefix averaged without the prefix tokens; pos_embed='none' crashed
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+    if variant == "distilled":
+        m = VisionTransformerDistilled(**kw)
+    elif variant == "pool_include_prefix":
+        m = VisionTransformer(**kw, global_pool="avg", reg_tokens=2, pool_include_prefix=True)
+    else:
+        m = VisionTransformer(**kw, pos_embed="none")
+    far.convert(m, blocks=[1], init="random")  # block 0 keeps its attention
+    m = _randomized(m)
+    export_onnx(m, tmp_path / "m.onnx")
+    check_logits(m, tmp_path / "m.onnx", torch.randn(3, 3, 32, 32))
+
+
+def test_post_norm_blocks_are_refused():
+    # ResPostBlock computes x + norm1(attn(x)); it was exported as a pre-norm block, silently wrong
+    from timm.models.vision_transformer import ResPostBlock
+
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7,
+                          block_fn=ResPostBlock)
+    with pytest.raises(far.ConfigError, match="blocks.0: ResPostBlock is not exportable"):
+        build_onnx(m)
+
+
 def test_cli_export(tmp_path, capsys, monkeypatch):
     out = tmp_path / "p.onnx"
     assert main(["export", "fmnist_far_tiny_pruned", "-o", str(out), "--check"]) == 0

@@ -3,7 +3,7 @@ for IMC toolchains, built node by node with onnx.helper (no tracing, so no expor
 
 Mapping (opset 17):
   patch_embed            Conv, Reshape, Transpose (+ LayerNormalization if it has a norm)
-  cls / reg tokens       Expand to the batch, Concat; pos_embed: Add
+  cls / dist / reg tokens  Expand to the batch, Concat; pos_embed: Add (none for pos_embed='none')
   LayerNorm              LayerNormalization (axis -1, the module's eps)
   Linear                 MatMul (+ Add of the bias)
   GELU                   0.5 x (1 + Erf(x / sqrt 2)) (tanh form for GELU(approximate="tanh"))
@@ -14,8 +14,11 @@ Mapping (opset 17):
                          torch's (i, f, g, o) to ONNX's (i, o, f, c); B = [b_ih ‖ b_hh]. head_proj
                          MatMul+Add per head, Concat over heads, proj MatMul+Add.
   timm Attention         MatMul, Softmax, MatMul (for models that keep some attention blocks)
-  pooling, head          Gather (token) / ReduceMean (avg), fc_norm, head MatMul+Add
+  pooling, head          Gather (token) / ReduceMean (avg, prefix tokens included with pool_include_prefix),
+                         fc_norm, head MatMul+Add; a distilled DeiT: (head(token 0) + head_dist(token 1)) / 2
 Input "pixels" [B, C, H, W] float32, output "logits" [B, classes]; B is fixed or the symbolic "batch".
+Blocks must be timm's pre-norm Block (a post-norm ResPostBlock or a parallel block is refused, not exported as
+something else), the patch embedding a timm PatchEmbed.
 """
 from __future__ import annotations
 
@@ -181,18 +184,29 @@ class _Graph:
 
 
 def _check_model(model: nn.Module) -> None:
+    from timm.models.vision_transformer import Block
+
     from far.models import attention_classes
 
     need = ("patch_embed", "blocks", "norm", "head", "pos_embed")
     if not all(hasattr(model, a) for a in need):
         raise ConfigError(f"{type(model).__name__} is not a timm VisionTransformer (needs {', '.join(need)})")
+    pe = model.patch_embed
+    if not isinstance(getattr(pe, "proj", None), nn.Conv2d) or not hasattr(pe, "img_size"):
+        raise ConfigError(f"patch_embed {type(pe).__name__} is not exportable (a timm PatchEmbed: one Conv2d)")
+    if getattr(model, "dist_token", None) is not None and (
+            not isinstance(getattr(model, "head_dist", None), (nn.Linear, nn.Identity)) or model.global_pool != "token"):
+        raise ConfigError("a distilled model is exportable with token pooling and a Linear head_dist only")
     if getattr(model, "dynamic_img_size", False):
         raise ConfigError("dynamic_img_size models are not exportable: build the model with a fixed image size")
     if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg", ""):
         raise ConfigError(f"global_pool={model.global_pool!r} is not exportable (token or avg only)")
     for i, blk in enumerate(model.blocks):
-        if not all(hasattr(blk, a) for a in ("norm1", "attn", "norm2", "mlp")):
-            raise ConfigError(f"blocks.{i}: {type(blk).__name__} is not a timm Block (norm1, attn, norm2, mlp)")
+        # the graph is Block's pre-norm x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x))): another forward (timm's
+        # ResPostBlock: x + norm1(attn(x)); parallel blocks) would be exported as that, wrongly
+        if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
+            raise ConfigError(f"blocks.{i}: {type(blk).__name__} is not exportable: only timm's pre-norm Block "
+                              "(x + attn(norm1(x)), x + mlp(norm2(x))) is")
         if not isinstance(blk.attn, (FARAttention, *attention_classes())):
             raise ConfigError(f"blocks.{i}.attn: {type(blk.attn).__name__} is not exportable")
 
@@ -226,20 +240,22 @@ def build_onnx(model: nn.Module, batch_size: Optional[int] = None):
     batch = g.op("Slice", [g.op("Shape", [x], "batch"), g.const("s", [0], np.int64), g.const("e", [1], np.int64)],
                  "batch")
     prefix = []
-    for attr in ("cls_token", "reg_token"):
+    for attr in ("cls_token", "dist_token", "reg_token"):  # timm's order (a DeiT's distillation token second)
         t = getattr(model, attr, None)
         if t is not None:
             shape = g.op("Concat", [batch, g.const("shape", list(t.shape[1:]), np.int64)], attr, axis=0)
             prefix.append(g.op("Expand", [g.const(attr, _np(t)), shape], attr))
-    pos = g.const("pos_embed", _np(model.pos_embed))
+    pos = g.const("pos_embed", _np(model.pos_embed)) if model.pos_embed is not None else None  # pos_embed='none'
     if getattr(model, "no_embed_class", False):
-        y = g.op("Add", [y, pos], "pos_embed")
+        if pos is not None:
+            y = g.op("Add", [y, pos], "pos_embed")
         if prefix:
             y = g.op("Concat", prefix + [y], "tokens", axis=1)
     else:
         if prefix:
             y = g.op("Concat", prefix + [y], "tokens", axis=1)
-        y = g.op("Add", [y, pos], "pos_embed")
+        if pos is not None:
+            y = g.op("Add", [y, pos], "pos_embed")
     y = g.layernorm(y, getattr(model, "norm_pre", nn.Identity()), "norm_pre")
     for i, blk in enumerate(model.blocks):
         b = f"blocks.{i}"
@@ -251,19 +267,27 @@ def build_onnx(model: nn.Module, batch_size: Optional[int] = None):
         y = g.op("Add", [y, g.layerscale(mm, getattr(blk, "ls2", nn.Identity()), f"{b}.ls2")], b)
     y = g.layernorm(y, model.norm, "norm")
     npt = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
-    if model.global_pool == "token":
-        y = g.op("Gather", [y, g.const("idx", 0, np.int64)], "pool", axis=1)
-    elif model.global_pool == "avg":
-        y = g.op("Slice", [y, g.const("s", [npt], np.int64), g.const("e", [2**62], np.int64),
-                           g.const("a", [1], np.int64)], "pool")
-        y = g.op("ReduceMean", [y], "pool", axes=[1], keepdims=0)
-    else:
-        raise ConfigError("global_pool='' (no pooling) is not exportable: the graph's output is [B, classes]")
-    y = g.layernorm(y, getattr(model, "fc_norm", nn.Identity()), "fc_norm")
-    if isinstance(model.head, nn.Linear):
-        y = g.linear(y, model.head, "head")
-    elif not isinstance(model.head, nn.Identity):
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
         raise ConfigError(f"head {type(model.head).__name__} is not exportable (Linear or Identity)")
+    if getattr(model, "dist_token", None) is not None:  # DeiT distilled, at inference: the two heads' mean
+        cls = g.op("Gather", [y, g.const("idx", 0, np.int64)], "pool", axis=1)
+        dist = g.op("Gather", [y, g.const("idx", 1, np.int64)], "pool_dist", axis=1)
+        if isinstance(model.head, nn.Linear):
+            cls, dist = g.linear(cls, model.head, "head"), g.linear(dist, model.head_dist, "head_dist")
+        y = g.op("Mul", [g.op("Add", [cls, dist], "head"), g.const("half", 0.5)], "head")
+    else:
+        if model.global_pool == "token":
+            y = g.op("Gather", [y, g.const("idx", 0, np.int64)], "pool", axis=1)
+        elif model.global_pool == "avg":  # over the patch tokens, or every token with pool_include_prefix
+            start = 0 if getattr(model, "pool_include_prefix", False) else npt
+            y = g.op("Slice", [y, g.const("s", [start], np.int64), g.const("e", [2**62], np.int64),
+                               g.const("a", [1], np.int64)], "pool")
+            y = g.op("ReduceMean", [y], "pool", axes=[1], keepdims=0)
+        else:
+            raise ConfigError("global_pool='' (no pooling) is not exportable: the graph's output is [B, classes]")
+        y = g.layernorm(y, getattr(model, "fc_norm", nn.Identity()), "fc_norm")
+        if isinstance(model.head, nn.Linear):
+            y = g.linear(y, model.head, "head")
     g.nodes.append(onnx.helper.make_node("Identity", [y], ["logits"], name="output"))
     B = batch_size if batch_size is not None else "batch"
     out_dim = model.head.out_features if isinstance(model.head, nn.Linear) else C
