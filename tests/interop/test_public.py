@@ -246,3 +246,28 @@ def test_read_public_says_what_a_file_is(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "truncated or corrupt torch.save file" in err and "allow" not in err, err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_ddp_prefixed_state_dict_imports_one_attention_too():
+    sd = {"module." + k: v for k, v in public_vit().state_dict().items()}  # as DistributedDataParallel saves it
+    m = public_attention(sd, "blocks.0.attn.")  # "no public FAR attention here": the prefix was kept
+    assert isinstance(m, far.FARAttention)
+
+
+def test_class_token_with_average_pooling_imports_as_average_pooling():
+    # a MAE/BEiT-style fine-tune: cls token, fc_norm and no final norm; it was rebuilt with token pooling
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    pub = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5,
+                            global_pool="avg")
+    for blk in pub.blocks:
+        blk.attn = DenseMultiHeadLstm(48, 3)
+    with torch.no_grad():
+        pub.cls_token.normal_(0, 0.5)
+        pub.pos_embed.normal_(0, 0.5)
+    sd = pub.state_dict()
+    assert "fc_norm.weight" in sd and "norm.weight" not in sd and "cls_token" in sd
+    m = import_public(sd)
+    assert m.global_pool == "avg"
+    check_same(m, pub.eval(), torch.randn(2, 3, 32, 32))

@@ -100,7 +100,8 @@ def add_parsers(sub) -> None:
                     "LSTM per head) and write it as a far checkpoint with FARAttention blocks computing the same "
                     "function. Their pruned units (zero LSTM weights, live biases) are dropped only where that "
                     "changes nothing (--pruned exact), or all of them (--pruned mask: hidden sizes from the "
-                    "pruning pattern; the printed table gives a bound on each block's output change).",
+                    "pruning pattern; the printed table bounds each attention module's output change for the same "
+                    "input; the MLP after it is not covered).",
         epilog="examples:\n"
                "  far import-public checkpoint.pth -o far_deit_tiny.safetensors\n"
                "  far import-public pruned_model.pth --allow-pickle --pruned mask -o pruned.safetensors")
@@ -113,6 +114,6 @@ def add_parsers(sub) -> None:
                    help="unpickle whole saved models (torch.save(model)); runs pickle: only for files you trust")
     p.add_argument("--arch", default="deit_base_patch16_224", metavar="TIMM_NAME",
                    help="the timm name recorded for rebuilding (its kwargs come from the checkpoint's shapes)")
-    add_threads(p)  # on the CPU: the conversion and its bound on each block's change
+    add_threads(p)  # on the CPU: the conversion and its bound on each attention module's change
     add_common(p, quiet="print nothing on success")
     p.set_defaults(func=cmd_import_public)

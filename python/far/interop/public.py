@@ -373,8 +373,7 @@ def public_attention(source, prefix: str = "", *, num_heads: Optional[int] = Non
     """
     if pruned not in PRUNED_MODES:
         raise ConfigError(f"pruned must be one of {PRUNED_MODES}, got {pruned!r}")
-    sd = source if isinstance(source, dict) and all(isinstance(v, torch.Tensor) for v in source.values()) \
-        else read_public(source, allow_pickle=allow_pickle)
+    sd = read_public(source, allow_pickle=allow_pickle)  # a dict of tensors too: its `module.` prefix removed
     layout = _layout(sd, prefix)
     H, d, c, pre, post, lstm, head_proj = _per_head(sd, prefix, layout, num_heads)
     keep = torch.ones(2, H, d, dtype=torch.bool)
@@ -460,9 +459,12 @@ def _vit_kwargs(sd: dict, num_heads: int) -> dict:
         raise ConfigError(f"pos_embed holds {pos.shape[1]} tokens: not a square patch grid plus {prefix_tokens} "
                           "prefix tokens")
     hidden = _get(sd, "blocks.0.mlp.fc1.weight").shape[0]
+    # timm gives a model an fc_norm in place of the final norm only for average pooling: a class token with
+    # fc_norm and no norm is a MAE/BEiT-style fine-tune that averages the patch tokens
+    avg_with_cls = "fc_norm.weight" in sd and "norm.weight" not in sd
     kw = {"img_size": side * p, "patch_size": p, "in_chans": in_chans, "embed_dim": embed_dim, "depth": depth,
           "num_heads": num_heads, "mlp_ratio": hidden / embed_dim, "class_token": class_token,
-          "global_pool": "token" if class_token else "avg", "fc_norm": "fc_norm.weight" in sd,
+          "global_pool": "token" if class_token and not avg_with_cls else "avg", "fc_norm": "fc_norm.weight" in sd,
           "num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0}
     if n_reg:
         kw["reg_tokens"] = n_reg
