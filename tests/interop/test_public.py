@@ -215,6 +215,14 @@ def test_read_public_says_what_a_file_is(tmp_path, capsys):
              "cut_end.pth": zipped[:-10], "cut_legacy.pth": legacy[:len(legacy) // 2], "cut_legacy5.pth": legacy[:5],
              "cut.safetensors": st[:len(st) // 2], "cut_header.safetensors": st[:40], "empty.pth": b"",
              "text.pth": b"hello, world"}
+    import io
+    import pickle
+
+    import numpy as np
+
+    npz = io.BytesIO()
+    np.savez(npz, a=np.zeros(3))
+    files.update({"arrays.npz": npz.getvalue(), "plain.pkl": pickle.dumps({"a": 1})})  # allow_pickle cannot help
     for name, data in files.items():
         if data is not None:
             (tmp_path / name).write_bytes(data)
@@ -226,13 +234,15 @@ def test_read_public_says_what_a_file_is(tmp_path, capsys):
               "cut_legacy5.pth": "truncated or corrupt",
               "cut.safetensors": "a truncated safetensors file",
               "cut_header.safetensors": "a truncated safetensors file",
-              "empty.pth": "an empty file", "text.pth": "neither a zip archive nor a pickle"}
+              "empty.pth": "an empty file", "text.pth": "neither a zip archive nor a pickle",
+              "arrays.npz": "a zip archive, not a torch.save file (no data.pkl; members ['a.npy'])",
+              "plain.pkl": "a plain pickle (pickle.dump), not a torch.save file"}
     for name, fragment in expect.items():
         for allow in (False, True):
             with pytest.raises(far.CheckpointError) as info:
                 read_public(tmp_path / name, allow_pickle=allow)
             assert fragment in str(info.value) and "pickle" not in str(info.value).replace("nor a pickle", "") \
-                .replace("legacy pickle", ""), (name, allow, str(info.value))
+                .replace("legacy pickle", "").replace("plain pickle (pickle.dump)", ""), (name, allow, str(info.value))
     with pytest.raises(far.CheckpointError, match="already a far checkpoint"):
         read_public(zoo)
     # a real pickle keeps the advice

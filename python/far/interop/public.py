@@ -159,8 +159,15 @@ def _not_a_pickle(data: bytes, error: Exception) -> Optional[str]:
                     f"{_short(e)}); copy or save it again")
         if bad is not None:
             return f"a corrupt torch.save file (its zip member {bad} fails its CRC check); copy or save it again"
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            names = z.namelist()
+        if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):  # e.g. numpy's .npz
+            return (f"a zip archive, not a torch.save file (no data.pkl; members {names[:3]}"
+                    + (" ..." if len(names) > 3 else "") + ")")
         return None
     if data[:1] == b"\x80":  # a pickle stream (protocol 2+: torch.save's legacy format)
+        if data[2:3] != b"\x8a":  # torch.save's legacy stream starts with its magic number, a pickled long
+            return "a plain pickle (pickle.dump), not a torch.save file; torch.load cannot read it"
         if isinstance(error, (EOFError, struct.error)) or re.search(r"EOF|truncated", str(error)):
             return (f"a truncated or corrupt torch.save file (legacy pickle format: {_short(error)}); copy or "
                     "save it again")
