@@ -315,9 +315,9 @@ def _arch_problem(kwargs: dict) -> Optional[str]:
     for key, v in kwargs.items():
         if key in LOADER_KWARGS:
             return f"architecture kwarg '{key}' is not allowed in a checkpoint (it would make timm load weights)"
-        if key == "img_size" and isinstance(v, list):
+        if key in ("img_size", "patch_size") and isinstance(v, list):  # a pair: [H, W]
             if not (len(v) == 2 and all(_in_range(key, x) for x in v)):
-                return f"architecture kwarg img_size must be an int or [H, W] in {list(ARCH_LIMITS[key])}, got {v!r}"
+                return f"architecture kwarg {key} must be an int or [H, W] in {list(ARCH_LIMITS[key])}, got {v!r}"
         elif key in ARCH_LIMITS:
             if not _in_range(key, v):
                 return f"architecture kwarg {key} must be {'a number' if key == 'mlp_ratio' else 'an int'} in " \

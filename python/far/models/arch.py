@@ -128,9 +128,9 @@ def describe(model: nn.Module) -> dict:
     proj = getattr(mixer, "proj", None)
     if isinstance(proj, nn.Linear) and proj.bias is None:
         kw["proj_bias"] = False
-    ls = getattr(b0, "ls1", None)
-    if ls is not None and not isinstance(ls, nn.Identity):
-        gamma = ls.gamma.detach()
+    gamma = getattr(getattr(b0, "ls1", None), "gamma", None)  # a LayerScale's, or a reuse tap's that replaced it
+    if gamma is not None:
+        gamma = gamma.detach()
         first = float(gamma.flatten()[0]) if gamma.numel() and gamma.device.type != "meta" else 0.0
         kw["init_values"] = (float(f"{first:.6g}") if first != 0 and bool((gamma == first).all())
                              else LAYERSCALE_INIT)  # float32 printed short
@@ -177,12 +177,16 @@ def _skipped(model: nn.Module) -> tuple:
     structure is the checkpoint's far / reuse sections', not the architecture's."""
     from far.models.convert import attention_classes
 
+    from far.nn.reuse import AttentionTap
+
     classes = attention_classes()
     out = []
     for i, b in enumerate(getattr(model, "blocks", [])):
         m = _mixer(b)
         if m is not None and not isinstance(m, classes):
             out.append(f"blocks.{i}.attn")
+        if isinstance(getattr(b, "ls1", None), AttentionTap):  # a reuse source: far.load's apply_reuse puts it back
+            out.append(f"blocks.{i}.ls1")
     return tuple(out)
 
 

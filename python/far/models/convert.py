@@ -11,6 +11,7 @@ import far_kernels
 from far.checkpoint import ARCH_LIMITS
 from far.errors import ConfigError
 from far.nn import FARAttention
+from far.nn.far_attention import as_hidden_sizes
 
 
 def attention_classes() -> tuple:
@@ -212,6 +213,12 @@ def convert(
             raise ConfigError(f"hidden_sizes entry {idx}: units must be whole numbers, got {hs!r}")
         if t.numel() and not bool(((t >= lo) & (t <= hi)).all()):
             raise ConfigError(f"hidden_sizes entry {idx}: units must lie in [{lo}, {hi}], got {hs!r}")
+        attn = targets[idx][1] if idx < len(targets) else None
+        if attn is not None and t.dim() > 0:  # a table: its shape, against this block's heads
+            try:
+                as_hidden_sizes(hs, attn.num_heads, attn.head_dim)
+            except ValueError as e:
+                raise ConfigError(f"hidden_sizes entry {idx} ({targets[idx][0]}): {e}") from None
     report = ConversionReport()
     for idx, (name, attn) in enumerate(targets):
         if getattr(attn, "gate", None) is not None:

@@ -168,9 +168,10 @@ def create_model(name: str, pretrained: bool = False, far: Optional[bool] = None
             raise ConfigError(f"'{name}' is a bundled FAR checkpoint with its own weights; weights=FILE is for "
                               "timm architectures")
     if name in ZOO and not timm.is_model(name):  # FAR zoo models: the architecture lives in the checkpoint
-        if kwargs or hidden_sizes is not None or far is False:
-            raise ConfigError(f"'{name}' is a bundled FAR checkpoint: it takes no model arguments, hidden_sizes "
-                              "or far=False (use fmnist_deit_tiny for the attention architecture)")
+        if kwargs or hidden_sizes is not None or far is False or blocks is not None or pre_proj_init != "v":
+            raise ConfigError(f"'{name}' is a bundled FAR checkpoint: it takes no model arguments, hidden_sizes, "
+                              "blocks, pre_proj_init or far=False (use fmnist_deit_tiny for the attention "
+                              "architecture)")
         path = zoo_path(name)
         if pretrained:
             return load(path, backend=backend)
@@ -272,8 +273,9 @@ def _config(model: nn.Module, metadata: Optional[dict]) -> dict:
         archs.check_rebuilds(model, {"timm_name": arch["timm_name"], "kwargs": kwargs},
                              type(model).__name__ + ("" if described else " (from its .far_arch; delete it to have "
                                                      "far.save read the architecture from the model)"))
-    if metadata is None:
-        metadata = getattr(model, "far_metadata", None) or {}
+    if metadata is None:  # what the model's run recorded, else what the file it was loaded from held
+        metadata = getattr(model, "far_metadata", None) or (getattr(model, "far_checkpoint", None) or {}).get(
+            "metadata") or {}
     if not isinstance(metadata, dict):
         raise ConfigError(f"metadata must be a dict (or None), got {type(metadata).__name__}")
     problem = checkpoint.json_problem(metadata, "metadata")
@@ -313,7 +315,8 @@ def save(model: nn.Module, path, metadata: Optional[dict] = None, *, force: bool
             checked to rebuild it); torch.compile / DDP wrappers are unwrapped.
         path: destination file (conventionally *.safetensors).
         metadata: JSON-serializable dict stored with the config (teacher, training, pruning info);
-            default: the model's `far_metadata` (what far.distill, far.prune, ... record), else {}.
+            default: the model's `far_metadata` (what far.distill, far.prune, ... record), else the metadata
+            of the file far.load read it from (a load -> save round trip keeps it), else {}.
         force: False refuses to overwrite an existing file.
     Only kept LSTM units are stored, so pruned models give physically smaller files.
     """

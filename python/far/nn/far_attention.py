@@ -37,7 +37,9 @@ class RaggedParams(nn.Module):
         return ", ".join(f"{name} {list(p.shape)}" for name, p in self.named_parameters())
 
 
-def _as_hidden_sizes(hidden_sizes, num_heads: int, head_dim: int) -> torch.Tensor:
+def as_hidden_sizes(hidden_sizes, num_heads: int, head_dim: int) -> torch.Tensor:
+    """`hidden_sizes` (None: head_dim everywhere; an int; a [2, H] table) as a CPU int64 [2, num_heads] tensor;
+    ValueError for fractions, negatives or another shape."""
     if hidden_sizes is None:
         return torch.full((2, num_heads), head_dim, dtype=torch.int64)
     raw = torch.as_tensor(hidden_sizes)
@@ -98,7 +100,7 @@ class FARAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
-        self.hidden_sizes = _as_hidden_sizes(hidden_sizes, num_heads, head_dim)  # CPU int64 [2, H]
+        self._hidden_sizes = as_hidden_sizes(hidden_sizes, num_heads, head_dim)  # CPU int64 [2, H]
         if backend is not None:  # a typo is an error now, not at the first forward
             far_kernels.dispatch.requested_backend(backend)
         self.backend = backend
@@ -111,7 +113,31 @@ class FARAttention(nn.Module):
         self.reset_lstm_parameters()
         self.set_storage(storage)  # the same initial values in either layout
 
+    def __setstate__(self, state: dict) -> None:  # a module pickled before hidden_sizes became a property
+        if "hidden_sizes" in state:
+            state["_hidden_sizes"] = state.pop("hidden_sizes")
+        super().__setstate__(state)
+
     # ---- sizes and padding ----
+    @property
+    def hidden_sizes(self) -> torch.Tensor:
+        """CPU int64 [2, H]: the units kept per (direction 0 = forward / 1 = backward, head)."""
+        return self._hidden_sizes
+
+    @hidden_sizes.setter
+    def hidden_sizes(self, value) -> None:
+        """Set in padded storage only, within the padded width (a pruning mask shrinks it in place: the units
+        beyond are padding). A ragged block's tensors hold exactly its kept units: changing the sizes there
+        would make the forward read the wrong rows, so it is refused (set_storage("padded") first)."""
+        hs = as_hidden_sizes(value, self.num_heads, self.head_dim)
+        if "_hidden_sizes" in self.__dict__ and self.storage == "ragged" and not torch.equal(hs, self._hidden_sizes):
+            raise ValueError("hidden_sizes of a block in ragged storage cannot change (its tensors hold exactly "
+                             "the kept units): set_storage('padded') first")
+        if "_parameters" in self.__dict__ and self._parameters.get("w_hh") is not None and hs.numel() and \
+                int(hs.max()) > self.width:
+            raise ValueError(f"hidden_sizes {hs.tolist()} exceed the padded width {self.width}")
+        self._hidden_sizes = hs
+
     def _padded_shapes(self) -> dict:
         """{padded parameter: shape} at the current width n (head_proj_weight's columns: [fwd n | bwd n])."""
         H, d, n = self.num_heads, self.head_dim, self.width
@@ -150,14 +176,18 @@ class FARAttention(nn.Module):
             return {key: self.get_parameter(key) for key in self.COMPACT_KEYS.values()}
         return {key: getattr(self, name) for name, key in self.COMPACT_KEYS.items()}
 
-    @torch.no_grad()
     def set_storage(self, storage: str) -> "FARAttention":
         """Convert in place to storage "padded" or "ragged" (same values, same forward). The parameters are
-        new objects: build optimizers after this call. Returns self."""
+        new objects: build optimizers after this call (ordinary tensors even when called under
+        torch.inference_mode, so they can still be trained). Returns self."""
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
         if storage == self.storage:
             return self
+        with torch.inference_mode(False), torch.no_grad():
+            return self._set_storage(storage)
+
+    def _set_storage(self, storage: str) -> "FARAttention":
         state = self.compact_state()
         grad = {key: p.requires_grad for key, p in self.lstm_storage().items()}
         if storage == "ragged":
@@ -238,11 +268,12 @@ class FARAttention(nn.Module):
         m = self.unit_mask().to(self.w_ih.device)  # [H, 2, n]
         H, n = self.num_heads, self.width
         gate_rows = m.unsqueeze(2).expand(H, 2, 4, n).reshape(H, 2, 4 * n)
-        self.w_ih.mul_(gate_rows[..., None])
-        self.w_hh.mul_(gate_rows[..., None] & m[:, :, None, :])
-        self.b_ih.mul_(gate_rows)
-        self.b_hh.mul_(gate_rows)
-        self.head_proj_weight.mul_(m.reshape(H, 1, 2 * n))
+        # masked_fill, not a multiply: NaN or inf left in padding would stay NaN (0 * inf)
+        self.w_ih.masked_fill_(~gate_rows[..., None], 0)
+        self.w_hh.masked_fill_(~(gate_rows[..., None] & m[:, :, None, :]), 0)
+        self.b_ih.masked_fill_(~gate_rows, 0)
+        self.b_hh.masked_fill_(~gate_rows, 0)
+        self.head_proj_weight.masked_fill_(~m.reshape(H, 1, 2 * n), 0)
 
     @torch.no_grad()
     def reset_lstm_parameters(self) -> None:
@@ -414,7 +445,7 @@ class FARAttention(nn.Module):
         w = next(iter(self.lstm_storage().values()))
         if x.device != w.device:
             raise ValueError(f"FARAttention: x is on {x.device} but the module is on {w.device}")
-        if x.dtype != w.dtype:
+        if x.dtype != w.dtype and not (torch.is_autocast_enabled(x.device.type) and x.is_floating_point()):
             raise TypeError(f"FARAttention: x is {x.dtype} but the module is {w.dtype}; cast one of them "
                             "(e.g. model.to(x.dtype)) or use torch.autocast")
 
