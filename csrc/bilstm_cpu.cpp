@@ -317,11 +317,10 @@ FAR_CLONES void scan_item(const ScanArgs& p, Scratch& scratch, int64_t head, int
       pf.olines = (n + 15) / 16;
       for (int64_t r = 0; r < rows; ++r) pf.g[r] = fused ? x_at(r, tp) : gx_at(r, tp), pf.o[r] = out_at(r, tp);
     }
-    // acc = (bias + x[t] @ W_ih | gx[t]) + h @ W_hh (h = 0 at the first step)
-    const Operand oh{wp, s == 0 ? 0 : k, h, hs};
-    if (!fused && s == 0) {
-      pf.issue(pf.rows * (pf.glines + pf.olines));
-    } else {
+    // acc = (bias + x[t] @ W_ih | gx[t]) + h @ W_hh. h = 0 at the first step, but the product still runs, as the
+    // reference's does: a NaN or inf in W_hh makes that step NaN (0 * NaN), not a finite output (1/T of the work)
+    const Operand oh{wp, k, h, hs};
+    {
       const bool rev = s & 1;
       const Operand ox{wip, din, fused ? x_at(0, t) : nullptr, x_b};
       const float* init = fused ? bp : acc;

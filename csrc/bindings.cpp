@@ -155,6 +155,7 @@ void crossbar_adc_reduce(const at::Tensor& p, const at::Tensor& weights, const a
   TORCH_CHECK(y.size(0) == G && N > 0 && p.size(4) % N == 0 && m0 >= 0 && m0 + m <= M_total,
               "crossbar_adc_reduce: p ", p.sizes(), " does not fit y ", y.sizes(), " at row ", m0);
   const int64_t S = p.size(4) / N;
+  TORCH_CHECK(S >= 1, "crossbar_adc_reduce: p holds no weight slice (p.size(4) = ", p.size(4), ")");
   TORCH_CHECK(is(weights, at::kFloat, {G, T, J}), "crossbar_adc_reduce: weights must be float32 [G, T, J]");
   TORCH_CHECK(is(s_x, at::kFloat, {G, M_total}), "crossbar_adc_reduce: s_x must be float32 [G, M]");
   TORCH_CHECK(is(w_scale, at::kFloat, {G, N}), "crossbar_adc_reduce: w_scale must be float32 [G, N]");

@@ -30,6 +30,9 @@ def _quantize(x: torch.Tensor, cfg):
 
 
 EXACT = 1 << 24  # fp32 holds every integer below this exactly
+# "max" codes round(p * L / p_max) in fp32 are the exact codes while p_max * L < 2^23: the quotient q <= L is then
+# off by at most L 2^-24 < 1 / (2 p_max), less than its distance to any half step that is not a tie
+MAX_CODES_F32 = 1 << 23
 
 
 def _codes(p: torch.Tensor, call: GroupCall, integer: bool) -> torch.Tensor:
@@ -54,10 +57,19 @@ def _codes(p: torch.Tensor, call: GroupCall, integer: bool) -> torch.Tensor:
 
 
 def _codes_int64(p: torch.Tensor, call: GroupCall) -> torch.Tensor:
-    """"max" codes in exact integer arithmetic, for configs where p_max * L reaches 2^24."""
+    """"max" codes in exact integer arithmetic, for configs where p_max * L reaches MAX_CODES_F32 (2^23)."""
     L = call.adc.L
     pi = p.to(torch.int64)
     return (torch.sign(pi) * rhe_div(pi.abs() * L, call.cfg.p_max)).clamp(-L, L)
+
+
+def acc_bound(call: GroupCall) -> int:
+    """The largest |sum| of one weight slice's ADC codes over tiles and input slices (weights 2^(j dac_bits))."""
+    cfg, plan = call.cfg, call.adc
+    c_max = cfg.p_max if plan.mode in ("none", "granular") and (plan.mode == "none" or plan.L >= cfg.p_max) \
+        else max(plan.L, 1)
+    tiles = -(-call.group.K // cfg.tile_rows)
+    return tiles * c_max * sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices))
 
 
 def run_group(call: GroupCall, fused_epilogue=None) -> torch.Tensor:
@@ -73,14 +85,13 @@ def run_group(call: GroupCall, fused_epilogue=None) -> torch.Tensor:
     lev, valid = grp.tiles(cfg.tile_rows)  # [G*T, tr, S*N], [G, T]
     T, tr = valid.shape[1], lev.shape[1]
     integer = not call.float_path
-    wide_max = integer and plan.mode == "max" and cfg.p_max * plan.L >= EXACT
-    c_max = cfg.p_max if plan.mode in ("none", "granular") and (plan.mode == "none" or plan.L >= cfg.p_max) \
-        else max(plan.L, 1)
-    acc_bound = T * c_max * sum(1 << (j * cfg.dac_bits) for j in range(J))  # |sum over tiles, input slices|
-    f32_acc = not integer or acc_bound < EXACT
+    wide_max = integer and plan.mode == "max" and cfg.p_max * plan.L >= MAX_CODES_F32
+    bound = acc_bound(call)  # |sum over tiles, input slices| of one weight slice's codes
+    # integer codes (any path with an ADC) are summed exactly in fp32 below 2^24, else in int64 as the reference does
+    f32_acc = (not integer and plan.mode == "none") or bound < EXACT
     # the whole shift-and-add (weight slices too) in fp32 when every partial total stays exact
     f32_all = integer and f32_acc and not wide_max and plan.mode != "calibrated" and \
-        acc_bound * sum(1 << (i * cfg.cell_bits) for i in range(S)) + cfg.offset * K * cfg.x_qmax < EXACT
+        bound * sum(1 << (i * cfg.cell_bits) for i in range(S)) + cfg.offset * K * cfg.x_qmax < EXACT
     # the shift-and-add over tiles and input slices as one reduction: weight 2^(j dac_bits), 0 for a tile a
     # member does not have (it takes no read, no noise)
     wts = torch.tensor([float(1 << (j * cfg.dac_bits)) for j in range(J)], device=dev)

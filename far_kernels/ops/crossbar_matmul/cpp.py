@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from far_kernels._ext import lib as _C
-from far_kernels.ops.crossbar_matmul.batched import EXACT, run_group, run_single
+from far_kernels.ops.crossbar_matmul.batched import MAX_CODES_F32, acc_bound, run_group, run_single
 from far_kernels.ops.crossbar_matmul.group import GroupCall
 
 CODE_IDENTITY, CODE_MAX_EXACT, CODE_DIVIDE = 0, 1, 2
@@ -38,8 +38,10 @@ def cpp_limit_group(call: GroupCall) -> Optional[str]:
     integer = not call.float_path
     if plan.mode == "none" and not integer:
         return "without an ADC, noisy partial sums are summed as floats: the torch backend does that"
-    if plan.mode == "max" and integer and cfg.p_max * plan.L >= EXACT:
-        return "a max ADC with p_max * L >= 2^24 needs int64 codes: the torch backend does that"
+    if plan.mode == "max" and integer and cfg.p_max * plan.L >= MAX_CODES_F32:
+        return "a max ADC with p_max * L >= 2^23 needs exact integer codes: the torch backend does that"
+    if acc_bound(call) >= 1 << 53:  # the epilogue sums each weight slice's codes in double (exact below 2^53)
+        return "the sums of ADC codes may pass 2^53, where double is not exact: the torch backend sums them in int64"
     return None
 
 

@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from far_kernels.ops.crossbar_matmul.config import PROGRAM_FIELDS, CrossbarConfig
-from far_kernels.ops.crossbar_matmul.program import (AdcPlan, ProgrammedCrossbar, adc_plan, program_crossbar,
-                                                     read_noise_key)
+from far_kernels.ops.crossbar_matmul.program import (AdcPlan, ProgrammedCrossbar, adc_plan, check_int64_totals,
+                                                     program_crossbar, read_noise_key)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CELL_FIELDS = tuple(f for f in PROGRAM_FIELDS if f != "seed")  # members may have their own programming seeds
@@ -253,6 +253,7 @@ def prepare_group_call(x, group, cfg=None, bias=None, op: str = "crossbar_matmul
         plans = [adc_plan(cfg, m.adc_range, x.device, f"{op} (member {g})") for g, m in enumerate(group.members)]
         plan = AdcPlan("calibrated", plans[0].L, plans[0].step, torch.stack([p.steps for p in plans]).view(-1, S),
                        torch.stack([p.mults for p in plans]).view(-1, S))
+    check_int64_totals(cfg, plan, group.K, group.noisy or cfg.read_noise > 0, op)
     key = read_noise_key(cfg.seed, group.reads) if cfg.read_noise > 0 else 0
     x = x.detach().contiguous()
     if any(k < group.K for _, k in group.sizes):  # a member's padded input columns are no input of it: zeroed

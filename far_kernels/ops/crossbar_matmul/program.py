@@ -202,6 +202,28 @@ def read_noise_key(seed: int, reads: int) -> int:
     return (_splitmix64(_splitmix64(seed) ^ reads) >> 2) | (1 << 40)
 
 
+INT64_LIMIT = 1 << 63
+
+
+def check_int64_totals(cfg: CrossbarConfig, plan: AdcPlan, K: int, float_path: bool, op: str) -> None:
+    """ValueError when the digital shift-and-add of a call could pass int64: its totals are up to tiles x the
+    largest code x sum_j 2^(j dac_bits) x sum_i 2^(i cell_bits) (+ the offset encoding's correction), summed in
+    int64 by every backend and the reference (which would wrap around silently). Without an ADC on noisy
+    partial sums the totals are floats: nothing to check."""
+    if plan.mode == "none" and float_path:
+        return
+    L = max(plan.L, 1)
+    c_max = cfg.p_max if plan.mode == "none" else min(L, cfg.p_max) if plan.mode == "granular" else L
+    tiles = -(-K // cfg.tile_rows)
+    total = tiles * c_max * sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices)) \
+        * sum(1 << (i * cfg.cell_bits) for i in range(cfg.n_weight_slices)) + cfg.offset * K * cfg.x_qmax
+    if total >= INT64_LIMIT:
+        raise ValueError(f"{op}: with these bits (weight {cfg.weight_bits}, cell {cfg.cell_bits}, input "
+                         f"{cfg.input_bits}, DAC {cfg.dac_bits}, ADC {cfg.adc_bits}) and K = {K} the digital "
+                         f"shift-and-add totals reach {total:.3g} >= 2^63 and would overflow int64; use fewer bits "
+                         "or a coarser ADC")
+
+
 def adc_plan(cfg: CrossbarConfig, adc_range=None, device="cpu", op: str = "crossbar_matmul") -> AdcPlan:
     """The ADC steps of a call (one place, so every backend uses the same fp32 numbers)."""
     one = torch.ones((), dtype=torch.float32, device=device)
@@ -275,6 +297,7 @@ def prepare_call(x, w, cfg=None, bias=None, adc_range=None, op: str = "crossbar_
         key = read_noise_key(cfg.seed, prog.reads)
         if consume_read:
             prog.reads += 1
+    check_int64_totals(cfg, plan, prog.K, prog.noisy or cfg.read_noise > 0, op)
     lead = tuple(x.shape[:-1])
     x2d = x.detach().reshape(math.prod(lead), prog.K).contiguous()
     return CrossbarCall(x2d, lead, prog, cfg, bias, plan, key, prog.noisy or cfg.read_noise > 0)
