@@ -101,3 +101,19 @@ def far_block_oracle(m, x):
         o = torch.cat(heads, dim=-1)
         bias = None if m.proj.bias is None else m.proj.bias.double()
         return nn.functional.linear(o, m.proj.weight.double(), bias)
+
+
+class HalvesImages(torch.utils.data.Dataset):
+    """n random (image [1, 28, 28], label) pairs held in memory; the label says which half of the image is brighter,
+    so that a model learns something in a few steps (two classes)."""
+
+    def __init__(self, n: int, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 28, 28, generator=g)
+        self.y = (self.x[:, 0, :14].mean((1, 2)) > self.x[:, 0, 14:].mean((1, 2))).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])

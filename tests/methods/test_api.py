@@ -8,23 +8,11 @@ import pytest
 import torch
 
 import far
+from conftest import HalvesImages
 from far.train import TrainConfig
 
 
-class ImageSet(torch.utils.data.Dataset):
-    """(image [1, 28, 28], label) pairs held in memory; the label is a simple function of the image so
-    that a model can learn something in a few steps."""
-
-    def __init__(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 1, 28, 28, generator=g)
-        self.y = (self.x[:, 0, :14].mean((1, 2)) > self.x[:, 0, 14:].mean((1, 2))).long()
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
+ImageSet = HalvesImages  # (image, label): which half is brighter
 
 
 def _files(root):

@@ -12,24 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import far
+from conftest import HalvesImages
 from far.errors import ConfigError
 from far.train import TrainConfig
 from far.train.loop import Dist, Task, train
 
 
-class Images(torch.utils.data.Dataset):
-    """n random 1x28x28 images; the label says which half is brighter (learnable, two classes)."""
-
-    def __init__(self, n: int, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 1, 28, 28, generator=g)
-        self.y = (self.x[:, 0, :14].mean((1, 2)) > self.x[:, 0, 14:].mean((1, 2))).long()
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
+Images = HalvesImages  # (image, label): which half is brighter
 
 
 def teacher(depth=2, dim=32, heads=2, seed=0):
