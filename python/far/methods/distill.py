@@ -41,7 +41,7 @@ from far.models.convert import PRE_PROJ_INITS, parse_blocks
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
-from far.train.loop import check_fresh_run, check_stage_file, classification_loss, limit_data, stage_identity
+from far.train.loop import check_fresh_run, classification_loss, limit_data, load_finished_stage, stage_identity
 
 FAR_OWN = ("pre_proj.", "w_ih", "w_hh", "b_ih", "b_hh", "head_proj_weight", "head_proj_bias",  # padded storage
            "lstm.", "head_proj.")  # ragged storage
@@ -523,12 +523,8 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
             task.name, c, {**sident, "world": d.world, "train_images": len(train_data)}).items()})
         done_file = None if c.out_dir is None else os.path.join(c.out_dir, "model.safetensors")
         if cfg.resume and done_file is not None and os.path.isfile(done_file):
-            from far.models import load
-
             task.remove_hooks()
-            done = load(done_file)  # finished in an earlier run
-            check_stage_file(done_file, done.far_checkpoint["metadata"].get("run_identity"), made)
-            student = done.to(d.device)
+            student = load_finished_stage(done_file, made, d.device)  # finished in an earlier run
             return True
         try:
             r = train(task, train_data, eval_data, c, d, identity=sident, desc=desc)

@@ -50,12 +50,11 @@ import torch.nn as nn
 from far.errors import ConfigError
 from far.utils.checks import finite_number
 from far.evaluate import accuracy
-from far.models import far_modules, load, save, set_storage
+from far.models import far_modules, save, set_storage
 from far.nn import FARAttention
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
-from far.train.loop import (check_fresh_run, check_stage_file, classification_loss, limit_data,
-                            stage_identity)
+from far.train.loop import check_fresh_run, classification_loss, limit_data, load_finished_stage, stage_identity
 
 
 # ---------------------------------------------------------------- groups
@@ -635,9 +634,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         rc = dataclasses.replace(cfg, out_dir=out)
         done_file = None if rounds == 1 or out is None else os.path.join(out, "done.safetensors")
         if cfg.resume and done_file is not None and os.path.isfile(done_file):
-            done_round = load(done_file)
-            check_stage_file(done_file, done_round.far_checkpoint["metadata"].get("run_identity"), made)
-            model = done_round.to(d.device)
+            model = load_finished_stage(done_file, made, d.device)
             record.append(model.far_checkpoint["metadata"]["round"])
             thr = record[-1].get("threshold")  # older files lack it: the summary then says n/a
             continue
@@ -720,9 +717,7 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
     plan = None
     info: dict = {}
     if cfg.resume and masked_file is not None and os.path.isfile(masked_file):
-        masked = load(masked_file)
-        check_stage_file(masked_file, masked.far_checkpoint["metadata"].get("run_identity"), made or {})
-        model = masked.to(d.device)
+        model = load_finished_stage(masked_file, made or {}, d.device)
         info = dict(model.far_checkpoint["metadata"].get("round_info", {}))
         thr = float(model.far_checkpoint["metadata"]["threshold"])
     else:

@@ -554,6 +554,16 @@ def check_stage_file(path, recorded, ident: dict) -> None:
                             "to start over")
 
 
+def load_finished_stage(path, ident: dict, device) -> nn.Module:
+    """The model a finished stage left at `path` (far.load), on `device`, once check_stage_file has found the
+    identity recorded with it to be `ident`: what a resumed multi-stage run continues from."""
+    from far.models import load
+
+    model = load(path)
+    check_stage_file(path, model.far_checkpoint["metadata"].get("run_identity"), ident)
+    return model.to(device)
+
+
 def limit_data(cfg: TrainConfig, train_data, eval_data):
     """(train_data, eval_data) cut to cfg.limit / cfg.eval_limit images (the first ones; far.data.first):
     what a method trains and tests on, from the API as from the command line."""
@@ -1029,6 +1039,6 @@ def stage_config(cfg: TrainConfig, name: str, **changes) -> TrainConfig:
 
 __all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "apply_mixup",
            "check_fresh_run", "check_stage_file", "classification_loss", "cleanup_distributed", "drop_path",
-           "effective_lr", "identity_diff", "join_histories", "limit_data", "lr_at", "make_mixup", "noise_patterns",
-           "noisy_weights", "plot_history", "run_metadata", "setup_distributed", "stage_config", "stage_identity",
-           "train", "weight_noise"]
+           "effective_lr", "identity_diff", "join_histories", "limit_data", "load_finished_stage", "lr_at",
+           "make_mixup", "noise_patterns", "noisy_weights", "plot_history", "run_metadata", "setup_distributed",
+           "stage_config", "stage_identity", "train", "weight_noise"]
