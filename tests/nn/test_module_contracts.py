@@ -113,3 +113,12 @@ def test_a_reuse_model_built_with_timm_saves_and_loads(tmp_path, init_values, pl
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(r(x), m(x))
+
+
+def test_param_counts_see_through_wrappers():
+    # under DataParallel / DDP the token mixers were not found (getattr(wrapper, "blocks") is absent): mixer_* were 0
+    from far.models import param_counts
+
+    m = far.create_model("fmnist_deit_tiny", far=True, embed_dim=12, depth=2, num_heads=3)
+    wrapped = torch.nn.DataParallel(m)
+    assert param_counts(wrapped) == param_counts(m) and param_counts(m)["mixer_kept"] > 0

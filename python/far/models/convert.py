@@ -33,12 +33,23 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DataParallel / DistributedDataParallel wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def mixer_params(model: nn.Module) -> int:
     """Parameters of a ViT's token mixers (`block.attn`: attention's qkv and proj; a FAR block's pre_proj,
     LSTMs, head_proj and proj counting kept units only; a reuse block's transformation): the part FAR
     replaces."""
     total = 0
-    for blk in getattr(model, "blocks", []):
+    for blk in getattr(unwrap(model), "blocks", []):
         m = blk.attn
         if isinstance(m, FARAttention):
             total += m.num_lstm_params() + count_params(m.pre_proj) + count_params(m.proj)
@@ -53,7 +64,8 @@ def param_counts(model: nn.Module) -> dict:
     stored: the parameters held in memory — a pruned FAR block's tensors are padded to its widest
     (head, direction) so that all heads run as one batched GEMM (the padding is exactly zero), unless
     its storage is "ragged" (far.models.set_storage): then stored = kept.
-    Returns {"kept", "stored", "mixer_kept", "mixer_stored"}."""
+    Returns {"kept", "stored", "mixer_kept", "mixer_stored"} (of the model inside a DDP / compile wrapper)."""
+    model = unwrap(model)
     stored = count_params(model)
     padding = 0
     for m in model.modules():

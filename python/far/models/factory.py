@@ -29,24 +29,13 @@ from far import checkpoint
 from far.errors import ConfigError, DataError, FarError
 from far.models import arch as archs
 from far.models import registry  # noqa: F401 - registers the fmnist_* architectures with timm
-from far.models.convert import convert, far_modules, set_backend, set_storage
+from far.models.convert import convert, far_modules, set_backend, set_storage, unwrap
 from far.models.weights import load_weights
 from far.models.pretrained import ZOO, zoo_path
 from far.nn import FARAttention, apply_reuse, reuse_plan
 from far.nn.far_attention import STORAGES
 from far.utils.env import as_device
 from far.version import __version__
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile / DataParallel / DistributedDataParallel wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 TIMM_PREFIX = "timm:"
