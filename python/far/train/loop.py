@@ -520,21 +520,22 @@ def _identity(task: Task, cfg: TrainConfig, extra: dict) -> dict:
 
 def stage_identity(task_name: str, cfg: TrainConfig, extra: dict) -> dict:
     """The settings a training stage of task `task_name` under `cfg` records (in last.pt, and in the model
-    file a finished stage leaves for a resumed run to load) and a resume must match, as JSON reads them back
-    (int keys become strings, tuples lists)."""
+    file a finished stage leaves for a resumed run to load) and a resume must match (identity_diff compares
+    them as JSON reads them back)."""
     keep = ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
             "grad_clip", "ema", "seed", "augment", "limit")
     recipe = ("mixup", "cutmix", "rand_augment", "reprob", "repeated_aug", "drop_path", "lr_scale_batch",
               "weight_noise", "weight_noise_on")
     base = TrainConfig()  # the DeiT options join only when set: runs saved before they existed still resume
-    ident = {"task": task_name, **{k: getattr(cfg, k) for k in keep},
-             **{k: getattr(cfg, k) for k in recipe if getattr(cfg, k) != getattr(base, k)}, **extra}
-    return json.loads(json.dumps(ident))
+    return {"task": task_name, **{k: getattr(cfg, k) for k in keep},
+            **{k: getattr(cfg, k) for k in recipe if getattr(cfg, k) != getattr(base, k)}, **extra}
 
 
 def identity_diff(got: dict, ident: dict) -> Dict[str, Tuple[Any, Any]]:
-    """{setting: (recorded, now)} for every setting of `ident` that `got` (a recorded identity) differs in;
-    keys of OPTIONAL_IDENTITY that `got` lacks (recorded by an older version) are not differences."""
+    """{setting: (recorded, now)} for every setting of `ident` that `got` (a recorded identity, read from JSON)
+    differs in, `ident` taken as JSON reads it back (int keys become strings, tuples lists: the one place
+    identities are normalized); keys of OPTIONAL_IDENTITY that `got` lacks (recorded by an older version) are
+    not differences."""
     ident = json.loads(json.dumps(ident))
     return {k: (got.get(k), v) for k, v in ident.items() if got.get(k) != v
             and not (k in OPTIONAL_IDENTITY and k not in got)}
