@@ -120,6 +120,24 @@ def test_reuse_block_is_costed_as_its_transform():
     assert r.totals["latency_us"] < base["latency_us"] and r.totals["cell_writes"] < base["cell_writes"]
 
 
+def test_reuse_transform_without_gelu_is_not_charged_one():
+    """The "ln-linear" transform (far reuse --transform ln-linear) has no GELU: its row is the "ln-linear-gelu"
+    row less exactly the GELU's C x T transcendentals (4 adds + 4 multiplies each) and their time."""
+    rows = {}
+    for kind in ("ln-linear-gelu", "ln-linear"):
+        torch.manual_seed(0)
+        vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=3, num_heads=2)
+        far.nn.apply_reuse(vit, {2: 1}, kind=kind)
+        rows[kind] = next(x for x in model_cost(vit).rows if x.kind == "reuse")
+    c, T, C = load_constants(), 50, 32
+    gelu_pj = C * T * 4 * (c["fp16_add"]["energy_pj"] + c["fp16_mult"]["energy_pj"])
+    gelu_ns = C * T * 8 / HardwareSpec().vector_lanes / c["clock"]["ghz"]
+    full, bare = rows["ln-linear-gelu"], rows["ln-linear"]
+    assert full.energy["digital"] - bare.energy["digital"] == pytest.approx(gelu_pj)
+    assert full.latency_ns - bare.latency_ns == pytest.approx(gelu_ns)
+    assert full.detail.endswith("-> GELU") and "GELU" not in bare.detail
+
+
 def test_overrides_and_errors(tmp_path):
     f = tmp_path / "chip.json"
     f.write_text(json.dumps({"cell_write": {"energy_pj": 80.0}}))

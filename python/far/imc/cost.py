@@ -384,12 +384,14 @@ def _far_row(chip: _Chip, name: str, m: FARAttention, T: int, hidden_sizes=None)
 
 def _reuse_row(chip: _Chip, name: str, m: nn.Module, T: int) -> LayerCost:
     lin = m.transform.linear
+    gelu = isinstance(m.transform.act, nn.GELU)  # the "ln-linear" transform has none
     row = LayerCost(name, "reuse", f"reuses block {m.source}'s attention output through LayerNorm -> "
-                                   f"Linear({lin.in_features}, {lin.out_features}) -> GELU")
+                                   f"Linear({lin.in_features}, {lin.out_features})" + (" -> GELU" if gelu else ""))
     C = lin.in_features
     t = row.add_digital(chip, adds=3 * C * T, mults=2 * C * T, nonlinear=T)  # LayerNorm
     t += _static(chip, row, C, lin.out_features, T)
-    t += row.add_digital(chip, nonlinear=lin.out_features * T)  # GELU
+    if gelu:
+        t += row.add_digital(chip, nonlinear=lin.out_features * T)
     row.latency_ns = t
     return row
 
