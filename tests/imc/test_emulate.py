@@ -681,3 +681,30 @@ def test_calibrate_a_far_model_runs():
     again2 = emulate(model, CrossbarConfig(tile_rows=16, adc_bits=5, adc_range="calibrated", **FAST))
     by_batch = calibrate(again2, [images])
     assert by_items.keys() == by_batch.keys() and all(torch.equal(by_items[k], by_batch[k]) for k in by_items)
+
+
+def test_calibrate_skips_empty_batches_and_refuses_no_images():
+    """A batch of zero images records nothing: it used to count as calibration data, so every layer silently got
+    r = p_max; now it is skipped, and data with no image at all is refused."""
+    cfg = CrossbarConfig(adc_bits=6, adc_range="calibrated", tile_rows=16, **FAST)
+    model = tiny_vit()
+    images = torch.randn(3, 1, 8, 8)
+    with pytest.raises(ValueError, match="no calibration batches"):
+        calibrate(emulate(model, cfg), images[:0])
+    with_empty = calibrate(emulate(model, cfg), [images[:0], images, images[:0]])
+    plain = calibrate(emulate(model, cfg), images)
+    assert with_empty.keys() == plain.keys() and all(torch.equal(with_empty[k], plain[k]) for k in plain)
+    assert (plain["head"] < cfg.p_max).all()  # real data sets a range below the full scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_calibrate_casts_batches_to_the_model_dtype(dtype):
+    """A half-precision model calibrated on fp32 images (what a DataLoader or far's datasets give): the batches are
+    cast to the model's dtype, as far.evaluate does (calibrate used to fail in the patch embedding: "Input type
+    (float) and bias type ... should be the same"), and the ranges equal those from batches cast by hand."""
+    cfg = CrossbarConfig(adc_bits=6, adc_range="calibrated", tile_rows=16, **FAST)
+    model = tiny_vit().to(dtype)
+    images = torch.randn(3, 1, 8, 8)
+    got = calibrate(emulate(model, cfg), images)
+    want = calibrate(emulate(model, cfg), images.to(dtype))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

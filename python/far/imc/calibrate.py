@@ -36,11 +36,13 @@ def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_sli
     adc_range="calibrated"; other configs accept ranges too but do not use them).
 
     Runs `data` (a tensor batch, an iterable of tensors or (inputs, labels) batches, e.g. a
-    DataLoader, or a Dataset of (image, label), batched CALIBRATION_BATCH at a time; at most `max_batches`) through the model in eval mode. Every CrossbarLinear records
-    the largest |partial sum| its reads produced per weight slice (far_kernels.crossbar_partial_sum_absmax)
-    while running as an uncalibrated ADC would (range = p_max, i.e. adc_range "max"), so later layers
-    see emulated activations. Then each layer gets r = that max (per_slice=True: one r per weight
-    slice; else the max over slices). A layer that saw only zero partial sums gets r = p_max.
+    DataLoader, or a Dataset of (image, label), batched CALIBRATION_BATCH at a time; at most `max_batches`;
+    float batches cast to the model's parameter dtype, empty ones skipped) through the model in eval mode.
+    Every CrossbarLinear records the largest |partial sum| its reads produced per weight slice
+    (far_kernels.crossbar_partial_sum_absmax) while running as an uncalibrated ADC would (range = p_max,
+    i.e. adc_range "max"), so later layers see emulated activations. Then each layer gets r = that max
+    (per_slice=True: one r per weight slice; else the max over slices). A layer that saw only zero partial
+    sums gets r = p_max.
     Returns {layer name: r tensor}. The model's train/eval mode is restored afterwards.
     """
     layers = crossbar_layers(model) + crossbar_groups(model) + crossbar_attentions(model)
@@ -49,6 +51,8 @@ def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_sli
     modes = contextlib.ExitStack()
     modes.enter_context(eval_mode(model))
     dev = layers[0][1].device
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = p.dtype if p is not None else torch.float32  # float batches follow the model (a bf16 model, fp32 data)
     for _, m in layers:
         m.begin_calibration()
     seen = 0
@@ -59,10 +63,12 @@ def calibrate(model: nn.Module, data, max_batches: Optional[int] = None, per_sli
 
             it = tqdm(it, total=max_batches, desc="calibrate", unit="batch", leave=False)
         for x in it:
-            model(x.to(dev))
+            if x.numel() == 0:  # nothing to record: an empty batch must not pass for calibration data
+                continue
+            model(x.to(dev, dtype) if x.is_floating_point() else x.to(dev))
             seen += 1
         if seen == 0:
-            raise ValueError("calibrate: no calibration batches (empty data or max_batches=0)")
+            raise ValueError("calibrate: no calibration batches (empty data, only empty batches or max_batches=0)")
         out = {}
         for name, m in layers:
             r = m.end_calibration(per_slice)
