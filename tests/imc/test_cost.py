@@ -151,7 +151,8 @@ def test_overrides_and_errors(tmp_path):
     y.write_text("adc_8b:\n  energy_pj: 3.0\n")
     assert load_constants(y)["adc_8b"]["energy_pj"] == 3.0
     for bad, msg in (('{"nope": {}}', "unknown entry"), ('{"adc_8b": {"energy_pj": -1}}', "finite number"),
-                     ("[1]", "mapping")):
+                     ("[1]", "mapping"), ('{"adc_8b": {"energy": 3.0}}', "adc_8b has no field 'energy'"),
+                     ('{"clock": {"ghz": 0}}', "clock.ghz must be > 0")):
         f.write_text(bad)
         with pytest.raises(ConfigError, match=msg):
             load_constants(f)

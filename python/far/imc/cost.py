@@ -143,8 +143,15 @@ def load_constants(path=None) -> dict:
         if name not in table or not isinstance(fields, dict):
             raise ConfigError(f"constants file {path}: unknown entry {name!r} (known: {', '.join(sorted(table))})")
         for k, v in fields.items():
-            if k != "source" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            if k == "source":
+                continue
+            if k not in table[name]:  # a misspelt field would change nothing, silently
+                known = ", ".join(f for f in table[name] if f != "source")
+                raise ConfigError(f"constants file {path}: {name} has no field {k!r} (its fields: {known})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"constants file {path}: {name}.{k} must be a finite number >= 0, got {v!r}")
+            if k == "ghz" and v == 0:  # every digital time divides by the clock
+                raise ConfigError(f"constants file {path}: {name}.{k} must be > 0")
         table[name] = {**table[name], **fields, "source": fields.get("source", f"overridden by {path}")}
     return table
 
