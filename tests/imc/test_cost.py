@@ -162,6 +162,25 @@ def test_overrides_and_errors(tmp_path):
         model_cost(vit, CrossbarConfig(adc_bits=None))
 
 
+@pytest.mark.parametrize("cols_per_adc,adcs", [(128, 1), (96, 2), (64, 2), (48, 3)])
+def test_every_column_has_an_adc(cols_per_adc, adcs):
+    """An array of 128 columns needs ceil(128 / cols_per_adc) ADCs: with 96 columns per ADC the last 32
+    columns need a second one (the area counted floor(128 / 96) = 1)."""
+    from far.imc.cost import _Chip
+
+    c = load_constants()
+    chip = _Chip(CrossbarConfig(), HardwareSpec(cols_per_adc=cols_per_adc))
+    periphery = (c["crossbar_read"]["area_um2"] + 128 * c["dac_1b"]["area_um2"] + c["sample_hold"]["area_um2"]
+                 + 0.5 * c["shift_add"]["area_um2"])
+    assert chip.a_array == pytest.approx(periphery + adcs * c["adc_8b"]["area_um2"])
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("inf"), float("nan")])
+def test_endurance_must_be_positive(bad):
+    with pytest.raises(ConfigError, match="endurance_cycles must be a finite number > 0"):
+        HardwareSpec(endurance_cycles=bad)  # was accepted: lifetime_images -5, lifetime_hours negative
+
+
 def test_diagonal_packing_by_hand():
     from far.imc.cost import _Chip
 

@@ -40,7 +40,7 @@ overrides any of them from a JSON or YAML file):
   last, partly filled column block then fills another one's free columns. Array utilisation (cells that
   hold a weight / cells of the static arrays) is reported either way.
 - Area: arrays (static and, with dynamic="write", the K/V arrays of every layer) with their periphery
-  (cols / cols_per_adc ADCs, one DAC per row, S+H, half a shift-and-add per array: 4 per 8-array IMA),
+  (ceil(cols / cols_per_adc) ADCs, one DAC per row, S+H, half a shift-and-add per array: 4 per 8-array IMA),
   plus per tile of hw.arrays_per_tile arrays an eDRAM, a bus and a quarter router; plus the vector unit
   and (dynamic="digital") the MAC array.
 TOPS counts 2 operations per multiply-accumulate of every product (static, recurrent and dynamic).
@@ -112,6 +112,8 @@ class HardwareSpec:
             raise ConfigError(f"HardwareSpec.cols_per_adc ({self.cols_per_adc}) > cols ({self.cols})")
         if not self.write_verify >= 1:
             raise ConfigError(f"HardwareSpec.write_verify must be >= 1, got {self.write_verify}")
+        if self.endurance_cycles is not None and not 0 < self.endurance_cycles < math.inf:
+            raise ConfigError(f"HardwareSpec.endurance_cycles must be a finite number > 0, got {self.endurance_cycles}")
 
     def replace(self, **changes) -> "HardwareSpec":
         return dataclasses.replace(self, **changes)
@@ -186,7 +188,7 @@ class _Chip:
         self.endurance = hw.endurance_cycles if hw.endurance_cycles is not None else c["cell_write"]["endurance_cycles"]
         self.e_add, self.e_mul = c["fp16_add"]["energy_pj"], c["fp16_mult"]["energy_pj"]
         self.e_mac8 = c["int8_mult"]["energy_pj"] + c["int8_add"]["energy_pj"]
-        per_array = (c["crossbar_read"]["area_um2"] + (hw.cols // hw.cols_per_adc) * adc["area_um2"]
+        per_array = (c["crossbar_read"]["area_um2"] + math.ceil(hw.cols / hw.cols_per_adc) * adc["area_um2"]
                      + self.rows * c["dac_1b"]["area_um2"] + c["sample_hold"]["area_um2"] + 0.5 * c["shift_add"]["area_um2"])
         self.a_array = per_array
         self.a_tile = c["edram_access_256b"]["area_um2"] + c["bus_256b"]["area_um2"] + c["router_256b"]["area_um2"]
