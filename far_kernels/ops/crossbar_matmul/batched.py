@@ -125,9 +125,11 @@ def run_group(call: GroupCall, fused_epilogue=None) -> torch.Tensor:
         else:  # exact in fp32: |sum| < 2^24
             c = _codes(p, call, integer).view(G, T * J, m * S * N)
             Cs[:, m0:m0 + m] = torch.bmm(wts, c).view(G, m, S, N).to(Cs.dtype)
-    if fused:
-        return fused_pass.y
-    return _epilogue(Cs, xq, s_x, call, exact_f32=f32_all)
+    y = fused_pass.y if fused else _epilogue(Cs, xq, s_x, call, exact_f32=f32_all)
+    if any(n < N for n, _ in grp.sizes):  # padded outputs are 0 (w_scale 0 there, but a NaN row's s_x makes 0 NaN)
+        n_g = torch.tensor([n for n, _ in grp.sizes], device=dev).view(G, 1, 1)
+        y.masked_fill_(torch.arange(N, device=dev) >= n_g, 0)
+    return y
 
 
 def _epilogue(Cs: torch.Tensor, xq: torch.Tensor, s_x: torch.Tensor, call: GroupCall,

@@ -130,6 +130,18 @@ def test_group_edge_shapes_zero_and_nan_rows(backend):
     assert torch.equal(crossbar_matmul_group(x1, one, backend=backend), crossbar_matmul_group_ref(x1, one))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_nan_row_of_a_narrow_member_keeps_its_padded_outputs_zero(backend):
+    """Member 1 (N_g = 3 < N = 9) gets a NaN row: its 3 outputs are NaN, its padded outputs stay 0 as the oracle
+    and the docstring say (the batched epilogue scaled them by s_x = NaN times w_scale = 0: NaN)."""
+    cfg = CrossbarConfig(adc_bits=6, tile_rows=16)
+    x, grp, bias, _ = make_group(cfg, SIZES, seed=5)
+    x[1, 2, 4] = float("nan")
+    y = crossbar_matmul_group(x, grp, bias=bias, backend=backend)
+    assert torch.isnan(y[1, 2, :3]).all() and torch.equal(y[1, 2, 3:], torch.zeros(6))
+    assert torch.equal(y.nan_to_num(123.0), crossbar_matmul_group_ref(x, grp, bias=bias).nan_to_num(123.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_group_dtypes(dtype):
     cfg = CrossbarConfig(adc_bits=8, tile_rows=16)
