@@ -315,6 +315,32 @@ def test_emulate_bad_inputs():
         emulate(nn.Linear(3, 3), CrossbarConfig())
 
 
+@pytest.mark.parametrize("bad", ["head.weight", "blocks.1.attn.w_hh"])
+def test_emulate_failure_leaves_an_inplace_model_untouched(bad):
+    """A weight that cannot be programmed (NaN) in a late layer: emulate(inplace=True) raises naming that layer
+    and leaves the model as it was (it used to have converted every earlier layer, and a second emulate then
+    refused the half-emulated model as "already emulated")."""
+    model = far.convert(tiny_vit(), hidden_sizes=[4, [[3, 4], [2, 0]]])
+    with torch.no_grad():
+        model.get_parameter(bad)[(0,) * model.get_parameter(bad).dim()] = float("nan")
+    before = {n: type(m) for n, m in model.named_modules()}
+    where = "head" if bad == "head.weight" else "blocks.1.attn.w_hh"
+    with pytest.raises(ValueError, match=f"{where}: program_crossbar: w holds NaN"):
+        emulate(model, CrossbarConfig(tile_rows=16, **FAST), inplace=True)
+    assert {n: type(m) for n, m in model.named_modules()} == before and not hasattr(model, "imc_emulation")
+    with torch.no_grad():
+        model.get_parameter(bad).nan_to_num_(0.0)
+    assert crossbar_products(emulate(model, CrossbarConfig(tile_rows=16, **FAST), inplace=True))  # now it can
+
+
+def test_emulate_refuses_a_meta_model():
+    """A model built on the meta device has no weight values to program: a clear error, not an internal one."""
+    with torch.device("meta"):
+        model = tiny_vit()
+    with pytest.raises(ValueError, match="meta device"):
+        emulate(model, CrossbarConfig())
+
+
 # ---------------------------------------------------------------- FAR blocks
 def far_block(hidden_sizes, seed=0, dim=8, heads=2):
     torch.manual_seed(seed)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -137,6 +138,14 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
         setattr(parent, child, module)
 
 
+def _named(name: str, build):
+    """build(), its ValueError (e.g. a weight holding NaN) prefixed with the product's name."""
+    try:
+        return build()
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
+
+
 def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns = None, *,
             inplace: bool = False, backend: Optional[str] = None, dynamic: str = "digital",
             lstm_mapping: str = EMULATED_LSTM_MAPPING) -> nn.Module:
@@ -188,16 +197,21 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
         raise ValueError("emulate converts the layers inside a model; for a single nn.Linear use "
                          "far.imc.CrossbarLinear.from_linear(linear, cfg)")
     chosen, skipped = select_targets(model, include, exclude, lstm_mapping)
+    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{meta} is on the meta device (no values): crossbars are programmed from the weights' "
+                         "values; load the weights first (e.g. load_state_dict(..., assign=True))")
     if not inplace:
         model = copy.deepcopy(model)
     report = EmulationReport(cfg=cfg, skipped=skipped, lstm_mapping=lstm_mapping)
     chosen_names = {n for n, _ in chosen}
     grouped: set = set()  # product names that live inside a group (not modules of their own)
+    new: list = []  # (name, module): all built before the model changes, so a failure (inplace) leaves it intact
     # 1. FAR blocks with a selected inner product -> grouped products; selected members of each group on crossbars
     for name, m in list(model.named_modules()):
         if isinstance(m, FARAttention) and chosen_names.intersection(_far_product_names(name, m, lstm_mapping)):
             u = UnrolledFARAttention(m, lstm_mapping)
-            _set(model, name, u)
+            new.append((name, u))
             for part in _far_parts(lstm_mapping):
                 glin = getattr(u, part, None)
                 if glin is None:
@@ -207,8 +221,9 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
                 grouped.update(full)
                 if not any(chosen_here):
                     continue
-                xg = CrossbarGroupLinear(glin, cfg, chosen_here, [layer_seed(cfg.seed, n) for n in full],
-                                         backend=backend, read_seed=layer_seed(cfg.seed, f"{name}.{part}"))
+                xg = _named(f"{name}.{part}", lambda: CrossbarGroupLinear(
+                    glin, cfg, chosen_here, [layer_seed(cfg.seed, n) for n in full], backend=backend,
+                    read_seed=layer_seed(cfg.seed, f"{name}.{part}")))
                 xg.member_names = full
                 xg.layer_name = f"{name}.{part}"
                 xg.train(glin.training)
@@ -223,21 +238,24 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
             continue
         m = model.get_submodule(name)
         if kind == KIND_LINEAR:
-            xb = CrossbarLinear.from_linear(m, cfg.replace(seed=layer_seed(cfg.seed, name)), backend=backend)
+            xb = _named(name, lambda: CrossbarLinear.from_linear(m, cfg.replace(seed=layer_seed(cfg.seed, name)),
+                                                                 backend=backend))
             xb.layer_name = name
             xb.train(m.training)
-            _set(model, name, xb)
+            new.append((name, xb))
             report.rows.append((name, kind, f"{xb.in_features} -> {xb.out_features}, {xb.num_weight_slices} weight "
                                             f"slices, {-(-xb.in_features // cfg.tile_rows)} tile(s)"))
         elif dynamic == "crossbar":
             xa = CrossbarAttention(m, cfg, seed=layer_seed(cfg.seed, name), backend=backend)
             xa.layer_name = name
-            _set(model, name, xa)
+            new.append((name, xa))
             report.rows.append((name, KIND_DYNAMIC, f"K [N, {xa.head_dim}] and V^T [{xa.head_dim}, N] written per "
                                                     f"image and head, {cfg.n_weight_slices} weight slices"))
         else:
-            _set(model, name, QuantizedAttention(m, bits=cfg.input_bits, scale=cfg.input_scale))
+            new.append((name, QuantizedAttention(m, bits=cfg.input_bits, scale=cfg.input_scale)))
             report.rows.append((name, kind, f"q, k, v, softmax at {cfg.input_bits} bits ({cfg.input_scale} scales)"))
+    for name, module in new:  # parents before children: a child is set inside its parent's replacement
+        _set(model, name, module)
     model.imc_emulation = report
     return model
 
