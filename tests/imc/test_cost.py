@@ -233,6 +233,24 @@ def test_far_cost_with_kept_units_override_and_packing():
         HardwareSpec(packing="dense")
 
 
+@pytest.mark.parametrize("sizes,needle", [
+    ({"blocks.0.atn": [[1, 1], [1, 1]]}, r"no FAR module 'blocks.0.atn' in VisionTransformer"),
+    ({"blocks.0.attn": [[-24, 24], [24, 24]]}, r"hidden_sizes\['blocks.0.attn'\]: hidden_sizes must be >= 0"),
+    ({"blocks.0.attn": [24, 24, 24]}, r"hidden_sizes\['blocks.0.attn'\]: .*shape \[2, num_heads\]"),
+    ({"blocks.0.attn": [[2.5, 24], [24, 24]]}, r"whole numbers"),
+])
+def test_kept_units_override_is_checked(sizes, needle):
+    """model_cost(hidden_sizes=...) names FAR modules and gives each [2, H] counts >= 0: a misspelt name was
+    ignored (the module's own units costed), a negative count lowered the cost, a wrong shape raised IndexError."""
+    torch.manual_seed(0)
+    m = far.create_model("fmnist_deit_tiny", embed_dim=48, depth=1, num_heads=2).eval()
+    with pytest.raises(ConfigError, match=needle):
+        model_cost(m, hidden_sizes=sizes)
+    own = model_cost(m).totals
+    assert model_cost(m, hidden_sizes={"blocks.0.attn": [[24, 24], [24, 24]]}).totals == own
+    assert model_cost(m, hidden_sizes={"blocks.0.attn": torch.tensor([[24, 24], [24, 24]])}).totals == own
+
+
 @pytest.mark.parametrize("size,needle", [
     ((3, 224, 224), "input_size 3 224 224 has 224x224x3 images but fmnist_deit_tiny takes 28x28x1"),
     ((1, 0, 28), r"input_size must be 3 ints \(C, H, W\) >= 1, got 1 0 28"),

@@ -61,6 +61,7 @@ import torch.nn as nn
 from far.errors import ConfigError
 from far.models import attention_classes, check_input
 from far.nn import FARAttention, ReuseAttention
+from far.nn.far_attention import as_hidden_sizes
 from far.utils.env import eval_mode
 
 CONSTANTS_FILE = Path(__file__).resolve().parent / "cost_constants.json"
@@ -348,7 +349,10 @@ def _shared(chip: _Chip, row: LayerCost, matrices: List[tuple], count: float) ->
 
 def _far_row(chip: _Chip, name: str, m: FARAttention, T: int, hidden_sizes=None) -> LayerCost:
     H, d = m.num_heads, m.head_dim
-    hs = m.hidden_sizes if hidden_sizes is None else torch.as_tensor(hidden_sizes)
+    try:
+        hs = m.hidden_sizes if hidden_sizes is None else as_hidden_sizes(hidden_sizes, H, d)
+    except ValueError as e:  # a negative count was costed as negative arrays and energy, a wrong shape crashed
+        raise ConfigError(f"hidden_sizes[{name!r}]: {e}") from None
     row = LayerCost(name, "far", f"{H} heads x d {d}, kept units {hs.tolist()}, T {T}")
     t = _static(chip, row, m.dim, m.attn_dim, T)  # pre_proj
     fused = chip.hw.lstm_mapping == "fused"
@@ -522,6 +526,11 @@ def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, in
             row = LayerCost(name + ".residual", "digital", f"2 residual adds x {n}")
             row.latency_ns = row.add_digital(chip, adds=2 * n)
             rows.append(row)
+    unknown = set(hidden_sizes) - {r.name for r in rows if r.kind == "far"}
+    if unknown:  # a misspelt name would cost the module's own units, silently
+        raise ConfigError(f"hidden_sizes: no FAR module {', '.join(map(repr, sorted(unknown)))} in "
+                          f"{type(model).__name__} (its FAR modules: "
+                          f"{', '.join(r.name for r in rows if r.kind == 'far') or 'none'})")
     return CostReport(rows, _totals(rows, chip), cfg, hw)
 
 
