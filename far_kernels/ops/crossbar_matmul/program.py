@@ -213,7 +213,8 @@ def check_int64_totals(cfg: CrossbarConfig, plan: AdcPlan, K: int, float_path: b
     if plan.mode == "none" and float_path:
         return
     L = max(plan.L, 1)
-    c_max = cfg.p_max if plan.mode == "none" else min(L, cfg.p_max) if plan.mode == "granular" else L
+    # a granular code is p itself (|p| <= p_max) only for integer p: noisy partial sums can pass p_max, up to L
+    c_max = cfg.p_max if plan.mode == "none" else L if plan.mode != "granular" or float_path else min(L, cfg.p_max)
     tiles = -(-K // cfg.tile_rows)
     total = tiles * c_max * sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices)) \
         * sum(1 << (i * cfg.cell_bits) for i in range(cfg.n_weight_slices)) + cfg.offset * K * cfg.x_qmax
@@ -313,7 +314,8 @@ def acc_bound(call: CrossbarCall) -> int:
     cfg = call.cfg
     K = call.prog.K
     T = -(-K // cfg.tile_rows)
-    c_max = {"none": cfg.p_max, "granular": min(cfg.adc_levels or 0, cfg.p_max)}.get(call.adc.mode, cfg.adc_levels or 0)
+    L = cfg.adc_levels or 0  # noisy partial sums can pass p_max: their granular codes reach L
+    c_max = {"none": cfg.p_max, "granular": L if call.float_path else min(L, cfg.p_max)}.get(call.adc.mode, L)
     gi = sum(1 << (i * cfg.cell_bits) for i in range(cfg.n_weight_slices))
     gj = sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices))
     off = cfg.offset * K * cfg.x_qmax

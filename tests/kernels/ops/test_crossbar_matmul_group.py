@@ -98,6 +98,22 @@ def test_group_wide_arithmetic_paths(kw, K, what, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_noisy_granular_codes_beyond_p_max_are_summed_exactly(backend):
+    """Programming noise takes partial sums past p_max = 3, so granular codes reach past it (up to L = 2047). With
+    one row per tile each partial sum is one exact product, so every backend has the reference's codes; their sum
+    over 170 tiles and 15 input slices passes 2^24 when the levels average above 3, and must not be summed in
+    fp32 (the bound that chose fp32 took p_max as the largest code: the cpp epilogue rounded the totals)."""
+    cfg = CrossbarConfig(weight_bits=3, cell_bits=2, input_bits=16, dac_bits=1, adc_bits=12, adc_range="granular",
+                         tile_rows=1, prog_noise=0.3, seed=0)
+    K = 170
+    x = torch.ones(3, K)
+    x[1], x[2, ::2] = -1.0, 0.5
+    prog = program_crossbar(torch.ones(16, K), cfg)
+    assert prog.levels.round().sum(-1).max() * (2 ** 15 - 1) >= 2 ** 24  # the totals do pass 2^24
+    assert torch.equal(crossbar_matmul(x, prog, backend=backend), far_kernels.crossbar_matmul_ref(x, prog))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_group_max_adc_ties_round_half_to_even(backend):
     """Member 0 is the tie case of test_crossbar_matmul (p = 12 = half of p_max 24): codes p L / p_max =
     0.5 -> 0, 1.5 -> 2, 3.5 -> 4; member 1 is random and must not disturb it."""

@@ -183,6 +183,22 @@ def test_triton_refuses_configs_that_overflow_int32():
 
 
 
+def test_triton_refuses_noisy_granular_codes_beyond_p_max():
+    """Programming noise takes partial sums past p_max (here 1), so a granular ADC with L > p_max gives codes up to
+    L: the int32 bound must count L (with p_max it was 1.07e9 < 2^31, the call ran and its accumulators wrapped)."""
+    from far_kernels.ops.crossbar_matmul.program import triton_unsupported
+
+    cfg = CrossbarConfig(weight_bits=16, cell_bits=1, input_bits=16, dac_bits=1, adc_bits=8, adc_range="granular",
+                         tile_rows=1, prog_noise=2.0, seed=3)
+    x, w = make_xw(5, 1, 4, seed=0)
+    prog = program_crossbar(w, cfg)
+    assert prog.levels.abs().max() > 2  # partial sums (one product per tile) far beyond p_max = 1 occur
+    why = triton_unsupported(prepare_call(x, prog, consume_read=False))
+    assert why is not None and "overflow" in why
+    assert triton_unsupported(prepare_call(x, program_crossbar(w, cfg.replace(prog_noise=0.0)),
+                                           consume_read=False)) is None  # integer partial sums: codes <= p_max
+
+
 def test_triton_refuses_shapes_beyond_int32_offsets():
     """M*K, M*N or S*N*K >= 2^31 would overflow the kernel's int32 address arithmetic (shapes on the meta
     device: nothing that large is allocated)."""
