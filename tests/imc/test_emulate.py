@@ -734,3 +734,44 @@ def test_calibrate_casts_batches_to_the_model_dtype(dtype):
     got = calibrate(emulate(model, cfg), images)
     want = calibrate(emulate(model, cfg), images.to(dtype))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _top_slice_never_read(n_out, k, seed):
+    """Weights [n_out, k] whose only entries with the top magnitude bit (|w_q| >= 64 of 127) sit in column 0, and
+    inputs that never drive column 0: the top weight slice's partial sums are all 0, the others are not."""
+    torch.manual_seed(seed)
+    w = torch.empty(n_out, k).uniform_(-0.3, 0.3)
+    w[:, 0] = 1.0
+    x = torch.randn(16, k)
+    x[:, 0] = 0
+    return w, x
+
+
+def test_calibrated_range_per_layer_is_the_max_of_what_was_seen():
+    """per_slice=False: r = the max over weight slices of the recorded maxima (design: "or their max, or p_max if it
+    saw only zeros"). A slice that saw only zeros used to be set to p_max before the max was taken, so the whole
+    layer (a CrossbarLinear, a grouped member, an attention product) silently went back to the full range."""
+    cfg = CrossbarConfig(adc_bits=6, adc_range="calibrated", tile_rows=8)
+    w, x = _top_slice_never_read(3, 8, seed=0)
+    lin = nn.Linear(8, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    seen = far_kernels.crossbar_partial_sum_absmax(x, far_kernels.program_crossbar(w, cfg))
+    assert seen[-1] == 0 and (seen[:-1] > 0).all() and seen.max() < cfg.p_max  # the case in question
+    emu = emulate(nn.Sequential(lin), cfg)
+    assert torch.equal(calibrate(emu, x)["0"], seen.max())
+    per_slice = calibrate(emulate(nn.Sequential(lin), cfg), x, per_slice=True)["0"]
+    assert torch.equal(per_slice, torch.where(seen > 0, seen, torch.full_like(seen, float(cfg.p_max))))
+    # a group member
+    xg = CrossbarGroupLinear(GroupLinear(["a"], [w]), cfg, [True], [0])
+    xg.begin_calibration()
+    xg(x[None])
+    assert torch.equal(xg.end_calibration(False)["a"], seen.max())
+    # an attention product: q read through K programmed per (image, head)
+    xa = CrossbarAttention(tiny_vit().blocks[0].attn, cfg)
+    xa.begin_calibration()
+    xa._scores(x.view(1, 1, 16, 8), w.view(1, 1, 3, 8))
+    assert torch.equal(xa.end_calibration(False)["qk"], seen.max())
+    # nothing but zeros anywhere: the full range
+    emu = emulate(nn.Sequential(lin), cfg)
+    assert calibrate(emu, torch.zeros(2, 8))["0"] == cfg.p_max

@@ -17,6 +17,13 @@ import far_kernels
 from far_kernels.ops.crossbar_matmul.program import read_noise_key
 
 
+def _recorded_range(rec: torch.Tensor, per_slice: bool, p_max: int) -> torch.Tensor:
+    """The ADC range from the recorded max |partial sum| per weight slice rec [S]: rec itself (per_slice) or its
+    max, with p_max wherever that is 0 (nothing but zero partial sums seen; per layer: in every slice)."""
+    r = rec.clone() if per_slice else rec.max()
+    return torch.where(r > 0, r, torch.full_like(r, float(p_max)))
+
+
 class CrossbarLinear(nn.Module):
     """nn.Linear whose product runs on an emulated crossbar: y = crossbar_matmul(x, W) + bias.
 
@@ -100,9 +107,7 @@ class CrossbarLinear(nn.Module):
         rec, self._calib = self._calib, None
         if rec is None or per_slice is None:
             return None
-        r = rec.clone()
-        r[r <= 0] = float(self.cfg.p_max)
-        self.set_adc_range(r if per_slice else r.max())
+        self.set_adc_range(_recorded_range(rec, per_slice, self.cfg.p_max))
         return self.adc_range.clone()
 
     @property
@@ -267,9 +272,7 @@ class CrossbarAttention(QuantizedAttention):
             return None
         out = {}
         for k, r in rec.items():
-            r = r.clone()
-            r[r <= 0] = float(self.cfg.p_max)
-            self.adc_ranges[k] = r if per_slice else r.max()
+            self.adc_ranges[k] = _recorded_range(r, per_slice, self.cfg.p_max)
             out[f"{self.layer_name}.{k}" if self.layer_name else k] = self.adc_ranges[k].clone()
         return out
 
@@ -423,9 +426,7 @@ class CrossbarGroupLinear(nn.Module):
             return None
         out = {}
         for row, g in zip(rec, self.sel):
-            r = row.clone()
-            r[r <= 0] = float(self.cfg.p_max)
-            r = r if per_slice else r.max()
+            r = _recorded_range(row, per_slice, self.cfg.p_max)
             self.group.members[self.sel.index(g)].adc_range = r
             out[self.member_names[g]] = r.clone()
         return out
