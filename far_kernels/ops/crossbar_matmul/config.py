@@ -85,8 +85,9 @@ class CrossbarConfig:
         if self.adc_bits is not None:
             need_int("adc_bits", 2, MAX_ADC_BITS)
         need_int("tile_rows", 1, 1 << 20)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"CrossbarConfig.seed must be a non-negative int, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
+            # torch.Generator.manual_seed, which draws the programming noise and faults, takes 64 bits
+            raise ValueError(f"CrossbarConfig.seed must be an int in [0, 2^64), got {self.seed!r}")
         need_choice("adc_range", ADC_RANGES)
         need_choice("encoding", ENCODINGS)
         need_choice("weight_scale", WEIGHT_SCALES)

@@ -345,6 +345,7 @@ def test_partial_sum_absmax_and_calibrated_adc():
     (dict(weight_scale="row"), ValueError, "weight_scale"),
     (dict(input_scale="channel"), ValueError, "input_scale"),
     (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=1 << 64), ValueError, r"seed must be an int in \[0, 2\^64\)"),  # torch.Generator takes 64 bits
     (dict(tile_rows=1 << 19, cell_bits=4, dac_bits=4), ValueError, "p_max"),
 ])
 def test_config_validation(kw, err, match):
