@@ -175,6 +175,21 @@ def test_every_column_has_an_adc(cols_per_adc, adcs):
     assert chip.a_array == pytest.approx(periphery + adcs * c["adc_8b"]["area_um2"])
 
 
+@pytest.mark.parametrize("arrays_per_tile,imas", [(96, 12), (48, 6), (100, 13)])
+def test_tile_bus_area_is_per_ima(arrays_per_tile, imas):
+    """hwcomponents-library's IsaacEDRAMBus area (7500 um2) is one IMA's share of ISAAC's tile bus ("Area
+    reported per IMA. In ISAAC, a bus connects 12 IMAs"): a 96-array tile of 12 8-array IMAs has
+    12 x 7500 um2 = 0.090 mm2 of bus (ISAAC's table), not 7500 um2."""
+    from far.imc.cost import _Chip
+
+    c = load_constants()
+    chip = _Chip(CrossbarConfig(), HardwareSpec(arrays_per_tile=arrays_per_tile))
+    assert chip.a_tile == pytest.approx(c["edram_access_256b"]["area_um2"] + imas * c["bus_256b"]["area_um2"]
+                                        + c["router_256b"]["area_um2"])
+    if arrays_per_tile == 96:
+        assert imas * c["bus_256b"]["area_um2"] == pytest.approx(0.090e6)
+
+
 @pytest.mark.parametrize("bad", [0, -5, float("inf"), float("nan")])
 def test_endurance_must_be_positive(bad):
     with pytest.raises(ConfigError, match="endurance_cycles must be a finite number > 0"):

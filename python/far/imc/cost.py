@@ -41,8 +41,9 @@ overrides any of them from a JSON or YAML file):
   hold a weight / cells of the static arrays) is reported either way.
 - Area: arrays (static and, with dynamic="write", the K/V arrays of every layer) with their periphery
   (ceil(cols / cols_per_adc) ADCs, one DAC per row, S+H, half a shift-and-add per array: 4 per 8-array IMA),
-  plus per tile of hw.arrays_per_tile arrays an eDRAM, a bus and a quarter router; plus the vector unit
-  and (dynamic="digital") the MAC array.
+  plus per tile of hw.arrays_per_tile arrays an eDRAM, the eDRAM-IMA bus and a quarter router (the bus's area
+  is given per IMA of 8 arrays: ceil(arrays_per_tile / 8) shares, 12 x 7500 um2 = ISAAC's 0.090 mm2 on its
+  96-array tile); plus the vector unit and (dynamic="digital") the MAC array.
 TOPS counts 2 operations per multiply-accumulate of every product (static, recurrent and dynamic).
 """
 from __future__ import annotations
@@ -68,6 +69,7 @@ CONSTANTS_FILE = Path(__file__).resolve().parent / "cost_constants.json"
 COMPONENTS = ("crossbar", "adc", "dac", "shift_add", "buffer", "writes", "digital")
 DYNAMIC_MODES = ("write", "digital")
 PACKINGS = ("none", "diagonal")
+IMA_ARRAYS = 8  # crossbar arrays per ISAAC IMA (in-situ multiply-accumulate unit); 12 IMAs make a 96-array tile
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,11 @@ class _Chip:
         per_array = (c["crossbar_read"]["area_um2"] + math.ceil(hw.cols / hw.cols_per_adc) * adc["area_um2"]
                      + self.rows * c["dac_1b"]["area_um2"] + c["sample_hold"]["area_um2"] + 0.5 * c["shift_add"]["area_um2"])
         self.a_array = per_array
-        self.a_tile = c["edram_access_256b"]["area_um2"] + c["bus_256b"]["area_um2"] + c["router_256b"]["area_um2"]
+        # hwcomponents-library's IsaacEDRAMBus area is one IMA's share of the tile's bus ("Area reported per IMA. In
+        # ISAAC, a bus connects 12 IMAs"): 7500 um2 x 12 = ISAAC's 0.090 mm2 per tile
+        bus_shares = math.ceil(hw.arrays_per_tile / IMA_ARRAYS)
+        self.a_tile = (c["edram_access_256b"]["area_um2"] + bus_shares * c["bus_256b"]["area_um2"]
+                       + c["router_256b"]["area_um2"])
         self.a_lane = c["fp16_add"]["area_um2"] + c["fp16_mult"]["area_um2"]
         self.a_mac = c["int8_mult"]["area_um2"] + c["int8_add"]["area_um2"]
 
