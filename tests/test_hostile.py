@@ -575,3 +575,22 @@ def test_cpp_scan_survives_hidden_sizes_changed_by_another_thread():
     finally:
         stop.set()
         t.join()
+
+
+def test_one_wide_head_among_empty_ones_is_not_a_padding_bomb(tmp_path):
+    """Load pads each FAR block to its widest (head, direction): a file whose kept units are one head's K
+    (the 63 other heads and all backward units pruned to 0) would allocate 2H = 128x what it stores."""
+    H, K = 64, 256
+    model = far.create_model("fmnist_deit_tiny", depth=1, embed_dim=H, num_heads=H, hidden_sizes=0)
+    src = tmp_path / "empty.safetensors"
+    far.save(model, src)
+    wide = {"lstm.w_ih": (4 * K, 1), "lstm.w_hh": (4 * K * K,), "lstm.b_ih": (4 * K,), "lstm.b_hh": (4 * K,),
+            "head_proj.weight": (1, K)}
+    sizes = [[K] + [0] * (H - 1), [0] * H]
+    path = rewrite(src, tmp_path / "wide.safetensors",
+                   config=lambda c: c["far"]["blocks"][0].update(hidden_sizes=sizes),
+                   tensors=lambda ts: {**ts, **{"blocks.0.attn." + k: torch.zeros(s) for k, s in wide.items()}})
+    stored = sum(t.numel() for t in far.checkpoint.read(path)[1].values())
+    padded = H * 2 * 4 * K * (1 + K)  # w_ih and w_hh at width K for every (head, direction)
+    assert padded > 50 * stored  # the file is consistent: only its padding is large
+    load_error(path, "describes a model of at least")

@@ -360,7 +360,8 @@ def _set_dtype(t: torch.Tensor, dtype: torch.dtype) -> None:
 def _size_check(path: str):
     """checkpoint.read's precheck: before any tensor is read or the model built, build the config's timm
     architecture on the meta device (no memory) and refuse configs that describe far more values than the
-    file stores (resource bombs: a 2 MB file saying depth 3000 or embed_dim 120000). Coarse by design,
+    file stores (resource bombs: a 2 MB file saying depth 3000 or embed_dim 120000, or a FAR block whose
+    padded width is far beyond its other heads' kept units). Coarse by design,
     with generous slack: the exact name/shape/dtype comparison follows on the real model."""
     def check(config: dict, entries: dict) -> None:
         import math
@@ -380,7 +381,10 @@ def _size_check(path: str):
         state = teacher.state_dict()
         total = sum(t.numel() for t in state.values())  # what building the model allocates, FAR blocks aside
         needed = sum(t.numel() for k, t in state.items() if not k.startswith(prefixes)) if prefixes else total
-        needed += sum(4 * k * (b["head_dim"] + k) for b in blocks for row in b["hidden_sizes"] for k in row)
+        for b in blocks:  # what load allocates: each FAR block padded to its widest (head, direction), not
+            # its kept units (one head of 256 keeping 1024 units, the rest none, is 512x what the file stores)
+            H, d, n = b["num_heads"], b["head_dim"], max(max(row, default=0) for row in b["hidden_sizes"])
+            needed += H * 2 * 4 * n * (d + n + 2) + H * d * (2 * n + 1)
         stored = sum(math.prod(shape) for _, shape in entries.values())
         if needed > 2 * stored + 2**20 or total > 4 * stored + 2**24:
             raise checkpoint.fail(path, f"the config describes a model of at least {needed:,} values "
