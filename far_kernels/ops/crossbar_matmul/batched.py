@@ -39,7 +39,8 @@ def _codes(p: torch.Tensor, call: GroupCall, integer: bool) -> torch.Tensor:
     """ADC codes of partial sums p [G, T, J, m, S, N] fp32 as fp32 integers, computed in place in p (the
     reference's _adc, vectorized). Exact: p holds integers below 2^24 without noise; "max" rounds (p * L) / p_max, an
     exact product and a correctly rounded quotient, so a tie is exactly k + 1/2 and anything else is at
-    least 1 / (2 p_max) from one (the caller checks p_max * L < 2^24, else uses _codes_int64)."""
+    least 1 / (2 p_max) from one, more than the quotient's error (the caller checks p_max * L < 2^23, MAX_CODES_F32,
+    else uses _codes_int64)."""
     plan, cfg = call.adc, call.cfg
     L = float(plan.L)
     if plan.mode == "none":

@@ -7,7 +7,8 @@ totals accumulated exactly. Read noise comes from the kernel's own counter-based
 the partial sums' index and the call's key, turned into standard normals by Box-Muller with polynomial log,
 sin and cos; |z| <= 5.8), so the draws differ from torch's (same distribution) and do not depend on thread
 count or chunking. Calls it does not take (cpp_limit): no ADC with read or programming noise (sums of non-integer
-partial sums), and "max" ADCs with p_max * L >= 2^24."""
+partial sums), "max" ADCs with p_max * L >= 2^23 (MAX_CODES_F32: exact codes need int64), and calls whose sums
+of codes could pass 2^53."""
 from __future__ import annotations
 
 from typing import Optional
