@@ -775,3 +775,20 @@ def test_calibrated_range_per_layer_is_the_max_of_what_was_seen():
     # nothing but zeros anywhere: the full range
     emu = emulate(nn.Sequential(lin), cfg)
     assert calibrate(emu, torch.zeros(2, 8))["0"] == cfg.p_max
+
+
+@pytest.mark.parametrize("what", ["far-separate", "far-fused", "vit-digital", "vit-crossbar"])
+def test_emulated_model_takes_an_empty_batch(what):
+    """Zero images give zero logits, as the float model does (the FAR block's reshapes with -1 and the per-input
+    programming of K and V used to fail on B = 0)."""
+    if what.startswith("far"):
+        model = far.convert(tiny_vit(), hidden_sizes=[[[4, 3], [0, 2]], 8])
+        emu = emulate(model, CrossbarConfig(tile_rows=16, **FAST), lstm_mapping=what[4:])
+    else:
+        model = tiny_vit()
+        emu = emulate(model, CrossbarConfig(tile_rows=16, **FAST), dynamic=what[4:])
+    x = torch.randn(0, 1, 8, 8)
+    with torch.no_grad():
+        y = emu(x)
+        assert y.shape == model(x).shape == (0, 3)
+        assert emu(torch.randn(2, 1, 8, 8)).shape == (2, 3)

@@ -134,13 +134,13 @@ class UnrolledFARAttention(nn.Module):
             if self.mapping == "fused":
                 gx = xin.view(len(self.lstms), B, N, d)  # the products happen inside the recurrence
             else:
-                gx = self.w_ih(xin).view(len(self.lstms), B, N, -1)
+                gx = self.w_ih(xin).view(len(self.lstms), B, N, self.w_ih.out_features)
             hseq = self._recurrence(gx, N)  # [G, B, N, n]
             pos = {(h, r): g for g, (h, r, _) in enumerate(self.lstms)}
             parts = []
             for h in self.heads:  # [fwd k_f | bwd k_b] per head
                 cat = [hseq[pos[(h, r)], :, :, :int(self.hidden_sizes[r, h])] for r in (0, 1) if (h, r) in pos]
-                parts.append(torch.cat(cat, dim=-1).reshape(B * N, -1))
+                parts.append(torch.cat(cat, dim=-1).reshape(B * N, int(self.hidden_sizes[:, h].sum())))
             hp_in = xh.new_zeros(len(self.heads), B * N, self.head_proj.in_features)
             for j, p in enumerate(parts):
                 hp_in[j, :, :p.shape[1]] = p

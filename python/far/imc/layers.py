@@ -280,6 +280,8 @@ class CrossbarAttention(QuantizedAttention):
         """x [B, H, M, K] read through w [B, H, N, K] programmed per (image, head): [B, H, M, N]."""
         B, H, M, K = x.shape
         N = w.shape[2]
+        if B * M == 0:  # no image or query: nothing to write or read (program_stacked takes no empty stack)
+            return x.new_zeros(B, H, M, N)
         j = 0 if which == "qk" else 1
         key = read_noise_key(self.seed, 2 * self.calls + j)
         cfg = self.cfg.replace(seed=key)
