@@ -5,7 +5,7 @@ noise, ADC codes, shift-and-add over tiles and input slices) in one fused pass o
 Without read noise it is bit-identical to the torch backend and the reference: the same fp32 ADC operations,
 totals accumulated exactly. Read noise comes from the kernel's own counter-based generator (32-bit hashes of
 the partial sums' index and the call's key, turned into standard normals by Box-Muller with polynomial log,
-sin and cos; |z| <= 5.8), so the draws differ from torch's (same distribution) and do not depend on thread
+sin and cos; |z| <= 5.89), so the draws differ from torch's (same distribution) and do not depend on thread
 count or chunking. Calls it does not take (cpp_limit): no ADC with read or programming noise (sums of non-integer
 partial sums), "max" ADCs with p_max * L >= 2^23 (MAX_CODES_F32: exact codes need int64), and calls whose sums
 of codes could pass 2^53."""
