@@ -11,8 +11,8 @@ whole-model arrays, parameters kept, and the arrays with diagonal packing):
   (the zoo's xs model: rounds of Hoyer training, then distillation) reaches at the same size;
 - TReX sweep: the teacher with 1, 2, 3 blocks reusing their predecessor's attention (far.reuse,
   --reuse-epochs of stage 1 and of stage 2 each).
-Each point is saved to the JSON as soon as it is measured; a rerun with the same --out skips the points
-already there.
+Each point is saved to the JSON as soon as it is measured; a rerun with the same --out (and the same epochs,
+test images and training limit) skips the points already there.
 
     python bench/bench_budget_curve.py                        # about 40 min on 2 CPU cores (1 thread)
     python bench/bench_budget_curve.py --quick                # a smoke run: 2 budgets, 1 plan, 500 images
@@ -81,8 +81,15 @@ def main(argv=None) -> int:
     out = args.out or (Path(__import__("tempfile").mkdtemp()) / "budget_curve.json" if args.quick
                        else RESULTS / result_filename("budget_curve"))
     result = json.loads(out.read_text()) if out.is_file() else {"environment": environment(args.threads), "points": []}
-    result.update(settings={"budgets": budgets, "finetune_epochs": args.finetune_epochs,
-                            "reuse_epochs": args.reuse_epochs, "test_images": args.test_images, "train_limit": limit})
+    measured = {"finetune_epochs": args.finetune_epochs, "reuse_epochs": args.reuse_epochs,
+                "test_images": args.test_images, "train_limit": limit}
+    old = result.get("settings", {})
+    changed = [f"{k} {old[k]} -> {v}" for k, v in measured.items() if k in old and old[k] != v]
+    if changed:  # its points would be kept beside new ones measured otherwise, under the new settings
+        raise SystemExit(f"{out} holds points measured with other settings ({', '.join(changed)}): resume with "
+                         "the same settings or write to another --out")
+    before = list(old.get("budgets", []))
+    result.update(settings={"budgets": before + [b for b in budgets if b not in before], **measured})
     done = {pt["name"] for pt in result["points"]}
     test = fashion_mnist("test", limit=args.test_images)
     train = fashion_mnist("train", limit=limit)
