@@ -175,6 +175,21 @@ def test_every_column_has_an_adc(cols_per_adc, adcs):
     assert chip.a_array == pytest.approx(periphery + adcs * c["adc_8b"]["area_um2"])
 
 
+@pytest.mark.parametrize("dac_bits", [1, 2, 4, 7])
+def test_multibit_dac_costs_more_per_activation(dac_bits):
+    """A dac_bits-bit DAC was priced as the 1-bit one (dac_bits=7: 7x fewer input slices at no DAC cost): its
+    energy and area are now 2^(dac_bits-1) 1-bit DACs', the library's x2 per bit (as the adc_*b rows)."""
+    from far.imc.cost import _Chip
+
+    c = load_constants()
+    r = model_cost(OneLinear(200, 50, 3), CrossbarConfig(dac_bits=dac_bits), HardwareSpec()).rows[0]
+    J = math.ceil(7 / dac_bits)
+    assert r.dac_activations == 3 * 200 * math.ceil(50 * 4 * 2 / 128) * J
+    assert r.energy["dac"] == pytest.approx(r.dac_activations * c["dac_1b"]["energy_pj"] * 2 ** (dac_bits - 1))
+    one, this = (_Chip(CrossbarConfig(dac_bits=b), HardwareSpec()) for b in (1, dac_bits))
+    assert this.a_array - one.a_array == pytest.approx(128 * c["dac_1b"]["area_um2"] * (2 ** (dac_bits - 1) - 1))
+
+
 @pytest.mark.parametrize("arrays_per_tile,imas", [(96, 12), (48, 6), (100, 13)])
 def test_tile_bus_area_is_per_ima(arrays_per_tile, imas):
     """hwcomponents-library's IsaacEDRAMBus area (7500 um2) is one IMA's share of ISAAC's tile bus ("Area

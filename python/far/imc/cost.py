@@ -13,7 +13,8 @@ overrides any of them from a JSON or YAML file):
   arrays, S = cfg.n_weight_slices, c = 2 columns per weight (a differential pair, one ADC conversion per
   pair) or 1 (offset encoding, the offset removed digitally).
 - One matrix-vector product (MVM) streams the J = cfg.n_input_slices input slices through the DACs: per
-  slice every array of the matrix is read once (crossbar_read), every row's DAC fires, every (row tile,
+  slice every array of the matrix is read once (crossbar_read), every row's DAC of cfg.dac_bits fires (2^(b-1)
+  times the 1-bit DAC's energy and area, the ADC rows' x2 per bit), every (row tile,
   output, weight slice) pair is converted by an ADC of cfg.adc_bits and shifted and added. The input is
   read from and the output written to the tile's eDRAM over its bus (input_bits per input, 16 bits per
   output). One MVM takes J crossbar cycles; a cycle is the longer of the read (100 ns) and the ADC's
@@ -178,7 +179,10 @@ class _Chip:
         adc = c[adc_key]
         # an array read: the cells' currents and the columns' sample-and-hold (ISAAC charges both per read)
         self.e_read = c["crossbar_read"]["energy_pj"] + c["sample_hold"]["energy_pj"]
-        self.e_adc, self.e_dac = adc["energy_pj"], c["dac_1b"]["energy_pj"]
+        # a dac_bits-bit DAC: the 1-bit one's energy and area x2 per extra bit (hwcomponents-library's IsaacDAC
+        # scales resolution as its IsaacADC does, the rule of the table's adc_*b rows)
+        dac_scale = 2 ** (cfg.dac_bits - 1)
+        self.e_adc, self.e_dac = adc["energy_pj"], c["dac_1b"]["energy_pj"] * dac_scale
         self.e_sa = c["shift_add"]["energy_pj"]
         self.e_bit = (c["edram_access_256b"]["energy_pj"] + c["bus_256b"]["energy_pj"]) / 256
         # one conversion per output (a differential pair's two columns are subtracted before the ADC, as the
@@ -192,7 +196,8 @@ class _Chip:
         self.e_add, self.e_mul = c["fp16_add"]["energy_pj"], c["fp16_mult"]["energy_pj"]
         self.e_mac8 = c["int8_mult"]["energy_pj"] + c["int8_add"]["energy_pj"]
         per_array = (c["crossbar_read"]["area_um2"] + math.ceil(hw.cols / hw.cols_per_adc) * adc["area_um2"]
-                     + self.rows * c["dac_1b"]["area_um2"] + c["sample_hold"]["area_um2"] + 0.5 * c["shift_add"]["area_um2"])
+                     + self.rows * c["dac_1b"]["area_um2"] * dac_scale + c["sample_hold"]["area_um2"]
+                     + 0.5 * c["shift_add"]["area_um2"])
         self.a_array = per_array
         # hwcomponents-library's IsaacEDRAMBus area is one IMA's share of the tile's bus ("Area reported per IMA. In
         # ISAAC, a bus connects 12 IMAs"): 7500 um2 x 12 = ISAAC's 0.090 mm2 per tile
