@@ -281,6 +281,17 @@ def test_kept_units_override_is_checked(sizes, needle):
     assert model_cost(m, hidden_sizes={"blocks.0.attn": torch.tensor([[24, 24], [24, 24]])}).totals == own
 
 
+def test_default_input_size_is_the_models_own():
+    """A timm ViT built at img_size=112 keeps its default pretrained_cfg's (3, 224, 224): the default size came
+    from there and the forward pass died in timm's AssertionError; it is now the patch embedding's."""
+    torch.manual_seed(0)
+    m = far.create_model("deit_tiny_patch16_224", far=False, img_size=112, depth=1)
+    assert m.pretrained_cfg["input_size"] == (3, 224, 224)
+    r = model_cost(m)
+    assert next(x for x in r.rows if x.kind == "attention").detail.endswith("T 50, dynamic write")  # 7 x 7 + 1
+    assert r.totals == model_cost(m, input_size=(3, 112, 112)).totals
+
+
 @pytest.mark.parametrize("size,needle", [
     ((3, 224, 224), "input_size 3 224 224 has 224x224x3 images but fmnist_deit_tiny takes 28x28x1"),
     ((1, 0, 28), r"input_size must be 3 ints \(C, H, W\) >= 1, got 1 0 28"),

@@ -505,7 +505,7 @@ def add_chip_args(p, sizes: str = "each model's") -> None:
                         "packing=diagonal")
     p.add_argument("--constants", metavar="FILE", help="JSON/YAML file overriding entries of the constants table")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help=f"image size (default: {sizes} pretrained_cfg)")
+                   help=f"image size (default: {sizes} own: its patch embedding's img_size and in_chans)")
 
 
 def chip_settings(args) -> tuple:

@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 
 from far.errors import ConfigError
-from far.models import attention_classes, check_input
+from far.models import attention_classes, check_input, data_config
 from far.nn import FARAttention, ReuseAttention
 from far.nn.far_attention import as_hidden_sizes
 from far.utils.env import eval_mode
@@ -458,16 +458,17 @@ def _input_size(model: nn.Module, input_size) -> tuple:
         check_input(model, size, f"input_size {' '.join(map(str, size))}",
                     hint="leave input_size unset to use the model's")
         return size
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg = data_config(model)  # the patch embedding's size: timm keeps the default pretrained_cfg's at another img_size
     if "input_size" in cfg:
         return tuple(int(v) for v in cfg["input_size"])
-    raise ConfigError(f"{type(model).__name__}: no pretrained_cfg input_size; pass input_size=(C, H, W)")
+    raise ConfigError(f"{type(model).__name__}: no patch embedding or pretrained_cfg input_size; "
+                      "pass input_size=(C, H, W)")
 
 
 def trace(model: nn.Module, input_size=None) -> list:
     """[(name, module, input shape)] of the modules the cost model knows, in the order one forward pass
-    calls them (batch 1, zero input; weights do not matter). input_size: (C, H, W), default the model's
-    pretrained_cfg."""
+    calls them (batch 1, zero input; weights do not matter). input_size: (C, H, W), default the model's own
+    (its patch embedding's img_size and in_chans, else its pretrained_cfg: far.models.data_config)."""
     input_size = _input_size(model, input_size)
     kinds = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GELU, FARAttention, ReuseAttention) + attention_classes()
     names = {id(m): n for n, m in model.named_modules()}
@@ -490,7 +491,7 @@ def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, in
                hidden_sizes: Optional[Dict[str, torch.Tensor]] = None, calls: Optional[list] = None) -> CostReport:
     """The cost of one image through `model` (a timm ViT, FAR or TReX model) on the chip (module
     docstring). cfg: far_kernels.CrossbarConfig (default ISAAC-like); hw: HardwareSpec; input_size:
-    (C, H, W) (default: the model's pretrained_cfg). hidden_sizes: {FAR module name: [2, H] kept units}
+    (C, H, W) (default: the model's own, as trace). hidden_sizes: {FAR module name: [2, H] kept units}
     to cost instead of the modules' own (what pruning to a budget asks of candidate masks); calls: the
     result of trace(model, input_size), reused across calls (the forward pass that finds the layers)."""
     import far_kernels
