@@ -248,3 +248,51 @@ def test_prune_command_refuses_a_floor_above_every_head_and_a_repeated_budget(tm
         err = capsys.readouterr().err
         assert code == 2 and match in err, (extra, err)
         assert not (tmp_path / "never.safetensors").exists()
+
+
+def _zero_units(m, units):
+    """Zero every entry of the groups of `units` [(head, direction, unit)]: their norms are exactly 0 (ties)."""
+    n, d = m.width, m.head_dim
+    with torch.no_grad():
+        for h, r, u in units:
+            rows = [q * n + u for q in range(4)]
+            m.w_ih[h, r, rows] = 0
+            m.w_hh[h, r, rows] = 0
+            m.w_hh[h, r, :, u] = 0
+            m.b_ih[h, r, rows] = 0
+            m.b_hh[h, r, rows] = 0
+            m.head_proj_weight[h, :, r * n + u] = 0
+
+
+@pytest.mark.parametrize("ratio,pruned", [(0.25, 12), (0.21875, 12), (0.1875, 0), (0.125, 0), (0.5, 16)])
+def test_global_threshold_moves_a_run_of_equal_norms_as_one(ratio, pruned):
+    """12 of 32 groups are exactly zero: the threshold cannot split them, so they go together, pruned when that
+    count is nearer k = round(ratio * 32) than keeping them (k = 8: 12, not 0 as a threshold of 0 gave), kept
+    on a draw (k = 6)."""
+    m = block(1, C=16)
+    zeros = [(h, r, u) for h in range(2) for r in range(2) for u in range(3)]  # 12 groups
+    _zero_units(m, zeros)
+    norms = group_norms(m)
+    assert int((norms == 0).sum()) == 12 and int((norms > 0).sum()) == 20
+    keep = keep_masks([m], global_threshold([m], prune_ratio=ratio))[0]
+    assert 32 - int(keep.sum()) == pruned
+    assert bool(keep[norms > 0].all()) or pruned > 12  # what is pruned is always the weakest
+    if pruned >= 12:
+        assert not bool(keep[norms == 0].any())
+
+
+def test_global_threshold_prunes_exactly_k_groups_of_a_bfloat16_model():
+    """Norms of a bf16 block are bf16: the midpoint threshold between two neighbouring values must not be
+    rounded to bf16 when it is compared (it then equals one of them and keeps or prunes one group too many)."""
+    checked = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        m = far.FARAttention(16, 2).to(torch.bfloat16)
+        s = group_norms(m).double().flatten().sort().values
+        k = round(0.5 * s.numel())
+        if s[k - 1] == s[k]:
+            continue  # a tie at k: the test above
+        checked += 1
+        keep = keep_masks([m], global_threshold([m], prune_ratio=0.5))[0]
+        assert s.numel() - int(keep.sum()) == k, seed
+    assert checked >= 5

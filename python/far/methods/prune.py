@@ -122,13 +122,24 @@ def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = 
     if k == 0:
         return 0.0
     s = norms.sort().values
-    return float((s[k - 1] + s[k]) / 2) if k < s.numel() else float(s[-1]) + 1.0
+    if k >= s.numel():
+        return float(s[-1]) + 1.0
+    if s[k - 1] < s[k]:
+        return float((s[k - 1] + s[k]) / 2)
+    # k falls inside a run of equal norms (zero groups, low-precision weights): the run goes as one, all pruned
+    # or all kept, whichever count lies nearer k (kept on a tie; never the whole model)
+    below, through = int((s < s[k]).sum()), int((s <= s[k]).sum())
+    if through - k < k - below and through < s.numel():
+        return float((s[k] + s[through]) / 2)
+    return float(s[k])
 
 
 def keep_masks(models: List[FARAttention], threshold: float, groups: str = "far") -> List[torch.Tensor]:
     """Per module, [H, 2, n] bool: kept units (group norm >= threshold, among the currently kept)."""
     with torch.no_grad():
-        return [(group_norms(m, groups) >= threshold) & m.unit_mask().to(m.pre_proj.weight.device) for m in models]
+        # float64, as global_threshold ranks them: a bf16 tensor would round the threshold to bf16 first
+        return [(group_norms(m, groups).double() >= threshold) & m.unit_mask().to(m.pre_proj.weight.device)
+                for m in models]
 
 
 # ---------------------------------------------------------------- masking and compaction
