@@ -334,3 +334,23 @@ def test_demo_runs_on_the_zoo(tmp_path, capsys):
     assert (tmp_path / "demo.png").stat().st_size > 0
     assert main(["demo", "--num-images", "0"]) == 2
     assert "--num-images must be >= 1" in capsys.readouterr().err
+
+
+def test_finetune_counts_class_folders_as_the_data_does(tmp_path, capsys):
+    """A hidden folder (.ipynb_checkpoints) is no class of the image folder; finetune counted it, built a classifier
+    of one class too many, and refused the data ("has 3 class folders but ... has 4 classes")."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(3):
+        d = tmp_path / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray((torch.rand(28, 28, generator=g) * 255).to(torch.uint8).numpy(), mode="L").save(
+                d / f"{i}.png")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    out = tmp_path / "ft.safetensors"
+    code, _, err = run(capsys, "finetune", "fmnist_deit_tiny", "--data", str(tmp_path / "train"), "--batch-size", "4",
+                       "--epochs", "1", "-q", "--out-dir", str(tmp_path / "run"), "-o", str(out))
+    assert code == 0, err
+    assert far.load(out).num_classes == 3

@@ -430,7 +430,8 @@ def _folder_classes(path: str) -> int:
     p = Path(path)
     if not p.is_dir():
         raise ConfigError(f"{path}: no such image folder")
-    n = sum(1 for c in p.iterdir() if c.is_dir())
+    # as far.data's image folder counts classes: hidden folders (.ipynb_checkpoints, .thumbnails) are not classes
+    n = sum(1 for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
     if n < 2:
         raise ConfigError(f"{path}: needs at least 2 class subfolders, found {n}")
     return n
