@@ -152,3 +152,16 @@ def test_help(capsys):
     for word in ("TEACHER", "STUDENT", "--data", "--limit", "--out-dir", "--json", "--map-images", "Jacobian",
                  "examples", "dataset-fashion-mnist"):
         assert word in out
+
+
+def test_analyze_out_dir_that_cannot_be_made_is_refused_before_any_work(capsys, setup, tmp_path, monkeypatch):
+    """--out-dir under a file: the whole analysis ran, then mkdir failed ("Not a directory")."""
+    def no_work(*a, **k):
+        raise AssertionError("analyze ran before --out-dir was checked")
+
+    monkeypatch.setattr(far.analysis, "analyze", no_work)
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "analyze", setup / "t.safetensors", setup / "s.safetensors", "--data", setup / "data",
+                       "--map-images", "0", "--out-dir", tmp_path / "file" / "sub")
+    assert code == 2 and err.startswith("far: error: --out-dir ") and err.count("\n") == 1, err
+    assert "is not a folder" in err

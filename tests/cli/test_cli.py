@@ -354,3 +354,20 @@ def test_finetune_counts_class_folders_as_the_data_does(tmp_path, capsys):
                        "--epochs", "1", "-q", "--out-dir", str(tmp_path / "run"), "-o", str(out))
     assert code == 0, err
     assert far.load(out).num_classes == 3
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "json-folder"])
+def test_demo_out_dir_is_checked_before_the_models_run(tmp_path, capsys, monkeypatch, where):
+    """--out-dir a file (or under one, or with a folder named demo.json in it): the demo evaluated every zoo model
+    (minutes at the default 10000 images) and then failed to write."""
+    import far.cli.demo
+
+    def no_work(*a, **k):
+        raise AssertionError("the demo ran before --out-dir was checked")
+
+    monkeypatch.setattr(far.cli.demo, "run_demo", no_work)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "d" / "demo.json").mkdir(parents=True)
+    out = {"file": tmp_path / "file", "under-file": tmp_path / "file" / "sub", "json-folder": tmp_path / "d"}[where]
+    code, _, err = run(capsys, "demo", "--out-dir", str(out), "-q")
+    assert_user_error(code, err, "--out-dir")

@@ -17,7 +17,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from far.data import is_fashion_mnist
     from far.models import data_config, is_far, load_model, resolve
     from far.utils.env import device_name, environment, resolve_device
-    from far.utils.fs import check_output, write_json
+    from far.utils.fs import check_folder, check_output, write_json
     from far.utils.plot import pyplot
     from far.version import __version__
 
@@ -34,8 +34,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     names = (["analysis.json", *PLOTS] + ([MAPS_FILE] if args.map_images else [])) if out_dir is not None else []
     output_checks(args, inputs, "json", also=[("--out-dir", out_dir / name) for name in names])
     if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ConfigError(f"--out-dir {out_dir}: not a folder")
+        check_folder(out_dir, "--out-dir")  # a folder, or one that can be created: before the work, not after
         if out_dir.is_dir():
             for name in names:
                 check_output(out_dir / name, force=args.force, inputs=inputs, what="--out-dir file")

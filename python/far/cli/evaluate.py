@@ -85,10 +85,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from far.cli.demo import format_table, run_demo
+    from far.utils.fs import check_folder, check_output
 
     at_least(args, 1, "num_images", "bench_images", "batch_size")
+    check_folder(args.out_dir, "--out-dir")  # before the models run, not after
+    if os.path.isdir(args.out_dir):
+        for name in ("demo.json",) + (() if args.no_plot else ("demo.png",)):
+            check_output(os.path.join(args.out_dir, name), what="--out-dir file")
     set_threads(args)
+    from far.cli.demo import format_table, run_demo
+
     t0 = time.perf_counter()
     result = run_demo(num_images=args.num_images, bench_images=args.bench_images, batch_size=args.batch_size,
                       out_dir=args.out_dir, plot=not args.no_plot, progress=not args.quiet)
