@@ -371,3 +371,19 @@ def test_demo_out_dir_is_checked_before_the_models_run(tmp_path, capsys, monkeyp
     out = {"file": tmp_path / "file", "under-file": tmp_path / "file" / "sub", "json-folder": tmp_path / "d"}[where]
     code, _, err = run(capsys, "demo", "--out-dir", str(out), "-q")
     assert_user_error(code, err, "--out-dir")
+
+
+@pytest.mark.parametrize("cmd", [["eval", "fmnist_far_tiny", "--data", "fashion-mnist", "--limit", "1"],
+                                 ["demo", "--num-images", "1"]])
+def test_threads_beyond_the_cores_are_refused(capsys, monkeypatch, cmd):
+    """--threads 100000 made torch spawn threads until the process crashed (a segfault, or 'corrupt safetensors
+    file: unable to mmap' from the next allocation); more threads than cores never help."""
+    import os
+
+    import far.cli.demo
+
+    monkeypatch.setattr(far.cli.demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    threads = torch.get_num_threads()
+    code, _, err = run(capsys, *cmd, "--threads", str((os.cpu_count() or 1) + 1), "-q")
+    assert_user_error(code, err, "--threads must be at most the")
+    assert torch.get_num_threads() == threads

@@ -122,7 +122,7 @@ def add_device(p, threads: bool = True) -> None:
 
 
 def add_threads(p) -> None:
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (at most the CPU cores; default: torch's)")
 
 
 def add_data(p, required: bool = True, eval_only: bool = True) -> None:
@@ -195,6 +195,11 @@ def _check_figure_format(path) -> None:
 def set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None) is not None:
         at_least(args, 1, "threads")
+        import os
+
+        cores = os.cpu_count() or 1
+        if args.threads > cores:  # never useful, and a huge count makes torch spawn threads until it crashes
+            raise ConfigError(f"--threads must be at most the {cores} CPU cores of this machine, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
