@@ -281,6 +281,9 @@ def test_missing_fashion_mnist(capsys, ckpt, tmp_path, monkeypatch):
     (["prune", "{ckpt}", "--budget", "0.5", "-o", "{tmp}/x.json"], "the name's suffix says a JSON report"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--json", "{tmp}/x.safetensors"],
      "this command writes a JSON report, but the name's suffix says a far checkpoint; name it .json"),
+    # a chip setting given twice (the last one won silently)
+    (["prune", "{ckpt}", "--budget", "arrays=1", "--set", "adc_bits=6", "--set", "adc_bits=8"],
+     "--set adc_bits given twice"),
 ])
 def test_argument_errors(capsys, ckpt, tmp_path, argv, fragment):
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]

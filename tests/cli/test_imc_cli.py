@@ -246,8 +246,10 @@ def test_zoo_name_loads_the_trained_checkpoint(capsys, tmp_path):
     (["--seeds", "0"], ["--seeds must be >= 1"]),
     (["--sweep", "seed=1,2", "--seeds", "2"], ["--sweep seed and --seeds"]),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["--device cuda"]),
+    (["--set", "adc_bits=6", "--set", "adc_bits=8", "--limit", "2"], ["--set adc_bits given twice"]),  # 8 won
 ], ids=["unknown-key", "bad-value", "invalid-config", "no-values", "empty-value", "repeated", "bad-set", "bad-pair",
-        "conflict", "limit", "include-typo", "plot-folder", "sweep-twice", "dynamic", "seeds", "seed-sweep", "device"])
+        "conflict", "limit", "include-typo", "plot-folder", "sweep-twice", "dynamic", "seeds", "seed-sweep", "device",
+        "set-twice"])
 def test_user_errors(capsys, teacher_ckpt, argv, fragments):
     code, _, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", *argv)
     assert_user_error(code, err, *fragments)

@@ -71,6 +71,18 @@ def _key_value(item: str, opt: str) -> tuple:
     return key.strip(), val
 
 
+def _key_values(items, opt: str, cls=None) -> dict:
+    """{key: value} of repeated KEY=VALUE options (--set, --hw); a key given twice is refused (the last one used
+    to win silently, while a repeated --sweep key was refused)."""
+    values = {}
+    for item in items or ():
+        key, val = _key_value(item, opt)
+        if key in values:
+            raise ConfigError(f"{opt} {key} given twice; give it once")
+        values[key] = _parse_value(key, val, opt, cls)
+    return values
+
+
 def _make_config(values: dict, what: str, cls=None):
     try:
         return (cls or _crossbar_config())(**values)
@@ -208,10 +220,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
 
     at_least(args, 1, "batch_size", "limit", "calib_images", "seeds")
     at_least(args, 0, "workers")
-    base_values = {}
-    for item in args.set or ():
-        key, val = _key_value(item, "--set")
-        base_values[key] = _parse_value(key, val, "--set")
+    base_values = _key_values(args.set, "--set")
     base = _make_config(base_values, "--set")
     settings, sweep_keys = _settings(args, base_values)
     if "seed" in sweep_keys and args.seeds > 1:
@@ -512,15 +521,8 @@ def chip_settings(args) -> tuple:
     """(far_kernels.CrossbarConfig, {HardwareSpec field: value}) from add_chip_args' options."""
     from far.imc.cost import HardwareSpec
 
-    values = {}
-    for item in args.set or ():
-        key, val = _key_value(item, "--set")
-        values[key] = _parse_value(key, val, "--set")
-    cfg = _make_config(values, "--set")
-    hw_values = {}
-    for item in args.hw or ():
-        key, val = _key_value(item, "--hw")
-        hw_values[key] = _parse_value(key, val, "--hw", HardwareSpec)
+    cfg = _make_config(_key_values(args.set, "--set"), "--set")
+    hw_values = _key_values(args.hw, "--hw", HardwareSpec)
     if args.constants:
         hw_values["constants"] = args.constants
     return cfg, hw_values
