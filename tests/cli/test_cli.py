@@ -281,6 +281,13 @@ def test_missing_fashion_mnist(capsys, ckpt, tmp_path, monkeypatch):
     (["prune", "{ckpt}", "--budget", "0.5", "-o", "{tmp}/x.json"], "the name's suffix says a JSON report"),
     (["eval", "{ckpt}", "--data", "fashion-mnist", "--json", "{tmp}/x.safetensors"],
      "this command writes a JSON report, but the name's suffix says a far checkpoint; name it .json"),
+    # options that say the same thing differently (one of them won silently)
+    (["convert", "deit_tiny_patch16_224", "--model-kwargs", "num_classes=3", "--num-classes", "5", "-o",
+      "{tmp}/x.safetensors"], "--num-classes 5 and --model-kwargs num_classes=3 disagree"),
+    (["convert", "fmnist_deit_tiny", "--init", "value", "--pre-proj-init", "random", "-o", "{tmp}/x.safetensors"],
+     "--init value and --pre-proj-init random disagree"),
+    (["convert", "fmnist_deit_tiny", "--init", "random", "--pre-proj-init", "v", "-o", "{tmp}/x.safetensors"],
+     "--init random and --pre-proj-init v disagree"),
     # a chip setting given twice (the last one won silently)
     (["prune", "{ckpt}", "--budget", "arrays=1", "--set", "adc_bits=6", "--set", "adc_bits=8"],
      "--set adc_bits given twice"),
@@ -390,3 +397,12 @@ def test_threads_beyond_the_cores_are_refused(capsys, monkeypatch, cmd):
     code, _, err = run(capsys, *cmd, "--threads", str((os.cpu_count() or 1) + 1), "-q")
     assert_user_error(code, err, "--threads must be at most the")
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("argv,init", [([], "v"), (["--init", "random"], "random"), (["--pre-proj-init", "random"],
+                                       "random"), (["--init", "value", "--pre-proj-init", "v"], "v")])
+def test_convert_pre_proj_init_and_its_older_name(capsys, tmp_path, argv, init):
+    out = tmp_path / "x.safetensors"
+    code, _, err = run(capsys, "convert", "fmnist_deit_tiny", "-o", str(out), "-q", *argv)
+    assert code == 0, err
+    assert far.checkpoint.read_config(out)["metadata"]["init"] == init

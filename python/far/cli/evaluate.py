@@ -151,7 +151,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--bench-images", type=int, default=500, metavar="N",
                    help="test images for the reference (torch) backend's speed and agreement runs")
     p.add_argument("--batch-size", type=int, default=250, metavar="B", help="images per batch")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (at most the CPU cores; default: torch's)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (at most the CPU cores; default: torch's)")
     p.add_argument("--out-dir", default="far-demo", metavar="DIR", help="where demo.json / demo.png go")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     add_common(p, force=False, quiet="no progress bar")

@@ -191,8 +191,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     args.hidden_size = parse_hidden_size(args.hidden_size)
     kwargs = model_kwargs(args)
     if args.num_classes is not None:
+        if kwargs.get("num_classes", args.num_classes) != args.num_classes:
+            raise ConfigError(f"--num-classes {args.num_classes} and --model-kwargs "
+                              f"num_classes={kwargs['num_classes']} disagree; give one")
         kwargs["num_classes"] = args.num_classes
-    init = args.pre_proj_init if args.init is None else {"value": "v"}.get(args.init, args.init)
+    older = {"value": "v"}.get(args.init, args.init)  # --init, the older name of --pre-proj-init
+    if older is not None and args.pre_proj_init is not None and older != args.pre_proj_init:
+        raise ConfigError(f"--init {args.init} and --pre-proj-init {args.pre_proj_init} disagree; give one "
+                          "(--init is the older name of --pre-proj-init)")
+    init = args.pre_proj_init or older or "v"
     blocks = parse_blocks(args.replace) if args.replace is not None else None
     if ref.kind == "timm":
         if args.pretrained and args.teacher_weights:
@@ -281,5 +288,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--init", choices=("value", "random"), default=None,
                    help="the older name of --pre-proj-init (value = v)")
     add_teacher_args(p, teacher=False)
+    for a in p._actions:  # unset unless given, so that a disagreeing --init is seen (the default is still v)
+        if a.dest == "pre_proj_init":
+            a.default, a.help = None, a.help + " (default: v)"
     add_common(p, quiet="print nothing on success")
     p.set_defaults(func=cmd_convert)

@@ -122,7 +122,8 @@ def add_device(p, threads: bool = True) -> None:
 
 
 def add_threads(p) -> None:
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (at most the CPU cores; default: torch's)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (at most the CPU cores; default: torch's)")
 
 
 def add_data(p, required: bool = True, eval_only: bool = True) -> None:
