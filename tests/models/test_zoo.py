@@ -136,3 +136,14 @@ def test_noise_robust_zoo_model_loses_less_under_read_noise():
         with torch.inference_mode():
             acc[name] = (emulate(far.load(zoo_path(name)), cfg)(x).argmax(-1) == y).float().mean().item()
     assert acc["fmnist_far_tiny_nr"] > acc["fmnist_far_tiny"], acc
+
+
+@pytest.mark.parametrize("img_size,want", [(32, (1, 32, 32)), ((28, 32), (1, 28, 32)), ([24, 28], (1, 24, 28))])
+def test_registered_architecture_cfg_input_size_is_c_h_w(img_size, want):
+    """timm's data config (resolve_model_data_config) reads pretrained_cfg['input_size'] as ints [C, H, W]:
+    a non-square img_size must not give (1, (28, 32), (28, 32))."""
+    from timm.data import resolve_model_data_config
+
+    m = timm.create_model("fmnist_deit_tiny", img_size=img_size)
+    assert m.pretrained_cfg["input_size"] == want
+    assert resolve_model_data_config(m)["input_size"] == want

@@ -54,9 +54,9 @@ def _entry_point(name: str, embed_dim: int, depth: int, num_heads: int):
                     depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True)
         args.update(kwargs)
         model = VisionTransformer(**args)
+        h, w = (int(v) for v in model.patch_embed.img_size)  # timm's (H, W) of an int or a pair
         model.pretrained_cfg = fmnist_cfg(  # follows the kwargs (classes, channels, size)
-            architecture=name, num_classes=args["num_classes"],
-            input_size=(args["in_chans"], args["img_size"], args["img_size"]))
+            architecture=name, num_classes=args["num_classes"], input_size=(args["in_chans"], h, w))
         if pretrained:
             load_zoo_weights(model, name)
         return model
