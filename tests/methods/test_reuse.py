@@ -210,3 +210,26 @@ def test_reuse_method_and_command(tmp_path, capsys):
     assert main(["imc-cost", str(tpath), str(out), "--dynamic", "write", "-q"]) == 0
     text = capsys.readouterr().out
     assert "reuse" in text and "attention" in text
+
+
+def test_pickled_model_carries_no_activation_of_a_past_batch():
+    """torch.save(model) after a forward pass: the store's last source output (the user's data, B x N x C per
+    source) must not be written with the model; the unpickled model still runs and agrees."""
+    import io
+
+    m = apply_reuse(tiny(), {2: 0})
+    x = torch.randn(64, 1, 28, 28)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    before = len(buf.getvalue())
+    with torch.no_grad():
+        y = m(x)
+    assert 0 in m.far_reuse_store.outputs  # the forward pass did record it
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    assert len(buf.getvalue()) == before
+    back = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert back.far_reuse_store.outputs == {}
+    assert back.blocks[2].attn.store is back.far_reuse_store is back.blocks[0].ls1.store
+    with torch.no_grad():
+        assert torch.equal(back(x), y)

@@ -24,7 +24,8 @@ TRANSFORMS = ("ln-linear-gelu", "ln-linear")
 
 class ReuseStore:
     """Attention outputs of the current forward pass, by source block. Not a module (no parameters, not
-    in the state_dict); a deepcopy of the model gets a fresh, empty store shared by its taps and reusers."""
+    in the state_dict); a deepcopy of the model gets a fresh, empty store shared by its taps and reusers,
+    and so does a pickled one (torch.save(model)): no activation of a past batch travels with the model."""
 
     def __init__(self):
         self.outputs: Dict[int, torch.Tensor] = {}
@@ -33,6 +34,9 @@ class ReuseStore:
         new = ReuseStore()
         memo[id(self)] = new
         return new
+
+    def __getstate__(self) -> dict:
+        return {"outputs": {}}
 
 
 class AttentionTap(nn.Module):
