@@ -255,3 +255,34 @@ def test_per_block_loss_terms_are_named_by_the_models_block_index(stage1):
                       stage2_epochs=0)
     keys = {k for r in out.far_run.history if r["kind"] == "step" for k in r}
     assert {"cos_b1", "mse_b1"} <= keys and not {k for k in keys if k.endswith("_b0")}, keys
+
+
+def _report(model):
+    run = model.far_run
+    stages = [r.get("stage") for r in run.history if r.get("kind") == "step"]
+    return run.steps, model.far_metadata["training"]["steps"], sorted(set(stages)), len(stages)
+
+
+@pytest.mark.parametrize("method,kill", [("distill", 4), ("prune", 4), ("prune-rounds", 8)])
+def test_a_resumed_run_reports_the_stages_an_earlier_run_finished(tmp_path, monkeypatch, method, kill):
+    """Steps, history (curves.png, summary.json) and the checkpoint's training record of a run killed in a later
+    stage and resumed count every stage, also those it loaded from their finished files (distill: stage 1's model;
+    prune: the masked model after the Hoyer stage; prune in rounds: round 1's result), as the uninterrupted run
+    does. Distill: 2 stage-1 steps then 2 stage-2 steps; prune: 2 Hoyer steps, 4 fine-tune steps per round."""
+    t, data = teacher(), Images(64)
+
+    def run(**kw):
+        c = cfg(epochs=0.5, log_every=1, **kw)
+        if method == "distill":
+            return far.distill(t, data, config=c, stage2_epochs=0.5)
+        return far.prune(far.convert(copy.deepcopy(t)), data, config=c, rounds=2 if method == "prune-rounds" else 1,
+                         **PRUNE)
+
+    whole = run()
+    revive = killed_at(monkeypatch, kill)
+    with pytest.raises(KeyboardInterrupt):
+        run(out_dir=str(tmp_path), ckpt_every=1)
+    revive()
+    done = run(out_dir=str(tmp_path), ckpt_every=1, resume=True)
+    assert done.far_run.completed
+    assert _report(done) == _report(whole)

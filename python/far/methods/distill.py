@@ -41,7 +41,8 @@ from far.models.convert import PRE_PROJ_INITS, parse_blocks
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
-from far.train.loop import check_fresh_run, classification_loss, limit_data, load_finished_stage, stage_identity
+from far.train.loop import (check_fresh_run, classification_loss, finished_stage_record, limit_data,
+                            load_finished_stage, stage_identity, stage_record)
 
 FAR_OWN = ("pre_proj.", "w_ih", "w_hh", "b_ih", "b_hh", "head_proj_weight", "head_proj_bias",  # padded storage
            "lstm.", "head_proj.")  # ragged storage
@@ -511,6 +512,7 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
     if st.clean_block_loss:
         ident.update(clean_block_loss=True)
     results: List[TrainResult] = []
+    earlier: List[TrainResult] = []  # stages an earlier run finished, loaded from their files (they come first)
     made: Dict[str, object] = {}  # the settings of every stage so far: a finished stage's file records them
 
     def stage(name: str, task: Task, c: TrainConfig, desc: str, keep: bool, block_weight: Optional[float]) -> bool:
@@ -525,6 +527,8 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         if cfg.resume and done_file is not None and os.path.isfile(done_file):
             task.remove_hooks()
             student = load_finished_stage(done_file, made, d.device)  # finished in an earlier run
+            seconds, steps, histories = finished_stage_record(student)  # its training counts in the report
+            earlier.append(TrainResult(student, histories[0] if histories else [], None, seconds, steps, None, True))
             return True
         try:
             r = train(task, train_data, eval_data, c, d, identity=sident, desc=desc)
@@ -532,7 +536,8 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
             task.remove_hooks()
         results.append(r)
         if r.completed and keep and done_file is not None and d.main:
-            save(student, done_file, metadata={"stage": name, "run_identity": dict(made)})
+            save(student, done_file, metadata={"stage": name, "run_identity": dict(made),
+                                               "result": stage_record(r.seconds, r.steps, [r.history])})
         d.barrier()
         return r.completed
 
@@ -574,9 +579,9 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         fidelity = {"num_images": report["num_images"], "agreement": report["agreement"],
                     "blocks": [{k: blk[k] for k in ("isolated", "in_model")} for blk in report["blocks"]]}
     t_acc = accuracy(teacher, eval_data, batch_size=cfg.eval_batch_size, device=d.device)
-    seconds = sum(r.seconds for r in results)
-    done = TrainResult(student, join_histories(*[r.history for r in results]), last_acc, seconds,
-                       sum(r.steps for r in results), None, ok)
+    seconds = sum(r.seconds for r in earlier + results)
+    done = TrainResult(student, join_histories(*[r.history for r in earlier + results]), last_acc, seconds,
+                       sum(r.steps for r in earlier + results), None, ok)
     from far.methods.recipes import lr_record
 
     recipe_record = {**recipe_record, "lr": lr_record(cfg, st.stage2_lr, d.world)}

@@ -54,7 +54,8 @@ from far.models import far_modules, save, set_storage
 from far.nn import FARAttention
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
-from far.train.loop import check_fresh_run, classification_loss, limit_data, load_finished_stage, stage_identity
+from far.train.loop import (check_fresh_run, classification_loss, finished_stage_record, limit_data,
+                            load_finished_stage, stage_identity, stage_record)
 
 
 # ---------------------------------------------------------------- groups
@@ -648,6 +649,9 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
             model = load_finished_stage(done_file, made, d.device)
             record.append(model.far_checkpoint["metadata"]["round"])
             thr = record[-1].get("threshold")  # older files lack it: the summary then says n/a
+            s, n, h = finished_stage_record(model)  # the round's training counts in the report
+            seconds, steps = seconds + s, steps + n
+            histories.extend(h)
             continue
         model, res, thr, plan, info = _prune_round(
             model, train_data, eval_data, rc, d, ident, hoyer, hoyer_scope, groups, round_ratio, threshold,
@@ -656,13 +660,15 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         result = res
         seconds += res.seconds
         steps += res.steps
-        histories.extend(info.pop("histories"))
+        round_histories = info.pop("histories")
+        histories.extend(round_histories)
         record.append(info)
         if not res.completed:
             break
         if done_file is not None and d.main:
             os.makedirs(out, exist_ok=True)
-            save(model, done_file, metadata={"round": info, "run_identity": made})
+            save(model, done_file, metadata={"round": info, "run_identity": made,
+                                             "result": stage_record(res.seconds, res.steps, round_histories)})
         d.barrier()
     completed = result is None or result.completed
     if completed:
@@ -731,6 +737,7 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
         model = load_finished_stage(masked_file, made or {}, d.device)
         info = dict(model.far_checkpoint["metadata"].get("round_info", {}))
         thr = float(model.far_checkpoint["metadata"]["threshold"])
+        seconds, steps, histories = finished_stage_record(model)  # the Hoyer stage an earlier run trained
     else:
         if cfg.epochs > 0:
             c1 = stage_config(cfg, "reg")
@@ -763,6 +770,7 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
             if masked_file is not None and d.main:
                 os.makedirs(cfg.out_dir, exist_ok=True)  # no Hoyer epoch: nothing has made the folder yet
                 save(model, masked_file, metadata={"threshold": thr, "round_info": info,
+                                                   "result": stage_record(seconds, steps, histories),
                                                    **({"run_identity": made} if made else {})})
             d.barrier()
     if result is None or result.completed:

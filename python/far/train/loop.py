@@ -565,6 +565,26 @@ def load_finished_stage(path, ident: dict, device) -> nn.Module:
     return model.to(device)
 
 
+def stage_record(seconds: float, steps: int, histories: List[List[dict]]) -> dict:
+    """What a finished stage's file keeps of the training that made it (its metadata "result"), so that a
+    resumed run that loads the file still counts that training in its report: seconds, optimizer steps and
+    the histories (a JSON string: a history may hold NaN, which the file's strict JSON cannot)."""
+    return {"seconds": round(float(seconds), 3), "steps": int(steps), "histories": json.dumps(histories)}
+
+
+def finished_stage_record(model: nn.Module) -> Tuple[float, int, List[List[dict]]]:
+    """(seconds, steps, histories) that stage_record stored with a finished stage's model (load_finished_stage);
+    (0.0, 0, []) for a file written before it was recorded."""
+    rec = model.far_checkpoint["metadata"].get("result")
+    try:
+        histories = json.loads(rec["histories"])
+        if not (isinstance(histories, list) and all(isinstance(h, list) for h in histories)):
+            raise ValueError
+        return float(rec["seconds"]), int(rec["steps"]), histories
+    except (TypeError, KeyError, ValueError):
+        return 0.0, 0, []
+
+
 def limit_data(cfg: TrainConfig, train_data, eval_data):
     """(train_data, eval_data) cut to cfg.limit / cfg.eval_limit images (the first ones; far.data.first):
     what a method trains and tests on, from the API as from the command line."""
@@ -1040,6 +1060,7 @@ def stage_config(cfg: TrainConfig, name: str, **changes) -> TrainConfig:
 
 __all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "apply_mixup",
            "check_fresh_run", "check_stage_file", "classification_loss", "cleanup_distributed", "drop_path",
-           "effective_lr", "identity_diff", "join_histories", "limit_data", "load_finished_stage", "lr_at",
+           "effective_lr", "finished_stage_record", "identity_diff", "join_histories", "limit_data",
+           "load_finished_stage", "lr_at",
            "make_mixup", "noise_patterns", "noisy_weights", "plot_history", "run_metadata", "setup_distributed",
-           "stage_config", "stage_identity", "train", "weight_noise"]
+           "stage_config", "stage_identity", "stage_record", "train", "weight_noise"]
