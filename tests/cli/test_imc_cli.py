@@ -355,6 +355,7 @@ def test_calibrating_on_the_evaluated_folder_warns(capsys, far_ckpt, tmp_path):
     code, out, err = run(capsys, *args)
     assert code == 0, err
     assert "adc_range=calibrated without --calib-data: the ADC ranges come from the first 4 images of" in err
-    code, out, err = run(capsys, *args, "--calib-data", tmp_path / "calib")
+    code, out, err = run(capsys, *args, "--calib-data", tmp_path / "calib", "--json", tmp_path / "r.json")
     assert code == 0, err
     assert "without --calib-data" not in err
+    assert json.loads((tmp_path / "r.json").read_text())["split"] is None  # a folder has no split (it said "test")

@@ -267,7 +267,8 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     result = {
         "model": model_label, "origin": origin,
         "checkpoint_sha256": _sha256(ref.path) if ref.path is not None else None,  # which weights, exactly
-        "data": str(args.data), "split": args.split, "num_images": len(dataset), "device": str(device),
+        "data": str(args.data), "split": args.split if is_fashion_mnist(args.data) else None,  # a folder has none
+        "num_images": len(dataset), "device": str(device),
         "device_name": device_name(device), "threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "base_config": dataclasses.asdict(base),
         "sweeps": [{"key": k, "values": list(dict.fromkeys(v[k] for _, v, _, _ in settings))} for k in sweep_keys],
