@@ -406,3 +406,13 @@ def test_convert_pre_proj_init_and_its_older_name(capsys, tmp_path, argv, init):
     code, _, err = run(capsys, "convert", "fmnist_deit_tiny", "-o", str(out), "-q", *argv)
     assert code == 0, err
     assert far.checkpoint.read_config(out)["metadata"]["init"] == init
+
+
+@pytest.mark.parametrize("name,guess", [("fmnist_far_tinyy", "fmnist_far_tiny"),
+                                        ("deit_tiny_patch16_22", "deit_tiny_patch16_224"),
+                                        ("timm:deit_tiny_patch16_22", "deit_tiny_patch16_224"),
+                                        ("totally_unknown_model", None)])
+def test_unknown_model_name_suggests_the_closest(capsys, name, guess):
+    code, _, err = run(capsys, "info", name)
+    assert_user_error(code, err, name)
+    assert (f"did you mean {guess}?" in err) if guess else ("did you mean" not in err)

@@ -470,7 +470,8 @@ def resolve(spec) -> ModelSpec:
         name = text[len(TIMM_PREFIX):]
         if not timm.is_model(name):
             raise ConfigError(f"{text}: no timm model named '{name}' (timm {timm.__version__}); e.g. "
-                              "timm:deit_tiny_patch16_224, timm:vit_small_patch14_dinov2")
+                              "timm:deit_tiny_patch16_224, timm:vit_small_patch14_dinov2"
+                              + _did_you_mean(name, timm.list_models()))
         return ModelSpec("timm", name)
     path = Path(text)
     if path.exists():
@@ -482,7 +483,15 @@ def resolve(spec) -> ModelSpec:
     if timm.is_model(text):
         return ModelSpec("timm", text)
     raise ConfigError(f"{text}: no such checkpoint file, zoo name ({', '.join(ZOO)}) or timm model name "
-                      "(e.g. deit_tiny_patch16_224)")
+                      "(e.g. deit_tiny_patch16_224)" + _did_you_mean(text, [*ZOO, *timm.list_models()]))
+
+
+def _did_you_mean(text: str, names) -> str:
+    """'; did you mean NAME?' for the closest of `names` to a mistyped `text` (difflib), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(text, names, n=1, cutoff=0.8)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def load_model(spec, *, device="cpu", backend: Optional[str] = None, far: Optional[bool] = None,
