@@ -182,6 +182,15 @@ def test_cli_export(tmp_path, capsys, monkeypatch):
     assert not wrong.exists()
 
 
+def test_cli_check_of_a_batch_too_large_for_memory_is_a_user_error(tmp_path, capsys):
+    """--check runs one batch of a fixed --batch-size: 10^15 images (3 EB) ended in the allocator's traceback."""
+    out = tmp_path / "p.onnx"
+    assert main(["export", "fmnist_far_tiny_pruned", "-o", str(out), "--batch-size", str(10**15), "--check", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("far: error: --check runs one batch of --batch-size 1000000000000000 images") and \
+        err.count("\n") == 1, err
+
+
 def test_cli_says_how_to_install(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # import onnx -> ImportError
     assert main(["export", "fmnist_far_tiny_pruned", "-o", str(tmp_path / "x.onnx")]) == 2

@@ -20,7 +20,11 @@ def _check_with_onnxruntime(model, path: str, batch: int) -> tuple[float, float]
 
         raise ConfigError(f"--check needs the optional package onnxruntime ({e}); install it: {INSTALL_HINT}") from e
     pe = model.patch_embed
-    x = torch.randn(batch, pe.proj.in_channels, *pe.img_size, generator=torch.Generator().manual_seed(0))
+    try:
+        x = torch.randn(batch, pe.proj.in_channels, *pe.img_size, generator=torch.Generator().manual_seed(0))
+    except RuntimeError as e:  # the allocator refused (or the size overflowed): a batch this machine cannot hold
+        raise ConfigError(f"--check runs one batch of --batch-size {batch} images, which does not fit in memory "
+                          f"({' '.join(str(e).split())}); lower --batch-size or drop --check") from None
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     y = torch.from_numpy(sess.run(None, {"pixels": x.numpy()})[0])
     with torch.no_grad():
