@@ -44,7 +44,8 @@ def bilstm_fused_scan_autograd(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.
     B, T, _ = x.shape
     H, _, G, d = w_ih.shape
     n = G // 4
-    if T == 0 or B == 0:  # torch.lstm refuses empty sequences; nothing to compute (still part of the graph)
+    if T == 0 or B == 0 or n == 0 or H == 0:  # torch.lstm refuses T, B or n = 0 (stack: H = 0); nothing to compute
+        # (still part of the graph)
         return (x.sum() * 0 + w_ih.sum() * 0 + bias.sum() * 0 + w_hh.sum() * 0).expand(H, B, T, 2, n)
     masks = padded_masks(hidden_sizes, n, x.device)
     if masks is not None:

@@ -64,8 +64,8 @@ def bilstm_scan_ref(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch.Te
         if mask is not None:
             c, h = torch.where(mask, c, 0.0), torch.where(mask, h, 0.0)
         steps.append(h)
-    if T == 0:
-        return gx.new_zeros((H, B, 0, 2, n))
+    if T == 0:  # nothing to compute, but still part of the graph (zero gradients), as for B = 0
+        return (g.sum() * 0 + w.sum() * 0).expand(H, B, 0, 2, n).to(gx.dtype)
     fwd = torch.stack([st[:, :, 0] for st in steps], dim=2)  # step s is time s
     bwd = torch.stack([st[:, :, 1] for st in reversed(steps)], dim=2)  # step s is time T-1-s
     return torch.stack((fwd, bwd), dim=3).to(gx.dtype)

@@ -131,6 +131,17 @@ def test_zero_sizes():
         assert bilstm_scan(gx, w, torch.full((2, 2), 8), backend=backend).shape == (2, 3, 0, 2, 8)
 
 
+def test_empty_sequence_on_the_gradient_path():
+    """T = 0 with a gradient required: the empty result is still part of the graph (it was a detached tensor, so
+    backward raised), and every gradient is 0, as with B = 0 and as in bilstm_fused_scan's training path."""
+    for B, T in ((3, 0), (0, 4)):
+        gx, w = (t.requires_grad_(True) for t in make_inputs(2, B, T, 8, seed=1))
+        out = bilstm_scan(gx, w, [[8, 3], [0, 8]])
+        assert out.shape == (2, B, T, 2, 8) and out.requires_grad
+        out.sum().backward()
+        assert not gx.grad.any() and not w.grad.any()
+
+
 def test_torch_backend_is_differentiable_and_auto_picks_it():
     gx, w = make_inputs(2, 2, 4, 3, seed=2, dtype=torch.float64)
     gx.requires_grad_(True)
