@@ -22,7 +22,11 @@ _NAME = "bilstm_fused_scan"
 def _gates_then(backend: str) -> Callable:
     """This op on `backend` as the batched input GEMM followed by bilstm_scan's `backend` implementation."""
     def impl(x, w_ih, bias, w_hh, hidden_sizes, out=None):
-        return _scan.OP.impls[backend](input_gates_ref(x, w_ih, bias), w_hh, hidden_sizes, out)
+        gx = input_gates_ref(x, w_ih, bias)  # under autocast: autocast's dtype, not x's
+        if gx.dtype == x.dtype:
+            return _scan.OP.impls[backend](gx, w_hh, hidden_sizes, out)
+        h = _scan.OP.impls[backend](gx, w_hh, hidden_sizes, None)  # the scan's out= must have gx's dtype
+        return h.to(x.dtype) if out is None else out.copy_(h)  # the result is x's dtype on every backend
     return impl
 
 
@@ -73,7 +77,7 @@ def bilstm_fused_scan(
         bias: [H, 2, 4n] = b_ih + b_hh.
         w_hh: [H, 2, 4n, n] recurrent weights.
         hidden_sizes: [2, H] ints in [0, n]: kept units per (direction, head); padded units ignored
-            (their weights and biases must be 0 when a gradient is required).
+            (whatever their weights and biases hold; with a gradient required, they get a gradient of 0).
         backend: "torch" | "cpp" | "cuda" | "triton" | "auto"; default env FAR_BACKEND, else auto.
         out: optional [H, B, T, 2, n] contiguous tensor of x's dtype and device to write into.
     Returns:

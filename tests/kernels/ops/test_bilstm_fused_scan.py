@@ -139,11 +139,12 @@ def test_zero_sizes():
 
 
 def test_zero_sizes_on_the_gradient_path():
-    """torch.lstm refuses an empty sequence: the training path returns the empty result, differentiably."""
-    for B, T in ((2, 0), (0, 5)):
-        args = [t.requires_grad_(True) for t in make_inputs(2, B, T, 4, 8, seed=1)]
-        out = bilstm_fused_scan(*args, torch.full((2, 2), 8))
-        assert out.shape == (2, B, T, 2, 8) and out.requires_grad
+    """torch.lstm refuses an empty sequence and 0 units (a oneDNN error), torch.stack 0 heads: the training path
+    returns the empty result, differentiably, as the inference paths return it."""
+    for H, B, T, n in ((2, 2, 0, 8), (2, 0, 5, 8), (2, 3, 5, 0), (0, 3, 5, 8)):
+        args = [t.requires_grad_(True) for t in make_inputs(H, B, T, 4, n, seed=1)]
+        out = bilstm_fused_scan(*args, torch.full((2, H), n))
+        assert out.shape == (H, B, T, 2, n) and out.requires_grad
         out.sum().backward()
         assert all(a.grad is not None and not a.grad.any() for a in args)
 
@@ -193,6 +194,23 @@ def test_weights_of_another_dtype_are_cast_to_x(backend):
         out = bilstm_fused_scan(*mixed, hs, backend=backend)
         assert out.dtype == x.dtype
         assert torch.equal(out, bilstm_fused_scan(*same, hs, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_result_has_x_dtype_under_autocast(backend):
+    """Under autocast the input GEMM runs in autocast's dtype (bf16 here), but the result is x's dtype on every
+    backend, with or without out= (triton returned bf16; the cuda scan refuses an out= of another dtype than its
+    gates)."""
+    require_backend(backend)
+    args = make_inputs(2, 3, 4, 4, 16, seed=12)
+    hs = torch.tensor([[16, 5], [0, 16]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out_pt = bilstm_fused_scan(*args, hs, backend="torch")
+        out = bilstm_fused_scan(*args, hs, backend=backend)
+        into = conftest.poisoned((2, 3, 4, 2, 16))
+        res = bilstm_fused_scan(*args, hs, backend=backend, out=into)
+    assert out.dtype == torch.float32 and res.data_ptr() == into.data_ptr() and torch.equal(out, into)
+    assert_close_derived(out, bilstm_fused_scan_ref(*as64(args), hs), out_pt, f"autocast/{backend}")
 
 
 @pytest.mark.parametrize(
