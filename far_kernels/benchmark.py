@@ -68,13 +68,18 @@ def time_fn(fn: Callable[[], object], *, device="cpu", reps: Optional[int] = Non
 
     Warm-up (excluded): at least `warmup` calls and `warmup_s` seconds. Then `reps` timed calls, or,
     when reps is None, enough for max(min_reps, ~min_time_s of work) (at most max_reps), estimated
-    from the median warm-up call. Returns ms: median ("ms"), p10, p90, min, mean, the number of timed
-    runs and every time sorted ("times_ms")."""
+    from the median warm-up call (then at least one warm-up call is made). Returns ms: median ("ms"), p10,
+    p90, min, mean, the number of timed runs and every time sorted ("times_ms"). ValueError when that
+    leaves no timed call (reps, or max_reps, below 1; min_reps and min_time_s both 0)."""
+    if (reps < 1) if reps is not None else (max_reps < 1 or (min_reps < 1 and min_time_s <= 0)):
+        raise ValueError(f"time_fn: no call would be timed (reps={reps}, min_reps={min_reps}, max_reps={max_reps}, "
+                         f"min_time_s={min_time_s}); at least one is needed")
     device = torch.device(device)
     synchronize(device)
-    warm = []
-    while len(warm) < warmup or sum(warm) < warmup_s * 1e3:
+    warm, warm_ms = [], 0.0  # a running total: summing the list per call made a fast fn's warm-up quadratic
+    while len(warm) < max(warmup, reps is None) or warm_ms < warmup_s * 1e3:
         warm.append(_one_call_ms(fn, device))
+        warm_ms += warm[-1]
     n_warm = len(warm)
     if reps is None:
         est = sorted(warm)[n_warm // 2]  # median: robust to a slow first call or a preempted run
