@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -40,3 +41,15 @@ def check_out(op: str, out, shape, dtype, device) -> None:
             or out.device != device or not out.is_contiguous():
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{op}: out must be a contiguous {list(shape)} {dtype} tensor on {device}, got {got}")
+
+
+def has_tangent(tensors) -> bool:
+    """Whether some tensor carries a forward-mode AD tangent (torch.autograd.forward_ad, torch.func.jvp)."""
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def needs_grad(tensors) -> bool:
+    """Whether a derivative must flow through the op: reverse mode (grad mode on and some input requires grad) or
+    forward mode (some input carries a tangent). Only the torch backend propagates either: a compiled kernel
+    drops a tangent silently."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or has_tangent(tensors)

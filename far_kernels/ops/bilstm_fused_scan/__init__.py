@@ -11,7 +11,8 @@ import torch
 
 from far_kernels import dispatch
 from far_kernels.ops import bilstm_scan as _scan
-from far_kernels.ops._checks import as_hidden_sizes, check_float_tensors, check_out, check_same_device
+from far_kernels.ops._checks import (as_hidden_sizes, check_float_tensors, check_out, check_same_device,
+                                     needs_grad)
 from far_kernels.ops.bilstm_fused_scan.cpp import bilstm_fused_scan_cpp
 from far_kernels.ops.bilstm_fused_scan.reference import (bilstm_fused_scan_autograd, bilstm_fused_scan_ref,
                                                          input_gates_ref)
@@ -83,7 +84,8 @@ def bilstm_fused_scan(
     Returns:
         h: [H, B, T, 2, n] in x.dtype; units >= hidden size are 0.
     Differentiable on the torch backend (auto picks it when a gradient is required: one torch.lstm
-    per head); the other backends raise BackendUnavailable in that case.
+    per head; with a forward-mode AD tangent, which torch.lstm lacks, the reference); the other backends
+    raise BackendUnavailable in that case.
 
     Example:
         >>> x = torch.randn(2, 50, 3 * 64); w_ih = torch.randn(3, 2, 256, 64) * 0.1
@@ -100,9 +102,8 @@ def bilstm_fused_scan(
     if any(t.dtype != x.dtype for t in (w_ih, bias, w_hh)) and not torch.is_autocast_enabled(x.device.type):
         # one rule on every backend (they disagreed: cpp widened all to fp32, torch and triton raised)
         w_ih, bias, w_hh = (t.to(x.dtype) for t in (w_ih, bias, w_hh))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_ih, bias, w_hh))
     return dispatch.run(OP, (x, w_ih, bias, w_hh, hs), backend=backend, device=x.device, dtype=x.dtype,
-                        needs_grad=needs_grad, out=out)
+                        needs_grad=needs_grad((x, w_ih, bias, w_hh)), out=out)
 
 
 __all__ = ["bilstm_fused_scan", "bilstm_fused_scan_ref", "bilstm_fused_scan_autograd", "check_fused_scan_inputs",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from far_kernels.ops._checks import has_tangent
 from far_kernels.ops.bilstm_scan.reference import bilstm_scan_ref, padded_masks
 
 
@@ -37,7 +38,10 @@ def bilstm_fused_scan_autograd(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.
     Padded units (>= hidden_sizes) are selected away before the call, whatever their stored weights hold:
     their rows of W_ih, W_hh and the bias and their columns of W_hh read as 0, so their h is exactly 0, the
     kept units never see them, and every gradient to a padded weight is exactly 0. Under autocast the
-    recurrence runs in fp32. Returns [H, B, T, 2, n]."""
+    recurrence runs in fp32. Forward-mode AD (a tangent on an input) runs bilstm_fused_scan_ref instead:
+    torch.lstm has no forward derivative on oneDNN or cuDNN. Returns [H, B, T, 2, n]."""
+    if has_tangent((x, w_ih, bias, w_hh)):
+        return bilstm_fused_scan_ref(x, w_ih, bias, w_hh, hidden_sizes)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return bilstm_fused_scan_autograd(x.float(), w_ih.float(), bias.float(), w_hh.float(), hidden_sizes)

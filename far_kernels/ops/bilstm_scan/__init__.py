@@ -7,7 +7,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from far_kernels import dispatch
-from far_kernels.ops._checks import as_hidden_sizes, check_float_tensors, check_out, check_same_device
+from far_kernels.ops._checks import (as_hidden_sizes, check_float_tensors, check_out, check_same_device,
+                                     needs_grad)
 from far_kernels.ops.bilstm_scan.cpp import bilstm_scan_cpp
 from far_kernels.ops.bilstm_scan.cuda import bilstm_scan_cuda
 from far_kernels.ops.bilstm_scan.reference import bilstm_scan_ref
@@ -102,8 +103,8 @@ def bilstm_scan(
             must not share memory with gx, w_hh or hidden_sizes (ValueError).
     Returns:
         h: [H, B, T, 2, n] in gx.dtype; units >= hidden size are 0.
-    Only the torch backend is differentiable: auto picks it when a gradient is required; the
-    others raise in that case.
+    Only the torch backend is differentiable: auto picks it when a gradient is required (grad mode and
+    an input that requires grad, or a forward-mode AD tangent); the others raise in that case.
 
     Example:
         >>> gx = torch.randn(3, 2, 50, 2, 4 * 64); w = torch.randn(3, 2, 256, 64) * 0.1
@@ -114,9 +115,8 @@ def bilstm_scan(
         H, B, T, _, G = gx.shape
         check_out("bilstm_scan", out, (H, B, T, 2, G // 4), gx.dtype, gx.device)
         check_no_overlap("bilstm_scan", out, (("gx", gx), ("w_hh", w_hh), ("hidden_sizes", hidden_sizes)))
-    needs_grad = torch.is_grad_enabled() and (gx.requires_grad or w_hh.requires_grad)
-    return dispatch.run(OP, (gx, w_hh, hs), backend=backend, device=gx.device, dtype=gx.dtype, needs_grad=needs_grad,
-                        out=out)
+    return dispatch.run(OP, (gx, w_hh, hs), backend=backend, device=gx.device, dtype=gx.dtype,
+                        needs_grad=needs_grad((gx, w_hh)), out=out)
 
 
 __all__ = ["bilstm_scan", "bilstm_scan_ref", "check_scan_inputs", "OP"]

@@ -158,6 +158,31 @@ def test_torch_backend_is_differentiable_and_auto_picks_it():
         bilstm_fused_scan(*(t.float() for t in args), hs, backend="cpp")
 
 
+def test_forward_mode_ad_gets_the_reference():
+    """A forward-mode AD tangent (torch.autograd.forward_ad, torch.func.jvp) needs a derivative as much as
+    requires_grad does: auto ran the cpp kernel on fp32 and dropped the tangent silently (None), or crashed on
+    torch.func's wrapped tensors. Now auto takes the reference (torch.lstm has no forward AD) and cpp refuses."""
+    import torch.autograd.forward_ad as fwAD
+
+    args = make_inputs(2, 3, 5, 4, 8, seed=13)
+    hs = torch.tensor([[8, 3], [0, 8]])
+    tan = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(14))
+
+    def jvp(f, a):
+        return torch.func.jvp(lambda x: f(x, *a[1:], hs), (a[0],), (tan.to(a[0].dtype),))[1]
+
+    t64, t_pt = jvp(bilstm_fused_scan_ref, as64(args)), jvp(bilstm_fused_scan_ref, args)
+    with fwAD.dual_level():
+        out = bilstm_fused_scan(fwAD.make_dual(args[0], tan), *args[1:], hs)
+        tangent = fwAD.unpack_dual(out).tangent
+        assert tangent is not None
+        assert_close_derived(tangent, t64, t_pt, "forward_ad")
+        if "cpp" in cpu_backends():
+            with pytest.raises(BackendUnavailable, match="inference-only"):
+                bilstm_fused_scan(fwAD.make_dual(args[0], tan), *args[1:], hs, backend="cpp")
+    assert_close_derived(jvp(bilstm_fused_scan, args), t64, t_pt, "func.jvp")
+
+
 def test_gradient_path_ignores_padded_units():
     """The training path (torch.lstm per head) honours hidden_sizes as inference does, whatever the padded weights
     hold: the same outputs, padded units 0, and the gradients of the differentiable reference (0 on every padded

@@ -142,6 +142,29 @@ def test_empty_sequence_on_the_gradient_path():
         assert not gx.grad.any() and not w.grad.any()
 
 
+def test_forward_mode_ad_gets_the_reference():
+    """A forward-mode AD tangent needs a derivative as much as requires_grad does: auto ran the cpp kernel on fp32
+    and dropped the tangent silently (None); now it takes the reference, and cpp refuses."""
+    import torch.autograd.forward_ad as fwAD
+
+    gx, w = make_inputs(2, 3, 6, 8, seed=13)
+    hs = torch.tensor([[8, 3], [0, 8]])
+    tan = torch.randn(w.shape, generator=torch.Generator().manual_seed(14))
+
+    def jvp(f, g, w):
+        return torch.func.jvp(lambda v: f(g, v, hs), (w,), (tan.to(w.dtype),))[1]
+
+    t64, t_pt = jvp(bilstm_scan_ref, gx.double(), w.double()), jvp(bilstm_scan_ref, gx, w)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(bilstm_scan(gx, fwAD.make_dual(w, tan), hs)).tangent
+        assert tangent is not None
+        assert_close_derived(tangent, t64, t_pt, "forward_ad")
+        if "cpp" in cpu_backends():
+            with pytest.raises(BackendUnavailable, match="inference-only"):
+                bilstm_scan(gx, fwAD.make_dual(w, tan), hs, backend="cpp")
+    assert_close_derived(jvp(bilstm_scan, gx, w), t64, t_pt, "func.jvp")
+
+
 def test_torch_backend_is_differentiable_and_auto_picks_it():
     gx, w = make_inputs(2, 2, 4, 3, seed=2, dtype=torch.float64)
     gx.requires_grad_(True)
