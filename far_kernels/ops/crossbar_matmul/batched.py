@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from far_kernels.ops.crossbar_matmul.group import GroupCall, chunk_rows
-from far_kernels.ops.crossbar_matmul.reference import rhe_div
+from far_kernels.ops.crossbar_matmul.reference import ieee_fp32, rhe_div
 
 
 def _quantize(x: torch.Tensor, cfg):
@@ -114,7 +114,8 @@ def run_group(call: GroupCall, fused_epilogue=None) -> torch.Tensor:
         m = xc.shape[1]
         sl = torch.sign(xc)[:, None] * ((xc.abs()[:, None] >> mag_shift) & cfg.dac_max)  # [G, J, m, T*tr]
         sl = sl.float().view(G, J, m, T, tr).permute(0, 3, 1, 2, 4).reshape(G * T, J * m, tr)
-        p = torch.bmm(sl, lev).view(G, T, J, m, S, N)
+        with ieee_fp32(dev):
+            p = torch.bmm(sl, lev).view(G, T, J, m, S, N)
         if fused:
             fused_pass(p.view(G, T, J, m, S * N), wts.view(G, T, J), m0)
             continue
@@ -126,7 +127,8 @@ def run_group(call: GroupCall, fused_epilogue=None) -> torch.Tensor:
             Cs[:, m0:m0 + m] = c.sum(dim=(1, 2))
         else:  # exact in fp32: |sum| < 2^24
             c = _codes(p, call, integer).view(G, T * J, m * S * N)
-            Cs[:, m0:m0 + m] = torch.bmm(wts, c).view(G, m, S, N).to(Cs.dtype)
+            with ieee_fp32(dev):
+                Cs[:, m0:m0 + m] = torch.bmm(wts, c).view(G, m, S, N).to(Cs.dtype)
     y = fused_pass.y if fused else _epilogue(Cs, xq, s_x, call, exact_f32=f32_all)
     if any(n < N for n, _ in grp.sizes):  # padded outputs are 0 (w_scale 0 there, but a NaN row's s_x makes 0 NaN)
         n_g = torch.tensor([n for n, _ in grp.sizes], device=dev).view(G, 1, 1)
@@ -201,6 +203,7 @@ def partial_sum_absmax(call: GroupCall) -> torch.Tensor:
         m = xc.shape[1]
         sl = torch.sign(xc)[:, None] * ((xc.abs()[:, None] >> mag_shift) & cfg.dac_max)
         sl = sl.float().view(G, J, m, T, tr).permute(0, 3, 1, 2, 4).reshape(G * T, J * m, tr)
-        p = torch.bmm(sl, lev).view(G, T, J, m, S, N).abs_()
+        with ieee_fp32(dev):
+            p = torch.bmm(sl, lev).view(G, T, J, m, S, N).abs_()
         out = torch.maximum(out, p.permute(0, 4, 1, 2, 3, 5).reshape(G, S, -1).amax(dim=2))
     return out

@@ -6,6 +6,7 @@ Importable without Triton or the extension; the oracle every backend is tested a
 """
 from __future__ import annotations
 
+import contextlib
 from fractions import Fraction
 from typing import Optional
 
@@ -23,6 +24,32 @@ def rhe_div(a: torch.Tensor, d: int) -> torch.Tensor:
     q = torch.div(a, d, rounding_mode="floor")
     r2 = 2 * (a - q * d)
     return q + ((r2 > d) | ((r2 == d) & (q % 2 == 1))).to(q.dtype)
+
+
+@contextlib.contextmanager
+def ieee_fp32(device):
+    """fp32 matmuls on a CUDA `device` in IEEE fp32 within the block, whatever the user's TF32 setting
+    (torch.set_float32_matmul_precision("high"), torch.backends.cuda.matmul.allow_tf32 / fp32_precision): TF32
+    keeps 11 significant bits of each operand, so ADC codes of 2^11 and more and noisy levels would be rounded and
+    the partial sums would no longer be the crossbar's. Restored on exit; a CPU matmul is IEEE fp32 already."""
+    m = torch.backends.cuda.matmul
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    if hasattr(m, "fp32_precision"):  # the new API: reading or setting the legacy flag after it raises
+        old = m.fp32_precision
+        m.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = False
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
 
 
 def _tiles(cfg: CrossbarConfig, K: int):
@@ -54,7 +81,8 @@ def partial_sums(xq: torch.Tensor, prog: ProgrammedCrossbar, cfg: CrossbarConfig
         xs = torch.stack([_input_slice(xc, j, cfg) for j in range(J)])  # [J, rows, Kp]
         xs = xs.reshape(J * nr, T, tr).transpose(0, 1).contiguous()  # [T, J·rows, tr]
         for i in range(cfg.n_weight_slices):
-            p = torch.bmm(xs, lev[i])  # [T, J·rows, N]
+            with ieee_fp32(xs.device):
+                p = torch.bmm(xs, lev[i])  # [T, J·rows, N]
             for j in range(J):
                 yield rows, i, j, p[:, j * nr:(j + 1) * nr]
 

@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from far_kernels import (BackendUnavailable, CrossbarConfig, crossbar_matmul, crossbar_matmul_group,  # noqa: E402
-                         crossbar_matmul_group_ref, crossbar_partial_sum_absmax, program_crossbar, program_group)
+                         crossbar_matmul_group_ref, crossbar_matmul_ref, crossbar_partial_sum_absmax, program_crossbar,
+                         program_group)
 from far_kernels.ops.crossbar_matmul import OP, quantize_inputs, quantize_weights  # noqa: E402
 from far_kernels.ops.crossbar_matmul.program import prepare_call  # noqa: E402
 
@@ -389,3 +390,73 @@ def test_cells_in_any_layout_and_reprogrammed_in_place(backend):
         change(prog)
         after, ref = _run(backend, x, prog), crossbar_matmul_ref(x, prog)
         assert torch.equal(after, ref) and not torch.equal(after, before)
+
+
+# ---- TF32: codes of 2^11 and more are exact only in IEEE fp32 ----
+# p_max = 256 rows * 3 (2-bit DAC) * 3 (2-bit cells) = 2304 >= 2^11 (a 13-bit ADC: L = 4095 >= p_max), and 4-bit weights and inputs (2 slices each)
+# keep the sum of shifted codes below 2^24, so the torch backend sums the codes with an fp32 matmul, where TF32
+# (11 significant bits) would turn an odd code above 2048 into an even one.
+TF32_CFG = dict(adc_bits=13, adc_range="granular", tile_rows=256, dac_bits=2, weight_bits=4, input_bits=4)
+
+
+def _tf32_case(device):
+    # entries 1 (quantized 7: low slice 3) or 6/7 (quantized 6: low slice 2): the low slices' partial sums are
+    # 9 a + 6 b + 4 c over the 256 rows, mostly above 2048, odd wherever a is odd
+    g = torch.Generator().manual_seed(11)
+    x = torch.where(torch.rand(24, 256, generator=g) < 0.05, 6 / 7, 1.0)
+    w = torch.where(torch.rand(40, 256, generator=g) < 0.1, 6 / 7, 1.0)
+    return x.to(device), w.to(device)
+
+
+def test_tf32_case_has_odd_codes_above_2_11_on_the_fp32_path():
+    """The CUDA test below is meaningful: the case's codes pass 2^11 (odd ones too) and take the fp32 sum."""
+    from far_kernels.ops.crossbar_matmul.batched import EXACT
+    from far_kernels.ops.crossbar_matmul.reference import partial_sums
+
+    cfg = CrossbarConfig(**TF32_CFG)
+    assert cfg.p_max == 2304 and cfg.adc_levels >= cfg.p_max  # granular, L >= p_max: the code is the partial sum
+    x, w = _tf32_case("cpu")
+    xq, _ = quantize_inputs(x, cfg)
+    prog = program_crossbar(w, cfg)
+    p = torch.cat([q.flatten() for _, _, _, q in partial_sums(xq, prog, cfg)])
+    assert ((p > 2048) & (p.remainder(2) == 1)).sum() > 100
+    assert cfg.p_max * sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices)) < EXACT  # batched.acc_bound
+    assert torch.equal(crossbar_matmul(x, prog, backend="torch"), crossbar_matmul_ref(x, prog))
+
+
+def test_ieee_fp32_guard_sets_and_restores_the_cuda_matmul_precision():
+    from far_kernels.ops.crossbar_matmul.reference import ieee_fp32
+
+    m = torch.backends.cuda.matmul
+    old = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        with ieee_fp32("cpu"):  # CPU matmuls are IEEE already: nothing changed
+            assert m.fp32_precision == "tf32"
+        with pytest.raises(ZeroDivisionError):
+            with ieee_fp32(torch.device("cuda", 0)):
+                assert m.fp32_precision == "ieee"
+                1 / 0
+        assert m.fp32_precision == "tf32"  # restored after an exception too
+    finally:
+        m.fp32_precision = old
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_torch_backend_on_cuda_is_exact_with_tf32_enabled():
+    cfg = CrossbarConfig(**TF32_CFG)
+    x, w = _tf32_case("cuda")
+    prog = program_crossbar(w, cfg)
+    ref = crossbar_matmul_ref(x.cpu(), prog.to("cpu"))
+    m = torch.backends.cuda.matmul
+    old = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"  # as torch.set_float32_matmul_precision("high") in a user's training script
+        y = crossbar_matmul(x, prog, backend="torch")
+        yg = crossbar_matmul_group(x[None], program_group([w], cfg), backend="torch")[0]
+        assert m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = old
+    assert torch.equal(y.cpu(), ref)
+    assert torch.equal(yg.cpu(), ref)
