@@ -93,3 +93,49 @@ def test_late_write_error_in_the_command_line_names_the_destination():
         fs.atomic_write("/proc/far-test.json", b"x")
     line = _fmt_error(e.value)
     assert line.startswith("/proc/far-test.json: cannot write (") and ".tmp" not in line, line
+
+
+@pytest.mark.parametrize("where", ["same-folder", "other-folder", "other-filesystem"])
+def test_a_symlink_is_written_through(tmp_path, where):
+    """An existing destination that is a symlink keeps being one: its target gets the new content (as cp
+    and editors that preserve links do), wherever it lies; the old writer put a plain file in the link's
+    place, or (target on another file system) failed with 'Invalid cross-device link'."""
+    if where == "other-filesystem":
+        if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("no second file system (/dev/shm) to link to")
+        import tempfile
+
+        folder = tempfile.mkdtemp(dir="/dev/shm")
+    else:
+        folder = tmp_path if where == "same-folder" else tmp_path / "real"
+        os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, "target.json")
+    try:
+        with open(target, "w") as f:
+            f.write("old")
+        link = tmp_path / "link.json"
+        os.symlink(target, link)
+        fs.write_json(link, {"a": 1})
+        fs.atomic_write(link, lambda tmp: open(tmp, "w").write('{"b": 2}'))
+        assert os.path.islink(link) and os.readlink(link) == target
+        with open(target) as f:
+            assert f.read() == '{"b": 2}'
+        assert not [n for n in os.listdir(folder) + os.listdir(tmp_path) if n.endswith(".tmp")]
+    finally:
+        if where == "other-filesystem":
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_dangling_symlink_creates_its_target_and_a_loop_is_refused(tmp_path):
+    os.symlink("new.json", tmp_path / "dangling.json")
+    fs.atomic_write(tmp_path / "dangling.json", "x")
+    assert os.path.islink(tmp_path / "dangling.json") and (tmp_path / "new.json").read_text() == "x"
+    os.symlink("nowhere/t.json", tmp_path / "nofolder.json")
+    with pytest.raises(ConfigError, match=r"nofolder\.json: a symlink to .*nowhere.*does not exist"):
+        fs.atomic_write(tmp_path / "nofolder.json", "x")
+    os.symlink("loop.json", tmp_path / "loop.json")
+    for write in (fs.atomic_write, fs.write_json):  # not Path.resolve's RuntimeError
+        with pytest.raises(ConfigError, match=r"loop\.json: a symlink that cannot be followed"):
+            write(tmp_path / "loop.json", "x")

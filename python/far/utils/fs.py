@@ -9,7 +9,8 @@ that was killed is removed by the next write to the same destination.
 Inside `command_inputs()` (the `far` command runs in one), every file opened with open_input
 (checkpoints, data files) is remembered by inode, and atomic_write refuses to replace any of them:
 no command overwrites what it read, under whatever name. Destinations that exist must be regular
-files (never a device, FIFO or socket), and exist only with force=True. Every file written gets the
+files (never a device, FIFO or socket), and exist only with force=True; a symlink is written through
+(its target is replaced, the link kept). Every file written gets the
 permissions of a newly created file (0o666 less the umask), whatever the function that wrote the
 content chose (safetensors creates its files 0600)."""
 from __future__ import annotations
@@ -132,8 +133,8 @@ def _unwritable(directory: Path, name: str) -> Optional[str]:
 
 
 def _check_writable(p: Path, what: str) -> None:
-    """ConfigError naming `p` unless a file can be created in its folder."""
-    directory = p.resolve().parent
+    """ConfigError naming `p` unless a file can be created in its folder (a symlink's: its target's)."""
+    directory = Path(os.path.realpath(p)).parent
     why = _unwritable(directory, p.name)
     if why is not None:
         raise ConfigError(f"{what} {p}: cannot write in its folder {directory} ({why})")
@@ -181,7 +182,17 @@ def check_output(path: PathLike, *, force: bool = True, inputs: Iterable[PathLik
         raise ConfigError(f"{what} {os.fspath(path)!r}: not a file name")
     if p.is_dir():
         raise ConfigError(f"{what} {p}: is a folder; give a file name")
-    if not p.resolve().parent.is_dir():
+    if p.is_symlink():  # written through (atomic_write): its target must be writable
+        real = Path(os.path.realpath(p))
+        try:
+            os.stat(p)
+        except FileNotFoundError:  # a dangling link: its target is created
+            pass
+        except OSError as e:  # a loop
+            raise ConfigError(f"{what} {p}: a symlink that cannot be followed ({e.strerror or e})") from None
+        if not real.parent.is_dir():
+            raise ConfigError(f"{what} {p}: a symlink to {real}, whose folder {real.parent} does not exist")
+    elif not p.resolve().parent.is_dir():
         raise ConfigError(f"{p.parent}: " + ("not a folder" if p.parent.exists() else "no such folder")
                           + f" for {what} {p.name}")
     try:
@@ -235,14 +246,18 @@ def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]
     content: bytes, text (UTF-8), or a function that writes the file whose path it is given (e.g.
     `lambda tmp: torch.save(obj, tmp)`). force=False refuses an existing `path`; `inputs` are files
     that must not be overwritten (check_output; nor is any file read inside command_inputs()). An
-    existing destination must be a regular file. The temporary file is created with the umask's
+    existing destination must be a regular file; a symlink is written through (its target is replaced and
+    the link kept). The temporary file is created with the umask's
     permissions (given back to it after `content` ran: a writer may have replaced the file with one of
     its own mode), fsynced, renamed over `path`; the folder is fsynced where the OS allows. An OSError
     about the temporary file names `path` instead."""
     p = check_output(path, force=force, inputs=inputs, writable=False)  # creating the temp file checks that
-    directory = p.resolve().parent
-    _remove_stale_temps(directory, p.name)
-    tmp = _temp_name(directory, p.name)
+    # a symlink is written through (as cp and editors do): its target is replaced, the link stays; the
+    # temporary file lies in the target's folder, so the rename never crosses file systems
+    dest = Path(os.path.realpath(p))
+    directory = dest.parent
+    _remove_stale_temps(directory, dest.name)
+    tmp = _temp_name(directory, dest.name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask-respecting mode
         try:
@@ -260,7 +275,7 @@ def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]
                 os.chmod(tmp, mode)
         _fsync(tmp)
         check_output(p, force=force, inputs=inputs, writable=False)  # again: the destination may have changed
-        os.replace(tmp, p)
+        os.replace(tmp, dest)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -287,7 +302,8 @@ def strict_json(obj: Any) -> Any:
 def write_json(path: PathLike, obj: Any, *, force: bool = True, inputs: Iterable[PathLike] = (),
                indent: int = 2) -> Path:
     """`obj` as indented strict JSON (see strict_json), written atomically; the folder is created."""
-    Path(path).resolve().parent.mkdir(parents=True, exist_ok=True)
+    Path(os.path.realpath(path)).parent.mkdir(parents=True, exist_ok=True)  # realpath: a symlink loop is
+    # refused by atomic_write with a clear message (Path.resolve raises RuntimeError)
     text = json.dumps(strict_json(obj), indent=indent, allow_nan=False, default=str) + "\n"
     return atomic_write(path, text, force=force, inputs=inputs)
 
