@@ -165,9 +165,9 @@ def program_stacked(w: torch.Tensor, cfg: Optional[CrossbarConfig] = None, seed:
 
     Without programming noise or faults member g's cells are exactly program_crossbar(w[g], cfg)'s. Noise
     and stuck-at faults have program_crossbar's distributions but are drawn on w's device from one
-    generator seeded by `seed` (default cfg.seed), for the whole stack at once. A member whose weight holds
-    NaN or inf is programmed from its finite values with a NaN scale, so its outputs are NaN (as a
-    non-finite input row's are)."""
+    generator seeded by `seed` (default cfg.seed; an int in [0, 2^64)), for the whole stack at once. A member
+    whose weight holds NaN or inf is programmed from its finite values with a NaN scale, so its outputs are
+    NaN (as a non-finite input row's are)."""
     cfg = CrossbarConfig() if cfg is None else cfg
     if not isinstance(cfg, CrossbarConfig):
         raise TypeError(f"program_stacked: cfg must be a CrossbarConfig, got {type(cfg).__name__}")
@@ -175,6 +175,9 @@ def program_stacked(w: torch.Tensor, cfg: Optional[CrossbarConfig] = None, seed:
         raise TypeError(f"program_stacked: w must be a float tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if w.dim() != 3 or 0 in w.shape:
         raise ValueError(f"program_stacked: w must be [G, N, K] with G, N, K >= 1, got {list(w.shape)}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
+        # CrossbarConfig.seed's rule: torch.Generator.manual_seed takes 64 bits
+        raise ValueError(f"program_stacked: seed must be None or an int in [0, 2^64), got {seed!r}")
     w = w.detach().float()
     finite = torch.isfinite(w).flatten(1).all(dim=1)  # [G]
     w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)

@@ -306,3 +306,15 @@ def test_padded_input_columns_are_no_input(backend, kw):
     assert torch.equal(dirty[1, :, 20:], torch.full_like(dirty[1, :, 20:], 200.0))  # the caller's x untouched
     with pytest.raises(TypeError, match="bias must be a float tensor"):
         crossbar_matmul_group(x, grp, bias=torch.ones(3, 9, dtype=torch.int64), backend=backend)
+
+
+@pytest.mark.parametrize("seed", [1 << 64, -1, 1.5, True, "3"], ids=["2^64", "-1", "float", "bool", "str"])
+def test_program_stacked_refuses_a_seed_the_generator_cannot_take(seed):
+    """CrossbarConfig.seed's rule (an int in [0, 2^64)): 2^64 used to escape as torch's 'Overflow when unpacking
+    long long', and only when noise was on; a seed without noise was never looked at."""
+    w = torch.randn(2, 3, 4)
+    for cfg in (CrossbarConfig(prog_noise=0.05), CrossbarConfig()):
+        with pytest.raises(ValueError, match=r"program_stacked: seed must be None or an int in \[0, 2\^64\)"):
+            program_stacked(w, cfg, seed=seed)
+    edge = program_stacked(w, CrossbarConfig(prog_noise=0.05), seed=(1 << 64) - 1)  # the largest one works
+    assert torch.isfinite(edge.levels).all()
