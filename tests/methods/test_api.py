@@ -63,6 +63,22 @@ def test_methods_refuse_bad_input_before_training():
         far.distill(teacher, data, config=TrainConfig(batch_size=64, progress=False))
 
 
+def test_a_refused_run_makes_no_folder(tmp_path):
+    """A run refused before training (data smaller than one batch; nothing to train) used to leave the folders
+    it had made: <out>/stage1 of far.distill, the out_dir of a one-stage run."""
+    from far.methods.supervised import train_classifier
+
+    teacher = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+    data = ImageSet(16, seed=0)
+    out = tmp_path / "runs" / "a"
+    with pytest.raises(far.ConfigError, match="fewer than one batch"):
+        far.distill(teacher, data, config=TrainConfig(batch_size=64, progress=False, out_dir=str(out)))
+    with pytest.raises(far.ConfigError, match="nothing to train"):
+        train_classifier(teacher, data, config=TrainConfig(batch_size=8, progress=False, out_dir=str(out)),
+                         trainable=[])
+    assert os.listdir(tmp_path) == []
+
+
 def test_evaluate_refuses_images_that_do_not_fit_the_model():
     model = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=1, num_heads=2, num_classes=2)
     for shape, match in (((1, 32, 32), "32x32x1 images but fmnist_deit_tiny takes 28x28x1"),

@@ -807,9 +807,6 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     train_set, eval_set = limit_data(cfg, train_set, eval_set)
     out = Path(cfg.out_dir) if cfg.out_dir is not None else None
     write = out is not None and d.main  # this process writes the run's files
-    if write:
-        make_folder(out, "out_dir")
-    d.barrier()
     model = task.model.to(d.device)
     data = TrainData(train_set, cfg.batch_size, d, cfg.seed, cfg.augment, cfg.workers,
                      rand_augment=cfg.rand_augment, reprob=cfg.reprob, repeated_aug=cfg.repeated_aug)
@@ -845,9 +842,12 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     step, history = 0, []
     ckpt = out / CKPT_NAME if out is not None else None
     metrics = out / METRICS_NAME if out is not None else None
+    if cfg.resume and not ckpt.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {ckpt} (run without --resume to start)")
+    if write:  # after the refusals above (data smaller than a batch, nothing to train): none leaves a folder
+        make_folder(out, "out_dir")
+    d.barrier()
     if cfg.resume:
-        if not ckpt.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt} (run without --resume to start)")
         step, history = load_state(ckpt, ident, total, model, opt, ema, task, d.device, scaler)
         if write:  # rows logged after the state was saved would be logged again: the log is the state's history
             atomic_write(metrics, "".join(json.dumps(strict_json(r)) + "\n" for r in history))
