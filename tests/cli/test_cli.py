@@ -416,3 +416,21 @@ def test_unknown_model_name_suggests_the_closest(capsys, name, guess):
     code, _, err = run(capsys, "info", name)
     assert_user_error(code, err, name)
     assert (f"did you mean {guess}?" in err) if guess else ("did you mean" not in err)
+
+
+def test_demo_without_a_plot_removes_an_older_plot(tmp_path, monkeypatch, capsys):
+    """`far demo --no-plot` left an older run's demo.png beside the new demo.json: a figure of other numbers.
+    One zoo model on 4 images keeps this quick."""
+    import far.cli.demo
+
+    monkeypatch.setattr(far.cli.demo, "MODELS", (("teacher (attention)", "fmnist_deit_tiny"),))
+    (tmp_path / "demo.png").write_bytes(b"an older run's figure")
+    code, out, err = run(capsys, "demo", "--num-images", "4", "--bench-images", "4", "--batch-size", "4",
+                         "--out-dir", str(tmp_path), "--no-plot", "-q")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]
+    assert f"removed {tmp_path / 'demo.png'}" in out
+    (tmp_path / "demo.png").mkdir()  # not a file the demo wrote: left alone
+    assert run(capsys, "demo", "--num-images", "4", "--bench-images", "4", "--batch-size", "4",
+               "--out-dir", str(tmp_path), "--no-plot", "-q")[0] == 0
+    assert (tmp_path / "demo.png").is_dir()

@@ -7,7 +7,8 @@ attention reuse) on the Fashion-MNIST test set: top-1 accuracy, parameters (all,
 token mixers: attention vs LSTM + head_proj), what one image costs on the IMC chip of far.imc.cost
 (ISAAC-like defaults, attention's K and V written into crossbars: energy, latency, EDAP relative to the
 teacher), CPU throughput per backend, and the agreement of every backend with the torch reference.
-Prints a table, writes demo.json and demo.png.
+Prints a table, writes demo.json and demo.png (without a plot, an older demo.png in the folder is removed:
+it would show another run than demo.json).
 """
 from __future__ import annotations
 
@@ -104,6 +105,10 @@ def run_demo(num_images: int = 10000, bench_images: int = 500, batch_size: int =
     result = {"num_images": len(test), "bench_images": len(bench), "batch_size": batch_size,
               "threads": torch.get_num_threads(), "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
+    png = Path(out_dir, "demo.png")
+    if not (plot and pyplot() is not None) and png.is_file():  # an older demo's figure would not match demo.json
+        png.unlink()
+        result["removed"] = str(png)
     write_json(Path(out_dir, "demo.json"), result)
     if plot:
         result["plot"] = _plot(rows, Path(out_dir, "demo.png"))

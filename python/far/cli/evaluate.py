@@ -102,7 +102,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{result['bench_images']} for speed, batch {result['batch_size']}, {result['threads']} CPU threads")
     print(format_table(result))
     print(f"wrote {args.out_dir}/demo.json" + (f" and {result['plot']}" if result.get("plot") else "")
-          + f" in {time.perf_counter() - t0:.0f} s")
+          + f" in {time.perf_counter() - t0:.0f} s"
+          + (f" (removed {result['removed']}: an older run's figure)" if result.get("removed") else ""))
     return 0
 
 
@@ -154,6 +155,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (at most the CPU cores; default: torch's)")
     p.add_argument("--out-dir", default="far-demo", metavar="DIR", help="where demo.json / demo.png go")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-plot", action="store_true",
+                   help="skip the PNG (an older demo.png in --out-dir is removed: it would not match demo.json)")
     add_common(p, force=False, quiet="no progress bar")
     p.set_defaults(func=cmd_demo)
