@@ -709,6 +709,28 @@ def test_calibrate_a_far_model_runs():
     assert by_items.keys() == by_batch.keys() and all(torch.equal(by_items[k], by_batch[k]) for k in by_items)
 
 
+def test_calibrate_refuses_one_pair_and_single_images():
+    """calibrate(emu, (images, labels)) read the pair as two batches and ran the labels through the model; a
+    single [C, H, W] image failed deep inside timm ('not enough values to unpack'). Both are refused by name,
+    before any layer records a range; the forms that are batches still run."""
+    cfg = CrossbarConfig(adc_bits=6, adc_range="calibrated", tile_rows=16, **FAST)
+    model = tiny_vit()
+    images, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 0])
+    emu = emulate(model, cfg)
+    pair = r"one \(inputs \[3, 1, 8, 8\], labels \[3\]\) pair.*\[\(inputs, labels\)\]"
+    with pytest.raises(far.ConfigError, match=pair):
+        calibrate(emu, (images, labels))
+    with pytest.raises(far.ConfigError, match=r"batch 0 has shape \[1, 8, 8\].*\[B, 1, 8, 8\]; a single image"):
+        calibrate(emu, images[0])
+    with pytest.raises(far.ConfigError, match=r"batch 1 has 9x9x1 images"):
+        calibrate(emu, [images, torch.randn(2, 1, 9, 9)])
+    assert all(layer.adc_range is None for _, layer in crossbar_layers(emu))
+    want = calibrate(emulate(model, cfg), images)
+    for form in ([(images, labels)], [images], torch.utils.data.TensorDataset(images, labels)):
+        got = calibrate(emulate(model, cfg), form)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_calibrate_skips_empty_batches_and_refuses_no_images():
     """A batch of zero images records nothing: it used to count as calibration data, so every layer silently got
     r = p_max; now it is skipped, and data with no image at all is refused."""
