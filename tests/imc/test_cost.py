@@ -120,6 +120,24 @@ def test_reuse_block_is_costed_as_its_transform():
     assert r.totals["latency_us"] < base["latency_us"] and r.totals["cell_writes"] < base["cell_writes"]
 
 
+def test_reusing_block_is_not_charged_the_layernorm_its_attention_ignores():
+    """A reusing block's norm1 feeds only its ReuseAttention, which transforms the source's stored output: the chip
+    skips it. Reuse removes exactly that LayerNorm row (and the attention row becomes a reuse row); the source
+    block's norm1 and every other LayerNorm stay."""
+    torch.manual_seed(0)
+    vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=3, num_heads=2)
+    before = [x.name for x in model_cost(vit).rows]
+    far.nn.apply_reuse(vit, {2: 1})
+    after = [x.name for x in model_cost(vit).rows]
+    assert "blocks.2.norm1" in before and "blocks.2.norm1" not in after
+    assert [n for n in before if n != "blocks.2.norm1"] == after
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():  # the skipped LayerNorm is indeed dead: changing it does not change the output
+        y = vit.eval()(x)
+        vit.blocks[2].norm1.weight.mul_(3.0).add_(1.0)
+        assert torch.equal(vit(x), y)
+
+
 def test_reuse_transform_without_gelu_is_not_charged_one():
     """The "ln-linear" transform (far reuse --transform ln-linear) has no GELU: its row is the "ln-linear-gelu"
     row less exactly the GELU's C x T transcendentals (4 adds + 4 multiplies each) and their time."""

@@ -503,8 +503,14 @@ def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, in
     rows: List[LayerCost] = []
     inside: List[str] = []  # names of composite modules already costed: their children are theirs
     hidden_sizes = hidden_sizes or {}
-    for name, m, shape in (calls if calls is not None else trace(model, input_size)):
-        if any(name.startswith(p + ".") for p in inside):
+    calls = calls if calls is not None else trace(model, input_size)
+    # a reusing pre-norm block computes norm1(x) only for its attention, which ignores it (it transforms the
+    # source's stored output): a chip skips that LayerNorm
+    dead = {name[:-len("attn")] + "norm1" for name, m, _ in calls
+            if isinstance(m, ReuseAttention) and name.endswith(".attn")
+            and type(model.get_submodule(name[:-len(".attn")])).__name__ == "Block"}
+    for name, m, shape in calls:
+        if any(name.startswith(p + ".") for p in inside) or name in dead:
             continue
         T = int(math.prod(shape[1:-1])) if len(shape) > 2 else 1
         if isinstance(m, FARAttention):
