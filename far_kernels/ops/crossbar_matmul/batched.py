@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from far_kernels.ops.crossbar_matmul.group import GroupCall, chunk_rows
+from far_kernels.ops.crossbar_matmul.program import code_bound
 from far_kernels.ops.crossbar_matmul.reference import ieee_fp32, rhe_div
 
 
@@ -66,12 +67,9 @@ def _codes_int64(p: torch.Tensor, call: GroupCall) -> torch.Tensor:
 
 def acc_bound(call: GroupCall) -> int:
     """The largest |sum| of one weight slice's ADC codes over tiles and input slices (weights 2^(j dac_bits))."""
-    cfg, plan = call.cfg, call.adc
-    # a granular code is p itself (|p| <= p_max) only for integer p: noisy partial sums can pass p_max, up to L
-    c_max = cfg.p_max if plan.mode == "none" or (plan.mode == "granular" and not call.float_path
-                                                 and plan.L >= cfg.p_max) else max(plan.L, 1)
+    cfg = call.cfg
     tiles = -(-call.group.K // cfg.tile_rows)
-    return tiles * c_max * sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices))
+    return tiles * code_bound(cfg, call.adc, call.float_path) * sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices))
 
 
 def run_group(call: GroupCall, fused_epilogue=None) -> torch.Tensor:

@@ -205,6 +205,17 @@ def read_noise_key(seed: int, reads: int) -> int:
 INT64_LIMIT = 1 << 63
 
 
+def code_bound(cfg: CrossbarConfig, plan: AdcPlan, float_path: bool) -> int:
+    """The largest |ADC code| one tile's read can give (without an ADC: the largest |partial sum|, p_max). A
+    granular code is the partial sum itself, so min(L, p_max), but only for integer partial sums: noisy ones
+    (float_path) can pass p_max, and their codes reach L, as "max" and "calibrated" codes do. The bounds of
+    check_int64_totals, acc_bound (triton's int32) and batched.acc_bound (fp32 sums) all start here."""
+    if plan.mode == "none":
+        return cfg.p_max
+    L = max(plan.L, 1)
+    return min(L, cfg.p_max) if plan.mode == "granular" and not float_path else L
+
+
 def check_int64_totals(cfg: CrossbarConfig, plan: AdcPlan, K: int, float_path: bool, op: str) -> None:
     """ValueError when the digital shift-and-add of a call could pass int64: its totals are up to tiles x the
     largest code x sum_j 2^(j dac_bits) x sum_i 2^(i cell_bits) (+ the offset encoding's correction), summed in
@@ -212,11 +223,8 @@ def check_int64_totals(cfg: CrossbarConfig, plan: AdcPlan, K: int, float_path: b
     partial sums the totals are floats: nothing to check."""
     if plan.mode == "none" and float_path:
         return
-    L = max(plan.L, 1)
-    # a granular code is p itself (|p| <= p_max) only for integer p: noisy partial sums can pass p_max, up to L
-    c_max = cfg.p_max if plan.mode == "none" else L if plan.mode != "granular" or float_path else min(L, cfg.p_max)
     tiles = -(-K // cfg.tile_rows)
-    total = tiles * c_max * sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices)) \
+    total = tiles * code_bound(cfg, plan, float_path) * sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices)) \
         * sum(1 << (i * cfg.cell_bits) for i in range(cfg.n_weight_slices)) + cfg.offset * K * cfg.x_qmax
     if total >= INT64_LIMIT:
         raise ValueError(f"{op}: with these bits (weight {cfg.weight_bits}, cell {cfg.cell_bits}, input "
@@ -314,8 +322,7 @@ def acc_bound(call: CrossbarCall) -> int:
     cfg = call.cfg
     K = call.prog.K
     T = -(-K // cfg.tile_rows)
-    L = cfg.adc_levels or 0  # noisy partial sums can pass p_max: their granular codes reach L
-    c_max = {"none": cfg.p_max, "granular": L if call.float_path else min(L, cfg.p_max)}.get(call.adc.mode, L)
+    c_max = code_bound(cfg, call.adc, call.float_path)
     gi = sum(1 << (i * cfg.cell_bits) for i in range(cfg.n_weight_slices))
     gj = sum(1 << (j * cfg.dac_bits) for j in range(cfg.n_input_slices))
     off = cfg.offset * K * cfg.x_qmax
