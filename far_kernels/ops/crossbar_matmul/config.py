@@ -17,6 +17,16 @@ INPUT_SCALES = ("row", "tensor")
 
 # Fields fixed when weights are programmed (program_crossbar); the rest are read-side settings that a
 # ProgrammedCrossbar can be read with under another config (e.g. an ADC sweep without reprogramming).
+def check_seed(seed, what: str, allow_none: bool = False) -> None:
+    """ValueError unless `seed` is an int in [0, 2^64) (or None, when allowed): torch.Generator.manual_seed, which
+    draws the programming noise and faults, takes 64 bits (a larger seed died there with 'Overflow when unpacking
+    long long')."""
+    if allow_none and seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"{what} must be {'None or ' if allow_none else ''}an int in [0, 2^64), got {seed!r}")
+
+
 PROGRAM_FIELDS = ("weight_bits", "cell_bits", "encoding", "weight_scale", "prog_noise", "stuck_at", "seed")
 
 # Limits that keep every backend exact: slices fit int8 (tl.dot on int8), partial sums are integers
@@ -85,9 +95,7 @@ class CrossbarConfig:
         if self.adc_bits is not None:
             need_int("adc_bits", 2, MAX_ADC_BITS)
         need_int("tile_rows", 1, 1 << 20)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 64:
-            # torch.Generator.manual_seed, which draws the programming noise and faults, takes 64 bits
-            raise ValueError(f"CrossbarConfig.seed must be an int in [0, 2^64), got {self.seed!r}")
+        check_seed(self.seed, "CrossbarConfig.seed")
         need_choice("adc_range", ADC_RANGES)
         need_choice("encoding", ENCODINGS)
         need_choice("weight_scale", WEIGHT_SCALES)

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from far_kernels.ops.crossbar_matmul.config import PROGRAM_FIELDS, CrossbarConfig
+from far_kernels.ops.crossbar_matmul.config import PROGRAM_FIELDS, CrossbarConfig, check_seed
 from far_kernels.ops.crossbar_matmul.program import (AdcPlan, ProgrammedCrossbar, adc_plan, check_int64_totals,
                                                      program_crossbar, read_noise_key)
 
@@ -175,9 +175,7 @@ def program_stacked(w: torch.Tensor, cfg: Optional[CrossbarConfig] = None, seed:
         raise TypeError(f"program_stacked: w must be a float tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if w.dim() != 3 or 0 in w.shape:
         raise ValueError(f"program_stacked: w must be [G, N, K] with G, N, K >= 1, got {list(w.shape)}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
-        # CrossbarConfig.seed's rule: torch.Generator.manual_seed takes 64 bits
-        raise ValueError(f"program_stacked: seed must be None or an int in [0, 2^64), got {seed!r}")
+    check_seed(seed, "program_stacked: seed", allow_none=True)
     w = w.detach().float()
     finite = torch.isfinite(w).flatten(1).all(dim=1)  # [G]
     w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
