@@ -99,13 +99,15 @@ def _bilstm_scan_kernel(
     bmask = b < B
     o_cols = out_ptr + head.to(tl.int64) * s_oh + d * s_od + b.to(tl.int64)[None, :] * s_ob  # [1, BB]
 
+    # names assigned in both branches of this runtime `if` must have one type in both (the compiler merges
+    # them; the interpreter does not care): the zero-only branch's own names end in 0
     if k == 0:  # pruned away: only zeros to write
-        uz = tl.arange(0, NOUT)
-        zmask = (uz[:, None] < n) & bmask[None, :]
-        zeros = tl.zeros((NOUT, BB), dtype=OUT_DT)
-        zptrs = o_cols + uz[:, None]
+        u0 = tl.arange(0, NOUT)
+        mask0 = (u0[:, None] < n) & bmask[None, :]
+        zeros0 = tl.zeros((NOUT, BB), dtype=OUT_DT)
+        ptrs0 = o_cols + u0[:, None]
         for t in range(T):
-            tl.store(zptrs + t * s_ot, zeros, mask=zmask)
+            tl.store(ptrs0 + t * s_ot, zeros0, mask=mask0)
     else:
         u = tl.arange(0, NP)  # units: rows of h, c and of every gate
         w_base = w_ptr + head.to(tl.int64) * s_wh + d * s_wd
