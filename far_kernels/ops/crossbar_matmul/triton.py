@@ -16,10 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.runtime.errors import OutOfResources
+
 from far_kernels.dispatch import BackendUnavailable
 from far_kernels.ops.crossbar_matmul.program import INT32, CrossbarCall, input_scales, triton_unsupported
 
 _MODES = {"none": 0, "granular": 1, "max": 2, "calibrated": 3}
+GPU_STAGES = (3, 2, 1)  # pipelining depths a GPU launch tries, deepest first, until its shared memory fits
+_STAGES: dict = {}  # (device type, index, constexprs) -> the depth that fit
 
 
 @triton.jit
@@ -182,6 +186,12 @@ def _crossbar_kernel(
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y, mask=(rm[:, None] < M) & nmask[None, :])
 
 
+def _gpu_launch(device: torch.device) -> bool:
+    """Whether a launch on this device takes the compiled GPU tiling (CPU tensors: Triton's interpreter, small
+    tiles). far_kernels.triton_aot forces it on to compile the GPU launches without a GPU."""
+    return device.type != "cpu"
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
@@ -202,7 +212,7 @@ def crossbar_matmul_triton(call: CrossbarCall, out: Optional[torch.Tensor] = Non
         return y
     s_x, sdiv = input_scales(x2d.float(), cfg)  # the reference's scales, bit for bit
     T = -(-K // cfg.tile_rows)
-    interp = dev.type == "cpu"
+    interp = not _gpu_launch(dev)
     BK = _pow2(cfg.tile_rows, 32, 128)
     nsub = -(-cfg.tile_rows // BK)
     if interp:
@@ -217,14 +227,28 @@ def crossbar_matmul_triton(call: CrossbarCall, out: Optional[torch.Tensor] = Non
     # the kernel addresses a level row and the scales with unit stride: a programmed crossbar may hold any layout
     levels, w_scale = prog.levels.contiguous(), prog.w_scale.contiguous()
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _crossbar_kernel[grid](
-        x2d, sdiv, s_x, levels, w_scale, bias, steps, mults, y,
-        M, N, K, T, x2d.stride(0), levels.stride(0), levels.stride(1), y.stride(0),
-        float(plan.step), float(cfg.read_noise * cfg.p_max), call.read_key,
+    const = dict(
         TILE_ROWS=cfg.tile_rows, S=cfg.n_weight_slices, J=cfg.n_input_slices, CB=cfg.cell_bits, DB=cfg.dac_bits,
         DMAX=cfg.dac_max, XQMAX=cfg.x_qmax, L=L, PMAX=cfg.p_max, OFFSET=cfg.offset,
         MODE=mode, WIDE=cfg.p_max * max(L, 1) >= INT32, FLOAT_LEV=prog.noisy, READ_NOISE=cfg.read_noise > 0,
-        HAS_BIAS=call.bias is not None, BM=BM, BN=BN, BK=BK, NSUB=nsub,
-        num_warps=4 if interp else 8, num_stages=1 if interp else 3, enable_fp_fusion=False,
-    )
-    return y
+        HAS_BIAS=call.bias is not None, BM=BM, BN=BN, BK=BK, NSUB=nsub)
+    args = (x2d, sdiv, s_x, levels, w_scale, bias, steps, mults, y,
+            M, N, K, T, x2d.stride(0), levels.stride(0), levels.stride(1), y.stride(0),
+            float(plan.step), float(cfg.read_noise * cfg.p_max), call.read_key)
+    if interp:
+        _crossbar_kernel[grid](*args, **const, num_warps=4, num_stages=1, enable_fp_fusion=False)
+        return y
+    # Software pipelining depth: 3 stages unless the GPU's shared memory per block cannot hold them (fp32 levels of
+    # a 256-row tile need 224 KiB at 3 stages, more than an A100 block's 163 KiB, and 128 KiB at 2: python -m
+    # far_kernels.triton_aot --arch 80); fewer stages change no result. Remembered per device and specialization.
+    key = (dev.type, dev.index, tuple(const.items()))
+    first = _STAGES.get(key, GPU_STAGES[0])
+    for stages in [s for s in GPU_STAGES if s <= first]:
+        try:
+            _crossbar_kernel[grid](*args, **const, num_warps=8, num_stages=stages, enable_fp_fusion=False)
+        except OutOfResources:
+            if stages == GPU_STAGES[-1]:
+                raise
+            continue
+        _STAGES[key] = stages
+        return y
