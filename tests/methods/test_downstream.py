@@ -36,6 +36,23 @@ def expected(model, mode):
             "head": head}[mode]
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_train_classifier_gives_the_callers_requires_grad_flags_back(inplace):
+    """Which parameters train is train_classifier's argument; the caller's frozen flags come back as they were
+    (before, every flag came back True, so a model frozen by hand lost its freeze)."""
+    model = tiny_teacher()
+    model.patch_embed.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    old = copy.deepcopy(model)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_epochs=0, progress=False)
+    got = far.train_classifier(model, three_class_data(), config=cfg, inplace=inplace)
+    assert (got is model) == inplace
+    for m in (got, model):
+        assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    # every parameter trained (trainable=None), frozen flags notwithstanding, as documented
+    assert not torch.equal(got.patch_embed.proj.weight, old.patch_embed.proj.weight)
+
+
 @pytest.mark.parametrize("mode", FINETUNE_MODES)
 @pytest.mark.parametrize("far_model", [False, True])
 def test_finetune_modes_train_exactly_their_parameters(mode, far_model):

@@ -62,19 +62,22 @@ def train_classifier(model: nn.Module, train_data, *, eval_data=None, config: Op
     """A copy of `model` (inplace=True: the model itself) with every parameter (or only those named in
     `trainable`; the rest stay bit-identical) trained with cross-entropy (AdamW, warm-up + cosine, label
     smoothing, EMA, and the DeiT options of far.train.TrainConfig), in eval mode, with `far_metadata` and
-    `far_run` (see far.distill). identity: extra settings a resumed run must match, also recorded."""
+    `far_run` (see far.distill). identity: extra settings a resumed run must match, also recorded. Which
+    parameters train is `trainable`'s choice, not the model's requires_grad flags; the flags are given back
+    as they were (a parameter the model did not have before, e.g. a new classifier, requires grad)."""
     cfg = (config or TrainConfig()).validate()
     if not inplace:
         model = copy.deepcopy(model)
     d = setup_distributed(device)
     keep = None if trainable is None else set(trainable)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}  # the caller's, given back afterwards
     for n, p in model.named_parameters():
         p.requires_grad_(keep is None or n in keep)
     try:
         result = train(Task(model, cfg), train_data, eval_data, cfg, d, identity=identity, desc=command)
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, True))
     model = result.model
     model.far_metadata = run_metadata(command, cfg, d, result, **(identity or {}))
     model.far_run = RunReport(command, result.history, result.final_accuracy, result.seconds, result.steps,
