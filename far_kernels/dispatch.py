@@ -66,8 +66,8 @@ def backend_reason(backend: str, device: torch.device | str = "cpu") -> Optional
 
 def requested_backend(backend: Optional[str] = None) -> str:
     """The backend name in force: the argument, else env FAR_BACKEND, else 'auto'. ValueError for a
-    name that is not a backend."""
-    name = backend if backend is not None else os.environ.get("FAR_BACKEND", "auto")
+    name that is not a backend. An empty FAR_BACKEND counts as unset, as shells spell unset (`FAR_BACKEND= cmd`)."""
+    name = backend if backend is not None else (os.environ.get("FAR_BACKEND", "").strip() or "auto")
     name = name.strip().lower()
     if name != "auto" and name not in BACKENDS:
         src = "argument" if backend is not None else "env FAR_BACKEND"

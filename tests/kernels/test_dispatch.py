@@ -60,3 +60,14 @@ def test_select_is_the_one_rule():
         dispatch.select(op, "cuda", "cpu")
     with pytest.raises(ValueError, match="unknown backend"):
         dispatch.select(op, "fast", "cpu")
+
+
+@pytest.mark.parametrize("env", ["", "  "])
+def test_empty_far_backend_counts_as_unset(monkeypatch, env):
+    """`FAR_BACKEND= cmd` is how a shell clears the variable for one command: auto, not "unknown backend ''";
+    an empty argument is still an error."""
+    monkeypatch.setenv("FAR_BACKEND", env)
+    assert dispatch.requested_backend() == "auto"
+    assert dispatch.requested_backend("torch") == "torch"
+    with pytest.raises(ValueError, match="unknown backend ''"):
+        dispatch.requested_backend("")
