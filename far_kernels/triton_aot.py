@@ -65,11 +65,12 @@ def recording(module, name: str, sink: list) -> Iterator[None]:
         setattr(module, name, kernel)
 
 
-def compile_launch(kernel, args, kwargs, arch: int):
-    """Compile one recorded launch for sm_<arch> as the JIT would specialize it; returns the CompiledKernel."""
-    import triton
+def _specialize(kernel, args, kwargs, arch: int):
+    """Bind one recorded launch as the JIT would for sm_<arch>: (target, backend, kw, bound, spec, options). spec
+    is Triton's specialization, the JIT's cache key: per argument its type and alignment ('D': divisible by 16),
+    or its value where it is a constexpr (an int argument equal to 1 becomes one)."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     target = GPUTarget("cuda", arch, 32)
@@ -77,8 +78,31 @@ def compile_launch(kernel, args, kwargs, arch: int):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kw = dict(kwargs, debug=False)
     bound, spec, options = binder(*args, **kw)
+    return target, backend, kw, bound, spec, options
+
+
+def compile_launch(kernel, args, kwargs, arch: int):
+    """Compile one recorded launch for sm_<arch> as the JIT would specialize it; returns the CompiledKernel."""
+    import triton
+    from triton.compiler import ASTSource
+
+    target, backend, kw, bound, spec, options = _specialize(kernel, args, kwargs, arch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kw, bound, spec, options)
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _args_spec(kernel, spec) -> str:
+    """The runtime arguments' specialization in words: those equal to 1 (compiled as constants) and those not
+    divisible by 16 (no alignment assumed), by parameter name."""
+    ones, unaligned = [], []
+    for p, (ty, attr) in zip(kernel.params, spec):
+        if p.is_constexpr:
+            continue
+        if ty == "constexpr":
+            ones.append(p.name)
+        elif attr != "D" and (ty.startswith("*") or ty[0] in "iu"):
+            unaligned.append(p.name)
+    return f"ones={','.join(ones) or '-'} unaligned={','.join(unaligned) or '-'}"
 
 
 def _resource_usage(compiled) -> dict:
@@ -105,7 +129,11 @@ def _describe(args, kwargs) -> str:
 
 def crossbar_launches(quick: bool = False) -> List[tuple]:
     """Record crossbar_matmul_triton's launches over its specializations (ADC modes, noisy levels, read noise,
-    tile sizes, encodings, wide accumulators, bias) with the GPU tiling."""
+    tile sizes, encodings, wide accumulators, bias) with the GPU tiling: each at an odd shape (K, N not multiples
+    of 16) and at an aligned one (a DeiT layer's, what models run: strides divisible by 16 let Triton vectorize and
+    pipeline the loads differently), then the cuda tests' configurations at their shapes, one row with a single
+    tile (T = 1, a recurrent product's K <= tile_rows), and inputs and bias at unaligned addresses (a member of a
+    stacked group) with a single row (M = 1): Triton compiles arguments equal to 1 as constants."""
     import torch
 
     from far_kernels.ops.crossbar_matmul import triton as K
@@ -117,44 +145,87 @@ def crossbar_launches(quick: bool = False) -> List[tuple]:
              dict(encoding="offset"), dict(tile_rows=256), dict(tile_rows=256, prog_noise=0.02, read_noise=0.02),
              dict(tile_rows=64, dac_bits=2, cell_bits=4), dict(adc_bits=14, tile_rows=512, cell_bits=4),
              dict(adc_bits=None, prog_noise=0.02)]
+    # (config, M, K, N): tests/kernels/ops/test_crossbar_matmul_triton.py's CUDA_GRID (the GPU suite runs them)
+    cuda_tests = [(dict(), 4096, 768, 768),
+                  (dict(adc_bits=6, encoding="offset", weight_scale="tensor", input_scale="tensor"), 1576, 384, 1152),
+                  (dict(cell_bits=1, dac_bits=2, adc_bits=10, adc_range="granular"), 1576, 1536, 384),
+                  (dict(cell_bits=4, adc_bits=5, adc_range="calibrated", tile_rows=256), 1000, 1000, 300),
+                  (dict(adc_bits=None, input_bits=6, cell_bits=3, tile_rows=100), 333, 777, 129),
+                  (dict(weight_bits=3, input_bits=3, adc_bits=None, read_noise=0.01, tile_rows=16, seed=4),
+                   512, 300, 256),
+                  (dict(adc_bits=None, prog_noise=0.03), 512, 768, 384)]
+    shapes = [(8, 300, 40), (64, 384, 384)]
     if quick:
-        cases = cases[:3] + [cases[9]]
+        cases, shapes, cuda_tests = cases[:3] + [cases[9]], shapes[:1], []
     sink: list = []
     gen = torch.Generator().manual_seed(0)
+
+    def launch(over, M, Kd, N, bias=True, offset=0):
+        cfg = CrossbarConfig(**over)
+        x = torch.randn(M * Kd + offset, generator=gen)[offset:].view(M, Kd)  # offset 1: 4 bytes off alignment
+        w = torch.randn(N, Kd, generator=gen)
+        b = torch.randn(N + offset, generator=gen)[offset:] if bias else None
+        adc_range = 50.0 if cfg.adc_range == "calibrated" else None
+        K.crossbar_matmul_triton(prepare_call(x, w, cfg, b, adc_range, consume_read=False))
+
     with recording(K, "_crossbar_kernel", sink), _forced_gpu_tiling(K):
-        for over in cases:
-            cfg = CrossbarConfig(**over)
-            x = torch.randn(8, 300, generator=gen)
-            w = torch.randn(40, 300, generator=gen)
-            adc_range = 50.0 if cfg.adc_range == "calibrated" else None
-            for bias in ((torch.randn(40, generator=gen),) if over else (None, torch.randn(40, generator=gen))):
-                K.crossbar_matmul_triton(prepare_call(x, w, cfg, bias, adc_range, consume_read=False))
+        for M, Kd, N in shapes:
+            for over in cases:
+                for bias in ((True,) if over else (False, True)):
+                    launch(over, M, Kd, N, bias)
+        for over, M, Kd, N in cuda_tests:
+            launch(over, M, Kd, N)
+        if not quick:
+            for over in (dict(), dict(read_noise=0.02), dict(prog_noise=0.02)):
+                launch(over, 1, 64, 256, offset=1)
     return sink
 
 
 def scan_launches(quick: bool = False) -> List[tuple]:
     """Record bilstm_scan_triton's launches: operand dtypes, batch tiles, padded widths (a store wider than the
-    kept units, NZ > 0, and ragged heads) and both fp32 product precisions, within the op's limit on units."""
+    kept units, NZ > 0, and ragged heads), both fp32 product precisions and mixed dtypes (16-bit gates with fp32
+    W_hh), within the op's limit on units; then every shape of the triton tests' CUDA_GRID in every dtype
+    (Triton compiles H, B or T equal to 1 as constants, and n = 37 or 8 leaves the strides unaligned), the batch
+    tiles test_cuda_batch_tiles_agree asks for, and the activations kernel test_cuda_activations_* launches."""
     import torch
 
     from far_kernels.ops.bilstm_scan import triton_units_limit
     from far_kernels.ops.bilstm_scan import triton as K
 
-    # (dtype, stored units n, most units kept, keyword arguments)
+    # (gx dtype, stored units n, most units kept, keyword arguments, W_hh dtype if not gx's)
     cases = [(torch.bfloat16, 64, 64, {}), (torch.float16, 64, 64, {}), (torch.float32, 64, 64, {}),
              (torch.float32, 64, 64, {"fp32_precision": "tf32x3"}), (torch.bfloat16, 64, 64, {"block_b": 32}),
-             (torch.float32, 24, 24, {}), (torch.bfloat16, 64, 20, {})]
+             (torch.float32, 24, 24, {}), (torch.bfloat16, 64, 20, {}),
+             (torch.float16, 64, 64, {"block_b": 32}), (torch.float32, 64, 64, {"block_b": 32}),
+             (torch.float16, 64, 64, {"block_b": 64}), (torch.float32, 64, 20, {}),
+             (torch.bfloat16, 16, 16, {}, torch.float32), (torch.float16, 64, 37, {}, torch.float32)]
+    # (H, B, T, n, hidden sizes [2, H]): tests/kernels/ops/test_bilstm_scan_triton.py's CUDA_GRID
+    grid = [(2, 1, 1, 64, [[64, 37], [0, 64]]), (2, 3, 50, 64, [[64, 0], [37, 64]]),
+            (2, 17, 50, 37, [[37, 20], [0, 37]]), (1, 1, 197, 64, [[64], [37]]), (1, 3, 20, 64, [[20], [3]]),
+            (2, 2, 9, 8, [[8, 0], [3, 8]]), (6, 64, 197, 64, [[64] * 6, [64] * 6]),
+            (6, 64, 197, 64, [[64, 37, 0, 64, 1, 33], [0, 17, 64, 8, 64, 64]]),
+            (6, 3, 197, 64, [[64, 37, 0, 64, 1, 33], [0, 17, 64, 8, 64, 64]]),
+            (3, 17, 197, 37, [[37, 37, 0], [37, 20, 37]])]
     if quick:
-        cases = cases[:1] + cases[2:3]
+        cases, grid = cases[:1] + cases[2:3], []
     sink: list = []
-    with recording(K, "_bilstm_scan_kernel", sink):
-        for dtype, n, kept, kw in cases:
-            H, B, T = 3, 20, 5
-            gx = torch.randn(H, B, T, 2, 4 * n).to(dtype)
-            w = torch.randn(H, 2, 4 * n, n).to(dtype)
-            hs = torch.tensor([[kept, kept // 2, kept], [kept - 1, kept, 1]])
-            if triton_units_limit(hs, torch.device("cuda")) is None:
-                K.bilstm_scan_triton(gx, w, hs, **kw)
+
+    def launch(dtype, H, B, T, n, hs, kw=None, w_dtype=None):
+        hs = torch.tensor(hs)
+        if triton_units_limit(hs, torch.device("cuda")) is None:
+            gx = torch.empty(H, B, T, 2, 4 * n, dtype=dtype)  # never read: the kernel is recorded, not run
+            w = torch.empty(H, 2, 4 * n, n, dtype=w_dtype or dtype)
+            K.bilstm_scan_triton(gx, w, hs, **(kw or {}))
+
+    with recording(K, "_bilstm_scan_kernel", sink), recording(K, "_activations_kernel", sink):
+        for dtype, n, kept, kw, *w_dtype in cases:
+            launch(dtype, 3, 20, 5, n, [[kept, kept // 2, kept], [kept - 1, kept, 1]], kw, *w_dtype)
+        for shape in grid:
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                launch(dtype, *shape)
+        if not quick:
+            x = torch.empty(512)
+            K._activations_kernel[(1,)](x, torch.empty_like(x), torch.empty_like(x), N=512)
     return sink
 
 
@@ -178,13 +249,19 @@ def check(arch: int = 90, quick: bool = False, progress: Optional[Callable[[str]
     rows, seen = [], set()
     limit = SHARED_LIMIT.get(arch)
     for op, (kernel, _grid, args, kwargs, module) in launches:
-        key = (op, _describe(args, kwargs), tuple(str(getattr(a, "dtype", type(a).__name__)) for a in args),
-               kwargs.get("num_warps"), kwargs.get("num_stages"))
+        # one compile per distinct specialization, Triton's own (argument types, alignment, arguments equal to 1,
+        # constexprs) and launch options: launches that differ only in, say, a stride's alignment compile apart
+        spec = _specialize(kernel, args, kwargs, arch)[4]
+        key = (op, kernel.fn.__name__, repr(spec), tuple(sorted((k, repr(v)) for k, v in kwargs.items()
+                                                                 if not hasattr(v, "data_ptr"))))
         if key in seen:
             continue
         seen.add(key)
-        row = {"op": op, "arch": arch, "specialization": key[1], "operand_dtypes": sorted(set(key[2])),
-               "num_warps": kwargs.get("num_warps"), "num_stages": kwargs.get("num_stages"), "shared_limit": limit}
+        dtypes = sorted({str(a.dtype) for a in args if hasattr(a, "dtype")})
+        row = {"op": op, "kernel": kernel.fn.__name__, "arch": arch,
+               "specialization": f"{_describe(args, kwargs)} {_args_spec(kernel, spec)}".strip(),
+               "operand_dtypes": dtypes, "num_warps": kwargs.get("num_warps"), "num_stages": kwargs.get("num_stages"),
+               "shared_limit": limit}
         # a launcher that retries with fewer pipelining stages on "out of resources" (GPU_STAGES) gets the same here
         stages = [s for s in getattr(module, "GPU_STAGES", ()) if s <= (kwargs.get("num_stages") or 0)]
         t0 = time.perf_counter()

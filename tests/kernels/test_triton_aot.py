@@ -43,9 +43,19 @@ def test_every_triton_launch_compiles_for_sm90_within_its_shared_memory(tmp_path
                  "HAS_BIAS=False", "OFFSET=128"):
         assert any(flag in s for s in xbar), flag
     assert all("BM=64 BN=128" in s for s in xbar)  # the GPU tiling, not the interpreter's
-    scan = [x["specialization"] for x in rows if x["op"] == "bilstm_scan"]
-    for flag in ("OP_DT=bf16", "OP_DT=fp16", "OP_DT=fp32", "F32_PREC=tf32x3", "BB=32", "NZ=32"):
+    scan = [x["specialization"] for x in rows if x["kernel"] == "_bilstm_scan_kernel"]
+    for flag in ("OP_DT=bf16", "OP_DT=fp16", "OP_DT=fp32", "F32_PREC=tf32x3", "BB=32", "BB=64", "NZ=32",
+                 "OP_DT=fp32 SPLIT=False F32_PREC=ieee OUT_DT=bf16"):
         assert any(flag in s for s in scan), flag
+    assert any(x["kernel"] == "_activations_kernel" for x in rows)
+    # Triton's own specialization tells launches apart, not just the constexprs: arguments equal to 1 (compiled as
+    # constants: the cuda tests' B = T = 1 and H = B = 1), unaligned n (37, 8), aligned DeiT-sized crossbar
+    # strides, a crossbar read of one row and one tile from an unaligned input
+    for flag in ("ones=B,T ", "ones=H,B ", "unaligned=H,B,T,n,"):
+        assert any(flag in s for s in scan), flag
+    for flag in ("ones=M,T unaligned=x_ptr,bias_ptr", "ones=- unaligned=T", "TILE_ROWS=100", "MODE=3"):
+        assert any(flag in s for s in xbar), flag
+    assert any("MODE=3" in s and "NSUB=2" in s for s in xbar)
     assert all(x["shared"] <= x["shared_limit"] == 232448 for x in rows)
 
 
