@@ -77,7 +77,7 @@ class FusedEpilogue:
         self.epilogue = (EPILOGUE_CALIBRATED if plan.mode == "calibrated" else
                          EPILOGUE_MAX if plan.mode == "max" else EPILOGUE_INTEGER)
         self.mults = plan.mults.float().reshape(G, S).contiguous() if plan.mode == "calibrated" else torch.empty(0)
-        self.step = float(plan.step) if plan.mode == "max" else 1.0
+        self.step = plan.step_value if plan.mode == "max" else 1.0
         self.offsets = (cfg.offset * xq.to(torch.int64).sum(2)).contiguous() if cfg.offset else torch.empty(0)
         self.s_x = s_x.float().contiguous()
         self.w_scale = grp.w_scale.float().contiguous()

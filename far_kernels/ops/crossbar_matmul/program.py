@@ -6,10 +6,12 @@ Plain PyTorch, importable without Triton or the extension.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from far_kernels.ops.crossbar_matmul.config import PROGRAM_FIELDS, CrossbarConfig
 
@@ -176,6 +178,7 @@ class AdcPlan:
     step: torch.Tensor
     steps: Optional[torch.Tensor] = None
     mults: Optional[torch.Tensor] = None
+    step_value: float = 1.0  # `step` as a Python float (the same fp32 value): a launch reads it without a GPU sync
 
 
 @dataclass
@@ -233,6 +236,9 @@ def check_int64_totals(cfg: CrossbarConfig, plan: AdcPlan, K: int, float_path: b
                          "or a coarser ADC")
 
 
+_VALID_RANGES = WeakIdKeyDictionary()  # adc_range tensors found positive and finite -> their _version then
+
+
 def adc_plan(cfg: CrossbarConfig, adc_range=None, device="cpu", op: str = "crossbar_matmul") -> AdcPlan:
     """The ADC steps of a call (one place, so every backend uses the same fp32 numbers)."""
     one = torch.ones((), dtype=torch.float32, device=device)
@@ -242,7 +248,8 @@ def adc_plan(cfg: CrossbarConfig, adc_range=None, device="cpu", op: str = "cross
     if cfg.adc_range == "granular":
         return AdcPlan("granular", L, one)
     if cfg.adc_range == "max":
-        return AdcPlan("max", L, torch.tensor(cfg.p_max / L, dtype=torch.float32, device=device))
+        step = struct.unpack("f", struct.pack("f", cfg.p_max / L))[0]  # fp32 rounding (to nearest even) on the host
+        return AdcPlan("max", L, torch.tensor(step, dtype=torch.float32, device=device), step_value=step)
     S = cfg.n_weight_slices
     if adc_range is None:
         raise ValueError(f"{op}: adc_range='calibrated' needs a range: calibrate the ProgrammedCrossbar (set its "
@@ -252,8 +259,12 @@ def adc_plan(cfg: CrossbarConfig, adc_range=None, device="cpu", op: str = "cross
         r = r.expand(S)
     if tuple(r.shape) != (S,):
         raise ValueError(f"{op}: adc_range must be a scalar or have one entry per weight slice ([{S}]), got {list(r.shape)}")
-    if not bool(torch.isfinite(r).all()) or not bool((r > 0).all()):
-        raise ValueError(f"{op}: adc_range must be positive and finite, got {r.tolist()}")
+    if not (isinstance(adc_range, torch.Tensor) and _VALID_RANGES.get(adc_range) == adc_range._version):
+        # reading r on the host waits for the GPU: a range (calibrate's, on x's device) is checked once per version
+        if not bool(torch.isfinite(r).all()) or not bool((r > 0).all()):
+            raise ValueError(f"{op}: adc_range must be positive and finite, got {r.tolist()}")
+        if isinstance(adc_range, torch.Tensor):
+            _VALID_RANGES[adc_range] = adc_range._version
     steps = (r / torch.tensor(float(L), dtype=torch.float32, device=device)).contiguous()
     mults = (steps * torch.tensor([float(1 << (i * cfg.cell_bits)) for i in range(S)], device=device)).contiguous()
     return AdcPlan("calibrated", L, one, steps, mults)

@@ -234,7 +234,7 @@ def crossbar_matmul_triton(call: CrossbarCall, out: Optional[torch.Tensor] = Non
         HAS_BIAS=call.bias is not None, BM=BM, BN=BN, BK=BK, NSUB=nsub)
     args = (x2d, sdiv, s_x, levels, w_scale, bias, steps, mults, y,
             M, N, K, T, x2d.stride(0), levels.stride(0), levels.stride(1), y.stride(0),
-            float(plan.step), float(cfg.read_noise * cfg.p_max), call.read_key)
+            plan.step_value, float(cfg.read_noise * cfg.p_max), call.read_key)
     if interp:
         _crossbar_kernel[grid](*args, **const, num_warps=4, num_stages=1, enable_fp_fusion=False)
         return y
