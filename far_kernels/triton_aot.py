@@ -54,13 +54,14 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def recording(module, name: str, sink: list) -> Iterator[None]:
+def recording(module, name: str, sink: list) -> Iterator[_Recorder]:
     """Swap module.<name> (a @triton.jit kernel) for a recorder that appends (kernel, grid, args, kwargs, module)
-    to sink."""
+    to sink; yields the recorder (to launch a kernel that only tests launch)."""
     kernel = _kernel_source(getattr(module, name))
-    setattr(module, name, _Recorder(kernel, sink, module))
+    recorder = _Recorder(kernel, sink, module)
+    setattr(module, name, recorder)
     try:
-        yield
+        yield recorder
     finally:
         setattr(module, name, kernel)
 
@@ -217,7 +218,7 @@ def scan_launches(quick: bool = False) -> List[tuple]:
             w = torch.empty(H, 2, 4 * n, n, dtype=w_dtype or dtype)
             K.bilstm_scan_triton(gx, w, hs, **(kw or {}))
 
-    with recording(K, "_bilstm_scan_kernel", sink), recording(K, "_activations_kernel", sink):
+    with recording(K, "_bilstm_scan_kernel", sink), recording(K, "_activations_kernel", sink) as activations:
         for dtype, n, kept, kw, *w_dtype in cases:
             launch(dtype, 3, 20, 5, n, [[kept, kept // 2, kept], [kept - 1, kept, 1]], kw, *w_dtype)
         for shape in grid:
@@ -225,7 +226,7 @@ def scan_launches(quick: bool = False) -> List[tuple]:
                 launch(dtype, *shape)
         if not quick:
             x = torch.empty(512)
-            K._activations_kernel[(1,)](x, torch.empty_like(x), torch.empty_like(x), N=512)
+            activations[(1,)](x, torch.empty_like(x), torch.empty_like(x), N=512)
     return sink
 
 
