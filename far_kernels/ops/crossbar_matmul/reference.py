@@ -31,25 +31,41 @@ def ieee_fp32(device):
     """fp32 matmuls on a CUDA `device` in IEEE fp32 within the block, whatever the user's TF32 setting
     (torch.set_float32_matmul_precision("high"), torch.backends.cuda.matmul.allow_tf32 / fp32_precision): TF32
     keeps 11 significant bits of each operand, so ADC codes of 2^11 and more and noisy levels would be rounded and
-    the partial sums would no longer be the crossbar's. Restored on exit; a CPU matmul is IEEE fp32 already."""
+    the partial sums would no longer be the crossbar's. Restored on exit; a CPU matmul is IEEE fp32 already.
+
+    torch (2.9 and later) keeps the legacy setting (set_float32_matmul_precision, allow_tf32) and the new one
+    (fp32_precision) side by side, and every cuBLAS call raises while they disagree ("mix of the legacy and new
+    APIs"): a setting made with one API is changed with that API. Already IEEE: nothing is touched."""
     m = torch.backends.cuda.matmul
     if torch.device(device).type != "cuda":
         yield
         return
-    if hasattr(m, "fp32_precision"):  # the new API: reading or setting the legacy flag after it raises
+    try:
+        tf32 = m.allow_tf32
+    except RuntimeError:  # the user's legacy and new settings disagree (set with the new API): change the new one
+        tf32 = None
+    if tf32 is False:
+        yield
+    elif tf32 is None:
         old = m.fp32_precision
         m.fp32_precision = "ieee"
         try:
             yield
         finally:
             m.fp32_precision = old
-    else:
-        old = m.allow_tf32
+    else:  # a legacy setting ("high", "medium", allow_tf32 = True): the legacy API sets both sides consistently
+        old = torch.get_float32_matmul_precision()
         m.allow_tf32 = False
         try:
             yield
         finally:
-            m.allow_tf32 = old
+            m.allow_tf32 = True  # back to "high" as it was, be it set this way or by set_float32_matmul_precision
+            try:
+                restored = torch.get_float32_matmul_precision() == old
+            except RuntimeError:  # "medium" (its CPU side, bf16, now disagrees with "high" on the GPU)
+                restored = False
+            if not restored:
+                torch.set_float32_matmul_precision(old)
 
 
 def _tiles(cfg: CrossbarConfig, K: int):

@@ -424,22 +424,63 @@ def test_tf32_case_has_odd_codes_above_2_11_on_the_fp32_path():
     assert torch.equal(crossbar_matmul(x, prog, backend="torch"), crossbar_matmul_ref(x, prog))
 
 
-def test_ieee_fp32_guard_sets_and_restores_the_cuda_matmul_precision():
-    from far_kernels.ops.crossbar_matmul.reference import ieee_fp32
+# Run alone per setting (the TF32 settings are process-wide): the setting, then the guard on the CPU (nothing changes)
+# and on a CUDA device (no GPU needed: torch.backends.cuda.matmul.allow_tf32 reads the flag every cuBLAS call reads,
+# and raises as every cuBLAS call does while torch's legacy and new TF32 settings disagree).
+_GUARD_CHECK = """
+import sys, warnings
+import torch
+from far_kernels.ops.crossbar_matmul.reference import ieee_fp32
+warnings.simplefilter("ignore")
 
-    m = torch.backends.cuda.matmul
-    old = m.fp32_precision
+def cublas_tf32():
     try:
-        m.fp32_precision = "tf32"
-        with ieee_fp32("cpu"):  # CPU matmuls are IEEE already: nothing changed
-            assert m.fp32_precision == "tf32"
-        with pytest.raises(ZeroDivisionError):
-            with ieee_fp32(torch.device("cuda", 0)):
-                assert m.fp32_precision == "ieee"
-                1 / 0
-        assert m.fp32_precision == "tf32"  # restored after an exception too
-    finally:
-        m.fp32_precision = old
+        return torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        return "raises"
+
+def state():
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = "raises"
+    b = torch.backends
+    return (cublas_tf32(), legacy, getattr(b, "fp32_precision", None), getattr(b.cuda.matmul, "fp32_precision", None),
+            getattr(b.mkldnn.matmul, "fp32_precision", None) if hasattr(b.mkldnn, "matmul") else None)
+
+exec(sys.argv[1])
+before = state()
+with ieee_fp32("cpu"):
+    assert state() == before, ("cpu", state(), before)
+try:
+    with ieee_fp32(torch.device("cuda", 0)):
+        assert cublas_tf32() is False, ("inside", cublas_tf32(), before)
+        1 / 0
+except ZeroDivisionError:
+    pass
+assert state() == before, ("after", state(), before)
+print("ok", before)
+"""
+
+
+@pytest.mark.parametrize("setting", [
+    "pass",
+    "torch.set_float32_matmul_precision('high')",  # timm's and many training scripts' way; it crashed cuBLAS
+    "torch.set_float32_matmul_precision('medium')",
+    "torch.backends.cuda.matmul.allow_tf32 = True",
+    "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "torch.backends.fp32_precision = 'tf32'",
+], ids=["default", "legacy-high", "legacy-medium", "legacy-allow_tf32", "new-cuda-matmul", "new-generic"])
+def test_ieee_fp32_guard_gives_ieee_cublas_and_restores_every_tf32_setting(setting):
+    """Inside the guard cuBLAS computes in IEEE fp32 and does not raise, whichever API turned TF32 on; after it (an
+    exception too) every setting is as before. Setting only the new fp32_precision (as the guard did) under a legacy
+    "high" left torch's two settings disagreeing, and then every cuBLAS call raised: the torch backend on a GPU
+    failed for anyone who called torch.set_float32_matmul_precision("high")."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _GUARD_CHECK, setting], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-2000:]
 
 
 @pytest.mark.cuda
@@ -449,14 +490,13 @@ def test_torch_backend_on_cuda_is_exact_with_tf32_enabled():
     x, w = _tf32_case("cuda")
     prog = program_crossbar(w, cfg)
     ref = crossbar_matmul_ref(x.cpu(), prog.to("cpu"))
-    m = torch.backends.cuda.matmul
-    old = m.fp32_precision
+    old = torch.get_float32_matmul_precision()
     try:
-        m.fp32_precision = "tf32"  # as torch.set_float32_matmul_precision("high") in a user's training script
+        torch.set_float32_matmul_precision("high")  # as in a user's training script
         y = crossbar_matmul(x, prog, backend="torch")
         yg = crossbar_matmul_group(x[None], program_group([w], cfg), backend="torch")[0]
-        assert m.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
     finally:
-        m.fp32_precision = old
+        torch.set_float32_matmul_precision(old)
     assert torch.equal(y.cpu(), ref)
     assert torch.equal(yg.cpu(), ref)
