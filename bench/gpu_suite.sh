@@ -8,6 +8,7 @@
 #   SUITE_BUDGET=300 bash bench/gpu_suite.sh     # a shorter window
 #   BUILD=cached bash bench/gpu_suite.sh         # (default) reuse far_kernels._C when built from these sources
 #   BUILD=skip | BUILD=fresh | WHEEL=dist/x.whl bash bench/gpu_suite.sh
+#   STAGES_DIR=/tmp/gpu_suite bash bench/gpu_suite.sh   # on a device machine: OUT gets 3 files (see below)
 #   DRY_RUN=1 bash bench/gpu_suite.sh            # the whole suite on the CPU (CUDA hidden, tiny cases, the
 #                                                # tests under TRITON_INTERPRET=1, CUDA ones skipped): in CI
 #                                                # as tests/bench/test_gpu_suite.py
@@ -21,6 +22,9 @@
 # (every other cuda test: the rest).
 # A stage starts only with at least its minimum left (else "skipped"); its limit is min(cap, budget left).
 # CAP_<stage>=s overrides a cap; SKIP_STAGES="a b" skips stages; OUT=dir (default bench/results/gpu_suite-<stamp>).
+# STAGES_DIR=dir: the ~35 stage files go there and OUT receives only gpu_suite.json (the merge),
+# gpu_suite_stages.tar.gz (every stage file) and, at the end, the named copy, the first two rewritten after every
+# stage: the device machine brings back at most 8 files from its $OUT, and which ones of more is not said.
 # At the end the merge is also copied to gpu_suite-<device>-<stamp>.json in OUT and (not in a dry run) bench/results/.
 # Older knobs still work: SKIP_BUILD=1 (= BUILD=skip), QUICK=1 (smaller tail grids), BILSTM_TIMEOUT /
 # CUDA_SCAN_TIMEOUT / XBAR_TIMEOUT / IMC_EVAL_TIMEOUT / TESTS_TIMEOUT (caps of bilstm_tail, cuda_scan_tail, crossbar,
@@ -34,7 +38,7 @@
 # warns and the results say git_commit null.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the device machines' python3 is the one with torch (KINDS.md)
 DRY=${DRY_RUN:-0}
 helper() { "$PY" bench/gpu_suite_stage.py "$@"; }
 if [ "${1:-}" != __stage ]; then
@@ -44,6 +48,11 @@ if [ "${1:-}" != __stage ]; then
   OUTDIR=${OUT:-bench/results/gpu_suite-$stamp}
   mkdir -p "$OUTDIR"
   OUTDIR=$(cd "$OUTDIR" && pwd)
+  RETURNDIR=  # with STAGES_DIR: where only the merge and the archive of the stage files go (OUT)
+  if [ -n "${STAGES_DIR:-}" ] && [ "$(mkdir -p "$STAGES_DIR" && cd "$STAGES_DIR" && pwd)" != "$OUTDIR" ]; then
+    RETURNDIR=$OUTDIR
+    OUTDIR=$(cd "$STAGES_DIR" && pwd)
+  fi
   RESERVE=5  # seconds kept for the last merge
   # the checkout's packages importable before (or without) an install: python/far and far_kernels
   export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} OUTDIR PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -58,6 +67,8 @@ if [ "${1:-}" != __stage ]; then
 EOF
 fi
 n=0
+# the merge of every stage's files, and with STAGES_DIR its copy and the archive of them in OUT
+merge() { helper merge "$OUTDIR"; if [ -n "${RETURNDIR:-}" ]; then helper publish "$OUTDIR" "$RETURNDIR"; fi; }
 
 # stage NAME CAP MIN CMD... : run CMD (its stdout+stderr into NAME's log) with limit min(CAP, budget left)
 stage() {
@@ -81,7 +92,7 @@ stage() {
     tail -n 5 "$OUTDIR/$tag.log" >&2
     helper status "$OUTDIR" "$tag" "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$limit"
   fi
-  helper merge "$OUTDIR"
+  merge
 }
 
 # the stages' commands (each run by `stage` with TAG set; outputs go to $OUTDIR/$TAG.*)
@@ -114,7 +125,9 @@ st_smoke() {  # the GPU_SMOKE ids in their order (the sanitizer last: the slowes
 st_cuda_tests() {
   local where=(tests)
   [ "$DRY" = 1 ] && where=(tests/kernels/ops/test_bilstm_scan_cuda.py)  # collection of every file is the cost on CPU
-  "$PY" -m pytest -q -p no:cacheprovider -m "cuda and not gpu_smoke" --durations=15 --junitxml="$OUTDIR/$TAG.xml" "${where[@]}"
+  # a module that cannot be imported there (a package the device machine lacks) costs that module, not the stage
+  "$PY" -m pytest -q -p no:cacheprovider -m "cuda and not gpu_smoke" --continue-on-collection-errors --durations=15 \
+    --junitxml="$OUTDIR/$TAG.xml" "${where[@]}"
 }
 
 st_py() { exec "$PY" "$@" --out "$OUTDIR/$TAG.json"; }
@@ -168,9 +181,10 @@ stage crossbar "${XBAR_TIMEOUT:-90}" 30 st_py bench/bench_crossbar.py "${xbar[@]
 stage imc_eval "${IMC_EVAL_TIMEOUT:-120}" 30 st_py bench/bench_imc_eval.py "${imc_eval[@]}"
 stage cuda_tests "${TESTS_TIMEOUT:-600}" 30 st_cuda_tests
 
-helper merge "$OUTDIR"
+merge
 named=$(helper named "$OUTDIR")  # gpu_suite-<device>-<stamp>.json
 cp "$OUTDIR/gpu_suite.json" "$OUTDIR/$named"
+if [ -n "$RETURNDIR" ]; then cp "$OUTDIR/gpu_suite.json" "$RETURNDIR/$named"; fi
 if [ "$DRY" != 1 ]; then mkdir -p bench/results && cp "$OUTDIR/gpu_suite.json" "bench/results/$named"; fi
 echo "gpu_suite: $(($(date +%s) - t_start)) s of ${BUDGET}; $OUTDIR/gpu_suite.json" >&2
 "$PY" - "$OUTDIR/gpu_suite.json" <<'PY' >&2

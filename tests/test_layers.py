@@ -2,10 +2,17 @@
 import-linter's contracts (pyproject.toml), no cycle between any two modules, and no private name
 (_x) of one package taken by another. `make test` also runs `lint-imports` itself."""
 import ast
+import os
 from pathlib import Path
 
-import grimp
 import pytest
+
+# grimp (import-linter's graph) is a CI/dev tool: where it is missing (the GPU machines, which run every test module
+# for the cuda ones) this module skips instead of failing the whole run's collection; CI must have it
+if os.environ.get("CI") == "true":
+    import grimp
+else:
+    grimp = pytest.importorskip("grimp", reason="grimp (import-linter) not installed: pip install import-linter")
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"far": ROOT / "python" / "far", "far_kernels": ROOT / "far_kernels"}
