@@ -6,6 +6,7 @@
     python bench/gpu_suite_stage.py smoke-ids                # tests/conftest.py GPU_SMOKE, one per line, in order
     python bench/gpu_suite_stage.py status DIR TAG NAME STATUS RC SECONDS LIMIT [NOTE]
     python bench/gpu_suite_stage.py merge DIR                # DIR/gpu_suite.json from every stage's files
+    python bench/gpu_suite_stage.py publish DIR DEST         # DEST/gpu_suite.json + DEST/gpu_suite_stages.tar.gz
     python bench/gpu_suite_stage.py named DIR                # gpu_suite-<device>-<stamp>.json, its name to keep
 
 Every stage TAG (01_env, 02_build, ...) leaves DIR/TAG.status.json (how it ended: ran, failed, cut by
@@ -153,6 +154,25 @@ def cmd_merge(d) -> None:
     _write(d / "gpu_suite.json", merged)
 
 
+def cmd_publish(d, dest) -> None:
+    """DEST/gpu_suite.json (DIR's merge) and DEST/gpu_suite_stages.tar.gz (every file of DIR), each replaced
+    atomically: all a device machine must bring back (at most 8 files of its $OUT) while DIR keeps a file per output."""
+    import tarfile
+
+    d, dest = Path(d), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if (d / "gpu_suite.json").exists():
+        tmp = dest / "gpu_suite.json.tmp"
+        tmp.write_bytes((d / "gpu_suite.json").read_bytes())
+        os.replace(tmp, dest / "gpu_suite.json")
+    tmp = dest / "gpu_suite_stages.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(d.iterdir()):
+            if f.is_file() and not f.name.endswith(".tmp"):
+                tar.add(f, arcname=f"gpu_suite_stages/{f.name}")
+    os.replace(tmp, dest / "gpu_suite_stages.tar.gz")
+
+
 def main(argv) -> int:
     cmd, args = argv[0], argv[1:]
     if cmd == "env":
@@ -167,6 +187,8 @@ def main(argv) -> int:
         cmd_status(*args)
     elif cmd == "merge":
         cmd_merge(*args)
+    elif cmd == "publish":
+        cmd_publish(*args)
     elif cmd == "named":  # the merge's file name: gpu_suite-<device>-<stamp>.json
         m = _read_json(Path(args[0]) / "gpu_suite.json")
         dev = (((m.get("environment") or {}).get("environment") or {}).get("cuda") or {}).get("device") or "nodevice"

@@ -102,3 +102,22 @@ def test_no_budget_skips_every_stage(tmp_path):
     merged = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert merged["skipped"] == list(STAGES)
     assert all("budget" in s["note"] for s in merged["stages"] if s["stage"] != "cuda_scan_tail")  # SKIP_STAGES in a dry run
+
+
+def test_stages_dir_leaves_out_only_the_merge_and_one_archive(tmp_path):
+    """A device machine brings back at most 8 files from its $OUT (the suite writes ~35, one per stage output): with
+    STAGES_DIR the stage files go there and OUT holds the merge, an archive of every stage file and the named copy."""
+    import tarfile
+
+    out, stages = tmp_path / "out", tmp_path / "stages"
+    proc = run_suite(out, SUITE_BUDGET="0", STAGES_DIR=str(stages))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((out / "gpu_suite.json").read_text())
+    assert merged["skipped"] == list(STAGES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["gpu_suite.json", "gpu_suite_stages.tar.gz", f"gpu_suite-nodevice-{merged['stamp']}.json"])
+    with tarfile.open(out / "gpu_suite_stages.tar.gz") as tar:
+        archived = {m.name.split("/", 1)[1] for m in tar.getmembers()}
+    kept = {p.name for p in stages.iterdir()}
+    assert {f"{s['tag']}.status.json" for s in merged["stages"]} | {"suite.json", "gpu_suite.json"} <= archived
+    assert archived <= kept
