@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from far_kernels.ops.crossbar_matmul.group import GroupCall, chunk_rows
-from far_kernels.ops.crossbar_matmul.program import code_bound
+from far_kernels.ops.crossbar_matmul.program import code_bound, exact_divisor
 from far_kernels.ops.crossbar_matmul.reference import ieee_fp32, rhe_div
 
 
@@ -23,7 +23,7 @@ def _quantize(x: torch.Tensor, cfg):
         a = x.abs().amax(dim=2) if K else x.new_zeros(G, M)
     else:
         a = (x.abs().amax(dim=(1, 2)) if x.numel() else x.new_zeros(G)).view(G, 1).expand(G, M)
-    s = a / cfg.x_qmax
+    s = a / exact_divisor(cfg.x_qmax, a)
     s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan")))
     div = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
     xq = torch.round(x / div[..., None]).clamp_(-cfg.x_qmax, cfg.x_qmax)
@@ -52,7 +52,7 @@ def _codes(p: torch.Tensor, call: GroupCall, integer: bool) -> torch.Tensor:
         return p.div_(plan.step).round_().clamp_(-L, L)
     if plan.mode == "max":
         if integer:  # |p| <= p_max, so |code| <= L: no clamp needed
-            return p.mul_(L).div_(cfg.p_max).round_()
+            return p.mul_(L).div_(exact_divisor(cfg.p_max, p)).round_()
         return p.div_(plan.step).round_().clamp_(-L, L)
     steps = plan.steps.view(-1, 1, 1, 1, plan.steps.shape[-1], 1)  # [G, 1, 1, 1, S, 1]
     return p.div_(steps).round_().clamp_(-L, L)

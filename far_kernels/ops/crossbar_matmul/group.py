@@ -17,7 +17,7 @@ import torch
 
 from far_kernels.ops.crossbar_matmul.config import PROGRAM_FIELDS, CrossbarConfig, check_seed
 from far_kernels.ops.crossbar_matmul.program import (AdcPlan, ProgrammedCrossbar, adc_plan, check_int64_totals,
-                                                     program_crossbar, read_noise_key)
+                                                     exact_divisor, program_crossbar, read_noise_key)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CELL_FIELDS = tuple(f for f in PROGRAM_FIELDS if f != "seed")  # members may have their own programming seeds
@@ -182,7 +182,7 @@ def program_stacked(w: torch.Tensor, cfg: Optional[CrossbarConfig] = None, seed:
     G, N, K = w.shape
     # quantize_weights per member, the same fp32 operations
     a = w.abs().amax(dim=2) if cfg.weight_scale == "channel" else w.abs().amax(dim=(1, 2))[:, None].expand(G, N)
-    s_w = a / cfg.w_qmax
+    s_w = a / exact_divisor(cfg.w_qmax, a)
     safe = torch.where(s_w > 0, s_w, torch.ones_like(s_w))
     wq = torch.round(w / safe[..., None]).clamp_(-cfg.w_qmax, cfg.w_qmax)
     wq = torch.where((s_w > 0)[..., None], wq, torch.zeros_like(wq)).to(torch.int32)

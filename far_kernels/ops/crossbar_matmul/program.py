@@ -21,6 +21,15 @@ INT32 = 2 ** 31
 
 
 # ---- quantization (fp32 math; round = half to even) ----
+def exact_divisor(d, like: torch.Tensor):
+    """d as the divisor of `like` that divides with IEEE rounding on its device: d itself on the CPU, a 0-dim tensor
+    on another device. ATen's CUDA division by a Python number multiplies by the number's fp32 reciprocal instead
+    ("may lose one bit", div_true_kernel_cuda): max|x| / 127 moved ~4% of input scales by an ulp, so a GPU run
+    differed from the CPU's, and "max" ADC ties (p L / p_max = k + 1/2) rounded the wrong way in ~7% of
+    configurations (e.g. tile_rows=30, 1-bit cells and DAC, 5-bit ADC: p = 5)."""
+    return d if like.device.type == "cpu" else torch.full((), float(d), dtype=like.dtype, device=like.device)
+
+
 def quantize_weights(w: torch.Tensor, cfg: CrossbarConfig):
     """Symmetric weight quantization. w: [N, K] float -> (w_q [N, K] int32, s_w [N] fp32).
 
@@ -29,7 +38,7 @@ def quantize_weights(w: torch.Tensor, cfg: CrossbarConfig):
     and w_q = 0, so its output is exactly 0 (+ bias)."""
     w = w.detach().float()
     a = w.abs().amax(dim=1) if cfg.weight_scale == "channel" else w.abs().amax().expand(w.shape[0])
-    s = a / cfg.w_qmax
+    s = a / exact_divisor(cfg.w_qmax, a)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     wq = torch.round(w / safe[:, None]).clamp_(-cfg.w_qmax, cfg.w_qmax)
     wq = torch.where((s > 0)[:, None], wq, torch.zeros_like(wq))
@@ -45,7 +54,7 @@ def input_scales(x2d: torch.Tensor, cfg: CrossbarConfig):
         a = x2d.abs().amax(dim=1) if x2d.shape[1] else x2d.new_zeros(M)
     else:
         a = (x2d.abs().amax() if x2d.numel() else x2d.new_zeros(())).expand(M)
-    s = a / cfg.x_qmax
+    s = a / exact_divisor(cfg.x_qmax, a)
     s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("nan")))
     div = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
     return s.contiguous(), div.contiguous()

@@ -417,3 +417,31 @@ def test_public_names():
                  "crossbar_matmul_loop", "crossbar_partial_sum_absmax"):
         assert name in far_kernels.__all__ and hasattr(far_kernels, name)
     assert isinstance(program_crossbar(torch.randn(2, 3)), ProgrammedCrossbar)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_scales_and_max_adc_ties_divide_exactly_on_every_device(device):
+    """ATen divides a CUDA tensor by a Python number by multiplying with the number's fp32 reciprocal: the torch
+    backend's max|x| / 127 input scales (and the weights') came out an ulp off the CPU's for ~4% of rows, and its
+    "max" ADC codes p L / p_max broke ties the wrong way in ~7% of configurations. Every device must give the
+    reference's numbers: the scales the CPU computes, and half to even at a tie."""
+    from far_kernels.ops.crossbar_matmul.program import exact_divisor
+
+    assert exact_divisor(127, torch.ones(2)) == 127
+    d = exact_divisor(127, torch.ones(2, device="meta", dtype=torch.float32))  # any non-CPU device: a 0-dim tensor
+    assert isinstance(d, torch.Tensor) and d.dim() == 0 and d.device.type == "meta" and d.dtype == torch.float32
+    # p_max = 30 rows, L = 15: five 1s against 1-weights give p = 5, code 7.5 / 3 = 2.5 -> 2 (the reciprocal: 3)
+    cfg = CrossbarConfig(weight_bits=2, input_bits=2, cell_bits=1, dac_bits=1, adc_bits=5, tile_rows=30)
+    x = torch.zeros(1, 30)
+    x[0, :5] = 1
+    prog = program_crossbar(torch.ones(1, 30, device=device), cfg)
+    assert crossbar_matmul(x.to(device), prog, backend="torch").item() == 2 * cfg.p_max / cfg.adc_levels == 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4096, 16, generator=g) * 10
+    cfg = CrossbarConfig()
+    assert torch.equal(quantize_inputs(x.to(device), cfg)[1].cpu(), quantize_inputs(x, cfg)[1])
+    assert torch.equal(quantize_weights(x.to(device), cfg)[1].cpu(), quantize_weights(x, cfg)[1])
+    w = torch.randn(24, 16, generator=g)
+    y = crossbar_matmul(x.to(device), program_crossbar(w.to(device), cfg), backend="torch")
+    assert torch.equal(y.cpu(), crossbar_matmul(x, program_crossbar(w, cfg), backend="torch"))
