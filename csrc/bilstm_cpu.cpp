@@ -82,18 +82,20 @@ template <int M> FAR_INLINE Lanes<M> add_exponent(Lanes<M> p, Lanes<M> t) {
 
 // 2^(s x) with x clamped to [lo, hi] (chosen by the caller so that s x lies in [-126, 40]). s x = k + r with
 // k = round(s x), |r| <= 1/2: adding 1.5 * 2^23 rounds s x to an integer and leaves k in the low mantissa bits
-// of t; 2^r by a degree-5 near-minimax polynomial (relative error 7.7e-8); s x is only formed inside the FMAs
-// (exact product). 12 vector ops, no division, no int<->float conversion.
+// of t; 2^r by a degree-5 polynomial, minimax in relative error (9.2e-8) among those with p(0) = 1 exactly, so
+// that e^0 = 1: a zero gate then gives tanh 0 and adds nothing to c (the unconstrained fit's 1.00000007 is
+// 1 + 2^-23 in fp32 and drifted c by -6e-8 per step); s x is only formed inside the FMAs (exact product).
+// 12 vector ops, no division, no int<->float conversion.
 template <class V>
 FAR_INLINE V exp2s(V x, float s, float lo, float hi) {
   x = vclamp(x, lo, hi);
   const V t = x * s + 12582912.0f;
   const V r = x * s - (t - 12582912.0f);
-  V p = r * 1.32669704e-03f + 9.67545975e-03f;
-  p = p * r + 5.55074262e-02f;
-  p = p * r + 2.40221218e-01f;
-  p = p * r + 6.93146949e-01f;
-  p = p * r + 1.00000007f;
+  V p = r * 1.326472731e-03f + 9.671512991e-03f;
+  p = p * r + 5.550733581e-02f;
+  p = p * r + 2.402224243e-01f;
+  p = p * r + 6.931470037e-01f;
+  p = p * r + 1.0f;
   return add_exponent(p, t);
 }
 constexpr float kLog2e = 1.44269504088896341f;

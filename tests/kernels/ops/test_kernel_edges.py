@@ -1,12 +1,12 @@
 """Edges of the CPU kernels found by reading them against their references: non-finite recurrent weights at the
-first step, "max" ADC codes where the fp32 formula stops being exact, noisy partial sums beyond 2^24, totals
-past int64, and a malformed call of the fused crossbar epilogue."""
+first step, a zero LSTM gate that drifted the C++ cell, "max" ADC codes where the fp32 formula stops being
+exact, noisy partial sums beyond 2^24, totals past int64, and a malformed call of the fused crossbar epilogue."""
 import pytest
 import torch
 
 import far_kernels.ops.bilstm_fused_scan as fused_op
 import far_kernels.ops.crossbar_matmul as xbar_op
-from conftest import cpu_backends
+from conftest import assert_close_derived, cpu_backends
 from far_kernels import (CrossbarConfig, bilstm_fused_scan, bilstm_fused_scan_ref, bilstm_scan, bilstm_scan_ref,
                          crossbar_matmul, crossbar_matmul_ref, program_crossbar)
 from far_kernels.dispatch import BackendUnavailable
@@ -32,6 +32,32 @@ def test_nan_or_inf_in_w_hh_is_nan_from_the_first_step(backend):
         ref = bilstm_fused_scan_ref(x, wi, b, w, hs)
         out = bilstm_fused_scan(x, wi, b, w, hs, backend=backend)
         assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_a_zero_candidate_gate_adds_nothing_to_the_cell(backend):
+    # input and forget gates at 1, candidate gate 0: c stays 0 and h = 0 at every step. The C++ cell's 2^r
+    # polynomial had the constant 1.00000007 (1 + 2^-23 in fp32), so e^0 != 1, tanh(0) = -3e-8 and c drifted by
+    # -6e-8 per step: nothing is forgotten at f = 1, and h was off by 1.1e-5 after 197 steps
+    H, B, T, n, d = 2, 3, 197, 16, 4
+    g = torch.Generator().manual_seed(0)
+    gx = torch.zeros(H, B, T, 2, 4 * n)
+    gx[..., :2 * n] = 30.0  # i = f = 1 in fp32
+    gx[..., 3 * n:] = torch.randn(H, B, T, 2, n, generator=g)  # any output gate
+    w = torch.randn(H, 2, 4 * n, n, generator=g) / n ** 0.5
+    w[:, :, 2 * n:3 * n] = 0  # nothing feeds the candidate gate (else h = 0 is an unstable fixed point)
+    hs = torch.tensor([[n, 9], [n, n]])
+    ref64 = bilstm_scan_ref(gx.double(), w.double(), hs)
+    assert_close_derived(bilstm_scan(gx, w, hs, backend=backend), ref64, bilstm_scan_ref(gx, w, hs), backend)
+    if backend in cpu_backends(fused_op.OP):  # the fused kernel's cell: the same gates from W_ih x + bias
+        x = torch.randn(B, T, H * d, generator=g)
+        wi = torch.randn(H, 2, 4 * n, d, generator=g)
+        wi[:, :, :3 * n] = 0  # i, f from the bias alone, the candidate gate 0
+        b = torch.zeros(H, 2, 4 * n)
+        b[..., :2 * n] = 30.0
+        ref64 = bilstm_fused_scan_ref(x.double(), wi.double(), b.double(), w.double(), hs)
+        assert_close_derived(bilstm_fused_scan(x, wi, b, w, hs, backend=backend), ref64,
+                             bilstm_fused_scan_ref(x, wi, b, w, hs), f"fused/{backend}")
 
 
 def test_max_adc_codes_near_a_half_step_round_as_the_reference():
