@@ -8,7 +8,8 @@ import torch
 
 import far_kernels
 from far_kernels import (BackendUnavailable, CrossbarConfig, ProgrammedCrossbar, crossbar_matmul,
-                         crossbar_matmul_loop, crossbar_matmul_ref, crossbar_partial_sum_absmax, program_crossbar)
+                         crossbar_matmul_loop, crossbar_matmul_ref, crossbar_partial_sum_absmax, program_crossbar,
+                         program_group)
 from far_kernels.ops.crossbar_matmul import quantize_inputs, quantize_weights
 from far_kernels.ops.crossbar_matmul.reference import rhe_div
 
@@ -411,6 +412,19 @@ def test_bad_inputs_raise_clearly():
         crossbar_matmul(x, program_crossbar(w, cfg.replace(read_noise=0.1)), backend="cuda")
     assert prog.reads == reads
 
+
+
+def test_a_float64_weight_beyond_float32_range_is_refused():
+    # weights are quantized in fp32: 1e300 passed the finiteness check in float64, became inf there, and the
+    # crossbar was programmed with scale inf and all-zero cells: every output NaN, silently
+    w = torch.randn(3, 5, dtype=torch.float64)
+    w[1, 2] = 1e300
+    for program in (program_crossbar, lambda w: crossbar_matmul(torch.randn(2, 5), w),
+                    lambda w: program_group([w[:, :4], w])):
+        with pytest.raises(ValueError, match="NaN or inf values .in float32"):
+            program(w)
+    w[1, 2] = 1e30  # in float32's range: programmed, finite outputs
+    assert torch.isfinite(crossbar_matmul(torch.randn(2, 5), w)).all()
 
 def test_public_names():
     for name in ("CrossbarConfig", "ProgrammedCrossbar", "program_crossbar", "crossbar_matmul", "crossbar_matmul_ref",
