@@ -258,7 +258,8 @@ def adc_plan(cfg: CrossbarConfig, adc_range=None, device="cpu", op: str = "cross
         return AdcPlan("granular", L, one)
     if cfg.adc_range == "max":
         step = struct.unpack("f", struct.pack("f", cfg.p_max / L))[0]  # fp32 rounding (to nearest even) on the host
-        return AdcPlan("max", L, torch.tensor(step, dtype=torch.float32, device=device), step_value=step)
+        # torch.full, not torch.tensor: a host-to-device copy of a Python value waits for the GPU (fill does not)
+        return AdcPlan("max", L, torch.full((), step, dtype=torch.float32, device=device), step_value=step)
     S = cfg.n_weight_slices
     if adc_range is None:
         raise ValueError(f"{op}: adc_range='calibrated' needs a range: calibrate the ProgrammedCrossbar (set its "
@@ -274,8 +275,9 @@ def adc_plan(cfg: CrossbarConfig, adc_range=None, device="cpu", op: str = "cross
             raise ValueError(f"{op}: adc_range must be positive and finite, got {r.tolist()}")
         if isinstance(adc_range, torch.Tensor):
             _VALID_RANGES[adc_range] = adc_range._version
-    steps = (r / torch.tensor(float(L), dtype=torch.float32, device=device)).contiguous()
-    mults = (steps * torch.tensor([float(1 << (i * cfg.cell_bits)) for i in range(S)], device=device)).contiguous()
+    steps = (r / torch.full((), float(L), dtype=torch.float32, device=device)).contiguous()
+    powers = torch.ones(S, dtype=torch.int64, device=device) << (torch.arange(S, device=device) * cfg.cell_bits)
+    mults = (steps * powers.float()).contiguous()  # steps_i · 2^(i·cell_bits): integer shifts, exact
     return AdcPlan("calibrated", L, one, steps, mults)
 
 
