@@ -4,8 +4,8 @@ Program (head, direction, batch tile) keeps its W_hh on chip for the whole time 
 h, c in fp32. The recurrent product is done transposed, gates^T = W_hh @ h^T, so the gate dimension
 is the MMA's M side and the batch tile (padded to 16) its N side: small batches do not waste the
 tensor cores. Units are padded to NP = next power of two of the largest kept size (>= 16); padded
-rows and columns of W_hh are masked to 0, so padded units stay exactly 0. A (direction, head) with
-0 units only writes zeros.
+rows and columns of W_hh are masked to 0, and padded units' h is selected to 0 after each step (a zero
+row times a NaN or inf h of a kept unit is NaN). A (direction, head) with 0 units only writes zeros.
 
 16-bit inputs (fp16/bf16 gates with W_hh of the same dtype, exact in it): the four gates are stacked
 into ONE product per step, [4 NP, 2 NP] @ [2 NP, BB], issued together and waited once (wgmma on
@@ -114,6 +114,7 @@ def _bilstm_scan_kernel(
         g_base = gx_ptr + head.to(tl.int64) * s_gh + d * s_gd + b.to(tl.int64)[None, :] * s_gb  # [1, BB]
         o_ptrs = o_cols + u[:, None]
         omask = (u[:, None] < n) & bmask[None, :]  # units in [k, n) are written as 0
+        keep = u[:, None] < k  # [NP, 1]: a padded unit's gates are 0 * h, NaN once a kept unit's h is NaN or inf
         if NZ > 0:
             uz = NP + tl.arange(0, NZ)
             zptrs = o_cols + uz[:, None]
@@ -154,6 +155,7 @@ def _bilstm_scan_kernel(
                 a_i, a_f = tl.split(a_if)
                 a_g, a_o = tl.split(a_go)
                 h, c = _cell(a_i, a_f, a_g, a_o, c)
+                h = tl.where(keep, h, 0.0)
                 _store_h(h, o_ptrs + t * s_ot, omask, OUT_DT, INTERP)
                 if NZ > 0:
                     tl.store(zptrs + t * s_ot, zeros, mask=zmask)
@@ -187,6 +189,7 @@ def _bilstm_scan_kernel(
                 a_g = tl.dot(w_g, h, x_g, input_precision=F32_PREC)
                 a_o = tl.dot(w_o, h, x_o, input_precision=F32_PREC)
                 h, c = _cell(a_i, a_f, a_g, a_o, c)
+                h = tl.where(keep, h, 0.0)
                 _store_h(h, o_ptrs + t * s_ot, omask, OUT_DT, INTERP)
                 if NZ > 0:
                     tl.store(zptrs + t * s_ot, zeros, mask=zmask)

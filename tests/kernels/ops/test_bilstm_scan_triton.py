@@ -110,6 +110,22 @@ def test_every_unit_pruned_writes_zeros():
     assert (out == 0).all()
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_pruned_units_stay_zero_when_a_kept_unit_is_nan(dtype):
+    # a padded unit's gates are its zero W_hh row times h: 0 * NaN = NaN once a kept unit's h is NaN, and the
+    # kernel wrote NaN into the units it must write as 0 (the reference and cpp select them to 0)
+    require_interpreter()
+    gx, w = make_inputs(2, 3, 5, 16, seed=6, dtype=dtype)
+    gx[0, 1, 1, 0, 2] = float("nan")  # forward, t = 1: the input gate of kept unit 2
+    w[1, 1, 4, 2] = float("inf")  # head 1 backward: inf * h = NaN from its first step on
+    hs = torch.tensor([[5, 16], [16, 9]])
+    out = torch.full((2, 3, 5, 2, 16), float("nan"), dtype=dtype)
+    bilstm_scan(gx, w, hs, backend="triton", out=out)
+    ref = bilstm_scan_ref(gx, w, hs)
+    assert torch.isnan(ref).any() and torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert (out[0, :, :, 0, 5:] == 0).all() and (out[1, :, :, 1, 9:] == 0).all()
+
 def run_activations(device):
     """The scan's sigmoid/tanh on values up to +-3e38 and +-inf: finite, and close to float64 torch."""
     from far_kernels.ops.bilstm_scan.triton import _activations_kernel
