@@ -434,3 +434,26 @@ def test_demo_without_a_plot_removes_an_older_plot(tmp_path, monkeypatch, capsys
     assert run(capsys, "demo", "--num-images", "4", "--bench-images", "4", "--batch-size", "4",
                "--out-dir", str(tmp_path), "--no-plot", "-q")[0] == 0
     assert (tmp_path / "demo.png").is_dir()
+
+
+@needs_fmnist
+def test_far_code_warnings_print_as_one_far_warning_line(tmp_path, capsys):
+    """An option that has no effect prints a `far: warning:` line (README); the ones far's library code raises
+    (here: an EMA that averages over more steps than the run has) came out as Python's UserWarning with a file
+    name and a source line. Warnings of other code keep Python's form."""
+    import warnings
+
+    from far.cli.main import far_warnings
+
+    code, _, err = run(capsys, "train-teacher", "fmnist_deit_tiny", "--limit", "32", "--eval-limit", "8",
+                       "--batch-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--ema", "0.999",
+                       "--max-steps", "1", "--out-dir", str(tmp_path / "run"), "-q")
+    assert code == 0, err
+    assert "far: warning: train-teacher: EMA decay 0.999 averages over ~1000 steps" in err, err
+    assert "UserWarning" not in err and ".py:" not in err, err
+    passed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = far_warnings(lambda message, *rest: passed.append(str(message)))
+        warnings.warn("not far's")  # raised here, in a test: handed on as it came
+    assert passed == ["not far's"] and "far: warning" not in capsys.readouterr().err

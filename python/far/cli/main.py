@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 from far.cli import export, analyze, evaluate, imc, models, train
-from far.cli.options import Formatter
+from far.cli.options import Formatter, warn
 from far.errors import USER_ERRORS
 from far.version import __version__
 
@@ -55,6 +57,26 @@ def _fmt_error(e: BaseException) -> str:
     return " ".join(msg.split("\n"))  # one line
 
 
+FAR_DIR = Path(__file__).resolve().parents[1]  # python/far
+
+
+def far_warnings(previous):
+    """A `warnings.showwarning` for a command: a warning that far's own code raises (a setting that has no effect:
+    an EMA longer than the run, RandAugment on tensors, drop-path without timm blocks; non-finite logits) prints
+    as the command's other warnings do, one `far: warning:` line, not Python's form with a file name and a source
+    line; any other library's warning goes to `previous`. Whose warning it is comes from the code that called
+    warnings.warn, not from the file its stacklevel names (drop-path's names contextlib)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename == warnings.__file__:
+            frame = frame.f_back  # warnings' own frames: the first other one called warnings.warn
+        if frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(FAR_DIR):
+            warn(" ".join(str(message).split()))
+        else:
+            previous(message, category, filename, lineno, file, line)
+    return show
+
+
 def check_numbers(args: argparse.Namespace) -> None:
     """Values argparse lets through that no command can use: inf/nan for any number option, and
     architecture sizes beyond far.checkpoint.ARCH_LIMITS (e.g. --num-classes 1000000000)."""
@@ -87,7 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = torch.get_num_threads()
     try:
         check_numbers(args)
-        with command_inputs():  # no command overwrites a file it has read
+        with command_inputs(), warnings.catch_warnings():  # no command overwrites a file it has read
+            warnings.showwarning = far_warnings(warnings.showwarning)  # put back on exit
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
