@@ -240,9 +240,11 @@ def _forced_gpu_tiling(module) -> Iterator[None]:
         module._gpu_launch = saved
 
 
-def check(arch: int = 90, quick: bool = False, progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+def check(arch: int = 90, quick: bool = False, progress: Optional[Callable[[str], None]] = None,
+          shard: tuple = (0, 1)) -> List[dict]:
     """Compile every built-in launch for sm_<arch>; one row per distinct specialization with its shared memory,
-    the limit, registers/spills where known, and `ok` (compiled and within the limit) or `error`."""
+    the limit, registers/spills where known, and `ok` (compiled and within the limit) or `error`. shard=(k, n):
+    only the distinct specializations whose index is k modulo n (n processes compile the whole list between them)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("triton_aot: unset TRITON_INTERPRET (the kernels must be compiled-mode JIT functions)")
     launches = [("crossbar_matmul", rec) for rec in crossbar_launches(quick)] + \
@@ -258,6 +260,8 @@ def check(arch: int = 90, quick: bool = False, progress: Optional[Callable[[str]
         if key in seen:
             continue
         seen.add(key)
+        if (len(seen) - 1) % shard[1] != shard[0]:
+            continue
         dtypes = sorted({str(a.dtype) for a in args if hasattr(a, "dtype")})
         row = {"op": op, "kernel": kernel.fn.__name__, "arch": arch,
                "specialization": f"{_describe(args, kwargs)} {_args_spec(kernel, spec)}".strip(),
@@ -294,10 +298,18 @@ def main(argv=None) -> int:
                    help="compute capability x10 (90 = H100/H200, 80 = A100); repeat for several (default 90)")
     p.add_argument("--quick", action="store_true", help="a few launches per kernel instead of every branch")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="compile only every N-th distinct launch, starting at the K-th (run N processes at once)")
     a = p.parse_args(argv)
+    try:
+        k, n = (int(v) for v in a.shard.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard must be K/N with 0 <= K < N, got {a.shard!r}")
     rows = []
     for arch in a.arch or [90]:
-        rows += check(arch, a.quick, progress=lambda s: print(s, flush=True))
+        rows += check(arch, a.quick, progress=lambda s: print(s, flush=True), shard=(k, n))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
