@@ -127,7 +127,14 @@ def test_pruned_units_stay_zero_when_a_kept_unit_is_nan(dtype):
     assert (out[0, :, :, 0, 5:] == 0).all() and (out[1, :, :, 1, 9:] == 0).all()
 
 def run_activations(device):
-    """The scan's sigmoid/tanh on values up to +-3e38 and +-inf: finite, and close to float64 torch."""
+    """The scan's sigmoid/tanh on values up to +-3e38 and +-inf: finite, and close to float64 torch.
+
+    Error bound: the interpreter computes 1/(1+2^y) and 2/(1+2^y)-1 with IEEE fp32 operations (numpy); an fp32
+    result of magnitude <= 2 then errs by a few half-ulps, 3e-7 covers it. Compiled for a GPU (sm_90 PTX, seen with
+    python -m far_kernels.triton_aot) the same code is ex2.approx.ftz.f32 and div.full.f32, each up to 2 ulp (PTX
+    ISA for div.full; the CUDA guide's 2 ulp for exp2f). For tanh, q = 2/(1+e) <= 2 carries e's relative error
+    (2^-22, so <= 4.8e-7), the rounding of 1+e (2^-24 relative, <= 1.2e-7) and the division's 2 ulp (<= 2^-22 =
+    2.4e-7), 8.3e-7 in all; q - 1 is exact for q in [1/2, 2]. So 1e-6 there; sigmoid's share is smaller."""
     from far_kernels.ops.bilstm_scan.triton import _activations_kernel
 
     big = [3e38, -3e38, float("inf"), float("-inf"), 1e30, -1e30, 1e4, -1e4, 89.0, -89.0, 44.5, -44.5,
@@ -141,7 +148,8 @@ def run_activations(device):
         got = got.cpu()
         assert torch.isfinite(got).all(), f"{name}: non-finite for {x64[~torch.isfinite(got)].tolist()}"
         err = (got.double() - want).abs().max().item()
-        assert err <= 3e-7, f"{name}: max abs error {err:.3g}"
+        bound = 3e-7 if x.device.type == "cpu" else 1e-6
+        assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:g} ({x.device.type})"
 
 
 OVERFLOW_OK = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, interpreter
