@@ -159,7 +159,9 @@ def fake_quantize(x: torch.Tensor, bits: int, dim=None) -> torch.Tensor:
     All-zero slices stay zero."""
     L = 2 ** (bits - 1) - 1
     amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-    s = amax / L
+    # divide by a 0-dim tensor, not the number: ATen's CUDA division by a Python number multiplies by its fp32
+    # reciprocal, an ulp off the CPU's IEEE quotient for some amax (far_kernels' exact_divisor says the same)
+    s = amax / torch.full((), float(L), dtype=amax.dtype, device=amax.device)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     return torch.round(x / safe).clamp_(-L, L) * s
 
