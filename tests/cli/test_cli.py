@@ -457,3 +457,20 @@ def test_far_code_warnings_print_as_one_far_warning_line(tmp_path, capsys):
         warnings.showwarning = far_warnings(lambda message, *rest: passed.append(str(message)))
         warnings.warn("not far's")  # raised here, in a test: handed on as it came
     assert passed == ["not far's"] and "far: warning" not in capsys.readouterr().err
+
+
+def test_demo_table_shortens_an_unavailable_backends_reason_at_a_word():
+    """The reason a backend is unavailable was cut at 70 characters mid-word ("(set i"); it now ends at a word
+    and points to demo.json, which holds it whole."""
+    from far.cli.demo import format_table
+
+    why = ("far_kernels._C was built without CUDA (set FAR_CUDA_ARCHS and reinstall: pip install "
+           "--no-build-isolation -e .)")
+    row = {"name": "FAR", "model": "fmnist_far_tiny", "top1": 0.9, "params": 1, "mixer_params": 1,
+           "imc_energy_uj": 1.0, "imc_latency_us": 1.0, "imc_edap_vs_teacher": 1.0, "backend": "cuda",
+           "unavailable": why}
+    line = [x for x in format_table({"rows": [row]}).splitlines() if "unavailable:" in x][0]
+    shown = line.split("unavailable: ", 1)[1]
+    assert len(shown) <= 70 and shown.endswith("... (demo.json has it all)")
+    words = shown[:-len(" ... (demo.json has it all)")].split()
+    assert words == why.split()[:len(words)]  # whole words of the reason, in order

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -127,7 +128,8 @@ def format_table(result: dict) -> str:
                 f"{r['imc_energy_uj']:>7.1f} {r['imc_latency_us']:>7.0f} {r['imc_edap_vs_teacher']:>5.2f}" if first
                 else " " * 75)
         if "unavailable" in r:
-            lines.append(f"{lead} {r['backend']:<8} unavailable: {r['unavailable'][:70]}")
+            why = textwrap.shorten(r["unavailable"], 70, placeholder=" ... (demo.json has it all)")
+            lines.append(f"{lead} {r['backend']:<8} unavailable: {why}")
             continue
         diff = r.get("max_abs_diff_vs_torch")
         diff = "-" if diff is None else f"{diff:.2e}"
