@@ -359,3 +359,20 @@ def test_calibrating_on_the_evaluated_folder_warns(capsys, far_ckpt, tmp_path):
     assert code == 0, err
     assert "without --calib-data" not in err
     assert json.loads((tmp_path / "r.json").read_text())["split"] is None  # a folder has no split (it said "test")
+
+
+def test_imc_cost_table_keeps_its_columns_for_long_model_names(capsys, teacher_ckpt, tmp_path):
+    """A model name longer than the 28-column field (deit_small_patch16_224:attention) pushed its row's columns
+    out of line with the header's."""
+    import shutil
+
+    long = tmp_path / ("a_teacher_with_a_rather_long_file_name_" * 2 + ".safetensors")
+    shutil.copy(teacher_ckpt, long)
+    code, out, err = run(capsys, "imc-cost", teacher_ckpt, long, "-q")
+    assert code == 0, err
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("model "):
+            rows = lines[i + 1:i + 3]
+            at = line.index(" kind") + 1
+            assert all(r[at:].startswith(("attention", "FAR")) for r in rows), "\n".join([line] + rows)

@@ -620,14 +620,15 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     for m in modes:
         print(f"\n-- attention's dynamic products: {m}" + (" (written into crossbars every image)" if m == "write"
                                                            else " (digital int8 MAC unit)"))
-        head = (f"{'model':<28} {'kind':<9} {'params':>9} {'arrays':>7} {'energy uJ':>10} {'latency us':>10} "
+        w = max([28] + [len(r["model"]) for r in rows])  # long names (timm:NAME:attention) keep the columns
+        head = (f"{'model':<{w}} {'kind':<9} {'params':>9} {'arrays':>7} {'energy uJ':>10} {'latency us':>10} "
                 f"{'area mm2':>8} {'EDAP':>9} {'TOPS/W':>7} {'TOPS/mm2':>8} {'E/E0':>5} {'L/L0':>5} {'EDAP/0':>6}"
                 + (f" {'top-1':>7}" if args.data else "") + (f" {'emulated':>8}" if args.emulate else ""))
         print(head)
         b = base["cost"][m]["totals"]
         for r in rows:
             t = r["cost"][m]["totals"]
-            line = (f"{r['model']:<28} {r['kind']:<9} {r['params']:>9,} {t['arrays'] + t['dynamic_arrays']:>7} "
+            line = (f"{r['model']:<{w}} {r['kind']:<9} {r['params']:>9,} {t['arrays'] + t['dynamic_arrays']:>7} "
                     f"{t['energy_uj']:>10.3f} {t['latency_us']:>10.1f} {t['area_mm2']:>8.3f} {t['edap']:>9.3g} "
                     f"{t['tops_per_w']:>7.2f} {t['tops_per_mm2']:>8.3f} {t['energy_uj'] / b['energy_uj']:>5.2f} "
                     f"{t['latency_us'] / b['latency_us']:>5.2f} {t['edap'] / b['edap']:>6.2f}")
