@@ -72,7 +72,9 @@ def bilstm_fused_scan(
     Args:
         x: [B, T, H*d] inputs (e.g. FAR's pre_proj output); head h reads columns h*d .. h*d+d-1.
             float32/float16/bfloat16 (float64 on the torch backend). Weights of another float dtype are
-            cast to x's (outside autocast; under it the backends compute as autocast says, fp32 for training).
+            cast to x's (outside autocast). Under autocast the input product is autocast's (its dtype on torch,
+            triton and cuda; cpp keeps the whole product in fp32, the more accurate, ~2e-3 from bf16's), fp32
+            for training; the output has x's dtype.
         w_ih: [H, 2, 4n, d] input weights, torch.nn.LSTM layout padded to n units, gates (i, f, g, o)
             at rows q*n + u, direction 0 = forward, 1 = backward.
         bias: [H, 2, 4n] = b_ih + b_hh.
