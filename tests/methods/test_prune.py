@@ -252,7 +252,7 @@ def test_prune_command_refuses_a_floor_above_every_head_and_a_repeated_budget(tm
 
 def _zero_units(m, units):
     """Zero every entry of the groups of `units` [(head, direction, unit)]: their norms are exactly 0 (ties)."""
-    n, d = m.width, m.head_dim
+    n = m.width
     with torch.no_grad():
         for h, r, u in units:
             rows = [q * n + u for q in range(4)]
