@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import far_kernels
-from far_kernels.ops.crossbar_matmul.program import read_noise_key
+from far_kernels.ops.crossbar_matmul.program import exact_divisor, read_noise_key
 
 
 def _recorded_range(rec: torch.Tensor, per_slice: bool, p_max: int) -> torch.Tensor:
@@ -159,9 +159,7 @@ def fake_quantize(x: torch.Tensor, bits: int, dim=None) -> torch.Tensor:
     All-zero slices stay zero."""
     L = 2 ** (bits - 1) - 1
     amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-    # divide by a 0-dim tensor, not the number: ATen's CUDA division by a Python number multiplies by its fp32
-    # reciprocal, an ulp off the CPU's IEEE quotient for some amax (far_kernels' exact_divisor says the same)
-    s = amax / torch.full((), float(L), dtype=amax.dtype, device=amax.device)
+    s = amax / exact_divisor(L, amax)  # an IEEE quotient on a GPU too (ATen's CUDA x / number uses 1/number)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     return torch.round(x / safe).clamp_(-L, L) * s
 
