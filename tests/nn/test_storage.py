@@ -117,6 +117,28 @@ def test_ragged_gradients_are_the_padded_gradients_of_the_kept_units():
     assert r.lstm.w_ih.shape[0] == 4 * sum(map(sum, SIZES))
 
 
+def test_functional_call_swaps_the_ragged_parameters():
+    # torch.func.functional_call puts plain tensors where the parameters were (torch.func.grad / jvp over
+    # parameters, model ensembling): the ragged block must read them as the padded one does
+    m = block(seed=2).double()
+    r = ragged(m)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    for mod in (m, r):
+        params = {k: 2 * v.detach() for k, v in mod.named_parameters()}
+        with torch.no_grad():
+            want = copy.deepcopy(mod).requires_grad_(False)
+            for k, v in want.named_parameters():
+                v.copy_(params[k])
+            want = want(x)
+            got = torch.func.functional_call(mod, params, (x,))
+        assert torch.equal(got, want), mod.storage
+    grads = torch.func.grad(lambda p: torch.func.functional_call(r, p, (x,)).square().sum())(
+        {k: v.detach() for k, v in r.named_parameters()})
+    r(x).square().sum().backward()
+    for k, p in r.named_parameters():
+        assert max_err(grads[k], p.grad) < 1e-12, k
+
+
 def test_per_head_writers_hit_the_same_units():
     m, r = block(seed=2), ragged(block(seed=2))
     g = torch.Generator().manual_seed(5)

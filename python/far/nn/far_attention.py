@@ -172,8 +172,9 @@ class FARAttention(nn.Module):
     def lstm_storage(self) -> dict:
         """{compact key: the parameter holding it} in this module's layout: the padded [H, 2, 4n, d], ...
         tensors (storage "padded") or the ragged lstm.* / head_proj.* ones (storage "ragged")."""
-        if self.storage == "ragged":
-            return {key: self.get_parameter(key) for key in self.COMPACT_KEYS.values()}
+        if self.storage == "ragged":  # attributes, not get_parameter: torch.func.functional_call swaps in tensors
+            return {key: getattr(self.get_submodule(key.split(".")[0]), key.split(".")[1])
+                    for key in self.COMPACT_KEYS.values()}
         return {key: getattr(self, name) for name, key in self.COMPACT_KEYS.items()}
 
     def set_storage(self, storage: str) -> "FARAttention":
