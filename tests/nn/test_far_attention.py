@@ -152,6 +152,9 @@ def test_bad_construction():
         far.FARAttention(96, 0)
     with pytest.raises(ValueError, match="whole numbers of units"):  # 2.7 became 2
         far.FARAttention(96, 3, hidden_sizes=2.7)
+    for bad in (float("inf"), float("nan"), [[1.0, 2.0, 1e20], [3.0, 4.0, 5.0]]):  # inf, 1e20: int64's minimum
+        with pytest.raises(ValueError, match="whole numbers of units"):
+            far.FARAttention(96, 3, hidden_sizes=bad)
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         far.FARAttention(96, 3, backend="nope")
 

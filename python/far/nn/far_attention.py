@@ -43,8 +43,10 @@ def as_hidden_sizes(hidden_sizes, num_heads: int, head_dim: int) -> torch.Tensor
     if hidden_sizes is None:
         return torch.full((2, num_heads), head_dim, dtype=torch.int64)
     raw = torch.as_tensor(hidden_sizes)
-    if raw.dtype == torch.bool or raw.is_complex() or (raw.is_floating_point() and not bool((raw == raw.round()).all())):
-        raise ValueError(f"hidden_sizes must be whole numbers of units, got {raw.tolist()}")  # 2.7 became 2
+    # 2.7 would become 2; inf, nan and 1e20 would become int64's minimum
+    whole = raw.isfinite() & (raw == raw.round()) & (raw.abs() < 2.0**63) if raw.is_floating_point() else True
+    if raw.dtype == torch.bool or raw.is_complex() or not bool(torch.as_tensor(whole).all()):
+        raise ValueError(f"hidden_sizes must be whole numbers of units, got {raw.tolist()}")
     hs = raw.to(torch.int64).cpu()
     if hs.dim() == 0:
         hs = hs.expand(2, num_heads)
