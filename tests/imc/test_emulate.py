@@ -165,6 +165,8 @@ def test_fake_quantize():
         qt = fake_quantize(x, bits)  # one scale for the tensor
         st = x.abs().max() / L
         assert ((qt - x).abs() <= st / 2 * (1 + 1e-5)).all()
+    for empty in (torch.randn(0, 9), torch.randn(3, 0)):  # no element: nothing to scale (amax used to raise)
+        assert fake_quantize(empty, 8).shape == empty.shape and fake_quantize(empty, 8, dim=0).shape == empty.shape
 
 
 @pytest.mark.cuda
@@ -811,16 +813,18 @@ def test_calibrated_range_per_layer_is_the_max_of_what_was_seen():
     assert calibrate(emu, torch.zeros(2, 8))["0"] == cfg.p_max
 
 
-@pytest.mark.parametrize("what", ["far-separate", "far-fused", "vit-digital", "vit-crossbar"])
+@pytest.mark.parametrize("what", ["far-separate", "far-fused", "vit-digital", "vit-crossbar", "vit-digital-tensor"])
 def test_emulated_model_takes_an_empty_batch(what):
     """Zero images give zero logits, as the float model does (the FAR block's reshapes with -1 and the per-input
-    programming of K and V used to fail on B = 0)."""
+    programming of K and V used to fail on B = 0; with input_scale="tensor", QuantizedAttention's fake_quantize took
+    the amax of an empty tensor and raised)."""
     if what.startswith("far"):
         model = far.convert(tiny_vit(), hidden_sizes=[[[4, 3], [0, 2]], 8])
         emu = emulate(model, CrossbarConfig(tile_rows=16, **FAST), lstm_mapping=what[4:])
     else:
         model = tiny_vit()
-        emu = emulate(model, CrossbarConfig(tile_rows=16, **FAST), dynamic=what[4:])
+        scale = "tensor" if what.endswith("-tensor") else "row"
+        emu = emulate(model, CrossbarConfig(tile_rows=16, input_scale=scale, **FAST), dynamic=what.split("-")[1])
     x = torch.randn(0, 1, 8, 8)
     with torch.no_grad():
         y = emu(x)

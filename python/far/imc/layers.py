@@ -156,8 +156,10 @@ def fake_quantize(x: torch.Tensor, bits: int, dim=None) -> torch.Tensor:
     """Symmetric quantization to `bits` (sign + bits-1 magnitude bits), returned dequantized:
     s = max|x| / (2^(bits-1) - 1) over `dim` (None = the whole tensor; int or tuple = those axes,
     one scale per remaining index), x_q = round_half_even(x / s) (already within range), x_q * s.
-    All-zero slices stay zero."""
+    All-zero slices stay zero; an empty tensor is returned as it is (no scale to take)."""
     L = 2 ** (bits - 1) - 1
+    if x.numel() == 0:  # amax over no element (dim=None: the whole tensor) is an error in torch
+        return x.clone()
     amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
     s = amax / exact_divisor(L, amax)  # an IEEE quotient on a GPU too (ATen's CUDA x / number uses 1/number)
     safe = torch.where(s > 0, s, torch.ones_like(s))
