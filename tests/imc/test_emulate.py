@@ -813,6 +813,19 @@ def test_calibrated_range_per_layer_is_the_max_of_what_was_seen():
     assert calibrate(emu, torch.zeros(2, 8))["0"] == cfg.p_max
 
 
+def test_per_slice_ranges_have_one_value_per_slice_also_for_one_slice():
+    """calibrate(..., per_slice=True) gives every product [S] ranges; with S = 1 (weight_bits=2, 1-bit cells) a
+    CrossbarLinear returned a 0-dim tensor (the stored scalar) where group members and attention products give [1]."""
+    cfg = CrossbarConfig(weight_bits=2, cell_bits=1, adc_bits=6, adc_range="calibrated", tile_rows=8)
+    assert cfg.n_weight_slices == 1
+    model = far.convert(tiny_vit(embed_dim=8), hidden_sizes=[[[4, 3], [0, 2]]], blocks=[0])
+    ranges = calibrate(emulate(model, cfg, dynamic="crossbar"), torch.randn(2, 1, 8, 8), per_slice=True)
+    kinds = {n.rsplit(".", 1)[-1] if n.endswith((".qk", ".pv")) else "group" if ".w_" in n else "linear"
+             for n in ranges}
+    assert kinds == {"qk", "pv", "group", "linear"}
+    assert {tuple(r.shape) for r in ranges.values()} == {(1,)}
+
+
 @pytest.mark.parametrize("what", ["far-separate", "far-fused", "vit-digital", "vit-crossbar", "vit-digital-tensor"])
 def test_emulated_model_takes_an_empty_batch(what):
     """Zero images give zero logits, as the float model does (the FAR block's reshapes with -1 and the per-input

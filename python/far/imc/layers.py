@@ -107,8 +107,9 @@ class CrossbarLinear(nn.Module):
         rec, self._calib = self._calib, None
         if rec is None or per_slice is None:
             return None
-        self.set_adc_range(_recorded_range(rec, per_slice, self.cfg.p_max))
-        return self.adc_range.clone()
+        r = _recorded_range(rec, per_slice, self.cfg.p_max)
+        self.set_adc_range(r)
+        return r  # [S] per slice (also for S = 1: the crossbar stores a one-value range as a scalar), else a scalar
 
     @property
     def adc_range(self) -> Optional[torch.Tensor]:
