@@ -674,8 +674,7 @@ def test_calibrate_records_partial_sum_maxima():
     want0 = torch.where(want0 > 0, want0, torch.full_like(want0, float(cfg.p_max)))
     assert torch.equal(ranges["0"], want0.float()) and ranges["0"].shape == (cfg.n_weight_slices,)
     # layer 2 sees layer 0 run with an uncalibrated (full-range) ADC
-    full = cfg.p_max
-    h = [torch.relu(far_kernels.crossbar_matmul(b, l0.programmed, l0.cfg, bias=l0.bias, adc_range=full))
+    h = [torch.relu(far_kernels.crossbar_matmul(b, l0.programmed, l0.cfg.replace(adc_range="max"), bias=l0.bias))
          for b in batches]
     want2 = torch.stack([far_kernels.crossbar_partial_sum_absmax(t, l2.programmed) for t in h]).amax(0)
     want2 = torch.where(want2 > 0, want2, torch.full_like(want2, float(cfg.p_max)))
@@ -692,6 +691,25 @@ def test_calibrate_records_partial_sum_maxima():
     emu2 = emulate(model, cfg)
     r2 = calibrate(emu2, torch.cat(batches))
     assert r2["0"].dim() == 0 and r2["0"] == ranges["0"].max()
+
+
+def test_calibrating_layers_run_as_a_max_adc():
+    """While calibrating, every product reads as adc_range="max" does (calibrate's docstring), bit for bit: a
+    CrossbarLinear ran a calibrated ADC with range p_max instead, whose fp32 step p_max/L and per-slice epilogue
+    round differently (125 of these 320 outputs an ulp or so off), so its outputs, which later layers calibrate
+    on, were not the grouped products' (which use "max")."""
+    cfg = CrossbarConfig(adc_bits=6, adc_range="calibrated", tile_rows=8)
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(5, 12, generator=g), torch.randn(64, 12, generator=g)
+    lin = CrossbarLinear.from_weight(w, None, cfg)
+    grp = CrossbarGroupLinear(GroupLinear(["a"], [w]), cfg, [True], [cfg.seed])
+    want = far_kernels.crossbar_matmul(x, lin.programmed, cfg.replace(adc_range="max"))
+    assert not torch.equal(far_kernels.crossbar_matmul(x, lin.programmed, cfg, adc_range=cfg.p_max), want)
+    for m, inp in ((lin, x), (grp, x[None])):
+        m.begin_calibration()
+        y = m(inp).reshape(want.shape)
+        m.end_calibration(None)
+        assert torch.equal(y, want), type(m).__name__
 
 
 def test_calibrate_bad_inputs():

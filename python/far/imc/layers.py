@@ -130,17 +130,16 @@ class CrossbarLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name or 'CrossbarLinear'}: expected x [..., {self.in_features}], "
                              f"got {list(x.shape)}")
-        r = None  # None: the programmed crossbar's adc_range
+        cfg = self.cfg
         if self._calib is not None:  # calibrating: record ranges, run as an uncalibrated ("max") ADC would
             p = far_kernels.crossbar_partial_sum_absmax(x, self.programmed).to(self._calib.device, torch.float32)
             torch.maximum(self._calib, p, out=self._calib)
-            if self.cfg.adc_range == "calibrated":
-                r = torch.full((), float(self.cfg.p_max), device=x.device)
-        elif self.cfg.adc_range == "calibrated" and self.adc_range is None:
+            if cfg.adc_range == "calibrated":  # "max" itself (exact integer codes), as the grouped products do;
+                cfg = cfg.replace(adc_range="max")  # a calibrated range of p_max rounds p·L/p_max in fp32 instead
+        elif cfg.adc_range == "calibrated" and self.adc_range is None:
             raise RuntimeError(f"{self.layer_name or 'CrossbarLinear'}: adc_range='calibrated' needs ranges; run "
                                "far.imc.calibrate(model, data) first (or use adc_range 'max'/'granular')")
-        return far_kernels.crossbar_matmul(x, self.programmed, self.cfg, bias=self.bias, backend=self.backend,
-                                           adc_range=r)
+        return far_kernels.crossbar_matmul(x, self.programmed, cfg, bias=self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         c = self.cfg
