@@ -325,3 +325,21 @@ def test_input_size_that_does_not_fit_the_model(size, needle):
     with pytest.raises(ConfigError, match=needle):
         trace(vit, size)
     assert model_cost(vit, input_size=(1, 28, 28)).totals == model_cost(vit).totals
+
+
+@pytest.mark.parametrize("what", ["vit", "vit-mlp-only", "far"])
+def test_an_emulated_model_is_refused(what):
+    """far.imc.emulate's modules (CrossbarLinear, grouped products, QuantizedAttention, UnrolledFARAttention) are no
+    nn.Linear, Attention or FARAttention, so model_cost(emulate(model, cfg)) used to cost them as absent: a tiny ViT
+    came out at 1 array (the patch embedding) and a tenth of its energy, silently. It is refused by name; the float
+    model is costed as before."""
+    from far.imc import emulate
+
+    torch.manual_seed(0)
+    vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=1, num_heads=2)
+    model = far.convert(vit, hidden_sizes=[[[16, 3], [0, 2]]]) if what == "far" else vit
+    want = model_cost(model).totals
+    emu = emulate(model, CrossbarConfig(), include="*.mlp.*" if what == "vit-mlp-only" else None)
+    with pytest.raises(ConfigError, match=r"emulated model \(blocks\.0\.\w+(\.fc1)? is \w+, from far\.imc\.emulate\)"):
+        model_cost(emu)
+    assert model_cost(model).totals == want

@@ -61,6 +61,8 @@ import torch
 import torch.nn as nn
 
 from far.errors import ConfigError
+from far.imc.far_block import UnrolledFARAttention
+from far.imc.layers import CrossbarGroupLinear, CrossbarLinear, QuantizedAttention
 from far.models import attention_classes, check_input, data_config
 from far.nn import FARAttention, ReuseAttention
 from far.nn.far_attention import as_hidden_sizes
@@ -499,6 +501,12 @@ def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, in
     cfg = cfg if cfg is not None else far_kernels.CrossbarConfig()
     hw = hw if hw is not None else HardwareSpec()
     chip = _Chip(cfg, hw)
+    emulated = next((n for n, m in model.named_modules() if isinstance(
+        m, (CrossbarLinear, CrossbarGroupLinear, QuantizedAttention, UnrolledFARAttention))), None)
+    if emulated is not None:  # its crossbar modules are no nn.Linear / FARAttention / Attention: costed as absent
+        raise ConfigError(f"model_cost: {type(model).__name__} is an emulated model ({emulated or 'the model'} is "
+                          f"{type(model.get_submodule(emulated)).__name__}, from far.imc.emulate); cost the float "
+                          "model, which the cost model maps onto crossbars itself")
     composite = (FARAttention,) + attention_classes()
     rows: List[LayerCost] = []
     inside: List[str] = []  # names of composite modules already costed: their children are theirs
