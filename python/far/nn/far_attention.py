@@ -19,6 +19,7 @@ set_storage() converts in place; far.models.set_storage / far.load(storage=...) 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -175,8 +176,7 @@ class FARAttention(nn.Module):
         """{compact key: the parameter holding it} in this module's layout: the padded [H, 2, 4n, d], ...
         tensors (storage "padded") or the ragged lstm.* / head_proj.* ones (storage "ragged")."""
         if self.storage == "ragged":  # attributes, not get_parameter: torch.func.functional_call swaps in tensors
-            return {key: getattr(self.get_submodule(key.split(".")[0]), key.split(".")[1])
-                    for key in self.COMPACT_KEYS.values()}
+            return {key: operator.attrgetter(key)(self) for key in self.COMPACT_KEYS.values()}
         return {key: getattr(self, name) for name, key in self.COMPACT_KEYS.items()}
 
     def set_storage(self, storage: str) -> "FARAttention":
