@@ -104,6 +104,30 @@ def test_sweep_table_json_plot(capsys, teacher_ckpt, tmp_path):
 
 
 @needs_fmnist
+def test_attention_pool_left_digital_is_said(capsys, tmp_path):
+    """A global_pool="map" model: its pool's q@k^T and attn@v are not emulated; imc-eval says so in the table and
+    the JSON, imc-cost --emulate warns, and its costs count the pool's products (a "pool" row)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    path, js = tmp_path / "map.safetensors", tmp_path / "map.json"
+    far.save(VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=16, depth=1,
+                               num_heads=2, global_pool="map").eval(), str(path))
+    code, out, err = run(capsys, "imc-eval", path, "--data", "fashion-mnist", "--limit", 2, "--batch-size", 2,
+                         *FASTEST, "--json", js, "-q")
+    assert code == 0, err
+    assert "not emulated (digital, full precision): q@k^T and attn@v of the attention pool(s) attn_pool" in out
+    res = json.loads(js.read_text())
+    assert res["not_emulated"] == ["attn_pool"] and "attn_pool.kv" in res["emulated"]
+    code, out, err = run(capsys, "imc-cost", path, "--data", "fashion-mnist", "--limit", 2, "--batch-size", 2,
+                         "--emulate", *FASTEST, "--json", js, "-f", "-q")
+    assert code == 0, err
+    assert "far: warning:" in err and "attention pool(s) attn_pool digital in full precision" in err
+    rows = json.loads(js.read_text())["models"][0]["cost"]["write"]["rows"]
+    assert [(r["name"], r["macs"]) for r in rows if r["kind"] == "pool"] == [("attn_pool", 2 * 2 * 1 * 16 * 8)]
+
+
+@needs_fmnist
 def test_json_says_which_code_and_when(capsys, teacher_ckpt, tmp_path):
     """--json carries the environment record the benchmarks write: git commit and dirty flag, date, host."""
     from far.utils.env import git_state

@@ -343,3 +343,34 @@ def test_an_emulated_model_is_refused(what):
     with pytest.raises(ConfigError, match=r"emulated model \(blocks\.0\.\w+(\.fc1)? is \w+, from far\.imc\.emulate\)"):
         model_cost(emu)
     assert model_cost(model).totals == want
+
+
+@pytest.mark.parametrize("pool", ["map", "prr"])
+def test_attention_pool_dynamic_products_by_hand(pool):
+    """timm's attention pools (global_pool "map": one latent query over the patch tokens; "prr": every token over
+    every token) hold q@k^T and attn@v of their own; the cost model used to leave them out: a "prr" head's
+    2·H·N²·d MACs, as much as an attention block's, cost nothing. Every MAC of the model counted by hand."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                            global_pool=pool).eval()
+    H, d, S = 2, 16, 4
+    N = 4 if pool == "map" else 5  # "map" pools the 4 patch tokens, "prr" the class token too
+    Tq = 1 if pool == "map" else N
+    for dyn in ("write", "digital"):
+        r = model_cost(vit, CrossbarConfig(), HardwareSpec(dynamic=dyn))
+        rows = [x for x in r.rows if x.kind == "pool"]
+        assert [x.name for x in rows] == ["attn_pool"]
+        row = rows[0]
+        assert row.macs == H * 2 * Tq * N * d
+        if dyn == "write":
+            assert row.cell_writes == H * 2 * N * d * S * 2
+            assert row.dynamic_arrays == H * (math.ceil(N * S * 2 / 128) + math.ceil(d * S * 2 / 128))
+        else:
+            assert row.cell_writes == 0 and row.dynamic_arrays == 0 and row.energy["digital"] > 0
+        # tokens each Linear reads: the 5 of the blocks; "map": kv the 4 patch tokens, the rest the one latent
+        tokens = {"head": 1, "attn_pool.kv": N}
+        static = sum(m.in_features * m.out_features * tokens.get(name, 1 if name.startswith("attn_pool") else 5)
+                     for name, m in vit.named_modules() if isinstance(m, nn.Linear))
+        by_hand = static + 4 * 3 * 8 * 8 * 32 + H * 2 * 5 * 5 * d + H * 2 * Tq * N * d  # + conv, attention, pool
+        assert r.totals["macs"] == by_hand

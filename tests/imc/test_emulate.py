@@ -287,6 +287,29 @@ def test_emulate_all_layers_of_a_vit():
     assert "crossbar products" in emu.imc_emulation.table()
 
 
+@pytest.mark.parametrize("pool", ["map", "prr"])
+@pytest.mark.parametrize("dynamic", ["digital", "crossbar"])
+def test_attention_pool_products_are_named_as_not_emulated(pool, dynamic):
+    """timm's attention pools (global_pool "map", "prr") compute q@k^T and attn@v that emulate cannot map: they stay
+    digital in full precision, and the report says so (it used to list nothing, as if every product were
+    emulated). The pool's Linears are emulated like any other; in the exactness-law config the model stays within
+    the 16-bit quantization of the float one."""
+    model = tiny_vit(global_pool=pool)
+    emu = emulate(model, exact_cfg(weight_bits=16, input_bits=16, cell_bits=4, dac_bits=4), dynamic=dynamic)
+    rep = emu.imc_emulation
+    assert [n for n, _ in rep.unemulated] == ["attn_pool"]
+    assert "attn_pool" in rep.table() and "not emulated" in rep.table()
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert sorted(crossbar_products(emu)) == sorted(linears)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        y, ref = emu(x), model(x)
+    # each of the ~10 chained products rounds x and w to 15 magnitude bits: a few 2^-15 of the logits' scale
+    assert (y - ref).abs().max() <= 64 * 2.0 ** -15 * ref.abs().max()
+    plain = emulate(tiny_vit(), CrossbarConfig()).imc_emulation
+    assert plain.unemulated == [] and "not emulated" not in plain.table()
+
+
 def test_emulate_include_exclude():
     model = tiny_vit()
     cfg = CrossbarConfig(tile_rows=16)

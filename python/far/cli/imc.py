@@ -212,7 +212,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     import far_kernels
     from far.data import is_fashion_mnist, iterate_batches, make_dataset
     from far.evaluate import evaluate
-    from far.imc import calibrate, crossbar_products, emulate, emulation_targets, select_targets
+    from far.imc import calibrate, crossbar_products, emulate, emulation_targets, select_targets, unemulated_products
     from far.models import data_config, load_model, resolve
     from far.utils.env import device_name, environment, resolve_device
     from far.utils.fs import write_json
@@ -274,7 +274,8 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
         "sweeps": [{"key": k, "values": list(dict.fromkeys(v[k] for _, v, _, _ in settings))} for k in sweep_keys],
         "dynamic": args.dynamic.split(","), "seeds": args.seeds,
         "include": inc, "exclude": exc, "lstm_mapping": args.lstm_mapping, "calibration_data": (args.calib_data or str(args.data)) if needs_calib else None,
-        "emulated": None, "results": [], "complete": False, "far_version": __version__,
+        "emulated": None, "not_emulated": [n for n, _ in unemulated_products(model)],
+        "results": [], "complete": False, "far_version": __version__,
         "torch_version": torch.__version__,
         "environment": environment(),  # commit, dirty flag, date, host: which code measured this
     }
@@ -331,6 +332,9 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     names = result["emulated"] or []
     print(f"emulated: {len(names)} crossbar products" + (f", include {inc}" if inc else "")
           + (f", exclude {exc}" if exc else "") + (f": {_layer_summary(names)}" if names else ""))
+    if result["not_emulated"]:
+        print(f"not emulated (digital, full precision): q@k^T and attn@v of the attention pool(s) "
+              f"{', '.join(result['not_emulated'])}")
     multi = any(len(r["seeds"]) > 1 for r in rows[1:])
     if multi:
         print(f"noisy settings: mean over {args.seeds} seeds ± their std")
@@ -568,7 +572,7 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     import torch
 
     from far.evaluate import evaluate
-    from far.imc import emulate, emulation_targets
+    from far.imc import emulate, emulation_targets, unemulated_products
     from far.imc.cost import DYNAMIC_MODES, HardwareSpec, model_cost
     from far.models import stored_tensors
     from far.utils.env import environment, resolve_device
@@ -604,6 +608,10 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
                                    workers=eval_workers(args), progress=not args.quiet)["accuracy"]
             if args.emulate:  # write mode: K and V on crossbars too (dynamic="crossbar"); digital: on the MAC unit
                 has_attention = any(k == "digital-quantized" for _, k in emulation_targets(model))
+                pools = [n for n, _ in unemulated_products(model)]
+                if pools:
+                    warn(f"{label}: the emulator leaves the q@k^T and attn@v of the attention pool(s) "
+                         f"{', '.join(pools)} digital in full precision (the costs count them)")
                 row["top1_emulated"] = {}
                 for m in (modes if has_attention else modes[:1]):
                     dyn = "crossbar" if m == "write" else "digital"

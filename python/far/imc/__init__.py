@@ -15,7 +15,8 @@ input. See `emulate` for the full list.
 """
 from far.imc.calibrate import calibrate
 from far.imc.emulate import (DYNAMIC_MODES, EmulationReport, crossbar_attentions, crossbar_groups, crossbar_layers,
-                             crossbar_products, emulate, emulation_targets, layer_seed, select_targets)
+                             crossbar_products, emulate, emulation_targets, layer_seed, select_targets,
+                             unemulated_products)
 from far.imc.far_block import EMULATED_LSTM_MAPPING, LSTM_MAPPINGS, UnrolledFARAttention
 from far.imc.layers import (CrossbarAttention, CrossbarGroupLinear, CrossbarLinear, GroupLinear, QuantizedAttention,
                             fake_quantize)
@@ -41,4 +42,5 @@ __all__ = [
     "fake_quantize",
     "layer_seed",
     "select_targets",
+    "unemulated_products",
 ]

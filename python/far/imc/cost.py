@@ -20,7 +20,8 @@ overrides any of them from a JSON or YAML file):
   output). One MVM takes J crossbar cycles; a cycle is the longer of the read (100 ns) and the ADC's
   conversions of the outputs it serves (cols_per_adc columns: cols_per_adc / 2 differential pairs, or
   cols_per_adc offset-encoded columns, at its rate). A read also charges the columns' sample-and-hold.
-- Dynamic products (attention's QKᵀ and S·V, per head) have no static weights:
+- Dynamic products (attention's QKᵀ and S·V, per head; also those of timm's attention pools, global_pool "map"
+  with its latent queries and "prr", T queries over T tokens) have no static weights:
   dynamic="write": K (as Kᵀ, d rows x T columns) and V (T rows x d columns) are written into dedicated
   crossbars for every image (cell_write energy per cell, rows written one after another within an array
   at cell_write latency, arrays in parallel), then read like weights; cell writes per inference and the
@@ -63,7 +64,7 @@ import torch.nn as nn
 from far.errors import ConfigError
 from far.imc.far_block import UnrolledFARAttention
 from far.imc.layers import CrossbarGroupLinear, CrossbarLinear, QuantizedAttention
-from far.models import attention_classes, check_input, data_config
+from far.models import attention_classes, attention_pool_classes, check_input, data_config
 from far.nn import FARAttention, ReuseAttention
 from far.nn.far_attention import as_hidden_sizes
 from far.utils.env import eval_mode
@@ -268,7 +269,7 @@ class _Chip:
 class LayerCost:
     """One stage of the model: its arrays, events, energy by component (pJ), time (ns)."""
     name: str
-    kind: str  # "static", "attention", "far", "reuse", "digital"
+    kind: str  # "static", "attention", "far", "reuse", "pool" (an attention pool's dynamic products), "digital"
     detail: str = ""
     arrays: int = 0
     dynamic_arrays: int = 0
@@ -324,27 +325,47 @@ def _attention_row(chip: _Chip, name: str, attn: nn.Module, T: int) -> LayerCost
     A = H * d
     row = LayerCost(name, "attention", f"{H} heads x d {d}, T {T}, dynamic {chip.hw.dynamic}")
     t = _static(chip, row, C, attn.qkv.out_features, T)  # qkv
-    dyn_macs = 2 * T * T * d  # QK^T and S.V, per head
+    t += _dynamic(chip, row, H, d, T, T)
+    t += _static(chip, row, A, attn.proj.out_features, T)  # proj
+    row.latency_ns = t
+    return row
+
+
+def _dynamic(chip: _Chip, row: LayerCost, H: int, d: int, Tq: int, Tk: int) -> float:
+    """Attention's dynamic products QK^T and S.V of H heads, Tq queries over Tk keys, and the softmax; returns
+    their time (ns)."""
+    dyn_macs = 2 * Tq * Tk * d  # QK^T and S.V, per head
+    t = 0.0
     if chip.hw.dynamic == "write":
-        k_arrays, v_arrays = chip.arrays(d, T), chip.arrays(T, d)  # K^T: d x T;  V: T x d
-        cells = 2 * T * d * chip.S * chip.pair  # per head: both matrices, every cell (re)programmed
+        k_arrays, v_arrays = chip.arrays(d, Tk), chip.arrays(Tk, d)  # K^T: d x Tk;  V: Tk x d
+        cells = 2 * Tk * d * chip.S * chip.pair  # per head: both matrices, every cell (re)programmed
         row.dynamic_arrays += H * (k_arrays + v_arrays)
         row.cell_writes += H * cells
         row.energy["writes"] += H * cells * chip.e_write
         t_write_k = min(d, chip.rows) * chip.t_write  # rows one after another; row tiles in parallel
-        t_write_v = min(T, chip.rows) * chip.t_write
-        qk, sv = chip.mvm(d, T), chip.mvm(T, d)
-        row.add_mvm(qk, H * T)
-        row.add_mvm(sv, H * T)
-        t += t_write_k + T * qk["ns"] + T * sv["ns"] + t_write_v  # writes of K then V are not hidden (batch 1)
+        t_write_v = min(Tk, chip.rows) * chip.t_write
+        qk, sv = chip.mvm(d, Tk), chip.mvm(Tk, d)
+        row.add_mvm(qk, H * Tq)
+        row.add_mvm(sv, H * Tq)
+        t += t_write_k + Tq * qk["ns"] + Tq * sv["ns"] + t_write_v  # writes of K then V are not hidden (batch 1)
     else:
         row.macs += H * dyn_macs
         row.energy["digital"] += H * dyn_macs * chip.e_mac8
         t += H * dyn_macs / chip.hw.digital_macs / chip.clock_ghz
-    # softmax per head: T*T exp, T*T adds (sums), T*T multiplies (by 1/sum), the 1/sqrt(d) scale
-    t += row.add_digital(chip, adds=H * T * T, mults=2 * H * T * T, nonlinear=H * T * T)
-    t += _static(chip, row, A, attn.proj.out_features, T)  # proj
-    row.latency_ns = t
+    # softmax per head: Tq*Tk exp, adds (sums), multiplies (by 1/sum), the 1/sqrt(d) scale
+    t += row.add_digital(chip, adds=H * Tq * Tk, mults=2 * H * Tq * Tk, nonlinear=H * Tq * Tk)
+    return t
+
+
+def _pool_row(chip: _Chip, name: str, pool: nn.Module, shape: tuple) -> LayerCost:
+    """The dynamic products of a timm attention pool (global_pool "map": AttentionPoolLatent's latent queries over
+    the tokens; "prr": AttentionPoolPrr's parameter-free self-attention); its Linears and norms are rows of
+    their own."""
+    H, d, N = pool.num_heads, pool.head_dim, shape[1]
+    Tq = int(getattr(pool, "latent_len", N))  # "map": latent_len queries; "prr": every token queries
+    row = LayerCost(name, "pool", f"attention pool: {H} heads x d {d}, {Tq} queries x {N} tokens, "
+                                  f"dynamic {chip.hw.dynamic}")
+    row.latency_ns = _dynamic(chip, row, H, d, Tq, N)
     return row
 
 
@@ -472,7 +493,8 @@ def trace(model: nn.Module, input_size=None) -> list:
     calls them (batch 1, zero input; weights do not matter). input_size: (C, H, W), default the model's own
     (its patch embedding's img_size and in_chans, else its pretrained_cfg: far.models.data_config)."""
     input_size = _input_size(model, input_size)
-    kinds = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GELU, FARAttention, ReuseAttention) + attention_classes()
+    kinds = ((nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GELU, FARAttention, ReuseAttention) + attention_classes()
+             + attention_pool_classes())
     names = {id(m): n for n, m in model.named_modules()}
     calls, handles = [], []
     for m in model.modules():
@@ -530,6 +552,8 @@ def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, in
         elif isinstance(m, ReuseAttention):
             rows.append(_reuse_row(chip, name, m, T))
             inside.append(name)
+        elif isinstance(m, attention_pool_classes()):  # its dynamic products; its Linears and norms follow
+            rows.append(_pool_row(chip, name, m, shape))
         elif isinstance(m, nn.Conv2d):
             Cin, kh, kw = m.in_channels // m.groups, *m.kernel_size
             H_out = (shape[2] + 2 * m.padding[0] - kh) // m.stride[0] + 1
@@ -562,7 +586,7 @@ def model_cost(model: nn.Module, cfg=None, hw: Optional[HardwareSpec] = None, in
 
 def _totals(rows: List[LayerCost], chip: _Chip) -> dict:
     hw = chip.hw
-    has_dynamic = any(r.kind == "attention" for r in rows)
+    has_dynamic = any(r.kind in ("attention", "pool") for r in rows)
     arrays = sum(r.arrays for r in rows)
     dyn = sum(r.dynamic_arrays for r in rows)
     array_cells = chip.rows * hw.cols

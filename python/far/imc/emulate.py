@@ -13,7 +13,7 @@ import torch.nn as nn
 import far_kernels
 from far.imc.far_block import EMULATED_LSTM_MAPPING, LSTM_MAPPINGS, UnrolledFARAttention
 from far.imc.layers import CrossbarAttention, CrossbarGroupLinear, CrossbarLinear, QuantizedAttention
-from far.models import attention_classes
+from far.models import attention_classes, attention_pool_classes
 from far.nn import FARAttention
 
 Patterns = Union[None, str, Sequence[str]]
@@ -79,6 +79,14 @@ def emulation_targets(model: nn.Module, lstm_mapping: str = EMULATED_LSTM_MAPPIN
     return out
 
 
+def unemulated_products(model: nn.Module) -> list:
+    """[(name, detail)] of the activation x activation products far.imc.emulate cannot map, which stay digital in
+    full precision: q@k^T and attn@v inside timm's attention pools (VisionTransformer global_pool "map":
+    AttentionPoolLatent, "prr": AttentionPoolPrr; their Linears are emulation targets like any other)."""
+    return [(name, f"q@k^T and attn@v of {type(m).__name__}: not emulated, digital in full precision")
+            for name, m in model.named_modules() if isinstance(m, attention_pool_classes())]
+
+
 def select_targets(model: nn.Module, include: Patterns = None, exclude: Patterns = None,
                    lstm_mapping: str = EMULATED_LSTM_MAPPING) -> tuple:
     """(chosen [(name, kind)], skipped [name]) of emulation_targets(model, lstm_mapping) under include/exclude
@@ -116,13 +124,17 @@ class EmulationReport:
     rows: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # names matched by no include / by an exclude
     lstm_mapping: str = EMULATED_LSTM_MAPPING  # how FAR blocks' LSTMs were mapped (far.imc.far_block)
+    unemulated: list = field(default_factory=list)  # (name, detail): products emulate cannot map (digital, fp)
 
     def table(self) -> str:
-        w = max([len(r[0]) for r in self.rows] + [5])
+        w = max([len(r[0]) for r in self.rows + self.unemulated] + [5])
         lines = [f"{'layer':<{w}}  {'kind':<17}  detail"]
         lines += [f"{n:<{w}}  {k:<17}  {d}" for n, k, d in self.rows]
+        lines += [f"{n:<{w}}  {'not emulated':<17}  {d}" for n, d in self.unemulated]
         lines.append(f"{len(self.rows)} emulated ({sum(r[1] == KIND_LINEAR for r in self.rows)} crossbar products), "
-                     f"{len(self.skipped)} left digital in full precision")
+                     f"{len(self.skipped)} left digital in full precision"
+                     + (f"; {len(self.unemulated)} attention pool(s) whose q@k^T and attn@v emulate cannot map, "
+                        "digital in full precision" if self.unemulated else ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -166,6 +178,8 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
         faults, and read with its DAC, ADC and read noise (CrossbarAttention);
       the 1/sqrt(d) scale and softmax stay digital in full precision.
     What stays digital:
+      - the q@k^T and attn@v inside timm's attention pools (global_pool "map", "prr"): not emulated, in full
+        precision, listed in the report's `unemulated` (far.imc.unemulated_products); their Linears are emulated;
       - LSTM gate nonlinearities and the cell update, biases, LayerNorm, GELU, residuals, the
         patch-embedding convolution, in full precision.
 
@@ -203,7 +217,7 @@ def emulate(model: nn.Module, cfg, include: Patterns = None, exclude: Patterns =
                          "values; load the weights first (e.g. load_state_dict(..., assign=True))")
     if not inplace:
         model = copy.deepcopy(model)
-    report = EmulationReport(cfg=cfg, skipped=skipped, lstm_mapping=lstm_mapping)
+    report = EmulationReport(cfg=cfg, skipped=skipped, lstm_mapping=lstm_mapping, unemulated=unemulated_products(model))
     chosen_names = {n for n, _ in chosen}
     grouped: set = set()  # product names that live inside a group (not modules of their own)
     new: list = []  # (name, module): all built before the model changes, so a failure (inplace) leaves it intact

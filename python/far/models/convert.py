@@ -29,6 +29,16 @@ def attention_classes() -> tuple:
     return tuple(classes)
 
 
+def attention_pool_classes() -> tuple:
+    """timm's attention-pooling heads (VisionTransformer global_pool "map": AttentionPoolLatent; "prr":
+    AttentionPoolPrr, in timm versions that have it): q@k^T and attn@v inside a head, which far.convert leaves
+    as they are."""
+    import timm.layers.attention_pool as pools
+
+    return tuple(c for c in (getattr(pools, "AttentionPoolLatent", None), getattr(pools, "AttentionPoolPrr", None))
+                 if c is not None)
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
