@@ -374,3 +374,24 @@ def test_attention_pool_dynamic_products_by_hand(pool):
                      for name, m in vit.named_modules() if isinstance(m, nn.Linear))
         by_hand = static + 4 * 3 * 8 * 8 * 32 + H * 2 * 5 * 5 * d + H * 2 * Tq * N * d  # + conv, attention, pool
         assert r.totals["macs"] == by_hand
+
+
+def test_layernorms_inside_attention_are_charged():
+    """qk_norm (a LayerNorm of every head's q and k) and scale_norm (one over the attention output) sit inside the
+    attention, whose row used to skip its children's digital work: the same model with them cost the same."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    T, H, d, C = 5, 2, 16, 32
+
+    def attn_row(**extra):
+        r = model_cost(VisionTransformer(**kw, **extra).eval(), CrossbarConfig(), HardwareSpec())
+        return next(x for x in r.rows if x.kind == "attention")
+
+    base = attn_row()
+    qk = attn_row(qk_norm=True)
+    assert qk.digital_ops - base.digital_ops == 2 * H * T * (5 * d + 1)  # 3 adds, 2 mults per value, 1 nonlinear
+    assert qk.energy["digital"] > base.energy["digital"] and qk.latency_ns > base.latency_ns
+    assert qk.macs == base.macs and qk.arrays == base.arrays
+    sn = attn_row(scale_attn_norm=True)
+    assert sn.digital_ops - base.digital_ops == T * (5 * C + 1)

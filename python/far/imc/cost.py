@@ -325,6 +325,9 @@ def _attention_row(chip: _Chip, name: str, attn: nn.Module, T: int) -> LayerCost
     A = H * d
     row = LayerCost(name, "attention", f"{H} heads x d {d}, T {T}, dynamic {chip.hw.dynamic}")
     t = _static(chip, row, C, attn.qkv.out_features, T)  # qkv
+    for norm, vectors, n in ((attn.q_norm, H * T, d), (attn.k_norm, H * T, d), (getattr(attn, "norm", None), T, A)):
+        if norm is not None and not isinstance(norm, nn.Identity):  # qk_norm (per head), scale_norm: LayerNorms
+            t += row.add_digital(chip, adds=3 * n * vectors, mults=2 * n * vectors, nonlinear=vectors)
     t += _dynamic(chip, row, H, d, T, T)
     t += _static(chip, row, A, attn.proj.out_features, T)  # proj
     row.latency_ns = t
