@@ -18,9 +18,18 @@
 //     A-fragment registers; h^T is read from shared memory as B fragments (conflict-free padding).
 //   Wider heads (kept units > kFastMaxHidden) run a simple kernel (W_hh from L2 every step).
 // State c and all accumulation are fp32; activations from one tanh each (lstm_cell.h).
+#ifdef FAR_CUDA_EMU
+#include "emu/cuda_emu.h"  // the host emulation: tests run these kernels on a CPU (far_kernels/cuda_emu.py)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// What the emulation spells differently: shared arrays, dynamic shared memory, a launch, a kernel's name.
+#define FAR_SHARED(type, name, dims) __shared__ __align__(16) type name dims
+#define FAR_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define FAR_LAUNCH(kernel, grid, block, shmem, stream) kernel<<<grid, block, shmem, stream>>>
+#define FAR_EMU_KERNEL()
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -59,9 +68,13 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
 // ---- activations (both saturate to +-1 for huge |x|, NaN propagates) ----
 // tanh.approx.f32: one MUFU op, max relative error ~2^-11 (PTX ISA).
 __device__ __forceinline__ float tanh_fast(float x) {
+#ifdef FAR_CUDA_EMU
+  return far_emu::tanh_approx(x);
+#else
   float y;
   asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 // 1 - 2 / (1 + e^{2x}) with ex2.approx and rcp.approx (two MUFU ops), absolute error ~1e-7: tanh_via_exp
 // in ../lstm_cell.h, where a CPU test (tests/kernels/test_lstm_cell.py) checks it with the cell updates.
@@ -123,7 +136,8 @@ template <typename T, int KS, int BT>
 __global__ void __launch_bounds__(256) bilstm_fma_kernel(const __grid_constant__ Params p) {
   constexpr int HS = 4 * (KS + 4);                // floats per h row
   constexpr int RO = BT >= 4 ? BT / 4 : 1;        // rows whose cell this lane updates
-  __shared__ __align__(16) float hbuf[2][BT][HS];
+  FAR_EMU_KERNEL();
+  FAR_SHARED(float, hbuf, [2][BT][HS]);
   const int lane = threadIdx.x & 31, u = (threadIdx.x >> 5) * 8 + (lane >> 2), s = lane & 3;
   const T* gx = static_cast<const T*>(p.gx);
   T* out = static_cast<T*>(p.out);
@@ -261,25 +275,34 @@ template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef FAR_CUDA_EMU
+  far_emu::mma_m16n8k16<__half>(d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                         uint32_t b1) {
+#ifdef FAR_CUDA_EMU
+  far_emu::mma_m16n8k16<__nv_bfloat16>(d, a, b0, b1);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <typename T, int KT, int NT>
 __global__ void __launch_bounds__(256) bilstm_mma_kernel(const __grid_constant__ Params p) {
   constexpr int K = 16 * KT, BT = 8 * NT;
   constexpr int S = K + 8;  // halves per h row: S/2 = 4 (mod 8) words -> B-fragment loads conflict-free
-  __shared__ __align__(16) T hbuf[2][BT][S];
+  FAR_EMU_KERNEL();
+  FAR_SHARED(T, hbuf, [2][BT][S]);
   const int lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
   const int u = (threadIdx.x >> 5) * 8 + g;
   const T* gx = static_cast<const T*>(p.gx);
@@ -381,13 +404,14 @@ __global__ void __launch_bounds__(256) bilstm_mma_kernel(const __grid_constant__
 // One block per (dir, head, batch row): threads over the 4k gate rows, W_hh read from L2 every step.
 template <typename T>
 __global__ void bilstm_wide_kernel(const __grid_constant__ Params p) {
+  FAR_EMU_KERNEL();
   const int item = blockIdx.x;  // (dir * H + head) * B + b
   const int b = item % p.B, dh = item / p.B, dir = dh / p.H, head = dh % p.H, k = p.hid[dh];
   const T* gx = static_cast<const T*>(p.gx);
   T* out = static_cast<T*>(p.out);
   write_pruned_zeros<T>(p, head, dir, b, 1, k);
   if (k == 0) return;
-  extern __shared__ float smem[];
+  FAR_DYNAMIC_SHARED(float, smem);
   float* hs = smem;             // [k]
   float* gs = smem + p.kmax;     // [4k]
   float* cs = smem + 5 * p.kmax;  // [k]
@@ -479,7 +503,7 @@ cudaError_t launch_persistent(K kernel, Params& p, int bt, int threads, cudaStre
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * std::max(sm_count(), 1);
   p.per_block = static_cast<int>((p.items + resident - 1) / resident);
   const int blocks = (p.items + p.per_block - 1) / p.per_block;
-  kernel<<<blocks, threads, 0, stream>>>(p);
+  FAR_LAUNCH(kernel, blocks, threads, 0, stream)(p);
   return cudaGetLastError();
 }
 
@@ -533,7 +557,7 @@ cudaError_t launch_wide(Params& p, cudaStream_t s) {
                                            static_cast<int>(shmem));
     if (err != cudaSuccess) return err;
   }
-  bilstm_wide_kernel<T><<<p.items, threads, shmem, s>>>(p);
+  FAR_LAUNCH(bilstm_wide_kernel<T>, p.items, threads, shmem, s)(p);
   return cudaGetLastError();
 }
 
