@@ -355,3 +355,36 @@ def test_evaluate_under_torchrun_raises_everywhere_and_gathers_logits(tmp_path):
         assert f"rank {rank}: DataError 1 label(s) outside the model's 10 classes [0, 9]" in run.stdout, run.stdout
         # keep_logits: every process's strided share, put back in data order (it returned this process's share)
         assert f"rank {rank}: logits in data order True" in run.stdout, run.stdout
+
+
+def test_image_folder_training_repeats_and_resumes_to_the_same_result(tmp_path):
+    # an image folder's training transforms (timm: random resized crop and flip) draw from python's and torch's
+    # global RNGs when the DataLoader reads a batch, before the step reseeds torch: two runs with one seed differed
+    # and a resumed run did not repeat the uninterrupted one; every item is now read under its own (step) seed
+    from PIL import Image
+
+    from far.data import make_dataset
+    from far.models import data_config
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            img = (torch.rand(36, 40, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(img, mode="L").save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    model = far.create_model("fmnist_deit_tiny", far=False, embed_dim=16, depth=1, num_heads=2, num_classes=2)
+    data = make_dataset(tmp_path / "imgs", "train", data_config(model))
+
+    def run(**kw):
+        cfg = TrainConfig(**{**dict(epochs=2, batch_size=4, lr=1e-2, warmup_epochs=0, progress=False), **kw})
+        return far.train_classifier(model, data, config=cfg).state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    whole = run()
+    assert same(run(), whole)
+    run(out_dir=str(tmp_path / "r"), max_steps=3)  # stopped mid-epoch (4 steps per epoch)
+    assert same(run(out_dir=str(tmp_path / "r"), resume=True), whole)
+    assert same(run(workers=1), whole)  # a worker process reads the same crops

@@ -10,7 +10,8 @@ What it gives a method (distill, prune, supervised training):
   (per image, on PIL images: far.data.deit_view), repeated augmentation under DDP (timm
   RepeatAugSampler), drop-path on timm blocks for the run, and the LR scaled by global batch / N.
 - Determinism that survives a kill: the data order is DistributedSampler(seed, epoch), and every
-  step reseeds torch's RNG (dropout, drop-path, augmentation) from (seed, step, rank), so a run
+  step reseeds torch's RNG (dropout, drop-path, augmentation) from (seed, step, rank), and every
+  image of a DataLoader is read with its RNGs seeded by (seed, step, rank, position), so a run
   resumed from a checkpoint takes exactly the steps the uninterrupted run would have taken.
 - With an out_dir: atomic checkpoints every `ckpt_every` steps and at each epoch end
   (`<out>/last.pt`: tensors, ints and strings only, loaded with weights_only=True; `resume=True`
@@ -200,12 +201,42 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + 12_345) % (2 ** 63 - 1)
 
 
+class _SeededItems(torch.utils.data.Dataset):
+    """`dataset` keyed (index, seed): item `index` is read with python's, numpy's and torch's RNGs seeded from
+    `seed` (and restored after), so random transforms a dataset applies itself (an image folder's random resized
+    crop and flip) are the same in a resumed run, a repeated run and with any number of DataLoader workers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        import random
+
+        import numpy as np
+
+        i, seed = key
+        py, npy = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.dataset[int(i)]
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
 class TrainData:
     """Training batches for one process: indices from DistributedSampler(seed, epoch), shard `rank`
     of `world` (timm's RepeatAugSampler instead with repeated_aug under DDP); in-memory fast path
     (uint8 gather + batched augmentation) for Fashion-MNIST, a DataLoader over the shard for image
-    folders. With rand_augment or reprob every image goes through DeiT's per-image transforms
-    (far.data.deit_view), each image seeded by (seed, step, rank, position): resumable.
+    folders, each image read with the RNGs seeded by (seed, step, rank, position), so that its random
+    crop and flip are resumable. With rand_augment or reprob every image goes through DeiT's per-image
+    transforms (far.data.deit_view), seeded the same way.
     drop_last: every step has a full batch."""
 
     def __init__(self, dataset, batch_size: int, d: Dist, seed: int, augment: bool, workers: int = 0,
@@ -266,18 +297,14 @@ class TrainData:
                     x = self.augment(x)
                 yield x, targets[b]
             return
-        if self.view is not None:  # (index, seed) keys: every image's augmentation seeded by its place in the run
-            keys = []
-            for i, s in enumerate(range(0, len(idx), self.batch_size)):
-                base = _step_seed(self.seed, epoch * self.steps_per_epoch + start_step + i, self.d.rank) + 2
-                keys += [(j, (base * 31 + k) % (2 ** 63 - 1)) for k, j in enumerate(idx[s:s + self.batch_size])]
-            loader = torch.utils.data.DataLoader(self.view, batch_size=self.batch_size, sampler=keys, drop_last=True,
-                                                 num_workers=self.workers, pin_memory=dev.type == "cuda")
-            for x, y in loader:
-                yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            return
-        subset = torch.utils.data.Subset(self.dataset, idx)
-        loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, shuffle=False, drop_last=True,
+        # (index, seed) keys: every image's random transforms (DeiT's view; an image folder's own random resized
+        # crop and flip, which draw from python's and torch's global RNGs) seeded by its place in the run
+        keys = []
+        for i, s in enumerate(range(0, len(idx), self.batch_size)):
+            base = _step_seed(self.seed, epoch * self.steps_per_epoch + start_step + i, self.d.rank) + 2
+            keys += [(j, (base * 31 + k) % (2 ** 63 - 1)) for k, j in enumerate(idx[s:s + self.batch_size])]
+        items = self.view if self.view is not None else _SeededItems(self.dataset)
+        loader = torch.utils.data.DataLoader(items, batch_size=self.batch_size, sampler=keys, drop_last=True,
                                              num_workers=self.workers, pin_memory=dev.type == "cuda")
         for x, y in loader:
             yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
