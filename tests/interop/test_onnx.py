@@ -196,3 +196,14 @@ def test_cli_says_how_to_install(monkeypatch, tmp_path, capsys):
     assert main(["export", "fmnist_far_tiny_pruned", "-o", str(tmp_path / "x.onnx")]) == 2
     assert "pip install onnx onnxruntime" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_gated_attention_is_refused():
+    # timm's Attention(gated=True) multiplies its output by sigmoid(gate(x)) before proj; the exporter wrote it
+    # as plain attention, and onnxruntime's logits differed from torch's with no error
+    from timm.layers import Attention
+
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+    m.blocks[1].attn = Attention(48, num_heads=3, qkv_bias=True, gated=True)
+    with pytest.raises(far.ConfigError, match=r"blocks\.1\.attn: gated attention .* is not exportable"):
+        build_onnx(m.eval())

@@ -13,7 +13,8 @@ Mapping (opset 17):
                          hidden_size per op); a direction with 0 units gets no op; gate rows permuted from
                          torch's (i, f, g, o) to ONNX's (i, o, f, c); B = [b_ih ‖ b_hh]. head_proj
                          MatMul+Add per head, Concat over heads, proj MatMul+Add.
-  timm Attention         MatMul, Softmax, MatMul (for models that keep some attention blocks)
+  timm Attention         MatMul, Softmax, MatMul (for models that keep some attention blocks; no q/k norm,
+                         no scale_norm, not gated)
   pooling, head          Gather (token) / ReduceMean (avg, prefix tokens included with pool_include_prefix),
                          fc_norm, head MatMul+Add; a distilled DeiT: (head(token 0) + head_dist(token 1)) / 2
 Input "pixels" [B, C, H, W] float32, output "logits" [B, classes]; B is fixed or the symbolic "batch".
@@ -166,10 +167,12 @@ class _Graph:
         return self.linear(y, m.proj, f"{base}.proj")
 
     def attention(self, x: str, m: nn.Module, base: str) -> str:
-        """timm Attention (no q/k norm): softmax(q k^T * scale) v, proj."""
+        """timm Attention (no q/k norm, scale_norm or gate): softmax(q k^T * scale) v, proj."""
         for a in ("q_norm", "k_norm", "norm"):
             if not isinstance(getattr(m, a, nn.Identity()), nn.Identity):
                 raise ConfigError(f"{base}: attention with {a} is not exportable")
+        if getattr(m, "gate", None) is not None:  # timm's gated=True: out * sigmoid(gate(x)) before proj
+            raise ConfigError(f"{base}: gated attention (timm Attention gated=True) is not exportable")
         H, d = m.num_heads, m.head_dim
         qkv = self.linear(x, m.qkv, f"{base}.qkv")  # [B, N, 3*H*d]
         qkv = self.op("Reshape", [qkv, self.const("shape", [0, 0, 3, H, d], np.int64)], base)
