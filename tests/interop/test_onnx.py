@@ -207,3 +207,14 @@ def test_gated_attention_is_refused():
     m.blocks[1].attn = Attention(48, num_heads=3, qkv_bias=True, gated=True)
     with pytest.raises(far.ConfigError, match=r"blocks\.1\.attn: gated attention .* is not exportable"):
         build_onnx(m.eval())
+
+
+def test_gated_mlp_is_refused_with_a_clear_message():
+    # timm's GluMlp has fc1, act and fc2 like Mlp but multiplies half of fc1's output by act(the other half): it
+    # was written as Mlp, and onnx's checker failed on a MatMul's dimensions instead of naming the module
+    from timm.layers import GluMlp
+
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=7,
+                          mlp_layer=GluMlp, act_layer=torch.nn.GELU)
+    with pytest.raises(far.ConfigError, match=r"blocks\.0\.mlp: GluMlp is not exportable"):
+        build_onnx(m.eval())

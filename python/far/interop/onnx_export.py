@@ -112,8 +112,10 @@ class _Graph:
         return self.op("Mul", [x, self.const(f"{base}.gamma", _np(gamma))], base)
 
     def mlp(self, x: str, m: nn.Module, base: str) -> str:
-        if not all(hasattr(m, a) for a in ("fc1", "act", "fc2")) or not isinstance(getattr(m, "norm", nn.Identity()),
-                                                                               nn.Identity):
+        from timm.layers import Mlp
+
+        # timm's Mlp forward (fc1, act, fc2) only: GluMlp also has fc1, act and fc2 but gates one half of fc1's output
+        if type(m).forward is not Mlp.forward or not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
             raise ConfigError(f"{base}: {type(m).__name__} is not exportable (timm Mlp: fc1, GELU, fc2)")
         return self.linear(self.gelu(self.linear(x, m.fc1, f"{base}.fc1"), m.act, f"{base}.act"), m.fc2, f"{base}.fc2")
 
