@@ -74,6 +74,14 @@ def test_parallel_layout_matches():
     check_same(ours, pub, torch.randn(2, 6, 30))
 
 
+def test_parallel_layout_with_two_layer_lstms_refused():
+    # the dense form refused a 2-layer LSTM; the per-head form imported layer 0 alone, a different function
+    pub = ParallelHeadsLstm(30, 3)
+    pub.lstms[1] = torch.nn.LSTM(10, 10, num_layers=2, bidirectional=True, batch_first=True)
+    with pytest.raises(far.ConfigError, match=r"'lstms\.1': a multi-layer LSTM"):
+        public_attention(pub.state_dict())
+
+
 def pruned_dense(zero_bias: bool):
     torch.manual_seed(4)
     pub = DenseMultiHeadLstm(24, 3).eval()  # d = 8

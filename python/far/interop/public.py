@@ -336,6 +336,10 @@ def _per_head(sd: dict, prefix: str, layout: str, num_heads: Optional[int]):
             H += 1
         if num_heads and num_heads != H:
             raise ConfigError(f"'{prefix}': num_heads={num_heads} but the checkpoint has {H} per-head LSTMs")
+        deep = [h for h in range(H) if prefix + f"lstms.{h}.weight_ih_l1" in sd]
+        if deep:
+            raise ConfigError(f"'{prefix}lstms.{deep[0]}': a multi-layer LSTM; FARAttention holds one layer per head "
+                              "and direction")
         d = _get(sd, prefix + "lstms.0.weight_hh_l0").shape[1]
         c = _get(sd, prefix + "pre_proj.weight").shape[0]
         if c != H * d:
