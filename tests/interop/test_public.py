@@ -289,3 +289,19 @@ def test_class_token_with_average_pooling_imports_as_average_pooling():
     m = import_public(sd)
     assert m.global_pool == "avg"
     check_same(m, pub.eval(), torch.randn(2, 3, 32, 32))
+
+
+def test_an_mlp_width_that_float_division_rounds_down_imports(tmp_path):
+    # embed 88, MLP 120: int(88 * (120 / 88)) is 119, so the rebuilt timm model had fc1 88 -> 119 and loading the
+    # checkpoint's fc1 [120, 88] ended in load_state_dict's size-mismatch RuntimeError
+    from timm.layers import Mlp
+
+    pub = public_vit(heads=4, depth=1, dim=88)
+    pub.blocks[0].mlp = Mlp(88, 120)
+    assert int(88 * (120 / 88)) != 120
+    m = import_public(pub.state_dict())
+    assert m.blocks[0].mlp.fc1.out_features == 120
+    x = torch.randn(2, 3, 32, 32)
+    check_same(m, pub.eval(), x)
+    far.save(m.float(), tmp_path / "m.safetensors")
+    check_same(far.load(tmp_path / "m.safetensors"), pub, x)

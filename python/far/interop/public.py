@@ -470,11 +470,14 @@ def _vit_kwargs(sd: dict, num_heads: int) -> dict:
         raise ConfigError(f"pos_embed holds {pos.shape[1]} tokens: not a square patch grid plus {prefix_tokens} "
                           "prefix tokens")
     hidden = _get(sd, "blocks.0.mlp.fc1.weight").shape[0]
+    mlp_ratio = hidden / embed_dim
+    if int(embed_dim * mlp_ratio) != hidden:  # float rounding: timm takes int(dim * mlp_ratio), as far.models.arch
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
     # timm gives a model an fc_norm in place of the final norm only for average pooling: a class token with
     # fc_norm and no norm is a MAE/BEiT-style fine-tune that averages the patch tokens
     avg_with_cls = "fc_norm.weight" in sd and "norm.weight" not in sd
     kw = {"img_size": side * p, "patch_size": p, "in_chans": in_chans, "embed_dim": embed_dim, "depth": depth,
-          "num_heads": num_heads, "mlp_ratio": hidden / embed_dim, "class_token": class_token,
+          "num_heads": num_heads, "mlp_ratio": mlp_ratio, "class_token": class_token,
           "global_pool": "token" if class_token and not avg_with_cls else "avg", "fc_norm": "fc_norm.weight" in sd,
           "num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0}
     if n_reg:
