@@ -175,3 +175,13 @@ def test_an_out_dir_below_a_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot be created \(.*f is not a folder\)"):
         far.train_classifier(tiny(far_model=False), data(), config=TrainConfig(out_dir=str(tmp_path / "f" / "run")))
     assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("method", ["distill", "prune", "reuse"])
+def test_negative_epochs_are_refused_saying_that_0_is_allowed(method):
+    # TrainConfig.validate ran first and said "epochs must be > 0", though 0 skips the stage (--epochs 0)
+    run = {"distill": lambda c: far.distill(tiny(far_model=False), data(), config=c),
+           "prune": lambda c: far.prune(tiny(), data(), config=c),
+           "reuse": lambda c: far.reuse(tiny(far_model=False), data(), plan={1: 0}, config=c)}[method]
+    with pytest.raises(ConfigError, match=r"epochs must be >= 0 \(0 "):
+        run(TrainConfig(epochs=-1.0, batch_size=8, progress=False))

@@ -443,9 +443,9 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
 
         preset(recipe)
         recipe_record = {"name": "far"}
+    if cfg.epochs < 0:  # before validate, whose "epochs must be > 0" would hide that 0 skips stage 1
+        raise ConfigError(f"stage 1 epochs must be >= 0 (0 skips stage 1), got {cfg.epochs}")
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
-    if cfg.epochs < 0:
-        raise ConfigError(f"stage 1 epochs must be >= 0, got {cfg.epochs}")
     check_fresh_run(cfg)  # every stage's folder, before stage 1 could overwrite its own
     train_data, eval_data = limit_data(cfg, train_data, eval_data)
     headless = getattr(teacher, "num_classes", None) == 0  # a backbone: no CE, KD on its pooled features

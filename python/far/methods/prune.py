@@ -581,9 +581,10 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     Returns the model (eval mode) with `far_metadata` and `far_run` (see far.distill); with a budget,
     `far_budget` (the BudgetPlan of the last round: budget, achieved, the next group's value)."""
     cfg = config or TrainConfig()
+    if cfg.epochs < 0 or finetune_epochs < 0:  # before validate, whose "epochs must be > 0" would hide that 0 skips
+        raise ConfigError(f"the regularized and fine-tune epochs must be >= 0 (0 skips the stage), got "
+                          f"{cfg.epochs} and {finetune_epochs}")
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
-    if cfg.epochs < 0 or finetune_epochs < 0:
-        raise ConfigError("the regularized and fine-tune epochs must be >= 0")
     if isinstance(budget, str):
         budget = Budget.parse(budget)
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:

@@ -260,6 +260,8 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
     reaches. Returns the model (eval mode) with `far_metadata` and `far_run` (see far.distill); the search's
     record is in far_metadata["reuse"]."""
     cfg = config or TrainConfig()
+    if cfg.epochs < 0:  # before validate, whose "epochs must be > 0" would hide that 0 skips stage 1
+        raise ConfigError(f"stage 1 epochs must be >= 0 (0 = the least-squares start only), got {cfg.epochs}")
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
     if (plan is None) == (latency_budget_us is None):
         raise ConfigError("give exactly one of plan= and latency_budget_us=")
