@@ -305,3 +305,14 @@ def test_an_mlp_width_that_float_division_rounds_down_imports(tmp_path):
     check_same(m, pub.eval(), x)
     far.save(m.float(), tmp_path / "m.safetensors")
     check_same(far.load(tmp_path / "m.safetensors"), pub, x)
+
+
+def test_tensors_that_do_not_fit_the_rebuilt_vit_are_a_checkpoint_error():
+    # the architecture comes from blocks.0 and the embeddings: a later block of another MLP width (or a corrupt
+    # tensor) ended in load_state_dict's size-mismatch RuntimeError, a traceback under far import-public
+    sd = public_vit().state_dict()
+    sd["blocks.1.mlp.fc1.weight"], sd["blocks.1.mlp.fc1.bias"] = torch.zeros(100, 48), torch.zeros(100)
+    sd["blocks.1.mlp.fc2.weight"] = torch.zeros(48, 100)
+    with pytest.raises(far.CheckpointError, match=r"tensors of other shapes \['blocks\.1\.mlp\.fc1\.weight \[100, 48\] "
+                                                  r"\(rebuilt: \[192, 48\]\)"):
+        import_public(sd)

@@ -515,6 +515,12 @@ def import_public(source, *, num_heads: Optional[int] = None, pruned: str = "exa
     model = create_model(arch, pretrained=False, far=True, hidden_sizes=[m.hidden_sizes.tolist() for m in mods],
                          backend=backend, **kwargs)
     rest = {k: v for k, v in sd.items() if not re.match(r"blocks\.\d+\.attn\.", k)}
+    own = model.state_dict()
+    wrong = [f"{k} {list(v.shape)} (rebuilt: {list(own[k].shape)})" for k, v in rest.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:  # load_state_dict would raise its RuntimeError; the shapes come from blocks.0 and the embeddings
+        raise CheckpointError(f"the state_dict does not fit the rebuilt {arch} {kwargs}: tensors of other shapes "
+                              f"{wrong[:8]}")
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if not re.match(r"blocks\.\d+\.attn\.", k)]
     if missing or unexpected:
