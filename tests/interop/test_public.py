@@ -130,6 +130,15 @@ def test_bad_inputs():
         public_attention(bad)
 
 
+@pytest.mark.parametrize("key", ["pre_proj.bias", "post_proj.bias"])
+def test_a_projection_bias_of_another_shape_is_refused(key):
+    # the biases were copied unchecked: a [1] tensor was broadcast over every channel, a silent wrong import
+    sd = dict(DenseMultiHeadLstm(12, 3).state_dict())
+    sd[key] = torch.ones(1)
+    with pytest.raises(far.CheckpointError, match=rf"tensor '{key}' has shape \[1\], expected \[12\]"):
+        public_attention(sd)
+
+
 def test_whole_model_state_dict_and_files(tmp_path):
     pub = public_vit()
     pub.blocks[1].attn.prune_units(0, [0, 1, 2], zero_bias=True)

@@ -352,11 +352,14 @@ def _per_head(sd: dict, prefix: str, layout: str, num_heads: Optional[int]):
         head_proj = [(_get(sd, f"{prefix}head_projs.{h}.weight", (d, 2 * d)).to(f64),
                       _get(sd, f"{prefix}head_projs.{h}.bias", (d,)).to(f64)) for h in range(H)]
         c = H * d
-    pre = (_get(sd, prefix + "pre_proj.weight", (c, c)), sd.get(prefix + "pre_proj.bias"))
+    def bias(key: str, n: int):  # optional, but of the right shape (copy_ would broadcast a [1] one)
+        return _get(sd, prefix + key, (n,)) if prefix + key in sd else None
+
+    pre = (_get(sd, prefix + "pre_proj.weight", (c, c)), bias("pre_proj.bias", c))
     pw = _get(sd, prefix + "post_proj.weight")
     if pw.dim() != 2 or pw.shape[1] != c:
         raise CheckpointError(f"tensor '{prefix}post_proj.weight' has shape {list(pw.shape)}, expected [*, {c}]")
-    post = (pw, sd.get(prefix + "post_proj.bias"))
+    post = (pw, bias("post_proj.bias", pw.shape[0]))
     return H, d, c, pre, post, lstm, head_proj
 
 
