@@ -1,6 +1,7 @@
 """Our own small re-creation of the public code's dense attention layout (github.com/aliothren/FAR,
-modeling/architectures.py MultiHeadLstm and modeling/multi2parallel.py ParallelLSTM): the state-dict keys and
-tensor shapes as they are, built from torch.nn.LSTM and block-diagonal masks. No code of theirs is copied."""
+modeling/architectures.py MultiHeadLstm and ParallelLSTM, the latter made by modeling/multi2parallel.py): the
+state-dict keys and tensor shapes as they are, built from torch.nn.LSTM and block-diagonal masks. No code of theirs
+is copied."""
 import sys
 import types
 

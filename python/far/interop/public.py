@@ -17,8 +17,8 @@ none of their code is used here):
   emits an input-independent h_t = sigmoid(b_o) tanh(c_t), c_t = sigmoid(b_f) c_{t-1} + sigmoid(b_i) tanh(b_g).
   No mask is saved: the pattern of zeros is the pruning record.
 
-  hardware form, class ParallelLSTM (modeling/multi2parallel.py): pre_proj, lstms.{h} (one
-  nn.LSTM(C/H, d, bidirectional=True) per head), head_projs.{h} Linear(2d, d), post_proj.
+  hardware form, class ParallelLSTM (modeling/architectures.py; multi2parallel.py converts to it): pre_proj,
+  lstms.{h} (one nn.LSTM(C/H, d, bidirectional=True) per head), head_projs.{h} Linear(2d, d), post_proj.
 
   files: torch.save of the whole pickled model (train/prune results; unpickling needs their classes) or
   of {"model": state_dict, "optimizer", ..., "args": argparse.Namespace} (training checkpoints).
