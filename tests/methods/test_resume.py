@@ -135,6 +135,21 @@ def test_a_new_api_run_refuses_an_unfinished_run_before_its_first_stage(tmp_path
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("method", ["distill", "prune", "reuse"])
+def test_a_resume_with_nothing_to_resume_is_refused(tmp_path, method):
+    # each stage resumes only if its own folder holds state: a --resume in a mistyped or empty out_dir trained the
+    # whole run from scratch, as a new run, where a one-stage run (far train-teacher) refuses it
+    t, data = teacher(depth=3), Images(64)
+    out = tmp_path / "typo"
+    c = cfg(epochs=0.25, out_dir=str(out), resume=True)
+    run = {"distill": lambda: far.distill(t, data, config=c, stage2_epochs=0.25),
+           "prune": lambda: far.prune(far.convert(copy.deepcopy(t)), data, config=c, **PRUNE),
+           "reuse": lambda: far.reuse(t, data, config=c, plan={2: 1}, stage2_epochs=0.25)}[method]
+    with pytest.raises(ConfigError, match="--resume: no run to resume in .*typo"):
+        run()
+    assert not out.exists()
+
+
 def test_reuse_resumes(tmp_path):
     t, data = teacher(depth=3), Images(64)
     kw = dict(plan={2: 1}, stage2_epochs=0.5)

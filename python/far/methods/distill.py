@@ -41,8 +41,8 @@ from far.models.convert import PRE_PROJ_INITS, parse_blocks
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
-from far.train.loop import (check_fresh_run, classification_loss, finished_stage_record, limit_data,
-                            load_finished_stage, stage_identity, stage_record)
+from far.train.loop import (check_fresh_run, check_resumable, classification_loss, finished_stage_record,
+                            limit_data, load_finished_stage, stage_identity, stage_record)
 
 FAR_OWN = ("pre_proj.", "w_ih", "w_hh", "b_ih", "b_hh", "head_proj_weight", "head_proj_bias",  # padded storage
            "lstm.", "head_proj.")  # ragged storage
@@ -447,6 +447,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
         raise ConfigError(f"stage 1 epochs must be >= 0 (0 skips stage 1), got {cfg.epochs}")
     dataclasses.replace(cfg, epochs=cfg.epochs or 1.0).validate()
     check_fresh_run(cfg)  # every stage's folder, before stage 1 could overwrite its own
+    check_resumable(cfg)  # a --resume with nothing to resume would start every stage over
     train_data, eval_data = limit_data(cfg, train_data, eval_data)
     headless = getattr(teacher, "num_classes", None) == 0  # a backbone: no CE, KD on its pooled features
     if headless:

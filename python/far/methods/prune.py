@@ -54,8 +54,8 @@ from far.models import far_modules, save, set_storage
 from far.nn import FARAttention
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
-from far.train.loop import (check_fresh_run, classification_loss, finished_stage_record, limit_data,
-                            load_finished_stage, stage_identity, stage_record)
+from far.train.loop import (check_fresh_run, check_resumable, classification_loss, finished_stage_record,
+                            limit_data, load_finished_stage, stage_identity, stage_record)
 
 
 # ---------------------------------------------------------------- groups
@@ -619,6 +619,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     if budget is not None:  # an impossible budget fails here, before any training
         check_budget(named, model, budget, head_units=head_floor(min_units, align) if keep_heads else 0)
     check_fresh_run(cfg)  # every round's and stage's folder, before the first stage could overwrite its own
+    check_resumable(cfg)  # a --resume with nothing to resume would start every stage over
     train_data, eval_data = limit_data(cfg, train_data, eval_data)
     d = setup_distributed(device)
     model = set_storage((model if inplace else copy.deepcopy(model)).to(d.device), "padded")  # masks need padding

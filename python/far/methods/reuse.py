@@ -35,7 +35,7 @@ from far.models import far_modules
 from far.nn import MixerTaps, apply_reuse, reuse_plan, token_mixers
 from far.train import (RunReport, Task, TrainConfig, TrainResult, join_histories, run_metadata, setup_distributed,
                        stage_config, train)
-from far.train.loop import check_fresh_run, classification_loss, limit_data
+from far.train.loop import check_fresh_run, check_resumable, classification_loss, limit_data
 
 
 @torch.no_grad()
@@ -276,6 +276,7 @@ def reuse(teacher: nn.Module, train_data, *, plan: Optional[Dict[int, int]] = No
     if stage2_epochs > 0 and ce_weight + kd_weight == 0:
         raise ConfigError("stage 2 needs a loss: ce_weight and kd_weight are both 0 (give one > 0, or stage2_epochs=0)")
     check_fresh_run(cfg)  # both stages' folders, before stage 1 could overwrite its own
+    check_resumable(cfg)  # a --resume with nothing to resume would start every stage over
     train_data, eval_data = limit_data(cfg, train_data, eval_data)
     if far_modules(teacher) or reuse_plan(teacher):
         raise ConfigError("the teacher must be a plain attention model (no FAR blocks, no reuse)")

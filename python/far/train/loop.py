@@ -766,6 +766,20 @@ def check_fresh_run(cfg: TrainConfig, stages: bool = True) -> None:
                                   f"in {out} (its state and metrics are replaced)")
 
 
+def check_resumable(cfg: TrainConfig) -> None:
+    """Before a multi-stage method resumes (cfg.resume) in cfg.out_dir: ConfigError when neither the folder nor its
+    stage folders hold anything of a run (a last.pt, a finished stage's model file). Each stage resumes only if its
+    own folder holds state (stage_config), so without this check a --resume in a mistyped or empty folder started
+    the whole run over as a new one, where one-stage runs (train) refuse it."""
+    if cfg.out_dir is None or not cfg.resume:
+        return
+    out = Path(cfg.out_dir)
+    patterns = (CKPT_NAME, f"*/{CKPT_NAME}", f"*/*/{CKPT_NAME}", "*.safetensors", "*/*.safetensors")
+    if not any(p.is_file() for pattern in patterns for p in out.glob(pattern)):
+        raise ConfigError(f"--resume: no run to resume in {out} (no {CKPT_NAME} or finished stage's model in it or "
+                          "its stage folders); run without --resume to start")
+
+
 # ---------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
@@ -1086,7 +1100,8 @@ def stage_config(cfg: TrainConfig, name: str, **changes) -> TrainConfig:
 
 
 __all__ = ["Dist", "EMA", "RunReport", "Task", "TrainConfig", "TrainData", "TrainResult", "apply_mixup",
-           "check_fresh_run", "check_stage_file", "classification_loss", "cleanup_distributed", "drop_path",
+           "check_fresh_run", "check_resumable", "check_stage_file", "classification_loss", "cleanup_distributed",
+           "drop_path",
            "effective_lr", "finished_stage_record", "identity_diff", "join_histories", "limit_data",
            "load_finished_stage", "lr_at",
            "make_mixup", "noise_patterns", "noisy_weights", "plot_history", "run_metadata", "setup_distributed",
