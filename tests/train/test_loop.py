@@ -388,3 +388,19 @@ def test_image_folder_training_repeats_and_resumes_to_the_same_result(tmp_path):
     run(out_dir=str(tmp_path / "r"), max_steps=3)  # stopped mid-epoch (4 steps per epoch)
     assert same(run(out_dir=str(tmp_path / "r"), resume=True), whole)
     assert same(run(workers=1), whole)  # a worker process reads the same crops
+
+
+def test_max_steps_message_says_a_resume_needs_a_larger_max_steps(tmp_path, capsys):
+    # --max-steps counts a stage's steps from its start: the same command with --resume added stops again at once,
+    # which the message ("resume with --resume --out-dir DIR") did not say
+    from far.cli import main
+
+    args = ["train-teacher", "--epochs", "1", "--batch-size", "16", "--limit", "48", "--eval-limit", "16", "-q",
+            "--threads", "1", "--out-dir", str(tmp_path / "r"), "--max-steps", "1"]
+    assert main(args) == 0
+    assert main([*args, "--resume"]) == 0  # as the message said to: no step taken
+    out = capsys.readouterr().out
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 1
+    assert out.count("stopped after step 1") == 2 and "a larger --max-steps or none" in out
+    assert main([*args[:-2], "--resume"]) == 0
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 3

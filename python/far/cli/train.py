@@ -67,7 +67,8 @@ def add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float, out_dir
                    help="continue the run saved in --out-dir (a new run there is refused while that run is "
                         "unfinished; -f/--force starts over)")
     r.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop after this many steps (state saved; --resume continues)")
+                   help="stop each training stage once it has taken N steps in all (state saved; --resume "
+                        "continues, with a larger --max-steps or none)")
     add_output(r, help="where to save the trained model (.safetensors)")
     add_common(r, quiet="no progress bars")
 
@@ -207,8 +208,9 @@ def finish(args: argparse.Namespace, model, title: str) -> int:
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     if not run.completed:
-        print(f"stopped after step {run.steps} (--max-steps); resume with --resume --out-dir {args.out_dir}",
-              flush=True)
+        print(f"stopped after step {run.steps} (--max-steps); resume with --resume --out-dir {args.out_dir} and a "
+              "larger --max-steps or none (it counts each stage's steps from the stage's start, not the steps of "
+              "this call)", flush=True)
         return 0
     if args.output:
         save(model, args.output, force=args.force)
