@@ -320,3 +320,18 @@ def test_prune_command_with_budget(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and match in err, (extra, err)
         assert not (tmp_path / "never.safetensors").exists()
+
+
+@pytest.mark.parametrize("align,min_units", [(1, 0), (2, 2)])
+def test_a_budget_on_a_model_with_every_unit_removed_is_planned(align, min_units):
+    # no alive group: the threshold was taken from the last of no norms (IndexError); a model pruned to nothing
+    # already meets any budget it can meet, with nothing removed
+    model = tiny()
+    for _, m in far.far_modules(model):
+        apply_keep_mask(m, torch.zeros(m.num_heads, 2, m.width, dtype=torch.bool))
+        compact_(m)
+    named = far.far_modules(model)
+    budget = Budget("mixer-params", float(param_counts(model)["mixer_kept"]))
+    plan = plan_budget(named, model, budget, align=align, min_units=min_units)
+    assert plan.met and plan.pruned_groups == plan.groups == 0 and plan.threshold == 0.0
+    assert all(not k.any() for k in plan.masks)

@@ -415,7 +415,8 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
             lo = mid + 1
     j = hi
     masks = masks_for(j)
-    thr = float((order[j - 1] + order[j]) / 2) if 0 < j < G else (float(order[-1]) + 1.0 if j == G else 0.0)
+    # (no alive group at all, G = 0: nothing to remove, threshold 0)
+    thr = float((order[j - 1] + order[j]) / 2) if 0 < j < G else (float(order[-1]) + 1.0 if 0 < j == G else 0.0)
     return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align, min_units,
                       keep_heads)
 
