@@ -218,3 +218,29 @@ def test_gated_mlp_is_refused_with_a_clear_message():
                           mlp_layer=GluMlp, act_layer=torch.nn.GELU)
     with pytest.raises(far.ConfigError, match=r"blocks\.0\.mlp: GluMlp is not exportable"):
         build_onnx(m.eval())
+
+
+def test_weights_above_the_protobuf_limit_go_to_an_external_data_file(tmp_path, monkeypatch):
+    """Protobuf cannot serialize 2 GiB: larger weights are written beside the graph (ONNX external data) and
+    onnxruntime reads them by name. The limit is lowered here so a tiny model takes that path."""
+    import far.interop.onnx_export as oe
+
+    model = tiny_far([[[5, 0, 16], [5, 3, 0]], [[16, 16, 16], [16, 16, 16]]])
+    inline = build_onnx(model)
+    monkeypatch.setattr(oe, "INLINE_LIMIT", 1000)
+    path = tmp_path / "big.onnx"
+    export_onnx(model, path)
+    data = tmp_path / "big.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert path.stat().st_size < data.stat().st_size
+    onnx.checker.check_model(str(path), full_check=True)
+    loaded = onnx.load(str(path))  # reads the data file back: the same weights, bit for bit
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in inline.graph.initializer}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    check_logits(model, path, x)
+    with pytest.raises(Exception, match="exists"):  # force=False refuses before writing the data file
+        data.unlink()
+        export_onnx(model, path, force=False)
+    assert not data.exists()

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Union
+from pathlib import Path
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -303,18 +304,68 @@ def build_onnx(model: nn.Module, batch_size: Optional[int] = None):
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
                                    producer_name="far", doc_string="FAR ViT: FARAttention blocks as ONNX LSTM ops")
     proto.ir_version = 8  # readable by onnxruntime and toolchains from 2021 on
-    onnx.checker.check_model(proto, full_check=True)
+    if _weight_bytes(proto) <= INLINE_LIMIT:  # a larger one cannot be serialized whole: checked by path once written
+        onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+# Protobuf cannot serialize a message of 2 GiB or more: graphs whose weights exceed this are written with their
+# weights in a second file beside them (ONNX external data), which onnxruntime and onnx.load find by name.
+INLINE_LIMIT = 2**31 - 2**26  # 2 GiB less 64 MiB for the graph itself
+
+
+def _weight_bytes(proto) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def _externalize(proto, location: str) -> Callable[[str], None]:
+    """Move the bytes of every initializer of 1 KiB or more out of `proto` into external-data references to
+    `location` (64-byte aligned offsets); the small ones (shapes, indices) stay inline, where shape inference reads
+    them, as in onnx's own writer. Returns a writer of the data file."""
+    chunks, offset = [], 0
+    for t in proto.graph.initializer:
+        data = t.raw_data
+        if len(data) < 1024:
+            continue
+        offset = -(-offset // 64) * 64
+        chunks.append((offset, data))
+        del t.external_data[:]
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        t.data_location = t.EXTERNAL
+        t.ClearField("raw_data")
+        offset += len(data)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            for off, data in chunks:
+                f.seek(off)
+                f.write(data)
+    return write
 
 
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike], batch_size: Optional[int] = None, *,
                 force: bool = True):
     """Write `model` (a timm ViT with FARAttention and/or attention blocks, float32 weights taken as they
     are, eval semantics: dropout and drop-path off) to `path` as ONNX opset 17, atomically; returns the
-    onnx.ModelProto. batch_size: a fixed batch, or None for a symbolic one. Needs the optional package onnx."""
-    require_onnx()  # a clear error if onnx is missing, before any work
-    from far.utils.fs import atomic_write
+    onnx.ModelProto. batch_size: a fixed batch, or None for a symbolic one. Needs the optional package onnx.
+    Weights above protobuf's 2 GiB limit (INLINE_LIMIT) go to `path` + ".data" beside the graph (ONNX external
+    data; keep the two files together), written before the graph."""
+    onnx = require_onnx()  # a clear error if onnx is missing, before any work
+    from far.utils.fs import atomic_write, check_output
 
     proto = build_onnx(model, batch_size)
-    atomic_write(path, proto.SerializeToString(), force=force)
+    if _weight_bytes(proto) <= INLINE_LIMIT:
+        atomic_write(path, proto.SerializeToString(), force=force)
+        return proto
+    data_path = Path(str(path) + ".data")
+    check_output(path, force=force, writable=False)  # before the data file: no orphan beside a refused output
+    atomic_write(data_path, _externalize(proto, data_path.name), force=True)
+
+    def write_graph(tmp: str) -> None:  # checked beside its data file before it replaces `path`
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+        onnx.checker.check_model(tmp, full_check=True)
+    atomic_write(path, write_graph, force=force)
     return proto
