@@ -236,7 +236,8 @@ def run_case(name: str, T: int, B: int, args, peak_gflops: float) -> dict:
             rec["variants"][v] = {"failed": f"output check: {rec['checks'][v]}"}
         else:
             timed[v] = fns[v]
-    res = time_variants(timed, "cpu", rounds=args.rounds, reps=args.reps, min_time_s=args.min_time / args.rounds)
+    res = time_variants(timed, "cpu", rounds=args.rounds, reps=args.reps, min_time_s=args.min_time / args.rounds,
+                        warmup_s=args.warmup_s)
     for v, t in res.items():
         if "ms" in t:
             t["gflops"] = flops / (t["ms"] * 1e-3) / 1e9

@@ -224,9 +224,11 @@ def _stats(ts: list) -> dict:
 
 
 def time_variants(fns: Dict[str, Callable[[], object]], device="cpu", rounds: int = 3, reps: Optional[int] = None,
-                  min_time_s: float = 0.3, cold_l2: bool = True, graphs: bool = True) -> Dict[str, dict]:
+                  min_time_s: float = 0.3, cold_l2: bool = True, graphs: bool = True,
+                  warmup_s: float = 0.0) -> Dict[str, dict]:
     """Time every fn of `fns` in `rounds` interleaved rounds. GPU: `reps` (default 20) timed reps per
-    round, warm and L2-cold; CPU: `reps` calls per round, or adaptive (>= 3 calls, ~min_time_s).
+    round, warm and L2-cold; CPU: `reps` calls per round, or adaptive (>= 3 calls, ~min_time_s), after a
+    warm-up of 2 calls and at least `warmup_s` seconds in the first round (1 call in the later ones).
     A variant whose call raises gets {"error": ...} and is left out of later rounds.
     Returns name -> {"ms", "ms_p10", "ms_p90", "ms_min", "runs", "round_ms", "spread", "method", ...}."""
     device = torch.device(device)
@@ -248,7 +250,7 @@ def time_variants(fns: Dict[str, Callable[[], object]], device="cpu", rounds: in
                         cold[name].append(t.cold(reps or 20))
                 else:
                     ts = time_fn(fn, device=device, reps=reps, min_reps=3, min_time_s=min_time_s,
-                                 warmup=2 if r == 0 else 1, warmup_s=0.0)["times_ms"]
+                                 warmup=2 if r == 0 else 1, warmup_s=warmup_s if r == 0 else 0.0)["times_ms"]
             except Exception as e:  # record, keep the others going
                 res[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 timers.pop(name, None)
