@@ -179,8 +179,8 @@ def run(args) -> dict:
                                 if check.get("finite") else "non-finite output")
                             print(f"  {label:<16} {be:<6} {mapping or '':<8} FAILED {e['failed']}", flush=True)
                         else:
-                            st = time_fn(lambda: emu(x), device=device, reps=args.reps, min_time_s=0.0, warmup=warmup,
-                                         warmup_s=0.0)
+                            st = time_fn(lambda emu=emu: emu(x), device=device, reps=args.reps, min_time_s=0.0,
+                                         warmup=warmup, warmup_s=0.0)
                     if check["ok"]:
                         ips = B / st["ms"] * 1e3
                         e.update(ms=st["ms"], ms_p10=st["ms_p10"], ms_p90=st["ms_p90"], runs=st["runs"],
