@@ -232,6 +232,12 @@ def time_variants(fns: Dict[str, Callable[[], object]], device="cpu", rounds: in
     A variant whose call raises gets {"error": ...} and is left out of later rounds.
     Returns name -> {"ms", "ms_p10", "ms_p90", "ms_min", "runs", "round_ms", "spread", "method", ...}."""
     device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index != torch.cuda.current_device():  # GpuTimer's events, sleeps and streams: the current device's
+            with torch.cuda.device(device):
+                return time_variants(fns, device, rounds, reps, min_time_s, cold_l2, graphs, warmup_s)
     res: Dict[str, dict] = {name: {} for name in fns}
     samples = {name: [] for name in fns}
     cold = {name: [] for name in fns}

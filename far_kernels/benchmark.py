@@ -52,9 +52,10 @@ class Stopwatch:
 def _one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        stream = torch.cuda.current_stream(device)  # `device`'s: record() alone uses the current device's
+        start.record(stream)
         fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end)
     t0 = time.perf_counter()
