@@ -227,6 +227,8 @@ def main(argv=None) -> int:
         write_json(out, result)
         print("wrote", out, plot(result, out.with_suffix(".png")) or "(no plot: matplotlib missing)")
         return 0
+    if not sweeps(args):  # nothing to run: the plot had no panel (matplotlib raised) and no JSON was written
+        p.error("--adc-images 0 and --noise-images 0 leave no sweep to run")
     work = args.work or Path(tempfile.mkdtemp(prefix="far_imc_sweeps_"))
     work.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "imc_sweeps", "description": __doc__.split("\n\n")[0],

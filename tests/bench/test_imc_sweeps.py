@@ -112,3 +112,10 @@ def test_merge_combines_a_sweep_split_over_processes(tmp_path):
         ("other", ["digital", "read_noise=0.002"]),
         ("m", ["digital", "read_noise=0.001"])]  # a repeated setting stays a run of its own
     assert runs[0]["wall_s"] == 2.0
+
+
+def test_no_sweep_left_is_refused_before_any_work(tmp_path, capsys):
+    bench = load_bench("bench_imc_sweeps")
+    with pytest.raises(SystemExit) as e:  # was: a matplotlib ValueError (a plot of no panel), no JSON written
+        bench.main(["--adc-images", "0", "--noise-images", "0", "--out", str(tmp_path / "r.json")])
+    assert e.value.code == 2 and "no sweep to run" in capsys.readouterr().err
