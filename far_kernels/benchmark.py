@@ -3,8 +3,10 @@
     stats = time_fn(lambda: op(x), device="cuda")      # {"ms", "ms_p10", "ms_p90", "ms_min", ...}
     with Stopwatch(device) as sw: model(x)              # one timed region (synchronized); sw.seconds
 
-Warm-up and compilation are excluded; CUDA work is timed with events recorded on the current stream
-(no host time); on the CPU, perf_counter. No asserts: speed goals are read from results."""
+Warm-up and compilation are excluded; CUDA work is timed with events recorded on the device's current stream,
+one call at a time: each call starts on an idle stream (the previous call's end event was waited for), so its time
+includes the host's launch time, as a user's single call would (replaying a captured CUDA graph leaves
+it out); on the CPU, perf_counter. No asserts: speed goals are read from results."""
 from __future__ import annotations
 
 import math
