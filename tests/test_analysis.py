@@ -395,3 +395,41 @@ def test_every_module_keeps_its_own_mode():
         assert not all(before[1]) and any(before[1])
         run(t, s)
         assert (modes(t), modes(s)) == before
+
+
+def test_teacher_and_student_of_different_dtypes():
+    # each model gets the images, and the student's blocks the teacher's activations, in its own dtype: a float64
+    # (or bfloat16) student of a float32 teacher crashed in the teacher's patch embedding ("Input type ... bias type")
+    from far.fidelity import block_fidelity
+    from far.nn import MixerTaps
+
+    teacher = tiny_vit(depth=2)
+    student = far.convert(copy.deepcopy(teacher)).double()
+    data = tiny_data(n=5)
+    x, _ = data.tensors
+    r = block_fidelity(teacher, student, data, batch_size=5)
+    stats = [{k: BlockStats(3) for k in ("isolated", "in_model")} for _ in range(2)]
+    with torch.no_grad(), MixerTaps(teacher) as t_taps, MixerTaps(student, inputs=False) as s_taps:
+        teacher(x)
+        t_in, t_out = t_taps.take()
+        student(x.double())  # float32 -> float64 is exact: the student sees the very images
+        _, s_out = s_taps.take()
+        for st, blk, a, t, s in zip(stats, student.blocks, t_in, t_out, s_out):
+            st["isolated"].add(blk.attn.token_mix(a.double()), t)
+            st["in_model"].add(s, t)
+    for blk, st in zip(r["blocks"], stats):  # the same operations in the same order: equal, not close
+        assert blk["isolated"] == st["isolated"].result() and blk["in_model"] == st["in_model"].result()
+    report = analyze(teacher, student, data, batch_size=5, map_images=2, parts=("block",))
+    with torch.no_grad():
+        h = teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(x)))
+        for blk in student.blocks:  # whole blocks replaced: the student's, on the teacher's stream cast both ways
+            h = blk(h.double()).float()
+        feat = teacher.fc_norm(teacher.norm(h)[:, 0])
+        t_feat = teacher.forward_head(teacher.forward_features(x), pre_logits=True)
+        jf = row_normalize(jacobian_maps(student.blocks[0].attn, t_in[0][:2].double(), 3)).float()
+    assert report["partial"]["block"][-1]["feature_cos"] == pytest.approx(
+        float(nn.functional.cosine_similarity(feat.double(), t_feat.double(), dim=-1).mean()), abs=1e-12)
+    np.testing.assert_array_equal(report["maps"]["arrays"]["jacobian_far"][0], jf.numpy())
+    r = block_fidelity(teacher, far.convert(copy.deepcopy(teacher)).bfloat16(), data, batch_size=2)
+    assert all(math.isfinite(blk["isolated"]["cos"]) for blk in r["blocks"])
+

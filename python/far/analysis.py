@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from far.data import iterate_batches
 from far.errors import ConfigError, DataError
-from far.fidelity import block_fidelity, head_cos_line
+from far.fidelity import block_fidelity, head_cos_line, param_dtype
 from far.models.factory import check_input, check_labels, top1
 from far.nn import FARAttention, MixerTaps, token_mixers
 from far.utils.env import eval_mode, model_device
@@ -136,7 +136,8 @@ def map_similarity(a: torch.Tensor, b: torch.Tensor) -> dict:
 def replaced(teacher: nn.Module, student: nn.Module, blocks: Iterable[int], part: str = "mixer"):
     """The teacher, computing the given blocks with the student's (part "mixer": the token mixer
     `blocks[i].attn`; "block": the whole transformer block `blocks[i]`), on exit restored. Forward
-    hooks, so neither model is modified; `with replaced(t, s, range(2)): t(x)`."""
+    hooks, so neither model is modified; `with replaced(t, s, range(2)): t(x)`. A student of another dtype
+    gets the teacher's activations in its own dtype and hands its output back in the teacher's."""
     if part not in PARTS:
         raise ConfigError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     if part == "mixer":
@@ -148,12 +149,22 @@ def replaced(teacher: nn.Module, student: nn.Module, blocks: Iterable[int], part
         for i in blocks:
             if not 0 <= i < min(len(src), len(dst)):
                 raise ConfigError(f"block {i} does not exist (the models have {len(src)} and {len(dst)} blocks)")
-            handles.append(src[i].register_forward_hook(
-                lambda mod, args, kwargs, out, other=dst[i]: other(*args, **kwargs), with_kwargs=True))
+            handles.append(src[i].register_forward_hook(_computed_by(dst[i]), with_kwargs=True))
         yield teacher
     finally:
         for h in handles:
             h.remove()
+
+
+def _computed_by(other: nn.Module):
+    """A forward hook that replaces a module's output by `other`'s on the same arguments (cast to other's dtype,
+    the result cast back to the output's)."""
+    dtype = param_dtype(other)
+
+    def hook(mod, args, kwargs, out):
+        res = other(*(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args), **kwargs)
+        return res.to(out.dtype) if torch.is_tensor(res) and torch.is_tensor(out) else res
+    return hook
 
 
 def _features_and_logits(model: nn.Module, x: torch.Tensor):
@@ -231,7 +242,7 @@ def _token_maps(teacher, student, t_mix, s_mix, x, progress_bar) -> dict:
     for b, (tm, sm, xb) in enumerate(zip(t_mix, s_mix, inputs)):
         att.append(attention_maps(tm, xb))
         ja.append(row_normalize(jacobian_maps(tm, xb, tm.num_heads)))
-        jf.append(row_normalize(jacobian_maps(sm, xb, tm.num_heads)))
+        jf.append(row_normalize(jacobian_maps(sm, xb.to(param_dtype(sm)), tm.num_heads)).to(xb.dtype))
         if progress_bar is not None:
             progress_bar.update(1)
     arrays = {"attention": torch.stack(att), "jacobian_attention": torch.stack(ja), "jacobian_far": torch.stack(jf)}
@@ -275,7 +286,7 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
     if map_images < 0:
         raise ConfigError(f"map_images must be >= 0, got {map_images}")
     device = model_device(student, device)
-    dtype = next(student.parameters()).dtype
+    t_dtype, s_dtype = param_dtype(teacher), param_dtype(student)  # each model gets the images in its own dtype
     fid = block_fidelity(teacher, student, data, batch_size=batch_size, device=device, progress=progress)
     L = len(t_mix)
     full = _Agreement()
@@ -294,17 +305,17 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
         for x, y in iterate_batches(data, batch_size, device=device):
             check_input(teacher, x.shape, "the data")
             check_labels(teacher, y, "the data")
-            x = x.to(dtype)
+            x_t = x.to(t_dtype)
             if have < map_images:
-                first.append(x[:map_images - have].clone())
+                first.append(x_t[:map_images - have].clone())
                 have += first[-1].shape[0]
-            t_feat, t_logits = _features_and_logits(teacher, x)
+            t_feat, t_logits = _features_and_logits(teacher, x_t)
             t_pred = top1(t_logits)
-            full.add(*_features_and_logits(student, x), t_feat, t_pred, y)
+            full.add(*_features_and_logits(student, x.to(s_dtype)), t_feat, t_pred, y)
             for part in parts:
                 for k in range(L):
                     with replaced(teacher, student, range(k + 1), part):
-                        partial[part][k].add(*_features_and_logits(teacher, x), t_feat, t_pred, y)
+                        partial[part][k].add(*_features_and_logits(teacher, x_t), t_feat, t_pred, y)
             if bar is not None:
                 bar.update(x.shape[0])
         if map_images and first:

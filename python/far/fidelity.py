@@ -35,6 +35,12 @@ from far.utils.env import eval_mode, model_device
 KINDS = ("isolated", "in_model")
 
 
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's inputs are cast to: its first parameter's when floating (e.g. bfloat16), else float32."""
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
 class BlockStats:
     """Running sums of one block's statistics (cos, token_cos, rel_mse, scale, head_cos of the module
     docstring): `add(s, t)` for every batch of outputs [B, N, C], then `result()`. The C channels are `heads`
@@ -84,7 +90,7 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
     if len(t_mix) != len(s_mix):
         raise ConfigError(f"teacher and student have {len(t_mix)} and {len(s_mix)} blocks")
     device = model_device(student, device)
-    dtype = next(student.parameters()).dtype
+    t_dtype, s_dtype = param_dtype(teacher), param_dtype(student)  # each model gets the images in its own dtype
     sums = [{k: BlockStats(getattr(m, "num_heads", 1)) for k in KINDS} for m in t_mix]
     agree = t_correct = s_correct = seen = labelled = t_nonfinite = s_nonfinite = 0
     modes = contextlib.ExitStack()
@@ -99,14 +105,13 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
             for x, y in iterate_batches(data, batch_size, device=device):
                 check_input(teacher, x.shape, "the data")
                 check_labels(teacher, y, "the data")
-                x = x.to(dtype)
-                t_logits = teacher(x)
+                t_logits = teacher(x.to(t_dtype))
                 t_in, t_out = t_taps.take()
-                s_logits = student(x)
+                s_logits = student(x.to(s_dtype))
                 _, s_out = s_taps.take()
                 for b, (mix, a, t, s) in enumerate(zip(s_mix, t_in, t_out, s_out)):
                     if isinstance(mix, FARAttention):
-                        sums[b]["isolated"].add(mix.token_mix(a), t)
+                        sums[b]["isolated"].add(mix.token_mix(a.to(s_dtype)), t)
                     sums[b]["in_model"].add(s, t)
                 tp, sp = top1(t_logits), top1(s_logits)  # -1 for a NaN/inf row: agrees with nothing
                 agree += int(((tp == sp) & (sp >= 0)).sum())
