@@ -433,3 +433,20 @@ def test_teacher_and_student_of_different_dtypes():
     r = block_fidelity(teacher, far.convert(copy.deepcopy(teacher)).bfloat16(), data, batch_size=2)
     assert all(math.isfinite(blk["isolated"]["cos"]) for blk in r["blocks"])
 
+
+def test_mean_covers_the_same_blocks_for_both_kinds():
+    # a partial student: its attention blocks before the FAR one have in-model cosine 1, which lifted the in-model
+    # mean above the isolated one (over the FAR blocks alone) though no FAR block does better in the model
+    from far.fidelity import block_fidelity
+
+    teacher = tiny_vit(depth=3)
+    student = far.convert(copy.deepcopy(teacher), blocks=[2])
+    r = block_fidelity(teacher, student, tiny_data(), batch_size=4)
+    assert [blk["far"] for blk in r["blocks"]] == [False, False, True]
+    assert r["blocks"][0]["in_model"]["cos"] == pytest.approx(1, abs=1e-6)  # the teacher's own block
+    for kind in ("isolated", "in_model"):
+        for metric in ("cos", "token_cos", "rel_mse", "scale"):
+            assert r["mean"][kind][metric] == r["blocks"][2][kind][metric]
+    plain = block_fidelity(teacher, copy.deepcopy(teacher), tiny_data(), batch_size=4)  # no FAR block at all
+    assert plain["mean"]["isolated"] is None
+    assert plain["mean"]["in_model"]["cos"] == pytest.approx(1, abs=1e-6)

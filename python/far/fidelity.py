@@ -85,7 +85,10 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
 
     Both models run in eval mode (restored afterwards) on `device` (default: the student's). Returns
     {"num_images", "agreement", "teacher_accuracy", "student_accuracy", "blocks": [{"block", "far",
-    "isolated": {...} or None (a block that is not FAR), "in_model": {...}}], "mean": {kind: {metric}}}."""
+    "isolated": {...} or None (a block that is not FAR), "in_model": {...}}], "mean": {kind: {metric}}}: "mean"
+    averages the FAR blocks for both kinds (in a partial student the attention blocks, whose in-model cosine
+    is 1 up to the FAR blocks' drift, would lift "in_model" above "isolated"); every block's in_model, and an
+    isolated None, for a student without FAR blocks."""
     t_mix, s_mix = token_mixers(teacher), token_mixers(student)
     if len(t_mix) != len(s_mix):
         raise ConfigError(f"teacher and student have {len(t_mix)} and {len(s_mix)} blocks")
@@ -136,9 +139,10 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
         far = isinstance(mix, FARAttention)
         blocks.append({"block": b, "far": far, "isolated": sums[b]["isolated"].result() if far else None,
                        "in_model": sums[b]["in_model"].result()})
+    over = [blk for blk in blocks if blk["far"]] or blocks  # both kinds over the same blocks (see the docstring)
     mean = {}
     for kind in KINDS:
-        rows = [blk[kind] for blk in blocks if blk[kind] is not None]
+        rows = [blk[kind] for blk in over if blk[kind] is not None]
         mean[kind] = {m: sum(r[m] for r in rows) / len(rows) for m in rows[0] if m != "head_cos"} if rows else None
     return {"num_images": seen, "agreement": agree / seen,
             "teacher_accuracy": t_correct / labelled if labelled else None,
