@@ -450,3 +450,27 @@ def test_mean_covers_the_same_blocks_for_both_kinds():
     plain = block_fidelity(teacher, copy.deepcopy(teacher), tiny_data(), batch_size=4)  # no FAR block at all
     assert plain["mean"]["isolated"] is None
     assert plain["mean"]["in_model"]["cos"] == pytest.approx(1, abs=1e-6)
+
+
+def test_distilled_deit_features_are_both_heads_inputs():
+    # a distilled DeiT's get_classifier() is (head, head_dist): analyze refused it as having "no classifier head"
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    teacher = VisionTransformerDistilled(img_size=16, patch_size=8, in_chans=1, num_classes=5, embed_dim=12, depth=2,
+                                         num_heads=3, mlp_ratio=2.0).eval()
+    student = far.convert(copy.deepcopy(teacher))
+    data = tiny_data(n=5)
+    x, _ = data.tensors
+    r = analyze(teacher, student, data, batch_size=5, map_images=0)  # one batch, as computed below
+    with torch.no_grad():
+        t_tok, s_tok = teacher.forward_features(x), student.forward_features(x)  # after the final norm
+        t_feat, s_feat = (torch.cat([h[:, 0], h[:, 1]], dim=-1) for h in (t_tok, s_tok))  # head's, head_dist's inputs
+        agree = float((teacher(x).argmax(-1) == student(x).argmax(-1)).double().mean())
+    assert r["full_student"]["feature_cos"] == pytest.approx(
+        float(nn.functional.cosine_similarity(s_feat.double(), t_feat.double(), dim=-1).mean()), abs=1e-12)
+    assert r["full_student"]["agreement"] == agree == r["agreement"]
+    assert r["partial"]["block"][-1]["feature_cos"] == pytest.approx(r["full_student"]["feature_cos"], abs=1e-6)
+    teacher.reset_classifier(0)  # both heads Identity: still no classifier to compare
+    with pytest.raises(ConfigError, match="no classifier head"):
+        analyze(teacher, student, data, map_images=0)

@@ -168,18 +168,22 @@ def _computed_by(other: nn.Module):
 
 
 def _features_and_logits(model: nn.Module, x: torch.Tensor):
-    """(pre-logits features [B, F]: the classifier's input, logits [B, K]) of one forward pass."""
-    seen = []
+    """(pre-logits features [B, F]: the classifier's input, logits [B, K]) of one forward pass. A distilled DeiT
+    has two classifiers (get_classifier() is (head, head_dist)): its features are their inputs concatenated."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
-    if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
+    heads = list(head) if isinstance(head, (tuple, list)) else [head]
+    if not heads or not all(isinstance(h, nn.Module) and not isinstance(h, nn.Identity) for h in heads):
         raise ConfigError(f"{type(model).__name__} has no classifier head (num_classes=0?): agreement and "
                           "final features need one")
-    handle = head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    seen = [[] for _ in heads]
+    handles = [h.register_forward_pre_hook(lambda mod, args, store=store: store.append(args[0]))
+               for h, store in zip(heads, seen)]
     try:
         logits = model(x)
     finally:
-        handle.remove()
-    return seen[-1], logits
+        for handle in handles:
+            handle.remove()
+    return torch.cat([store[-1] for store in seen], dim=-1), logits
 
 
 class _Agreement:
