@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--append", action="store_true",
                    help="--out exists: keep its configurations and run only the missing ones (same settings)")
     args = p.parse_args(argv)
+    if args.append and args.out is None:
+        p.error("--append needs --out: the file whose configurations to keep")
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

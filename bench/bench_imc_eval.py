@@ -271,6 +271,9 @@ def main(argv=None) -> int:
                     ("--threads", args.threads)):
         if v is not None and v < 1:
             ap.error(f"{flag} must be >= 1, got {v}")
+    known = [*ZOO, "deit_small_far_block", "deit_small_attention_block"]
+    if args.models is not None and (not args.models or any(m not in known for m in args.models)):
+        ap.error(f"--models: choose from {', '.join(known)}, got {' '.join(args.models) or 'none'}")
     args.lstm_mappings = [m.strip() for m in args.lstm_mappings.split(",") if m.strip()]
     if not args.lstm_mappings or any(m not in LSTM_MAPPINGS for m in args.lstm_mappings):
         ap.error(f"--lstm-mappings takes a comma-separated list of {', '.join(LSTM_MAPPINGS)}")

@@ -50,7 +50,9 @@ def test_gpu_backends_are_torch_and_triton_only():
 
 
 @pytest.mark.parametrize("argv, msg", [(["--device", "tpu"], "--device"), (["--batch", "0"], "--batch"),
-                                       (["--lstm-mappings", "fused,stacked"], "--lstm-mappings")])
+                                       (["--lstm-mappings", "fused,stacked"], "--lstm-mappings"),
+                                       (["--models", "fmnist_far_tiny_prunned"], "--models: choose from"),
+                                       (["--models"], "--models: choose from")])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, argv, msg):
     out = tmp_path / "speed.json"
     with pytest.raises(SystemExit) as e:
