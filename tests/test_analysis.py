@@ -213,6 +213,18 @@ def test_unlabelled_data_has_no_accuracy():
     assert "accuracy" not in format_analysis(r).split("full student")[1].split("\n")[0]
 
 
+def test_models_on_another_device_than_the_images_are_a_clear_error():
+    """block_fidelity moves the batches, never the models: a model elsewhere is named (meta stands in for a GPU)."""
+    from far.fidelity import block_fidelity
+
+    teacher = tiny_vit()
+    student = far.convert(copy.deepcopy(teacher))
+    with pytest.raises(ConfigError, match="the teacher is on meta but the images go to cpu"):
+        block_fidelity(copy.deepcopy(teacher).to("meta"), student, tiny_data())
+    with pytest.raises(ConfigError, match="the student is on meta but the images go to cpu"):
+        block_fidelity(teacher, student.to("meta"), tiny_data(), device="cpu")
+
+
 # ---- token maps ----
 def test_attention_map_is_the_softmax_by_hand():
     attn = Attention(dim=2, num_heads=1, qkv_bias=False).eval()

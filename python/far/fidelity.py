@@ -83,7 +83,8 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
                    progress: bool = False) -> dict:
     """Per-block fidelity of `student` (FAR) to `teacher` (attention) on `data` (see the module docstring).
 
-    Both models run in eval mode (restored afterwards) on `device` (default: the student's). Returns
+    Both models run in eval mode (restored afterwards) where they are: the batches go to `device` (default: the
+    student's), where both models must already be (ConfigError otherwise; nothing is moved). Returns
     {"num_images", "agreement", "teacher_accuracy", "student_accuracy", "blocks": [{"block", "far",
     "isolated": {...} or None (a block that is not FAR), "in_model": {...}}], "mean": {kind: {metric}}}: "mean"
     averages the FAR blocks for both kinds (in a partial student the attention blocks, whose in-model cosine
@@ -93,6 +94,12 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
     if len(t_mix) != len(s_mix):
         raise ConfigError(f"teacher and student have {len(t_mix)} and {len(s_mix)} blocks")
     device = model_device(student, device)
+    for name, m in (("teacher", teacher), ("student", student)):
+        where = model_device(m)
+        if where.type != device.type or (where.index is not None and device.index is not None
+                                         and where.index != device.index):
+            raise ConfigError(f"the {name} is on {where} but the images go to {device}: move both models there "
+                              f"(model.to('{device}')) or pass device='{where}'")
     t_dtype, s_dtype = param_dtype(teacher), param_dtype(student)  # each model gets the images in its own dtype
     sums = [{k: BlockStats(getattr(m, "num_heads", 1)) for k in KINDS} for m in t_mix]
     agree = t_correct = s_correct = seen = labelled = t_nonfinite = s_nonfinite = 0
