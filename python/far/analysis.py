@@ -270,7 +270,8 @@ def analyze(teacher: nn.Module, student: nn.Module, data, *, batch_size: int = 2
             map_images: int = 4, parts: Iterable[str] = PARTS, progress: bool = False) -> dict:
     """Everything in the module docstring for `student` (FAR) against `teacher` (attention) on `data`.
 
-    Both models run in eval mode (restored afterwards) on `device` (default: the student's); the token maps
+    Both models run in eval mode (restored afterwards) where they are; the batches go to `device` (default: the
+    student's), where both must be (block_fidelity checks it); the token maps
     are of the first `map_images` images of `data` whatever `batch_size` (all of them, if fewer); 0 skips them.
     Returns {"num_images", "agreement", "teacher_accuracy", "student_accuracy",
     "blocks" and "mean" (far.fidelity.block_fidelity's), "full_student": {"feature_cos", "agreement", "accuracy"},
