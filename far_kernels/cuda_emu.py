@@ -40,6 +40,8 @@ _SOURCES = ("cuda/emu/emu_entry.cpp", "cuda/emu/cuda_emu.h", "cuda/bilstm_cuda.c
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PATHS = {"auto": 0, "fma": 1, "mma": 2}
 GUARD = 64  # elements of NaN on either side of every buffer the kernel sees
+TANH_APPROX_REL_ERR = 2.0 ** -11  # tanh.approx.f32: "maximum relative error over the entire range" (PTX ISA 9.1)
+TANH_BIAS_MODES = {"up": 0, "down": 1, "hashed": 2}
 
 _lock = threading.Lock()
 _libs: dict = {}
@@ -120,7 +122,7 @@ def load(build_dir: Optional[Union[str, Path]] = None, csrc: Optional[Union[str,
             lib.far_emu_bilstm_scan.restype = ctypes.c_char_p
             lib.far_emu_bilstm_scan.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                                 ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 5 + [
-                                                    ctypes.c_uint]
+                                                    ctypes.c_uint, ctypes.c_float, ctypes.c_int]
             lib.far_emu_launches.restype = ctypes.c_char_p
             lib.far_emu_launches.argtypes = []
             _libs[path] = lib
@@ -154,17 +156,22 @@ def _guarded(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def scan(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: Union[torch.Tensor, Sequence[Sequence[int]]], *,
          path: str = "auto", fast_tanh: bool = False, sms: int = 132, blocks_per_sm: int = 1,
-         optin_smem: int = 232448, schedule_seed: int = 0,
+         optin_smem: int = 232448, schedule_seed: int = 0, tanh_bias: float = 0.0, tanh_bias_mode: str = "up",
          lib: Optional[ctypes.CDLL] = None) -> Tuple[torch.Tensor, List[Launch]]:
     """bilstm_scan's cuda backend, emulated: CPU tensors in (gx [H, B, T, 2, 4n] fp32/fp16/bf16, w_hh [H, 2, 4n, n]
     any float dtype, converted to fp32 as the cuda backend does), h [H, B, T, 2, n] and the launches out.
     `path`/`fast_tanh` are FAR_CUDA_SCAN_PATH / FAR_CUDA_FAST_TANH; `sms`, `blocks_per_sm`, `optin_smem` describe the
     emulated GPU; `schedule_seed` != 0 runs blocks and threads in a seeded random order. The output starts as NaN,
-    so a unit the kernel never writes stays NaN. `lib`: a library from load() (default: the package's sources)."""
+    so a unit the kernel never writes stays NaN. `lib`: a library from load() (default: the package's sources).
+    With fast_tanh, tanh.approx.f32 is std::tanh times (1 + tanh_bias * r): r = +1 ("up"), -1 ("down"), or a sign
+    that changes with the argument ("hashed"); tanh_bias = TANH_APPROX_REL_ERR puts the ISA's worst case on every
+    activation."""
     if gx.device.type != "cpu" or w_hh.device.type != "cpu":
         raise ValueError("the CUDA emulation runs on CPU tensors")
     if gx.dtype not in _DTYPES:
         raise ValueError(f"gx must be float32, float16 or bfloat16, got {gx.dtype}")
+    if tanh_bias_mode not in TANH_BIAS_MODES:
+        raise ValueError(f"tanh_bias_mode must be one of {', '.join(TANH_BIAS_MODES)}, got {tanh_bias_mode!r}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     hs = check_scan_inputs(gx, w_hh, hidden_sizes).to(torch.int64).contiguous()
@@ -179,7 +186,7 @@ def scan(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: Union[torch.Tensor,
     with _lock:  # the emulation keeps one global state
         err = lib.far_emu_bilstm_scan(_DTYPES[gx.dtype], gx_v.data_ptr(), w_v.data_ptr(), hs.data_ptr(),
                                       out_v.data_ptr(), H, B, T, n, PATHS[path], int(fast_tanh), sms, blocks_per_sm,
-                                      optin_smem, schedule_seed)
+                                      optin_smem, schedule_seed, tanh_bias, TANH_BIAS_MODES[tanh_bias_mode])
         text = lib.far_emu_launches().decode()
     if err is not None:
         raise RuntimeError(err.decode())

@@ -10,14 +10,16 @@ extern "C" {
 
 // far::bilstm_scan_cuda (same arguments and contract) on an emulated device of `sms` SMs, each holding
 // `blocks_per_sm` blocks of any kernel, with `optin_smem` bytes of opt-in shared memory per block; fibers and
-// blocks run in a random order per round when `schedule_seed` != 0. Returns nullptr or the error string.
+// blocks run in a random order per round when `schedule_seed` != 0; tanh.approx.f32 (fast tanh) is std::tanh times
+// (1 + tanh_bias * r), r by `tanh_bias_mode` (cuda_emu.h Config). Returns nullptr or the error string.
 __attribute__((visibility("default"))) const char* far_emu_bilstm_scan(int dtype, const void* gx, const float* w_hh,
                                                                 const int64_t* hidden, void* out,
                                                                 int64_t H, int64_t B, int64_t T, int64_t n, int path,
                                                                 int fast_tanh, int sms, int blocks_per_sm,
-                                                                int optin_smem, unsigned schedule_seed) {
+                                                                int optin_smem, unsigned schedule_seed,
+                                                                float tanh_bias, int tanh_bias_mode) {
   far_emu::State& s = far_emu::st();
-  s.cfg = far_emu::Config{sms, blocks_per_sm, optin_smem, schedule_seed};
+  s.cfg = far_emu::Config{sms, blocks_per_sm, optin_smem, schedule_seed, tanh_bias, tanh_bias_mode};
   s.device = -1;
   for (size_t i = 0; i < s.devices.size(); ++i) {
     const far_emu::Config& d = s.devices[i];
