@@ -109,6 +109,24 @@ def test_far_block_counts_and_pruning_shrinks_the_chip():
     assert model_cost(full).totals["energy_uj"] > model_cost(m).totals["energy_uj"]
 
 
+def test_lstm_gate_arithmetic_by_hand():
+    """Per step and kept unit the cell does 3 sigmoids + 2 tanh, 3 multiplies (f*c, i*g, o*tanh c) and one add
+    (f*c + i*g); the 4 gate pre-activations' adds (bias, and with the separate mapping W_ih x_t + W_hh h) are
+    the MVMs' output adds, charged once per output, not again as gate adds."""
+    torch.manual_seed(0)
+    m = far.create_model("fmnist_deit_tiny", embed_dim=32, depth=1, num_heads=2)  # d = k = 16, T = 50
+    c = load_constants()
+    add, mul = c["fp16_add"]["energy_pj"], c["fp16_mult"]["energy_pj"]
+    H, d, k, T, C = 2, 16, 16, 50, 32
+    for mapping, lstm_outputs in (("fused", 4 * k), ("separate", 2 * 4 * k)):  # separate: W_ih's and W_hh's
+        blk = next(x for x in model_cost(m, hw=HardwareSpec(lstm_mapping=mapping)).rows if x.kind == "far")
+        units = 2 * H * k * T  # (head, direction) x kept units x steps
+        assert blk.digital_ops == units * (1 + 3 + 5)
+        output_adds = T * (C + 2 * H * lstm_outputs + H * d + C)  # pre_proj, LSTMs, head_proj, proj
+        gates = units * (1 * add + 3 * mul + 5 * 4 * (add + mul))
+        assert blk.energy["digital"] == pytest.approx(output_adds * add + gates)
+
+
 def test_reuse_block_is_costed_as_its_transform():
     torch.manual_seed(0)
     vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=3, num_heads=2)

@@ -412,8 +412,9 @@ def _far_row(chip: _Chip, name: str, m: FARAttention, T: int, hidden_sizes=None)
                 steps.append((k, 4 * k))
             row.add_mvm(step, T)  # heads and directions in parallel on their own arrays
             step_ns = max(step_ns, step["ns"])
-            # per step and unit: 4 gate adds, 3 sigmoid + 2 tanh, f*c + i*g and o*tanh(c): 3 mult, 1 add
-            gate_ops[0] += 5 * k * T
+            # per step and unit: 3 sigmoid + 2 tanh, f*c, i*g and o*tanh(c): 3 mult, and the add of f*c + i*g; the
+            # 4 gate pre-activations' adds (bias; separate: + W_ih x_t) are the MVMs' output adds (mvm "digital")
+            gate_ops[0] += k * T
             gate_ops[1] += 3 * k * T
             gate_ops[2] += 5 * k * T
         if kf + kb:
