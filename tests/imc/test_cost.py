@@ -72,6 +72,25 @@ def test_static_layer_counts_by_hand():
     assert off.latency_ns == pytest.approx(T * J * 128 / 1.2)
 
 
+@pytest.mark.parametrize("rows,cols", [(64, 128), (128, 128), (256, 128), (128, 64), (128, 256)])
+def test_array_read_energy_and_area_scale_with_the_array(rows, cols):
+    """crossbar_read and sample_hold are ISAAC's 128 x 128 array's: the same weights read through arrays of another
+    size draw the same cell current (energy and cell area per cell, S+H per column), so a 256 x 64 matrix's cell
+    and S+H energy does not depend on how many arrays it is cut into."""
+    c = load_constants()
+    r = model_cost(OneLinear(256, 64, 1), CrossbarConfig(tile_rows=rows), HardwareSpec(cols=cols, cols_per_adc=cols))
+    row, J = r.rows[0], 7
+    n_arrays = math.ceil(256 / rows) * math.ceil(64 * 8 / cols)
+    assert row.arrays == n_arrays
+    cells, columns = 256 * 64 * 8, n_arrays * cols  # every array here is full: rows x cols cells
+    assert row.energy["crossbar"] == pytest.approx(J * (cells / 128 ** 2 * c["crossbar_read"]["energy_pj"]
+                                                        + columns / 128 * c["sample_hold"]["energy_pj"]))
+    per_array = (rows * cols / 128 ** 2 * c["crossbar_read"]["area_um2"] + c["adc_8b"]["area_um2"]
+                 + rows * c["dac_1b"]["area_um2"] + cols / 128 * c["sample_hold"]["area_um2"]
+                 + 0.5 * c["shift_add"]["area_um2"])
+    assert r.totals["area_mm2_by_part"]["arrays"] == pytest.approx(n_arrays * per_array / 1e6)
+
+
 def test_attention_dynamic_products_by_hand():
     """One attention block at T tokens: 'write' programs K^T (d x T) and V (T x d) per head every image."""
     torch.manual_seed(0)

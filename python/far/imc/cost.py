@@ -20,6 +20,8 @@ overrides any of them from a JSON or YAML file):
   output). One MVM takes J crossbar cycles; a cycle is the longer of the read (100 ns) and the ADC's
   conversions of the outputs it serves (cols_per_adc columns: cols_per_adc / 2 differential pairs, or
   cols_per_adc offset-encoded columns, at its rate). A read also charges the columns' sample-and-hold.
+  crossbar_read and sample_hold are ISAAC's for a 128 x 128 array: another geometry scales the cells' read energy
+  and area by the cells (rows x cols / 128^2) and the sample-and-hold by the columns (cols / 128), first order.
 - Dynamic products (attention's QKᵀ and S·V, per head; also those of timm's attention pools, global_pool "map"
   with its latent queries and "prr", T queries over T tokens) have no static weights:
   dynamic="write": K (as Kᵀ, d rows x T columns) and V (T rows x d columns) are written into dedicated
@@ -74,6 +76,7 @@ COMPONENTS = ("crossbar", "adc", "dac", "shift_add", "buffer", "writes", "digita
 DYNAMIC_MODES = ("write", "digital")
 PACKINGS = ("none", "diagonal")
 IMA_ARRAYS = 8  # crossbar arrays per ISAAC IMA (in-situ multiply-accumulate unit); 12 IMAs make a 96-array tile
+ISAAC_ARRAY = (128, 128)  # rows x columns of the array that crossbar_read and sample_hold are given for
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,10 @@ class _Chip:
         self.pair = 2 if cfg.encoding == "differential" else 1
         adc = c[adc_key]
         # an array read: the cells' currents and the columns' sample-and-hold (ISAAC charges both per read)
-        self.e_read = c["crossbar_read"]["energy_pj"] + c["sample_hold"]["energy_pj"]
+        # (both given for ISAAC's 128 x 128 array: the cells' share scales with the cells, the S+H with the columns)
+        cell_scale = self.rows * hw.cols / (ISAAC_ARRAY[0] * ISAAC_ARRAY[1])
+        col_scale = hw.cols / ISAAC_ARRAY[1]
+        self.e_read = c["crossbar_read"]["energy_pj"] * cell_scale + c["sample_hold"]["energy_pj"] * col_scale
         # a dac_bits-bit DAC: the 1-bit one's energy and area x2 per extra bit (hwcomponents-library's IsaacDAC
         # scales resolution as its IsaacADC does, the rule of the table's adc_*b rows)
         dac_scale = 2 ** (cfg.dac_bits - 1)
@@ -198,8 +204,9 @@ class _Chip:
         self.endurance = hw.endurance_cycles if hw.endurance_cycles is not None else c["cell_write"]["endurance_cycles"]
         self.e_add, self.e_mul = c["fp16_add"]["energy_pj"], c["fp16_mult"]["energy_pj"]
         self.e_mac8 = c["int8_mult"]["energy_pj"] + c["int8_add"]["energy_pj"]
-        per_array = (c["crossbar_read"]["area_um2"] + math.ceil(hw.cols / hw.cols_per_adc) * adc["area_um2"]
-                     + self.rows * c["dac_1b"]["area_um2"] * dac_scale + c["sample_hold"]["area_um2"]
+        per_array = (c["crossbar_read"]["area_um2"] * cell_scale
+                     + math.ceil(hw.cols / hw.cols_per_adc) * adc["area_um2"]
+                     + self.rows * c["dac_1b"]["area_um2"] * dac_scale + c["sample_hold"]["area_um2"] * col_scale
                      + 0.5 * c["shift_add"]["area_um2"])
         self.a_array = per_array
         # hwcomponents-library's IsaacEDRAMBus area is one IMA's share of the tile's bus ("Area reported per IMA. In
