@@ -474,3 +474,26 @@ def test_demo_table_shortens_an_unavailable_backends_reason_at_a_word():
     assert len(shown) <= 70 and shown.endswith("... (demo.json has it all)")
     words = shown[:-len(" ... (demo.json has it all)")].split()
     assert words == why.split()[:len(words)]  # whole words of the reason, in order
+
+
+@needs_fmnist
+def test_eval_reports_the_backend_a_float64_model_runs(capsys, ckpt, tmp_path, monkeypatch):
+    """auto runs the torch reference for float64 (dispatch.select): the report named auto's float32 pick."""
+    path = tmp_path / "fp64.safetensors"
+    far.save(far.load(ckpt).double(), path)
+    ran = set()
+    select = far_kernels.dispatch.select
+
+    def spy(op, backend, device, dtype=torch.float32, *rest, **kw):
+        name = select(op, backend, device, dtype, *rest, **kw)
+        if rest or kw:  # a forward's call (needs_grad, args): the backend that ran
+            ran.add(name)
+        return name
+
+    monkeypatch.setattr(far_kernels.dispatch, "select", spy)
+    out_json = tmp_path / "res.json"
+    code, out, err = run(capsys, "eval", str(path), "--data", "fashion-mnist", "--limit", "4", "--json",
+                         str(out_json), "-q")
+    assert code == 0, err
+    res = json.loads(out_json.read_text())
+    assert ran == {res["backend"]} == {"torch"} and "backend torch" in out

@@ -33,7 +33,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import far_kernels
     from far.data import is_fashion_mnist
     from far.evaluate import evaluate
-    from far.models import is_far, load_model, param_counts, resolve
+    from far.models import far_modules, is_far, load_model, param_counts, resolve
     from far.utils.env import device_name, resolve_device
     from far.utils.fs import write_json
     from far.version import __version__
@@ -56,6 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.storage != "padded":
             warn(f"--storage {args.storage} has no effect: {args.model} has no FAR blocks")
         used = "none (the model has no FAR blocks)"
+    else:  # the blocks compute in the model's dtype: auto runs the torch reference for float64, not the pick above
+        used = far_kernels.dispatch.select(op, args.backend, device, far_modules(model)[0][1].pre_proj.weight.dtype)
     dataset = eval_dataset(args, model)
     progress = not args.quiet and sys.stderr.isatty()
     res = evaluate(model, dataset, batch_size=args.batch_size, device=device, workers=eval_workers(args),
