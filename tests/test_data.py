@@ -314,6 +314,16 @@ def test_make_dataset_fashion_mnist(fmnist_dir, monkeypatch):
     assert len(make_dataset("fmnist", "train", data_config(Tiny()), limit=7)) == 7
 
 
+def test_make_dataset_warns_that_a_folder_named_like_the_dataset_is_not_read(fmnist_dir, monkeypatch, tmp_path):
+    """--data fmnist with a folder ./fmnist of one's own images evaluated Fashion-MNIST's instead, silently."""
+    monkeypatch.setenv("FAR_FASHION_MNIST", str(fmnist_dir))
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "fmnist", classes=("a", "b", "c"), per_class=2, size=(28, 28), mode="L")
+    with pytest.warns(UserWarning, match="folder 'fmnist' here is not read; give ./fmnist"):
+        assert isinstance(make_dataset("fmnist", "test", FMNIST_CFG, limit=5), FashionMNIST)
+    assert len(make_dataset("./fmnist", "test", {**FMNIST_CFG, "num_classes": 3})) == 6
+
+
 @pytest.mark.parametrize("cfg,msg", [
     ({"input_size": (3, 224, 224), "num_classes": 1000, "architecture": "deit_tiny_patch16_224"},
      "deit_tiny_patch16_224 expects 224x224x3 images and 1000 classes, but Fashion-MNIST has 28x28x1"),

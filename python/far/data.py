@@ -550,7 +550,8 @@ def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train:
     """The dataset named by `spec` for a model, after checking they fit each other.
 
     Args:
-        spec: "fashion-mnist" (alias "fmnist") or the path of an ImageNet-style folder.
+        spec: "fashion-mnist" (alias "fmnist") or the path of an ImageNet-style folder (the name wins over a
+            folder of that name, with a warning: "./fmnist" names the folder).
         split: "train" or "test" (Fashion-MNIST split; for a folder it only selects train/eval transforms).
         data_cfg: what the model expects, a pretrained_cfg-like dict with input_size (C, H, W),
             num_classes and optionally mean, std, interpolation, crop_pct, architecture
@@ -574,6 +575,11 @@ def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train:
         raise DataError(f"{arch} has no classifier (num_classes 0): there are no labels to train or test it "
                         "with; distil it without labels (far distill --no-labels, far.distill(labels=False))")
     if is_fashion_mnist(spec):
+        if Path(spec).is_dir():  # silently evaluating Fashion-MNIST instead of the user's folder of that name
+            import warnings
+
+            warnings.warn(f"'{spec}' names the Fashion-MNIST dataset, so the folder '{spec}' here is not read; "
+                          f"give ./{spec} to use that folder's images", stacklevel=2)
         if (C, H, W) != FASHION_MNIST_INPUT_SIZE or (labels and K != len(FASHION_MNIST_CLASSES)):
             raise DataError(
                 f"{arch} expects {_fmt_size((C, H, W))} images and {K} classes, but Fashion-MNIST has "
