@@ -345,6 +345,13 @@ def test_data_config_takes_num_classes_from_the_model():
         make_dataset("fashion-mnist", "test", data_config(Head5()))
 
 
+def test_iterate_batches_takes_a_batch_size_beyond_the_index_range(tmp_path):
+    """far eval --batch-size 10**20 ran on Fashion-MNIST but failed on an image folder (islice's sys.maxsize)."""
+    data = torch.utils.data.TensorDataset(torch.arange(5.0)[:, None], torch.arange(5))
+    (x, y), = iterate_batches(data, 10 ** 20)
+    assert torch.equal(y, torch.arange(5)) and torch.equal(x[:, 0], torch.arange(5.0))
+
+
 def test_make_dataset_folder(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
     cfg = {"input_size": (3, 24, 24), "num_classes": 3, "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}

@@ -617,8 +617,9 @@ def iterate_batches(dataset, batch_size: int, device=None, num_workers: int = 0
     if hasattr(dataset, "batches"):
         yield from dataset.batches(batch_size, device=device)
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    # no batch holds more than the dataset: a batch_size past sys.maxsize made the DataLoader's islice raise
+    loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, max(len(dataset), 1)), shuffle=False,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
