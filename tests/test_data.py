@@ -352,6 +352,25 @@ def test_iterate_batches_takes_a_batch_size_beyond_the_index_range(tmp_path):
     assert torch.equal(y, torch.arange(5)) and torch.equal(x[:, 0], torch.arange(5.0))
 
 
+def test_make_dataset_folder_keeps_the_models_crop_mode(tmp_path):
+    """A timm cfg with crop_mode "squash" (vit_*_clip_384 and 50 more) was center-cropped instead: a wide image
+    lost its sides. The folder's transform is now timm's create_transform of resolve_data_config, crop_mode too."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :16] = 255  # a white left quarter: squashing keeps it, a center crop cuts it off
+    Image.fromarray(img).save(tmp_path / "f" / "a" / "x.png")
+    for mode in ("squash", "border", "center"):
+        cfg = {"input_size": (3, 32, 32), "num_classes": 1, "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0,
+               "interpolation": "bilinear", "crop_mode": mode}
+        x = make_dataset(tmp_path / "f", "test", cfg)[0][0]
+        timm_tf = create_transform(**resolve_data_config(pretrained_cfg=cfg))
+        assert torch.equal(x, timm_tf(Image.fromarray(img))), mode
+        assert (x[:, :, 0] == 1).all() == (mode == "squash"), mode
+
+
 def test_make_dataset_folder(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
     cfg = {"input_size": (3, 24, 24), "num_classes": 3, "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.9}

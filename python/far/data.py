@@ -341,7 +341,7 @@ def load_image(path, mode: str):
 
 
 def _image_pipeline(path, input_size: Sequence[int], mean, std, train: bool, interpolation: str,
-                    crop_pct: Optional[float]):
+                    crop_pct: Optional[float], crop_mode: Optional[str] = None):
     """(folder Path, PIL loader, timm transform) for images of `input_size` = (C, H, W)."""
     from timm.data import create_transform
 
@@ -359,7 +359,7 @@ def _image_pipeline(path, input_size: Sequence[int], mean, std, train: bool, int
         return load_image(p, mode)
 
     tf = create_transform(input_size=input_size, is_training=train, mean=tuple(mean), std=tuple(std),
-                          interpolation=interpolation, crop_pct=crop_pct,
+                          interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode,
                           **({"color_jitter": 0.0} if train and mode == "L" else {}))
     return path, loader, tf
 
@@ -459,11 +459,13 @@ class _ImageFolder(ImageFolder):
 
 
 def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None):
+                 train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None,
+                 crop_mode: Optional[str] = None):
     """An ImageNet-style folder (one subfolder per class, sorted names = labels 0..K-1) as a
     torchvision ImageFolder with timm's transforms for `input_size` = (C, H, W).
 
-    Eval (train=False): resize to size / crop_pct (default 0.875), center crop, normalize; train:
+    Eval (train=False): resize to size / crop_pct (default 0.875), center crop (crop_mode: timm's, default
+    "center"; "squash" resizes the whole image, "border" pads), normalize; train:
     random resized crop + flip. C == 1 loads images as grayscale, C == 3 as RGB.
 
     Walked as UnlabeledImages is (`_walk_images`): names starting with "." are skipped at every depth (a
@@ -471,7 +473,7 @@ def image_folder(path, input_size: Sequence[int], mean: Sequence[float], std: Se
     followed, and a link back into a folder already listed (a loop, the root, another class) is skipped
     with a warning. A class folder without images is a DataError.
     """
-    path, loader, tf = _image_pipeline(path, input_size, mean, std, train, interpolation, crop_pct)
+    path, loader, tf = _image_pipeline(path, input_size, mean, std, train, interpolation, crop_pct, crop_mode)
     ds = _ImageFolder(str(path), transform=tf, loader=loader)
     ds.input_size = tuple(int(v) for v in input_size)  # for deit_view: the size the images are made
     return ds
@@ -483,9 +485,10 @@ class UnlabeledImages(torch.utils.data.Dataset):
     hidden names skipped, symlinked folders followed, each folder listed once (loops end)."""
 
     def __init__(self, path, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                 train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None):
+                 train: bool = False, interpolation: str = "bilinear", crop_pct: Optional[float] = None,
+                 crop_mode: Optional[str] = None):
         root, self.loader, self.transform = _image_pipeline(path, input_size, mean, std, train, interpolation,
-                                                            crop_pct)
+                                                            crop_pct, crop_mode)
         self.root = root
         self.input_size = tuple(int(v) for v in input_size)
         skipped: list = []
@@ -529,8 +532,8 @@ def _fmt_size(s) -> str:
 
 def folder_config(data_cfg) -> dict:
     """timm's resolve_data_config of a model's data config (input_size, interpolation, mean, std,
-    crop_pct): the transforms image folders get. The model's input_size wins (the caller's data_config
-    has it from the patch embedding); a 1-channel model without its own mean/std gets (0.5,) / (0.5,)
+    crop_pct, crop_mode): the transforms image folders get. The model's input_size wins (the caller's
+    data_config has it from the patch embedding); a 1-channel model without its own mean/std gets (0.5,) / (0.5,)
     instead of timm's 3-channel ImageNet defaults."""
     from timm.data import resolve_data_config
 
@@ -596,7 +599,7 @@ def make_dataset(spec, split: str, data_cfg, limit: Optional[int] = None, train:
     if len(mean) != C or len(std) != C:
         raise DataError(f"{arch}: mean/std have {len(mean)}/{len(std)} values for {C} input channels")
     kw = dict(train=split == "train" if train is None else train, interpolation=rc["interpolation"],
-              crop_pct=rc["crop_pct"])
+              crop_pct=rc["crop_pct"], crop_mode=rc.get("crop_mode"))  # a squashing model's images are squashed
     if not labels:
         ds = UnlabeledImages(path, (C, H, W), mean, std, **kw)
         return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit is not None else ds
