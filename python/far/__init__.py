@@ -4,6 +4,7 @@
     student = far.distill(teacher, train_set, config=far.TrainConfig(epochs=1))
     pruned = far.prune(student, train_set, prune_ratio=0.3)
     far.evaluate(pruned, test_set)["accuracy"]
+    far.predict(pruned, far.data.image_files(["photos/"], far.models.data_config(pruned)))["classes"]
     far.analyze(teacher, student, test_set)["blocks"]                    # fidelity per block, over depth, token maps
     far.save(pruned, "pruned.safetensors"); far.load("pruned.safetensors")
     far.load("pruned.safetensors", storage="ragged")                      # kept units only in memory
@@ -11,7 +12,7 @@
 """
 from far.analysis import analyze
 from far.errors import BackendUnavailable, CheckpointError, ConfigError, DataError, FarError
-from far.evaluate import evaluate
+from far.evaluate import evaluate, predict
 from far.interop import export_onnx, import_public
 from far.methods import distill, finetune, prune, reuse, train_classifier
 from far.models import (ConversionReport, convert, count_params, create_model, far_modules, load, load_model,
@@ -43,6 +44,7 @@ __all__ = [
     "import_public",
     "load",
     "load_model",
+    "predict",
     "prune",
     "read_config",
     "reuse",

@@ -364,6 +364,57 @@ def _image_pipeline(path, input_size: Sequence[int], mean, std, train: bool, int
     return path, loader, tf
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Images named by `paths` for inference (far predict): each path an image file, taken as it is, or a
+    folder, walked as UnlabeledImages walks it (any depth, sorted); in the order given, each file once.
+    Items are (image, -1); `files` holds the paths in item order. Eval transforms of the model's data config
+    (image_files makes one from it)."""
+
+    def __init__(self, paths: Sequence, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 interpolation: str = "bilinear", crop_pct: Optional[float] = None, crop_mode: Optional[str] = None):
+        if not paths:
+            raise DataError("no images given")
+        files, seen_files = [], set()
+        for given in paths:
+            p = Path(given)
+            if not p.exists():
+                raise FileNotFoundError(f"{given}: no such image file or folder")
+            if p.is_dir():
+                skipped: list = []
+                new = sorted(Path(f) for f in _walk_images(p, {_stat_key(p)}, skipped))
+                _warn_skipped(p, skipped, stacklevel=2)
+                if not new:
+                    raise DataError(f"{given}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+            else:
+                if not p.is_file():
+                    raise DataError(f"{given}: not a regular file")
+                if p.suffix.lower() not in IMAGE_EXTENSIONS:
+                    raise DataError(f"{given}: not an image file ({', '.join(IMAGE_EXTENSIONS)})")
+                new = [p]
+            for f in new:
+                key = _stat_key(f) or str(f.resolve())
+                if key not in seen_files:
+                    seen_files.add(key)
+                    files.append(f)
+        self.files = files
+        _, self.loader, self.transform = _image_pipeline(files[0].parent, input_size, mean, std, False,
+                                                         interpolation, crop_pct, crop_mode)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        return self.transform(self.loader(str(self.files[i]))), -1
+
+
+def image_files(paths: Sequence, data_cfg) -> ImageFiles:
+    """ImageFiles with the eval transforms a model expects (data_cfg as in make_dataset: far.models.data_config)."""
+    cfg = _check_data_cfg(data_cfg)
+    rc = folder_config(cfg)
+    return ImageFiles(paths, cfg["input_size"], rc["mean"], rc["std"], interpolation=rc["interpolation"],
+                      crop_pct=rc["crop_pct"], crop_mode=rc.get("crop_mode"))
+
+
 def _hidden(name: str) -> bool:
     return name.startswith(".")  # .thumbnails/, .ipynb_checkpoints/, macOS AppleDouble ._x.png, .DS_Store
 

@@ -146,3 +146,51 @@ def accuracy(model: nn.Module, data, *, batch_size: int = 500, device=None) -> O
     if data is None:
         return None
     return evaluate(model, data, batch_size=batch_size, device=device)["accuracy"]
+
+
+def predict(model: nn.Module, data, *, batch_size: int = 256, device=None, workers: int = 0, top_k: int = 1,
+            progress: bool = False) -> dict:
+    """The `top_k` classes of every image of `data` (a dataset of (image, anything); far.data.image_files makes one
+    from paths) under torch.inference_mode, in eval mode (restored afterwards), in data order.
+
+    Returns {"classes": LongTensor [N, k], "probs": float32 [N, k] (softmax of the logits, computed in float32),
+    "num_images", "images_per_s" (end to end)}. Images whose logits are not finite get class -1 and probability
+    NaN, with a warning. The batches go to `device` (default: the model's), where the model must be."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes == 0:
+        raise ConfigError("the model has no classifier (num_classes 0): there are no classes to predict")
+    if top_k < 1 or (num_classes is not None and top_k > num_classes):
+        raise ConfigError(f"top_k must be in [1, {num_classes or 'classes'}], got {top_k}")
+    device = model_device(model, device)
+    dtype = _param_dtype(model)
+    classes, probs, bad = [], [], 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(data), desc="predict", unit="img", file=sys.stderr)
+    t0 = time.perf_counter()
+    with eval_mode(model), torch.inference_mode():
+        for x, _ in iterate_batches(data, batch_size, device=device, num_workers=workers):
+            logits = model(x.to(dtype)).float()
+            p = torch.softmax(logits, dim=1)
+            v, i = p.topk(top_k, dim=1)
+            finite = torch.isfinite(logits).all(dim=1)
+            bad += int((~finite).sum())
+            i = torch.where(finite[:, None], i, torch.full_like(i, -1))
+            v = torch.where(finite[:, None], v, torch.full_like(v, float("nan")))
+            classes.append(i.cpu())
+            probs.append(v.cpu())
+            if bar is not None:
+                bar.update(x.shape[0])
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if bad:
+        warnings.warn(f"{bad} image(s) gave non-finite logits: class -1, probability NaN", stacklevel=2)
+    n = sum(c.shape[0] for c in classes)
+    return {"classes": torch.cat(classes) if classes else torch.zeros(0, top_k, dtype=torch.long),
+            "probs": torch.cat(probs) if probs else torch.zeros(0, top_k), "num_images": n,
+            "images_per_s": n / seconds if seconds > 0 else float("inf")}

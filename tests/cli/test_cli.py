@@ -48,9 +48,11 @@ def ckpt(tmp_path_factory):
     (["eval"], ["MODEL", "--data", "--batch-size", "--limit", "--backend", "--device", "--threads", "--json",
                 "--quiet", "--split", "--workers", "examples", "dataset-fashion-mnist"]),
     (["export"], ["MODEL", "--output", "--batch-size", "--check", "--threads", "--force", "examples"]),
+    (["predict"], ["MODEL", "IMAGE", "--output", "--top-k", "--class-names", "--batch-size", "--backend",
+                   "--storage", "--device", "--threads", "--force", "examples"]),
     (["import-public"], ["MODEL", "--output", "--num-heads", "--pruned", "--allow-pickle", "--arch", "--threads",
                          "examples"]),
-], ids=["far", "info", "convert", "eval", "export", "import-public"])
+], ids=["far", "info", "convert", "eval", "export", "predict", "import-public"])
 def test_help(capsys, cmd, options):
     code, out, _ = run(capsys, *cmd, "--help")
     assert code == 0

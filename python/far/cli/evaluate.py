@@ -1,10 +1,11 @@
-"""far eval, far demo."""
+"""far eval, far predict, far demo."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from far.cli.options import (BACKEND_CHOICES, FMNIST_NOTE, Formatter, add_common, add_data, add_device, add_model,
                              at_least, note, output_checks, set_threads, warn)
@@ -86,6 +87,86 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def class_names(args: argparse.Namespace, ref, model) -> list:
+    """--class-names FILE (one name per line), else the Fashion-MNIST names for the bundled fmnist_* models, else
+    the class indices as text (a checkpoint stores no class names)."""
+    from far.data import FASHION_MNIST_CLASSES
+    from far.errors import ConfigError
+    from far.utils.fs import open_input
+
+    k = getattr(model, "num_classes", None)
+    if args.class_names:
+        with open_input(args.class_names, "class-names file") as f:
+            names = [line.strip() for line in f.read().decode("utf-8").splitlines() if line.strip()]
+        if k is not None and len(names) != k:
+            raise ConfigError(f"--class-names {args.class_names}: {len(names)} names for a model of {k} classes")
+        return names
+    if ref.kind == "zoo" and ref.name.startswith("fmnist_") and k == len(FASHION_MNIST_CLASSES):
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(k or 0)]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io
+    import json
+
+    import far_kernels
+    from far.data import image_files
+    from far.evaluate import predict
+    from far.models import data_config, is_far, load_model, resolve
+    from far.utils.env import resolve_device
+    from far.utils.fs import atomic_write
+
+    at_least(args, 1, "batch_size", "top_k")
+    at_least(args, 0, "workers")
+    set_threads(args)
+    device = resolve_device(args.device, "--device")
+    ref = resolve(args.model)
+    fmt = None
+    if args.output:
+        fmt = {".csv": "csv", ".json": "json"}.get(Path(args.output).suffix.lower())
+        if fmt is None:
+            from far.errors import ConfigError
+
+            raise ConfigError(f"-o {args.output}: give a .csv or .json file")
+    output_checks(args, [ref.path] if ref.path else [], *(("output",) if args.output else ()),
+                  output_kind="a JSON report" if fmt == "json" else "a CSV table")
+    far_kernels.dispatch.select(far_kernels.ops.bilstm_fused_scan.OP, args.backend, device)  # unavailable: now
+    model, _ = load_model(ref, device=str(device), backend=args.backend, storage=args.storage)
+    if not is_far(model) and args.backend is not None:
+        warn(f"--backend {args.backend} has no effect: {args.model} has no FAR blocks")
+    names = class_names(args, ref, model)
+    data = image_files(args.images, data_config(model))
+    res = predict(model, data, batch_size=args.batch_size, device=device, workers=eval_workers(args),
+                  top_k=args.top_k, progress=not args.quiet and sys.stderr.isatty())
+    rows = []
+    for path, cs, ps in zip(data.files, res["classes"].tolist(), res["probs"].tolist()):
+        rows.append({"image": str(path), "top": [{"class": c, "name": names[c] if 0 <= c < len(names) else None,
+                                                  "prob": p} for c, p in zip(cs, ps)]})
+    if fmt == "json":
+        atomic_write(args.output, json.dumps({"model": args.model, "num_images": len(rows), "top_k": args.top_k,
+                                              "predictions": rows}, indent=1) + "\n", force=args.force)
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["image"] + [f"{k}{j + 1}" for j in range(args.top_k) for k in ("class", "name", "prob")])
+        for r in rows:
+            w.writerow([r["image"]] + [v for t in r["top"] for v in (t["class"], t["name"], f"{t['prob']:.6g}")])
+        atomic_write(args.output, buf.getvalue(), force=args.force)
+    if not args.output or not args.quiet:
+        shown = rows if not args.output else rows[:10]
+        width = max((len(r["image"]) for r in shown), default=5)
+        for r in shown:
+            top = "  ".join(f"{t['name']} {100 * t['prob']:.1f}%" for t in r["top"])
+            print(f"{r['image']:<{width}}  {top}")
+        if args.output and len(rows) > len(shown):
+            print(f"... {len(rows) - len(shown)} more in {args.output}")
+    if args.output:
+        note(args, f"wrote {len(rows)} predictions to {args.output} ({res['images_per_s']:.1f} images/s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from far.utils.fs import check_folder, check_output
 
@@ -137,6 +218,32 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results to this JSON file")
     add_common(p, quiet="no progress bar or notes")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "predict", formatter_class=Formatter, help="the top classes of image files or folders, per image",
+        description="Load MODEL and classify every image given: image files as they are, folders walked at any "
+                    "depth in sorted order (hidden names skipped), with the eval transforms of the model's own "
+                    "data config (size, crop, mean/std, channels), under torch.inference_mode. Prints one line per "
+                    "image, or writes every prediction to -o FILE (.csv: image, class1, name1, prob1, ...; .json). "
+                    "Class names: --class-names FILE, the Fashion-MNIST names for the bundled fmnist_* models, "
+                    "else the class index (a checkpoint stores no names).",
+        epilog="examples:\n"
+               "  far predict fmnist_far_tiny_pruned shirt.png boots/\n"
+               "  far predict model.safetensors ~/photos --top-k 3 -o predictions.csv --class-names classes.txt")
+    add_model(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+    p.add_argument("-o", "--output", metavar="FILE", help="write every prediction here (.csv or .json)")
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="classes per image, most probable first")
+    p.add_argument("--class-names", metavar="FILE", help="one class name per line, in class-index order")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per batch")
+    p.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (default: min(8, CPU cores))")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                   help="BiLSTM backend of the FAR blocks (default: env FAR_BACKEND, else auto)")
+    p.add_argument("--storage", choices=("padded", "ragged"), default="padded",
+                   help="FAR blocks in memory: padded or ragged (kept units only); same outputs")
+    add_device(p)
+    add_common(p, quiet="no progress bar; with -o, no table on stdout")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "demo", formatter_class=Formatter,
