@@ -27,6 +27,8 @@ def test_model_positional_and_output_flags():
         opts = options(p)
         if name == "analyze":  # two models: each read by the MODEL grammar
             assert [a.metavar for a in pos] == ["TEACHER", "STUDENT"], "far analyze TEACHER STUDENT"
+        elif name == "predict":  # the model, then the images it classifies
+            assert [a.metavar for a in pos] == ["MODEL", "IMAGE"], "far predict MODEL IMAGE..."
         elif name != "demo":
             assert [a.metavar for a in pos] == ["MODEL"], f"far {name}: the model argument is called MODEL"
         if "output" in opts:
