@@ -769,20 +769,12 @@ class DeiTView(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, key):
-        import random
+        from far.utils.env import seeded_rngs
 
         i, seed = key
         img, y = self.pil(int(i))
-        py, npy = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % (2 ** 32))
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.transform(img), y
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
+        with seeded_rngs(seed):
+            return self.transform(img), y
 
 
 def _output_size(steps) -> Optional[Tuple[int, int]]:

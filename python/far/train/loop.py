@@ -213,21 +213,11 @@ class _SeededItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        import random
-
-        import numpy as np
+        from far.utils.env import seeded_rngs
 
         i, seed = key
-        py, npy = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % (2 ** 32))
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.dataset[int(i)]
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
+        with seeded_rngs(seed):
+            return self.dataset[int(i)]
 
 
 class TrainData:

@@ -79,6 +79,27 @@ def model_device(model: torch.nn.Module, device=None) -> torch.device:
 
 
 @contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Python's, numpy's and torch's (CPU) global RNGs seeded from `seed` inside, each restored afterwards: random
+    transforms that draw from them (timm's, torchvision's) give the same draws for the same seed, whatever ran
+    before, in any DataLoader worker."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+@contextlib.contextmanager
 def eval_mode(*models: torch.nn.Module):
     """Every module of `models` in eval mode inside; afterwards each module back in its own mode (a model
     training with some parts frozen in eval mode keeps them so; model.train(was) would set them all)."""
