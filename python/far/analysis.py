@@ -44,10 +44,10 @@ import torch.nn.functional as F
 
 from far.data import iterate_batches
 from far.errors import ConfigError, DataError
-from far.fidelity import block_fidelity, head_cos_line, param_dtype
+from far.fidelity import block_fidelity, head_cos_line
 from far.models.factory import check_input, check_labels, top1
 from far.nn import FARAttention, MixerTaps, token_mixers
-from far.utils.env import eval_mode, model_device
+from far.utils.env import eval_mode, model_device, param_dtype
 from far.utils.fs import atomic_write
 from far.utils.plot import pyplot, save_figure
 

@@ -17,12 +17,7 @@ from far.data import iterate_batches, num_batches, shard
 from far.errors import ConfigError, DataError
 from far.models import check_input
 from far.models.factory import top1
-from far.utils.env import eval_mode, model_device
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32  # e.g. bf16 models
+from far.utils.env import eval_mode, model_device, param_dtype
 
 
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, workers: int = 0,
@@ -53,7 +48,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
         data = shard(data, dist.get_rank(), world)
-    dtype = _param_dtype(model)
+    dtype = param_dtype(model)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad_labels = torch.zeros((), dtype=torch.int64, device=device)  # outside [0, classes): checked once, at the end
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # images with a NaN/inf logit: counted wrong
@@ -164,7 +159,7 @@ def predict(model: nn.Module, data, *, batch_size: int = 256, device=None, worke
     if top_k < 1 or (num_classes is not None and top_k > num_classes):
         raise ConfigError(f"top_k must be in [1, {num_classes or 'classes'}], got {top_k}")
     device = model_device(model, device)
-    dtype = _param_dtype(model)
+    dtype = param_dtype(model)
     classes, probs, bad = [], [], 0
     bar = None
     if progress:

@@ -30,15 +30,9 @@ from far.data import iterate_batches
 from far.errors import ConfigError, DataError
 from far.models.factory import check_input, check_labels, top1
 from far.nn import FARAttention, MixerTaps, token_mixers
-from far.utils.env import eval_mode, model_device
+from far.utils.env import eval_mode, model_device, param_dtype
 
 KINDS = ("isolated", "in_model")
-
-
-def param_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype a model's inputs are cast to: its first parameter's when floating (e.g. bfloat16), else float32."""
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
 class BlockStats:

@@ -69,6 +69,12 @@ def as_device(device) -> torch.device:
     return resolve_device(str(dev), "device")
 
 
+def param_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model's inputs are cast to: its first parameter's when floating (e.g. bfloat16), else float32."""
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
 def model_device(model: torch.nn.Module, device=None) -> torch.device:
     """`device` checked by as_device, or (None) where the model's first parameter lives (CPU for a model
     without parameters)."""
