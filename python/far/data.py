@@ -380,11 +380,7 @@ class ImageFiles(torch.utils.data.Dataset):
             if not p.exists():
                 raise FileNotFoundError(f"{given}: no such image file or folder")
             if p.is_dir():
-                skipped: list = []
-                new = sorted(Path(f) for f in _walk_images(p, {_stat_key(p)}, skipped))
-                _warn_skipped(p, skipped, stacklevel=2)
-                if not new:
-                    raise DataError(f"{given}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+                new = _images_under(p, stacklevel=2)
             else:
                 if not p.is_file():
                     raise DataError(f"{given}: not a regular file")
@@ -468,6 +464,17 @@ def _walk_images(top, seen: set, skipped: list) -> list:
     return [os.path.join(d, n) for d, names in found for n in names]
 
 
+def _images_under(root: Path, stacklevel: int) -> list:
+    """The image files under folder `root` (any depth, _walk_images), sorted, as Paths; a warning for the symlinked
+    folders skipped (`stacklevel` as the caller's own warnings.warn would take it); DataError if there are none."""
+    skipped: list = []
+    files = sorted(Path(p) for p in _walk_images(root, {_stat_key(root)}, skipped))
+    _warn_skipped(root, skipped, stacklevel=stacklevel + 1)
+    if not files:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+    return files
+
+
 def _warn_skipped(root: Path, skipped: list, stacklevel: int) -> None:
     if skipped:
         import warnings
@@ -542,11 +549,7 @@ class UnlabeledImages(torch.utils.data.Dataset):
                                                             crop_pct, crop_mode)
         self.root = root
         self.input_size = tuple(int(v) for v in input_size)
-        skipped: list = []
-        self.files = sorted(Path(p) for p in _walk_images(root, {_stat_key(root)}, skipped))
-        _warn_skipped(root, skipped, stacklevel=2)
-        if not self.files:
-            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+        self.files = _images_under(root, stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.files)
