@@ -28,13 +28,33 @@ def eval_workers(args: argparse.Namespace) -> int:
     return args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
 
 
+def load_inference_model(args: argparse.Namespace, ref, device, far=None):
+    """(model, the backend its FAR blocks run) for eval and predict: --backend's availability checked before
+    loading (an unavailable one says why), the model loaded with --backend and --storage, a warning for each
+    that has no effect (no FAR blocks)."""
+    import far_kernels
+    from far.models import far_modules, is_far, load_model
+
+    op = far_kernels.ops.bilstm_fused_scan.OP
+    far_kernels.dispatch.select(op, args.backend, device)  # unavailable: the reason, before loading
+    model, _ = load_model(ref, device=str(device), backend=args.backend, far=far, storage=args.storage)
+    if not is_far(model):
+        if args.backend is not None:
+            warn(f"--backend {args.backend} has no effect: {args.model} has no FAR blocks")
+        if args.storage != "padded":
+            warn(f"--storage {args.storage} has no effect: {args.model} has no FAR blocks")
+        return model, "none (the model has no FAR blocks)"
+    # the blocks compute in the model's dtype: auto runs the torch reference for float64, not the float32 pick
+    return model, far_kernels.dispatch.select(op, args.backend, device,
+                                              far_modules(model)[0][1].pre_proj.weight.dtype)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    import far_kernels
     from far.data import is_fashion_mnist
     from far.evaluate import evaluate
-    from far.models import far_modules, is_far, load_model, param_counts, resolve
+    from far.models import param_counts, resolve
     from far.utils.env import device_name, resolve_device
     from far.utils.fs import write_json
     from far.version import __version__
@@ -47,18 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if ref.kind != "timm" and args.no_far:
         warn(f"--no-far has no effect: {args.model} is a checkpoint (the option keeps a timm name's attention)")
     output_checks(args, [ref.path], "json")
-    op = far_kernels.ops.bilstm_fused_scan.OP
-    used = far_kernels.dispatch.select(op, args.backend, device)  # unavailable: the reason, before loading
-    model, _ = load_model(ref, device=str(device), backend=args.backend, far=False if args.no_far else None,
-                          storage=args.storage)
-    if not is_far(model):
-        if args.backend is not None:
-            warn(f"--backend {args.backend} has no effect: {args.model} has no FAR blocks")
-        if args.storage != "padded":
-            warn(f"--storage {args.storage} has no effect: {args.model} has no FAR blocks")
-        used = "none (the model has no FAR blocks)"
-    else:  # the blocks compute in the model's dtype: auto runs the torch reference for float64, not the pick above
-        used = far_kernels.dispatch.select(op, args.backend, device, far_modules(model)[0][1].pre_proj.weight.dtype)
+    model, used = load_inference_model(args, ref, device, far=False if args.no_far else None)
     dataset = eval_dataset(args, model)
     progress = not args.quiet and sys.stderr.isatty()
     res = evaluate(model, dataset, batch_size=args.batch_size, device=device, workers=eval_workers(args),
@@ -111,10 +120,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import io
     import json
 
-    import far_kernels
     from far.data import image_files
     from far.evaluate import predict
-    from far.models import data_config, is_far, load_model, resolve
+    from far.models import data_config, resolve
     from far.utils.env import resolve_device
     from far.utils.fs import atomic_write
 
@@ -132,10 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise ConfigError(f"-o {args.output}: give a .csv or .json file")
     output_checks(args, [ref.path] if ref.path else [], *(("output",) if args.output else ()),
                   output_kind="a JSON report" if fmt == "json" else "a CSV table")
-    far_kernels.dispatch.select(far_kernels.ops.bilstm_fused_scan.OP, args.backend, device)  # unavailable: now
-    model, _ = load_model(ref, device=str(device), backend=args.backend, storage=args.storage)
-    if not is_far(model) and args.backend is not None:
-        warn(f"--backend {args.backend} has no effect: {args.model} has no FAR blocks")
+    model, _ = load_inference_model(args, ref, device)
     names = class_names(args, ref, model)
     data = image_files(args.images, data_config(model))
     res = predict(model, data, batch_size=args.batch_size, device=device, workers=eval_workers(args),
