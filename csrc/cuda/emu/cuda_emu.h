@@ -11,8 +11,8 @@
 //   another; a grid's blocks and a block's fibers may be visited in a seeded random order per round
 //   (`schedule_seed`), which exposes a missing barrier as a wrong result.
 // - __syncthreads releases when every thread of the block that has not exited waits at it. A warp collective
-//   releases when all 32 lanes of the warp wait at the same collective (same source line); anything else (lanes of one warp at
-//   different collectives, a barrier that can never release) is reported as a deadlock, not hung on.
+//   releases when all 32 lanes of the warp wait at the same collective (same source line); anything else (lanes of
+//   one warp at different collectives, a barrier that can never release) is reported as a deadlock, not hung on.
 // - Shared memory (static and dynamic) is fresh and filled with 0xFF bytes (NaN as float, fp16 and bf16) for every
 //   block: a read of shared memory the kernel never wrote poisons its result. Real shared memory holds whatever
 //   the previous block left.
@@ -123,7 +123,8 @@ struct State {
   std::vector<Config> devices;
   int device = 0;
   std::vector<Launch> launches;
-  std::map<std::pair<int, const void*>, int> max_dynamic;  // cudaFuncAttributeMaxDynamicSharedMemorySize (device, kernel)
+  // cudaFuncAttributeMaxDynamicSharedMemorySize per (device, kernel)
+  std::map<std::pair<int, const void*>, int> max_dynamic;
   cudaError_t last = cudaSuccess;
   std::string message;  // the detail of an emulation failure
   BlockRun* block = nullptr;
@@ -208,8 +209,9 @@ inline float unpack(uint32_t r, int hi) {
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A B + C. Fragment layouts from the PTX ISA
 // ("Matrix Fragments for mma.m16n8k16 with floating point type"), group g = lane / 4, thread-in-group tg = lane % 4:
-//   A 16x16: a0 (row g, cols 2tg, 2tg+1), a1 (row g+8, same cols), a2 (row g, cols 2tg+8, +9), a3 (row g+8, cols +8, +9)
-//   B 16x8:  b0 (rows 2tg, 2tg+1; col g), b1 (rows 2tg+8, +9; col g)
+//   A 16x16, registers r0..r3: r0 (row g, cols 2tg, 2tg+1), r1 (row g+8, same cols), r2 (row g, cols 2tg+8, +9),
+//            r3 (row g+8, cols 2tg+8, +9)
+//   B 16x8, registers r0, r1: r0 (rows 2tg, 2tg+1; col g), r1 (rows 2tg+8, +9; col g)
 //   C/D 16x8: c0, c1 (row g, cols 2tg, 2tg+1), c2, c3 (row g+8, same cols)
 // (the lower element index sits in the lower 16 bits). The whole warp's fragments are gathered and each lane
 // computes its own four outputs.

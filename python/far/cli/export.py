@@ -51,8 +51,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         data = Path(str(args.output) + ".data")  # weights above protobuf's 2 GiB limit are written beside the graph
         beside = f" + {data.stat().st_size / 2**20:.2f} MiB of weights in {data}" if any(
             t.data_location == t.EXTERNAL for t in proto.graph.initializer) else ""
-        print(f"wrote {args.output} ({size:.2f} MiB{beside}, opset {proto.opset_import[0].version}, {len(proto.graph.node)} "
-              f"nodes, {lstm} LSTM ops, batch {args.batch_size or 'dynamic'})")
+        print(f"wrote {args.output} ({size:.2f} MiB{beside}, opset {proto.opset_import[0].version}, "
+              f"{len(proto.graph.node)} nodes, {lstm} LSTM ops, batch {args.batch_size or 'dynamic'})")
     if args.check:
         err, scale = _check_with_onnxruntime(model, args.output, args.batch_size or 2)
         print(f"check: onnxruntime vs torch, max |difference| {err:.3g} (outputs up to {scale:.3g})")

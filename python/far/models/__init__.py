@@ -16,6 +16,6 @@ from far.models.weights import load_weights, read_state_dict
 from far.models.pretrained import ZOO, zoo_path
 
 __all__ = ["ConversionReport", "ModelSpec", "ZOO", "attention_classes", "attention_pool_classes", "build",
-           "check_input", "convert", "count_params", "create_model", "data_config", "far_modules", "far_param_count", "is_far", "load",
-           "load_model", "load_weights", "mixer_params", "param_counts", "parse_blocks", "read_state_dict", "resolve",
-           "save", "set_backend", "set_storage", "stored_tensors", "unwrap", "zoo_path"]
+           "check_input", "convert", "count_params", "create_model", "data_config", "far_modules", "far_param_count",
+           "is_far", "load", "load_model", "load_weights", "mixer_params", "param_counts", "parse_blocks",
+           "read_state_dict", "resolve", "save", "set_backend", "set_storage", "stored_tensors", "unwrap", "zoo_path"]
