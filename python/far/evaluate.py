@@ -17,7 +17,7 @@ from far.data import iterate_batches, num_batches, shard
 from far.errors import ConfigError, DataError
 from far.models import check_input
 from far.models.factory import top1
-from far.utils.env import eval_mode, model_device, param_dtype
+from far.utils.env import check_on_device, eval_mode, model_device, param_dtype
 
 
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, workers: int = 0,
@@ -45,6 +45,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, work
         raise ConfigError("the model has no classifier (num_classes 0): there is no top-1 to measure; compare "
                           "features with far.analyze / far.fidelity, or give it a head (far finetune)")
     device = model_device(model, device)
+    check_on_device(model, device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
         data = shard(data, dist.get_rank(), world)
@@ -159,6 +160,7 @@ def predict(model: nn.Module, data, *, batch_size: int = 256, device=None, worke
     if top_k < 1 or (num_classes is not None and top_k > num_classes):
         raise ConfigError(f"top_k must be in [1, {num_classes or 'classes'}], got {top_k}")
     device = model_device(model, device)
+    check_on_device(model, device)
     dtype = param_dtype(model)
     classes, probs, bad = [], [], 0
     bar = None

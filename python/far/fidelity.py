@@ -30,7 +30,7 @@ from far.data import iterate_batches
 from far.errors import ConfigError, DataError
 from far.models.factory import check_input, check_labels, top1
 from far.nn import FARAttention, MixerTaps, token_mixers
-from far.utils.env import eval_mode, model_device, param_dtype
+from far.utils.env import check_on_device, eval_mode, model_device, param_dtype
 
 KINDS = ("isolated", "in_model")
 
@@ -89,11 +89,7 @@ def block_fidelity(teacher: nn.Module, student: nn.Module, data, *, batch_size: 
         raise ConfigError(f"teacher and student have {len(t_mix)} and {len(s_mix)} blocks")
     device = model_device(student, device)
     for name, m in (("teacher", teacher), ("student", student)):
-        where = model_device(m)
-        if where.type != device.type or (where.index is not None and device.index is not None
-                                         and where.index != device.index):
-            raise ConfigError(f"the {name} is on {where} but the images go to {device}: move both models there "
-                              f"(model.to('{device}')) or pass device='{where}'")
+        check_on_device(m, device, f"the {name}")
     t_dtype, s_dtype = param_dtype(teacher), param_dtype(student)  # each model gets the images in its own dtype
     sums = [{k: BlockStats(getattr(m, "num_heads", 1)) for k in KINDS} for m in t_mix]
     agree = t_correct = s_correct = seen = labelled = t_nonfinite = s_nonfinite = 0

@@ -104,6 +104,16 @@ def test_evaluate_counts_nan_logits_as_errors_and_refuses_a_headless_model():
         far.evaluate(tiny(num_classes=0), data())
 
 
+def test_evaluate_and_predict_name_a_model_that_is_not_where_the_images_go():
+    """Nothing is moved: a model elsewhere (meta stands in for a GPU) is named, not torch's error from its first
+    layer."""
+    model = tiny().to("meta")
+    with pytest.raises(ConfigError, match="the model is on meta but the images go to cpu"):
+        far.evaluate(model, data(), device="cpu")
+    with pytest.raises(ConfigError, match="the model is on meta but the images go to cpu"):
+        far.predict(model, data(), device="cpu")
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"kd_temperature": -2.0}, "kd_temperature must be a finite number > 0"),
     ({"ridge": float("nan")}, "ridge must be a finite number >= 0"),

@@ -84,6 +84,16 @@ def model_device(model: torch.nn.Module, device=None) -> torch.device:
     return as_device(device)
 
 
+def check_on_device(model: torch.nn.Module, device: torch.device, name: str = "the model") -> None:
+    """ConfigError unless `model` (its first parameter) is on `device`, where its inputs go: a model elsewhere
+    would fail deep inside its first layer with torch's device-mismatch error; nothing is moved."""
+    where = model_device(model)
+    if where.type != device.type or (where.index is not None and device.index is not None
+                                     and where.index != device.index):
+        raise ConfigError(f"{name} is on {where} but the images go to {device}: move it there "
+                          f"(model.to('{device}')) or pass device='{where}'")
+
+
 @contextlib.contextmanager
 def seeded_rngs(seed: int):
     """Python's, numpy's and torch's (CPU) global RNGs seeded from `seed` inside, each restored afterwards: random
