@@ -103,3 +103,32 @@ def test_convert_some_blocks_and_pre_proj_init():
     v = fresh.blocks[0].attn.qkv.weight[96:].detach().clone()
     far.convert(fresh, init="value")  # the older spelling
     assert torch.equal(fresh.blocks[0].attn.pre_proj.weight, v)
+
+
+@pytest.mark.parametrize("change", ["scale_norm", "gate"])
+def test_unconvertible_attention_is_a_config_error_and_nothing_converts(change):
+    """An attention FAR cannot replace (timm's scale_norm, a gate) is a user's choice of model: a ConfigError,
+    which `far convert` / `far distill` print as one line, and no block is replaced before it is found."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
+    last = model.blocks[2].attn
+    if change == "scale_norm":
+        last.norm = torch.nn.LayerNorm(16)
+    else:
+        last.gate = torch.nn.Linear(48, 48)
+    with pytest.raises(far.ConfigError, match="blocks.2.attn: .* not supported by FAR conversion"):
+        far.convert(model)
+    assert [type(b.attn).__name__ for b in model.blocks] == ["Attention"] * 3
+    assert not hasattr(model, "far_conversion")
+
+
+def test_far_convert_refuses_scale_norm_attention_in_one_line(tmp_path, capsys):
+    from far.cli.main import main
+
+    out = tmp_path / "sn.safetensors"
+    rc = main(["convert", "vit_tiny_patch16_224", "--model-kwargs", "scale_attn_norm=true,depth=1", "-o", str(out),
+               "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("far: error: blocks.0.attn: attention with scale_norm is not supported")
+    assert not out.exists()

@@ -241,12 +241,13 @@ def convert(
                 as_hidden_sizes(hs, attn.num_heads, attn.head_dim)
             except ValueError as e:
                 raise ConfigError(f"hidden_sizes entry {idx} ({targets[idx][0]}): {e}") from None
+    for name, attn in targets:  # before any block is replaced, as the sizes are
+        if getattr(attn, "gate", None) is not None:
+            raise ConfigError(f"{name}: gated attention is not supported by FAR conversion")
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise ConfigError(f"{name}: attention with scale_norm is not supported by FAR conversion")
     report = ConversionReport()
     for idx, (name, attn) in enumerate(targets):
-        if getattr(attn, "gate", None) is not None:
-            raise NotImplementedError(f"{name}: gated attention is not supported by FAR conversion")
-        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-            raise NotImplementedError(f"{name}: attention with scale_norm is not supported by FAR conversion")
         hs = hidden_sizes if hidden_sizes is None or isinstance(hidden_sizes, int) else hidden_sizes[idx]
         w = attn.qkv.weight
         far = FARAttention(
