@@ -53,6 +53,18 @@ def test_import_linter_contracts_hold():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]  # the contracts live in pyproject.toml
 
 
+def test_every_package_is_forbidden_the_cli():
+    """The "nothing imports the command line" contract names its source modules one by one: each of far's
+    top-level modules and packages (a new one included) other than far.cli itself must be among them."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    sources = next(c["source_modules"] for c in contracts if c.get("forbidden_modules") == ["far.cli"])
+    top = {f"far.{p.stem if p.suffix else p.name}" for p in SOURCES["far"].iterdir()
+           if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    assert top - {"far.cli"} - set(sources) == set() and "far_kernels" in sources
+
+
 def test_no_import_cycles_between_modules(graph):
     """Tarjan's strongly connected components over module -> module imports: every one is a single module."""
     nodes = sorted(graph.modules)
