@@ -387,3 +387,31 @@ def test_save_refuses_what_it_cannot_rebuild(tmp_path):
     with pytest.raises(ValueError, match=r"far_arch\['kwargs'\]\['norm_layer'\]"):
         far.save(m, tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: files of the process may not grow beyond `limit` bytes; a write past it fails with EFBIG
+    (SIGXFSZ ignored), as a full disk fails with ENOSPC: a real failure of the OS, not a mocked one."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_save_that_the_disk_refuses_is_one_error_line_and_keeps_old_file(tmp_path):
+    """safetensors' writer reports a failed write as SafetensorError (not an OSError): far.save turns it into
+    an OSError naming the destination, so `far` prints one line (not a traceback) and the old file stays."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"old")
+    limit = 1 << 18  # the zoo teacher's checkpoint is 1.8 MB, well past it
+    p = subprocess.run([sys.executable, "-m", "far.cli", "convert", "fmnist_deit_tiny", "-o", str(path), "-f"],
+                       capture_output=True, text=True, preexec_fn=_file_size_limit(limit), timeout=600)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines() == [f"far: error: {path}: cannot write (File too large)"], p.stderr
+    assert os.listdir(tmp_path) == ["m.safetensors"] and path.read_bytes() == b"old"

@@ -203,9 +203,26 @@ def write(path, tensors: dict, config: dict, *, force: bool = True) -> None:
     config[DIGEST_KEY] = digest(config, tensors)
     header = {CONFIG_KEY: json.dumps(config, separators=(",", ":"), allow_nan=False)}
 
-    import safetensors.torch
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, header), force=force)
 
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header), force=force)
+
+def _save_file(tensors: dict, tmp: str, header: dict) -> None:
+    """safetensors' save_file, whose failed writes (a full disk, a quota, EIO) are a SafetensorError saying
+    "I/O error: <why> (os error N)" (Rust's io::Error): raised as that OSError, which atomic_write reports
+    against the destination and the command line as one error."""
+    import re
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=header)
+    except SafetensorError as e:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code)) from e
 
 
 # ---- read and validate ----
