@@ -81,6 +81,9 @@ def test_cli_class_names_file(pngs, tmp_path, capsys):
     names.write_text("a\nb\n")
     code, _, err = run(capsys, "predict", MODEL, str(root / "im0.png"), "--class-names", str(names))
     assert code == 2 and "2 names for a model of 10 classes" in err
+    names.write_bytes(b"a\nb\n\xff\n")  # not UTF-8 (e.g. Latin-1): the file and the byte named, one line
+    code, _, err = run(capsys, "predict", MODEL, str(root / "im0.png"), "--class-names", str(names))
+    assert code == 2 and err.strip() == f"far: error: {names}: not UTF-8 text (byte 0xff at offset 4)", err
 
 
 @pytest.mark.parametrize("args,needle", [

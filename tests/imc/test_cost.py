@@ -2,6 +2,7 @@
 walk over attention / FAR / reuse models, and overrides."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -211,6 +212,17 @@ def test_overrides_and_errors(tmp_path):
         f.write_text(bad)
         with pytest.raises(ConfigError, match=msg):
             load_constants(f)
+    for raw, msg in ((b"\xff\xfe{}", rf"{f}: not UTF-8 text \(byte 0xff at offset 0\)"),
+                     (b'{"adc_8b": {"energy_pj": 3.0}}\n\x00\x81', rf"{f}: not UTF-8 text \(byte 0x81 at offset 32\)")):
+        f.write_bytes(raw)  # e.g. a checkpoint given by mistake: the file named, not a bare codec error
+        with pytest.raises(ConfigError, match=msg):
+            load_constants(f)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_constants(tmp_path)
+    fifo = tmp_path / "chip.fifo"
+    os.mkfifo(fifo)  # refused, never waited on (read_text opened it, and blocked until a writer came)
+    with pytest.raises(ConfigError, match=r"named pipe \(FIFO\), not a regular constants file"):
+        load_constants(fifo)
     with pytest.raises(ConfigError, match="dynamic"):
         HardwareSpec(dynamic="magic")
     with pytest.raises(ConfigError, match="needs an ADC"):

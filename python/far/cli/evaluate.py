@@ -101,12 +101,11 @@ def class_names(args: argparse.Namespace, ref, model) -> list:
     the class indices as text (a checkpoint stores no class names)."""
     from far.data import FASHION_MNIST_CLASSES
     from far.errors import ConfigError
-    from far.utils.fs import open_input
+    from far.utils.fs import read_text
 
     k = getattr(model, "num_classes", None)
     if args.class_names:
-        with open_input(args.class_names, "class-names file") as f:
-            names = [line.strip() for line in f.read().decode("utf-8").splitlines() if line.strip()]
+        names = [line.strip() for line in read_text(args.class_names, "class-names file").splitlines() if line.strip()]
         if k is not None and len(names) != k:
             raise ConfigError(f"--class-names {args.class_names}: {len(names)} names for a model of {k} classes")
         return names

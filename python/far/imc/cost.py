@@ -70,6 +70,7 @@ from far.models import attention_classes, attention_pool_classes, check_input, d
 from far.nn import FARAttention, ReuseAttention
 from far.nn.far_attention import as_hidden_sizes
 from far.utils.env import eval_mode
+from far.utils.fs import read_text
 
 CONSTANTS_FILE = Path(__file__).resolve().parent / "cost_constants.json"
 COMPONENTS = ("crossbar", "adc", "dac", "shift_add", "buffer", "writes", "digital")
@@ -137,7 +138,7 @@ def load_constants(path=None) -> dict:
         return table
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_text(p, "constants file")
     except OSError as e:
         raise ConfigError(f"constants file {path}: {e.strerror or e}") from None
     try:

@@ -89,6 +89,17 @@ def open_input(path: PathLike, what: str = "file") -> BinaryIO:
     return f
 
 
+def read_text(path: PathLike, what: str = "file") -> str:
+    """The UTF-8 text of the input file `path`, read through open_input (regular files only, a FIFO never
+    waited on); bytes that are not UTF-8 are a ConfigError naming the file and the first bad byte."""
+    with open_input(path, what) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
 def check_regular(path: PathLike, what: str = "file") -> None:
     """NotRegularFile unless `path` (followed through symlinks) is a regular file; FileNotFoundError if absent."""
     st = os.stat(path)
