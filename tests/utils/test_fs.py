@@ -139,3 +139,46 @@ def test_a_dangling_symlink_creates_its_target_and_a_loop_is_refused(tmp_path):
     for write in (fs.atomic_write, fs.write_json):  # not Path.resolve's RuntimeError
         with pytest.raises(ConfigError, match=r"loop\.json: a symlink that cannot be followed"):
             write(tmp_path / "loop.json", "x")
+
+
+WRITE_PAST_LIMIT = """
+import sys, torch
+from far.utils import fs
+def save(tmp):  # torch.save to a file object turns the file's OSError into RuntimeError('unexpected pos')
+    with open(tmp, "wb") as f:
+        torch.save({"w": torch.zeros(1 << 18)}, f)
+def interrupted(tmp):
+    try:
+        save(tmp)
+    except RuntimeError:
+        raise KeyboardInterrupt
+for writer in (save, interrupted):
+    try:
+        fs.atomic_write(sys.argv[1], writer)
+    except BaseException as e:
+        os_error = isinstance(e, OSError)
+        print(type(e).__name__, e.errno if os_error else None, e.filename if os_error else None)
+"""
+
+
+def test_a_writer_that_hides_the_disk_error_is_still_an_oserror_naming_the_destination(tmp_path):
+    """A write refused by the OS (here past RLIMIT_FSIZE: EFBIG; a full disk gives ENOSPC) inside a writer that
+    re-raises it as its own error (torch.save) is an OSError for the destination, so `far` prints one line; the
+    old file stays, no temporary is left. An interrupt during that write stays an interrupt."""
+    import errno
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))  # the state above is 1 MiB
+
+    dest = tmp_path / "last.pt"
+    dest.write_bytes(b"old")
+    p = subprocess.run([sys.executable, "-c", WRITE_PAST_LIMIT, str(dest)], capture_output=True, text=True,
+                       preexec_fn=limit, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [f"OSError {errno.EFBIG} {dest}", "KeyboardInterrupt None None"], p.stdout
+    assert os.listdir(tmp_path) == ["last.pt"] and dest.read_bytes() == b"old"

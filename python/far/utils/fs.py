@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
 
-from far.errors import ConfigError
+from far.errors import ConfigError, FarError
 
 PathLike = Union[str, os.PathLike]
 
@@ -250,6 +250,22 @@ def _remove_stale_temps(directory: Path, name: str) -> None:
                 os.unlink(entry.path)
 
 
+def _write_error(e: BaseException, tmp: Path) -> Optional[OSError]:
+    """The OSError behind a failed write of `tmp`: `e` itself, or one a writer turned into its own error
+    (torch.save writing to a file object raises RuntimeError "unexpected pos" from the file's OSError, e.g.
+    ENOSPC); None when no error of the OS about that file is in `e`'s chain, and for an interrupt (Ctrl-C
+    stays one) or far's own errors."""
+    if not isinstance(e, Exception) or isinstance(e, FarError):
+        return None
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp), tmp):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]], *, force: bool = True,
                  inputs: Iterable[PathLike] = ()) -> Path:
     """Write `path` atomically and return it.
@@ -290,8 +306,9 @@ def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp), tmp):
-            raise OSError(e.errno, f"cannot write ({e.strerror or e})", os.fspath(p)) from e
+        cause = _write_error(e, tmp)
+        if cause is not None:
+            raise OSError(cause.errno, f"cannot write ({cause.strerror or cause})", os.fspath(p)) from e
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
         _fsync(directory)
