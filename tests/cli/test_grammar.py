@@ -61,6 +61,16 @@ def test_no_help_reads_backwards(capsys):
         assert "_" not in "".join(w for w in text.split() if w.startswith("--")), f"far {name}: an option with '_'"
 
 
+def test_every_default_is_shown():
+    """An option that has a default says it in its help, 0 included (--seed, --workers, --ema, --map-head)."""
+    for name, p in commands().items():
+        fmt = p._get_formatter()
+        for a in options(p).values():
+            if a.nargs == 0 or a.default is None or a.default is False or a.default == argparse.SUPPRESS:
+                continue  # a flag, or nothing set unless given
+            assert "default" in fmt._get_help_string(a), f"far {name} {a.option_strings[-1]}: default not shown"
+
+
 @needs_fmnist
 def test_options_without_effect_warn(capsys, tmp_path):
     code = main(["eval", "fmnist_deit_tiny", "--data", "fashion-mnist", "--limit", "8", "--backend", "torch",

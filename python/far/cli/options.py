@@ -35,8 +35,8 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         h = action.help or ""
         flag = action.nargs == 0  # store_true / store_false: the help says what the flag does
-        if ("default" not in h and not flag and action.default not in (None, False, argparse.SUPPRESS)
-                and action.option_strings):
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS  # not 0
+        if "default" not in h and not flag and not unset and action.option_strings:
             h += " (default: %(default)s)"
         return h
 
