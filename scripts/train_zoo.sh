@@ -79,4 +79,9 @@ cp "$run"/fmnist_deit_tiny.safetensors "$run"/fmnist_far_tiny.safetensors "$run"
     "$run"/fmnist_far_tiny_xs.safetensors "$run"/fmnist_far_tiny_wide.safetensors "$run"/fmnist_far_tiny_nr.safetensors \
     "$run"/fmnist_trex_tiny.safetensors \
     python/far/zoo/
-python -m far.cli demo --out-dir "$run/demo"
+# far.models.ZOO pins each zoo file's sha256 (zoo_path refuses any other file): paste the new pins into
+# python/far/models/pretrained.py before the zoo names (and the demo) load the new files
+python -c 'import json; from far.checkpoint import DIGEST_KEY, read_config; from far.models import ZOO, pretrained
+for n, e in ZOO.items():
+    print("   ", json.dumps(n) + ":", json.dumps(read_config(pretrained.ZOO_DIR / e["file"])[DIGEST_KEY]) + ",")'
+echo "re-pin them, then: python -m far.cli demo --out-dir $run/demo"

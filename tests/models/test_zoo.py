@@ -147,3 +147,67 @@ def test_registered_architecture_cfg_input_size_is_c_h_w(img_size, want):
     m = timm.create_model("fmnist_deit_tiny", img_size=img_size)
     assert m.pretrained_cfg["input_size"] == want
     assert resolve_model_data_config(m)["input_size"] == want
+
+
+@pytest.fixture
+def zoo_copy(tmp_path, monkeypatch):
+    """An installed zoo folder of our own (a copy of two entries), used by every zoo lookup."""
+    import shutil
+
+    import far.models.pretrained as pretrained
+
+    for name in ("fmnist_far_tiny", "fmnist_far_tiny_pruned"):
+        shutil.copy(zoo_path(name), tmp_path / ZOO[name]["file"])
+    monkeypatch.setattr(pretrained, "ZOO_DIR", tmp_path)
+    return tmp_path
+
+
+def _without_digest(path):
+    """The checkpoint at `path` rewritten with its config's sha256 removed (a file far.load accepts unverified)."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    config = json.loads(header["__metadata__"]["far_config"])
+    del config["sha256"]
+    header["__metadata__"]["far_config"] = json.dumps(config, separators=(",", ":"))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+@pytest.mark.parametrize("edit,needle", [
+    pytest.param(lambda d: (d / "fmnist_far_tiny.safetensors").write_bytes(
+        (d / "fmnist_far_tiny_pruned.safetensors").read_bytes()), "its sha256 d1c42aa9", id="replaced"),
+    pytest.param(lambda d: _without_digest(d / "fmnist_far_tiny.safetensors"), "it has no sha256", id="no-digest"),
+])
+def test_an_edited_or_replaced_zoo_file_is_refused_by_name(zoo_copy, edit, needle, capsys):
+    """A zoo file that is a valid checkpoint, but not the one this release ships (replaced by another model,
+    re-saved, its digest stripped so nothing is verified), is refused wherever the zoo name is used: the
+    release pins each file's sha256 (ZOO[name]['sha256']). Loaded by its path, it is an ordinary checkpoint."""
+    from far.cli import main
+
+    path = zoo_copy / "fmnist_far_tiny.safetensors"
+    assert far.load(path) is not None  # a valid checkpoint
+    assert far.create_model("fmnist_far_tiny", pretrained=True) is not None
+    edit(zoo_copy)
+    far.load(path)  # still valid as a file
+    want = f"{path}: not the zoo checkpoint 'fmnist_far_tiny' this release of far ships ({needle}"
+    for use in (lambda: zoo_path("fmnist_far_tiny"), lambda: far.create_model("fmnist_far_tiny", pretrained=True),
+                lambda: far.models.load_model("fmnist_far_tiny")):
+        with pytest.raises(far.CheckpointError) as e:
+            use()
+        assert str(e.value).startswith(want) and "reinstall" in str(e.value), e.value
+    assert main(["info", "fmnist_far_tiny"]) == 2
+    assert capsys.readouterr().err.startswith(f"far: error: {want}")
+    assert zoo_path("fmnist_far_tiny_pruned") == zoo_copy / "fmnist_far_tiny_pruned.safetensors"  # untouched
+
+
+def test_zoo_pins_are_the_files_digests():
+    """Every zoo entry pins the sha256 its file carries (re-pin here when the zoo is retrained)."""
+    from far.checkpoint import DIGEST_KEY, read_config
+
+    for name, entry in ZOO.items():
+        assert read_config(zoo_path(name))[DIGEST_KEY] == entry["sha256"], name
