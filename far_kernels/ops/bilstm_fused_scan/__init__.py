@@ -36,7 +36,9 @@ OP = dispatch.Op(
     {"torch": bilstm_fused_scan_ref, "cpp": bilstm_fused_scan_cpp,
      "cuda": _gates_then("cuda"), "triton": _gates_then("triton")},
     grad_impl=bilstm_fused_scan_autograd,
-    limits={"triton": lambda x, w_ih, bias, w_hh, hidden_sizes, *_: _scan.triton_units_limit(hidden_sizes, x.device)},
+    limits={"triton": lambda x, w_ih, bias, w_hh, hidden_sizes, *_: (
+        _scan.triton_units_limit(hidden_sizes, x.device)
+        or _scan.triton_index_limit(w_ih.shape[0], x.shape[0], x.shape[1], w_ih.shape[2] // 4))},
 )
 
 

@@ -41,10 +41,41 @@ def triton_units_limit(hidden_sizes: torch.Tensor, device: torch.device) -> Opti
     return None
 
 
+INT32 = 2 ** 31
+MAX_BATCH_TILES = 65535  # the triton scan's grid is (2H, batch tiles)
+
+
+def triton_index_limit(H: int, B: int, T: int, n: int, block_b: int = 32,
+                       out_step: Optional[int] = None) -> Optional[str]:
+    """None if the triton scan's grid and int32 index arithmetic hold a call of these sizes, else why not. Offsets
+    that an int64 promotion would cost registers are kept int32 and their sizes refused (compiled for sm_90, int64
+    offsets of the 16-bit W_hh tile took the NP = 64 kernel's spill stack from 56 to 344 bytes): a (direction,
+    head)'s W_hh [4n, n] below 2^31 elements, step t's offset t * out_step (out's step stride, 2n when
+    contiguous) below 2^31, and at most 65535 batch tiles of block_b rows (the grid's second axis on a CUDA GPU;
+    the launcher tiles B above 65535 * 16 rows by 32, the default here). Only a huge B, T or n reaches them; the
+    other backends take such calls."""
+    out_step = 2 * n if out_step is None else out_step
+    if 4 * n * n >= INT32:
+        return (f"its int32 offsets into W_hh [H, 2, 4n, n] pass 2^31 at n = {n} (4n^2 = {4 * n * n}); "
+                "n <= 23170 fits")
+    if max(T - 1, 0) * abs(out_step) >= INT32:
+        return (f"its int32 offset of the last step into out, (T - 1) * {abs(out_step)} = "
+                f"{max(T - 1, 0) * abs(out_step)}, passes 2^31 at T = {T}")
+    if -(-B // block_b) > MAX_BATCH_TILES:
+        return (f"B = {B} batch rows make more than {MAX_BATCH_TILES} tiles of {block_b} (a CUDA grid's second "
+                "axis); split the batch")
+    return None
+
+
+def _triton_limit(gx, w_hh, hidden_sizes, *_) -> Optional[str]:
+    H, B, T, _, G = gx.shape
+    return triton_units_limit(hidden_sizes, gx.device) or triton_index_limit(H, B, T, G // 4)
+
+
 OP = dispatch.Op(
     "bilstm_scan",
     {"torch": bilstm_scan_ref, "cpp": bilstm_scan_cpp, "cuda": bilstm_scan_cuda, "triton": bilstm_scan_triton},
-    limits={"triton": lambda gx, w_hh, hidden_sizes, *_: triton_units_limit(hidden_sizes, gx.device)},
+    limits={"triton": _triton_limit},
 )
 
 
@@ -119,4 +150,4 @@ def bilstm_scan(
                         needs_grad=needs_grad((gx, w_hh)), out=out)
 
 
-__all__ = ["bilstm_scan", "bilstm_scan_ref", "check_scan_inputs", "OP"]
+__all__ = ["bilstm_scan", "bilstm_scan_ref", "check_scan_inputs", "triton_index_limit", "OP"]

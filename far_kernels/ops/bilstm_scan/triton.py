@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from far_kernels.ops.bilstm_scan import MAX_BATCH_TILES, triton_index_limit
+
 
 @triton.jit
 def _sigmoid(x):
@@ -235,6 +237,8 @@ def _default_block_b(B: int, H: int, device: torch.device) -> int:
     """Batch tile: 16 (the MMA's smallest N) unless that leaves more than ~2 programs per SM; at most
     32 (sm_90, triton 3.8 ahead-of-time: BB=64 spills even at 8 warps)."""
     bb = 16
+    if triton.cdiv(B, bb) > MAX_BATCH_TILES:  # the grid's second axis
+        return 32
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         if 2 * H * triton.cdiv(B, bb) > 2 * sms:
@@ -254,6 +258,12 @@ def bilstm_scan_triton(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch
     n = G // 4
     if gx.dtype not in _TL:
         raise TypeError(f"bilstm_scan (triton): gx must be float32/float16/bfloat16, got {gx.dtype}")
+    BB = block_b or _default_block_b(B, H, gx.device)
+    if BB < 16 or BB & (BB - 1):
+        raise ValueError(f"bilstm_scan (triton): block_b must be a power of two >= 16, got {BB}")
+    why = triton_index_limit(H, B, T, n, BB, 2 * n if out is None else out.stride(2))
+    if why is not None:
+        raise ValueError(f"bilstm_scan (triton): {why}")
     if out is None:
         out = torch.empty((H, B, T, 2, n), dtype=gx.dtype, device=gx.device)
     if out.numel() == 0:
@@ -267,9 +277,6 @@ def bilstm_scan_triton(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch
     kmax = int(hidden_sizes.max())
     NP = max(16, _next_pow2(kmax))
     NZ = _next_pow2(n - NP) if n > NP else 0
-    BB = block_b or _default_block_b(B, H, gx.device)
-    if BB < 16 or BB & (BB - 1):
-        raise ValueError(f"bilstm_scan (triton): block_b must be a power of two >= 16, got {BB}")
     if num_warps is None:
         num_warps = 4 if op_dt != torch.float32 and BB == 16 else 8
     grid = (2 * H, triton.cdiv(B, BB))

@@ -1,0 +1,125 @@
+"""Sizes past the kernels' int32 index arithmetic and grid limits.
+
+Triton passes an int argument below 2^31 as int32, and program ids, loop counters and aranges are int32, so an
+offset such as t * (out's step stride) is computed in int32 unless promoted, and wraps. The triton scan keeps
+such offsets int32 (an int64 promotion costs registers in its spill-bound sm_90 build) and refuses the sizes that
+reach 2^31 (bilstm_scan.triton_index_limit); auto then takes another backend. The strided-out test reaches the
+step offset on the smallest tensor that can: a view with a huge step stride into a buffer whose pages are never
+touched (8 GiB of address space is reserved, a few KiB are written), in Triton's interpreter, which computes
+offsets in the kernel's integer types."""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from far_kernels import BackendUnavailable, dispatch  # noqa: E402
+from far_kernels.ops import bilstm_fused_scan as fused_op, bilstm_scan as scan_op  # noqa: E402
+
+INT32 = 2 ** 31
+
+
+def require_interpreter():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernels in the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py "
+                    "where no CUDA device is present)")
+
+
+def reserve(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized buffer of numel elements; its untouched pages take no memory."""
+    try:
+        return torch.empty(numel, dtype=dtype)
+    except RuntimeError as e:  # a machine that cannot reserve the address space
+        pytest.skip(f"cannot reserve {numel * dtype.itemsize / 2 ** 30:.1f} GiB of address space: {e}")
+
+
+@pytest.mark.parametrize("gx_dtype", [torch.float16, torch.float32], ids=["fp16-products", "fp32-products"])
+def test_triton_scan_step_offsets_near_2_31(gx_dtype):
+    # the kernel stores step t at t * s_ot in int32 (s_ot = out's step stride < 2^31, an int32 argument). It wrote
+    # step 2 of s_ot = 2^31 - m at -2m elements, before out (a contiguous out reaches this at (T - 1) 2n >= 2^31,
+    # e.g. n = 64, T = 2^24 + 1); such an out is now refused, untouched, and the largest one accepted is written
+    # right. Every store is covered: kept units, the zero columns of units in [NP, n) (n = 40 > NP = 32), and a
+    # (direction, head) pruned to 0 units.
+    require_interpreter()
+    from far_kernels.ops.bilstm_scan.triton import bilstm_scan_triton
+
+    H, B, T, n = 2, 1, 3, 40
+    hs = torch.tensor([[3, 0], [32, 5]])
+    g = torch.Generator().manual_seed(0)
+    gx = torch.randn(H, B, T, 2, 4 * n, generator=g).to(gx_dtype)
+    w = (torch.randn(H, 2, 4 * n, n, generator=g) / n ** 0.5).to(gx_dtype)
+    expected = bilstm_scan_triton(gx, w, hs, torch.empty(H, B, T, 2, n, dtype=torch.float16))
+
+    m = 4 * n  # one step's row of both heads; step t of head h at 2m + t s_ot + 4n h
+    s_ot = INT32 - m
+    assert (T - 1) * s_ot >= INT32 and 2 * s_ot - 2 ** 32 == -2 * m  # int32 wraps step 2 to -2m
+    buf = reserve(2 * m + (T - 1) * s_ot + 2 * m, torch.float16)
+    buf[:2 * m].fill_(float("nan"))  # where wrapped offsets land
+    out = buf.as_strided((H, B, T, 2, n), (4 * n, 4 * n, s_ot, n, 1), storage_offset=2 * m).fill_(float("nan"))
+    with pytest.raises(ValueError, match="offset of the last step into out"):
+        bilstm_scan_triton(gx, w, hs, out)
+    assert out.isnan().all() and buf[:2 * m].isnan().all(), "a refused call wrote"
+
+    s_ot = (INT32 - 1) // (T - 1)  # the largest step stride accepted: step 2 at 2^31 - 2
+    out = buf.as_strided((H, B, T, 2, n), (4 * n, 4 * n, s_ot, n, 1), storage_offset=2 * m).fill_(float("nan"))
+    bilstm_scan_triton(gx, w, hs, out)
+    assert torch.equal(out, expected), [int(out[:, :, t].isnan().sum()) for t in range(T)]
+    assert buf[:2 * m].isnan().all(), "the kernel wrote outside out"
+
+
+def scan_args(H, B, T, n):
+    """bilstm_scan's arguments of these sizes, described without memory (meta tensors)."""
+    return (torch.empty(H, B, T, 2, 4 * n, device="meta"), torch.empty(H, 2, 4 * n, n, device="meta"),
+            torch.full((2, H), min(n, 64)))
+
+
+def fused_args(H, B, T, n, d=4):
+    return (torch.empty(B, T, H * d, device="meta"), torch.empty(H, 2, 4 * n, d, device="meta"),
+            torch.empty(H, 2, 4 * n, device="meta"), torch.empty(H, 2, 4 * n, n, device="meta"),
+            torch.full((2, H), min(n, 64)))
+
+
+@pytest.mark.parametrize("sizes, refused", [
+    ((1, 1, 2 ** 24, 64), None),  # the last step at (T - 1) 2n = 2^31 - 128
+    ((1, 1, 2 ** 24 + 1, 64), "offset of the last step into out"),  # ... at 2^31
+    ((1, 1, 1, 23170), None),  # W_hh [4n, n] of one (direction, head): 2,147,395,600 elements
+    ((1, 1, 1, 23171), "offsets into W_hh"),  # 2,147,580,964 >= 2^31
+    ((3, 65535 * 32, 1, 1), None),  # 65535 batch tiles of 32 rows
+    ((3, 65535 * 32 + 1, 1, 1), "split the batch"),  # a 65536th: past a CUDA grid's second axis
+], ids=["T-fits", "T-past", "n-fits", "n-past", "B-fits", "B-past"])
+@pytest.mark.parametrize("op, args", [(scan_op.OP, scan_args), (fused_op.OP, fused_args)], ids=["scan", "fused"])
+def test_triton_scan_limits_refuse_what_its_int32_offsets_and_grid_cannot_hold(op, args, sizes, refused):
+    # these calls passed the triton backend's limits (only kept units were checked) and then wrapped an int32
+    # offset (reading W_hh or writing out before the tensor: a crash in the interpreter at n = 26755) or failed to
+    # launch on a GPU (grid (2H, ceil(B / 32)), second axis <= 65535). Now auto moves on and an explicit triton
+    # raises with the reason.
+    a = args(*sizes)
+    why = op.reason("triton", "cuda", a)
+    if refused is None:
+        assert why is None, why
+        return
+    assert why is not None and refused in why, why
+    with pytest.raises(BackendUnavailable, match=refused):
+        dispatch.select(op, "triton", "cuda", torch.float32, args=a)
+
+
+def test_triton_scan_default_tile_keeps_the_grid_launchable(monkeypatch):
+    # the launcher's default batch tile was 16 off a GPU (and on one with many SMs per head), giving more than
+    # 65535 tiles from B = 1,048,561 (a 17 MB gx at T = 1, n = 1). Recorded, not run.
+    from far_kernels.ops.bilstm_scan import triton as K
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: grids.append(grid)
+
+    monkeypatch.setattr(K, "_bilstm_scan_kernel", Recorder())
+    H, B = 3, 65535 * 16 + 1
+    gx, hs = torch.empty(H, B, 1, 2, 4, dtype=torch.float16), torch.ones(2, H, dtype=torch.int64)
+    w = torch.empty(H, 2, 4, 1, dtype=torch.float16)
+    K.bilstm_scan_triton(gx, w, hs)
+    assert grids == [(2 * H, 32768)], grids
+    with pytest.raises(ValueError, match="split the batch"):  # an explicit 16-row tile cannot launch
+        K.bilstm_scan_triton(gx, w, hs, block_b=16)
