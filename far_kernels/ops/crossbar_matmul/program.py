@@ -18,6 +18,7 @@ from far_kernels.ops.crossbar_matmul.config import PROGRAM_FIELDS, CrossbarConfi
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MASK64 = (1 << 64) - 1
 INT32 = 2 ** 31
+TRITON_MAX_N = 65535 * 128  # the crossbar kernel's grid: (ceil(M / 64), ceil(N / 128)) on a GPU
 
 
 # ---- quantization (fp32 math; round = half to even) ----
@@ -362,4 +363,7 @@ def triton_unsupported(call: CrossbarCall) -> Optional[str]:
     if max(M * max(call.x2d.stride(0), K), M * N, S * N * K) >= INT32:
         return ("the kernel addresses x, y and the levels with int32 offsets, which M, N, K overflow (M*K, M*N or "
                 "S*N*K >= 2^31); use backend='torch' or split x")
+    if N > TRITON_MAX_N:
+        return (f"its grid's second axis holds ceil(N / 128) <= 65535 column blocks on a GPU, N = {N} needs more; "
+                "use backend='torch'")
     return None

@@ -123,3 +123,19 @@ def test_triton_scan_default_tile_keeps_the_grid_launchable(monkeypatch):
     assert grids == [(2 * H, 32768)], grids
     with pytest.raises(ValueError, match="split the batch"):  # an explicit 16-row tile cannot launch
         K.bilstm_scan_triton(gx, w, hs, block_b=16)
+
+
+@pytest.mark.parametrize("N, refused", [(65535 * 128, False), (65535 * 128 + 1, True)], ids=["fits", "past"])
+def test_crossbar_triton_limit_refuses_more_column_blocks_than_a_grid_holds(N, refused):
+    # the crossbar kernel's GPU grid is (ceil(M / 64), ceil(N / 128)); N = 8,388,481 columns (K = 1: a 34 MB
+    # programmed crossbar, M * N < 2^31 for a row) passed every limit and failed to launch ("invalid argument")
+    from far_kernels import CrossbarConfig, ProgrammedCrossbar
+    from far_kernels.ops.crossbar_matmul import OP
+    from far_kernels.ops.crossbar_matmul.program import prepare_call
+
+    cfg = CrossbarConfig()
+    levels = torch.empty(cfg.n_weight_slices, N, 1, dtype=torch.int8, device="meta")
+    prog = ProgrammedCrossbar(levels, torch.empty(N, device="meta"), cfg, N, 1)
+    call = prepare_call(torch.empty(1, 1, device="meta"), prog, consume_read=False)
+    why = OP.reason("triton", "cuda", (call,))
+    assert (why is not None and "grid" in why) if refused else why is None, why
