@@ -270,15 +270,19 @@ def adc_plan(cfg: CrossbarConfig, adc_range=None, device="cpu", op: str = "cross
         r = r.expand(S)
     if tuple(r.shape) != (S,):
         raise ValueError(f"{op}: adc_range must be a scalar or have one entry per weight slice ([{S}]), got {list(r.shape)}")
+    steps = (r / torch.full((), float(L), dtype=torch.float32, device=device)).contiguous()
+    powers = torch.ones(S, dtype=torch.int64, device=device) << (torch.arange(S, device=device) * cfg.cell_bits)
+    mults = (steps * powers.float()).contiguous()  # steps_i · 2^(i·cell_bits): integer shifts, exact
     if not (isinstance(adc_range, torch.Tensor) and _VALID_RANGES.get(adc_range) == adc_range._version):
         # reading r on the host waits for the GPU: a range (calibrate's, on x's device) is checked once per version
         if not bool(torch.isfinite(r).all()) or not bool((r > 0).all()):
             raise ValueError(f"{op}: adc_range must be positive and finite, got {r.tolist()}")
+        # a step of 0 makes p/step NaN for p = 0, a shifted step of inf makes C_i·step NaN for C_i = 0
+        if not bool((steps > 0).all()) or not bool(torch.isfinite(mults).all()):
+            raise ValueError(f"{op}: adc_range {r.tolist()} gives ADC steps r/L (L = {L}) of 0 or shifted steps "
+                             f"r/L·2^(i·cell_bits) beyond float32's range")
         if isinstance(adc_range, torch.Tensor):
             _VALID_RANGES[adc_range] = adc_range._version
-    steps = (r / torch.full((), float(L), dtype=torch.float32, device=device)).contiguous()
-    powers = torch.ones(S, dtype=torch.int64, device=device) << (torch.arange(S, device=device) * cfg.cell_bits)
-    mults = (steps * powers.float()).contiguous()  # steps_i · 2^(i·cell_bits): integer shifts, exact
     return AdcPlan("calibrated", L, one, steps, mults)
 
 

@@ -327,6 +327,33 @@ def test_partial_sum_absmax_and_calibrated_adc():
     assert torch.equal(crossbar_matmul(x, prog), crossbar_matmul(x, prog, adc_range=float(r.max())))
 
 
+@pytest.mark.parametrize("adc_bits,r", [(6, 1e-45), (2, 1e38)], ids=["step-underflows", "shifted-step-overflows"])
+def test_a_calibrated_range_whose_fp32_steps_degenerate_is_refused(adc_bits, r):
+    # r passed as "positive and finite", but its fp32 step r/L was 0 (1e-45 / 31) or a shifted step
+    # r/L·2^(i·cell_bits) was inf (1e38·2^6 at L = 1): codes p/0 (0/0 = NaN for p = 0) or C_i·inf (NaN for C_i = 0),
+    # and the backends disagreed on such calls (the reference +0, torch -0, cpp NaN) or gave NaN for every output
+    cfg = CrossbarConfig(adc_bits=adc_bits, adc_range="calibrated", tile_rows=16)
+    x, w = make_xw(3, 20, 4, seed=18)
+    prog = program_crossbar(w, cfg)
+    runs = [lambda *a, b=b, **k: crossbar_matmul(*a, backend=b, **k) for b in ("torch", "cpp")]
+    for run in [crossbar_matmul_ref] + runs:
+        with pytest.raises(ValueError, match="ADC steps"):
+            run(x, prog, adc_range=r)
+    group = program_group([w, w[:2]], cfg)
+    group.members[0].adc_range = r
+    group.members[1].adc_range = 10.0
+    with pytest.raises(ValueError, match="ADC steps"):
+        far_kernels.crossbar_matmul_group(torch.zeros(2, 3, 20), group)
+    # the extreme ranges that remain give finite outputs, the same on every backend: the smallest step (one fp32
+    # subnormal, every nonzero p clips to ±L) and the largest shifted step below inf
+    L, top = cfg.adc_levels, 2 ** ((cfg.n_weight_slices - 1) * cfg.cell_bits)
+    for r in (L * 2.0 ** -149, float(torch.tensor(torch.finfo(torch.float32).max / top).float() * L / 2)):
+        want = crossbar_matmul_ref(x, prog, adc_range=r)
+        assert torch.isfinite(want).all()
+        for backend in ["torch"] + ["cpp"] * far_kernels.extension_status()["loaded"]:
+            assert torch.equal(crossbar_matmul(x, prog, adc_range=r, backend=backend), want)
+
+
 # ---- config validation ----
 @pytest.mark.parametrize("kw,err,match", [
     (dict(cell_bits=5, weight_bits=4), ValueError, "cell_bits .* > weight_bits"),
