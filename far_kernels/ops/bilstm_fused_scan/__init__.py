@@ -38,7 +38,8 @@ OP = dispatch.Op(
     grad_impl=bilstm_fused_scan_autograd,
     limits={"triton": lambda x, w_ih, bias, w_hh, hidden_sizes, *_: (
         _scan.triton_units_limit(hidden_sizes, x.device)
-        or _scan.triton_index_limit(w_ih.shape[0], x.shape[0], x.shape[1], w_ih.shape[2] // 4))},
+        or _scan.triton_index_limit(w_ih.shape[0], x.shape[0], x.shape[1], w_ih.shape[2] // 4)),
+        "cuda": lambda x, w_ih, *_: _scan.cuda_size_limit(w_ih.shape[0], x.shape[0], x.shape[1], w_ih.shape[2] // 4)},
 )
 
 

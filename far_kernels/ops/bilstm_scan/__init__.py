@@ -72,10 +72,25 @@ def _triton_limit(gx, w_hh, hidden_sizes, *_) -> Optional[str]:
     return triton_units_limit(hidden_sizes, gx.device) or triton_index_limit(H, B, T, G // 4)
 
 
+CUDA_MAX_HEADS = 256  # kMaxHeads of csrc/cuda/bilstm_cuda.h: the hidden sizes travel in the kernel's parameters
+
+
+def cuda_size_limit(H: int, B: int, T: int, n: int) -> Optional[str]:
+    """None if the cuda scan takes a call of these sizes, else why not: the extension's own checks
+    (csrc/cuda/bilstm_cuda.cu, its int sizes and work-item count), asked before it is chosen, so that auto moves on
+    to another backend instead of raising."""
+    if H > CUDA_MAX_HEADS:
+        return f"it takes at most {CUDA_MAX_HEADS} heads, got {H}"
+    if n > 65535 or B >= INT32 or T >= INT32 or 2 * H * B >= INT32:
+        return f"its sizes must satisfy n <= 65535, B and T < 2^31, 2 H B < 2^31 (H {H}, B {B}, T {T}, n {n})"
+    return None
+
+
 OP = dispatch.Op(
     "bilstm_scan",
     {"torch": bilstm_scan_ref, "cpp": bilstm_scan_cpp, "cuda": bilstm_scan_cuda, "triton": bilstm_scan_triton},
-    limits={"triton": _triton_limit},
+    limits={"triton": _triton_limit,
+            "cuda": lambda gx, w_hh, hidden_sizes, *_: cuda_size_limit(*gx.shape[:3], gx.shape[4] // 4)},
 )
 
 

@@ -139,3 +139,22 @@ def test_crossbar_triton_limit_refuses_more_column_blocks_than_a_grid_holds(N, r
     call = prepare_call(torch.empty(1, 1, device="meta"), prog, consume_read=False)
     why = OP.reason("triton", "cuda", (call,))
     assert (why is not None and "grid" in why) if refused else why is None, why
+
+
+@pytest.mark.parametrize("sizes, refused", [
+    ((256, 1, 1, 1), None), ((257, 1, 1, 1), "at most 256 heads"),  # hidden sizes in the kernel's parameters
+    ((1, 2 ** 30 - 1, 1, 1), None), ((1, 2 ** 30, 1, 1), "2 H B < 2^31"),  # int work-item count
+    ((1, 1, 2 ** 31 - 1, 1), None), ((1, 1, 2 ** 31, 1), "T < 2^31"),  # int sizes
+    ((1, 1, 1, 65535), None), ((1, 1, 1, 65536), "n <= 65535"),  # uint16 hidden sizes
+], ids=["H-fits", "H-past", "HB-fits", "HB-past", "T-fits", "T-past", "n-fits", "n-past"])
+@pytest.mark.parametrize("op, args", [(scan_op.OP, scan_args), (fused_op.OP, fused_args)], ids=["scan", "fused"])
+def test_cuda_scan_limits_let_auto_move_on(monkeypatch, op, args, sizes, refused):
+    # the extension refuses these sizes itself (bilstm_scan_cuda), but the dispatcher did not know: auto chose
+    # cuda on a CUDA tensor and raised (e.g. 257 heads of one unit, a few bytes of data) instead of taking triton
+    # or torch. Every backend available as on a GPU machine, sizes on the meta device.
+    monkeypatch.setattr(dispatch, "backend_reason", lambda backend, device="cpu": None)
+    a = args(*sizes)
+    why = op.reason("cuda", "cuda", a)
+    assert (why is None) if refused is None else (why is not None and refused in why), why
+    chosen = dispatch.select(op, None, "cuda", torch.float32, args=a)
+    assert chosen == "cuda" if refused is None else chosen in ("triton", "torch"), chosen  # triton has limits too
