@@ -13,7 +13,6 @@ accuracy. Training minutes exclude the measurements.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -25,9 +24,10 @@ import torch
 
 import far
 from far.data import fashion_mnist
+from far.errors import ConfigError
 from far.fidelity import block_fidelity
 from far.utils.env import environment, result_filename
-from far.utils.fs import write_json
+from far.utils.fs import read_json, write_json
 from far.utils.plot import pyplot, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -143,6 +143,15 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"unknown configs {unknown}; known: {list(CONFIGS)}")
+    old = None
+    if args.append and args.out.exists():  # before any work: it must be this benchmark's result
+        try:
+            old = read_json(args.out, "--append file")
+        except ConfigError as e:
+            sys.exit(str(e))
+        if not (isinstance(old, dict) and old.get("benchmark") == "distill_ablation"
+                and isinstance(old.get("configs"), list) and isinstance(old.get("args"), dict)):
+            sys.exit(f"{args.out}: not a result of this benchmark (distill_ablation) to append to")
     torch.set_num_threads(args.threads)
     out = args.out or RESULTS / result_filename("distill_ablation")
     teacher = far.create_model(args.teacher, pretrained=True)
@@ -150,8 +159,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "distill_ablation", "teacher": args.teacher, "description": __doc__.split("\n\n")[0],
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "environment": environment(threads=args.threads), "configs": []}
-    if args.append and args.out is not None and args.out.exists():
-        old = json.loads(args.out.read_text())
+    if old is not None:
         keys = ("teacher", "train_images", "test_images", "stage1_epochs", "stage2_epochs", "chunks", "batch_size",
                 "lr", "stage2_lr")
         differ = [k for k in keys if old["args"].get(k) != result["args"].get(k)]

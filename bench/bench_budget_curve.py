@@ -20,7 +20,6 @@ test images and training limit) skips the points already there.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
     from far.errors import ConfigError
     from far.models import zoo_path
     from far.utils.env import environment, result_filename
-    from far.utils.fs import write_json
+    from far.utils.fs import read_json, write_json
 
     torch.set_num_threads(args.threads)
     limit = None
@@ -80,7 +79,15 @@ def main(argv=None) -> int:
         budgets, plans, args.test_images, limit = budgets[2:4], PLANS[:1], 500, 256
     out = args.out or (Path(__import__("tempfile").mkdtemp()) / "budget_curve.json" if args.quick
                        else RESULTS / result_filename("budget_curve"))
-    result = json.loads(out.read_text()) if out.is_file() else {"environment": environment(args.threads), "points": []}
+    result = {"environment": environment(args.threads), "points": []}
+    if out.exists():  # resumed from: it must be this benchmark's result
+        try:
+            result = read_json(out, "--out file")
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
+        if not (isinstance(result, dict) and isinstance(result.get("points"), list)):
+            raise SystemExit(f"{out}: not a result of this benchmark (no 'points' list) to resume; write to "
+                             "another --out")
     measured = {"finetune_epochs": args.finetune_epochs, "reuse_epochs": args.reuse_epochs,
                 "test_images": args.test_images, "train_limit": limit}
     old = result.get("settings", {})

@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 
 from far.utils.env import environment, result_filename
-from far.utils.fs import write_json
+from far.errors import ConfigError
+from far.utils.fs import read_json, write_json
 from far.utils.plot import pyplot, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -211,7 +212,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = args.out or RESULTS / result_filename("imc_sweeps")
     if args.merge:
-        parts = [json.loads(f.read_text()) for f in args.merge]
+        parts = []
+        for f in args.merge:  # all read and checked before anything is written
+            try:
+                part = read_json(f, "--merge file")
+            except ConfigError as e:
+                raise SystemExit(str(e)) from None
+            if not (isinstance(part, dict) and isinstance(part.get("runs", part.get("results")), list)):
+                raise SystemExit(f"{f}: neither a result of this benchmark ('runs') nor a far imc-eval JSON "
+                                 "('results')")
+            parts.append(part)
         for i, (f, part) in enumerate(zip(args.merge, parts)):
             if "runs" not in part and "results" in part:  # one imc-eval JSON (a work-folder file)
                 parts[i] = {"args": None, "environment": None, "runs": [wrap_imc_eval(part, f.name)]}

@@ -21,3 +21,19 @@ def test_resume_refuses_other_measurement_settings(tmp_path):
     with pytest.raises(SystemExit, match=r"other settings \(finetune_epochs 0.5 -> 3.0, test_images 10000 -> 100\)"):
         bench.main(["--out", str(out), "--budgets", "200", "--finetune-epochs", "3", "--test-images", "100"])
     assert json.loads(out.read_text()) == before  # untouched
+
+
+@pytest.mark.parametrize("text,needle", [
+    pytest.param('{"environment": {}, "points": [{"name": "fmnist_deit_t', "not a JSON --out file (", id="cut-short"),
+    pytest.param('{"benchmark": "imc_cost", "rows": []}', "not a result of this benchmark", id="another-benchmark"),
+    pytest.param("[1, 2]", "not a result of this benchmark", id="not-an-object"),
+])
+def test_resume_from_a_file_it_cannot_use_is_refused_by_name(tmp_path, text, needle):
+    """An --out that exists is resumed from: one that is not this benchmark's result (cut short, another
+    benchmark's) is one message naming it, before any work, and stays as it was."""
+    out = tmp_path / "bc.json"
+    out.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        load_bench("bench_budget_curve").main(["--out", str(out), "--budgets", "200"])
+    assert str(e.value).startswith(f"{out}: ") and needle in str(e.value), e.value
+    assert out.read_text() == text

@@ -119,3 +119,20 @@ def test_no_sweep_left_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # was: a matplotlib ValueError (a plot of no panel), no JSON written
         bench.main(["--adc-images", "0", "--noise-images", "0", "--out", str(tmp_path / "r.json")])
     assert e.value.code == 2 and "no sweep to run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,needle", [
+    pytest.param('{"benchmark": "imc_sweeps", "runs": [', "not a JSON --merge file (", id="cut-short"),
+    pytest.param('{"benchmark": "budget_curve", "points": []}', "neither a result of this benchmark", id="another"),
+    pytest.param("[]", "neither a result of this benchmark", id="not-an-object"),
+])
+def test_merge_of_a_file_it_cannot_use_is_refused_by_name(tmp_path, text, needle):
+    """Every --merge file is read before anything is written: one that is neither this benchmark's result nor an
+    imc-eval JSON (cut short, another benchmark's) is one message naming it, and --out is not written."""
+    good, bad, out = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "merged.json"
+    good.write_text(json.dumps(_result(True)))
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        _load().main(["--merge", str(good), str(bad), "--out", str(out)])
+    assert str(e.value).startswith(f"{bad}: ") and needle in str(e.value), e.value
+    assert not out.exists()

@@ -100,6 +100,17 @@ def read_text(path: PathLike, what: str = "file") -> str:
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
+def read_json(path: PathLike, what: str = "file") -> Any:
+    """The JSON value of the input file `path` (read_text); ConfigError naming the file if it is not JSON
+    (e.g. cut short)."""
+    try:
+        return json.loads(read_text(path, what))
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: not a JSON {what} ({e})") from None
+
+
 def check_regular(path: PathLike, what: str = "file") -> None:
     """NotRegularFile unless `path` (followed through symlinks) is a regular file; FileNotFoundError if absent."""
     st = os.stat(path)
