@@ -158,3 +158,29 @@ def test_cuda_scan_limits_let_auto_move_on(monkeypatch, op, args, sizes, refused
     assert (why is None) if refused is None else (why is not None and refused in why), why
     chosen = dispatch.select(op, None, "cuda", torch.float32, args=a)
     assert chosen == "cuda" if refused is None else chosen in ("triton", "torch"), chosen  # triton has limits too
+
+
+# ---- the zero end: no heads, no units, no inputs (B = 0, T = 0 and pruned heads: tests/kernels/ops/test_bilstm_scan*)
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("H, n, d, kept", [(0, 8, 3, 0), (2, 0, 3, 0), (2, 8, 0, 8), (1, 1, 1, 1)],
+                         ids=["no-heads", "no-units", "no-inputs", "one-of-each"])
+def test_scans_at_the_zero_end(backend, H, n, d, kept):
+    from conftest import assert_close_derived
+
+    why = scan_op.OP.reason(backend, "cpu")
+    if why is not None:
+        pytest.skip(why)
+    B, T = 2, 3
+    g = torch.Generator().manual_seed(0)
+    gx, w = torch.randn(H, B, T, 2, 4 * n, generator=g), torch.randn(H, 2, 4 * n, n, generator=g)
+    hs = torch.full((2, H), kept)
+    out = torch.full((H, B, T, 2, n), float("nan"))
+    y = scan_op.bilstm_scan(gx, w, hs, backend=backend, out=out)
+    assert y.data_ptr() == out.data_ptr() or out.numel() == 0
+    assert_close_derived(y, scan_op.bilstm_scan_ref(gx.double(), w.double(), hs), scan_op.bilstm_scan_ref(gx, w, hs),
+                         backend)
+    x, w_ih = torch.randn(B, T, H * d, generator=g), torch.randn(H, 2, 4 * n, d, generator=g)
+    bias = torch.randn(H, 2, 4 * n, generator=g)
+    y = fused_op.bilstm_fused_scan(x, w_ih, bias, w, hs, backend=backend)
+    ref64 = fused_op.bilstm_fused_scan_ref(x.double(), w_ih.double(), bias.double(), w.double(), hs)
+    assert_close_derived(y, ref64, fused_op.bilstm_fused_scan_ref(x, w_ih, bias, w, hs), f"fused/{backend}")
