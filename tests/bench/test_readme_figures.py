@@ -122,3 +122,37 @@ def test_zoo_table_matches_the_checkpoints():
         if row[2:] != want:
             bad.append((name, row[2:], want))
     assert bad == []
+
+
+def test_fidelity_table_matches_the_checkpoints():
+    """The current zoo students' rows (not the "previous" ones) against each checkpoint's fidelity record."""
+    import far
+    from far.models import zoo_path
+
+    header = "| model | isolated, blocks 0–3 | in the model, blocks 0–3 | top-1 agreement |"
+    bad = []
+    for row in table_after(README.read_text(), header):
+        if not row[0].startswith("`"):
+            continue  # a previous model: no longer shipped
+        name = model_name(row[0])
+        f = far.load(zoo_path(name)).far_checkpoint["metadata"]["fidelity"]
+        want = [" / ".join(f"{b[kind]['cos']:.3f}" for b in f["blocks"]) for kind in ("isolated", "in_model")]
+        want.append(f"{100 * f['agreement']:.2f}%")
+        if row[1:] != want:
+            bad.append((name, row[1:], want))
+    assert bad == []
+
+
+def test_analysis_table_matches_its_json():
+    header = "| student | block | isolated: cos along tokens |"
+    bad = []
+    for row in table_after(README.read_text(), header):
+        name, block = model_name(row[0]), row[1]
+        report = json.loads((ROOT / "bench" / "results" / f"analysis-{name}" / "analysis.json").read_text())
+        entry = report["mean"] if block == "mean" else report["blocks"][int(block)]
+        iso, inm = entry["isolated"], entry["in_model"]
+        want = [f"{iso['cos']:.4f}", f"{iso['token_cos']:.4f}", f"{iso['rel_mse']:.4f}", f"{iso['scale']:.3f}",
+                f"{inm['cos']:.4f}", f"{inm['token_cos']:.4f}"]
+        if row[2:] != want:
+            bad.append((name, block, row[2:], want))
+    assert bad == []
