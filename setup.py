@@ -75,10 +75,12 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    package_dir={"far": "python/far", "far_kernels": "far_kernels"},
-    packages=["far_kernels"] + ["far_kernels." + p for p in find_packages("far_kernels")]
+    # far_kernels.csrc: the CUDA sources far_kernels.cuda_emu compiles for its CPU emulation, installed with the package
+    package_dir={"far": "python/far", "far_kernels": "far_kernels", "far_kernels.csrc": "csrc"},
+    packages=["far_kernels"] + ["far_kernels." + p for p in find_packages("far_kernels")] + ["far_kernels.csrc"]
     + ["far"] + ["far." + p for p in find_packages("python/far")],
-    package_data={"far": ["zoo/*.safetensors", "imc/*.json"]},  # the bundled model zoo, the IMC cost constants
+    package_data={"far": ["zoo/*.safetensors", "imc/*.json"],  # the bundled model zoo, the IMC cost constants
+                  "far_kernels.csrc": ["lstm_cell.h", "cuda/bilstm_cuda.cu", "cuda/bilstm_cuda.h", "cuda/emu/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "safetensors", "timm>=1.0", "tqdm"],

@@ -34,9 +34,11 @@ import torch
 
 from far_kernels.ops.bilstm_scan import check_scan_inputs
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("cuda/emu/emu_entry.cpp", "cuda/emu/cuda_emu.h", "cuda/bilstm_cuda.cu", "cuda/bilstm_cuda.h",
             "lstm_cell.h")
+# the sources: the copy a wheel installs inside this package (setup.py: far_kernels.csrc), else a checkout's csrc/
+_CSRC = next((d for d in (Path(__file__).resolve().parent / "csrc", Path(__file__).resolve().parent.parent / "csrc")
+              if (d / _SOURCES[0]).is_file()), Path(__file__).resolve().parent.parent / "csrc")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PATHS = {"auto": 0, "fma": 1, "mma": 2}
 GUARD = 64  # elements of NaN on either side of every buffer the kernel sees
@@ -85,9 +87,10 @@ def _source_hash(root: Path) -> str:
 
 def build(build_dir: Optional[Union[str, Path]] = None, csrc: Optional[Union[str, Path]] = None,
           opt: str = "-O2") -> Path:
-    """Compile the emulation library (about 10 s) from `csrc` (default: the csrc/ folder beside this package) into
-    `build_dir` (default: a folder under the system temp dir named by the sources' hash, reused while they do not
-    change) and return its path. `opt`: g++'s optimization flag (-O0 builds in half the time, runs slower)."""
+    """Compile the emulation library (about 10 s) from `csrc` (default: the sources installed with this package, or
+    a checkout's csrc/ beside it) into `build_dir` (default: a folder under the system temp dir named by the sources'
+    hash, reused while they do not change) and return its path. `opt`: g++'s optimization flag (-O0 builds in half
+    the time, runs slower)."""
     reason = unavailable_reason(csrc)
     if reason:
         raise RuntimeError(f"the CUDA emulation cannot be built: {reason}")
