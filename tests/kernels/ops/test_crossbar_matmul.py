@@ -260,6 +260,8 @@ def test_seeds_reproduce_and_differ():
     assert not torch.equal(ya1, ya2)  # read noise is fresh for every product
     assert not torch.equal(ya1, crossbar_matmul(x, c))  # different seed => different
     assert a.reads == 2 and c.reads == 1
+    crossbar_matmul(x, a, cfg.replace(read_noise=0.0))  # a read without read noise takes no key
+    assert a.reads == 2
     # a raw weight is programmed afresh on every call: the same seed gives the same product
     assert torch.equal(crossbar_matmul(x, w, cfg), crossbar_matmul(x, w, cfg))
 
