@@ -415,3 +415,44 @@ def test_save_that_the_disk_refuses_is_one_error_line_and_keeps_old_file(tmp_pat
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().splitlines() == [f"far: error: {path}: cannot write (File too large)"], p.stderr
     assert os.listdir(tmp_path) == ["m.safetensors"] and path.read_bytes() == b"old"
+
+
+KILLED_WRITER = """
+import sys, torch
+import far.checkpoint as c
+from far.models import zoo_path
+config = {k: v for k, v in c.read_config(zoo_path("fmnist_deit_tiny")).items() if k != c.DIGEST_KEY}
+tensors = {f"w{i}": torch.ones(1 << 22) for i in range(48)}  # 768 MiB: seconds to write
+print("writing", flush=True)
+c.write(sys.argv[1], tensors, config)
+"""
+
+
+def test_a_killed_save_leaves_nothing_the_next_save_does_not_remove(tmp_path):
+    """kill -9 in the middle of far.save: the old file stays, and whatever the killed write left in the folder
+    (safetensors writes its own temporary file, '.tmpXXXXXX', beside the name it is given) is gone after the next
+    save to that path."""
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"old")
+    p = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "writing\n"
+
+        def written() -> int:  # bytes of the new checkpoint on disk so far, wherever its writer put them
+            return sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file() and f != path)
+
+        deadline = time.monotonic() + 120
+        while written() < 1 << 20 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.005)
+        assert p.poll() is None and written() >= 1 << 20, "the write finished (or never started) before the kill"
+    finally:
+        p.kill()
+        p.wait()
+    assert path.read_bytes() == b"old"
+    far.save(_model("pruned"), path)
+    assert [f.name for f in tmp_path.iterdir()] == ["m.safetensors"]
+    far.load(path)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from far.errors import CheckpointError
-from far.utils.fs import NotRegularFile, atomic_write, open_input
+from far.utils.fs import NotRegularFile, atomic_write, open_input, private_folder
 
 FORMAT = "far-checkpoint"
 FORMAT_VERSION = 1  # the newest version this build reads and the one it writes
@@ -203,13 +203,13 @@ def write(path, tensors: dict, config: dict, *, force: bool = True) -> None:
     config[DIGEST_KEY] = digest(config, tensors)
     header = {CONFIG_KEY: json.dumps(config, separators=(",", ":"), allow_nan=False)}
 
-    atomic_write(path, lambda tmp: _save_file(tensors, tmp, header), force=force)
+    atomic_write(path, lambda tmp: private_folder(tmp, lambda name: _save_file(tensors, name, header)), force=force)
 
 
 def _save_file(tensors: dict, tmp: str, header: dict) -> None:
-    """safetensors' save_file, whose failed writes (a full disk, a quota, EIO) are a SafetensorError saying
-    "I/O error: <why> (os error N)" (Rust's io::Error): raised as that OSError, which atomic_write reports
-    against the destination and the command line as one error."""
+    """safetensors' save_file (it writes a '.tmpXXXXXX' of its own beside `tmp`, hence private_folder), whose
+    failed writes (a full disk, a quota, EIO) are a SafetensorError saying "I/O error: <why> (os error N)" (Rust's
+    io::Error): raised as that OSError, which atomic_write reports against the destination, as one error."""
     import re
 
     import safetensors.torch

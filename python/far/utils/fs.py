@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -237,7 +238,22 @@ def check_output(path: PathLike, *, force: bool = True, inputs: Iterable[PathLik
     return p
 
 
-_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp(?:\.d)?$")  # .d: private_folder's
+
+
+def private_folder(tmp: PathLike, write: Callable[[str], Any]) -> None:
+    """For an atomic_write content function whose library makes temporary files of its own beside the name it
+    is given (safetensors' save_file: '.tmpXXXXXX', then a rename): `write` gets a name inside a folder of
+    ours (`tmp` + ".d"), its result is moved to `tmp` and the folder removed; a killed writer's folder is
+    removed by the next write to the destination, as its temporary file is."""
+    folder = Path(os.fspath(tmp) + ".d")
+    os.mkdir(folder, 0o700)
+    try:
+        inner = folder / "content"
+        write(str(inner))
+        os.replace(inner, tmp)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _remove_stale_temps(directory: Path, name: str) -> None:
@@ -258,7 +274,10 @@ def _remove_stale_temps(directory: Path, name: str) -> None:
             except (PermissionError, OverflowError, OSError):
                 continue
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
 
 
 def _write_error(e: BaseException, tmp: Path) -> Optional[OSError]:
