@@ -91,7 +91,7 @@ def test_cli_class_names_file(pngs, tmp_path, capsys):
     (["{root}/notes.txt"], "not an image file"),
     (["{root}/empty"], "no images"),
     (["{root}", "-o", "{tmp}/p.txt"], "give a .csv or .json file"),
-    (["{root}", "--top-k", "11"], "top_k must be in [1, 10]"),
+    (["{root}", "--top-k", "11"], "--top-k 11: the model has 10 classes"),
     (["{root}", "--top-k", "0"], "--top-k"),
 ])
 def test_cli_errors(pngs, tmp_path, capsys, args, needle):

@@ -140,6 +140,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     output_checks(args, [ref.path] if ref.path else [], *(("output",) if args.output else ()),
                   output_kind="a JSON report" if fmt == "json" else "a CSV table")
     model, _ = load_inference_model(args, ref, device)
+    classes = getattr(model, "num_classes", None)
+    if classes and args.top_k > classes:  # the option's name, not predict()'s argument
+        from far.errors import ConfigError
+
+        raise ConfigError(f"--top-k {args.top_k}: the model has {classes} classes")
     names = class_names(args, ref, model)
     data = image_files(args.images, data_config(model))
     res = predict(model, data, batch_size=args.batch_size, device=device, workers=eval_workers(args),
