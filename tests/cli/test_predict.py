@@ -132,3 +132,21 @@ def test_api_non_finite_logits_and_bad_arguments():
         far.predict(_Nan(), data, top_k=4)
     with pytest.raises(DataError, match="no images given"):
         image_files([], {"input_size": (1, 28, 28), "num_classes": 10})
+
+
+def test_json_output_is_strict_json_when_a_probability_is_nan(pngs, tmp_path, capsys):
+    """An image whose logits are not finite gets probability NaN: the JSON report holds it as the string "nan"
+    (as every far --json does, far.utils.fs.strict_json), not the bare NaN token that strict parsers refuse."""
+    root, _ = pngs
+    model = far.create_model(MODEL, pretrained=True)
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    ckpt, out = tmp_path / "nan.safetensors", tmp_path / "p.json"
+    far.save(model, ckpt)
+    code, _, err = run(capsys, "predict", str(ckpt), str(root / "im0.png"), "-o", str(out), "-q")
+    assert code == 0 and "non-finite logits" in err, err
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+    j = json.loads(out.read_text(), parse_constant=refuse)
+    assert j["predictions"][0]["top"][0] == {"class": -1, "name": None, "prob": "nan"}

@@ -117,13 +117,12 @@ def class_names(args: argparse.Namespace, ref, model) -> list:
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
     import io
-    import json
 
     from far.data import image_files
     from far.evaluate import predict
     from far.models import data_config, resolve
     from far.utils.env import resolve_device
-    from far.utils.fs import atomic_write
+    from far.utils.fs import atomic_write, write_json
 
     at_least(args, 1, "batch_size", "top_k")
     at_least(args, 0, "workers")
@@ -154,8 +153,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows.append({"image": str(path), "top": [{"class": c, "name": names[c] if 0 <= c < len(names) else None,
                                                   "prob": p} for c, p in zip(cs, ps)]})
     if fmt == "json":
-        atomic_write(args.output, json.dumps({"model": args.model, "num_images": len(rows), "top_k": args.top_k,
-                                              "predictions": rows}, indent=1) + "\n", force=args.force)
+        report = {"model": args.model, "num_images": len(rows), "top_k": args.top_k, "predictions": rows}
+        write_json(args.output, report, force=args.force, indent=1)  # strict JSON: a NaN probability is "nan"
     elif fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
