@@ -3,6 +3,7 @@ walk over attention / FAR / reuse models, and overrides."""
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -227,6 +228,15 @@ def test_overrides_and_errors(tmp_path):
         HardwareSpec(dynamic="magic")
     with pytest.raises(ConfigError, match="needs an ADC"):
         model_cost(vit, CrossbarConfig(adc_bits=None))
+
+
+def test_yaml_constants_without_pyyaml_say_so(tmp_path, monkeypatch):
+    """PyYAML is no dependency: without it a valid YAML file is not called invalid."""
+    y = tmp_path / "chip.yaml"
+    y.write_text("adc_8b:\n  energy_pj: 3.0\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml raises ImportError
+    with pytest.raises(ConfigError, match=r"chip.yaml: reading YAML needs PyYAML \(pip install pyyaml\)"):
+        load_constants(y)
 
 
 @pytest.mark.parametrize("cols_per_adc,adcs", [(128, 1), (96, 2), (64, 2), (48, 3)])

@@ -141,10 +141,15 @@ def load_constants(path=None) -> dict:
         text = read_text(p, "constants file")
     except OSError as e:
         raise ConfigError(f"constants file {path}: {e.strerror or e}") from None
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
+    yaml_file = p.suffix.lower() in (".yaml", ".yml")
+    if yaml_file:
+        try:
             import yaml
-
+        except ImportError:  # PyYAML is no dependency: the file is not at fault
+            raise ConfigError(f"constants file {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                              "or write the file as JSON") from None
+    try:
+        if yaml_file:
             over = yaml.safe_load(text)
         else:
             over = json.loads(text)
