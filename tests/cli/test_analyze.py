@@ -73,6 +73,8 @@ def test_analyze_writes_tables_json_maps_and_plots(capsys, setup, tmp_path):
                          "--map-images", "0", "--out-dir", out_dir, "-f", "-q")
     assert code == 0, err
     assert json.loads((out_dir / "analysis.json").read_text())["maps"] is None and "A vs J" not in out
+    # the first run's token maps (npz and figure) are not left beside a report that has none
+    assert not (out_dir / "token_maps.npz").exists() and not (out_dir / "token_maps.png").exists()
 
 
 def test_analyze_json_says_which_code_and_when(capsys, setup, tmp_path):

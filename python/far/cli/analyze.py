@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from far.cli.options import (FMNIST_NOTE, MODEL_HELP, Formatter, add_common, add_data, add_device, at_least, note,
@@ -31,7 +32,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     t_ref, s_ref = resolve(args.teacher), resolve(args.student)
     inputs = [t_ref.path, s_ref.path]
     out_dir = Path(args.out_dir) if args.out_dir else None
-    names = (["analysis.json", *PLOTS] + ([MAPS_FILE] if args.map_images else [])) if out_dir is not None else []
+    names = ["analysis.json", *PLOTS, MAPS_FILE] if out_dir is not None else []  # those not written are removed
     output_checks(args, inputs, "json", also=[("--out-dir", out_dir / name) for name in names])
     if out_dir is not None:
         check_folder(out_dir, "--out-dir")  # a folder, or one that can be created: before the work, not after
@@ -84,6 +85,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         else:
             written += plot_analysis(report, out_dir, image=args.map_image, head=args.map_head,
                                      force=args.force)
+        done = {os.path.abspath(w) for w in written}
+        for name in names:  # an earlier run's token maps (or figures) would not match this analysis.json
+            stale = out_dir / name
+            if os.path.abspath(stale) not in done and stale.is_file():
+                stale.unlink()
+                note(args, f"removed {stale}, an earlier run's (this one has none)")
     if written:
         note(args, "wrote " + ", ".join(written))
     return 0
