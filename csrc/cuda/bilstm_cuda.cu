@@ -599,7 +599,9 @@ const char* dispatch(Params& p, int kmax, int path, cudaStream_t s) {
 const char* bilstm_scan_cuda(int dtype, const void* gx, const float* w_hh, const int64_t* hidden_host, void* out,
                              int64_t H, int64_t B, int64_t T, int64_t n, int path, bool fast_tanh, void* stream) {
   if (H > kMaxHeads) return "at most 256 heads are supported";
-  if (n > 65535 || B > INT32_MAX || T > INT32_MAX) return "sizes out of range (n <= 65535, B and T < 2^31)";
+  // T < 2^31 - 1024: write_pruned_zeros steps its int t by the block's warps (up to 32) past T - 1
+  if (n > 65535 || B > INT32_MAX || T > INT32_MAX - 1024)
+    return "sizes out of range (n <= 65535, B < 2^31, T < 2^31 - 1024)";
   if (path != kPathAuto && path != kPathFma && path != kPathMma) return "unknown path (0 auto, 1 fma, 2 mma)";
   if (2 * H * B > INT32_MAX) return "2 * heads * batch must stay below 2^31 (split the batch)";
   if (H == 0 || B == 0 || T == 0 || n == 0) return nullptr;

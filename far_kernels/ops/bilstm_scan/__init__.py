@@ -81,8 +81,9 @@ def cuda_size_limit(H: int, B: int, T: int, n: int) -> Optional[str]:
     to another backend instead of raising."""
     if H > CUDA_MAX_HEADS:
         return f"it takes at most {CUDA_MAX_HEADS} heads, got {H}"
-    if n > 65535 or B >= INT32 or T >= INT32 or 2 * H * B >= INT32:
-        return f"its sizes must satisfy n <= 65535, B and T < 2^31, 2 H B < 2^31 (H {H}, B {B}, T {T}, n {n})"
+    if n > 65535 or B >= INT32 or T >= INT32 - 1024 or 2 * H * B >= INT32:
+        return (f"its sizes must satisfy n <= 65535, B < 2^31, T < 2^31 - 1024, 2 H B < 2^31 "
+                f"(H {H}, B {B}, T {T}, n {n})")
     return None
 
 

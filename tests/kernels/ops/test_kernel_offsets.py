@@ -144,7 +144,7 @@ def test_crossbar_triton_limit_refuses_more_column_blocks_than_a_grid_holds(N, r
 @pytest.mark.parametrize("sizes, refused", [
     ((256, 1, 1, 1), None), ((257, 1, 1, 1), "at most 256 heads"),  # hidden sizes in the kernel's parameters
     ((1, 2 ** 30 - 1, 1, 1), None), ((1, 2 ** 30, 1, 1), "2 H B < 2^31"),  # int work-item count
-    ((1, 1, 2 ** 31 - 1, 1), None), ((1, 1, 2 ** 31, 1), "T < 2^31"),  # int sizes
+    ((1, 1, 2 ** 31 - 1025, 1), None), ((1, 1, 2 ** 31 - 1024, 1), "T < 2^31 - 1024"),  # int t + warps
     ((1, 1, 1, 65535), None), ((1, 1, 1, 65536), "n <= 65535"),  # uint16 hidden sizes
 ], ids=["H-fits", "H-past", "HB-fits", "HB-past", "T-fits", "T-past", "n-fits", "n-past"])
 @pytest.mark.parametrize("op, args", [(scan_op.OP, scan_args), (fused_op.OP, fused_args)], ids=["scan", "fused"])
@@ -184,3 +184,19 @@ def test_scans_at_the_zero_end(backend, H, n, d, kept):
     y = fused_op.bilstm_fused_scan(x, w_ih, bias, w, hs, backend=backend)
     ref64 = fused_op.bilstm_fused_scan_ref(x.double(), w_ih.double(), bias.double(), w.double(), hs)
     assert_close_derived(y, ref64, fused_op.bilstm_fused_scan_ref(x, w_ih, bias, w, hs), f"fused/{backend}")
+
+
+def test_cuda_scan_host_refuses_steps_its_int_loop_would_pass_2_31(tmp_path):
+    # write_pruned_zeros steps `int t` by the block's warps (up to 32): from T = 2^31 - 32 its last step passed
+    # 2^31 (signed overflow, stores at negative steps). The launcher accepted T up to 2^31 - 1; it now refuses
+    # T >= 2^31 - 1024 before reading anything (null data pointers here: the emulated launcher, the GPU's source).
+    from far_kernels import cuda_emu
+
+    why = cuda_emu.unavailable_reason()
+    if why:
+        pytest.skip(f"CUDA emulation unavailable: {why}")
+    lib = cuda_emu.load(tmp_path)
+    hs = torch.ones(2, 1, dtype=torch.int64)
+    err = lib.far_emu_bilstm_scan(0, None, None, hs.data_ptr(), None, 1, 1, 2 ** 31 - 1024, 1, 0, 0, 132, 1, 232448,
+                                  0, 0.0, 0)
+    assert err is not None and b"T < 2^31 - 1024" in err, err
