@@ -367,6 +367,8 @@ def triton_unsupported(call: CrossbarCall) -> Optional[str]:
     if max(M * max(call.x2d.stride(0), K), M * N, S * N * K) >= INT32:
         return ("the kernel addresses x, y and the levels with int32 offsets, which M, N, K overflow (M*K, M*N or "
                 "S*N*K >= 2^31); use backend='torch' or split x")
+    if K + call.cfg.tile_rows + 2 * 128 >= INT32:  # row indices run up to a tile and two 128-row blocks past K
+        return f"its int32 row indices pass 2^31 at K = {K}; use backend='torch'"
     if N > TRITON_MAX_N:
         return (f"its grid's second axis holds ceil(N / 128) <= 65535 column blocks on a GPU, N = {N} needs more; "
                 "use backend='torch'")

@@ -200,3 +200,26 @@ def test_cuda_scan_host_refuses_steps_its_int_loop_would_pass_2_31(tmp_path):
     err = lib.far_emu_bilstm_scan(0, None, None, hs.data_ptr(), None, 1, 1, 2 ** 31 - 1024, 1, 0, 0, 132, 1, 232448,
                                   0, 0.0, 0)
     assert err is not None and b"T < 2^31 - 1024" in err, err
+
+
+TR = 2 ** 20  # the largest tile: few tiles, so the int32 accumulators' bound stays small at K ~ 2^31
+
+
+@pytest.mark.parametrize("K, refused", [(2 ** 31 - 1 - TR - 256, False), (2 ** 31 - TR - 256, True)],
+                         ids=["fits", "past"])
+def test_crossbar_triton_limit_refuses_row_indices_past_2_31(K, refused):
+    # one-bit weight and input slices (S = J = 1), a 2-bit granular ADC and 2^20-row tiles keep every other limit
+    # (S N K, M K, the accumulators: 2048 tiles x code 1) below 2^31 up to K = 2^31 - 1 for one row and column,
+    # but the kernel's int32 row indices (tile ends (t + 1) tile_rows, loads t tile_rows + sub BK + r, the offset
+    # loop's k0 += BK) run up to a tile and two 128-row blocks past K and wrapped
+    from far_kernels import CrossbarConfig, ProgrammedCrossbar
+    from far_kernels.ops.crossbar_matmul import OP
+    from far_kernels.ops.crossbar_matmul.program import prepare_call
+
+    cfg = CrossbarConfig(weight_bits=2, cell_bits=1, input_bits=2, dac_bits=1, adc_bits=2, adc_range="granular",
+                         tile_rows=TR)
+    assert cfg.n_weight_slices == cfg.n_input_slices == 1
+    prog = ProgrammedCrossbar(torch.empty(1, 1, K, dtype=torch.int8, device="meta"), torch.empty(1, device="meta"),
+                              cfg, 1, K)
+    why = OP.reason("triton", "cuda", (prepare_call(torch.empty(1, K, device="meta"), prog, consume_read=False),))
+    assert (why is not None and "row indices" in why) if refused else why is None, why
