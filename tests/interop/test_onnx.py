@@ -244,3 +244,33 @@ def test_weights_above_the_protobuf_limit_go_to_an_external_data_file(tmp_path, 
         data.unlink()
         export_onnx(model, path, force=False)
     assert not data.exists()
+
+
+@pytest.mark.parametrize("before", ["export", "nothing"])
+def test_external_data_export_that_fails_at_the_graph_leaves_the_previous_pair(tmp_path, monkeypatch, before):
+    """The data file must replace the old one before the graph can be checked beside it; if the graph then
+    fails, the previous export's data file is put back (its graph still reads the weights it was written
+    with), or, with no previous export, the new data file is removed."""
+    onnx = pytest.importorskip("onnx")
+    import far.interop.onnx_export as oe
+
+    monkeypatch.setattr(oe, "INLINE_LIMIT", 1000)
+    path = tmp_path / "big.onnx"
+    old_model = tiny_far([[[5, 0, 16], [5, 3, 0]], [[16, 16, 16], [16, 16, 16]]])
+    if before == "export":
+        export_onnx(old_model, path)
+        assert (tmp_path / "big.onnx.data").is_file()
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new_model = tiny_far([[[16, 16, 16], [16, 16, 16]], [[16, 16, 16], [16, 16, 16]]])
+
+    def broken(*a, **k):
+        raise RuntimeError("graph check failed")
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(RuntimeError, match="graph check failed"):
+        export_onnx(new_model, path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # no temp, no backup link left
+    monkeypatch.undo()
+    if before == "export":
+        onnx.checker.check_model(str(path), full_check=True)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        check_logits(old_model, path, x)

@@ -23,6 +23,7 @@ something else), the patch embedding a timm PatchEmbed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -351,7 +352,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], batch_size: Opt
     are, eval semantics: dropout and drop-path off) to `path` as ONNX opset 17, atomically; returns the
     onnx.ModelProto. batch_size: a fixed batch, or None for a symbolic one. Needs the optional package onnx.
     Weights above protobuf's 2 GiB limit (INLINE_LIMIT) go to `path` + ".data" beside the graph (ONNX external
-    data; keep the two files together), written before the graph."""
+    data; keep the two files together), written before the graph; if the graph cannot be written, a previous
+    export's data file is put back (or a new one removed), so `path` and its data file still belong together."""
     onnx = require_onnx()  # a clear error if onnx is missing, before any work
     from far.utils.fs import atomic_write, check_output
 
@@ -361,11 +363,38 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], batch_size: Opt
         return proto
     data_path = Path(str(path) + ".data")
     check_output(path, force=force, writable=False)  # before the data file: no orphan beside a refused output
-    atomic_write(data_path, _externalize(proto, data_path.name), force=True)
+    write_data = _externalize(proto, data_path.name)
+    graph = proto.SerializeToString()
+    # The graph finds its data by name, so the new data file must be in place before the graph can be checked
+    # and renamed over `path`. A previous export's data file is kept under a hard link meanwhile: if the graph
+    # fails, it goes back, and the previous graph keeps the weights it was written with (one fixed name: a
+    # link left by a killed export is replaced by the next one).
+    backup = data_path.with_name(f".{data_path.name}.previous")
+    kept, existed = False, os.path.lexists(data_path)
+    if data_path.is_file() and not data_path.is_symlink():
+        with contextlib.suppress(OSError):  # a file system without hard links: no rollback, as before
+            if backup.exists():
+                backup.unlink()
+            os.link(data_path, backup)
+            kept = True
+    try:
+        atomic_write(data_path, write_data, force=True)
 
-    def write_graph(tmp: str) -> None:  # checked beside its data file before it replaces `path`
-        with open(tmp, "wb") as f:
-            f.write(proto.SerializeToString())
-        onnx.checker.check_model(tmp, full_check=True)
-    atomic_write(path, write_graph, force=force)
+        def write_graph(tmp: str) -> None:  # checked beside its data file before it replaces `path`
+            with open(tmp, "wb") as f:
+                f.write(graph)
+            onnx.checker.check_model(tmp, full_check=True)
+        atomic_write(path, write_graph, force=force)
+    except BaseException:
+        if kept:
+            os.replace(backup, data_path)
+            kept = False
+        elif not existed:  # no data file before: none is left beside a graph that does not use it
+            with contextlib.suppress(OSError):
+                data_path.unlink()
+        raise
+    finally:
+        if kept:
+            with contextlib.suppress(OSError):
+                backup.unlink()
     return proto
