@@ -7,15 +7,16 @@ reach 2^31 (bilstm_scan.triton_index_limit); auto then takes another backend. Th
 step offset on the smallest tensor that can: a view with a huge step stride into a buffer whose pages are never
 touched (8 GiB of address space is reserved, a few KiB are written), in Triton's interpreter, which computes
 offsets in the kernel's integer types."""
+import importlib.util
 import os
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from far_kernels import BackendUnavailable, dispatch
+from far_kernels.ops import bilstm_fused_scan as fused_op, bilstm_scan as scan_op
 
-from far_kernels import BackendUnavailable, dispatch  # noqa: E402
-from far_kernels.ops import bilstm_fused_scan as fused_op, bilstm_scan as scan_op  # noqa: E402
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 INT32 = 2 ** 31
 
@@ -34,6 +35,7 @@ def reserve(numel: int, dtype: torch.dtype) -> torch.Tensor:
         pytest.skip(f"cannot reserve {numel * dtype.itemsize / 2 ** 30:.1f} GiB of address space: {e}")
 
 
+@needs_triton
 @pytest.mark.parametrize("gx_dtype", [torch.float16, torch.float32], ids=["fp16-products", "fp32-products"])
 def test_triton_scan_step_offsets_near_2_31(gx_dtype):
     # the kernel stores step t at t * s_ot in int32 (s_ot = out's step stride < 2^31, an int32 argument). It wrote
@@ -80,6 +82,7 @@ def fused_args(H, B, T, n, d=4):
             torch.full((2, H), min(n, 64)))
 
 
+@needs_triton
 @pytest.mark.parametrize("sizes, refused", [
     ((1, 1, 2 ** 24, 64), None),  # the last step at (T - 1) 2n = 2^31 - 128
     ((1, 1, 2 ** 24 + 1, 64), "offset of the last step into out"),  # ... at 2^31
@@ -104,6 +107,7 @@ def test_triton_scan_limits_refuse_what_its_int32_offsets_and_grid_cannot_hold(o
         dispatch.select(op, "triton", "cuda", torch.float32, args=a)
 
 
+@needs_triton
 def test_triton_scan_default_tile_keeps_the_grid_launchable(monkeypatch):
     # the launcher's default batch tile was 16 off a GPU (and on one with many SMs per head), giving more than
     # 65535 tiles from B = 1,048,561 (a 17 MB gx at T = 1, n = 1). Recorded, not run.
@@ -125,6 +129,7 @@ def test_triton_scan_default_tile_keeps_the_grid_launchable(monkeypatch):
         K.bilstm_scan_triton(gx, w, hs, block_b=16)
 
 
+@needs_triton
 @pytest.mark.parametrize("N, refused", [(65535 * 128, False), (65535 * 128 + 1, True)], ids=["fits", "past"])
 def test_crossbar_triton_limit_refuses_more_column_blocks_than_a_grid_holds(N, refused):
     # the crossbar kernel's GPU grid is (ceil(M / 64), ceil(N / 128)); N = 8,388,481 columns (K = 1: a 34 MB
@@ -205,6 +210,7 @@ def test_cuda_scan_host_refuses_steps_its_int_loop_would_pass_2_31(tmp_path):
 TR = 2 ** 20  # the largest tile: few tiles, so the int32 accumulators' bound stays small at K ~ 2^31
 
 
+@needs_triton
 @pytest.mark.parametrize("K, refused", [(2 ** 31 - 1 - TR - 256, False), (2 ** 31 - TR - 256, True)],
                          ids=["fits", "past"])
 def test_crossbar_triton_limit_refuses_row_indices_past_2_31(K, refused):
