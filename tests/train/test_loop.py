@@ -283,6 +283,24 @@ def test_train_teacher_cli_output_and_errors(tmp_path, capsys):
     assert "no such image folder" in capsys.readouterr().err
 
 
+def test_a_state_the_disk_refuses_is_one_error_line(tmp_path):
+    """last.pt past what the OS lets a process write (RLIMIT_FSIZE: EFBIG; a full disk gives ENOSPC) ends the
+    run with `far: error: <last.pt>: cannot write (...)`, not torch's 'unexpected pos' traceback, and leaves no
+    temporary file."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))  # the teacher's state is ~1 MiB
+
+    run = tmp_path / "r"
+    p = far_cli("train-teacher", "--epochs", "0.5", "--batch-size", "16", *SMALL, "--out-dir", run,
+                preexec_fn=limit)
+    assert p.returncode == 2, p.stderr
+    assert f"far: error: {run / 'last.pt'}: cannot write (File too large)" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and sorted(os.listdir(run)) == ["metrics.jsonl"]
+
+
 @pytest.mark.parametrize("cmd", ["train-teacher", "distill", "prune", "finetune"])
 def test_help(cmd, capsys):
     from far.cli import main

@@ -828,6 +828,14 @@ def clear_before_first_run() -> None:
     _BEFORE_FIRST_RUN.clear()
 
 
+def _save_to_file(obj, path: str) -> None:
+    """torch.save through a Python file object: a write the OS refuses (a full disk, a quota) then stays the
+    cause of torch's own error, which atomic_write reports as an OSError for the destination; given a path,
+    torch's C++ writer says only "unexpected pos"."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: Optional[dict] = None,
           desc: str = "train") -> TrainResult:
     """Run `task` for cfg.epochs over `train_set`, evaluating on `eval_set` (may be None) after each
@@ -899,7 +907,7 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
                  "history": json.dumps(history)}
         if scaler is not None:  # fp16: the loss scale it has found (a resumed run goes on with it)
             state["scaler"] = scaler.state_dict()
-        atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
+        atomic_write(ckpt, lambda tmp: _save_to_file(state, tmp))
 
     while _BEFORE_FIRST_RUN:
         _BEFORE_FIRST_RUN.pop(0)()
