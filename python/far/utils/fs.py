@@ -302,9 +302,9 @@ def atomic_write(path: PathLike, content: Union[bytes, str, Callable[[str], Any]
 
     content: bytes, text (UTF-8), or a function that writes the file whose path it is given (e.g. one that
     opens it and torch.save's to the file object, whose OSError then stays visible). force=False refuses an
-    existing `path`; `inputs` are files that must not be overwritten (check_output; nor is any file read inside command_inputs()). An
-    existing destination must be a regular file; a symlink is written through (its target is replaced and
-    the link kept). The temporary file is created with the umask's
+    existing `path`; `inputs` are files that must not be overwritten (check_output; nor is any file read
+    inside command_inputs()). An existing destination must be a regular file; a symlink is written through
+    (its target is replaced and the link kept). The temporary file is created with the umask's
     permissions (given back to it after `content` ran: a writer may have replaced the file with one of
     its own mode), fsynced, renamed over `path`; the folder is fsynced where the OS allows. An OSError
     about the temporary file names `path` instead."""
