@@ -159,11 +159,12 @@ def test_new_run_refuses_an_unfinished_runs_state(tmp_path):
     ({"step": 2, "total": 2}, None),
     ({"step": 1, "total": 2}, "stopped at step 1 of 2"),
     ({"step": 2}, "at step 2; this state does not say whether the run finished"),  # written before "total"
-    (b"garbage", "state that cannot be read"),
+    (b"garbage", None),
 ], ids=["finished", "unfinished", "no-total", "garbage"])
 def test_fresh_run_check_looks_into_stage_folders(tmp_path, state, why):
     """The command line checks the run folder and the stage folders of multi-stage methods (distill's
-    stage1/stage2, prune's round1/reg) before any work; force or resume skip the check."""
+    stage1/stage2, prune's round1/reg) before any work; force or resume skip the check. State that cannot be
+    read is refused too, pointing to -f alone (--resume would refuse it as well)."""
     from far.train.loop import check_fresh_run
 
     for where in ("last.pt", "stage2/last.pt", "round1/finetune/last.pt"):
@@ -174,7 +175,12 @@ def test_fresh_run_check_looks_into_stage_folders(tmp_path, state, why):
         else:
             torch.save({"version": 1, **state}, run / where)
         cfg = TrainConfig(out_dir=str(run))
-        if why is None:
+        if isinstance(state, bytes):
+            with pytest.raises(TrainError, match=f"{run / where}: a training state that cannot be read; pass "
+                                                 "-f/--force") as e:
+                check_fresh_run(cfg)
+            assert "--resume" not in str(e.value)
+        elif why is None:
             check_fresh_run(cfg)
         else:
             with pytest.raises(TrainError, match=f"{run / where}: an unfinished run's state \\({why}\\)"):
@@ -207,6 +213,29 @@ def test_train_teacher_cli_refuses_to_start_over_an_unfinished_run(tmp_path, cap
     assert main(args) == 0  # the run is finished: a new one may reuse its folder
     out = capsys.readouterr().out  # the summary names the metrics file it wrote (it printed a glob)
     assert str(tmp_path / "r" / "metrics.jsonl") in out and "**" not in out
+
+
+def test_unreadable_state_and_a_folder_named_last_pt(tmp_path, capsys):
+    """--resume on a state it cannot read points to -f (the way to start over), and -f does start over; a
+    folder where the state goes is refused before any training, not at the first save."""
+    from far.cli import main
+
+    run = tmp_path / "r"
+    args = ["train-teacher", "--epochs", "0.5", "--batch-size", "16", *SMALL, "--out-dir", str(run)]
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"garbage")
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read it" in err and "run with -f/--force instead of --resume" in err, err
+    assert main([*args, "-f"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "o"
+    (other / "last.pt").mkdir(parents=True)
+    for extra in ([], ["--resume"], ["-f"]):
+        assert main([*args[:-1], str(other), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{other / 'last.pt'} is not a file" in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(other)) == ["last.pt"]
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):

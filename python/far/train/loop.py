@@ -634,7 +634,8 @@ def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch
     EMA, task and (fp16) loss-scaler state in place and return (step, history). Every problem with the file is one
     CheckpointError (ConfigError when it belongs to a different run); nothing is loaded unless all fits."""
     def bad(msg: str) -> CheckpointError:
-        return CheckpointError(f"--resume: {ckpt}: {msg}; delete it (or run without --resume) to start over")
+        return CheckpointError(f"--resume: {ckpt}: {msg}; to start over, run with -f/--force instead of --resume "
+                               "(or delete it)")
 
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -721,6 +722,9 @@ def load_state(ckpt: Path, ident: dict, total: int, model: nn.Module, opt: torch
     return step, history
 
 
+UNREADABLE = "a training state that cannot be read"
+
+
 def _unfinished(ckpt: Path) -> Optional[str]:
     """How far the run whose state `ckpt` (a last.pt) holds got ("step 2 of 8"), or None when that run
     finished. State that cannot be read, or written before the state recorded its run's length, counts
@@ -728,10 +732,10 @@ def _unfinished(ckpt: Path) -> Optional[str]:
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - whatever it is, it is not known to be finished
-        return "state that cannot be read"
+        return UNREADABLE
     step, total = (state.get("step"), state.get("total")) if isinstance(state, dict) else (None, None)
     if not (isinstance(step, int) and not isinstance(step, bool)):
-        return "state that cannot be read"
+        return UNREADABLE
     if not (isinstance(total, int) and not isinstance(total, bool)):
         return f"at step {step}; this state does not say whether the run finished"
     return None if step >= total else f"stopped at step {step} of {total}"
@@ -750,6 +754,9 @@ def check_fresh_run(cfg: TrainConfig, stages: bool = True) -> None:
     for pattern in patterns:
         for ckpt in sorted(out.glob(pattern)):
             why = _unfinished(ckpt) if ckpt.is_file() else None
+            if why == UNREADABLE:  # --resume would refuse it too: only starting over helps
+                raise ConfigError(f"{ckpt}: {why}; pass -f/--force (force=True in TrainConfig) to start over in "
+                                  f"{out} (its state and metrics are replaced)")
             if why is not None:
                 raise ConfigError(f"{ckpt}: an unfinished run's state ({why}); continue it with --resume "
                                   f"(and its settings), or pass -f/--force (force=True in TrainConfig) to start over "
@@ -881,6 +888,8 @@ def train(task: Task, train_set, eval_set, cfg: TrainConfig, d: Dist, identity: 
     step, history = 0, []
     ckpt = out / CKPT_NAME if out is not None else None
     metrics = out / METRICS_NAME if out is not None else None
+    if ckpt is not None and os.path.lexists(ckpt) and not ckpt.is_file():  # found now, not at the first save
+        raise ConfigError(f"{ckpt} is not a file: the run keeps its state under that name; move it away")
     if cfg.resume and not ckpt.is_file():
         raise ConfigError(f"--resume: no checkpoint at {ckpt} (run without --resume to start)")
     if write:  # after the refusals above (data smaller than a batch, nothing to train): none leaves a folder
