@@ -1,7 +1,6 @@
 """Multi-head bidirectional LSTM scan over precomputed input gates (the recurrent core of FAR)."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -11,6 +10,8 @@ from far_kernels.ops._checks import (as_hidden_sizes, check_float_tensors, check
                                      needs_grad)
 from far_kernels.ops.bilstm_scan.cpp import bilstm_scan_cpp
 from far_kernels.ops.bilstm_scan.cuda import bilstm_scan_cuda
+from far_kernels.ops.bilstm_scan.limits import (CUDA_MAX_HEADS, INT32, MAX_BATCH_TILES, TRITON_MAX_UNITS,
+                                                cuda_size_limit, triton_index_limit, triton_units_limit)
 from far_kernels.ops.bilstm_scan.reference import bilstm_scan_ref
 
 
@@ -23,68 +24,9 @@ def bilstm_scan_triton(gx: torch.Tensor, w_hh: torch.Tensor, hidden_sizes: torch
     return impl(gx, w_hh, hidden_sizes, out)
 
 
-TRITON_MAX_UNITS = 64  # kept units per (head, direction) the compiled triton kernel holds on chip
-
-
-def triton_units_limit(hidden_sizes: torch.Tensor, device: torch.device) -> Optional[str]:
-    """None if the compiled triton scan can hold these hidden sizes, else why not. Above 64 units the padded
-    W_hh tile outgrows an SM: compiled ahead of time for sm_90 (bench/triton_scan_resources.py), 128 padded
-    units ask for 272,384 B (bf16) / 278,528 B (fp32) of dynamic shared memory, an H100 block gets at most
-    232,448 B. The interpreter (CPU) has no such limit."""
-    if torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    kmax = int(hidden_sizes.max()) if hidden_sizes.numel() else 0
-    if kmax > TRITON_MAX_UNITS:
-        return (f"the triton scan holds W_hh on chip for at most {TRITON_MAX_UNITS} units per head and direction "
-                f"(this call keeps {kmax}: its tile would need > 227 KiB of shared memory); the cuda backend "
-                "takes wider heads")
-    return None
-
-
-INT32 = 2 ** 31
-MAX_BATCH_TILES = 65535  # the triton scan's grid is (2H, batch tiles)
-
-
-def triton_index_limit(H: int, B: int, T: int, n: int, block_b: int = 32,
-                       out_step: Optional[int] = None) -> Optional[str]:
-    """None if the triton scan's grid and int32 index arithmetic hold a call of these sizes, else why not. Offsets
-    that an int64 promotion would cost registers are kept int32 and their sizes refused (compiled for sm_90, int64
-    offsets of the 16-bit W_hh tile took the NP = 64 kernel's spill stack from 56 to 344 bytes): a (direction,
-    head)'s W_hh [4n, n] below 2^31 elements, step t's offset t * out_step (out's step stride, 2n when
-    contiguous) below 2^31, and at most 65535 batch tiles of block_b rows (the grid's second axis on a CUDA GPU;
-    the launcher tiles B above 65535 * 16 rows by 32, the default here). Only a huge B, T or n reaches them; the
-    other backends take such calls."""
-    out_step = 2 * n if out_step is None else out_step
-    if 4 * n * n >= INT32:
-        return (f"its int32 offsets into W_hh [H, 2, 4n, n] pass 2^31 at n = {n} (4n^2 = {4 * n * n}); "
-                "n <= 23170 fits")
-    if max(T - 1, 0) * abs(out_step) >= INT32:
-        return (f"its int32 offset of the last step into out, (T - 1) * {abs(out_step)} = "
-                f"{max(T - 1, 0) * abs(out_step)}, passes 2^31 at T = {T}")
-    if -(-B // block_b) > MAX_BATCH_TILES:
-        return (f"B = {B} batch rows make more than {MAX_BATCH_TILES} tiles of {block_b} (a CUDA grid's second "
-                "axis); split the batch")
-    return None
-
-
 def _triton_limit(gx, w_hh, hidden_sizes, *_) -> Optional[str]:
     H, B, T, _, G = gx.shape
     return triton_units_limit(hidden_sizes, gx.device) or triton_index_limit(H, B, T, G // 4)
-
-
-CUDA_MAX_HEADS = 256  # kMaxHeads of csrc/cuda/bilstm_cuda.h: the hidden sizes travel in the kernel's parameters
-
-
-def cuda_size_limit(H: int, B: int, T: int, n: int) -> Optional[str]:
-    """None if the cuda scan takes a call of these sizes, else why not: the extension's own checks
-    (csrc/cuda/bilstm_cuda.cu, its int sizes and work-item count), asked before it is chosen, so that auto moves on
-    to another backend instead of raising."""
-    if H > CUDA_MAX_HEADS:
-        return f"it takes at most {CUDA_MAX_HEADS} heads, got {H}"
-    if n > 65535 or B >= INT32 or T >= INT32 - 1024 or 2 * H * B >= INT32:
-        return (f"its sizes must satisfy n <= 65535, B < 2^31, T < 2^31 - 1024, 2 H B < 2^31 "
-                f"(H {H}, B {B}, T {T}, n {n})")
-    return None
 
 
 OP = dispatch.Op(
@@ -166,4 +108,5 @@ def bilstm_scan(
                         needs_grad=needs_grad((gx, w_hh)), out=out)
 
 
-__all__ = ["bilstm_scan", "bilstm_scan_ref", "check_scan_inputs", "triton_index_limit", "OP"]
+__all__ = ["bilstm_scan", "bilstm_scan_ref", "check_scan_inputs", "cuda_size_limit", "triton_index_limit",
+           "triton_units_limit", "CUDA_MAX_HEADS", "INT32", "MAX_BATCH_TILES", "TRITON_MAX_UNITS", "OP"]

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from far_kernels.ops.bilstm_scan import MAX_BATCH_TILES, triton_index_limit
+from far_kernels.ops.bilstm_scan.limits import MAX_BATCH_TILES, triton_index_limit
 
 
 @triton.jit
