@@ -296,3 +296,25 @@ def test_global_threshold_prunes_exactly_k_groups_of_a_bfloat16_model():
         keep = keep_masks([m], global_threshold([m], prune_ratio=0.5))[0]
         assert s.numel() - int(keep.sum()) == k, seed
     assert checked >= 5
+
+
+def test_prune_removes_round_ratio_times_groups_like_the_threshold_it_documents():
+    """far.prune(prune_ratio=p) with one round removes k = round(p * #groups) groups, as global_threshold does.
+    It used to pass 1 - (1 - p) ** (1 / rounds) instead of p, which float rounding moves off p: at p * G = x.5
+    that flips round() (here 96 groups; e.g. p = 11 / 192: 6 instead of 5)."""
+    from conftest import HalvesImages
+
+    torch.manual_seed(0)
+    model = far.create_model("fmnist_deit_tiny", embed_dim=24, depth=2, num_heads=3).double().eval()
+    G = sum(int(m.hidden_sizes.sum()) for _, m in far.far_modules(model))  # 2 blocks x 3 heads x 2 x 8 = 96
+    norms = torch.cat([group_norms(m)[m.unit_mask()] for _, m in far.far_modules(model)]).sort().values
+    assert (norms[1:] > norms[:-1]).all()  # no ties: every k is one threshold
+    cfg = far.TrainConfig(epochs=0, batch_size=8, progress=False)
+    data = HalvesImages(8)
+    drifted = 0
+    for x in range(G):
+        p = (2 * x + 1) / (2 * G)  # p * G halfway between two counts: where a drift of one ulp decides
+        drifted += round(p * G) != round((1 - (1 - p)) * G)
+        pruned = far.prune(model, data, config=cfg, prune_ratio=p, finetune_epochs=0)
+        assert G - sum(int(m.hidden_sizes.sum()) for _, m in far.far_modules(pruned)) == round(p * G), p
+    assert drifted == 16  # the cases the old formula got wrong

@@ -644,7 +644,9 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
         frac = r / rounds
         round_budget = None if budget is None else dataclasses.replace(
             budget, value=budget.value if r == rounds else max(budget.value, start * (budget.value / start) ** frac))
-        round_ratio = None if prune_ratio is None else 1 - (1 - prune_ratio) ** (1 / rounds)
+        # one round: the ratio itself (1 - (1 - p) ** 1 is p only up to rounding, which moves round(p * groups))
+        round_ratio = (prune_ratio if prune_ratio is None or rounds == 1
+                       else 1 - (1 - prune_ratio) ** (1 / rounds))
         out = cfg.out_dir if rounds == 1 or cfg.out_dir is None else os.path.join(cfg.out_dir, f"round{r}")
         rc = dataclasses.replace(cfg, out_dir=out)
         done_file = None if rounds == 1 or out is None else os.path.join(out, "done.safetensors")
