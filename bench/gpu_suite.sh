@@ -20,7 +20,9 @@
 # for bit first, median of 3 batches, the JSON rewritten per row, and the seconds a 10k test set takes: issue 16's
 # GPU target; FAR models with the separate LSTM mapping, IMC_EVAL_MAPPINGS=separate,fused for both), cuda_tests
 # (every other cuda test: the rest).
-# A stage starts only with at least its minimum left (else "skipped"); its limit is min(cap, budget left).
+# A stage starts only with at least its minimum left (else "skipped"); its limit is min(cap, budget left), where the
+# budget left keeps back the 5 s of the last merge and the STAGE_KILL_AFTER (15) s a stage ignoring SIGINT gets before
+# SIGKILL: the whole run ends within SUITE_BUDGET even when a stage hangs.
 # CAP_<stage>=s overrides a cap; SKIP_STAGES="a b" skips stages; OUT=dir (default bench/results/gpu_suite-<stamp>).
 # STAGES_DIR=dir: the ~35 stage files go there and OUT receives only gpu_suite.json (the merge),
 # gpu_suite_stages.tar.gz (every stage file) and, at the end, the named copy, the first two rewritten after every
@@ -54,6 +56,9 @@ if [ "${1:-}" != __stage ]; then
     OUTDIR=$(cd "$STAGES_DIR" && pwd)
   fi
   RESERVE=5  # seconds kept for the last merge
+  # a stage still running at its limit gets SIGINT, and STAGE_KILL_AFTER s later SIGKILL (with its children): that
+  # grace is counted in the budget, so a stage stuck in a call that ignores SIGINT still ends within SUITE_BUDGET
+  KILL_AFTER=${STAGE_KILL_AFTER:-15}
   # the checkout's packages importable before (or without) an install: python/far and far_kernels
   export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} OUTDIR PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   if [ "$DRY" = 1 ]; then export CUDA_VISIBLE_DEVICES=""; fi  # the tests' conftest sets TRITON_INTERPRET=1 then
@@ -76,7 +81,7 @@ stage() {
   n=$((n + 1))
   local tag; tag=$(printf '%02d_%s' "$n" "$name")
   local var="CAP_$name"; cap=${!var:-$((cap * SCALE))}
-  local left=$((BUDGET - ($(date +%s) - t_start) - RESERVE))
+  local left=$((BUDGET - ($(date +%s) - t_start) - RESERVE - KILL_AFTER))
   if [[ " ${SKIP_STAGES:-} " == *" $name "* ]]; then
     helper status "$OUTDIR" "$tag" "$name" skipped 0 0 0 "SKIP_STAGES"
   elif [ "$left" -lt "$min" ]; then
@@ -85,7 +90,7 @@ stage() {
     local limit=$((cap < left ? cap : left))
     echo "== $tag (limit ${limit} s, ${left} s of budget left)" >&2
     local t0; t0=$(date +%s)
-    TAG=$tag timeout -s INT -k 15 "$limit" bash bench/gpu_suite.sh __stage "$@" >"$OUTDIR/$tag.log" 2>&1
+    TAG=$tag timeout -s INT -k "$KILL_AFTER" "$limit" bash bench/gpu_suite.sh __stage "$@" >"$OUTDIR/$tag.log" 2>&1
     local rc=$? status=ran
     [ $rc -ne 0 ] && status=failed
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && status=cut

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,45 @@ pytestmark = pytest.mark.slow
 def run_suite(out: Path, **env) -> subprocess.CompletedProcess:
     e = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(SUITE)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
+
+
+# Fault injection: PYTHON=this script in place of the interpreter. A call whose arguments contain PATTERN behaves as
+# FAULTS="PATTERN=what ..." says (hang: ignores SIGINT, like a process stuck in a CUDA call, with a child that does too;
+# partial: writes a first JSON to its --out, then hangs; segv: dies of SIGSEGV; exit: exits 3 without a JSON; ok: writes
+# a JSON); every other call runs the real interpreter. The pids of the misbehaving processes go to FAULT_PIDS.
+FAULTY_PYTHON = r"""#!/usr/bin/env bash
+out=; prev=
+for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+for f in $FAULTS; do
+  case " $* " in
+    *"${f%%=*}"*)
+      echo $$ >>"$FAULT_PIDS"
+      case ${f#*=} in
+        partial) echo '{"rows": 1}' >"$out"; echo "first row written";&
+        hang) trap '' INT TERM; sleep 1000 & echo $! >>"$FAULT_PIDS"; wait; exit 0;;
+        segv) echo "crashing"; ulimit -c 0; kill -SEGV $$;;
+        exit) echo "failing without a JSON"; exit 3;;
+        ok) echo '{"ok": true}' >"$out"; exit 0;;
+      esac;;
+  esac
+done
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def faulty_env(tmp_path: Path, faults: str) -> dict:
+    fake = tmp_path / "python"
+    fake.write_text(FAULTY_PYTHON)
+    fake.chmod(0o755)
+    return {"PYTHON": str(fake), "REAL_PYTHON": sys.executable, "FAULTS": faults,
+            "FAULT_PIDS": str(tmp_path / "fault_pids")}
+
+
+def alive(pid: int) -> bool:
+    try:  # a zombie (killed, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +161,25 @@ def test_stages_dir_leaves_out_only_the_merge_and_one_archive(tmp_path):
     kept = {p.name for p in stages.iterdir()}
     assert {f"{s['tag']}.status.json" for s in merged["stages"]} | {"suite.json", "gpu_suite.json"} <= archived
     assert archived <= kept
+
+
+def test_a_hung_stage_is_killed_with_its_children_and_the_run_ends_within_its_budget(tmp_path):
+    """A stage stuck where SIGINT does nothing (a CUDA call) is SIGKILLed STAGE_KILL_AFTER s after its limit, with its
+    children, and the next stage still runs; the last stage's limit leaves room for that grace, so the whole run
+    (the last merge included) ends within SUITE_BUDGET and a device call of SUITE_BUDGET + a margin returns it."""
+    budget = 35  # headline: 1 s + 3 s grace; cuda_scan_headline: the rest (its minimum is 20 s), then its 3 s grace
+    env = faulty_env(tmp_path, "bench/bench_bilstm.py=hang bench/bench_cuda_scan.py=hang")
+    t0 = time.monotonic()
+    proc = run_suite(tmp_path / "out", **env, SUITE_BUDGET=str(budget), STAGE_KILL_AFTER="3", CAP_headline="1",
+                     SKIP_STAGES="env build smoke bilstm_tail crossbar imc_eval cuda_tests")
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    assert merged["cut"] == ["headline", "cuda_scan_headline"] and merged["failed"] == [], merged["status"]
+    head, scan = (next(s for s in merged["stages"] if s["stage"] == n) for n in ("headline", "cuda_scan_headline"))
+    assert head["limit_s"] == 1 and head["rc"] == 137 and scan["rc"] == 137  # SIGINT ignored: SIGKILLed
+    assert scan["limit_s"] >= 20
+    pids = [int(p) for p in (tmp_path / "fault_pids").read_text().split()]
+    assert len(pids) == 4 and not any(alive(p) for p in pids)  # both stages' processes and their children
+    # the suite counts whole seconds from its start (< 1 s off) and keeps 5 s for the last merge
+    assert wall <= budget + 1.5, (wall, proc.stderr[-2000:])
