@@ -660,6 +660,26 @@ def test_emulated_far_model_runs():
     assert (y - y_float).abs().max() < 10 * y_float.abs().max()  # same ballpark, not garbage
 
 
+@pytest.mark.parametrize("what", ["far-separate", "far-fused", "attn-digital", "attn-crossbar"])
+def test_an_images_output_does_not_depend_on_its_batch_with_row_scales(what):
+    """Users compare runs with different batch sizes (far imc-eval --batch-size): with per-row input scales (the
+    default) every product quantizes each image's rows on their own (K and V are written per image), so without
+    noise an image's emulated output is the same bits alone or in any batch. With input_scale="tensor" one scale
+    spans the batch and the output changes with it: documented (design.md section 7) and warned by imc-eval."""
+    model = tiny_vit(depth=1)
+    if what.startswith("far"):
+        model = far.convert(model, hidden_sizes=[[[2, 0], [1, 3]]])  # ragged, head 1 with no forward unit
+    kw = dict(lstm_mapping=what.split("-")[1]) if what.startswith("far") else dict(dynamic=what.split("-")[1])
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    for scale in ("row", "tensor"):
+        emu = emulate(model, CrossbarConfig(tile_rows=16, adc_bits=6, input_scale=scale, **FAST), **kw)
+        with torch.no_grad():
+            whole = emu(x)
+            split = torch.cat([emu(x[:2]), emu(x[2:3]), emu(x[3:])])
+        assert torch.isfinite(whole).all()
+        assert torch.equal(whole, split) == (scale == "row"), (scale, (whole - split).abs().max().item())
+
+
 def test_identical_far_blocks_read_independent_noise():
     """Two copies of one FAR block, emulated with read noise on their grouped products only (W_ih, W_hh,
     head_proj): each group reads its own draws (once every group keyed its noise by the model's seed alone, so

@@ -235,6 +235,10 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     needs_calib = any(c.adc_range == "calibrated" for _, _, c, _ in settings)
     if not needs_calib and (args.calib_data or args.calib_per_slice or args.calib_images is not None):
         warn("--calib-images / --calib-data / --calib-per-slice have no effect without adc_range=calibrated")
+    if any(c.input_scale == "tensor" for _, _, c, _ in settings):
+        warn(f"input_scale=tensor: one input scale per product over each batch, so an image's emulated result "
+             f"depends on the other images in its batch and on --batch-size ({args.batch_size}); input_scale=row "
+             "does not")
     if args.seeds > 1 and not any(_noisy(c) for _, _, c, _ in settings):
         warn("--seeds repeats noisy settings only; no setting has prog_noise, read_noise or stuck_at, so each runs once")
     if ref.kind != "timm" and args.no_far:
