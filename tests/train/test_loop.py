@@ -185,10 +185,14 @@ def test_fresh_run_check_looks_into_stage_folders(tmp_path, state, why):
         else:
             with pytest.raises(TrainError, match=f"{run / where}: an unfinished run's state \\({why}\\)"):
                 check_fresh_run(cfg)
-        check_fresh_run(TrainConfig(out_dir=str(run), force=True))
         check_fresh_run(TrainConfig(out_dir=str(run), resume=True))
         if where != "last.pt":  # train() itself checks its own folder only (a stage's)
             check_fresh_run(cfg, stages=False)
+        (run / where).with_name("metrics.jsonl").write_text("{}\n")
+        check_fresh_run(TrainConfig(out_dir=str(run), force=True))  # -f: what it would refuse is replaced
+        assert (run / where).exists() == (why is None and not isinstance(state, bytes))
+        assert (run / where).with_name("metrics.jsonl").exists() == (run / where).exists()
+        check_fresh_run(cfg)
 
 
 def test_train_teacher_cli_refuses_to_start_over_an_unfinished_run(tmp_path, capsys):
@@ -236,6 +240,25 @@ def test_unreadable_state_and_a_folder_named_last_pt(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"{other / 'last.pt'} is not a file" in err and err.count("\n") == 1, err
     assert sorted(os.listdir(other)) == ["last.pt"]
+
+
+def test_force_clears_the_state_of_a_stage_it_skips(tmp_path, capsys):
+    """-f says the unfinished state is replaced: a stage the forced run skips (0 epochs) must not keep it, or
+    every later run in the folder is refused."""
+    from far.cli import main
+
+    teacher = tmp_path / "t.safetensors"
+    torch.manual_seed(0)
+    far.save(far.create_model("fmnist_deit_tiny", far=False, depth=2, embed_dim=16, num_heads=2), teacher)
+    run = tmp_path / "r"
+    args = ["distill", "--teacher", str(teacher), "--hidden-size", "4", "--batch-size", "16", *SMALL,
+            "--out-dir", str(run)]
+    assert main([*args, "--max-steps", "1", "-o", str(tmp_path / "a.safetensors")]) == 0
+    assert (run / "stage1" / "last.pt").is_file()
+    assert main([*args, "--epochs", "0", "-f", "-o", str(tmp_path / "b.safetensors")]) == 0
+    assert not (run / "stage1" / "last.pt").exists()
+    capsys.readouterr()
+    assert main([*args, "--epochs", "0", "-o", str(tmp_path / "c.safetensors")]) == 0, capsys.readouterr().err
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):

@@ -746,14 +746,20 @@ def check_fresh_run(cfg: TrainConfig, stages: bool = True) -> None:
     holds the state (last.pt) of a run that did not finish, which starting over would replace (and its
     metrics.jsonl with it). stages=True looks into the stage folders of multi-stage methods too
     (<out>/stage1, <out>/round1/reg): a method's caller checks all of them before its first stage. A
-    finished run's folder is reused as before."""
-    if cfg.out_dir is None or cfg.resume or cfg.force:
+    finished run's folder is reused as before. With cfg.force (-f) that state is what the new run replaces:
+    it is removed with its metrics.jsonl, also in the folder of a stage this run skips (e.g. 0 epochs), whose
+    state would otherwise outlive the -f and refuse every later run."""
+    if cfg.out_dir is None or cfg.resume:
         return
     out = Path(cfg.out_dir)
     patterns = (CKPT_NAME, f"*/{CKPT_NAME}", f"*/*/{CKPT_NAME}") if stages else (CKPT_NAME,)
     for pattern in patterns:
         for ckpt in sorted(out.glob(pattern)):
             why = _unfinished(ckpt) if ckpt.is_file() else None
+            if why is not None and cfg.force:  # every process of a torchrun may get here: missing_ok
+                ckpt.unlink(missing_ok=True)
+                (ckpt.parent / METRICS_NAME).unlink(missing_ok=True)
+                continue
             if why == UNREADABLE:  # --resume would refuse it too: only starting over helps
                 raise ConfigError(f"{ckpt}: {why}; pass -f/--force (force=True in TrainConfig) to start over in "
                                   f"{out} (its state and metrics are replaced)")
