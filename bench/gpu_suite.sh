@@ -25,8 +25,9 @@
 # SIGKILL: the whole run ends within SUITE_BUDGET even when a stage hangs.
 # CAP_<stage>=s overrides a cap; SKIP_STAGES="a b" skips stages; OUT=dir (default bench/results/gpu_suite-<stamp>).
 # STAGES_DIR=dir: the ~35 stage files go there and OUT receives only gpu_suite.json (the merge),
-# gpu_suite_stages.tar.gz (every stage file) and, at the end, the named copy, the first two rewritten after every
-# stage: the device machine brings back at most 8 files from its $OUT, and which ones of more is not said.
+# gpu_suite_stages.tar.gz (every stage file) and, at the end, the named copy, the first two rewritten before and after
+# every stage and every PUBLISH_EVERY (30) s while one runs (the merge says "running" for it): the device machine
+# brings back at most 8 files from its $OUT, and which ones of more is not said.
 # At the end the merge is also copied to gpu_suite-<device>-<stamp>.json in OUT and (not in a dry run) bench/results/.
 # Older knobs still work: SKIP_BUILD=1 (= BUILD=skip), QUICK=1 (smaller tail grids), BILSTM_TIMEOUT /
 # CUDA_SCAN_TIMEOUT / XBAR_TIMEOUT / IMC_EVAL_TIMEOUT / TESTS_TIMEOUT (caps of bilstm_tail, cuda_scan_tail, crossbar,
@@ -90,8 +91,15 @@ stage() {
     local limit=$((cap < left ? cap : left))
     echo "== $tag (limit ${limit} s, ${left} s of budget left)" >&2
     local t0; t0=$(date +%s)
+    # said before it starts and merged (with STAGES_DIR: published) every PUBLISH_EVERY s while it runs, so a run
+    # killed now (the device call's time limit) returns the stage's log and the JSON it has rewritten so far
+    helper status "$OUTDIR" "$tag" "$name" running 0 0 "$limit" "running when this merge was written"
+    merge
+    (trap 'kill $! 2>/dev/null; exit 0' TERM; while :; do sleep "${PUBLISH_EVERY:-30}" & wait $!; merge; done) &
+    local publisher=$!
     TAG=$tag timeout -s INT -k "$KILL_AFTER" "$limit" bash bench/gpu_suite.sh __stage "$@" >"$OUTDIR/$tag.log" 2>&1
     local rc=$? status=ran
+    kill "$publisher"; wait "$publisher"  # a merge under way ends first: one writer at a time
     [ $rc -ne 0 ] && status=failed
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && status=cut
     tail -n 5 "$OUTDIR/$tag.log" >&2

@@ -10,8 +10,8 @@
     python bench/gpu_suite_stage.py named DIR                # gpu_suite-<device>-<stamp>.json, its name to keep
 
 Every stage TAG (01_env, 02_build, ...) leaves DIR/TAG.status.json (how it ended: ran, failed, cut by
-its time limit, skipped), DIR/TAG.log and, when it produced one, DIR/TAG.json (a test stage's junit XML
-DIR/TAG.xml is turned into TAG.json here). merge collects them, in stage order, into DIR/gpu_suite.json;
+its time limit, skipped; "running" while it runs, and so in the merge of a run killed then), DIR/TAG.log
+and, when it produced one, DIR/TAG.json (a test stage's junit XML DIR/TAG.xml is turned into TAG.json here). merge collects them, in stage order, into DIR/gpu_suite.json;
 the suite runs it after every stage, so a killed run still leaves the merge of the stages before.
 """
 from __future__ import annotations
@@ -122,7 +122,8 @@ def cmd_status(d, tag, name, status, rc, seconds, limit, note="") -> None:
     d = Path(d)
     _write(d / f"{tag}.status.json", {"tag": tag, "stage": name, "status": status, "rc": int(rc),
                                        "seconds": int(seconds), "limit_s": int(limit), "note": note,
-                                       "ended_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+                                       "ended_utc": None if status == "running" else
+                                       dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     xml = d / f"{tag}.xml"
     if xml.exists() and not (d / f"{tag}.json").exists():
         try:
@@ -150,6 +151,7 @@ def cmd_merge(d) -> None:
               "failed": [s["stage"] for s in stages if s["status"] == "failed"],
               "cut": [s["stage"] for s in stages if s["status"] == "cut"],
               "skipped": [s["stage"] for s in stages if s["status"] == "skipped"],
+              "running": [s["stage"] for s in stages if s["status"] == "running"],
               "environment": env, "stages": stages}
     _write(d / "gpu_suite.json", merged)
 

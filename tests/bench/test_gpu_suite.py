@@ -4,6 +4,7 @@ log and JSON as it ends, the merge says which stages ran, were cut or skipped, t
 outputs and time attention beside FAR, and the smoke stage selects exactly tests/conftest.py GPU_SMOKE."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -183,3 +184,38 @@ def test_a_hung_stage_is_killed_with_its_children_and_the_run_ends_within_its_bu
     assert len(pids) == 4 and not any(alive(p) for p in pids)  # both stages' processes and their children
     # the suite counts whole seconds from its start (< 1 s off) and keeps 5 s for the last merge
     assert wall <= budget + 1.5, (wall, proc.stderr[-2000:])
+
+
+def test_a_run_killed_during_a_stage_returns_that_stage_so_far(tmp_path):
+    """The device tool SIGKILLs the command at its time limit, maybe in the middle of a stage (a call given less
+    time than SUITE_BUDGET needs): OUT's merge then says which stage was running, and the archive holds what that
+    stage had written (a benchmark rewrites its JSON after every case), not only the stages that had ended."""
+    import tarfile
+
+    out, stages = tmp_path / "out", tmp_path / "stages"
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "STAGES_DIR": str(stages), "SUITE_BUDGET": "120",
+           "PUBLISH_EVERY": "1",
+           "SKIP_STAGES": "env build smoke cuda_scan_headline bilstm_tail crossbar imc_eval cuda_tests",
+           **faulty_env(tmp_path, "bench/bench_bilstm.py=partial")}
+    proc = subprocess.Popen(["bash", str(SUITE)], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    archived = {}
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "04_headline.json" not in archived:
+            time.sleep(0.5)
+            if (out / "gpu_suite_stages.tar.gz").exists():
+                with tarfile.open(out / "gpu_suite_stages.tar.gz") as tar:
+                    archived = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the device tool's kill of the command
+        proc.wait()
+        for pid in (tmp_path / "fault_pids").read_text().split() if (tmp_path / "fault_pids").exists() else ():
+            try:  # the stage runs in timeout's own process group, which outlives the suite's
+                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert json.loads(archived.get("04_headline.json", b"null")) == {"rows": 1}, sorted(archived)
+    assert b"first row written" in archived["04_headline.log"]
+    merged = json.loads((out / "gpu_suite.json").read_text())
+    assert merged["running"] == ["headline"] and merged["status"]["headline"] == "running"
