@@ -222,6 +222,23 @@ def test_dynamic_crossbar_attention(capsys, teacher_ckpt, tmp_path):
     assert code == 0 and "no attention" in err
 
 
+@needs_fmnist
+def test_emulated_attention_products_are_listed(capsys, teacher_ckpt, tmp_path):
+    """The list of emulated layers named the crossbar products only: which attentions' q@k^T and attn@v were
+    emulated (and which an --exclude left in full precision) was said nowhere, in the table or the JSON."""
+    js = tmp_path / "attn.json"
+    code, out, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--limit", 2, *FASTEST,
+                         "--dynamic", "crossbar", "--json", js, "-q")
+    assert code == 0, err
+    assert "emulated attention q@k^T and attn@v (crossbar): blocks.*.attn\n" in out, out
+    assert json.loads(js.read_text())["emulated_attention"] == ["blocks.0.attn"]
+    code, out, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--limit", 2, *FASTEST,
+                         "--exclude", "blocks.0.attn", "--json", js, "-f", "-q")
+    assert code == 0, err
+    assert "emulated attention q@k^T and attn@v (digital): none; full precision: blocks.0.attn" in out, out
+    assert json.loads(js.read_text())["emulated_attention"] == []
+
+
 def far_ckpt_path(tmp_path):
     torch.manual_seed(2)
     path = tmp_path / "far2.safetensors"

@@ -278,7 +278,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
         "sweeps": [{"key": k, "values": list(dict.fromkeys(v[k] for _, v, _, _ in settings))} for k in sweep_keys],
         "dynamic": args.dynamic.split(","), "seeds": args.seeds,
         "include": inc, "exclude": exc, "lstm_mapping": args.lstm_mapping, "calibration_data": (args.calib_data or str(args.data)) if needs_calib else None,
-        "emulated": None, "not_emulated": [n for n, _ in unemulated_products(model)],
+        "emulated": None, "emulated_attention": None, "not_emulated": [n for n, _ in unemulated_products(model)],
         "results": [], "complete": False, "far_version": __version__,
         "torch_version": torch.__version__,
         "environment": environment(),  # commit, dirty flag, date, host: which code measured this
@@ -310,6 +310,9 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
             emu.eval()
             if result["emulated"] is None:
                 result["emulated"] = crossbar_products(emu)
+                # attentions whose q@k^T and attn@v are emulated (digital at input_bits, or K/V on crossbars: the
+                # setting's "dynamic"); an excluded one stays in full precision
+                result["emulated_attention"] = [n for n, k, _ in emu.imc_emulation.rows if k != "crossbar"]
             if c.adc_range == "calibrated":
                 note(args, f"{tag}: calibrating ADC ranges on {len(calib_set)} images ...")
                 calibrate(emu, (x for x, _ in iterate_batches(calib_set, args.batch_size, device=device,
@@ -336,6 +339,11 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     names = result["emulated"] or []
     print(f"emulated: {len(names)} crossbar products" + (f", include {inc}" if inc else "")
           + (f", exclude {exc}" if exc else "") + (f": {_layer_summary(names)}" if names else ""))
+    attns = result["emulated_attention"] or []
+    left = [n for n, k in emulation_targets(model) if k == "digital-quantized" and n not in attns]
+    if attns or left:
+        print(f"emulated attention q@k^T and attn@v ({args.dynamic}): {_layer_summary(attns) if attns else 'none'}"
+              + (f"; full precision: {', '.join(left)}" if left else ""))
     if result["not_emulated"]:
         print(f"not emulated (digital, full precision): q@k^T and attn@v of the attention pool(s) "
               f"{', '.join(result['not_emulated'])}")
