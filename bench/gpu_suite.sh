@@ -98,12 +98,13 @@ stage() {
     (trap 'kill $! 2>/dev/null; exit 0' TERM; while :; do sleep "${PUBLISH_EVERY:-30}" & wait $!; merge; done) &
     local publisher=$!
     TAG=$tag timeout -s INT -k "$KILL_AFTER" "$limit" bash bench/gpu_suite.sh __stage "$@" >"$OUTDIR/$tag.log" 2>&1
-    local rc=$? status=ran
+    local rc=$? status=ran took=$(($(date +%s) - t0))
     kill "$publisher"; wait "$publisher"  # a merge under way ends first: one writer at a time
     [ $rc -ne 0 ] && status=failed
-    [ $rc -eq 124 ] || [ $rc -eq 137 ] && status=cut
+    # cut: timeout's 124 (SIGINT at the limit), or SIGKILL after the limit; a SIGKILL before it (the OOM killer) failed
+    { [ $rc -eq 124 ] || { [ $rc -eq 137 ] && [ "$took" -ge "$limit" ]; }; } && status=cut
     tail -n 5 "$OUTDIR/$tag.log" >&2
-    helper status "$OUTDIR" "$tag" "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$limit"
+    helper status "$OUTDIR" "$tag" "$name" "$status" "$rc" "$took" "$limit"
   fi
   merge
 }

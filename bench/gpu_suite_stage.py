@@ -11,8 +11,9 @@
 
 Every stage TAG (01_env, 02_build, ...) leaves DIR/TAG.status.json (how it ended: ran, failed, cut by
 its time limit, skipped; "running" while it runs, and so in the merge of a run killed then), DIR/TAG.log
-and, when it produced one, DIR/TAG.json (a test stage's junit XML DIR/TAG.xml is turned into TAG.json here). merge collects them, in stage order, into DIR/gpu_suite.json;
-the suite runs it after every stage, so a killed run still leaves the merge of the stages before.
+and, when it produced one, DIR/TAG.json (a test stage's junit XML DIR/TAG.xml is turned into TAG.json here).
+merge collects them, in stage order, into DIR/gpu_suite.json; the suite runs it after every stage, so a killed
+run still leaves the merge of the stages before.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -120,6 +122,11 @@ def cmd_build_check(out: str) -> None:
 
 def cmd_status(d, tag, name, status, rc, seconds, limit, note="") -> None:
     d = Path(d)
+    if status == "failed" and 128 < int(rc) < 128 + signal.NSIG and not note:  # the shell's code of a signal's death
+        try:
+            note = f"killed by {signal.Signals(int(rc) - 128).name}"
+        except ValueError:  # a real-time signal
+            note = f"killed by signal {int(rc) - 128}"
     _write(d / f"{tag}.status.json", {"tag": tag, "stage": name, "status": status, "rc": int(rc),
                                        "seconds": int(seconds), "limit_s": int(limit), "note": note,
                                        "ended_utc": None if status == "running" else

@@ -27,8 +27,9 @@ def run_suite(out: Path, **env) -> subprocess.CompletedProcess:
 
 # Fault injection: PYTHON=this script in place of the interpreter. A call whose arguments contain PATTERN behaves as
 # FAULTS="PATTERN=what ..." says (hang: ignores SIGINT, like a process stuck in a CUDA call, with a child that does too;
-# partial: writes a first JSON to its --out, then hangs; segv: dies of SIGSEGV; exit: exits 3 without a JSON; ok: writes
-# a JSON); every other call runs the real interpreter. The pids of the misbehaving processes go to FAULT_PIDS.
+# partial: writes a first JSON to its --out, then hangs; segv: dies of SIGSEGV; kill: of SIGKILL, as the OOM killer
+# does; exit: exits 3 without a JSON; ok: writes a JSON); every other call runs the real interpreter. The pids of the
+# misbehaving processes go to FAULT_PIDS.
 FAULTY_PYTHON = r"""#!/usr/bin/env bash
 out=; prev=
 for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
@@ -40,6 +41,7 @@ for f in $FAULTS; do
         partial) echo '{"rows": 1}' >"$out"; echo "first row written";&
         hang) trap '' INT TERM; sleep 1000 & echo $! >>"$FAULT_PIDS"; wait; exit 0;;
         segv) echo "crashing"; ulimit -c 0; kill -SEGV $$;;
+        kill) echo "killed early"; kill -KILL $$;;
         exit) echo "failing without a JSON"; exit 3;;
         ok) echo '{"ok": true}' >"$out"; exit 0;;
       esac;;
@@ -219,3 +221,22 @@ def test_a_run_killed_during_a_stage_returns_that_stage_so_far(tmp_path):
     assert b"first row written" in archived["04_headline.log"]
     merged = json.loads((out / "gpu_suite.json").read_text())
     assert merged["running"] == ["headline"] and merged["status"]["headline"] == "running"
+
+
+def test_a_crashed_stage_is_recorded_and_the_suite_goes_on(tmp_path):
+    """A stage whose interpreter dies (SIGSEGV in a kernel, SIGKILL from the OOM killer long before its limit) or
+    that exits non-zero without its JSON is "failed" with its exit code, the signal named, its log kept; the next
+    stages run."""
+    env = faulty_env(tmp_path, "bench/bench_bilstm.py=segv bench/bench_cuda_scan.py=kill bench/bench_crossbar.py=exit "
+                               "bench/bench_imc_eval.py=ok")
+    proc = run_suite(tmp_path, **env, SUITE_BUDGET="200", SKIP_STAGES="env build smoke bilstm_tail cuda_tests")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert merged["failed"] == ["headline", "cuda_scan_headline", "crossbar"] and merged["ran"] == ["imc_eval"]
+    by = {s["stage"]: s for s in merged["stages"]}
+    assert (by["headline"]["rc"], by["headline"]["note"]) == (128 + signal.SIGSEGV, "killed by SIGSEGV")
+    scan = by["cuda_scan_headline"]  # not "cut": killed before its limit
+    assert (scan["rc"], scan["note"]) == (128 + signal.SIGKILL, "killed by SIGKILL")
+    assert by["crossbar"]["rc"] == 3 and by["crossbar"]["note"] == "" and by["crossbar"]["result"] is None
+    assert "crashing" in by["headline"]["log_tail"] and "without a JSON" in by["crossbar"]["log_tail"]
+    assert by["imc_eval"]["result"] == {"ok": True}
