@@ -335,3 +335,31 @@ def test_a_budget_on_a_model_with_every_unit_removed_is_planned(align, min_units
     plan = plan_budget(named, model, budget, align=align, min_units=min_units)
     assert plan.met and plan.pruned_groups == plan.groups == 0 and plan.threshold == 0.0
     assert all(not k.any() for k in plan.masks)
+
+
+@pytest.mark.parametrize("min_units,keep_heads,align", [(3, False, 1), (0, True, 1), (2, True, 2), (4, False, 4)])
+def test_floors_keep_the_units_the_ranking_keeps_when_norms_tie(min_units, keep_heads, align):
+    """plan_budget removes groups weakest first, equal norms in (head, direction, unit) order (a stable sort), and
+    the floors then revive 'the strongest' units, which must be ones the ranking still kept: every step's kept set
+    lies inside the previous step's. With tied norms (low-precision or quantized weights) torch.topk picked any of
+    the tied units, so a floor could revive a unit removed before and drop one still kept."""
+    from far.methods.prune import _align, _floor
+
+    checked = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        H, n = 2, 8
+        norms = torch.randint(1, 4, (H, 2, n), generator=g).double()  # 3 values in 32 groups: ties everywhere
+        alive = torch.ones(H, 2, n, dtype=torch.bool)
+        order = torch.sort(norms.flatten(), stable=True).indices
+        prev = alive
+        for j in range(1, order.numel() + 1):
+            keep = alive.clone()
+            keep.view(-1)[order[:j]] = False
+            keep = _floor(keep, norms, alive, min_units, keep_heads, align)
+            if align > 1:
+                keep = _align(keep, norms, align)
+            assert not (keep & ~prev).any(), (seed, j)  # nothing comes back that an earlier step removed
+            prev = keep
+            checked += 1
+    assert checked == 40 * 32

@@ -447,10 +447,11 @@ def check_min_units(min_units, align: int = 1, names: Tuple[str, str] = ("min_un
 
 
 def _strongest(among: torch.Tensor, norms: torch.Tensor, k: int) -> torch.Tensor:
-    """[n] bool: the k units of `among` (one (head, direction)'s mask) with the largest norms."""
+    """[n] bool: the k units of `among` (one (head, direction)'s mask) with the largest norms; of equal norms the
+    later units, which plan_budget's weakest-first ranking (a stable sort) removes last (topk picks any)."""
     out = torch.zeros_like(among)
     if k:
-        out[torch.topk(torch.where(among, norms, torch.full_like(norms, -1.0)), k).indices] = True
+        out[torch.sort(torch.where(among, norms, torch.full_like(norms, -1.0)), stable=True).indices[-k:]] = True
     return out
 
 
@@ -477,7 +478,8 @@ def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_uni
     if heads:
         k = head_floor(min_units, align)
         for h in ((out.sum((1, 2)) == 0) & alive.any(-1).any(-1)).nonzero().flatten().tolist():
-            r = int(torch.where(alive[h], norms[h], torch.full_like(norms[h], -1.0)).amax(-1).argmax())
+            best = torch.where(alive[h], norms[h], torch.full_like(norms[h], -1.0)).amax(-1)
+            r = int(best[1] >= best[0])  # a tie: backward, whose unit the ranking removes last
             out[h, r] = _strongest(alive[h, r], norms[h, r], min(k, int(alive[h, r].sum())))
     return out.to(keep.device)
 
