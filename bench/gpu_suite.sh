@@ -7,11 +7,12 @@
 #   bash bench/gpu_suite.sh                      # everything, 480 s budget, files into $OUT
 #   SUITE_BUDGET=300 bash bench/gpu_suite.sh     # a shorter window
 #   BUILD=cached bash bench/gpu_suite.sh         # (default) reuse far_kernels._C when built from these sources
-#   BUILD=skip | BUILD=fresh | WHEEL=dist/x.whl bash bench/gpu_suite.sh
+#   BUILD=skip | BUILD=fresh | WHEEL=dist/x.whl bash bench/gpu_suite.sh   # (pip offline: --no-index)
 #   STAGES_DIR=/tmp/gpu_suite bash bench/gpu_suite.sh   # on a device machine: OUT gets 3 files (see below)
 #   DRY_RUN=1 bash bench/gpu_suite.sh            # the whole suite on the CPU (CUDA hidden, tiny cases, the
 #                                                # tests under TRITON_INTERPRET=1, CUDA ones skipped): in CI
-#                                                # as tests/bench/test_gpu_suite.py
+#                                                # as tests/bench/test_gpu_suite.py; the installed extension is
+#                                                # used unless BUILD=fresh or WHEEL is given
 # Stages (name: cap s): env 60, build 300, smoke 150 (pytest -m gpu_smoke: tests/conftest.py GPU_SMOKE, one
 # test per kernel path and dtype, the stream checks, memcheck on one small case), headline 120 (bench_bilstm:
 # DeiT-S B=64 fp16, every row), cuda_scan_headline 60 (H=6 B=64 fp16/bf16 kernel variants), bilstm_tail 200
@@ -113,18 +114,25 @@ stage() {
 st_env() { helper env "$OUTDIR/$TAG.json"; }
 
 st_build() {
-  if [ "$DRY" = 1 ]; then echo "dry run: the installed extension is used"; helper build-check "$OUTDIR/$TAG.json"; return; fi
+  if [ "$DRY" = 1 ] && [ -z "${WHEEL:-}" ] && [ "${BUILD:-}" != fresh ]; then  # BUILD=fresh: the build runs here too
+    echo "dry run: the installed extension is used"; helper build-check "$OUTDIR/$TAG.json"; return
+  fi
   local want; want=$(helper src-hash)
   local stampf=build/.far-cuda-src-hash
+  # the device machine has no network: pip must not look for anything (--no-index, no version check)
+  local pip=(env PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY" -m pip install --no-index --no-build-isolation --no-deps)
   if [ -n "${WHEEL:-}" ]; then
-    "$PY" -m pip install --no-deps --force-reinstall "$WHEEL" || return 1
+    "${pip[@]}" --force-reinstall "$WHEEL" || return 1
   elif [ "${BUILD:-cached}" = skip ]; then
     echo "BUILD=skip: no build"
   elif [ "${BUILD:-cached}" = cached ] && [ -f "$stampf" ] && [ "$(cat "$stampf")" = "$want" ] &&
        "$PY" -c "import sys; from far_kernels._ext import lib; sys.exit(0 if lib is not None and lib.has_cuda() else 1)"; then
     echo "cached: far_kernels._C was built from these sources ($want)"
+  elif "$PY" -m pip --version >/dev/null 2>&1; then
+    "${pip[@]}" -e . || return 1  # no second try: a compile error would only repeat, at the cost of minutes
+    mkdir -p build && echo "$want" >"$stampf"
   else
-    "$PY" -m pip install --no-build-isolation --no-deps -e . || "$PY" setup.py build_ext --inplace || return 1
+    "$PY" setup.py build_ext --inplace || return 1  # no pip there: the in-place extension (PYTHONPATH has the tree)
     mkdir -p build && echo "$want" >"$stampf"
   fi
   helper build-check "$OUTDIR/$TAG.json"

@@ -29,14 +29,14 @@ def run_suite(out: Path, **env) -> subprocess.CompletedProcess:
 # FAULTS="PATTERN=what ..." says (hang: ignores SIGINT, like a process stuck in a CUDA call, with a child that does too;
 # partial: writes a first JSON to its --out, then hangs; segv: dies of SIGSEGV; kill: of SIGKILL, as the OOM killer
 # does; exit: exits 3 without a JSON; ok: writes a JSON); every other call runs the real interpreter. The pids of the
-# misbehaving processes go to FAULT_PIDS.
+# misbehaving processes go to FAULT_PIDS, their arguments to FAULT_PIDS.calls.
 FAULTY_PYTHON = r"""#!/usr/bin/env bash
 out=; prev=
 for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
 for f in $FAULTS; do
   case " $* " in
     *"${f%%=*}"*)
-      echo $$ >>"$FAULT_PIDS"
+      echo $$ >>"$FAULT_PIDS"; echo "$*" >>"$FAULT_PIDS.calls"
       case ${f#*=} in
         partial) echo '{"rows": 1}' >"$out"; echo "first row written";&
         hang) trap '' INT TERM; sleep 1000 & echo $! >>"$FAULT_PIDS"; wait; exit 0;;
@@ -240,3 +240,18 @@ def test_a_crashed_stage_is_recorded_and_the_suite_goes_on(tmp_path):
     assert by["crossbar"]["rc"] == 3 and by["crossbar"]["note"] == "" and by["crossbar"]["result"] is None
     assert "crashing" in by["headline"]["log_tail"] and "without a JSON" in by["crossbar"]["log_tail"]
     assert by["imc_eval"]["result"] == {"ok": True}
+
+
+def test_a_failed_build_costs_only_itself_and_needs_no_network(tmp_path):
+    """The device machine has no network and has never compiled these sources: the build (BUILD=fresh runs it in a dry
+    run too) installs with pip offline, and a failed compile is not compiled again (setup.py build_ext after pip
+    repeated the same error, doubling the minutes lost); the build stage fails with its log, the next stages run."""
+    env = faulty_env(tmp_path, "--no-build-isolation=exit setup.py=exit")
+    proc = run_suite(tmp_path / "out", **env, BUILD="fresh", SUITE_BUDGET="200",
+                     SKIP_STAGES="env smoke headline bilstm_tail crossbar imc_eval cuda_tests")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    assert merged["failed"] == ["build"] and merged["ran"] == ["cuda_scan_headline"], merged["status"]
+    assert "without a JSON" in merged["stages"][1]["log_tail"]
+    [call] = (tmp_path / "fault_pids.calls").read_text().splitlines()  # pip only, once
+    assert call.split()[:3] == ["-m", "pip", "install"] and {"--no-index", "--no-deps", "-e"} <= set(call.split())
