@@ -363,3 +363,14 @@ def test_floors_keep_the_units_the_ranking_keeps_when_norms_tie(min_units, keep_
             prev = keep
             checked += 1
     assert checked == 40 * 32
+
+
+@pytest.mark.parametrize("spec", ["energy=3.9e6", "mixer-params=17000", "mixer-arrays=30"])
+def test_keep_heads_with_align_and_no_unit_floor_keeps_every_head(spec):
+    """keep_heads with align > 1 and min_units 0: a head left with 1 to align - 1 units (in one direction or
+    both) is emptied by align's rounding after the head floor looked at it; it used to lose every unit (tiny(0)
+    at energy=3.9e6, align 4: block 0's head 1). The head floor now counts such a head as emptied."""
+    for model in (tiny(0), weak_heads()):
+        plan, result = tight_plan(model, spec, align=4, min_units=0, keep_heads=True)
+        for _, m in far.far_modules(result):
+            assert (m.hidden_sizes.sum(0) >= 4).all() and (m.hidden_sizes % 4 == 0).all(), m.hidden_sizes

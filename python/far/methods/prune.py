@@ -465,7 +465,8 @@ def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_uni
     """Every (head, direction) keeping between 1 and min_units - 1 units keeps its min_units strongest alive
     units instead (all of them, if it has fewer); one keeping none or enough is unchanged. heads=True: a head
     that keeps no unit in either direction (but has alive units) keeps its max(min_units, align) strongest alive
-    units in the direction of its strongest alive unit.
+    units in the direction of its strongest alive unit; with align > 1 so does a head with fewer than align
+    units in each direction (min_units 0), which _align's rounding down would empty.
 
     Removing groups weakest first, the kept count of every (head, direction) stays monotone (never rises)
     under both floors: a head's last alive unit is its strongest, so the revived units are the ones it
@@ -477,7 +478,8 @@ def _floor(keep: torch.Tensor, norms: torch.Tensor, alive: torch.Tensor, min_uni
         out[h, r] = _strongest(alive[h, r], norms[h, r], min(min_units, int(alive[h, r].sum())))
     if heads:
         k = head_floor(min_units, align)
-        for h in ((out.sum((1, 2)) == 0) & alive.any(-1).any(-1)).nonzero().flatten().tolist():
+        # emptied: no direction keeps align units (fewer are rounded to none by _align, which runs after this)
+        for h in ((out.sum(-1) < align).all(-1) & alive.any(-1).any(-1)).nonzero().flatten().tolist():
             best = torch.where(alive[h], norms[h], torch.full_like(norms[h], -1.0)).amax(-1)
             r = int(best[1] >= best[0])  # a tie: backward, whose unit the ranking removes last
             out[h, r] = _strongest(alive[h, r], norms[h, r], min(k, int(alive[h, r].sum())))
