@@ -15,7 +15,7 @@ import far_kernels
 from far.imc import (CrossbarAttention, CrossbarGroupLinear, CrossbarLinear, GroupLinear, QuantizedAttention, UnrolledFARAttention, calibrate,
                      crossbar_groups, crossbar_layers, crossbar_products, emulate, emulation_targets, fake_quantize)
 from far_kernels import CrossbarConfig
-from imc_oracles import exact_product, tiny_vit
+from imc_oracles import exact_product, quantize_rows, tiny_vit
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -194,6 +194,28 @@ def test_quantized_attention_converges_to_attention():
     assert (qt - ref).abs().max() < 4 * errs[4]
     with pytest.raises(ValueError, match="scale"):
         QuantizedAttention(attn, scale="col")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_attention_of_a_half_model_quantizes_in_fp32(dtype):
+    """A bf16/fp16 model's digital attention products: q, k, v and the probabilities are quantized as the design says
+    (fp32, round half to even) and multiplied in fp32, then rounded once to the model's dtype, as a CrossbarLinear
+    does. They used to be quantized in the half dtype, whose x / s rounds before round(): up to a third of the
+    values of a bf16 model sat on another level than the fp32 quantizer's (8 bits, randn inputs)."""
+    attn = tiny_vit().blocks[0].attn
+    qa = QuantizedAttention(attn, bits=8)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 7, 8, generator=g).to(dtype) for _ in range(3))
+    p = torch.rand(2, 2, 7, 7, generator=g).softmax(-1).to(dtype)
+    got, want = qa._scores(q, k), qa._scores(q.float(), k.float()).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want), (got.float() - want.float()).abs().max().item()
+    got, want = qa._mix(p, v), qa._mix(p.float(), v.float()).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want), (got.float() - want.float()).abs().max().item()
+    # and the fp32 side is the spec's quantizer: levels x_q = round(x / s) with s = max|x| / 127 per token
+    xq, sx = quantize_rows(q.float().reshape(-1, 8), 8, per_row=True)
+    kq, sk = quantize_rows(k.float().reshape(-1, 8), 8, per_row=True)
+    ref = torch.einsum("bhmd,bhnd->bhmn", (xq * sx[:, None]).view(2, 2, 7, 8), (kq * sk[:, None]).view(2, 2, 7, 8))
+    assert (qa._scores(q.float(), k.float()).double() - ref).abs().max() < 8 * 2.0 ** -23 * ref.abs().max()
 
 
 def _loop_products(q, w, cfg):

@@ -173,7 +173,8 @@ class QuantizedAttention(nn.Module):
     after far.imc.emulate). q, k, v and the softmax probabilities are quantized symmetrically to
     `bits` with scales outside each product's reduction axis, so each product is an integer matmul
     times scales: "row" = q and k per token (per head), v per channel over the tokens, probabilities
-    per query row; "tensor" = one scale per tensor (the whole batch). The 1/sqrt(d) scale, mask and
+    per query row; "tensor" = one scale per tensor (the whole batch). Quantization and products run in fp32 (a
+    bf16/fp16 model gets them rounded once to its dtype). The 1/sqrt(d) scale, mask and
     softmax are digital in full precision. Probabilities are in [0, 1], so the sign bit is unused.
     """
 
@@ -221,13 +222,15 @@ class QuantizedAttention(nn.Module):
             o = o * gate
         return self.proj_drop(self.proj(o))
 
+    # Both products quantize and multiply in fp32 and return the operands' dtype, as a CrossbarLinear does: in bf16 or
+    # fp16, x / s rounds before round() and puts values on other levels than the design's fp32 quantizer.
     def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q @ k^T of [B, H, N, d] tensors (before the 1/sqrt(d) scale)."""
-        return self._q(q, -1) @ self._q(k, -1).transpose(-2, -1)
+        return (self._q(q.float(), -1) @ self._q(k.float(), -1).transpose(-2, -1)).to(q.dtype)
 
     def _mix(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """p @ v: probabilities [B, H, N, N], values [B, H, N, d]."""
-        return self._q(p, -1) @ self._q(v, -2)
+        return (self._q(p.float(), -1) @ self._q(v.float(), -2)).to(p.dtype)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, act_bits={self.bits}, scale={self.scale_mode}"
