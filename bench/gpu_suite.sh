@@ -30,6 +30,7 @@
 # every stage and every PUBLISH_EVERY (30) s while one runs (the merge says "running" for it): the device machine
 # brings back at most 8 files from its $OUT, and which ones of more is not said.
 # At the end the merge is also copied to gpu_suite-<device>-<stamp>.json in OUT and (not in a dry run) bench/results/.
+# A run first removes an earlier run's stage files, merge and archive from STAGES_DIR and OUT (not the named copies).
 # Older knobs still work: SKIP_BUILD=1 (= BUILD=skip), QUICK=1 (smaller tail grids), BILSTM_TIMEOUT /
 # CUDA_SCAN_TIMEOUT / XBAR_TIMEOUT / IMC_EVAL_TIMEOUT / TESTS_TIMEOUT (caps of bilstm_tail, cuda_scan_tail, crossbar,
 # imc_eval, cuda_tests),
@@ -57,6 +58,7 @@ if [ "${1:-}" != __stage ]; then
     RETURNDIR=$OUTDIR
     OUTDIR=$(cd "$STAGES_DIR" && pwd)
   fi
+  helper clean "$OUTDIR" ${RETURNDIR:+"$RETURNDIR"}  # an earlier run's stage files there would pass for this run's
   RESERVE=5  # seconds kept for the last merge
   # a stage still running at its limit gets SIGINT, and STAGE_KILL_AFTER s later SIGKILL (with its children): that
   # grace is counted in the budget, so a stage stuck in a call that ignores SIGINT still ends within SUITE_BUDGET

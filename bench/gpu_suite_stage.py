@@ -8,6 +8,7 @@
     python bench/gpu_suite_stage.py merge DIR                # DIR/gpu_suite.json from every stage's files
     python bench/gpu_suite_stage.py publish DIR DEST         # DEST/gpu_suite.json + DEST/gpu_suite_stages.tar.gz
     python bench/gpu_suite_stage.py named DIR                # gpu_suite-<device>-<stamp>.json, its name to keep
+    python bench/gpu_suite_stage.py clean DIR                # remove an earlier run's stage files, merge, archive
 
 Every stage TAG (01_env, 02_build, ...) leaves DIR/TAG.status.json (how it ended: ran, failed, cut by
 its time limit, skipped; "running" while it runs, and so in the merge of a run killed then), DIR/TAG.log
@@ -163,6 +164,22 @@ def cmd_merge(d) -> None:
     _write(d / "gpu_suite.json", merged)
 
 
+# the files a run writes into DIR (and, with STAGES_DIR, into OUT): what `clean` removes before a run
+RUN_FILE = re.compile(r"(\d\d_\w+\.(status\.json|json|log|xml)|gpu_suite\.json|suite\.json|gpu_suite_stages\.tar\.gz)"
+                      r"(\.tmp)?")
+
+
+def cmd_clean(*dirs) -> None:
+    """Remove an earlier run's files from DIR (a STAGES_DIR kept on a warm device machine, an OUT given again):
+    left there, a stage of this run that wrote no JSON showed the earlier run's as its result, and a test stage's
+    new junit XML was never converted (an earlier TAG.json was taken for this run's)."""
+    for d in map(Path, dirs):
+        if d.is_dir():
+            for f in d.iterdir():
+                if RUN_FILE.fullmatch(f.name) and f.is_file():
+                    f.unlink()
+
+
 def cmd_publish(d, dest) -> None:
     """DEST/gpu_suite.json (DIR's merge) and DEST/gpu_suite_stages.tar.gz (every file of DIR), each replaced
     atomically: all a device machine must bring back (at most 8 files of its $OUT) while DIR keeps a file per output."""
@@ -198,6 +215,8 @@ def main(argv) -> int:
         cmd_merge(*args)
     elif cmd == "publish":
         cmd_publish(*args)
+    elif cmd == "clean":
+        cmd_clean(*args)
     elif cmd == "named":  # the merge's file name: gpu_suite-<device>-<stamp>.json
         m = _read_json(Path(args[0]) / "gpu_suite.json")
         dev = (((m.get("environment") or {}).get("environment") or {}).get("cuda") or {}).get("device") or "nodevice"

@@ -255,3 +255,17 @@ def test_a_failed_build_costs_only_itself_and_needs_no_network(tmp_path):
     assert "without a JSON" in merged["stages"][1]["log_tail"]
     [call] = (tmp_path / "fault_pids.calls").read_text().splitlines()  # pip only, once
     assert call.split()[:3] == ["-m", "pip", "install"] and {"--no-index", "--no-deps", "-e"} <= set(call.split())
+
+
+def test_a_second_run_into_the_same_folders_reports_only_its_own_results(tmp_path):
+    """A warm device machine keeps STAGES_DIR (/tmp/gpu_suite) between calls: a rerun's stage that writes no JSON
+    must not show the first run's as its result (nor a test stage's earlier JSON stand for its new junit XML)."""
+    out, stages = tmp_path / "out", tmp_path / "stages"
+    skip = "env build smoke headline bilstm_tail crossbar imc_eval cuda_tests"
+    for faults, want in (("bench/bench_cuda_scan.py=ok", {"ok": True}), ("bench/bench_cuda_scan.py=exit", None)):
+        proc = run_suite(out, **faulty_env(tmp_path, faults), STAGES_DIR=str(stages), SUITE_BUDGET="100",
+                         SKIP_STAGES=skip)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        merged = json.loads((out / "gpu_suite.json").read_text())
+        assert merged["stages"][4]["stage"] == "cuda_scan_headline" and merged["stages"][4]["result"] == want
+    assert merged["failed"] == ["cuda_scan_headline"] and not (stages / "05_cuda_scan_headline.json").exists()
