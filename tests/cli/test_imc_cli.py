@@ -152,7 +152,7 @@ def test_far_model_calibrated_and_include(capsys, far_ckpt, tmp_path):
     res = json.loads(js.read_text())
     assert [r["setting"] for r in res["results"]] == ["digital", "adc_range=max", "adc_range=calibrated"]
     assert res["results"][2]["calibration_images"] == 2 and res["include"] == ["*.w_hh.*"]
-    assert "emulated: 4 crossbar products, include ['*.w_hh.*']: blocks.*.attn.w_hh.*.* x4" in out  # 2 heads x 2 dirs
+    assert "emulated: 4 crossbar products, include ['*.w_hh.*']: blocks.0.attn.w_hh.*.* x4" in out  # 2 heads x 2 dirs
     assert res["lstm_mapping"] == "separate"
     # the fused mapping: one [W_ih | W_hh] product per (head, direction), calibrated too; its names, not w_hh's
     code, out, err = run(capsys, "imc-eval", far_ckpt, "--data", "fashion-mnist", "--limit", 2, "--batch-size", 2,
@@ -160,7 +160,7 @@ def test_far_model_calibrated_and_include(capsys, far_ckpt, tmp_path):
                          "--include", "*.lstm.*", "--calib-images", 2, "--json", js, "--force", "-q")
     assert code == 0, err
     assert json.loads(js.read_text())["lstm_mapping"] == "fused"
-    assert "emulated: 4 crossbar products, include ['*.lstm.*']: blocks.*.attn.lstm.*.* x4" in out
+    assert "emulated: 4 crossbar products, include ['*.lstm.*']: blocks.0.attn.lstm.*.* x4" in out
     code, out, err = run(capsys, "imc-eval", far_ckpt, "--data", "fashion-mnist", "--limit", 2, "--lstm-mapping",
                          "fused", "--include", "*.w_hh.*", "-q")
     assert code != 0 and "matches no emulatable layer" in err and "products are X.lstm.<head>.<dir>" in err
@@ -230,7 +230,7 @@ def test_emulated_attention_products_are_listed(capsys, teacher_ckpt, tmp_path):
     code, out, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--limit", 2, *FASTEST,
                          "--dynamic", "crossbar", "--json", js, "-q")
     assert code == 0, err
-    assert "emulated attention q@k^T and attn@v (crossbar): blocks.*.attn\n" in out, out
+    assert "emulated attention q@k^T and attn@v (crossbar): blocks.0.attn\n" in out, out
     assert json.loads(js.read_text())["emulated_attention"] == ["blocks.0.attn"]
     code, out, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--limit", 2, *FASTEST,
                          "--exclude", "blocks.0.attn", "--json", js, "-f", "-q")
@@ -251,6 +251,10 @@ def test_rate_and_layer_summary_formatting():
 
     assert _rate(12.345) == "12.3" and _rate(0.05) == "0.1" and _rate(0.0123) == "0.012" and _rate(0.0) == "0"
     assert _layer_summary(["blocks.0.attn.qkv", "blocks.1.attn.qkv", "head"]) == "blocks.*.attn.qkv x2, head"
+    # a number every folded name shares stays: '--include blocks.2.*' used to be listed as blocks.*.attn.qkv, ...
+    assert _layer_summary(["blocks.2.attn.qkv", "blocks.2.attn.proj"]) == "blocks.2.attn.qkv, blocks.2.attn.proj"
+    assert _layer_summary([f"blocks.{b}.attn.w_hh.{h}.1" for b in (0, 3) for h in (0, 1)]) == "blocks.*.attn.w_hh.*.1 x4"
+    assert _layer_summary(["0.weight", "1.weight"]) == "0.weight, 1.weight"  # a leading number is a name
 
 
 @needs_fmnist

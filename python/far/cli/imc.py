@@ -127,14 +127,20 @@ def _duration(sec: float) -> str:
 
 
 def _layer_summary(names) -> str:
-    """Emulated product names, folded: numbers become *, repeats counted ("blocks.*.attn.w_hh.*.* x24")."""
-    import re
-
-    counts = {}
+    """Emulated product names, folded: names that differ only in numbers form one entry with a count, whose numbers
+    that differ become * ("blocks.*.attn.w_hh.*.* x24"); a number they share stays ("blocks.2.attn.qkv", not
+    "blocks.*.attn.qkv", when --include chose block 2 alone)."""
+    groups = {}
     for n in names:
-        key = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", n)
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(k if c == 1 else f"{k} x{c}" for k, c in counts.items())
+        parts = n.split(".")
+        key = tuple("#" if i and p.isdigit() else p for i, p in enumerate(parts))
+        groups.setdefault(key, []).append(parts)
+    out = []
+    for key, members in groups.items():
+        name = ".".join(k if k != "#" else (col[0] if len(set(col)) == 1 else "*")
+                        for k, col in zip(key, zip(*members)))
+        out.append(name if len(members) == 1 else f"{name} x{len(members)}")
+    return ", ".join(out)
 
 
 def _noisy(cfg) -> bool:
