@@ -318,3 +318,22 @@ def test_prune_removes_round_ratio_times_groups_like_the_threshold_it_documents(
         pruned = far.prune(model, data, config=cfg, prune_ratio=p, finetune_epochs=0)
         assert G - sum(int(m.hidden_sizes.sum()) for _, m in far.far_modules(pruned)) == round(p * G), p
     assert drifted == 16  # the cases the old formula got wrong
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_norms_of_a_low_precision_block_are_exact(dtype):
+    """The norms the threshold ranks are those of the stored (bf16/fp16) weights, computed in float64: summed and
+    rounded in the weights' own dtype, a d = 64 block's 384 norms fell on a few dozen values (hundreds of ties),
+    so a ratio pruned whole runs of 'equal' groups and a budget's ranking followed unit positions, not norms."""
+    import copy
+
+    torch.manual_seed(0)
+    m = far.FARAttention(192, 3).to(dtype)
+    exact = group_norms(copy.deepcopy(m).double())  # the same weights, every operation in float64
+    g = group_norms(m)
+    assert g.dtype == torch.float64 and torch.equal(g, exact)
+    s = g.flatten().sort().values
+    assert (s[1:] > s[:-1]).all()  # no ties among the exact norms here
+    for ratio in (0.1, 0.3, 0.5, 0.9):
+        keep = keep_masks([m], global_threshold([m], prune_ratio=ratio))[0]
+        assert s.numel() - int(keep.sum()) == round(ratio * s.numel()), ratio

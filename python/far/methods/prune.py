@@ -63,12 +63,12 @@ GROUPS = ("far", "public")
 HOYER_SCOPES = ("block", "head-direction")
 
 
-def group_sq_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
-    """[H, 2, n] squared L2 norm of every unit's group (differentiable). groups="public" leaves out the
-    biases and the head_proj column, as the authors' public code's groups do (its unit = W_ih and W_hh
-    gate rows and the W_hh column)."""
+def group_sq_norms(m: FARAttention, groups: str = "far", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """[H, 2, n] squared L2 norm of every unit's group (differentiable), in the weights' dtype or `dtype`.
+    groups="public" leaves out the biases and the head_proj column, as the authors' public code's groups do
+    (its unit = W_ih and W_hh gate rows and the W_hh column)."""
     H, n, d = m.num_heads, m.width, m.head_dim
-    w_ih, w_hh, b_ih, b_hh, hp_w, _ = m.padded_params()  # either storage
+    w_ih, w_hh, b_ih, b_hh, hp_w, _ = (t.to(dtype) if dtype is not None else t for t in m.padded_params())
     w_ih = w_ih.view(H, 2, 4, n, d)
     w_hh = w_hh.view(H, 2, 4, n, n)
     sq = w_ih.square().sum(dim=(2, 4))                       # W_ih rows
@@ -86,8 +86,10 @@ def group_sq_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
 
 
 def group_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
-    """[H, 2, n] group L2 norms; padded (not kept) units are 0."""
-    return group_sq_norms(m, groups).clamp_min(0).sqrt() * m.unit_mask().to(m.pre_proj.weight.device)
+    """[H, 2, n] group L2 norms in float64 (what the threshold ranks: a bf16 block's norms rounded to bf16 tie
+    by the hundreds); padded (not kept) units are 0."""
+    sq = group_sq_norms(m, groups, dtype=torch.float64)
+    return sq.clamp_min(0).sqrt() * m.unit_mask().to(m.pre_proj.weight.device)
 
 
 def hoyer_square(m: FARAttention, eps: float = 1e-12, scope: str = "block", groups: str = "far") -> torch.Tensor:
