@@ -253,7 +253,8 @@ def test_rate_and_layer_summary_formatting():
     assert _layer_summary(["blocks.0.attn.qkv", "blocks.1.attn.qkv", "head"]) == "blocks.*.attn.qkv x2, head"
     # a number every folded name shares stays: '--include blocks.2.*' used to be listed as blocks.*.attn.qkv, ...
     assert _layer_summary(["blocks.2.attn.qkv", "blocks.2.attn.proj"]) == "blocks.2.attn.qkv, blocks.2.attn.proj"
-    assert _layer_summary([f"blocks.{b}.attn.w_hh.{h}.1" for b in (0, 3) for h in (0, 1)]) == "blocks.*.attn.w_hh.*.1 x4"
+    names = [f"blocks.{b}.attn.w_hh.{h}.1" for b in (0, 3) for h in (0, 1)]
+    assert _layer_summary(names) == "blocks.*.attn.w_hh.*.1 x4"
     assert _layer_summary(["0.weight", "1.weight"]) == "0.weight, 1.weight"  # a leading number is a name
 
 
