@@ -337,3 +337,35 @@ def test_group_norms_of_a_low_precision_block_are_exact(dtype):
     for ratio in (0.1, 0.3, 0.5, 0.9):
         keep = keep_masks([m], global_threshold([m], prune_ratio=ratio))[0]
         assert s.numel() - int(keep.sum()) == round(ratio * s.numel()), ratio
+
+
+@pytest.mark.parametrize("tensor", ["w_ih", "w_hh", "b_hh", "head_proj_weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_unit(tensor, value, tmp_path):
+    """A NaN compares false with every threshold and torch.sort ranks it strongest: a ratio or threshold silently
+    removed the unit with the NaN while a budget kept it (and the NaN with it). Refused instead, naming the unit,
+    by the threshold functions and by far.prune before any training, which writes nothing."""
+    from far.errors import ConfigError
+    from far.methods.prune import Budget, plan_budget
+
+    torch.manual_seed(0)
+    model = far.create_model("fmnist_deit_tiny", embed_dim=16, depth=2, num_heads=2, hidden_sizes=4).double()
+    (_, m0), (name, m) = far.far_modules(model)
+    n = m.width
+    with torch.no_grad():  # head 1, backward, unit 2 (W_hh: its row of gate f, its own column)
+        if tensor == "head_proj_weight":
+            m.head_proj_weight[1, 3, n + 2] = value
+        else:
+            getattr(m, tensor)[1, 1, n + 2, ...].view(-1)[2 if tensor == "w_hh" else 0] = value
+    where = r"head 1, backward unit 2 has a non-finite weight"
+    with pytest.raises(ConfigError, match=where):
+        global_threshold([m0, m], prune_ratio=0.3)
+    with pytest.raises(ConfigError, match="FAR block 1: " + where):
+        keep_masks([m0, m], 0.5)
+    with pytest.raises(ConfigError, match=f"{name}: {where}"):
+        plan_budget(far.far_modules(model), model, Budget.parse("mixer-params=3000"))
+    cfg = far.TrainConfig(epochs=0, batch_size=8, progress=False, out_dir=str(tmp_path / "run"))
+    for options in ({"prune_ratio": 0.3}, {"threshold": 1.0}, {"budget": "mixer-params=3000"}):
+        with pytest.raises(ConfigError, match=f"{name}: {where}"):
+            far.prune(model, list(range(8)), config=cfg, finetune_epochs=0, **options)
+    assert not (tmp_path / "run").exists()

@@ -92,6 +92,25 @@ def group_norms(m: FARAttention, groups: str = "far") -> torch.Tensor:
     return sq.clamp_min(0).sqrt() * m.unit_mask().to(m.pre_proj.weight.device)
 
 
+def finite_group_norms(models, groups: str = "far") -> List[torch.Tensor]:
+    """group_norms of each module (detached), given as modules or (name, module) pairs; ConfigError naming the
+    first kept unit whose group holds a NaN or an infinity: the threshold and the budget's ranking would keep or
+    remove it silently (NaN compares false with everything; torch.sort ranks it strongest)."""
+    out = []
+    for i, item in enumerate(models):
+        name, m = item if isinstance(item, tuple) else (f"FAR block {i}", item)
+        with torch.no_grad():
+            g = group_norms(m, groups)
+        bad = ~torch.isfinite(g) & m.unit_mask().to(g.device)
+        if bad.any():
+            h, r, u = bad.nonzero()[0].tolist()
+            raise ConfigError(f"{name}: head {h}, {'forward' if r == 0 else 'backward'} unit {u} has a non-finite "
+                              f"weight (group norm {float(g[h, r, u])}; {int(bad.sum())} unit group(s) of this block): "
+                              "pruning ranks units by these norms; repair the model (a diverged run?) first")
+        out.append(g)
+    return out
+
+
 def hoyer_square(m: FARAttention, eps: float = 1e-12, scope: str = "block", groups: str = "far") -> torch.Tensor:
     """(sum_g ||g||)^2 / sum_g ||g||^2 over the kept groups of one block (scope="block": scale-invariant, in
     [1, #groups]), or that ratio per (head, direction), summed (scope="head-direction", the public code's
@@ -117,8 +136,7 @@ def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = 
         return float(threshold)
     if not 0 <= prune_ratio < 1:
         raise ConfigError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
-    with torch.no_grad():
-        norms = torch.cat([group_norms(m, groups)[m.unit_mask()].flatten().double().cpu() for m in models])
+    norms = torch.cat([g[m.unit_mask()].flatten().cpu() for g, m in zip(finite_group_norms(models, groups), models)])
     if norms.numel() == 0:
         return 0.0
     k = int(round(prune_ratio * norms.numel()))
@@ -139,10 +157,8 @@ def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = 
 
 def keep_masks(models: List[FARAttention], threshold: float, groups: str = "far") -> List[torch.Tensor]:
     """Per module, [H, 2, n] bool: kept units (group norm >= threshold, among the currently kept)."""
-    with torch.no_grad():
-        # float64, as global_threshold ranks them: a bf16 tensor would round the threshold to bf16 first
-        return [(group_norms(m, groups).double() >= threshold) & m.unit_mask().to(m.pre_proj.weight.device)
-                for m in models]
+    # float64, as global_threshold ranks them: a bf16 tensor would round the threshold to bf16 first
+    return [(g >= threshold) & m.unit_mask().to(g.device) for g, m in zip(finite_group_norms(models, groups), models)]
 
 
 # ---------------------------------------------------------------- masking and compaction
@@ -376,8 +392,7 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
     check_min_units(min_units, align)
     measure = budget_measure(model, budget)
     alive = [m.unit_mask().contiguous() for _, m in models]
-    with torch.no_grad():
-        norms = [group_norms(m, groups).detach().double().cpu() for _, m in models]
+    norms = [g.cpu() for g in finite_group_norms(models, groups)]
     if balance:
         norms = [n / n[a].square().mean().sqrt().clamp_min(1e-30) if a.any() else n for n, a in zip(norms, alive)]
     where, vals = [], []  # every alive group: (module, flat position), its norm
@@ -623,6 +638,7 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     if not named:
         raise ConfigError("the model has no FAR blocks: prune a FAR student (far.distill makes one)")
     check_min_units(min_units, align, models=[m for _, m in named])
+    finite_group_norms(named, groups)  # NaN or infinite weights: refused before any training
     if budget is not None:  # an impossible budget fails here, before any training
         check_budget(named, model, budget, head_units=head_floor(min_units, align) if keep_heads else 0)
     check_fresh_run(cfg)  # every round's and stage's folder, before the first stage could overwrite its own
@@ -760,6 +776,7 @@ def _prune_round(model, train_data, eval_data, cfg, d, ident, hoyer, scope, grou
         if result is None or result.completed:
             named = far_modules(model)
             mods = [m for _, m in named]
+            finite_group_norms(named, groups)  # a non-finite weight (a diverged Hoyer stage): named, not ranked
             if budget is not None:
                 plan = plan_budget(named, model, budget, align, groups, balance, min_units, keep_heads)
                 thr, masks = plan.threshold, plan.masks
