@@ -8,6 +8,7 @@ gates in fp32 as nn.LSTM orders them; head_proj per head on [forward h | backwar
 bias); proj. No noise, any ADC: the grouped, batched backends must give the same bits (design: "Without noise every
 backend is bit-identical" to the reference, and a group member equals its product alone).
 """
+import fnmatch
 import random
 
 import pytest
@@ -15,13 +16,29 @@ import torch
 import torch.nn as nn
 
 import far
-from far.imc import emulate, layer_seed
-from far_kernels import CrossbarConfig, crossbar_matmul_ref, program_crossbar
+from far.imc import calibrate, emulate, layer_seed
+from far_kernels import CrossbarConfig, crossbar_matmul_ref, crossbar_partial_sum_absmax, program_crossbar
+
+
+# what the oracle does beyond plain crossbar reads: products left digital (glob patterns), and calibration: while
+# RECORD is a dict, each product runs as a "max" ADC and its max |partial sum| per weight slice is recorded there; a
+# RANGES dict gives each product its ADC range
+OPTS = {"digital": (), "record": None, "ranges": None}
 
 
 def _xb(x, w, cfg, name, bias=None):
+    b = None if bias is None else bias.detach().float()
+    if any(fnmatch.fnmatchcase(name, p) for p in OPTS["digital"]):
+        return torch.addmm(b, x, w.detach().float().T) if b is not None else x @ w.detach().float().T
     prog = program_crossbar(w.detach().float(), cfg.replace(seed=layer_seed(cfg.seed, name)))
-    return crossbar_matmul_ref(x, prog, None, None if bias is None else bias.detach().float()).float()
+    read = None
+    if OPTS["record"] is not None:
+        p = crossbar_partial_sum_absmax(x, prog).float()
+        OPTS["record"][name] = torch.maximum(OPTS["record"].get(name, p), p)
+        read = prog.cfg.replace(adc_range="max")
+    elif OPTS["ranges"] is not None:
+        prog.adc_range = OPTS["ranges"][name]
+    return crossbar_matmul_ref(x, prog, read, b).float()
 
 
 def oracle(m: far.FARAttention, x: torch.Tensor, cfg, mapping: str, name: str = "attn") -> torch.Tensor:
@@ -91,3 +108,45 @@ def test_emulated_far_block_equals_per_product_reference(seed, mapping, backend)
         want = oracle(m, x, cfg, mapping)
     assert torch.isfinite(want).all()
     assert torch.equal(y, want), ((y - want).abs().max().item(), cfg, m.hidden_sizes.tolist())
+
+
+class _Wrap(nn.Module):  # calibrate runs the model: a ModuleDict has no forward
+    def __init__(self, m):
+        super().__init__()
+        self.attn = m
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("mapping", ["separate", "fused"])
+@pytest.mark.parametrize("seed", [0, 3, 6, 11])
+def test_calibrated_subsets_with_faulty_cells_equal_per_product_reference(seed, mapping):
+    """What the test above leaves out: adc_range="calibrated" (ranges recorded by far.imc.calibrate, per slice or
+    per product, while every product runs as a "max" ADC), products excluded from emulation (digital members in a
+    group, a digital proj or pre_proj), and stuck cells (each product's cells are program_crossbar's under its
+    layer_seed, integer levels still, so every read is bit-identical; programming noise makes the levels floats,
+    whose sums the grouped products add in another order)."""
+    m, cfg, x = _case(seed)
+    cfg = cfg.replace(adc_bits=cfg.adc_bits or 6, adc_range="calibrated", stuck_at=(0.03, 0.02))
+    live = [(h, r) for h in range(m.num_heads) for r in (0, 1) if int(m.hidden_sizes[r, h])]
+    h0, r0 = live[0]
+    lstm = f"attn.{'w_hh' if mapping == 'separate' else 'lstm'}.{h0}.{r0}"
+    for digital, per_slice in (((), False), ((lstm, "attn.proj"), True), (("attn.pre_proj", "attn.head_proj.*"), True)):
+        emu = emulate(_Wrap(m), cfg, exclude=list(digital) or None, lstm_mapping=mapping, backend="torch")
+        OPTS.update(digital=digital, record={}, ranges=None)
+        try:
+            with torch.no_grad():
+                got_r = calibrate(emu, x, per_slice=per_slice)
+                oracle(m, x, cfg, mapping)
+                rec = {n: (v if per_slice else v.max()) for n, v in OPTS["record"].items()}
+                OPTS.update(record=None, ranges={n: torch.where(v > 0, v, torch.full_like(v, float(cfg.p_max)))
+                                                 for n, v in rec.items()})
+                want, y = oracle(m, x, cfg, mapping), emu.attn(x)
+            ranges = OPTS["ranges"]
+        finally:
+            OPTS.update(digital=(), record=None, ranges=None)
+        assert set(got_r) == set(ranges), set(got_r) ^ set(ranges)
+        assert all(torch.equal(got_r[n].reshape(-1), ranges[n].reshape(-1)) for n in ranges)
+        assert torch.isfinite(want).all()
+        assert torch.equal(y, want), ((y - want).abs().max().item(), digital, cfg, m.hidden_sizes.tolist())
