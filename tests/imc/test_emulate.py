@@ -5,6 +5,7 @@ Oracles: far_kernels.crossbar_matmul_ref for single products, and in the exactne
 chained through whole FAR blocks in float64.
 """
 import copy
+import itertools
 
 import pytest
 import torch
@@ -279,6 +280,46 @@ def test_crossbar_attention_noise_and_calibration():
         assert torch.isfinite(cal(x)).all()
     with pytest.raises(ValueError, match="dynamic must be one of"):
         emulate(model, cfg, dynamic="analog")
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_crossbar_attention_calibrated_ranges_equal_reference(per_slice):
+    """dynamic="crossbar", adc_range="calibrated": each of the two products gets the max |partial sum| (per weight
+    slice or overall) over every (image, head) member it read while calibrating as a "max" ADC (so S.V's range is
+    taken on the probabilities that q k^T gave under that ADC), and then reads every member with that range; checked
+    against crossbar_matmul_ref on each member programmed alone, bit for bit."""
+    attn = tiny_vit(embed_dim=24, num_heads=3).blocks[0].attn
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(8))
+    cfg = CrossbarConfig(adc_bits=5, adc_range="calibrated", tile_rows=4)
+
+    def loop(a, w, rec=None, r=None):  # a [B, H, M, K] read through each w[b, h] [N, K] programmed alone
+        out = torch.empty(*a.shape[:3], w.shape[2])
+        for b, h in itertools.product(range(a.shape[0]), range(a.shape[1])):
+            prog = far_kernels.program_crossbar(w[b, h].contiguous(), cfg)
+            if rec is not None:
+                rec.append(far_kernels.crossbar_partial_sum_absmax(a[b, h], prog))
+            else:
+                prog.adc_range = r
+            read = cfg.replace(adc_range="max") if r is None else None  # calibrating: a "max" ADC
+            out[b, h] = far_kernels.crossbar_matmul_ref(a[b, h], prog, read)
+        return out
+
+    def block(recs=(None, None), rs=(None, None)):
+        q, k, v = attn.qkv(x).view(3, 5, 3, 3, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        p = (loop(q, k, recs[0], rs[0]) * attn.scale).softmax(-1)
+        return attn.proj(loop(p, v.transpose(-2, -1), recs[1], rs[1]).transpose(1, 2).reshape(3, 5, 24))
+
+    xa = CrossbarAttention(attn, cfg, seed=1)
+    xa.layer_name = "a"
+    with torch.no_grad():
+        xa.begin_calibration()
+        xa(x)
+        got = xa.end_calibration(per_slice)
+        recs = ([], [])
+        block(recs=recs)
+        want = [torch.stack(r).amax(0) if per_slice else torch.stack(r).amax() for r in recs]
+        assert torch.equal(got["a.qk"], want[0]) and torch.equal(got["a.pv"], want[1]), (got, want)
+        assert torch.equal(xa(x), block(rs=want))
 
 
 # ---------------------------------------------------------------- emulate: which layers
