@@ -374,3 +374,32 @@ def test_keep_heads_with_align_and_no_unit_floor_keeps_every_head(spec):
         plan, result = tight_plan(model, spec, align=4, min_units=0, keep_heads=True)
         for _, m in far.far_modules(result):
             assert (m.hidden_sizes.sum(0) >= 4).all() and (m.hidden_sizes % 4 == 0).all(), m.hidden_sizes
+
+
+def test_keep_heads_least_model_of_an_already_pruned_model():
+    """keep_heads' least model is every head keeping min_units of its strongest direction's units, all of them where
+    that direction has fewer (a model pruned before, or a later round). check_budget counted min_units of the
+    head's larger direction instead, and refused a budget the plan meets (here 2 forward units per head, counted
+    as 4): before any training in far.prune too."""
+    from conftest import HalvesImages
+
+    model = tiny()
+    for _, m in far.far_modules(model):
+        keep = torch.zeros(m.num_heads, 2, m.width, dtype=torch.bool)
+        keep[:, 0, :2] = True
+        keep[:, 1, :10] = True
+        with torch.no_grad():
+            m.w_ih.view(m.num_heads, 2, 4, m.width, -1)[:, 0, :, 0].mul_(50)  # each head's strongest: forward
+        apply_keep_mask(m, keep)
+        compact_(m)
+    named = far.far_modules(model)
+    least = {n: torch.tensor([[2] * m.num_heads, [0] * m.num_heads]) for n, m in named}
+    value = budget_measure(model, Budget("mixer-params", 1.0))(least)
+    plan, result = tight_plan(model, f"mixer-params={value}", min_units=4, keep_heads=True)
+    assert plan.achieved == value and all(torch.equal(m.hidden_sizes, least[n]) for n, m in far.far_modules(result))
+    with pytest.raises(ConfigError, match="cannot be met with every head kept"):
+        tight_plan(model, f"mixer-params={value - 1}", min_units=4, keep_heads=True)
+    cfg = far.TrainConfig(epochs=0, batch_size=8, progress=False)
+    out = far.prune(model, HalvesImages(8), config=cfg, budget=f"mixer-params={value}", min_units=4, keep_heads=True,
+                    finetune_epochs=0)
+    assert param_counts(out)["mixer_kept"] == value

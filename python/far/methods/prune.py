@@ -346,20 +346,27 @@ class BudgetPlan:
 
 
 def check_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget: Budget,
-                 measure: Optional[Callable] = None, head_units: int = 0) -> float:
+                 measure: Optional[Callable] = None, head_units: int = 0, align: int = 1,
+                 groups: str = "far") -> float:
     """The budget's quantity with every unit of `models` removed (the least pruning can reach); ConfigError,
-    saying by how much and why, when even that exceeds the budget. head_units > 0: every head keeps that many
-    units in one direction (keep_heads' least; every measure counts the two directions alike)."""
+    saying by how much and why, when even that exceeds the budget. head_units > 0: every head keeps what
+    keep_heads revives, head_units of its strongest direction's units (fewer where that direction has fewer),
+    rounded down to `align` (plan_budget's masks with every group removed)."""
     measure = measure or budget_measure(model, budget)
     least = {}
-    for name, m in models:
-        sizes = torch.zeros(2, m.num_heads, dtype=torch.int64)
-        sizes[0] = torch.clamp(m.hidden_sizes.max(0).values, max=head_units)
-        least[name] = sizes
+    norms = finite_group_norms(models, groups) if head_units else [None] * len(models)
+    for (name, m), g in zip(models, norms):
+        keep = torch.zeros(m.num_heads, 2, m.width, dtype=torch.bool)
+        if head_units:
+            keep = _floor(keep, g, m.unit_mask(), head_units, heads=True)
+            if align > 1:
+                keep = _align(keep, g.cpu(), align)
+        least[name] = keep.sum(-1).T.contiguous()
     lowest = measure(least)
     if lowest > budget.value and head_units:
         raise ConfigError(f"budget {budget} cannot be met with every head kept: with {head_units} units per head "
-                          f"the model has {budget.format(lowest)} ({budget.format(lowest - budget.value)} over); "
+                          f"(fewer where its strongest direction has fewer) the model has {budget.format(lowest)} "
+                          f"({budget.format(lowest - budget.value)} over); "
                           "drop keep_heads (--keep-heads) or raise the budget")
     if lowest > budget.value:
         b = budget
@@ -420,7 +427,7 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
         return measure({name: mk.sum(-1).T.contiguous() for (name, _), mk in zip(models, masks)})
 
     before = measure({})
-    check_budget(models, model, budget, measure, head_floor(min_units, align) if keep_heads else 0)
+    check_budget(models, model, budget, measure, head_floor(min_units, align) if keep_heads else 0, align, groups)
     lo, hi = 0, G  # value(hi) <= budget; find the smallest such j
     if before <= budget.value and align == 1 and min_units <= 1 and not keep_heads:
         hi = 0
@@ -640,7 +647,8 @@ def prune(model: nn.Module, train_data, *, eval_data=None, config: Optional[Trai
     check_min_units(min_units, align, models=[m for _, m in named])
     finite_group_norms(named, groups)  # NaN or infinite weights: refused before any training
     if budget is not None:  # an impossible budget fails here, before any training
-        check_budget(named, model, budget, head_units=head_floor(min_units, align) if keep_heads else 0)
+        check_budget(named, model, budget, head_units=head_floor(min_units, align) if keep_heads else 0,
+                     align=align, groups=groups)
     check_fresh_run(cfg)  # every round's and stage's folder, before the first stage could overwrite its own
     check_resumable(cfg)  # a --resume with nothing to resume would start every stage over
     train_data, eval_data = limit_data(cfg, train_data, eval_data)
