@@ -376,13 +376,16 @@ def test_options_without_effect_warn(capsys, teacher_ckpt):
 def test_tensor_input_scales_warn_that_results_depend_on_the_batch(capsys, teacher_ckpt):
     """input_scale=tensor takes one input scale per product over the whole batch, so an image's emulated output (and
     the accuracy) changes with --batch-size (tests/imc/test_emulate.py shows it); the command says so, and is quiet
-    with the per-row scales, whose results do not depend on the batch."""
+    with the per-row scales, whose results do not depend on the batch. imc-cost --emulate likewise."""
     code, _, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--limit", 2, "--batch-size", 2,
                        *FASTEST, "--sweep", "input_scale=row,tensor", "-q")
     assert code == 0 and "far: warning: input_scale=tensor: one input scale per product over each batch" in err, err
     assert "--batch-size (2)" in err, err
     code, _, err = run(capsys, "imc-eval", teacher_ckpt, "--data", "fashion-mnist", "--limit", 2, *FASTEST, "-q")
     assert code == 0 and "input_scale" not in err, err
+    code, _, err = run(capsys, "imc-cost", teacher_ckpt, "--data", "fashion-mnist", "--limit", 2, "--batch-size", 2,
+                       "--emulate", "--dynamic", "digital", *FASTEST, "--set", "input_scale=tensor", "-q")
+    assert code == 0 and "far: warning: input_scale=tensor" in err and "--batch-size (2)" in err, err
 
 
 @pytest.mark.parametrize("argv,fragments", [

@@ -143,6 +143,14 @@ def _layer_summary(names) -> str:
     return ", ".join(out)
 
 
+def _warn_batch_dependent(cfgs, batch_size: int) -> None:
+    """input_scale=tensor: an emulated image's result depends on its batch (docs/design.md section 7, "Batches")."""
+    if any(c.input_scale == "tensor" for c in cfgs):
+        warn(f"input_scale=tensor: one input scale per product over each batch, so an image's emulated result "
+             f"depends on the other images in its batch and on --batch-size ({batch_size}); input_scale=row "
+             "does not")
+
+
 def _noisy(cfg) -> bool:
     return cfg.prog_noise > 0 or cfg.read_noise > 0 or any(p > 0 for p in cfg.stuck_at)
 
@@ -241,10 +249,7 @@ def cmd_imc_eval(args: argparse.Namespace) -> int:
     needs_calib = any(c.adc_range == "calibrated" for _, _, c, _ in settings)
     if not needs_calib and (args.calib_data or args.calib_per_slice or args.calib_images is not None):
         warn("--calib-images / --calib-data / --calib-per-slice have no effect without adc_range=calibrated")
-    if any(c.input_scale == "tensor" for _, _, c, _ in settings):
-        warn(f"input_scale=tensor: one input scale per product over each batch, so an image's emulated result "
-             f"depends on the other images in its batch and on --batch-size ({args.batch_size}); input_scale=row "
-             "does not")
+    _warn_batch_dependent([c for _, _, c, _ in settings], args.batch_size)
     if args.seeds > 1 and not any(_noisy(c) for _, _, c, _ in settings):
         warn("--seeds repeats noisy settings only; no setting has prog_noise, read_noise or stuck_at, so each runs once")
     if ref.kind != "timm" and args.no_far:
@@ -609,6 +614,8 @@ def cmd_imc_cost(args: argparse.Namespace) -> int:
     mapping = next(iter(specs.values())).lstm_mapping  # the emulator maps the LSTMs as the costs do
     if args.emulate and not args.data:
         raise ConfigError("--emulate measures accuracy: give --data")
+    if args.emulate:
+        _warn_batch_dependent([cfg], args.batch_size)
     models = _cost_models(args, torch.device("cpu") if args.device is None else resolve_device(args.device, "--device"))
     output_checks(args, [r.path for _, _, r in models], "json", "plot")
     set_threads(args)
