@@ -30,12 +30,23 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the end of each stage log that the archive keeps: a device machine returns no file over 16 MiB, and 11 stage logs
+# of 1 MiB with the JSON beside them stay under that even where a runaway log does not compress
+LOG_KEEP = 1 << 20
 
 
 def _write(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def _tail(path: Path, n: int) -> bytes:
+    """The last n bytes of a file (a stage log can be huge: it is never read whole)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - n))
+        return f.read(n)
 
 
 def _read_json(path: Path):
@@ -150,7 +161,7 @@ def cmd_merge(d) -> None:
         res = d / f"{tag}.json"
         log = d / f"{tag}.log"
         s["result"] = _read_json(res) if res.exists() else None
-        s["log_tail"] = log.read_text(errors="replace")[-2500:] if log.exists() else None
+        s["log_tail"] = _tail(log, 4 * 2500).decode(errors="replace")[-2500:] if log.exists() else None
         stages.append(s)
     env = next((s["result"] for s in stages if s.get("stage") == "env" and s.get("result")), None)
     merged = {"suite": "gpu_suite", **meta, "merged_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -181,8 +192,10 @@ def cmd_clean(*dirs) -> None:
 
 
 def cmd_publish(d, dest) -> None:
-    """DEST/gpu_suite.json (DIR's merge) and DEST/gpu_suite_stages.tar.gz (every file of DIR), each replaced
-    atomically: all a device machine must bring back (at most 8 files of its $OUT) while DIR keeps a file per output."""
+    """DEST/gpu_suite.json (DIR's merge) and DEST/gpu_suite_stages.tar.gz (every file of DIR, of a log over LOG_KEEP
+    bytes its end), each replaced atomically: all a device machine must bring back (at most 8 files of its $OUT, each
+    at most 16 MiB) while DIR keeps a file per output."""
+    import io
     import tarfile
 
     d, dest = Path(d), Path(dest)
@@ -194,7 +207,16 @@ def cmd_publish(d, dest) -> None:
     tmp = dest / "gpu_suite_stages.tar.gz.tmp"
     with tarfile.open(tmp, "w:gz") as tar:
         for f in sorted(d.iterdir()):
-            if f.is_file() and not f.name.endswith(".tmp"):
+            if not f.is_file() or f.name.endswith(".tmp"):
+                continue
+            size = f.stat().st_size
+            if f.suffix == ".log" and size > LOG_KEEP:
+                data = (f"[gpu_suite: the first {size - LOG_KEEP} bytes of this log are left out of the archive]\n"
+                        .encode() + _tail(f, LOG_KEEP))
+                info = tarfile.TarInfo(f"gpu_suite_stages/{f.name}")
+                info.size, info.mtime = len(data), int(f.stat().st_mtime)
+                tar.addfile(info, io.BytesIO(data))
+            else:
                 tar.add(f, arcname=f"gpu_suite_stages/{f.name}")
     os.replace(tmp, dest / "gpu_suite_stages.tar.gz")
 

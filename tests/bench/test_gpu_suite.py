@@ -28,7 +28,8 @@ def run_suite(out: Path, **env) -> subprocess.CompletedProcess:
 # Fault injection: PYTHON=this script in place of the interpreter. A call whose arguments contain PATTERN behaves as
 # FAULTS="PATTERN=what ..." says (hang: ignores SIGINT, like a process stuck in a CUDA call, with a child that does too;
 # partial: writes a first JSON to its --out, then hangs; segv: dies of SIGSEGV; kill: of SIGKILL, as the OOM killer
-# does; exit: exits 3 without a JSON; ok: writes a JSON); every other call runs the real interpreter. The pids of the
+# does; exit: exits 3 without a JSON; ok: writes a JSON; spew: also a 24 MB log that gzip cannot shrink much); every
+# other call runs the real interpreter. The pids of the
 # misbehaving processes go to FAULT_PIDS, their arguments to FAULT_PIDS.calls.
 FAULTY_PYTHON = r"""#!/usr/bin/env bash
 out=; prev=
@@ -44,6 +45,7 @@ for f in $FAULTS; do
         kill) echo "killed early"; kill -KILL $$;;
         exit) echo "failing without a JSON"; exit 3;;
         ok) echo '{"ok": true}' >"$out"; exit 0;;
+        spew) head -c 18000000 /dev/urandom | base64 -w 100; echo '{"ok": true}' >"$out"; echo "END OF LOG"; exit 0;;
       esac;;
   esac
 done
@@ -269,3 +271,23 @@ def test_a_second_run_into_the_same_folders_reports_only_its_own_results(tmp_pat
         merged = json.loads((out / "gpu_suite.json").read_text())
         assert merged["stages"][4]["stage"] == "cuda_scan_headline" and merged["stages"][4]["result"] == want
     assert merged["failed"] == ["cuda_scan_headline"] and not (stages / "05_cuda_scan_headline.json").exists()
+
+
+def test_a_runaway_log_does_not_make_the_archive_too_big_to_come_back(tmp_path):
+    """The device machine returns no file over 16 MiB: a stage that prints without end (a test failing in a loop,
+    a sanitizer listing every bad access) must not push the archive past that, and the merge never reads a log whole;
+    the archive keeps the log's end, where the error is."""
+    import tarfile
+
+    out, stages = tmp_path / "out", tmp_path / "stages"
+    proc = run_suite(out, **faulty_env(tmp_path, "bench/bench_cuda_scan.py=spew"), STAGES_DIR=str(stages),
+                     SUITE_BUDGET="100",
+                     SKIP_STAGES="env build smoke headline bilstm_tail crossbar imc_eval cuda_tests")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (stages / "05_cuda_scan_headline.log").stat().st_size > 24_000_000
+    assert (out / "gpu_suite_stages.tar.gz").stat().st_size <= 16 << 20
+    merged = json.loads((out / "gpu_suite.json").read_text())
+    assert merged["ran"] == ["cuda_scan_headline"] and merged["stages"][4]["log_tail"].endswith("END OF LOG\n")
+    with tarfile.open(out / "gpu_suite_stages.tar.gz") as tar:
+        log = tar.extractfile("gpu_suite_stages/05_cuda_scan_headline.log").read()
+    assert log.startswith(b"[gpu_suite: the first ") and log.endswith(b"END OF LOG\n") and len(log) < (1 << 20) + 100
