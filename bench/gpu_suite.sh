@@ -63,6 +63,7 @@ if [ "${1:-}" != __stage ]; then
   # a stage still running at its limit gets SIGINT, and STAGE_KILL_AFTER s later SIGKILL (with its children): that
   # grace is counted in the budget, so a stage stuck in a call that ignores SIGINT still ends within SUITE_BUDGET
   KILL_AFTER=${STAGE_KILL_AFTER:-15}
+  [ "$KILL_AFTER" -ge 1 ] || KILL_AFTER=1  # (timeout -k 0 would never SIGKILL)
   # the checkout's packages importable before (or without) an install: python/far and far_kernels
   export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} OUTDIR PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   if [ "$DRY" = 1 ]; then export CUDA_VISIBLE_DEVICES=""; fi  # the tests' conftest sets TRITON_INTERPRET=1 then
@@ -86,12 +87,14 @@ stage() {
   local tag; tag=$(printf '%02d_%s' "$n" "$name")
   local var="CAP_$name"; cap=${!var:-$((cap * SCALE))}
   local left=$((BUDGET - ($(date +%s) - t_start) - RESERVE - KILL_AFTER))
+  local limit=$((cap < left ? cap : left))
   if [[ " ${SKIP_STAGES:-} " == *" $name "* ]]; then
     helper status "$OUTDIR" "$tag" "$name" skipped 0 0 0 "SKIP_STAGES"
   elif [ "$left" -lt "$min" ]; then
     helper status "$OUTDIR" "$tag" "$name" skipped 0 0 0 "budget: ${left} s left, stage needs ${min} s"
+  elif [ "$limit" -lt 1 ]; then  # `timeout 0` would mean no limit at all
+    helper status "$OUTDIR" "$tag" "$name" skipped 0 0 0 "no time: a limit of ${limit} s (cap ${cap} s)"
   else
-    local limit=$((cap < left ? cap : left))
     echo "== $tag (limit ${limit} s, ${left} s of budget left)" >&2
     local t0; t0=$(date +%s)
     # said before it starts and merged (with STAGES_DIR: published) every PUBLISH_EVERY s while it runs, so a run

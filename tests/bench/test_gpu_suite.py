@@ -20,9 +20,9 @@ STAGES = ("env", "build", "smoke", "headline", "cuda_scan_headline", "bilstm_tai
 pytestmark = pytest.mark.slow
 
 
-def run_suite(out: Path, **env) -> subprocess.CompletedProcess:
+def run_suite(out: Path, timeout: float = 900, **env) -> subprocess.CompletedProcess:
     e = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable, **env}
-    return subprocess.run(["bash", str(SUITE)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
+    return subprocess.run(["bash", str(SUITE)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
 # Fault injection: PYTHON=this script in place of the interpreter. A call whose arguments contain PATTERN behaves as
@@ -291,3 +291,27 @@ def test_a_runaway_log_does_not_make_the_archive_too_big_to_come_back(tmp_path):
     with tarfile.open(out / "gpu_suite_stages.tar.gz") as tar:
         log = tar.extractfile("gpu_suite_stages/05_cuda_scan_headline.log").read()
     assert log.startswith(b"[gpu_suite: the first ") and log.endswith(b"END OF LOG\n") and len(log) < (1 << 20) + 100
+
+
+def test_a_zero_never_means_no_limit(tmp_path):
+    """`timeout 0` means no limit, `timeout -k 0` no SIGKILL: a stage whose cap is 0 (CAP_x=0, BENCH_WAIT_MAX=0: "no
+    time for it") or whose budget left was exactly 0 ran without a limit, and with STAGE_KILL_AFTER=0 a stage ignoring
+    SIGINT was never killed: either held the suite until the device call was killed. Now the first is skipped, the
+    second SIGKILLed 1 s after its SIGINT."""
+    env = faulty_env(tmp_path, "bench/bench_crossbar.py=hang bench/bench_imc_eval.py=hang")
+    try:
+        proc = run_suite(tmp_path / "out", timeout=60, **env, CAP_crossbar="0", CAP_imc_eval="1", STAGE_KILL_AFTER="0",
+                         SUITE_BUDGET="100",
+                         SKIP_STAGES="env build smoke headline cuda_scan_headline bilstm_tail cuda_tests")
+    finally:
+        for pid in (tmp_path / "fault_pids").read_text().split() if (tmp_path / "fault_pids").exists() else ():
+            try:
+                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    by = {s["stage"]: s for s in merged["stages"]}
+    assert by["crossbar"]["status"] == "skipped" and by["crossbar"]["note"].startswith("no time"), by["crossbar"]
+    assert by["imc_eval"]["status"] == "cut" and by["imc_eval"]["rc"] == 137 and by["imc_eval"]["seconds"] <= 4
+    assert "bench_crossbar" not in (tmp_path / "fault_pids.calls").read_text()  # never started
