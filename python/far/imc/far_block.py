@@ -24,8 +24,9 @@ k = kept units of that (direction, head): pruned units take no crossbar rows or 
 (direction, head) with none has no member. Direction 0 = forward, 1 = backward. far.imc.emulate turns
 pre_proj and proj into CrossbarLinear and the groups into CrossbarGroupLinear (each member selectable
 by name: X.w_ih.<head>.<direction>, X.w_hh.<head>.<direction> or X.lstm.<head>.<direction>,
-X.head_proj.<head>). Gates (sigmoid, tanh), the cell update and every bias add are digital, in the
-activations' dtype.
+X.head_proj.<head>). Gates (sigmoid, tanh), the cell update and every bias add are digital: the recurrence (state,
+gates, the W_hh product's output) in fp32 (fp64 for an fp64 model) as the model's own scan runs it, h rounded once
+to the activations' dtype; the other products in the activations' dtype.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ class UnrolledFARAttention(nn.Module):
         G, B = gx.shape[0], gx.shape[1]
         n = self.width
         idx = self._gate_index.view(G, 1, 4 * n)
+        dtype = gx.dtype  # state, gates and the recurrent product in fp32 as the model's own scan; h out in dtype
+        gx = gx.to(torch.float64 if dtype == torch.float64 else torch.float32)
         mask = self._unit_mask.to(gx.dtype)
         fwd = torch.tensor([r == 0 for _, r, _ in self.lstms], device=gx.device)
         h = gx.new_zeros(G, B, n)
@@ -117,7 +120,7 @@ class UnrolledFARAttention(nn.Module):
             h = torch.sigmoid(o) * torch.tanh(c) * mask
             out[fwd, :, t_f] = h[fwd]
             out[~fwd, :, t_b] = h[~fwd]
-        return out
+        return out.to(dtype)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
