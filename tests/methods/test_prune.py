@@ -369,3 +369,25 @@ def test_non_finite_weights_are_refused_naming_the_unit(tensor, value, tmp_path)
         with pytest.raises(ConfigError, match=f"{name}: {where}"):
             far.prune(model, list(range(8)), config=cfg, finetune_epochs=0, **options)
     assert not (tmp_path / "run").exists()
+
+
+def test_public_groups_are_the_public_codes_concatenation():
+    """groups="public" is the authors' group (modeling/train.py compute_lstm_reg_multihead): per unit the
+    concatenation [its W_ih rows over the 4 gates, its W_hh column, its W_hh rows over the 4 gates], so W_hh's 4
+    diagonal entries of the unit count twice; it used to count them once, as groups="far" does."""
+    m = block(5, C=16)
+    with torch.no_grad():
+        m.w_hh.mul_(4)  # make the diagonal's share of a group large enough to matter
+    n, d = m.width, m.head_dim
+    pub = group_norms(m, "public")
+    for h in range(2):
+        for r in range(2):
+            w_ih, w_hh = m.w_ih[h, r].detach(), m.w_hh[h, r].detach()
+            for u in range(n):
+                rows = [q * n + u for q in range(4)]
+                group = torch.cat([w_ih[rows].flatten(), w_hh[:, u], w_hh[rows].flatten()])
+                assert abs(float(pub[h, r, u]) - float(group.norm())) < 1e-12 * float(group.norm()), (h, r, u)
+    diag = torch.stack([m.w_hh[:, :, q * n + torch.arange(n), torch.arange(n)] for q in range(4)]).detach()
+    far_minus_extras = group_norms(m, "far").square() - m.b_ih.detach().view(2, 2, 4, n).square().sum(2) \
+        - m.b_hh.detach().view(2, 2, 4, n).square().sum(2) - m.head_proj_weight.detach().view(2, d, 2, n).square().sum(1)
+    assert torch.allclose(pub.square() - far_minus_extras, diag.square().sum(0), rtol=1e-9, atol=1e-12)

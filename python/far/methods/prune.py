@@ -66,7 +66,8 @@ HOYER_SCOPES = ("block", "head-direction")
 def group_sq_norms(m: FARAttention, groups: str = "far", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """[H, 2, n] squared L2 norm of every unit's group (differentiable), in the weights' dtype or `dtype`.
     groups="public" leaves out the biases and the head_proj column, as the authors' public code's groups do
-    (its unit = W_ih and W_hh gate rows and the W_hh column)."""
+    (its unit = W_ih and W_hh gate rows and the W_hh column, concatenated: W_hh's 4 diagonal entries of the unit,
+    in both its rows and its column, count twice there; once in "far")."""
     H, n, d = m.num_heads, m.width, m.head_dim
     w_ih, w_hh, b_ih, b_hh, hp_w, _ = (t.to(dtype) if dtype is not None else t for t in m.padded_params())
     w_ih = w_ih.view(H, 2, 4, n, d)
@@ -74,10 +75,10 @@ def group_sq_norms(m: FARAttention, groups: str = "far", dtype: Optional[torch.d
     sq = w_ih.square().sum(dim=(2, 4))                       # W_ih rows
     sq = sq + w_hh.square().sum(dim=(2, 4))                  # W_hh rows of unit u
     sq = sq + w_hh.square().sum(dim=(2, 3))                  # W_hh column u (all 4n rows)
-    diag = torch.diagonal(w_hh, dim1=3, dim2=4)              # [H, 2, 4, n]: in both the rows and the column
-    sq = sq - diag.square().sum(dim=2)
     if groups == "public":
         return sq
+    diag = torch.diagonal(w_hh, dim1=3, dim2=4)              # [H, 2, 4, n]: in both the rows and the column
+    sq = sq - diag.square().sum(dim=2)
     if groups != "far":
         raise ConfigError(f"groups must be one of {', '.join(GROUPS)}, got {groups!r}")
     sq = sq + b_ih.view(H, 2, 4, n).square().sum(2) + b_hh.view(H, 2, 4, n).square().sum(2)
