@@ -388,6 +388,7 @@ def test_public_groups_are_the_public_codes_concatenation():
                 group = torch.cat([w_ih[rows].flatten(), w_hh[:, u], w_hh[rows].flatten()])
                 assert abs(float(pub[h, r, u]) - float(group.norm())) < 1e-12 * float(group.norm()), (h, r, u)
     diag = torch.stack([m.w_hh[:, :, q * n + torch.arange(n), torch.arange(n)] for q in range(4)]).detach()
-    far_minus_extras = group_norms(m, "far").square() - m.b_ih.detach().view(2, 2, 4, n).square().sum(2) \
-        - m.b_hh.detach().view(2, 2, 4, n).square().sum(2) - m.head_proj_weight.detach().view(2, d, 2, n).square().sum(1)
+    extras = (m.b_ih.detach().view(2, 2, 4, n).square().sum(2) + m.b_hh.detach().view(2, 2, 4, n).square().sum(2)
+              + m.head_proj_weight.detach().view(2, d, 2, n).square().sum(1))
+    far_minus_extras = group_norms(m, "far").square() - extras
     assert torch.allclose(pub.square() - far_minus_extras, diag.square().sum(0), rtol=1e-9, atol=1e-12)
