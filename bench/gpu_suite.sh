@@ -146,16 +146,18 @@ st_build() {
   "$PY" -c "import sys; from far_kernels._ext import lib; sys.exit(0 if lib is not None and lib.has_cuda() else 3)"
 }
 
+# the test stages run pytest -v: the log names each test as it starts, so where pytest dies or hangs past SIGINT (a
+# kernel that never returns) and writes no junit XML, the log's last line says which test it was
 st_smoke() {  # the GPU_SMOKE ids in their order (the sanitizer last: the slowest), -m gpu_smoke checks the marking
   local ids; mapfile -t ids < <(helper smoke-ids)
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu_smoke --durations=10 --junitxml="$OUTDIR/$TAG.xml" "${ids[@]}"
+  "$PY" -m pytest -v -p no:cacheprovider -m gpu_smoke --durations=10 --junitxml="$OUTDIR/$TAG.xml" "${ids[@]}"
 }
 
 st_cuda_tests() {
   local where=(tests)
   [ "$DRY" = 1 ] && where=(tests/kernels/ops/test_bilstm_scan_cuda.py)  # collection of every file is the cost on CPU
   # a module that cannot be imported there (a package the device machine lacks) costs that module, not the stage
-  "$PY" -m pytest -q -p no:cacheprovider -m "cuda and not gpu_smoke" --continue-on-collection-errors --durations=15 \
+  "$PY" -m pytest -v -p no:cacheprovider -m "cuda and not gpu_smoke" --continue-on-collection-errors --durations=15 \
     --junitxml="$OUTDIR/$TAG.xml" "${where[@]}"
 }
 

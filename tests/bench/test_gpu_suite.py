@@ -315,3 +315,26 @@ def test_a_zero_never_means_no_limit(tmp_path):
     assert by["crossbar"]["status"] == "skipped" and by["crossbar"]["note"].startswith("no time"), by["crossbar"]
     assert by["imc_eval"]["status"] == "cut" and by["imc_eval"]["rc"] == 137 and by["imc_eval"]["seconds"] <= 4
     assert "bench_crossbar" not in (tmp_path / "fault_pids.calls").read_text()  # never started
+
+
+def test_a_test_stage_that_dies_says_in_which_test(tmp_path):
+    """pytest writes its junit XML only at the end: where it dies (SIGKILL after a kernel that never returns, a crash
+    in host code), the stage has no JSON and its log is all that tells which test it was in; -q printed dots."""
+    (tmp_path / "die_in_second_test.py").write_text(
+        "import os, signal\n"
+        "seen = []\n"
+        "def pytest_runtest_setup(item):\n"
+        "    seen.append(item.nodeid)\n"
+        "    if len(seen) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import GPU_SMOKE
+
+    proc = run_suite(tmp_path / "out", PYTHONPATH=str(tmp_path), PYTEST_ADDOPTS="-p die_in_second_test",
+                     SUITE_BUDGET="300",
+                     SKIP_STAGES="env build headline cuda_scan_headline bilstm_tail crossbar imc_eval cuda_tests")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    smoke = next(s for s in merged["stages"] if s["stage"] == "smoke")
+    assert smoke["status"] == "failed" and smoke["rc"] == 128 + signal.SIGKILL and smoke["result"] is None
+    assert smoke["log_tail"].rstrip().splitlines()[-1].startswith(GPU_SMOKE[1]), smoke["log_tail"][-500:]
