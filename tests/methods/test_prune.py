@@ -392,3 +392,30 @@ def test_public_groups_are_the_public_codes_concatenation():
               + m.head_proj_weight.detach().view(2, d, 2, n).square().sum(1))
     far_minus_extras = group_norms(m, "far").square() - extras
     assert torch.allclose(pub.square() - far_minus_extras, diag.square().sum(0), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("run,pruned", [(1, 10), (3, 11)])
+def test_global_threshold_between_norms_one_ulp_apart(run, pruned):
+    """The threshold between two norms was their float64 midpoint; for adjacent doubles that rounds to the lower
+    one, which is then kept (groups >= threshold are): too few pruned. Every group here has one nonzero weight, so
+    its norm is that weight exactly: norms 1..32, k = 10. run 1: the 10th norm is 10.0 and the 11th one ulp above
+    (10 pruned, not 9). run 3: the 9th-11th are 10.0, a run of equal norms pruned whole (11 is nearer k than 8),
+    and the 12th one ulp above (11 pruned, not 8)."""
+    import math
+
+    m = far.FARAttention(16, 2).double()  # 2 heads x 2 directions x 8 units = 32 groups
+    n = m.width
+    vals = [float(v) for v in range(1, 33)]
+    first = 9 if run == 1 else 8
+    vals[first:first + run] = [10.0] * run
+    vals[first + run] = math.nextafter(10.0, 11.0)
+    with torch.no_grad():
+        for p in (m.w_ih, m.w_hh, m.b_ih, m.b_hh, m.head_proj_weight):
+            p.zero_()
+        for i, v in enumerate(vals):
+            m.w_ih[i // (2 * n), (i // n) % 2, i % n, 0] = v
+    g = group_norms(m)
+    assert sorted(g.flatten().tolist()) == sorted(vals)
+    keep = keep_masks([m], global_threshold([m], prune_ratio=10 / 32))[0]
+    assert 32 - int(keep.sum()) == pruned
+    assert torch.equal(keep, g > 10.0)

@@ -126,6 +126,13 @@ def hoyer_square(m: FARAttention, eps: float = 1e-12, scope: str = "block", grou
     return (norms.sum(-1).square() / (sq * mask).sum(-1).clamp_min(eps)).sum()
 
 
+def _between(lo, hi) -> float:
+    """A threshold t with lo < t <= hi (groups >= t are kept): their midpoint, or hi when the two are adjacent
+    doubles and the midpoint rounds down to lo (which would keep lo's group too)."""
+    mid = float((lo + hi) / 2)
+    return mid if float(lo) < mid else float(hi)
+
+
 def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = None,
                      threshold: Optional[float] = None, groups: str = "far") -> float:
     """The threshold: given, or the value below which `prune_ratio` of all kept groups lie."""
@@ -147,12 +154,12 @@ def global_threshold(models: List[FARAttention], prune_ratio: Optional[float] = 
     if k >= s.numel():
         return float(s[-1]) + 1.0
     if s[k - 1] < s[k]:
-        return float((s[k - 1] + s[k]) / 2)
+        return _between(s[k - 1], s[k])
     # k falls inside a run of equal norms (zero groups, low-precision weights): the run goes as one, all pruned
     # or all kept, whichever count lies nearer k (kept on a tie; never the whole model)
     below, through = int((s < s[k]).sum()), int((s <= s[k]).sum())
     if through - k < k - below and through < s.numel():
-        return float((s[k] + s[through]) / 2)
+        return _between(s[k], s[through])
     return float(s[k])
 
 
@@ -441,7 +448,7 @@ def plan_budget(models: List[Tuple[str, FARAttention]], model: nn.Module, budget
     j = hi
     masks = masks_for(j)
     # (no alive group at all, G = 0: nothing to remove, threshold 0)
-    thr = float((order[j - 1] + order[j]) / 2) if 0 < j < G else (float(order[-1]) + 1.0 if 0 < j == G else 0.0)
+    thr = _between(order[j - 1], order[j]) if 0 < j < G else (float(order[-1]) + 1.0 if 0 < j == G else 0.0)
     return BudgetPlan(budget, masks, thr, before, value(j), value(j - 1) if j > 0 else None, j, G, align, min_units,
                       keep_heads)
 
