@@ -128,6 +128,8 @@ st_build() {
   local stampf=build/.far-cuda-src-hash
   # the device machine has no network: pip must not look for anything (--no-index, no version check)
   local pip=(env PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY" -m pip install --no-index --no-build-isolation --no-deps)
+  local pep660="import importlib.util as u, setuptools as s, sys; "
+  pep660+="sys.exit(u.find_spec('pip') is None or int(s.__version__.split('.')[0]) < 64)"
   if [ -n "${WHEEL:-}" ]; then
     "${pip[@]}" --force-reinstall "$WHEEL" || return 1
   elif [ "${BUILD:-cached}" = skip ]; then
@@ -135,11 +137,11 @@ st_build() {
   elif [ "${BUILD:-cached}" = cached ] && [ -f "$stampf" ] && [ "$(cat "$stampf")" = "$want" ] &&
        "$PY" -c "import sys; from far_kernels._ext import lib; sys.exit(0 if lib is not None and lib.has_cuda() else 1)"; then
     echo "cached: far_kernels._C was built from these sources ($want)"
-  elif "$PY" -m pip --version >/dev/null 2>&1; then
+  elif "$PY" -c "$pep660" 2>/dev/null; then  # pip, and a setuptools with editable installs (PEP 660)
     "${pip[@]}" -e . || return 1  # no second try: a compile error would only repeat, at the cost of minutes
     mkdir -p build && echo "$want" >"$stampf"
-  else
-    "$PY" setup.py build_ext --inplace || return 1  # no pip there: the in-place extension (PYTHONPATH has the tree)
+  else  # the in-place extension (PYTHONPATH has the tree)
+    "$PY" setup.py build_ext --inplace || return 1
     mkdir -p build && echo "$want" >"$stampf"
   fi
   helper build-check "$OUTDIR/$TAG.json"

@@ -244,18 +244,25 @@ def test_a_crashed_stage_is_recorded_and_the_suite_goes_on(tmp_path):
     assert by["imc_eval"]["result"] == {"ok": True}
 
 
-def test_a_failed_build_costs_only_itself_and_needs_no_network(tmp_path):
+@pytest.mark.parametrize("pep660", [True, False], ids=["pip", "old-setuptools"])
+def test_a_failed_build_costs_only_itself_and_needs_no_network(tmp_path, pep660):
     """The device machine has no network and has never compiled these sources: the build (BUILD=fresh runs it in a dry
     run too) installs with pip offline, and a failed compile is not compiled again (setup.py build_ext after pip
-    repeated the same error, doubling the minutes lost); the build stage fails with its log, the next stages run."""
-    env = faulty_env(tmp_path, "--no-build-isolation=exit setup.py=exit")
+    repeated the same error, doubling the minutes lost); the build stage fails with its log, the next stages run.
+    setup.py build_ext --inplace is the way only where pip or an editable-capable setuptools (>= 64) is missing."""
+    env = faulty_env(tmp_path, "--no-build-isolation=exit setup.py=exit" + ("" if pep660 else " find_spec=exit"))
     proc = run_suite(tmp_path / "out", **env, BUILD="fresh", SUITE_BUDGET="200",
                      SKIP_STAGES="env smoke headline bilstm_tail crossbar imc_eval cuda_tests")
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     assert merged["failed"] == ["build"] and merged["ran"] == ["cuda_scan_headline"], merged["status"]
     assert "without a JSON" in merged["stages"][1]["log_tail"]
-    [call] = (tmp_path / "fault_pids.calls").read_text().splitlines()  # pip only, once
+    calls = (tmp_path / "fault_pids.calls").read_text().splitlines()
+    if not pep660:
+        assert calls[0].startswith("-c ") and "find_spec" in calls[0]
+        assert calls[1:] == ["setup.py build_ext --inplace"], calls
+        return
+    [call] = calls  # pip only, once
     assert call.split()[:3] == ["-m", "pip", "install"] and {"--no-index", "--no-deps", "-e"} <= set(call.split())
 
 
