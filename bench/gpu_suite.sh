@@ -47,6 +47,14 @@ PY=${PYTHON:-python3}  # the device machines' python3 is the one with torch (KIN
 DRY=${DRY_RUN:-0}
 helper() { "$PY" bench/gpu_suite_stage.py "$@"; }
 if [ "${1:-}" != __stage ]; then
+  # the numeric knobs, checked before anything runs: bash arithmetic on "540s" or "08" failed inside each stage, which
+  # then vanished from the merge without a word (SUITE_BUDGET=540s: no stage at all, and exit status 0)
+  bad=
+  for v in SUITE_BUDGET STAGE_KILL_AFTER PUBLISH_EVERY BENCH_WAIT_MAX BILSTM_TIMEOUT CUDA_SCAN_TIMEOUT XBAR_TIMEOUT \
+           IMC_EVAL_TIMEOUT TESTS_TIMEOUT MAX_JOBS $(compgen -v CAP_); do
+    [ -z "${!v:-}" ] || [[ "${!v}" =~ ^(0|[1-9][0-9]*)$ ]] || bad+=" $v='${!v}'"
+  done
+  if [ -n "$bad" ]; then echo "gpu_suite: error: not a whole number (of seconds):$bad; nothing was run" >&2; exit 2; fi
   stamp=$(date -u +%Y%m%dT%H%M%SZ)
   SCALE=1; [ "$DRY" = 1 ] && SCALE=5  # a dry run's caps and budget x5: CPU runners are slow and shared
   BUDGET=${SUITE_BUDGET:-$((480 * SCALE))}

@@ -345,3 +345,15 @@ def test_a_test_stage_that_dies_says_in_which_test(tmp_path):
     smoke = next(s for s in merged["stages"] if s["stage"] == "smoke")
     assert smoke["status"] == "failed" and smoke["rc"] == 128 + signal.SIGKILL and smoke["result"] is None
     assert smoke["log_tail"].rstrip().splitlines()[-1].startswith(GPU_SMOKE[1]), smoke["log_tail"][-500:]
+
+
+def test_a_mistyped_knob_is_refused_before_anything_runs(tmp_path):
+    """SUITE_BUDGET=540s (or CAP_crossbar=1m, or an octal-looking 08) broke the shell arithmetic inside every stage
+    (or that one), which then vanished from the merge without a word, and the suite exited 0; it is now refused at
+    once, every bad knob named, before any stage starts."""
+    proc = run_suite(tmp_path / "out", timeout=60, SUITE_BUDGET="540s", CAP_crossbar="1m", STAGE_KILL_AFTER="08",
+                     CAP_headline="30")
+    assert proc.returncode == 2
+    assert "SUITE_BUDGET='540s'" in proc.stderr and "CAP_crossbar='1m'" in proc.stderr
+    assert "STAGE_KILL_AFTER='08'" in proc.stderr and "CAP_headline" not in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
