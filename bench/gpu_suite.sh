@@ -109,9 +109,12 @@ stage() {
     # killed now (the device call's time limit) returns the stage's log and the JSON it has rewritten so far
     helper status "$OUTDIR" "$tag" "$name" running 0 0 "$limit" "running when this merge was written"
     merge
-    # (the sleep's pid is forgotten once it is reaped: the trap never signals a pid that may have been reused)
+    # (the sleep's pid is forgotten once it is reaped: the trap never signals a pid that may have been reused; and
+    # it stops once the suite ($$, in a subshell too) is gone: killed alone, the suite left it merging forever)
     (s=; trap '[ -n "$s" ] && kill "$s"; exit 0' TERM
-     while :; do sleep "${PUBLISH_EVERY:-30}" & s=$!; wait "$s"; s=; merge; done) &
+     while kill -0 $$ 2>/dev/null; do
+       sleep "${PUBLISH_EVERY:-30}" & s=$!; wait "$s"; s=; kill -0 $$ 2>/dev/null && merge
+     done) &
     local publisher=$!
     TAG=$tag timeout -s INT -k "$KILL_AFTER" "$limit" bash bench/gpu_suite.sh __stage "$@" >"$OUTDIR/$tag.log" 2>&1
     local rc=$? status=ran took=$(($(date +%s) - t0))

@@ -357,3 +357,42 @@ def test_a_mistyped_knob_is_refused_before_anything_runs(tmp_path):
     assert "SUITE_BUDGET='540s'" in proc.stderr and "CAP_crossbar='1m'" in proc.stderr
     assert "STAGE_KILL_AFTER='08'" in proc.stderr and "CAP_headline" not in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_publisher_ends_with_the_suite(tmp_path):
+    """While a stage runs, a background loop republishes the merge; where the suite alone is killed (not its
+    process group: a caller's timeout that kills only the child), the loop must not go on merging for ever."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "SUITE_BUDGET": "120", "PUBLISH_EVERY": "1",
+           "SKIP_STAGES": "env build smoke cuda_scan_headline bilstm_tail crossbar imc_eval cuda_tests",
+           **faulty_env(tmp_path, "bench/bench_bilstm.py=hang")}
+    proc = subprocess.Popen(["bash", str(SUITE)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ours():  # every process of this run (they all carry its FAULT_PIDS)
+        mark = f"FAULT_PIDS={env['FAULT_PIDS']}".encode()
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and mark in (d / "environ").read_bytes().split(b"\0") and alive(int(d.name)):
+                    yield int(d.name)
+            except OSError:
+                pass
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "fault_pids").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)
+        proc.kill()  # the suite alone
+        proc.wait()
+        for pid in (tmp_path / "fault_pids").read_text().split():
+            try:  # the stage (its own process group)
+                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+            except ProcessLookupError:  # killed with the first
+                pass
+        time.sleep(2.5)  # a publisher still there wakes up (every 1 s) and merges
+        before = (out / "gpu_suite.json").stat().st_mtime_ns
+        time.sleep(2.5)
+        assert (out / "gpu_suite.json").stat().st_mtime_ns == before and not list(ours())
+    finally:
+        for pid in ours():
+            os.kill(pid, signal.SIGKILL)
