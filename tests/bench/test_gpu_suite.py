@@ -366,7 +366,8 @@ def test_the_publisher_ends_with_the_suite(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "SUITE_BUDGET": "120", "PUBLISH_EVERY": "1",
            "SKIP_STAGES": "env build smoke cuda_scan_headline bilstm_tail crossbar imc_eval cuda_tests",
            **faulty_env(tmp_path, "bench/bench_bilstm.py=hang")}
-    proc = subprocess.Popen(["bash", str(SUITE)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(["bash", str(SUITE)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
     def ours():  # every process of this run (they all carry its FAULT_PIDS)
         mark = f"FAULT_PIDS={env['FAULT_PIDS']}".encode()
