@@ -51,6 +51,51 @@ def test_reuse_forward_by_hand():
     assert reuse_plan(m) == {2: 0} and not hasattr(m.blocks[2].attn, "qkv")
 
 
+def _vit64(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=16, patch_size=8, in_chans=1, num_classes=3, embed_dim=16, depth=3, num_heads=2,
+                          **kw).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():  # off timm's init (LayerScale 1e-5, LayerNorm 1 / 0): every parameter matters
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("kw", [{}, dict(init_values=0.5), dict(qk_norm=True), dict(reg_tokens=2),
+                                dict(scale_attn_norm=True)], ids=["plain", "layerscale", "qk_norm", "reg", "scale_norm"])
+def test_reused_block_is_the_transform_of_the_source_output_exactly(kw):
+    """float64: block 2 = x + ls1(transform(block 0's attention output, before block 0's LayerScale)) + its MLP, with
+    the timm variants apply_reuse accepts; the source block itself is unchanged (its tap applies its LayerScale)."""
+    teacher = _vit64(**kw)
+    m = apply_reuse(copy.deepcopy(teacher), {2: 0})
+    with torch.no_grad():
+        for p in m.blocks[2].attn.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+        h = teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(x)))
+        b0 = teacher.blocks[0]
+        a0 = b0.attn(b0.norm1(h))
+        h = teacher.blocks[1](teacher.blocks[0](h))
+        b2 = m.blocks[2]
+        h = h + b2.ls1(b2.attn.transform(a0))
+        h = h + b2.ls2(b2.mlp(b2.norm2(h)))
+        assert torch.equal(m(x), m.forward_head(m.norm(h)))
+
+
+@pytest.mark.parametrize("block", ["ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"])
+def test_blocks_other_than_the_pre_norm_block_are_refused(block):
+    """The tap and ReuseAttention assume x + ls1(attn(norm1(x))): other timm blocks were an AttributeError ('no ls1')."""
+    import timm.models.vision_transformer as vt
+
+    m = _vit64(block_fn=getattr(vt, block))
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=f"blocks.0: {block} cannot take part in attention reuse"):
+        apply_reuse(m, {2: 0})
+    assert not reuse_plan(m) and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
 def test_bad_plans():
     for plan, msg in (({1: 2}, "earlier block"), ({0: 0}, "earlier block"), ({1: 0, 2: 1}, "keep its own attention"),
                       ({5: 0}, "earlier block")):

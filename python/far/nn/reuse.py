@@ -125,6 +125,15 @@ def apply_reuse(model: nn.Module, plan: Dict[int, int], kind: str = "ln-linear-g
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no .blocks: attention reuse needs a timm ViT")
     plan = {int(i): int(j) for i, j in plan.items()}
+    from timm.models.vision_transformer import Block
+
+    for k in sorted({b for ij in plan.items() for b in ij if 0 <= b < len(blocks)}):
+        blk = blocks[k]
+        # the tap and ReuseAttention assume Block's x + ls1(attn(norm1(x))): timm's ResPostBlock (x + norm1(attn(x)))
+        # and parallel blocks (attention fused with the MLP) have no ls1 to tap or no attention output of its own
+        if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
+            raise ValueError(f"blocks.{k}: {type(blk).__name__} cannot take part in attention reuse: only timm's "
+                             "pre-norm Block (x + ls1(attn(norm1(x)))) can")
     old = dict(getattr(model, "far_reuse", {}) or {})
     both = {**old, **plan}
     for i, j in both.items():
