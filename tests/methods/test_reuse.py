@@ -64,7 +64,8 @@ def _vit64(**kw):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(init_values=0.5), dict(qk_norm=True), dict(reg_tokens=2),
-                                dict(scale_attn_norm=True)], ids=["plain", "layerscale", "qk_norm", "reg", "scale_norm"])
+                                dict(scale_attn_norm=True)],
+                         ids=["plain", "layerscale", "qk_norm", "reg", "scale_norm"])
 def test_reused_block_is_the_transform_of_the_source_output_exactly(kw):
     """float64: block 2 = x + ls1(transform(block 0's attention output, before block 0's LayerScale)) + its MLP, with
     the timm variants apply_reuse accepts; the source block itself is unchanged (its tap applies its LayerScale)."""
@@ -86,7 +87,8 @@ def test_reused_block_is_the_transform_of_the_source_output_exactly(kw):
 
 @pytest.mark.parametrize("block", ["ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"])
 def test_blocks_other_than_the_pre_norm_block_are_refused(block):
-    """The tap and ReuseAttention assume x + ls1(attn(norm1(x))): other timm blocks were an AttributeError ('no ls1')."""
+    """The tap and ReuseAttention assume x + ls1(attn(norm1(x))): other timm blocks were an AttributeError
+    ('no ls1')."""
     import timm.models.vision_transformer as vt
 
     m = _vit64(block_fn=getattr(vt, block))
