@@ -159,6 +159,38 @@ def test_reuse_block_is_costed_as_its_transform():
     assert r.totals["latency_us"] < base["latency_us"] and r.totals["cell_writes"] < base["cell_writes"]
 
 
+@pytest.mark.parametrize("dynamic", ["write", "digital"])
+def test_reuse_row_is_exactly_its_transform_and_nothing_of_the_attention(dynamic):
+    """Block 2 reusing block 1: its row costs exactly a LayerNorm over C x T (the same model's norm2 row), a
+    Linear(C, C) over T tokens (a ViT whose MLP is C -> C -> C gives that row) and a GELU over C x T (a quarter of
+    the MLP's GELU over 4C x T) — no qkv, K/V writes, dynamic products, softmax or proj; every other row is
+    unchanged, so the totals drop by exactly (attention + norm1 - transform)."""
+    hw = HardwareSpec(dynamic=dynamic)
+    torch.manual_seed(0)
+    vit = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=3, num_heads=2)
+    before = {r.name: r for r in model_cost(vit, hw=hw).rows}
+    far.nn.apply_reuse(vit, {2: 1})
+    report = model_cost(vit, hw=hw)
+    after = {r.name: r for r in report.rows}
+    narrow = far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=1, num_heads=2, mlp_ratio=1.0)
+    lin = next(r for r in model_cost(narrow, hw=hw).rows if r.name == "blocks.0.mlp.fc1")
+    assert lin.detail == "32 -> 32 x 50 tokens"
+    ln, gelu, row = before["blocks.2.norm2"], before["blocks.2.mlp.act"], after["blocks.2.attn"]
+    assert row.kind == "reuse" and row.cell_writes == 0 and row.dynamic_arrays == 0
+    for field in ("arrays", "macs", "adc_conversions", "dac_activations", "crossbar_reads", "buffer_bits"):
+        assert getattr(row, field) == getattr(lin, field), field
+    assert row.digital_ops == ln.digital_ops + lin.digital_ops + gelu.digital_ops / 4
+    assert row.energy_pj == pytest.approx(ln.energy_pj + lin.energy_pj + gelu.energy_pj / 4, rel=1e-12)
+    assert row.latency_ns == pytest.approx(ln.latency_ns + lin.latency_ns + gelu.latency_ns / 4, rel=1e-12)
+    assert set(before) - set(after) == {"blocks.2.norm1"} and set(after) <= set(before)
+    for name, r in after.items():
+        if name != "blocks.2.attn":
+            assert r.energy_pj == before[name].energy_pj and r.latency_ns == before[name].latency_ns, name
+    saved = before["blocks.2.attn"].energy_pj + before["blocks.2.norm1"].energy_pj - row.energy_pj
+    assert sum(r.energy_pj for r in before.values()) - sum(r.energy_pj for r in after.values()) == pytest.approx(
+        saved, rel=1e-12)
+
+
 def test_reusing_block_is_not_charged_the_layernorm_its_attention_ignores():
     """A reusing block's norm1 feeds only its ReuseAttention, which transforms the source's stored output: the chip
     skips it. Reuse removes exactly that LayerNorm row (and the attention row becomes a reuse row); the source
