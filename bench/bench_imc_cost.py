@@ -10,7 +10,8 @@ Two tables:
   deit    DeiT-tiny/small/base shapes at 224x224 (T = 197), random weights (the cost does not depend on them):
           attention; FAR (n = d); FAR with 30% of the LSTM units pruned (n = 0.7 d, the zoo's pruning ratio);
           TReX-style reuse: a quarter and a half of the encoders reuse the previous encoder's attention output
-          (adjacent pairs from the last down; a half is the most the reuse rule allows)
+          (adjacent pairs from the last down; a half is the most adjacent pairs allow, the reuse rule itself up to
+          L - 1: every later encoder reusing the first)
 
 plus a write-verify sweep (how the write-mode costs of attention grow with program-and-verify pulses, which FAR
 never pays). Every figure comes from far.imc.cost with CrossbarConfig() and HardwareSpec() defaults; the
