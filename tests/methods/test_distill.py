@@ -2,6 +2,7 @@
 trains only the new modules, isolated stage 1 == each block trained alone on cached teacher activations,
 label-free distillation, and the whole command end to end on a tiny model."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -416,3 +417,27 @@ def test_stage1_lr_defaults_by_mode(tmp_path):
     assert 1e-3 < peak <= 2e-3 + 1e-12
     with pytest.raises(ConfigError, match="joint lr"):
         far.distill(teacher, data, joint_epochs=1, joint_lr=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_teacher_trains_a_float32_student(dtype):
+    """A bf16 / fp16 teacher (e.g. a checkpoint stored in bf16: far.load keeps its dtype) must not make a
+    student trained in that dtype, whose optimizer steps below half an ulp of a weight are lost (at stage 2's
+    LR 2e-4 about 40% of the weights of a tiny bf16 student never moved in 4 steps). The student trains in
+    float32, on a float32 copy of the teacher: exactly the run of the teacher cast to float32 (bf16/fp16 values
+    are float32 values); the teacher itself stays as it was."""
+    data = ImageSet(32, seed=4)
+    cfg = TrainConfig(epochs=0.5, batch_size=16, progress=False, augment=False)
+    low = tiny_teacher().to(dtype)
+    before = copy.deepcopy(low.state_dict())
+    got = far.distill(low, data, eval_data=data, config=cfg, stage2_epochs=0.5)
+    want = far.distill(copy.deepcopy(low).float(), data, eval_data=data, config=cfg, stage2_epochs=0.5)
+    assert {p.dtype for p in got.parameters()} == {torch.float32}
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
+    assert all(p.dtype == dtype for p in low.parameters())
+    assert all(torch.equal(v, low.state_dict()[k]) for k, v in before.items())
+    assert got.far_metadata["fidelity"] == want.far_metadata["fidelity"]
+    given = make_student(low)  # a low-precision student given to continue: trained in float32 too
+    cont = far.distill(low, data, student=given, config=dataclasses.replace(cfg, epochs=0), stage2_epochs=0.5)
+    assert {p.dtype for p in cont.parameters()} == {torch.float32} and given.blocks[0].attn.w_hh.dtype == dtype

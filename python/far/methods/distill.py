@@ -310,6 +310,15 @@ def adopt_classifier(student: nn.Module, teacher: nn.Module) -> bool:
     return True
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _low_precision(model: nn.Module) -> bool:
+    """True if a parameter is bf16 / fp16: trained in that dtype, AdamW steps below half an ulp of a weight are
+    lost, so distillation trains in float32 (bf16 autocast on GPUs is `amp`, with float32 weights)."""
+    return any(p.dtype in LOW_PRECISION for p in model.parameters())
+
+
 def _teacher_state(teacher: nn.Module) -> tuple:
     """(device, training, requires_grad per parameter): what distillation changes on the teacher."""
     p = next(teacher.parameters(), None)
@@ -470,6 +479,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
     if far_modules(teacher):
         raise ConfigError("the teacher is already a FAR model; distil from an attention model")
     saved = _teacher_state(teacher)
+    if _low_precision(teacher):  # a float32 copy (the same values): the student is made from it and trains in float32
+        teacher = copy.deepcopy(teacher).float()
     try:
         return _distill(teacher, train_data, student, eval_data, cfg, settings, hidden_sizes, device, identity,
                         recipe_record)
@@ -499,6 +510,8 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         prior = getattr(student, "far_metadata", None) or getattr(student, "far_checkpoint", {}).get("metadata", {})
         s_classes = getattr(student, "num_classes", None)
         student = copy.deepcopy(student)
+        if _low_precision(student):
+            student.float()
         if far_modules(student) and adopt_classifier(student, teacher):  # a downstream teacher: its classes
             recipe_record = {**recipe_record, "classifier": f"copied from the teacher ({student.num_classes} classes; "
                                                              f"the student had {s_classes})"}
