@@ -135,6 +135,22 @@ def test_search_meets_the_budget_most_similar_first():
     assert not impossible["met"] and impossible["plan"]
 
 
+def test_search_refuses_a_similarity_of_the_wrong_size_or_with_nan():
+    """A [2, 2] similarity for 4 blocks kept blocks 2 and 3 out of the search (plan {1: 0}, budget missed, no word);
+    a NaN pair seen first won over every real one (nothing compares greater than NaN)."""
+    m = tiny(depth=4)
+    budget = model_cost(m).totals["latency_us"] * 0.9
+    with pytest.raises(ConfigError, match=r"similarity must be \[4, 4\].*got \[2, 2\]"):
+        search_reuse(m, None, latency_budget_us=budget, similarity=torch.eye(2, dtype=torch.float64))
+    sim = torch.eye(4, dtype=torch.float64)
+    sim[1, 0] = sim[0, 1] = float("nan")
+    sim[3, 2] = sim[2, 3] = 0.9
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        search_reuse(m, None, latency_budget_us=budget, similarity=sim)
+    sim[1, 0] = sim[0, 1] = 0.1
+    assert search_reuse(m, None, latency_budget_us=budget, similarity=sim)["plan"] == {3: 2}
+
+
 def test_unreachable_latency_budget_is_refused_before_training(tmp_path, capsys, monkeypatch):
     """search_reuse reports met=False; far.reuse and far reuse refuse it before any training, with the least
     latency reuse reaches (every later block reusing block 0), or that plan when the greedy search stopped short."""

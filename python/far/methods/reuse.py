@@ -81,7 +81,14 @@ def search_reuse(model: nn.Module, data, *, latency_budget_us: float, cfg=None, 
     if not latency_budget_us > 0:
         raise ConfigError(f"latency budget must be > 0 us, got {latency_budget_us}")
     sim = similarity if similarity is not None else attention_similarity(model, data, limit=limit)
-    L = sim.shape[0]
+    L = len(token_mixers(model, need_proj=False))
+    sim = torch.as_tensor(sim, dtype=torch.float64)
+    # a smaller matrix silently kept later blocks out of the search, and a NaN pair, taken when first, was never
+    # displaced (nothing compares greater than NaN)
+    if sim.shape != (L, L):
+        raise ConfigError(f"similarity must be [{L}, {L}] (one row and column per block), got {list(sim.shape)}")
+    if not bool(torch.isfinite(sim).all()):
+        raise ConfigError("similarity has NaN or inf entries (non-finite attention outputs on the calibration data?)")
     base = model_cost(model, cfg, hw).totals["latency_us"]
     plan: Dict[int, int] = {}
     latency = base
