@@ -441,3 +441,20 @@ def test_low_precision_teacher_trains_a_float32_student(dtype):
     given = make_student(low)  # a low-precision student given to continue: trained in float32 too
     cont = far.distill(low, data, student=given, config=dataclasses.replace(cfg, epochs=0), stage2_epochs=0.5)
     assert {p.dtype for p in cont.parameters()} == {torch.float32} and given.blocks[0].attn.w_hh.dtype == dtype
+
+
+def test_losses_keep_float64():
+    """The losses upcast low precision to float32 but never round float64 inputs down to it: a float64 model
+    (the loop trains one in its own dtype) gets float64 losses, equal to the by-hand formulas up to float64
+    rounding (a float32 pass errs by ~1e-7 relative)."""
+    g = torch.Generator().manual_seed(7)
+    s, t = (torch.randn(3, 9, 5, dtype=torch.float64, generator=g) for _ in range(2))
+    cos = (1 - (s * t).sum(1) / (s.norm(dim=1) * t.norm(dim=1))).mean()
+    mse = (s - t).square().sum() / t.square().sum()
+    a, b = s[:, 0], t[:, 0]  # [3, 5] logits
+    kd = (b.softmax(-1) * (b.log_softmax(-1) - a.log_softmax(-1))).sum(-1).mean()
+    eps = 64 * torch.finfo(torch.float64).eps
+    for got, want in ((cosine_token_loss(s, t), cos), (relative_mse(s, t), mse), (kd_loss(a, b), kd)):
+        assert got.dtype == torch.float64
+        assert abs(float(got - want)) <= eps * max(1.0, abs(float(want)))
+    assert cosine_token_loss(s.bfloat16(), t.bfloat16()).dtype == torch.float32

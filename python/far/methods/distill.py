@@ -51,15 +51,20 @@ STAGE1_MODES = ("isolated", "joint")
 
 
 # ---------------------------------------------------------------- losses
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 or wider: bf16 / fp16 upcast, float64 kept (a float64 model's losses stay float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def cosine_token_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """mean over (batch, channel) of 1 - cosine similarity along the token axis: s, t [B, N, C]."""
-    return (1.0 - F.cosine_similarity(s.float(), t.float(), dim=1, eps=1e-6)).mean()
+    return (1.0 - F.cosine_similarity(_wide(s), _wide(t), dim=1, eps=1e-6)).mean()
 
 
 def relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """sum (s - t)^2 / sum t^2 over the batch: 0 iff s == t, 1 for s = 0; independent of the target's scale,
     so blocks of different magnitudes weigh alike."""
-    s, t = s.float(), t.float()
+    s, t = _wide(s), _wide(t)
     return (s - t).square().sum() / t.square().sum().clamp_min(1e-12)
 
 
@@ -78,8 +83,8 @@ def block_loss(s: torch.Tensor, t: torch.Tensor, kind: str = "cos+mse") -> Dict[
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 * KL(softmax(t / T) || softmax(s / T)), averaged over the batch (Hinton et al. 2015): 0 iff the
     two predictive distributions agree; the T^2 keeps its gradient scale independent of T."""
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_s = F.log_softmax(_wide(student_logits) / temperature, dim=-1)
+    log_p_t = F.log_softmax(_wide(teacher_logits) / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
