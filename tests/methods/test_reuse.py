@@ -182,6 +182,8 @@ def test_unreachable_latency_budget_is_refused_before_training(tmp_path, capsys,
     assert "far: error: the latency budget 10.0 us cannot be met" in capsys.readouterr().err
     assert main(["reuse", str(tpath), "--plan", "2:1,2:0", *common]) == 2
     assert "--plan lists block 2 twice" in capsys.readouterr().err
+    assert main(["reuse", str(tpath), "--plan", "", *common]) == 2  # was: "give exactly one of plan= and ..."
+    assert "far: error: --plan takes BLOCK:SOURCE pairs like 2:1,3:1, got ''" in capsys.readouterr().err
     assert not out.exists()
 
 

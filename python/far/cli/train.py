@@ -417,9 +417,10 @@ def cmd_reuse(args) -> int:
     cfg = train_config(args)
     if (args.plan is None) == (args.latency_budget is None):
         raise ConfigError("give exactly one of --latency-budget and --plan")
+    plan = _plan(args.plan) if args.plan is not None else None  # before loading anything
     teacher, _ = load_model(ref, far=False, pretrained=True)
     train_set, eval_set = datasets(args, teacher, cfg)
-    model = far.reuse(teacher, train_set, plan=_plan(args.plan) if args.plan else None,
+    model = far.reuse(teacher, train_set, plan=plan,
                       latency_budget_us=args.latency_budget, eval_data=eval_set, config=cfg,
                       stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, ce_weight=args.ce_weight,
                       kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, transform=args.transform,
