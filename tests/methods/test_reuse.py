@@ -135,6 +135,15 @@ def test_search_meets_the_budget_most_similar_first():
     assert not impossible["met"] and impossible["plan"]
 
 
+def test_similarity_uses_at_most_limit_images():
+    """limit=10 with batches of 16 measured all 16 images of the first batch."""
+    m, data = tiny(), ImageSet(40, seed=3)
+    first = torch.utils.data.Subset(data, range(10))
+    # the same 10 images in one batch of 10 either way: the same arithmetic, bit for bit
+    assert torch.equal(attention_similarity(m, data, batch_size=16, limit=10),
+                       attention_similarity(m, first, batch_size=16))
+
+
 def test_search_refuses_a_similarity_of_the_wrong_size_or_with_nan():
     """A [2, 2] similarity for 4 blocks kept blocks 2 and 3 out of the search (plan {1: 0}, budget missed, no word);
     a NaN pair seen first won over every real one (nothing compares greater than NaN)."""

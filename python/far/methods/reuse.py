@@ -56,6 +56,8 @@ def attention_similarity(model: nn.Module, data, batch_size: int = 256, limit: O
             for x, _ in iterate_batches(data, batch_size, device=device):
                 if limit is not None and count >= limit:
                     break
+                if limit is not None:  # the last batch too: at most `limit` images
+                    x = x[:limit - count]
                 check_input(model, x.shape, "train_data")
                 model(x.to(next(model.parameters()).dtype))
                 outs = [o.double() for o in taps.take()[2]]
