@@ -79,7 +79,8 @@ def search_reuse(model: nn.Module, data, *, latency_budget_us: float, cfg=None, 
     """The reuse plan {block: source} meeting `latency_budget_us` (the cost model's latency per image) at the
     least expected accuracy loss: blocks are made reusers greedily, most similar to an earlier own-attention
     block first, until the budget is met. Returns {"plan", "latency_us", "baseline_latency_us", "met",
-    "similarity"}; met False: even the most reuse the rules allow misses the budget (the plan is that)."""
+    "similarity"}; met False: the greedy search ran out of pairs before the budget was met (the plan is where it
+    stopped; another plan with more reusers may still meet it: far.reuse's error names it)."""
     if not latency_budget_us > 0:
         raise ConfigError(f"latency budget must be > 0 us, got {latency_budget_us}")
     sim = similarity if similarity is not None else attention_similarity(model, data, limit=limit)
