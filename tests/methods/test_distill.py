@@ -458,3 +458,22 @@ def test_losses_keep_float64():
         assert got.dtype == torch.float64
         assert abs(float(got - want)) <= eps * max(1.0, abs(float(want)))
     assert cosine_token_loss(s.bfloat16(), t.bfloat16()).dtype == torch.float32
+
+
+def test_resume_refuses_another_student_construction(tmp_path):
+    """The settings that build a new student (hidden sizes, replaced blocks, pre_proj init) are part of a resumed
+    run's identity: stage 1 finished with 4 units per head, a resume asking for 6 (or another pre_proj init, or
+    other blocks) would otherwise load that stage's 4-unit model and finish it while the record says otherwise."""
+    teacher = tiny_teacher()
+    data = ImageSet(64, seed=2)
+    cfg = TrainConfig(epochs=1, batch_size=16, progress=False, augment=False, out_dir=str(tmp_path / "run"),
+                      max_steps=5)  # stage 1: 4 steps, done; stage 2: stopped at 5 of 8
+    first = far.distill(teacher, data, config=cfg, stage2_epochs=2, hidden_sizes=4)
+    assert not first.far_run.completed and (tmp_path / "run" / "stage1" / "model.safetensors").is_file()
+    again = dataclasses.replace(cfg, max_steps=None, resume=True)
+    for kwargs in (dict(hidden_sizes=6), dict(hidden_sizes=4, pre_proj_init="random"), dict(hidden_sizes=4, blocks=[1]),
+                   dict()):
+        with pytest.raises(ConfigError, match="new_student"):
+            far.distill(teacher, data, config=again, stage2_epochs=2, **kwargs)
+    done = far.distill(teacher, data, config=again, stage2_epochs=2, hidden_sizes=[4, 4])  # the same sizes, spelt out
+    assert done.far_run.completed and all(m.hidden_sizes.max() == 4 for _, m in far.far_modules(done))

@@ -530,6 +530,9 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         ident.update(kd_weight=st.kd_weight, kd_temperature=st.kd_temperature)
     if st.clean_block_loss:
         ident.update(clean_block_loss=True)
+    if not continued:  # what built the student: a resume must not finish a stage's model made otherwise
+        ident["new_student"] = {"hidden_sizes": [m.hidden_sizes.tolist() for _, m in far_modules(student)],
+                                "blocks": far_block_indices(student), "pre_proj_init": st.pre_proj_init}
     results: List[TrainResult] = []
     earlier: List[TrainResult] = []  # stages an earlier run finished, loaded from their files (they come first)
     made: Dict[str, object] = {}  # the settings of every stage so far: a finished stage's file records them
