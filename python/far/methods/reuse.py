@@ -78,9 +78,9 @@ def search_reuse(model: nn.Module, data, *, latency_budget_us: float, cfg=None, 
                  limit: int = 512, similarity: Optional[torch.Tensor] = None) -> dict:
     """The reuse plan {block: source} meeting `latency_budget_us` (the cost model's latency per image) at the
     least expected accuracy loss: blocks are made reusers greedily, most similar to an earlier own-attention
-    block first, until the budget is met. Returns {"plan", "latency_us", "baseline_latency_us", "met",
-    "similarity"}; met False: the greedy search ran out of pairs before the budget was met (the plan is where it
-    stopped; another plan with more reusers may still meet it: far.reuse's error names it)."""
+    block first, skipping a pair whose source would leave too few blocks to reuse for the budget, until the
+    budget is met. Returns {"plan", "latency_us", "baseline_latency_us", "met", "similarity"}; met False: no plan
+    meets the budget (the plan is the search's most reuse)."""
     if not latency_budget_us > 0:
         raise ConfigError(f"latency budget must be > 0 us, got {latency_budget_us}")
     sim = similarity if similarity is not None else attention_similarity(model, data, limit=limit)
@@ -95,6 +95,17 @@ def search_reuse(model: nn.Module, data, *, latency_budget_us: float, cfg=None, 
     base = model_cost(model, cfg, hw).totals["latency_us"]
     plan: Dict[int, int] = {}
     latency = base
+    # the fewest reusers any plan needs (a transformation block costs the same whatever its source: blocks 1..k
+    # reusing block 0 is the cheapest k-reuse plan); None: no plan meets the budget
+    need: Optional[int] = 0
+    if latency > latency_budget_us:
+        need = None
+        for k in range(1, L):
+            cheapest = {i: 0 for i in range(1, k + 1)}
+            cost = model_cost(apply_reuse(copy.deepcopy(model), cheapest), cfg, hw)
+            if cost.totals["latency_us"] <= latency_budget_us:
+                need = k
+                break
     while latency > latency_budget_us:
         best = None
         for i in range(1, L):
@@ -102,6 +113,12 @@ def search_reuse(model: nn.Module, data, *, latency_budget_us: float, cfg=None, 
                 continue
             for j in range(i):
                 if j in plan:
+                    continue
+                # a pair that makes j a source leaves too few blocks to reuse (2 <- 1 first when 2 reusers are
+                # needed of 3 blocks: only 1 <- 0, 2 <- 0 meets it); block 0 can be every other block's source,
+                # so the most reusers still reachable are those made plus every undecided block but 0
+                undecided = set(range(1, L)) - set(plan) - set(plan.values()) - {i, j}
+                if need is not None and len(plan) + 1 + len(undecided) < need:
                     continue
                 if best is None or sim[i, j] > best[0]:
                     best = (float(sim[i, j]), i, j)
