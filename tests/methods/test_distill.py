@@ -477,3 +477,18 @@ def test_resume_refuses_another_student_construction(tmp_path):
             far.distill(teacher, data, config=again, stage2_epochs=2, **kwargs)
     done = far.distill(teacher, data, config=again, stage2_epochs=2, hidden_sizes=[4, 4])  # the same sizes, spelt out
     assert done.far_run.completed and all(m.hidden_sizes.max() == 4 for _, m in far.far_modules(done))
+
+
+@pytest.mark.parametrize("kwargs, msg", [(dict(embed_dim=32, num_heads=2), "channels"),
+                                         (dict(embed_dim=48, num_heads=2, patch_size=7), "tokens")],
+                         ids=["width", "tokens"])
+def test_distill_refuses_a_student_of_another_shape(tmp_path, kwargs, msg):
+    """A student made from another architecture (other width or patch grid: e.g. the wrong --student file) is
+    refused before any work with what differs, not by a shape error deep in the first training step."""
+    teacher = tiny_teacher()
+    other = far.create_model("fmnist_deit_tiny", far=False, depth=2, **kwargs)
+    cfg = TrainConfig(epochs=0.5, batch_size=16, progress=False, out_dir=str(tmp_path / "r"))
+    for mode in ("isolated", "joint"):
+        with pytest.raises(ConfigError, match=msg):
+            far.distill(teacher, ImageSet(32, seed=0), student=make_student(other), config=cfg, stage1=mode)
+    assert not (tmp_path / "r" / "stage1").exists()

@@ -287,12 +287,22 @@ def make_student(teacher: nn.Module, hidden_sizes=None, init: str = "v", blocks=
 
 
 def check_student(student: nn.Module, teacher: nn.Module) -> None:
-    """ConfigError unless `student` is a FAR model with the teacher's blocks and classes."""
+    """ConfigError unless `student` is a FAR model with the teacher's blocks, widths, tokens and classes."""
     if not far_modules(student):
         raise ConfigError("the student has no FAR modules; pass a FAR model (far.distill makes one)")
     if len(token_mixers(student)) != len(token_mixers(teacher)):
         raise ConfigError(f"the student has {len(token_mixers(student))} blocks, the teacher "
                           f"{len(token_mixers(teacher))}")
+    for i, (s, t) in enumerate(zip(token_mixers(student), token_mixers(teacher))):
+        sw, tw = (list(getattr(m.proj, "weight", torch.empty(0)).shape) for m in (s, t))
+        if sw != tw:
+            raise ConfigError(f"block {i}: the student's W_O has {sw} channels [out, in], the teacher's {tw}: "
+                              "a student of another architecture")
+    tokens = [(getattr(getattr(m, "patch_embed", None), "num_patches", None), getattr(m, "num_prefix_tokens", None))
+              for m in (student, teacher)]
+    if tokens[0] != tokens[1]:
+        raise ConfigError("the student has {} patches + {} prefix tokens, the teacher {} + {}: a student of another "
+                          "architecture".format(*tokens[0], *tokens[1]))
     s_cls, t_cls = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
     if s_cls != t_cls:
         raise ConfigError(f"the student predicts {s_cls} classes, the teacher {t_cls}")
