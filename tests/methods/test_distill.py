@@ -492,3 +492,40 @@ def test_distill_refuses_a_student_of_another_shape(tmp_path, kwargs, msg):
         with pytest.raises(ConfigError, match=msg):
             far.distill(teacher, ImageSet(32, seed=0), student=make_student(other), config=cfg, stage1=mode)
     assert not (tmp_path / "r" / "stage1").exists()
+
+
+def test_isolated_loss_is_each_block_on_the_teachers_normed_block_input_by_hand():
+    """IsolatedTask.loss, recomputed without taps (float64): block b's FAR module is fed norm1 of the teacher's
+    residual stream at block b (not the student's stream, not the un-normed stream) and compared with the
+    teacher's attention output before W_O; gradients reach only the FAR modules' own parameters (not W_O, not
+    the teacher)."""
+    from far.methods.distill import IsolatedTask
+
+    teacher = tiny_teacher().double()
+    student = make_student(teacher).double()
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    task = IsolatedTask(student, teacher, TrainConfig(), "cos+mse")
+    out = task.loss(task.model, x, None)
+    want = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        h = teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(x)))
+        ins, tgt = [], []
+        for blk in teacher.blocks:
+            ins.append(blk.norm1(h))
+            tgt.append(attention_output_before_proj(blk.attn, ins[-1]))
+            h = blk(h)
+    for b, (a, t) in enumerate(zip(ins, tgt)):
+        s = student.blocks[b].attn.token_mix(a)
+        cos = (1 - (s * t).sum(1) / (s.norm(dim=1) * t.norm(dim=1))).mean()
+        mse = (s - t).square().sum() / t.square().sum()
+        for name, v in (("cos", cos), ("mse", mse)):  # float64 throughout: agreement to float64 rounding
+            assert abs(float(out[f"{name}_b{b}"] - v)) <= 1e-12 * max(1.0, float(v)), (b, name)
+        want = want + cos + mse
+    assert abs(float(out["loss"].detach() - want)) <= 1e-12 * float(want)
+    out["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    grads = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    assert grads == {f"blocks.{b}.attn.{k}" for b in range(2) for k in ("pre_proj.weight", "pre_proj.bias", "w_ih",
+                                                                        "w_hh", "b_ih", "b_hh", "head_proj_weight",
+                                                                        "head_proj_bias")}
+    task.remove_hooks()
