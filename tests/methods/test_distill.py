@@ -529,3 +529,15 @@ def test_isolated_loss_is_each_block_on_the_teachers_normed_block_input_by_hand(
                                                                         "w_hh", "b_ih", "b_hh", "head_proj_weight",
                                                                         "head_proj_bias")}
     task.remove_hooks()
+
+
+@pytest.mark.parametrize("kwargs", [dict(joint_epochs=1.0), dict(stage1="joint")], ids=["joint-phase", "joint-stage1"])
+def test_a_joint_stage_without_loss_is_refused_before_stage1(tmp_path, kwargs):
+    """CE off (no labels), block weight 0 and kd weight 0 leave a joint stage nothing to train on: refused before
+    any training, not after an isolated stage 1 has run (its time lost) when the joint phase is built."""
+    teacher = tiny_teacher()
+    cfg = TrainConfig(epochs=1, batch_size=16, progress=False, out_dir=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="joint .*no loss"):
+        far.distill(teacher, ImageSet(32, seed=0, labels=False), config=cfg, labels=False, block_weight=0.0,
+                    kd_weight=0.0, stage2_epochs=0.5, **kwargs)
+    assert not (tmp_path / "r").exists()

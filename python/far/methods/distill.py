@@ -382,6 +382,10 @@ class DistillSettings:
         if stage1_epochs == 0 and self.joint_epochs == 0 and self.stage2_epochs == 0:
             raise ConfigError("every stage has 0 epochs: nothing to train")
         ce = self.ce_weight if self.labels else 0.0
+        joint = self.joint_epochs > 0 or (self.stage1 == "joint" and stage1_epochs > 0)
+        if joint and ce + self.kd_weight + self.block_weight == 0:  # before stage 1, not when the joint phase starts
+            raise ConfigError("the joint stage has no loss: give it a block weight or a kd weight"
+                              + ("" if self.labels else " (without labels there is no cross-entropy)"))
         if self.stage2_epochs > 0 and ce + self.kd_weight + self.stage2_block_weight == 0:
             raise ConfigError("stage 2 has no loss: give it a kd weight or a stage-2 block weight"
                               + ("" if self.labels else " (without labels there is no cross-entropy)"))
