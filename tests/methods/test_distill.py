@@ -541,3 +541,19 @@ def test_a_joint_stage_without_loss_is_refused_before_stage1(tmp_path, kwargs):
         far.distill(teacher, ImageSet(32, seed=0, labels=False), config=cfg, labels=False, block_weight=0.0,
                     kd_weight=0.0, stage2_epochs=0.5, **kwargs)
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_a_later_stage_started_from_other_earlier_stages(tmp_path):
+    """Stage 2's state depends on the stages before it: a run with stage 1 skipped (epochs 0) stopped in stage 2,
+    resumed with a stage 1, would train stage 1 and then load stage 2's state made without it, discarding stage 1
+    while the record says it ran; such a resume is refused, the same one resumes."""
+    teacher = tiny_teacher()
+    data = ImageSet(64, seed=2)
+    cfg = TrainConfig(epochs=0, batch_size=16, progress=False, augment=False, out_dir=str(tmp_path / "run"),
+                      max_steps=3)
+    assert not far.distill(teacher, data, config=cfg, stage2_epochs=1).far_run.completed
+    again = dataclasses.replace(cfg, max_steps=None, resume=True)
+    for kwargs in (dict(config=dataclasses.replace(again, epochs=1)), dict(config=again, joint_epochs=1)):
+        with pytest.raises(ConfigError, match="before"):
+            far.distill(teacher, data, stage2_epochs=1, **kwargs)
+    assert far.distill(teacher, data, config=again, stage2_epochs=1).far_run.completed

@@ -557,6 +557,7 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         has nothing else, an isolated stage 1)."""
         nonlocal student
         sident = {**ident, "stage": name, **({} if block_weight is None else {"block_weight": block_weight})}
+        sident["before"] = dict(made)  # the stages it starts from: its state is void if they changed (or were skipped)
         made.update({f"{name}.{k}": v for k, v in stage_identity(
             task.name, c, {**sident, "world": d.world, "train_images": len(train_data)}).items()})
         done_file = None if c.out_dir is None else os.path.join(c.out_dir, "model.safetensors")

@@ -826,7 +826,7 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
 
 # identity keys a state written by an older version may lack
 OPTIONAL_IDENTITY = ("train_images", "prune_ratio", "threshold", "transform", "ridge", "ce_weight", "kd_weight",
-                     "kd_temperature", "new_student")
+                     "kd_temperature", "new_student", "before")
 _BEFORE_FIRST_RUN: List = []  # callables for the next train() to call once its checks have passed
 
 
