@@ -13,7 +13,7 @@ import torch
 from far.cli.options import (HIDDEN_SIZE_HELP, Formatter, add_common, add_device, add_model, add_output,
                              add_teacher_args, at_least, note, output_checks, parse_hidden_size, set_threads, warn)
 from far.errors import ConfigError
-from far.methods.recipes import RECIPES, STAGE1_LR, describe
+from far.methods.recipes import POLISH_IMAGES, RECIPES, STAGE1_LR, describe
 from far.train import TrainConfig
 
 _LAUNCH = ("multi-process (DDP): torchrun --nproc-per-node 2 -m far.cli {cmd} ...  "
@@ -332,7 +332,8 @@ def cmd_distill(args) -> int:
                         kd_weight=args.kd_weight, kd_temperature=args.kd_temperature,
                         stage2_block_weight=args.stage2_block_weight, labels=labels, blocks=blocks,
                         pre_proj_init=args.pre_proj_init, joint_lr=args.joint_lr,
-                        clean_block_loss=args.clean_block_loss, hidden_sizes=args.hidden_size, device=args.device,
+                        clean_block_loss=args.clean_block_loss, polish_iters=args.polish_iters,
+                        polish_images=args.polish_images, hidden_sizes=args.hidden_size, device=args.device,
                         identity=identity, recipe=args.recipe, explicit=explicit)
     return finish(args, model, f"FAR student of {teacher_spec(args)}")
 
@@ -532,6 +533,13 @@ def add_parsers(sub) -> None:
                         "backward per step, ~1.7x the time) and only CE and logit distillation at the noisy ones; "
                         "the blocks stay faithful, the classifier still learns to tolerate the noise (an isolated "
                         "stage 1 then trains without noise)")
+    p.add_argument("--polish-iters", type=int, default=0, metavar="N",
+                   help="after stage 1, polish every FAR block alone with up to N full-batch L-BFGS iterations on its "
+                        "block loss (each about one pass over --polish-images images for that block; README \"A "
+                        "second-order polish\"); with --epochs 0, the --student as given (0 = none)")
+    p.add_argument("--polish-images", type=int, default=POLISH_IMAGES, metavar="M",
+                   help="training images whose teacher block inputs and outputs --polish-iters caches, one block at "
+                        "a time (2 x M x tokens x channels floats)")
     p.add_argument("--kd-weight", type=float, default=1.0, metavar="W",
                    help="weight of logit distillation (teacher soft labels) in the joint stages and stage 2 (0 = off)")
     p.add_argument("--kd-temperature", type=float, default=2.0, metavar="T", help="softmax temperature T of --kd-weight")

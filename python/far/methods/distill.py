@@ -12,6 +12,9 @@ Stages (each its own run folder under config.out_dir):
            the frozen teacher), so the blocks are independent problems — no block waits for an earlier
            one to converge, and nothing depends on the labels. "joint": the paper's mode, all blocks in
            the student at once, CE + block losses (W_O and everything outside the FAR blocks frozen).
+  polish   optional (polish_iters): every FAR block alone again, by full-batch L-BFGS on its teacher block's
+           inputs and outputs cached for polish_images training images (far.methods.polish), from where
+           stage 1 left it (or from the student given, with 0 stage-1 epochs).
   joint    optional (joint_epochs): the student's own stream, FAR blocks only, block losses + CE/KD:
            the composition of blocks trained in isolation.
   stage 2  every parameter: ce_weight * CE + kd_weight * T^2 KL(teacher || student at temperature T)
@@ -25,6 +28,7 @@ import copy
 import dataclasses
 import inspect
 import os
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -35,6 +39,7 @@ from far.errors import ConfigError
 from far.utils.checks import finite_number
 from far.evaluate import accuracy
 from far.fidelity import block_fidelity
+from far.methods.polish import POLISH_IMAGES, check_polish, polish_blocks
 from far.methods.recipes import STAGE1_LR
 from far.models import convert, far_modules, save, stored_tensors
 from far.models.convert import PRE_PROJ_INITS, parse_blocks
@@ -277,6 +282,45 @@ class DistillTask(Task):
 
 
 # ---------------------------------------------------------------- the student
+class _Polish:
+    """The polish stage (far.methods.polish.polish_blocks) in the shape distill's stages take: every FAR block of
+    `student`, alone, by full-batch L-BFGS on its cached teacher problem. Trains the blocks' own parameters
+    (FAR_OWN: not W_O), whatever requires_grad says."""
+
+    name = "distill-polish"
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, st: "DistillSettings"):
+        self.student, self.teacher, self.cfg, self.st = student, teacher, cfg, st
+
+    def run(self, train_data, d) -> TrainResult:
+        t0 = time.perf_counter()
+        if self.cfg.out_dir is not None and d.main:
+            os.makedirs(self.cfg.out_dir, exist_ok=True)
+        rows = polish_blocks(self.student.to(d.device), _freeze(self.teacher), train_data, iters=self.st.polish_iters,
+                             images=self.st.polish_images, kind=self.st.block_loss,
+                             batch_size=self.cfg.eval_batch_size, device=d.device, rank=d.rank, world=d.world,
+                             broadcast=_broadcast if d.world > 1 else None, seed=self.cfg.seed,
+                             progress=self.cfg.progress and d.main, owned=lambda name: name.startswith(FAR_OWN))
+        return TrainResult(self.student, rows, None, time.perf_counter() - t0, sum(r.get("evals", 0) for r in rows),
+                           None, True)
+
+    def remove_hooks(self) -> None:
+        pass
+
+
+def _polish_rows(history: List[dict]) -> list:
+    """The report's line for a polish stage: each block's full-batch loss before -> after (those this process
+    polished: every block with one process)."""
+    rows = [r for r in history if r.get("kind") == "polish" and "loss" in r]
+    if not rows:
+        return []
+    return [("polish loss per block", " ".join(f"{r['loss_start']:.4f}->{r['loss']:.4f}" for r in rows))]
+
+
+def _broadcast(t: torch.Tensor, src: int) -> None:
+    torch.distributed.broadcast(t, src=src)
+
+
 def make_student(teacher: nn.Module, hidden_sizes=None, init: str = "v", blocks=None) -> nn.Module:
     """A FAR copy of `teacher` (attention replaced in every block, or in `blocks`; W_O and the rest copied;
     pre_proj from `init` "v" or "random"; the teacher is untouched)."""
@@ -368,19 +412,22 @@ class DistillSettings:
     pre_proj_init: str = "v"
     joint_lr: Optional[float] = None  # the joint phase's peak LR (None: STAGE1_LR["joint"])
     clean_block_loss: bool = False  # under weight noise: block losses at the clean weights (a second pass)
+    polish_iters: int = 0  # L-BFGS iterations per block after stage 1 (far.methods.polish; 0 = none)
+    polish_images: int = POLISH_IMAGES
 
     def validate(self, stage1_epochs: float) -> "DistillSettings":
         if self.stage1 not in STAGE1_MODES:
             raise ConfigError(f"stage1 must be one of {', '.join(STAGE1_MODES)}, got {self.stage1!r}")
         block_loss(torch.ones(1, 1, 1), torch.ones(1, 1, 1), self.block_loss)
+        check_polish(self.polish_iters, self.polish_images)
         for name in ("joint_epochs", "stage2_epochs", "stage2_lr", "ce_weight", "block_weight", "kd_weight",
                      "stage2_block_weight"):
             finite_number(name.replace("_", " "), getattr(self, name), low=0)
         finite_number("kd temperature", self.kd_temperature, low=0, strict=True)
         if self.joint_lr is not None:
             finite_number("joint lr", self.joint_lr, low=0, strict=True)
-        if stage1_epochs == 0 and self.joint_epochs == 0 and self.stage2_epochs == 0:
-            raise ConfigError("every stage has 0 epochs: nothing to train")
+        if stage1_epochs == 0 and self.joint_epochs == 0 and self.stage2_epochs == 0 and self.polish_iters == 0:
+            raise ConfigError("every stage has 0 epochs (and no polish): nothing to train")
         ce = self.ce_weight if self.labels else 0.0
         joint = self.joint_epochs > 0 or (self.stage1 == "joint" and stage1_epochs > 0)
         if joint and ce + self.kd_weight + self.block_weight == 0:  # before stage 1, not when the joint phase starts
@@ -398,8 +445,8 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             block_weight: float = 1.0, kd_weight: float = 1.0, kd_temperature: float = 2.0,
             stage2_block_weight: float = 1.0, labels: bool = True, hidden_sizes=None, device: Optional[str] = None,
             blocks=None, pre_proj_init: str = "v", joint_lr: Optional[float] = None,
-            clean_block_loss: bool = False, identity: Optional[dict] = None, recipe: str = "far",
-            explicit=None) -> nn.Module:
+            clean_block_loss: bool = False, polish_iters: int = 0, polish_images: int = POLISH_IMAGES,
+            identity: Optional[dict] = None, recipe: str = "far", explicit=None) -> nn.Module:
     """Distil `teacher` (an attention ViT) into a FAR student and return the student. Neither the
     teacher nor a given student is changed: the student trained is a copy, and the teacher's device,
     train/eval mode and requires_grad flags are restored afterwards.
@@ -438,6 +485,11 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             at the noisy ones: the blocks stay faithful to the teacher while the classifier learns to
             tolerate the noise (README "Noise-aware training"). A stage of block losses alone (an isolated
             stage 1) then trains without noise. Costs about 1.7x the time of a noisy step.
+        polish_iters: after stage 1 (or with 0 stage-1 epochs, on the student as given), polish every FAR block
+            with at most this many full-batch L-BFGS iterations on its block loss, over the teacher's block inputs
+            and outputs for the first polish_images training images, cached one block at a time
+            (far.methods.polish; each evaluation costs about one epoch of polish_images images for that block).
+            0 = none (the default).
         hidden_sizes: LSTM units of a new student: an int, or one entry per replaced block (an int or a [2, H]).
         device: cpu, cuda, cuda:N (default: the process's GPU under torchrun, else cuda if present, else cpu).
         identity: extra settings a resumed run must match (e.g. the teacher's file and the data's name).
@@ -490,7 +542,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
     settings = DistillSettings(stage1, block_loss, joint_epochs, stage2_epochs, stage2_lr, ce_weight, block_weight,
                                kd_weight, kd_temperature, stage2_block_weight, labels and not headless,
                                None if blocks is None else [int(b) for b in blocks], pre_proj_init, joint_lr,
-                               bool(clean_block_loss)).validate(cfg.epochs)
+                               bool(clean_block_loss), polish_iters, polish_images).validate(cfg.epochs)
     if settings.clean_block_loss and not cfg.weight_noise > 0:
         raise ConfigError("clean block loss needs weight noise (--weight-noise ETA): without it every weight is clean")
     if student is not None and hidden_sizes is not None:
@@ -551,12 +603,14 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
     earlier: List[TrainResult] = []  # stages an earlier run finished, loaded from their files (they come first)
     made: Dict[str, object] = {}  # the settings of every stage so far: a finished stage's file records them
 
-    def stage(name: str, task: Task, c: TrainConfig, desc: str, keep: bool, block_weight: Optional[float]) -> bool:
+    def stage(name: str, task, c: TrainConfig, desc: str, keep: bool, block_weight: Optional[float],
+              extra: Optional[dict] = None) -> bool:
         """Run one stage (or load its finished model on resume, if the settings it was made with are this
         run's); True if it completed. block_weight: the weight of the stage's block losses (None: the stage
-        has nothing else, an isolated stage 1)."""
+        has nothing else, an isolated stage 1). `task`: a Task for train(), or a _Polish (which runs itself)."""
         nonlocal student
-        sident = {**ident, "stage": name, **({} if block_weight is None else {"block_weight": block_weight})}
+        sident = {**ident, "stage": name, **({} if block_weight is None else {"block_weight": block_weight}),
+                  **(extra or {})}
         sident["before"] = dict(made)  # the stages it starts from: its state is void if they changed (or were skipped)
         made.update({f"{name}.{k}": v for k, v in stage_identity(
             task.name, c, {**sident, "world": d.world, "train_images": len(train_data)}).items()})
@@ -568,7 +622,8 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
             earlier.append(TrainResult(student, histories[0] if histories else [], None, seconds, steps, None, True))
             return True
         try:
-            r = train(task, train_data, eval_data, c, d, identity=sident, desc=desc)
+            r = task.run(train_data, d) if isinstance(task, _Polish) else train(task, train_data, eval_data, c, d,
+                                                                                   identity=sident, desc=desc)
         finally:
             task.remove_hooks()
         results.append(r)
@@ -588,6 +643,10 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
                             clean_blocks=clean))
         ok = stage("stage1", task, c1, f"distill stage 1 ({st.stage1})", keep=True,
                    block_weight=None if st.stage1 == "isolated" else st.block_weight)
+    if ok and st.polish_iters > 0:
+        cp = stage_config(cfg, "polish")
+        ok = stage("polish", _Polish(student, teacher, cp, st), cp, "distill polish (L-BFGS)", keep=True,
+                   block_weight=None, extra={"polish_iters": st.polish_iters, "polish_images": st.polish_images})
     if ok and st.joint_epochs > 0:
         joint_lr = st.joint_lr if st.joint_lr is not None else STAGE1_LR["joint"]
         cj = stage_config(cfg, "joint", epochs=st.joint_epochs, lr=joint_lr, min_lr=min(cfg.min_lr, joint_lr),
@@ -608,7 +667,7 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
     for p in student.parameters():
         p.requires_grad_(True)
     last_acc = results[-1].final_accuracy if results else None
-    if not results and eval_data is not None:  # resumed with every stage done: report what we have
+    if last_acc is None and eval_data is not None:  # every stage done before (resumed) or polish last: measure it
         last_acc = accuracy(student, eval_data, batch_size=cfg.eval_batch_size, device=d.device)
     fidelity = None
     if ok and eval_data is not None:  # what the method claims: every block reproduces its attention block
@@ -635,5 +694,6 @@ def _distill(teacher, train_data, student, eval_data, cfg: TrainConfig, st: Dist
         + ([("block cosine isolated / in model", " ".join(
             (f"{b['isolated']['cos']:.3f}" if b.get("isolated") else "-") + f"/{b['in_model']['cos']:.3f}"
             for b in fidelity["blocks"])),  # "-": a block that kept its attention (partial student)
-            ("top-1 agreement with the teacher", f"{100 * fidelity['agreement']:.2f}%")] if fidelity else []))
+            ("top-1 agreement with the teacher", f"{100 * fidelity['agreement']:.2f}%")] if fidelity else [])
+        + _polish_rows(done.history))
     return student.eval()

@@ -61,6 +61,7 @@ PAPER: Dict[str, Tuple[object, str]] = {
 #: 49.6% on the emulator's 8-bit ADC, one at 1e-2 kept 84.0% (the 3e-3 model: 84.55%) with fidelity near the
 #: 4e-2 run's (README "Faithful, but not on the crossbar"). The joint modes train the whole stream: 1e-3.
 STAGE1_LR = {"isolated": 1e-2, "joint": 1e-3}
+POLISH_IMAGES = 10_000  # training images a distill polish caches per block (far.methods.polish)
 
 RECIPES = ("far", "paper")
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
