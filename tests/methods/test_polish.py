@@ -221,3 +221,38 @@ def test_polish_block_in_rounds_follows_one_run():
     assert got["loss"] == pytest.approx(one["loss"], rel=1e-9)
     for n, p in mix.named_parameters():
         torch.testing.assert_close(p.detach(), want[n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_polish_under_torchrun_equals_one_process(tmp_path):
+    """torchrun with 2 CPU processes: each polishes one of the 2 FAR blocks and broadcasts it; the checkpoint is
+    the one process's (same cached problems, up to thread-count rounding)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    teacher = tiny_teacher()
+    torch.manual_seed(5)
+    tpath, spath = tmp_path / "t.safetensors", tmp_path / "s.safetensors"
+    far.save(teacher, tpath)
+    far.save(make_student(teacher), spath)
+    common = ["distill", str(tpath), "--student", str(spath), "--data", "fashion-mnist", "--epochs", "0",
+              "--stage2-epochs", "0", "--polish-iters", "3", "--polish-images", "16", "--limit", "32",
+              "--eval-limit", "16", "--batch-size", "8", "-q", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for name, launch in (("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc-per-node", "2", "-m", "far.cli"]),
+                         ("one", [sys.executable, "-m", "far.cli"])):
+        outs[name] = tmp_path / f"{name}.safetensors"
+        run = subprocess.run([*launch, *common, "--out-dir", str(tmp_path / name), "-o", str(outs[name])],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+    two, one, start = (load_file(str(p)) for p in (outs["two"], outs["one"], spath))
+    assert two.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
+    for b in (0, 1):  # both blocks polished (block 1 on the second process), W_O untouched
+        assert not torch.equal(one[f"blocks.{b}.attn.lstm.w_hh"], start[f"blocks.{b}.attn.lstm.w_hh"])
+        assert torch.equal(two[f"blocks.{b}.attn.proj.weight"], start[f"blocks.{b}.attn.proj.weight"])
