@@ -174,6 +174,8 @@ def test_distill_runs_the_polish_as_a_resumable_stage(tmp_path, monkeypatch):
         assert loss(got) == pytest.approx(rows[b]["loss"], rel=1e-5) and loss(got) < loss(student)
     meta = got.far_metadata["distill"]
     assert meta["polish_iters"] == 4 and meta["polish_images"] == 16
+    line = dict(got.far_run.rows)["polish loss per block"]  # the report says what it did, block by block
+    assert line == " ".join(f"{r['loss_start']:.4f}->{r['loss']:.4f}" for r in rows)
     assert (tmp_path / "run" / "polish" / "model.safetensors").is_file()
 
     def refuse(*args, **kwargs):
