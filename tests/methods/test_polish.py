@@ -205,6 +205,16 @@ def test_cli_distill_polish(tmp_path):
     assert main(["distill", str(tpath), "--data", "fashion-mnist", "--epochs", "0", "--polish-iters", "-1",
                  "-q", "-o", str(tmp_path / "x.safetensors")]) == 2
     assert not (tmp_path / "x.safetensors").exists()
+    # in its place: stage 1, the polish, stage 2 (each its own folder; the polish starts from stage 1's model)
+    out = tmp_path / "all.safetensors"
+    assert main(["distill", str(tpath), "--data", "fashion-mnist", "--epochs", "0.5", "--polish-iters", "2",
+                 "--polish-images", "8", "--stage2-epochs", "0.5", "--batch-size", "8", "--limit", "16",
+                 "--eval-limit", "8", "-q", "--out-dir", str(tmp_path / "all"), "-o", str(out)]) == 0
+    for stage in ("stage1", "polish"):
+        assert (tmp_path / "all" / stage / "model.safetensors").is_file()
+    ident = far.load(tmp_path / "all" / "polish" / "model.safetensors").far_checkpoint["metadata"]["run_identity"]
+    assert any(k.startswith("stage1.") for k in ident) and ident["polish.polish_iters"] == 2
+    assert (tmp_path / "all" / "stage2" / "metrics.jsonl").is_file() and out.is_file()
 
 
 def test_polish_block_in_rounds_follows_one_run():
