@@ -19,10 +19,14 @@ all variants alike; "ms" is the median over every timed call, "round_ms" the per
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import sys
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
@@ -282,3 +286,21 @@ def time_variants(fns: Dict[str, Callable[[], object]], device="cpu", rounds: in
     if device.type == "cuda":
         torch.cuda.empty_cache()  # graph pools of this configuration
     return res
+
+
+def add_result_args(p: argparse.ArgumentParser) -> None:
+    """--threads, --out (the result JSON; its PNG beside it) and --plot-only, as the sweep scripts take them."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG of an existing --out JSON")
+
+
+def redraw(args: argparse.Namespace, plot: Callable[[dict, Path], Optional[str]]) -> Optional[int]:
+    """With --plot-only: redraw --out's PNG with `plot` and return 0 (exit with a message without an existing --out);
+    None otherwise (the script measures)."""
+    if not args.plot_only:
+        return None
+    if args.out is None or not args.out.is_file():
+        sys.exit("--plot-only needs --out, an existing result JSON")
+    print("wrote", plot(json.loads(args.out.read_text()), args.out.with_suffix(".png")))
+    return 0

@@ -14,7 +14,6 @@ the recurrent weights (W_hh RMS, which matters on a crossbar: README "Faithful, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,9 @@ from far.nn import FARAttention, token_mixers
 from far.utils.env import environment, result_filename
 from far.utils.fs import write_json
 from far.utils.plot import pyplot, save_figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_result_args, redraw  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -116,14 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=10_000, help="training images cached per block")
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--kind", choices=("cos", "mse", "cos+mse"), default="cos+mse", help="the block loss polished")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--plot-only", action="store_true", help="redraw the PNG of an existing --out JSON")
+    add_result_args(p)
     args = p.parse_args(argv)
-    if args.plot_only:
-        if args.out is None or not args.out.is_file():
-            sys.exit("--plot-only needs --out, an existing result JSON")
-        print("wrote", plot(json.loads(args.out.read_text()), args.out.with_suffix(".png")))
+    if redraw(args, plot) is not None:
         return 0
     for name in ("iters", "every", "images", "test_images", "threads"):
         if getattr(args, name) < 1:

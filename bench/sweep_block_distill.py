@@ -20,7 +20,6 @@ defaults otherwise); every point starts from a new student of the same seed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,9 @@ from far.nn import token_mixers
 from far.utils.env import environment, result_filename
 from far.utils.fs import write_json
 from far.utils.plot import pyplot, save_figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_result_args, redraw  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: what each --vary sweeps by default, how its values parse, and the axis label of the plot
@@ -129,14 +131,9 @@ def main(argv=None) -> int:
                    help="LSTM units per head and direction when not varied (default head_dim)")
     p.add_argument("--train-images", type=int, default=None, help="default: all 60k")
     p.add_argument("--test-images", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--plot-only", action="store_true", help="redraw the PNG of an existing --out JSON")
+    add_result_args(p)
     args = p.parse_args(argv)
-    if args.plot_only:
-        if args.out is None or not args.out.is_file():
-            sys.exit("--plot-only needs --out, an existing result JSON")
-        print("wrote", plot(json.loads(args.out.read_text()), args.out.with_suffix(".png")))
+    if redraw(args, plot) is not None:
         return 0
     if args.lrs is not None:
         if args.vary != "lr" or args.values is not None:

@@ -117,3 +117,18 @@ class HalvesImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.x[i], int(self.y[i])
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """n random (image [1, 28, 28], label in 0..9) pairs held in memory, drawn from `seed`."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 28, 28, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import far
+from conftest import RandomImages
 from far.cli import main
 from far.errors import ConfigError
 from far.methods.distill import block_loss, make_student
@@ -21,19 +22,6 @@ TINY = dict(embed_dim=48, depth=2, num_heads=2)
 def tiny_teacher(seed=0):
     torch.manual_seed(seed)
     return far.create_model("fmnist_deit_tiny", far=False, **TINY).eval()
-
-
-class ImageSet(torch.utils.data.Dataset):
-    def __init__(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 1, 28, 28, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
 
 
 def block_and_problem(seed=0, m=24, n_tok=9, hidden=None, dtype=torch.float64):
@@ -111,7 +99,7 @@ def test_polish_block_leaves_a_nan_problem_as_it_was():
 
 def test_block_problem_is_the_teachers_block_input_and_output_before_wo():
     teacher = tiny_teacher()
-    data = ImageSet(10, seed=3)
+    data = RandomImages(10, seed=3)
     inputs, targets = block_problem(teacher, data, 1, images=7, batch_size=3, device="cpu")
     with torch.no_grad(), MixerTaps(teacher) as taps:
         teacher(data.x[:7])
@@ -129,7 +117,7 @@ def test_polish_blocks_splits_blocks_over_processes_and_broadcasts():
     student = make_student(teacher)
     start = {n: p.detach().clone() for n, p in student.named_parameters()}
     sent = []
-    rows = polish_blocks(student, teacher, ImageSet(12, seed=4), iters=3, images=12, batch_size=6, rank=1, world=2,
+    rows = polish_blocks(student, teacher, RandomImages(12, seed=4), iters=3, images=12, batch_size=6, rank=1, world=2,
                          broadcast=lambda t, src: sent.append((t.data_ptr(), src)))
     assert [r["block"] for r in rows] == [0, 1]
     assert "loss" not in rows[0] and rows[1]["loss"] < rows[1]["loss_start"] and rows[1]["kept"]
@@ -139,9 +127,9 @@ def test_polish_blocks_splits_blocks_over_processes_and_broadcasts():
     want = [(p.data_ptr(), b) for b in (0, 1) for p in student.blocks[b].attn.parameters()]
     assert sent == want
     with pytest.raises(ConfigError, match="broadcast"):
-        polish_blocks(student, teacher, ImageSet(4, seed=4), iters=1, world=2)
+        polish_blocks(student, teacher, RandomImages(4, seed=4), iters=1, world=2)
     with pytest.raises(ConfigError, match="FAR blocks"):
-        polish_blocks(teacher, teacher, ImageSet(4, seed=4), iters=1)
+        polish_blocks(teacher, teacher, RandomImages(4, seed=4), iters=1)
 
 
 @pytest.mark.parametrize("iters, images, msg", [(-1, 10, "polish iters"), (1.5, 10, "polish iters"),
@@ -158,7 +146,7 @@ def test_distill_runs_the_polish_as_a_resumable_stage(tmp_path, monkeypatch):
     teacher = tiny_teacher()
     torch.manual_seed(1)
     student = make_student(teacher)
-    data = ImageSet(24, seed=6)
+    data = RandomImages(24, seed=6)
     cfg = TrainConfig(epochs=0, batch_size=8, eval_batch_size=8, progress=False, augment=False,
                       out_dir=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match="nothing to train"):

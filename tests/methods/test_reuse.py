@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import far
+from conftest import RandomImages
 from far.cli import main
 from far.errors import ConfigError
 from far.imc.cost import model_cost
@@ -18,19 +19,6 @@ from far.nn import apply_reuse, reuse_plan
 def tiny(depth=3, seed=0):
     torch.manual_seed(seed)
     return far.create_model("fmnist_deit_tiny", far=False, embed_dim=32, depth=depth, num_heads=2).eval()
-
-
-class ImageSet(torch.utils.data.Dataset):
-    def __init__(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 1, 28, 28, generator=g)
-        self.y = torch.randint(0, 10, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
 
 
 def test_reuse_forward_by_hand():
@@ -123,7 +111,7 @@ def test_checkpoint_round_trip_and_copies(tmp_path):
 
 def test_search_meets_the_budget_most_similar_first():
     m = tiny(depth=4)
-    data = ImageSet(32, seed=1)
+    data = RandomImages(32, seed=1)
     sim = attention_similarity(m, data)
     assert sim.shape == (4, 4) and torch.allclose(sim, sim.T) and torch.all(sim.diagonal() == 1)
     base = model_cost(m).totals["latency_us"]
@@ -137,7 +125,7 @@ def test_search_meets_the_budget_most_similar_first():
 
 def test_similarity_uses_at_most_limit_images():
     """limit=10 with batches of 16 measured all 16 images of the first batch."""
-    m, data = tiny(), ImageSet(40, seed=3)
+    m, data = tiny(), RandomImages(40, seed=3)
     first = torch.utils.data.Subset(data, range(10))
     # the same 10 images in one batch of 10 either way: the same arithmetic, bit for bit
     assert torch.equal(attention_similarity(m, data, batch_size=16, limit=10),
@@ -165,7 +153,7 @@ def test_unreachable_latency_budget_is_refused_before_training(tmp_path, capsys,
     latency reuse reaches (every later block reusing block 0). A budget some plan meets is met: the greedy search
     skips a pair that would leave too few blocks to reuse (it was refused, 'give it --plan 1:0,2:0')."""
     teacher = tiny()
-    data = ImageSet(32, seed=5)
+    data = RandomImages(32, seed=5)
     cfg = far.TrainConfig(epochs=1, batch_size=16, progress=False, augment=False)
     lowest = model_cost(apply_reuse(copy.deepcopy(teacher), {1: 0, 2: 0})).totals["latency_us"]
 
@@ -200,7 +188,7 @@ def test_unreachable_latency_budget_is_refused_before_training(tmp_path, capsys,
 
 def test_least_squares_start_fits_the_replaced_attention():
     teacher = tiny()
-    data = ImageSet(64, seed=2)
+    data = RandomImages(64, seed=2)
     student = apply_reuse(copy.deepcopy(teacher), {2: 1}, kind="ln-linear")
     x = data.x[:16]
     with torch.no_grad(), far.nn.MixerTaps(teacher, inputs=False, pre_proj=False, outputs=True) as taps:
@@ -216,7 +204,7 @@ def test_ridge_start_is_the_normal_equations_solution_centred():
     """fit_transforms(ridge=a) solves (G + a*mean(diag G)*I') w = A^T b (G = A^T A, A = [LN(source), 1], the
     bias unpenalized), then centres each weight row (no component along the LayerNorm's null direction 1/g)."""
     teacher = tiny()
-    data = ImageSet(32, seed=3)
+    data = RandomImages(32, seed=3)
     student = apply_reuse(copy.deepcopy(teacher), {2: 1}, kind="ln-linear")
     tr = student.blocks[2].attn.transform
     with torch.no_grad(), far.nn.MixerTaps(teacher, inputs=False, pre_proj=False, outputs=True) as taps:
@@ -265,7 +253,7 @@ def test_centring_keeps_the_function_and_removes_the_cancelling_component():
 
 def test_reuse_method_and_command(tmp_path, capsys):
     teacher = tiny()
-    data, test = ImageSet(48, seed=3), ImageSet(16, seed=4)
+    data, test = RandomImages(48, seed=3), RandomImages(16, seed=4)
     cfg = far.TrainConfig(epochs=1, batch_size=16, progress=False, augment=False)
     m = far.reuse(teacher, data, plan={2: 1}, eval_data=test, config=cfg, stage2_epochs=0.5)
     assert reuse_plan(m) == {2: 1} and not reuse_plan(teacher)
