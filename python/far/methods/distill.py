@@ -489,7 +489,7 @@ def distill(teacher: nn.Module, train_data, *, student: Optional[nn.Module] = No
             with at most this many full-batch L-BFGS iterations on its block loss, over the teacher's block inputs
             and outputs for the first polish_images training images, cached one block at a time
             (far.methods.polish; each evaluation costs about one epoch of polish_images images for that block).
-            0 = none (the default).
+            The polish is noise-free (config.weight_noise is not applied there). 0 = none (the default).
         hidden_sizes: LSTM units of a new student: an int, or one entry per replaced block (an int or a [2, H]).
         device: cpu, cuda, cuda:N (default: the process's GPU under torchrun, else cuda if present, else cpu).
         identity: extra settings a resumed run must match (e.g. the teacher's file and the data's name).
